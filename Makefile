@@ -1,0 +1,42 @@
+# moepath: `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.moepath-installed
+
+.PHONY: setup test test-fast demo lint bench clean
+
+setup: $(STAMP)
+
+# Re-install only when the project definition changes (stamp file).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if nvidia-smi >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi; \
+	  echo "moepath: installing -e .[$$extra,dev]"; \
+	  $(PY) -m pip install -q -e ".[$$extra,dev]"
+	@for m in torchvision torchaudio torchcodec; do \
+	  if $(PY) -m pip show -q $$m >/dev/null 2>&1 && ! $(PY) -c "import $$m" >/dev/null 2>&1; then \
+	    echo "moepath: removing $$m: PyPI's build does not load beside CPU torch and breaks transformers imports"; \
+	    $(PY) -m pip uninstall -y -q $$m; \
+	  fi; \
+	done
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not vllm"
+
+demo: setup
+	$(VENV)/bin/moepath demo --out demo-out
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,69 @@
+"""moepath's vLLM plugin (entry point ``vllm.general_plugins`` -> ``register``).
+
+vLLM calls :func:`register` in every process it starts (user process,
+EngineCore, each worker). It is idempotent and imports nothing heavy. It only
+wraps ``Worker.load_model``; that wrapper reads the engine's capture settings
+once (``additional_config["moepath"]``, see ``settings.py``) and, only when
+tracing is on for that engine, installs the capture. An untraced engine runs
+vLLM's own code paths: no routing hook, no per-step work.
+
+Patch register (vLLM 0.32.0; versions checked in ``compat.py``):
+
+| symbol | file | why | how | removal |
+|---|---|---|---|---|
+| ``Worker.load_model`` | v1/worker/gpu_worker.py (CPUWorker inherits) | the only per-engine point after the model is built and before it is compiled | wrapper: calls the original, then ``capture.install`` if traced | when vLLM offers a post-load plugin hook |
+| ``FusedMoERouter.select_experts`` | model_executor/layers/fused_moe/router/fused_moe_router.py | sole caller site of routing on every modular MoE path; sees logits, weights, logical ids (vLLM's ``set_capture_fn`` gives ids only) | class-level wrapper, installed only in traced workers: calls the original, then copies into preallocated buffers (``hook.py``) | when a router capture callback passes logits and weights |
+| ``GPUModelRunner.execute_model`` (instance) | v1/worker/gpu_model_runner.py (CPUModelRunner inherits) | batch layout (req_ids, query_start_loc, positions) is final after the forward | instance-level wrapper on traced workers: finished ids on entry, row mapping after the forward | with the above |
+| ``Worker.moepath_flush`` / ``moepath_describe`` (added) | — | ``collective_rpc`` control: flush shards, report routing config | instance attributes on traced workers | — |
+
+CUDA: vLLM 0.32 defaults to the V2 model runner there, which this capture does
+not wrap; traced engines are started with ``VLLM_USE_V2_MODEL_RUNNER=0`` (see
+``engine.py``), and ``install`` refuses a runner without V1 batch state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """vLLM plugin entry point: wrap ``Worker.load_model`` once per process."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from . import compat
+
+    worker_cls = compat.worker_class()
+    if not getattr(worker_cls.load_model, "__moepath_wrapped__", False):
+        worker_cls.load_model = _wrap_load_model(worker_cls.load_model)
+    _REGISTERED = True
+
+
+def _wrap_load_model(original):
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        from .settings import from_vllm_config
+
+        settings = from_vllm_config(self.vllm_config)
+        if settings is not None:
+            _enable_capture(self, settings)
+
+    load_model.__moepath_wrapped__ = True
+    return load_model
+
+
+def _enable_capture(worker, settings) -> None:
+    from . import capture, compat
+
+    compat.check_version()
+    if not hasattr(worker.model_runner, "input_batch"):
+        raise capture.UnsupportedModelError(
+            "moepath: this model runner has no V1 batch state (V2 runner?); start the engine "
+            "with VLLM_USE_V2_MODEL_RUNNER=0 to trace")
+    routing, recorder = capture.install(worker, settings)
+    worker.moepath_describe = lambda: routing.describe() | {"writer": recorder is not None}
+    worker.moepath_flush = (recorder.flush if recorder is not None
+                            else lambda: {"shards": [], "error": None, "requests_recorded": 0})

@@ -1,0 +1,339 @@
+"""Capture inside a vLLM worker: model inspection, buffers, per-step row mapping.
+
+``install(worker, settings)`` runs after the worker loaded the model and before
+vLLM compiles it. It finds every fused-MoE layer, refuses what it cannot trace
+faithfully, allocates :class:`hook.CaptureBuffers`, tags each layer's router
+with its MoE-layer ordinal and wraps the model runner's ``execute_model``.
+
+After each forward, :meth:`StepRecorder.after_forward` maps buffer rows to
+(request, position) from the runner's batch state (``input_batch.req_ids``,
+``query_start_loc``, ``positions``) and appends the rows of traced requests to
+their accumulators; when vLLM reports a request finished, its record goes to
+the :class:`sink.RoutingSink`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moepath.tracer import store
+
+from . import compat, hook
+from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
+from .sink import RoutingSink
+
+_CHILD_ID = re.compile(r"^(\d+)_(.+)$")  # vLLM's n>1 child ids: f"{index}_{parent_id}"
+_INTERNAL_SUFFIX = re.compile(r"-[0-9A-Za-z]{8}$")  # vLLM appends "-<8 chars>" to request ids
+
+
+class UnsupportedModelError(RuntimeError):
+    """The model's MoE layers cannot be traced faithfully (raised in the worker at load)."""
+
+
+@dataclass
+class MoELayer:
+    layer_id: int
+    name: str
+    router: object
+
+
+@dataclass
+class ModelRouting:
+    """What the manifest records about the model's routing."""
+
+    layers: list[MoELayer]
+    num_experts: int
+    top_k: int
+    config: dict
+
+    def describe(self) -> dict:
+        return {
+            "num_layers": len(self.layers),
+            "layer_ids": [layer.layer_id for layer in self.layers],
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "routing": self.config,
+        }
+
+
+def inspect_model(model: torch.nn.Module, vllm_config) -> ModelRouting:
+    """Find the fused-MoE layers of ``model``; refuse those the hook cannot see."""
+    runner_cls = compat.moe_runner_class()
+    runners = [(name, m) for name, m in model.named_modules() if isinstance(m, runner_cls)]
+    if not runners:
+        raise UnsupportedModelError(
+            "moepath: the model has no fused-MoE layers (dense model?); nothing to trace")
+    if vllm_config.speculative_config is not None:
+        raise UnsupportedModelError(
+            "moepath: speculative decoding is not supported while tracing (rejected draft "
+            "tokens would be recorded); start the engine without --speculative-config")
+    layers = [_moe_layer(name, runner) for name, runner in runners]
+    layers.sort(key=lambda layer: layer.layer_id)
+    first = layers[0].router
+    return ModelRouting(layers, first.global_num_experts, first.top_k, _routing_config(first))
+
+
+def _moe_layer(name: str, runner) -> MoELayer:
+    if runner.is_monolithic:
+        raise UnsupportedModelError(
+            f"moepath: MoE layer '{name}' uses a monolithic kernel that routes internally, so "
+            f"its routing cannot be recorded; choose a modular kernel with --moe-backend")
+    router = runner.router
+    kind = type(router).__name__
+    if kind == "RoutingSimulatorRouter":
+        raise UnsupportedModelError(
+            "moepath: VLLM_MOE_ROUTING_SIMULATION_STRATEGY is set, so routing is synthetic; "
+            "unset it to trace the model's real routing")
+    if getattr(router, "eplb_state", None) is not None:
+        raise UnsupportedModelError(
+            f"moepath: expert-parallel load balancing (EPLB) is on for '{name}'; tracing "
+            f"records logical expert ids only without EPLB: start without --enable-eplb")
+    if kind == "FusedTopKBiasRouter" and getattr(router, "num_fused_shared_experts", 0):
+        raise UnsupportedModelError(
+            f"moepath: '{name}' fuses shared experts into routing (top-k grows); disable "
+            f"shared-expert fusion to trace it")
+    return MoELayer(runner.layer_id, name, router)
+
+
+def _routing_config(router) -> dict:
+    scoring = getattr(router, "scoring_func", "softmax")
+    if scoring not in ("softmax", "sigmoid"):
+        raise UnsupportedModelError(
+            f"moepath: router scoring function '{scoring}' is not supported (softmax, sigmoid)")
+    return {
+        "router": type(router).__name__,
+        "scoring_func": scoring,
+        "renormalize": bool(getattr(router, "renormalize", False)),
+        "routed_scaling_factor": float(getattr(router, "routed_scaling_factor", 1.0)),
+        "grouped_topk": bool(getattr(router, "use_grouped_topk", False)),
+        "correction_bias": getattr(router, "e_score_correction_bias", None) is not None,
+    }
+
+
+@dataclass
+class _Chunk:
+    positions: np.ndarray  # int64 [n]
+    token_ids: np.ndarray  # int32 [n]
+    expert_ids: np.ndarray  # int32 [n, L, k]
+    gate_weights: np.ndarray  # float32 [n, L, k]
+    prompt_prob_sum: np.ndarray  # float64 [L, E], over this chunk's prompt rows
+    prompt_rows: int
+    probs: np.ndarray | None  # float16 [n, L, E] (store_probs only)
+
+
+@dataclass
+class RequestAccumulator:
+    """Routing of one traced request, gathered chunk by chunk across steps."""
+
+    sample_id: str
+    request_id: str
+    completion: int
+    num_prompt_tokens: int
+    meta: dict
+    chunks: list[_Chunk] = field(default_factory=list)
+
+    def add(self, chunk: _Chunk) -> None:
+        # Preemption recomputes from an earlier position: the new rows replace
+        # every earlier record at or after that position (keep the last).
+        start = chunk.positions[0]
+        while self.chunks and self.chunks[-1].positions[0] >= start:
+            self.chunks.pop()
+        if self.chunks and self.chunks[-1].positions[-1] >= start:
+            raise RuntimeError(f"request {self.request_id}: overlapping partial chunk at {start}")
+        self.chunks.append(chunk)
+
+    def finish(self) -> store.RoutingRecord:
+        chunks = self.chunks
+        positions = np.concatenate([c.positions for c in chunks]).astype(np.int32)
+        expected = np.arange(positions[0], positions[0] + len(positions))
+        if positions[0] != 0 or not np.array_equal(positions, expected):
+            raise RuntimeError(
+                f"request '{self.sample_id}' has gaps in its routing (positions from "
+                f"{positions[0]}); was the prompt read from the prefix cache?")
+        prompt_rows = sum(c.prompt_rows for c in chunks)
+        mean = None
+        if prompt_rows:
+            mean = (sum(c.prompt_prob_sum for c in chunks) / prompt_rows).astype(np.float32)
+        probs = [c.probs for c in chunks]
+        return store.RoutingRecord(
+            sample_id=self.sample_id, request_id=self.request_id, completion=self.completion,
+            num_prompt_tokens=self.num_prompt_tokens, positions=positions,
+            token_ids=np.concatenate([c.token_ids for c in chunks]),
+            expert_ids=np.concatenate([c.expert_ids for c in chunks]),
+            gate_weights=np.concatenate([c.gate_weights for c in chunks]),
+            router_mean=mean,
+            router_probs=np.concatenate(probs) if probs[0] is not None else None,
+            meta=self.meta,
+        )
+
+
+def _parse_meta(value) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"{REQUEST_META_KEY} must be a dict or a JSON object string")
+    return value
+
+
+class StepRecorder:
+    """Maps each step's buffer rows to traced requests; hands finished ones to the sink."""
+
+    def __init__(self, settings: CaptureSettings, routing: ModelRouting, sink: RoutingSink):
+        self.settings = settings
+        self.routing = routing
+        self.sink = sink
+        self.active: dict[str, RequestAccumulator | None] = {}
+        self.error: str | None = None
+        self.lock = threading.Lock()
+        self.requests_recorded = 0
+
+    # -- which requests are traced -------------------------------------------
+
+    def _accumulator(self, runner, req_id: str) -> RequestAccumulator | None:
+        if req_id in self.active:
+            return self.active[req_id]
+        state = runner.requests[req_id]
+        extra = (state.sampling_params.extra_args or {}) if state.sampling_params else {}
+        sample_id = extra.get(REQUEST_ID_KEY)
+        if sample_id is None and not self.settings.trace_all:
+            self.active[req_id] = None
+            return None
+        completion, parent = 0, req_id
+        match = _CHILD_ID.match(req_id)
+        if match and (extra.get("moepath_n", 1) > 1 or self.settings.trace_all):
+            completion, parent = int(match.group(1)), match.group(2)
+        if sample_id is None:
+            sample_id = _INTERNAL_SUFFIX.sub("", parent)
+        accumulator = RequestAccumulator(
+            sample_id=str(sample_id), request_id=req_id, completion=completion,
+            num_prompt_tokens=int(state.num_prompt_tokens),
+            meta=_parse_meta(extra.get(REQUEST_META_KEY)))
+        self.active[req_id] = accumulator
+        return accumulator
+
+    # -- per step ------------------------------------------------------------
+
+    def on_finished(self, finished_req_ids) -> None:
+        for req_id in finished_req_ids:
+            accumulator = self.active.pop(req_id, None)
+            if accumulator is not None and accumulator.chunks:
+                self.sink.add(accumulator.finish())
+                self.requests_recorded += 1
+
+    def after_forward(self, runner) -> None:
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        traced = [(i, acc) for i, req_id in enumerate(batch.req_ids[:num_reqs])
+                  if (acc := self._accumulator(runner, req_id)) is not None]
+        if not traced:
+            return
+        bounds = runner.query_start_loc.np[: num_reqs + 1].copy()
+        rows = int(bounds[-1])
+        buffers = hook.BUFFERS
+        positions = runner.positions[:rows].cpu().numpy()
+        token_ids = runner.input_ids.cpu[:rows].numpy()
+        expert_ids = buffers.expert_ids[:rows].cpu().numpy()
+        gate_weights = buffers.gate_weights[:rows].cpu().numpy()
+        probs = buffers.probs[:rows].cpu()
+        for i, accumulator in traced:
+            start, end = int(bounds[i]), int(bounds[i + 1])
+            accumulator.add(self._chunk(accumulator, start, end, positions, token_ids,
+                                        expert_ids, gate_weights, probs))
+
+    def _chunk(self, acc, start, end, positions, token_ids, expert_ids, gate_weights, probs):
+        chunk_positions = positions[start:end].copy()
+        prompt_rows = int(np.count_nonzero(chunk_positions < acc.num_prompt_tokens))
+        prompt_sum = probs[start:start + prompt_rows].sum(dim=0, dtype=torch.float64).numpy()
+        return _Chunk(
+            positions=chunk_positions, token_ids=token_ids[start:end].copy(),
+            expert_ids=expert_ids[start:end].copy(), gate_weights=gate_weights[start:end].copy(),
+            prompt_prob_sum=prompt_sum, prompt_rows=prompt_rows,
+            probs=probs[start:end].to(torch.float16).numpy() if self.settings.store_probs
+            else None)
+
+    def fail(self, exc: BaseException) -> None:
+        """Log once, switch capture off for this engine, remember the error for flush()."""
+        if self.error is None:
+            self.error = f"{type(exc).__name__}: {exc}"
+            compat.logger.error("%s capture failed and is now off for this engine: %s",
+                                compat.LOG_PREFIX, self.error, exc_info=exc)
+        self.active.clear()
+
+    def flush(self) -> dict:
+        """Write pending routing; report new shards, requests recorded, and any error."""
+        with self.lock:
+            shards = []
+            try:
+                shards = self.sink.flush()
+            except Exception as exc:  # a failed write must reach the driver, not vanish
+                self.fail(exc)
+            return {"shards": shards, "error": self.error,
+                    "requests_recorded": self.requests_recorded}
+
+
+def wrap_execute_model(runner, recorder: StepRecorder):
+    """Instance-level wrapper of ``runner.execute_model`` (V1 model runner, CPU and CUDA)."""
+    original = runner.execute_model
+
+    @functools.wraps(original)
+    def execute_model(scheduler_output, *args, **kwargs):
+        if recorder.error is None:
+            with recorder.lock:
+                try:
+                    recorder.on_finished(scheduler_output.finished_req_ids)
+                except Exception as exc:
+                    recorder.fail(exc)
+        result = original(scheduler_output, *args, **kwargs)
+        if recorder.error is None and scheduler_output.total_num_scheduled_tokens > 0:
+            with recorder.lock:
+                try:
+                    recorder.after_forward(runner)
+                except Exception as exc:
+                    recorder.fail(exc)
+        return result
+
+    runner.execute_model = execute_model
+
+
+def is_writer(vllm_config) -> bool:
+    """Only tensor-parallel rank 0 (of each data-parallel rank) writes routing."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank() == 0
+
+
+def install(worker, settings: CaptureSettings) -> tuple[ModelRouting, StepRecorder | None]:
+    """Set up capture in a worker whose model is loaded; no recorder on non-writer ranks.
+
+    Non-writer ranks still run the hook (every TP rank computes identical routing
+    from the replicated gate) but never map or write rows.
+    """
+    runner = worker.model_runner
+    routing = inspect_model(runner.get_model(), worker.vllm_config)
+    layers = routing.layers
+    hook.BUFFERS = hook.CaptureBuffers.allocate(
+        runner.max_num_tokens, len(layers), routing.top_k, routing.num_experts, runner.device)
+    sigmoid = routing.config["scoring_func"] == "sigmoid"
+    for slot, layer in enumerate(layers):
+        layer.router._moepath_slot = slot
+        layer.router._moepath_sigmoid = sigmoid
+    router_cls = compat.router_base_class()
+    if not getattr(router_cls.select_experts, "__moepath_wrapped__", False):
+        router_cls.select_experts = hook.wrap_select_experts(router_cls.select_experts)
+    if not is_writer(worker.vllm_config):
+        return routing, None
+    dp_rank = worker.vllm_config.parallel_config.data_parallel_rank
+    sink = RoutingSink(settings.dir, settings.run, dp_rank,
+                       (len(layers), routing.top_k, routing.num_experts), settings.shard_tokens)
+    recorder = StepRecorder(settings, routing, sink)
+    wrap_execute_model(runner, recorder)
+    return routing, recorder

@@ -1,0 +1,341 @@
+"""Offline tracing: a traced vLLM engine, and the driver behind ``moepath trace``.
+
+The driver owns the trace directory's manifest. It feeds samples in batches;
+after each batch it asks the workers to flush (``collective_rpc``), checks that
+every sample of the batch was recorded, writes the batch's samples table and
+commits both in the manifest. A run killed at any point resumes from the last
+commit with ``resume=True``: committed samples are skipped, uncommitted shards
+removed, so every sample ends up in the trace exactly once.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import moepath
+from moepath.tracer import checkpoints, store
+from moepath.tracer.errors import CaptureError, InputError
+from moepath.tracer.samples import SampleSet, sample_table
+
+from .settings import CONFIG_KEY, REQUEST_ID_KEY, CaptureSettings
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the traced vLLM engine is started (defaults suit the 2-core CPU box)."""
+
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.3
+    max_num_batched_tokens: int | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+    store_probs: bool = False
+
+    def llm_kwargs(self, model: str, settings: CaptureSettings) -> dict:
+        kwargs = {
+            "model": model,
+            "dtype": self.dtype,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "enforce_eager": self.enforce_eager,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "trust_remote_code": self.trust_remote_code,
+            "seed": self.seed,
+            "additional_config": {CONFIG_KEY: settings.as_dict()},
+        }
+        if self.max_model_len:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
+        return kwargs
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What ``moepath trace`` records (engine options apart)."""
+
+    truncate: bool = False
+    nll: bool = True
+    max_tokens: int = 0
+    batch_size: int = 256
+
+
+class TracedEngine:
+    """A vLLM ``LLM`` with moepath capture on; use as a context manager.
+
+    Example::
+
+        with TracedEngine("toy", "out/trace", EngineOptions()) as engine:
+            engine.llm.generate(prompts, engine.sampling_params("a17"))
+            shards = engine.flush()
+    """
+
+    def __init__(self, model: str | Path, trace_dir: str | Path, options: EngineOptions,
+                 trace_all: bool = False):
+        from vllm import LLM
+
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # capture wraps the V1 runner
+        self.settings = CaptureSettings(dir=str(trace_dir), trace_all=trace_all,
+                                        store_probs=options.store_probs).with_run()
+        self.llm = LLM(**options.llm_kwargs(str(model), self.settings))
+        self.routing = self.llm.collective_rpc("moepath_describe")[0]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.llm_engine.model_config.max_model_len
+
+    def sampling_params(self, sample_id: str, max_tokens: int = 0, nll: bool = False, **extra):
+        """SamplingParams that trace this request under ``sample_id``.
+
+        ``max_tokens=0`` is prefill only (vLLM samples one token that is never
+        fed back, so only prompt tokens are recorded). Prefix-cache reads are
+        skipped so every prompt token is computed and recorded.
+        """
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            max_tokens=max(1, max_tokens), temperature=0.0, detokenize=False,
+            prompt_logprobs=0 if nll else None, flat_logprobs=True,
+            skip_reading_prefix_cache=True,
+            extra_args={REQUEST_ID_KEY: sample_id, **extra})
+
+    def flush(self) -> list[store.ShardInfo]:
+        """Write all finished requests' routing; raise CaptureError if capture failed."""
+        replies = self.llm.collective_rpc("moepath_flush")
+        errors = [reply["error"] for reply in replies if reply["error"]]
+        if errors:
+            raise CaptureError(f"routing capture failed in the engine: {errors[0]}")
+        return [store.ShardInfo(**shard) for reply in replies for shard in reply["shards"]]
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+    def __enter__(self) -> TracedEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class Tokenized:
+    sample_id: str
+    token_ids: list[int]
+    truncated: bool
+
+
+def tokenize_samples(model: str | Path, sample_set: SampleSet, max_len: int, truncate: bool,
+                     trust_remote_code: bool = False) -> list[Tokenized]:
+    """Token ids of every sample, at most ``max_len`` tokens each.
+
+    A longer sample is cut to ``max_len`` when ``truncate``, else InputError names it.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    result = []
+    for sample in sample_set.samples:
+        ids = list(sample.input_ids) if sample.input_ids is not None else tokenizer(
+            sample.text).input_ids
+        if not ids:
+            raise InputError(f"sample '{sample.sample_id}' has no tokens; remove it")
+        too_long = len(ids) > max_len
+        if too_long and not truncate:
+            raise InputError(
+                f"sample '{sample.sample_id}' is {len(ids)} tokens, longer than the limit "
+                f"{max_len} (max_model_len minus generated tokens); pass --truncate or raise "
+                f"--max-model-len")
+        result.append(Tokenized(sample.sample_id, ids[:max_len], too_long))
+    return result
+
+
+def mean_nll(output) -> float | None:
+    """Mean next-token NLL of a prompt from vLLM's prompt log-probs (first token has none)."""
+    logprobs = output.prompt_logprobs
+    if logprobs is None:
+        return None
+    values = logprobs.logprobs if hasattr(logprobs, "logprobs") else [
+        next(iter(lp.values())).logprob for lp in logprobs[1:]]
+    return float(-np.mean(values)) if len(values) else float("nan")
+
+
+@dataclass
+class TraceSummary:
+    trace_dir: Path
+    samples: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    skipped_lines: int = 0
+    resumed_samples: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+ProgressFn = Callable[[int, int], None]  # (samples done in this run, tokens done)
+
+
+def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
+                  engine_options: EngineOptions = EngineOptions(),
+                  options: TraceOptions = TraceOptions(), resume: bool = False,
+                  force: bool = False, on_start: Callable[[int, int], None] | None = None,
+                  on_progress: ProgressFn | None = None) -> TraceSummary:
+    """Trace every sample of ``sample_set`` through ``model`` into the trace directory ``out``.
+
+    ``on_start(total_samples, already_done)`` is called once the engine is up;
+    ``on_progress(samples, tokens)`` after each committed batch.
+    """
+    shape = checkpoints.moe_shape(model)  # fails fast for dense models / bad paths
+    out = Path(out)
+    previous = store.prepare_directory(out, resume=resume, force=force)
+    max_len = _max_prompt_len(model, engine_options, options)
+    tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
+                                 engine_options.trust_remote_code)
+    done = _committed_sample_ids(out, previous)
+    todo = [t for t in tokenized if t.sample_id not in done]
+    summary = TraceSummary(out, skipped_lines=len(sample_set.skipped_lines),
+                           resumed_samples=len(done))
+    started = time.perf_counter()
+    with TracedEngine(model, out, _with_max_len(engine_options, max_len, options)) as engine:
+        manifest = previous or _new_manifest(model, shape, sample_set, engine, engine_options,
+                                             options)
+        manifest["router_weights"] = asdict(_save_router_weights(model, out, engine.routing))
+        if on_start:
+            on_start(len(tokenized), len(done))
+        meta = {s.sample_id: s for s in sample_set.samples}
+        for batch in _batches(todo, options.batch_size):
+            _trace_batch(engine, batch, meta, options, out, manifest)
+            summary.samples += len(batch)
+            summary.tokens += sum(len(t.token_ids) for t in batch)
+            if on_progress:
+                on_progress(summary.samples, summary.tokens)
+    summary.truncated = sum(t.truncated for t in tokenized)
+    summary.seconds = time.perf_counter() - started
+    _finalize(out, manifest, summary)
+    return summary
+
+
+def _max_prompt_len(model, engine_options: EngineOptions, options: TraceOptions) -> int:
+    config = checkpoints.read_config(model)
+    context = engine_options.max_model_len or config.get("max_position_embeddings") or 2048
+    return int(context) - max(1, options.max_tokens)
+
+
+def _with_max_len(engine_options: EngineOptions, max_len: int, options: TraceOptions):
+    from dataclasses import replace
+
+    return replace(engine_options, max_model_len=max_len + max(1, options.max_tokens))
+
+
+def _committed_sample_ids(out: Path, manifest: dict | None) -> set[str]:
+    if manifest is None:
+        return set()
+    ids = set()
+    for entry in manifest["shards"][store.SAMPLES_DIR]:
+        ids.update(pq.read_table(out / entry["file"], columns=["sample_id"])["sample_id"]
+                   .to_pylist())
+    return ids
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _trace_batch(engine: TracedEngine, batch: list[Tokenized], meta: dict,
+                 options: TraceOptions, out: Path, manifest: dict) -> None:
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=t.token_ids) for t in batch]
+    params = [engine.sampling_params(t.sample_id, options.max_tokens, options.nll)
+              for t in batch]
+    try:
+        outputs = engine.llm.generate(prompts, params, use_tqdm=False)
+        shards = engine.flush()
+        _check_recorded(out, shards, batch)
+    except CaptureError as exc:
+        manifest["status"], manifest["capture_error"] = "failed", str(exc)
+        store.write_manifest(out, manifest)
+        raise
+    frame = sample_table([meta[t.sample_id] for t in batch])
+    frame["num_tokens"] = [len(t.token_ids) for t in batch]
+    frame["truncated"] = [t.truncated for t in batch]
+    frame["nll"] = [mean_nll(o) for o in outputs] if options.nll else np.nan
+    seq = len(manifest["shards"][store.SAMPLES_DIR])
+    samples_info = store.write_parquet_shard(
+        out, f"{store.SAMPLES_DIR}/{seq:06d}.parquet",
+        pa.Table.from_pandas(frame, preserve_index=False))
+    store.add_shards(manifest, store.ROUTING_DIR, shards)
+    store.add_shards(manifest, store.SAMPLES_DIR, [samples_info])
+    store.write_manifest(out, manifest)
+
+
+def _check_recorded(out: Path, shards: list[store.ShardInfo], batch: list[Tokenized]) -> None:
+    """Every sample of the batch must be in the new shards: a silent gap is an error."""
+    recorded = set()
+    for shard in shards:
+        recorded.update(pq.read_table(out / shard.file, columns=["sample_id"])["sample_id"]
+                        .to_pylist())
+    missing = [t.sample_id for t in batch if t.sample_id not in recorded]
+    if missing:
+        raise CaptureError(
+            f"{len(missing)} traced sample(s) recorded no routing (first: '{missing[0]}'); "
+            f"the trace is marked failed")
+
+
+def _save_router_weights(model, out: Path, routing: dict) -> store.ShardInfo:
+    """Save the checkpoint's router matrices of the traced MoE layers, in trace layer order."""
+    by_layer = checkpoints.router_weights(model, routing["num_experts"])
+    missing = [i for i in routing["layer_ids"] if i not in by_layer]
+    if missing:
+        raise CaptureError(f"checkpoint '{model}' has no router weights for MoE layers {missing}")
+    return store.write_router_weights(out, [by_layer[i] for i in routing["layer_ids"]])
+
+
+def _new_manifest(model, shape, sample_set: SampleSet, engine: TracedEngine,
+                  engine_options: EngineOptions, options: TraceOptions) -> dict:
+    import torch
+    import vllm
+
+    return store.new_manifest(
+        versions={"moepath": moepath.__version__, "vllm": vllm.__version__,
+                  "torch": torch.__version__},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        model={"path": str(Path(model).resolve()), "architecture": shape.architecture,
+               "config_sha256": checkpoints.config_sha256(model), "dtype": engine_options.dtype,
+               **engine.routing},
+        input={"path": str(getattr(sample_set, "path", "")), "sha256": sample_set.source_sha256,
+               "format": sample_set.format},
+        options={**asdict(engine_options), **asdict(options),
+                 "max_model_len": engine.max_model_len},
+    )
+
+
+def _finalize(out: Path, manifest: dict, summary: TraceSummary) -> None:
+    routing = manifest["shards"][store.ROUTING_DIR]
+    samples = manifest["shards"][store.SAMPLES_DIR]
+    manifest["counts"] = {
+        "samples": sum(s["rows"] for s in samples),
+        "routing_records": sum(s["rows"] for s in routing),
+        "tokens": sum(s["tokens"] for s in routing),
+        "truncated": summary.truncated,
+        "skipped_lines": summary.skipped_lines,
+    }
+    manifest["status"] = "complete"
+    store.write_manifest(out, manifest)
+    summary.bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

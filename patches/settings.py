@@ -1,0 +1,77 @@
+"""Capture settings: the one channel through which tracing reaches vLLM workers.
+
+Tracing is enabled per engine by vLLM's ``additional_config``::
+
+    LLM(model, additional_config={"moepath": {"dir": "out/trace"}})
+    vllm serve MODEL --additional-config '{"moepath": {"dir": "out/trace"}}'
+
+``additional_config`` is part of vLLM's config hash, so a compiled graph cached
+for an untraced engine (no hook inside) can never be loaded by a traced one,
+and vice versa. Read once per worker, in :func:`from_vllm_config`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, fields
+
+CONFIG_KEY = "moepath"
+REQUEST_ID_KEY = "moepath_id"  # SamplingParams.extra_args key: the caller's sample id
+REQUEST_META_KEY = "moepath_meta"  # optional: dict (offline) or JSON string (server)
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """Options of a traced engine (keys of ``additional_config["moepath"]``).
+
+    Attributes:
+        dir: trace directory the worker writes routing shards into.
+        trace_all: record every request (sample id = the request id), not only
+            requests whose ``extra_args`` carry ``moepath_id``.
+        store_probs: also store per-token full router distributions (float16
+            [T, L, E] per request; large, for small runs only).
+        shard_tokens: buffered tokens that trigger writing a routing shard
+            (bounds worker memory; ~ shard_tokens * L * k * 6 bytes).
+        run: name prefix of this engine's shard files (unique per engine start).
+        commit: the worker also commits the manifest itself (server mode: no
+            driver process owns the trace); commits every ``flush_interval_s``.
+        flush_interval_s: server mode: seconds between shard writes + commits.
+    """
+
+    dir: str
+    trace_all: bool = False
+    store_probs: bool = False
+    shard_tokens: int = 262_144
+    run: str = ""
+    commit: bool = False
+    flush_interval_s: float = 5.0
+
+    def with_run(self) -> CaptureSettings:
+        """A copy with a fresh random ``run`` prefix when none was given."""
+        if self.run:
+            return self
+        return CaptureSettings(**{**self.as_dict(), "run": secrets.token_hex(4)})
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def parse(cls, options: dict) -> CaptureSettings:
+        """Validate ``additional_config["moepath"]``; raise ValueError naming a bad key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"moepath: unknown option(s) {unknown} in additional_config['moepath']; "
+                f"known: {sorted(known)}"
+            )
+        if not options.get("dir"):
+            raise ValueError("moepath: additional_config['moepath'] needs 'dir' (trace directory)")
+        return cls(**options).with_run()
+
+
+def from_vllm_config(vllm_config) -> CaptureSettings | None:
+    """The engine's capture settings, or None when tracing is off for it."""
+    additional = getattr(vllm_config, "additional_config", None) or {}
+    options = additional.get(CONFIG_KEY) if isinstance(additional, dict) else None
+    return CaptureSettings.parse(options) if options else None

@@ -1,0 +1,58 @@
+"""Writes finished requests' routing from the worker into the trace store.
+
+Records are buffered until ``shard_tokens`` tokens are pending, then written
+as one routing shard by a background thread (Parquet encoding overlaps the
+next forward). ``flush()`` writes what is pending, waits, and returns the new
+shards: the owner of the manifest (the driver, or the worker itself in server
+mode) commits them.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+from moepath.tracer import store
+
+
+class RoutingSink:
+    def __init__(self, trace_dir: str, run: str, rank: int, shape: tuple[int, int, int],
+                 shard_tokens: int):
+        self.trace_dir = Path(trace_dir)
+        self.prefix = f"{run}-r{rank}"
+        self.shape = shape  # (L, k, E)
+        self.shard_tokens = shard_tokens
+        self._pending: list[store.RoutingRecord] = []
+        self._pending_tokens = 0
+        self._seq = 0
+        self._writes: list[Future] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepath-sink")
+
+    def add(self, record: store.RoutingRecord) -> None:
+        self._pending.append(record)
+        self._pending_tokens += len(record.positions)
+        if self._pending_tokens >= self.shard_tokens:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        records, self._pending, self._pending_tokens = self._pending, [], 0
+        name = f"{self.prefix}-{self._seq:06d}"
+        self._seq += 1
+        self._writes.append(self._executor.submit(
+            store.write_routing_shard, self.trace_dir, name, records, *self.shape))
+
+    def flush(self) -> list[dict]:
+        """Write pending records; wait for all writes; return the new shards (as dicts).
+
+        Each dict is a ``store.ShardInfo`` plus ``samples``: the (sample_id,
+        completion) pairs it holds. A failed write raises here.
+        """
+        self._write_pending()
+        writes, self._writes = self._writes, []
+        return [asdict(future.result()) for future in writes]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

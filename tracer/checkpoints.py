@@ -1,0 +1,106 @@
+"""Model folders: validation and MoE shape from ``config.json``, before any weight loads.
+
+Reads the Hugging Face ``config.json`` as plain JSON (no code from the folder
+runs), so a dense model or a missing folder is reported in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import numpy as np
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+# config keys naming the routed-expert count and top-k, across MoE families
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token")
+_STEP = re.compile(r"(?:step|checkpoint|ckpt|iter)[-_]?(\d+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """Routing shape a config declares: layers, routed experts, top-k."""
+
+    architecture: str
+    num_hidden_layers: int
+    num_experts: int
+    top_k: int
+
+
+def read_config(path: str | Path) -> dict:
+    """The folder's config.json; ModelError when the folder or file is missing or bad."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelError(f"model path '{folder}' does not exist")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelError(
+            f"'{folder}' is not a model folder (no config.json); pass a Hugging Face "
+            f"checkpoint folder")
+    try:
+        return json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"'{config_file}' is not valid JSON ({exc})") from exc
+
+
+def moe_shape(path: str | Path) -> MoEShape:
+    """Routing shape of the model in ``path``; ModelError for dense (non-MoE) models."""
+    config = read_config(path)
+    text = config.get("text_config", config)
+    experts = next((text[k] for k in _EXPERT_KEYS if text.get(k)), None)
+    top_k = next((text[k] for k in _TOPK_KEYS if text.get(k)), None)
+    architecture = (config.get("architectures") or ["unknown"])[0]
+    if not experts or not top_k:
+        raise ModelError(
+            f"model '{path}' ({architecture}) has no MoE layers: its config declares no "
+            f"routed experts ({'/'.join(_EXPERT_KEYS)}); moepath traces Mixture-of-Experts "
+            f"models only")
+    return MoEShape(architecture, int(text.get("num_hidden_layers", 0)), int(experts), int(top_k))
+
+
+def config_sha256(path: str | Path) -> str:
+    """sha256 of config.json's bytes: identifies the architecture/config of a checkpoint."""
+    return hashlib.sha256((Path(path) / "config.json").read_bytes()).hexdigest()
+
+
+def step_number(name: str) -> int | None:
+    """The training step in a checkpoint folder name, e.g. ``step5000-tokens21B`` -> 5000."""
+    match = _STEP.search(name)
+    return int(match.group(1)) if match else None
+
+
+_ROUTER_KEY = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe|moe|feed_forward)\.gate\.weight$")
+
+
+def router_weights(path: str | Path, num_experts: int) -> dict[int, np.ndarray]:
+    """Router matrices of a checkpoint: {decoder layer index: float32 [E, hidden]}.
+
+    Read from the folder's ``*.safetensors`` files (never pickle). A router is a
+    ``layers.<i>.<block>.gate.weight`` tensor with ``num_experts`` rows (Qwen2-MoE's
+    one-row ``shared_expert_gate`` does not match). The consistency metric uses
+    these rows as expert embeddings (METHOD.md, Metric 2).
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"model '{path}' has no .safetensors weights; moepath reads only "
+                         f"safetensors checkpoints (no pickle)")
+    found = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                match = _ROUTER_KEY.search(key)
+                if match:
+                    tensor = handle.get_tensor(key)
+                    if tensor.ndim == 2 and tensor.shape[0] == num_experts:
+                        found[int(match.group(1))] = tensor.float().numpy()
+    if not found:
+        raise ModelError(f"no router weights ('layers.N.mlp.gate.weight' with {num_experts} rows) "
+                         f"found in '{path}'")
+    return found

@@ -1,0 +1,30 @@
+"""Typed errors of the moepath library.
+
+Every error a user can cause derives from :class:`MoepathError`. Messages name
+the offending thing and the fix; ``cli/main.py`` prints them as one line on
+stderr with exit code 1 (``MOEPATH_DEBUG=1`` shows the traceback).
+"""
+
+
+class MoepathError(Exception):
+    """Base class: a failure the user can act on (bad input, bad option, bad trace)."""
+
+
+class InputError(MoepathError):
+    """A samples file or option value is unusable (missing, malformed, empty, duplicate ids)."""
+
+
+class ModelError(MoepathError):
+    """A model folder is missing, is not a model, or has no MoE layers moepath can trace."""
+
+
+class TraceFormatError(MoepathError):
+    """A trace directory is missing, corrupted, incomplete, or from an unsupported format version."""
+
+
+class MetricError(MoepathError):
+    """A metric cannot be computed on the given data (group of one, tau out of range, missing source)."""
+
+
+class CaptureError(MoepathError):
+    """Routing capture failed inside the engine or recorded nothing for a traced request."""

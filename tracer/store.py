@@ -1,0 +1,315 @@
+"""The trace store: the only module that reads or writes trace files.
+
+A trace is a directory (format documented in docs/trace-format.md, version
+:data:`FORMAT_VERSION`)::
+
+    manifest.json              what the trace is, and the commit point
+    router.safetensors         router weight matrix W_l [E, hidden] of every MoE layer
+    routing/<run>-<seq>.parquet  one row per traced request (routing of every token)
+    samples/<seq>.parquet        one row per sample (input columns, NLL, truncation)
+
+Every file is written to a temporary name and renamed into place, and only
+files listed in the manifest (with their sha256) belong to the trace: a shard
+written by a run that was killed before committing it is ignored and removed
+on resume. The manifest itself is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import TraceFormatError
+
+FORMAT_NAME = "moepath-trace"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ROUTER_WEIGHTS = "router.safetensors"
+ROUTING_DIR = "routing"
+SAMPLES_DIR = "samples"
+
+
+@dataclass
+class RoutingRecord:
+    """Routing of one traced request (one completion), tokens in position order.
+
+    Attributes:
+        sample_id: the caller's id of the sample.
+        request_id: vLLM's internal request id (debugging only).
+        completion: completion index for ``n > 1`` sampling (0 otherwise).
+        num_prompt_tokens: tokens of the prompt; positions below it are prompt tokens.
+        positions: int32 [T], strictly increasing token positions.
+        token_ids: int32 [T], the token fed at each position.
+        expert_ids: int [T, L, k], logical expert ids the model used, per MoE layer.
+        gate_weights: float32 [T, L, k], the gate weights the model used (after its
+            own renormalisation / scaling), same order as ``expert_ids``.
+        router_mean: float32 [L, E], mean over prompt tokens of the full router
+            distribution (the model's scoring function over all experts); None
+            when no prompt token was computed.
+        router_probs: optional float16 [T, L, E] per-token full distributions.
+        meta: JSON-serialisable metadata the caller attached to the request.
+    """
+
+    sample_id: str
+    request_id: str
+    completion: int
+    num_prompt_tokens: int
+    positions: np.ndarray
+    token_ids: np.ndarray
+    expert_ids: np.ndarray
+    gate_weights: np.ndarray
+    router_mean: np.ndarray | None
+    router_probs: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A committed shard: file relative to the trace directory, checksum, row count."""
+
+    file: str
+    sha256: str
+    rows: int
+    tokens: int = 0
+
+
+def expert_id_type(num_experts: int) -> pa.DataType:
+    """uint8 when E <= 256, else uint16 (the compact on-disk id type)."""
+    return pa.uint8() if num_experts <= 256 else pa.uint16()
+
+
+def _nested(values: np.ndarray, inner: tuple[int, ...], value_type: pa.DataType) -> pa.Array:
+    """Flat values -> fixed-size lists nested by ``inner`` (innermost last)."""
+    array = pa.array(values.ravel(), type=value_type)
+    for size in reversed(inner):
+        array = pa.FixedSizeListArray.from_arrays(array, size)
+    return array
+
+
+def _per_token(arrays: list[np.ndarray], inner: tuple[int, ...], value_type) -> pa.Array:
+    """One list per record of per-token fixed-size lists: list<fixed<...>>[T_i]."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    flat = np.concatenate([a.reshape(len(a), -1) for a in arrays]) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), _nested(flat, inner, value_type))
+
+
+def routing_table(records: list[RoutingRecord], num_layers: int, top_k: int, num_experts: int):
+    """Arrow table of routing records (schema: docs/trace-format.md, "routing shards")."""
+    lk, le = (num_layers, top_k), (num_layers, num_experts)
+    ids_type = expert_id_type(num_experts)
+    means = [
+        r.router_mean if r.router_mean is not None else np.zeros(le, np.float32) for r in records
+    ]
+    mean_valid = pa.array([r.router_mean is not None for r in records])
+    columns = {
+        "sample_id": pa.array([r.sample_id for r in records], pa.string()),
+        "request_id": pa.array([r.request_id for r in records], pa.string()),
+        "completion": pa.array([r.completion for r in records], pa.int16()),
+        "num_prompt_tokens": pa.array([r.num_prompt_tokens for r in records], pa.int32()),
+        "positions": _per_token([r.positions for r in records], (), pa.int32()),
+        "token_ids": _per_token([r.token_ids for r in records], (), pa.int32()),
+        "expert_ids": _per_token([r.expert_ids for r in records], lk, ids_type),
+        "gate_weights": _per_token(
+            [r.gate_weights.astype(np.float16) for r in records], lk, pa.float16()
+        ),
+        "router_mean": pa.FixedSizeListArray.from_arrays(
+            _nested(np.stack(means) if means else np.zeros(0), (num_experts,), pa.float32()),
+            num_layers,
+            mask=pc.invert(mean_valid),
+        ),
+        "meta": pa.array([json.dumps(r.meta, sort_keys=True) for r in records], pa.string()),
+    }
+    if records and records[0].router_probs is not None:
+        columns["router_probs"] = _per_token(
+            [r.router_probs.astype(np.float16) for r in records], le, pa.float16()
+        )
+    return pa.table(columns)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, write) -> str:
+    """Call ``write(tmp_path)``, fsync, rename to ``path``; return the file's sha256.
+
+    A crash leaves either the old file or the complete new one, never a partial
+    file under the final name (temporary names start with ``.tmp-``).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        checksum = file_sha256(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return checksum
+
+
+def write_parquet_shard(
+    trace_dir: Path, relative: str, table: pa.Table, tokens: int = 0
+) -> ShardInfo:
+    """Write ``table`` as ``trace_dir/relative`` atomically (zstd) and describe it."""
+    checksum = write_atomic(
+        Path(trace_dir) / relative, lambda tmp: pq.write_table(table, tmp, compression="zstd")
+    )
+    return ShardInfo(file=relative, sha256=checksum, rows=table.num_rows, tokens=tokens)
+
+
+def write_routing_shard(
+    trace_dir: Path, name: str, records: list[RoutingRecord], num_layers: int, top_k: int,
+    num_experts: int,
+) -> ShardInfo:
+    """Write records as ``routing/<name>.parquet`` atomically; used by the capture sink."""
+    table = routing_table(records, num_layers, top_k, num_experts)
+    tokens = sum(len(r.positions) for r in records)
+    return write_parquet_shard(trace_dir, f"{ROUTING_DIR}/{name}.parquet", table, tokens)
+
+
+def write_router_weights(trace_dir: Path, weights: list[np.ndarray]) -> ShardInfo:
+    """Save router matrices W_l (float32 [E, hidden], layer order) as safetensors."""
+    from safetensors.numpy import save_file
+
+    tensors = {f"layer.{i}": np.ascontiguousarray(w, np.float32) for i, w in enumerate(weights)}
+    checksum = write_atomic(Path(trace_dir) / ROUTER_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    return ShardInfo(file=ROUTER_WEIGHTS, sha256=checksum, rows=len(weights))
+
+
+def read_router_weights(trace_dir: Path) -> list[np.ndarray]:
+    from safetensors.numpy import load_file
+
+    tensors = load_file(Path(trace_dir) / ROUTER_WEIGHTS)
+    return [tensors[f"layer.{i}"] for i in range(len(tensors))]
+
+
+def read_manifest(trace_dir: Path) -> dict:
+    """Read and validate manifest.json (format name and version)."""
+    trace_dir = Path(trace_dir)
+    path = trace_dir / MANIFEST
+    if not path.is_file():
+        what = "does not exist" if not trace_dir.exists() else "has no manifest.json"
+        raise TraceFormatError(f"trace directory '{trace_dir}' {what}; run `moepath trace` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TraceFormatError(f"'{path}' is not valid JSON ({exc}); the trace is damaged") from exc
+    if manifest.get("format") != FORMAT_NAME:
+        raise TraceFormatError(f"'{trace_dir}' is not a moepath trace (no format '{FORMAT_NAME}')")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise TraceFormatError(
+            f"trace '{trace_dir}' has format version {version}, newer than this moepath "
+            f"supports ({FORMAT_VERSION}); upgrade moepath to read it"
+        )
+    return manifest
+
+
+def write_manifest(trace_dir: Path, manifest: dict) -> None:
+    """Replace manifest.json atomically."""
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
+    write_atomic(Path(trace_dir) / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def committed_files(manifest: dict) -> list[dict]:
+    """Every file entry the manifest vouches for (shards and router weights)."""
+    shards = manifest.get("shards", {})
+    entries = list(shards.get(ROUTING_DIR, [])) + list(shards.get(SAMPLES_DIR, []))
+    if manifest.get("router_weights"):
+        entries.append(manifest["router_weights"])
+    return entries
+
+
+def verify_checksums(trace_dir: Path, manifest: dict) -> None:
+    """Raise TraceFormatError naming the first missing or corrupted file."""
+    for entry in committed_files(manifest):
+        path = Path(trace_dir) / entry["file"]
+        if not path.is_file():
+            raise TraceFormatError(f"trace file '{entry['file']}' is missing from '{trace_dir}'")
+        if file_sha256(path) != entry["sha256"]:
+            raise TraceFormatError(
+                f"trace file '{entry['file']}' is corrupted (sha256 differs from the manifest); "
+                f"delete it and re-run with --resume to recompute its samples"
+            )
+
+
+def remove_uncommitted(trace_dir: Path, manifest: dict) -> list[str]:
+    """Delete shard and temporary files the manifest does not list; return their names."""
+    keep = {entry["file"] for entry in committed_files(manifest)}
+    removed = []
+    for sub in (ROUTING_DIR, SAMPLES_DIR):
+        for path in sorted((Path(trace_dir) / sub).glob("*")):
+            relative = f"{sub}/{path.name}"
+            if relative not in keep:
+                path.unlink()
+                removed.append(relative)
+    return removed
+
+
+def new_manifest(**sections) -> dict:
+    """A manifest skeleton with the format header; ``sections`` fill the rest."""
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "status": "running",
+        "capture_error": None,
+        "shards": {ROUTING_DIR: [], SAMPLES_DIR: []},
+        "router_weights": None,
+        "counts": {},
+    }
+    manifest.update(sections)
+    return manifest
+
+
+def add_shards(manifest: dict, kind: str, infos: list[ShardInfo]) -> None:
+    """Record committed shards of ``kind`` (routing or samples) in the manifest."""
+    manifest["shards"][kind].extend(asdict(info) for info in infos)
+
+
+def prepare_directory(trace_dir: Path, resume: bool, force: bool) -> dict | None:
+    """Make ``trace_dir`` ready for writing; return the manifest to resume from, or None.
+
+    An existing non-empty directory needs ``resume`` (continue the trace in it)
+    or ``force`` (delete it and start over).
+    """
+    trace_dir = Path(trace_dir)
+    if trace_dir.exists() and any(trace_dir.iterdir()):
+        if force:
+            shutil.rmtree(trace_dir)
+        elif resume:
+            manifest = read_manifest(trace_dir)
+            verify_checksums(trace_dir, manifest)
+            remove_uncommitted(trace_dir, manifest)
+            return manifest
+        else:
+            raise TraceFormatError(
+                f"output directory '{trace_dir}' already exists; pass --resume to continue "
+                f"the trace in it or --force to overwrite it"
+            )
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    return None

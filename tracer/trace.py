@@ -1,0 +1,200 @@
+"""`Trace`: the reader API of a trace directory (format: docs/trace-format.md).
+
+Example::
+
+    from moepath.tracer import Trace
+    trace = Trace.open("out/trace")
+    ids, weights = trace.topk("a17")        # [T, L, k] int, [T, L, k] float32
+    g = trace.router_mean("a17")            # [L, E] float32
+    W = trace.router_weights()              # L x [E, hidden] float32
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import store
+from .errors import TraceFormatError
+
+
+@dataclass(frozen=True)
+class _Location:
+    shard: int
+    row: int
+
+
+def _token_values(column: pa.ChunkedArray, row: int, inner: tuple[int, ...]) -> np.ndarray:
+    """Row ``row`` of a list<fixed<...>> column as an array [T, *inner]."""
+    values = column[row].values
+    for _ in inner:
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(-1, *inner)
+
+
+class Trace:
+    """Read-only view of a committed trace directory.
+
+    ``Trace.open`` validates the manifest (format version) and the sha256 of
+    every committed file, so a damaged shard is reported by name, never read.
+    """
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        model = manifest["model"]
+        self.num_layers: int = model["num_layers"]
+        self.num_experts: int = model["num_experts"]
+        self.top_k: int = model["top_k"]
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> Trace:
+        manifest = store.read_manifest(Path(path))
+        if verify:
+            store.verify_checksums(Path(path), manifest)
+        return cls(Path(path), manifest)
+
+    # -- tables -------------------------------------------------------------
+
+    @property
+    def _routing_files(self) -> list[str]:
+        return [entry["file"] for entry in self.manifest["shards"][store.ROUTING_DIR]]
+
+    @lru_cache(maxsize=2)  # noqa: B019 (one Trace, few shards held at a time)
+    def _routing_shard(self, shard: int) -> pa.Table:
+        return pq.read_table(self.path / self._routing_files[shard])
+
+    @cached_property
+    def _index(self) -> dict[tuple[str, int], _Location]:
+        index = {}
+        for shard, file in enumerate(self._routing_files):
+            keys = pq.read_table(self.path / file, columns=["sample_id", "completion"])
+            for row, (sid, completion) in enumerate(
+                zip(keys["sample_id"].to_pylist(), keys["completion"].to_pylist(), strict=True)
+            ):
+                index[(sid, completion)] = _Location(shard, row)
+        return index
+
+    @cached_property
+    def samples(self) -> pd.DataFrame:
+        """One row per sample: ``sample_id``, carried input columns, ``num_tokens``,
+        ``truncated``, ``nll`` (when recorded). Traces written without a samples
+        table (server mode) take these columns from the requests' metadata."""
+        files = [entry["file"] for entry in self.manifest["shards"][store.SAMPLES_DIR]]
+        if files:
+            frames = [pq.read_table(self.path / f).to_pandas() for f in files]
+            return pd.concat(frames, ignore_index=True)
+        return self._samples_from_routing()
+
+    def _samples_from_routing(self) -> pd.DataFrame:
+        rows = []
+        for file in self._routing_files:
+            table = pq.read_table(self.path / file, columns=["sample_id", "completion", "meta",
+                                                                "num_prompt_tokens"])
+            for sid, completion, meta, prompt in zip(*(table[c].to_pylist() for c in (
+                    "sample_id", "completion", "meta", "num_prompt_tokens")), strict=True):
+                if completion == 0:
+                    rows.append({"sample_id": sid, **json.loads(meta), "num_tokens": prompt})
+        return pd.DataFrame(rows, columns=None if rows else ["sample_id", "num_tokens"])
+
+    # -- one sample -----------------------------------------------------------
+
+    def _locate(self, sample_id: str, completion: int) -> tuple[pa.Table, int]:
+        location = self._index.get((str(sample_id), completion))
+        if location is None:
+            raise TraceFormatError(
+                f"sample '{sample_id}' (completion {completion}) is not in trace '{self.path}'"
+            )
+        return self._routing_shard(location.shard), location.row
+
+    def positions(self, sample_id: str, completion: int = 0) -> np.ndarray:
+        """int32 [T]: token positions, prompt tokens first."""
+        table, row = self._locate(sample_id, completion)
+        return _token_values(table["positions"], row, ())
+
+    def token_ids(self, sample_id: str, completion: int = 0) -> np.ndarray:
+        """int32 [T]: the token ids, prompt tokens first."""
+        table, row = self._locate(sample_id, completion)
+        return _token_values(table["token_ids"], row, ())
+
+    def num_prompt_tokens(self, sample_id: str, completion: int = 0) -> int:
+        table, row = self._locate(sample_id, completion)
+        return table["num_prompt_tokens"][row].as_py()
+
+    def topk(self, sample_id: str, completion: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(expert ids int64 [T, L, k], gate weights float32 [T, L, k]), prompt tokens first."""
+        table, row = self._locate(sample_id, completion)
+        shape = (self.num_layers, self.top_k)
+        ids = _token_values(table["expert_ids"], row, shape).astype(np.int64)
+        weights = _token_values(table["gate_weights"], row, shape).astype(np.float32)
+        return ids, weights
+
+    def router_mean(self, sample_id: str) -> np.ndarray:
+        """float32 [L, E]: mean over prompt tokens of the full router distribution."""
+        table, row = self._locate(sample_id, 0)
+        value = table["router_mean"][row]
+        if not value.is_valid:
+            raise TraceFormatError(f"sample '{sample_id}' has no router mean (no prompt tokens)")
+        return np.asarray(value.values.flatten(), np.float32).reshape(
+            self.num_layers, self.num_experts
+        )
+
+    def router_probs(self, sample_id: str, completion: int = 0) -> np.ndarray:
+        """float32 [T, L, E]: per-token full distributions (only with --store-probs)."""
+        table, row = self._locate(sample_id, completion)
+        if "router_probs" not in table.column_names:
+            raise TraceFormatError(
+                "this trace has no per-token router distributions; trace with --store-probs"
+            )
+        shape = (self.num_layers, self.num_experts)
+        return _token_values(table["router_probs"], row, shape).astype(np.float32)
+
+    def router_weights(self) -> list[np.ndarray]:
+        """The router matrices W_l of the traced checkpoint: L float32 arrays [E, hidden]."""
+        if not self.manifest.get("router_weights"):
+            raise TraceFormatError(f"trace '{self.path}' has no router weights")
+        return store.read_router_weights(self.path)
+
+    # -- many samples --------------------------------------------------------
+
+    def iter_router_means(self, batch_size: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Yield (sample ids, float32 [B, L, E]) over all samples, shard by shard."""
+        shape = (self.num_layers, self.num_experts)
+        for file in self._routing_files:
+            table = pq.read_table(self.path / file, columns=["sample_id", "completion",
+                                                              "router_mean"])
+            table = table.filter(pa.compute.equal(table["completion"], 0))
+            for batch in table.to_batches(max_chunksize=batch_size):
+                means = batch.column("router_mean")
+                if means.null_count:
+                    raise TraceFormatError(f"'{file}' has samples without router means")
+                flat = means.flatten().flatten().to_numpy(zero_copy_only=False)
+                yield batch.column("sample_id").to_pylist(), flat.reshape(-1, *shape)
+
+    def router_means(self) -> tuple[list[str], np.ndarray]:
+        """(sample ids, float32 [N, L, E]) for every sample, in trace order."""
+        ids, means = [], []
+        for batch_ids, batch in self.iter_router_means():
+            ids.extend(batch_ids)
+            means.append(batch)
+        empty = np.zeros((0, self.num_layers, self.num_experts), np.float32)
+        return ids, np.concatenate(means) if means else empty
+
+    def sample_ids(self) -> list[str]:
+        return [sid for (sid, completion) in self._index if completion == 0]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __repr__(self) -> str:
+        model = self.manifest["model"]
+        return (f"Trace('{self.path}', {len(self)} samples, {model.get('architecture')}, "
+                f"L={self.num_layers}, E={self.num_experts}, k={self.top_k})")
