@@ -1,0 +1,45 @@
+"""The ``moepath`` command: assembles the commands and maps errors to one line.
+
+Every library error (``moepath.tracer.errors.MoepathError``) becomes one line on
+stderr and exit code 1; ``MOEPATH_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from moepath.tracer.errors import MoepathError
+
+from . import toy_cmd, trace_cmd
+
+app = typer.Typer(
+    name="moepath",
+    help="Trace Mixture-of-Experts routing inside vLLM and compute pathway metrics "
+         "(arXiv 2506.21551).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+for module in (trace_cmd, toy_cmd):
+    module.register(app)
+
+
+def main() -> None:
+    try:
+        app()
+    except MoepathError as exc:
+        if os.environ.get("MOEPATH_DEBUG"):
+            raise
+        print(f"moepath: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("moepath: interrupted; committed work is kept (re-run with --resume)",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Options shared by several commands, defined once (Typer ``Annotated`` style)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moepath.patches.engine import EngineOptions
+
+Model = Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder of an MoE model.")]
+Samples = Annotated[Path, typer.Option("--samples", "-s",
+                    help="Samples file: .jsonl, .parquet, .csv or .txt (one sample per line).")]
+IdField = Annotated[str, typer.Option(help="JSONL/CSV/Parquet field holding the sample id.")]
+TextField = Annotated[str, typer.Option(help="Field holding the text (or use 'input_ids').")]
+SkipBadLines = Annotated[bool, typer.Option(help="Skip malformed lines and report how many.")]
+Limit = Annotated[int | None, typer.Option(help="Use only the first N samples.")]
+MaxModelLen = Annotated[int | None, typer.Option(help="Context length (default: the model's).")]
+Truncate = Annotated[bool, typer.Option(help="Cut samples longer than the context (counted).")]
+Nll = Annotated[bool, typer.Option(help="Record each sample's mean NLL (same prefill pass).")]
+MaxTokens = Annotated[int, typer.Option(help="Generated tokens to trace too (0: prefill only).")]
+Dtype = Annotated[str, typer.Option(help="Model dtype in vLLM (bfloat16, float32, ...).")]
+TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", "-tp",
+                           help="Tensor-parallel workers.")]
+EnforceEager = Annotated[bool, typer.Option(help="Run eager (skip torch.compile).")]
+GpuMemory = Annotated[float, typer.Option(help="Fraction of device memory for vLLM "
+                      "(CPU: of the NUMA node's memory).")]
+BatchedTokens = Annotated[int | None, typer.Option(help="vLLM max_num_batched_tokens.")]
+StoreProbs = Annotated[bool, typer.Option(help="Also store per-token full router "
+                       "distributions (large; small runs only).")]
+TrustRemoteCode = Annotated[bool, typer.Option(help="Allow code from the model folder to run.")]
+Resume = Annotated[bool, typer.Option(help="Continue an interrupted trace in --out.")]
+Force = Annotated[bool, typer.Option(help="Overwrite --out if it exists.")]
+Tau = Annotated[float, typer.Option(help="Cumulative router-weight threshold of a pathway.")]
+Unit = Annotated[str, typer.Option(help="Edit-distance unit: char (paper) or expert.")]
+Normalize = Annotated[str, typer.Option(help="none (paper) or max: divide by the longer "
+                      "pathway's length.")]
+Source = Annotated[str, typer.Option(help="full: mean router distribution; topk: mean top-k "
+                   "gate weights.")]
+Pairs = Annotated[str, typer.Option(help="all, or a number of sampled pairs per group.")]
+GroupBy = Annotated[str | None, typer.Option(help="Samples-table column to group by.")]
+Seed = Annotated[int, typer.Option(help="Seed of sampled pairs.")]
+
+
+def engine_options(dtype: str, max_model_len: int | None, tensor_parallel_size: int,
+                   enforce_eager: bool, gpu_memory_utilization: float,
+                   max_num_batched_tokens: int | None, trust_remote_code: bool,
+                   store_probs: bool = False) -> EngineOptions:
+    return EngineOptions(
+        dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+        enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
+        max_num_batched_tokens=max_num_batched_tokens, trust_remote_code=trust_remote_code,
+        store_probs=store_probs)
+
+
+def parse_pairs(value: str) -> int | None:
+    """'all' -> None (exact); a positive integer -> that many sampled pairs."""
+    if value == "all":
+        return None
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise typer.BadParameter(f"--pairs takes 'all' or a positive number, not {value!r}")

@@ -1,0 +1,87 @@
+"""The output layer: Rich tables and progress on stderr, data (JSON, tables) on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def print_json(data) -> None:
+    """Exactly one JSON object on stdout (pipe-friendly)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")
+
+
+def _default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> Table:
+    result = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        result.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        result.add_row(*[fmt(v) for v in row])
+    return result
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+class SampleProgress:
+    """A Rich progress bar of samples with samples/s, tokens/s and ETA, on stderr.
+
+    ``start(total, done)`` once the engine is up (``done``: resumed samples);
+    ``advance(samples, tokens)`` with the counts of this run so far.
+    """
+
+    def __init__(self, description: str = "tracing"):
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=stderr)
+        self._task = self._progress.add_task(description, total=None, rate="")
+        self._done_before = 0
+        self._started = time.perf_counter()
+
+    def start(self, total: int, done: int) -> None:
+        if done:
+            stderr.print(f"resuming: {done} sample(s) already traced")
+        self._done_before, self._started = done, time.perf_counter()
+        self._progress.update(self._task, total=total, completed=done)
+
+    def advance(self, samples: int, tokens: int) -> None:
+        seconds = max(time.perf_counter() - self._started, 1e-9)
+        self._progress.update(
+            self._task, completed=self._done_before + samples,
+            rate=f"{samples / seconds:.1f} samples/s {tokens / seconds:,.0f} tok/s")
+
+    def __enter__(self) -> SampleProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+
+def human_bytes(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"

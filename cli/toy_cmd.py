@@ -1,0 +1,31 @@
+"""``moepath toy-model OUT``: build a random toy MoE checkpoint (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import render
+
+
+def toy_model(
+    out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
+    arch: Annotated[str, typer.Option(help="olmoe, mixtral or qwen2moe.")] = "olmoe",
+    preset: Annotated[str, typer.Option(help="tiny (tests) or olmoe-shaped (16 layers, "
+                      "64 experts, top-8).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed of weights and tokenizer.")] = 0,
+) -> None:
+    """Build a random-weight MoE checkpoint of a real architecture, with a local tokenizer."""
+    from moepath.tracer.toy import PRESETS, build_toy_model
+
+    path = build_toy_model(out, arch=arch, preset=preset, seed=seed)
+    shape = PRESETS[preset]
+    render.stderr.print(
+        f"wrote {arch} toy ({preset}: {shape.layers} layers, {shape.experts} experts, "
+        f"top-{shape.top_k}, hidden {shape.hidden}) to {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("toy-model")(toy_model)

@@ -1,0 +1,70 @@
+"""``moepath trace MODEL --samples FILE --out DIR``: record routing of samples in vLLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import options as o
+from . import render
+
+
+def trace(
+    model: o.Model,
+    samples: o.Samples,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Trace directory to write.")],
+    id_field: o.IdField = "id",
+    text_field: o.TextField = "text",
+    skip_bad_lines: o.SkipBadLines = False,
+    limit: o.Limit = None,
+    max_model_len: o.MaxModelLen = None,
+    truncate: o.Truncate = False,
+    nll: o.Nll = True,
+    max_tokens: o.MaxTokens = 0,
+    dtype: o.Dtype = "bfloat16",
+    tensor_parallel_size: o.TensorParallel = 1,
+    enforce_eager: o.EnforceEager = False,
+    gpu_memory_utilization: o.GpuMemory = 0.3,
+    max_num_batched_tokens: o.BatchedTokens = None,
+    store_probs: o.StoreProbs = False,
+    trust_remote_code: o.TrustRemoteCode = False,
+    batch_size: Annotated[int, typer.Option(help="Samples per committed batch.")] = 256,
+    resume: o.Resume = False,
+    force: o.Force = False,
+) -> None:
+    """Trace the expert routing of every sample through MODEL into a trace directory."""
+    from moepath.patches.engine import TraceOptions, trace_samples
+    from moepath.tracer.samples import SampleReadOptions, read_samples
+
+    sample_set = read_samples(samples, SampleReadOptions(
+        id_field=id_field, text_field=text_field, skip_bad_lines=skip_bad_lines, limit=limit))
+    if sample_set.skipped_lines:
+        render.stderr.print(f"skipped {len(sample_set.skipped_lines)} bad line(s) "
+                            f"(first: line {sample_set.skipped_lines[0]})")
+    engine = o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
+                              gpu_memory_utilization, max_num_batched_tokens,
+                              trust_remote_code, store_probs)
+    trace_options = TraceOptions(truncate=truncate, nll=nll, max_tokens=max_tokens,
+                                 batch_size=batch_size)
+    render.stderr.print(f"starting vLLM for [bold]{model}[/] ...")
+    with render.SampleProgress() as progress:
+        summary = trace_samples(model, sample_set, out, engine, trace_options, resume=resume,
+                                force=force, on_start=progress.start,
+                                on_progress=progress.advance)
+    rate = summary.tokens / summary.seconds if summary.seconds else 0.0
+    render.stderr.print(render.table("trace", ["", "value"], [
+        ["samples traced", summary.samples],
+        ["already traced (resumed)", summary.resumed_samples],
+        ["tokens", summary.tokens],
+        ["truncated samples", summary.truncated],
+        ["skipped lines", summary.skipped_lines],
+        ["time (s)", round(summary.seconds, 1)],
+        ["tokens/s", round(rate)],
+        ["output", f"{out} ({render.human_bytes(summary.bytes)})"],
+    ]))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(trace)
