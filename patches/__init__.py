@@ -14,7 +14,8 @@ Patch register (vLLM 0.32.0; versions checked in ``compat.py``):
 | ``Worker.load_model`` | v1/worker/gpu_worker.py (CPUWorker inherits) | the only per-engine point after the model is built and before it is compiled | wrapper: calls the original, then ``capture.install`` if traced | when vLLM offers a post-load plugin hook |
 | ``FusedMoERouter.select_experts`` | model_executor/layers/fused_moe/router/fused_moe_router.py | sole caller site of routing on every modular MoE path; sees logits, weights, logical ids (vLLM's ``set_capture_fn`` gives ids only) | class-level wrapper, installed only in traced workers: calls the original, then copies into preallocated buffers (``hook.py``) | when a router capture callback passes logits and weights |
 | ``GPUModelRunner.execute_model`` (instance) | v1/worker/gpu_model_runner.py (CPUModelRunner inherits) | batch layout (req_ids, query_start_loc, positions) is final after the forward | instance-level wrapper on traced workers: finished ids on entry, row mapping after the forward | with the above |
-| ``Worker.moepath_flush`` / ``moepath_describe`` (added) | — | ``collective_rpc`` control: flush shards, report routing config | instance attributes on traced workers | — |
+| ``Worker.moepath_flush`` / ``moepath_describe`` / ``moepath_switch`` (added) | — | ``collective_rpc`` control: flush shards, report routing config, switch checkpoint and trace directory | instance attributes on traced workers | — |
+| ``Worker.reload_weights`` (called, then CPU experts re-prepacked) | v1/worker/gpu_worker.py, fused_moe/experts/cpu_moe.py | vLLM 0.32 skips the AMX/VNNI prepack on reload (silently wrong routing) | ``reload.py`` copies ``cpu_prepack_moe_weight`` output into the same storage | when vLLM re-prepacks on reload |
 
 CUDA: vLLM 0.32 defaults to the V2 model runner there, which this capture does
 not wrap; traced engines are started with ``VLLM_USE_V2_MODEL_RUNNER=0`` (see
@@ -63,7 +64,29 @@ def _enable_capture(worker, settings) -> None:
         raise capture.UnsupportedModelError(
             "moepath: this model runner has no V1 batch state (V2 runner?); start the engine "
             "with VLLM_USE_V2_MODEL_RUNNER=0 to trace")
+    from . import reload
+
     routing, recorder = capture.install(worker, settings)
-    worker.moepath_describe = lambda: routing.describe() | {"writer": recorder is not None}
+    worker.moepath_describe = lambda: routing.describe() | {
+        "writer": recorder is not None, "reload_blocker": _reload_blocker(worker)}
     worker.moepath_flush = (recorder.flush if recorder is not None
                             else lambda: {"shards": [], "error": None, "requests_recorded": 0})
+
+    def switch(trace_dir: str, run: str, weights_path: str | None = None) -> None:
+        if weights_path:
+            reload.reload_checkpoint(worker, weights_path)
+        if recorder is not None:
+            recorder.retarget(trace_dir, run)
+
+    worker.moepath_switch = switch
+
+
+def _reload_blocker(worker) -> str | None:
+    """Why this engine cannot reload checkpoints in place (None: it can)."""
+    from .reload import ReloadUnsupported, check_reloadable
+
+    try:
+        check_reloadable(worker.model_runner.get_model(), worker.model_runner.device)
+    except ReloadUnsupported as exc:
+        return str(exc)
+    return None

@@ -260,6 +260,15 @@ class StepRecorder:
             probs=probs[start:end].to(torch.float16).numpy() if self.settings.store_probs
             else None)
 
+    def retarget(self, trace_dir: str, run: str) -> None:
+        """Write further requests into another trace directory (next checkpoint)."""
+        with self.lock:
+            if self.active and any(self.active.values()):
+                raise RuntimeError("cannot switch trace directory while traced requests run")
+            self.sink.flush()
+            self.sink.retarget(trace_dir, run)
+            self.requests_recorded = 0
+
     def fail(self, exc: BaseException) -> None:
         """Log once, switch capture off for this engine, remember the error for flush()."""
         if self.error is None:

@@ -88,8 +88,31 @@ class TracedEngine:
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # capture wraps the V1 runner
         self.settings = CaptureSettings(dir=str(trace_dir), trace_all=trace_all,
                                         store_probs=options.store_probs).with_run()
+        self.model = Path(model)
         self.llm = LLM(**options.llm_kwargs(str(model), self.settings))
         self.routing = self.llm.collective_rpc("moepath_describe")[0]
+
+    @property
+    def reload_blocker(self) -> str | None:
+        """Why checkpoints cannot be switched in place (None: they can)."""
+        return self.routing.get("reload_blocker")
+
+    def switch_checkpoint(self, model: str | Path, trace_dir: str | Path) -> None:
+        """Load ``model``'s weights in place and trace into ``trace_dir`` from now on.
+
+        Exact on CPU thanks to the re-prepack in ``reload.py`` (proven by
+        tests/test_compare_engine.py); resets the prefix cache so no KV computed
+        with the old weights is reused. Same architecture and config only.
+        """
+        if self.reload_blocker:
+            raise CaptureError(f"this engine cannot reload checkpoints: {self.reload_blocker}")
+        self.flush()
+        run = CaptureSettings(dir=str(trace_dir)).with_run().run
+        self.llm.collective_rpc("moepath_switch", kwargs={
+            "trace_dir": str(trace_dir), "run": run, "weights_path": str(model)})
+        self.llm.reset_prefix_cache()
+        self.model, self.settings = Path(model), CaptureSettings(
+            **{**self.settings.as_dict(), "dir": str(trace_dir), "run": run})
 
     @property
     def max_model_len(self) -> int:
@@ -200,43 +223,74 @@ def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
     ``on_start(total_samples, already_done)`` is called once the engine is up;
     ``on_progress(samples, tokens)`` after each committed batch.
     """
-    shape = checkpoints.moe_shape(model)  # fails fast for dense models / bad paths
+    checkpoints.moe_shape(model)  # fails fast for dense models / bad paths
     out = Path(out)
     previous = store.prepare_directory(out, resume=resume, force=force)
-    max_len = _max_prompt_len(model, engine_options, options)
+    max_len = max_prompt_len(model, engine_options, options)
     tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
                                  engine_options.trust_remote_code)
-    done = _committed_sample_ids(out, previous)
-    todo = [t for t in tokenized if t.sample_id not in done]
-    summary = TraceSummary(out, skipped_lines=len(sample_set.skipped_lines),
-                           resumed_samples=len(done))
-    started = time.perf_counter()
-    with TracedEngine(model, out, _with_max_len(engine_options, max_len, options)) as engine:
-        manifest = previous or _new_manifest(model, shape, sample_set, engine, engine_options,
-                                             options)
-        manifest["router_weights"] = asdict(_save_router_weights(model, out, engine.routing))
+    job = TraceJob(sample_set, tokenized, engine_options, options)
+    if previous is not None and not job.todo(out, previous):
+        return job.finish(out, previous, TraceSummary(out))  # nothing left: no engine needed
+    with TracedEngine(model, out, with_max_len(engine_options, max_len, options)) as engine:
+        return job.run(engine, out, previous, on_start, on_progress)
+
+
+@dataclass
+class TraceJob:
+    """The samples (tokenised once) and options of a trace; runs on a started engine.
+
+    ``moepath compare`` runs one job per checkpoint on the same tokenisation.
+    """
+
+    sample_set: SampleSet
+    tokenized: list[Tokenized]
+    engine_options: EngineOptions
+    options: TraceOptions
+
+    def todo(self, out: Path, manifest: dict | None) -> list[Tokenized]:
+        done = _committed_sample_ids(out, manifest)
+        return [t for t in self.tokenized if t.sample_id not in done]
+
+    def run(self, engine: TracedEngine, out: Path, previous: dict | None,
+            on_start: Callable[[int, int], None] | None = None,
+            on_progress: ProgressFn | None = None) -> TraceSummary:
+        """Trace the samples not yet committed in ``out`` (the engine writes there)."""
+        todo = self.todo(out, previous)
+        summary = TraceSummary(out)
+        manifest = previous or _new_manifest(engine, self.sample_set, self.engine_options,
+                                             self.options)
+        manifest["router_weights"] = asdict(_save_router_weights(engine.model, out,
+                                                                 engine.routing))
+        store.write_manifest(out, manifest)
         if on_start:
-            on_start(len(tokenized), len(done))
-        meta = {s.sample_id: s for s in sample_set.samples}
-        for batch in _batches(todo, options.batch_size):
-            _trace_batch(engine, batch, meta, options, out, manifest)
+            on_start(len(self.tokenized), len(self.tokenized) - len(todo))
+        meta = {s.sample_id: s for s in self.sample_set.samples}
+        started = time.perf_counter()
+        for batch in _batches(todo, self.options.batch_size):
+            _trace_batch(engine, batch, meta, self.options, out, manifest)
             summary.samples += len(batch)
             summary.tokens += sum(len(t.token_ids) for t in batch)
             if on_progress:
                 on_progress(summary.samples, summary.tokens)
-    summary.truncated = sum(t.truncated for t in tokenized)
-    summary.seconds = time.perf_counter() - started
-    _finalize(out, manifest, summary)
-    return summary
+        summary.seconds = time.perf_counter() - started
+        return self.finish(out, manifest, summary)
+
+    def finish(self, out: Path, manifest: dict, summary: TraceSummary) -> TraceSummary:
+        summary.resumed_samples = len(self.tokenized) - summary.samples
+        summary.truncated = sum(t.truncated for t in self.tokenized)
+        summary.skipped_lines = len(self.sample_set.skipped_lines)
+        _finalize(out, manifest, summary)
+        return summary
 
 
-def _max_prompt_len(model, engine_options: EngineOptions, options: TraceOptions) -> int:
+def max_prompt_len(model, engine_options: EngineOptions, options: TraceOptions) -> int:
     config = checkpoints.read_config(model)
     context = engine_options.max_model_len or config.get("max_position_embeddings") or 2048
     return int(context) - max(1, options.max_tokens)
 
 
-def _with_max_len(engine_options: EngineOptions, max_len: int, options: TraceOptions):
+def with_max_len(engine_options: EngineOptions, max_len: int, options: TraceOptions):
     from dataclasses import replace
 
     return replace(engine_options, max_model_len=max_len + max(1, options.max_tokens))
@@ -307,11 +361,13 @@ def _save_router_weights(model, out: Path, routing: dict) -> store.ShardInfo:
     return store.write_router_weights(out, [by_layer[i] for i in routing["layer_ids"]])
 
 
-def _new_manifest(model, shape, sample_set: SampleSet, engine: TracedEngine,
-                  engine_options: EngineOptions, options: TraceOptions) -> dict:
+def _new_manifest(engine: TracedEngine, sample_set: SampleSet, engine_options: EngineOptions,
+                  options: TraceOptions) -> dict:
     import torch
     import vllm
 
+    model = engine.model
+    shape = checkpoints.moe_shape(model)
     return store.new_manifest(
         versions={"moepath": moepath.__version__, "vllm": vllm.__version__,
                   "torch": torch.__version__},
@@ -319,7 +375,7 @@ def _new_manifest(model, shape, sample_set: SampleSet, engine: TracedEngine,
         model={"path": str(Path(model).resolve()), "architecture": shape.architecture,
                "config_sha256": checkpoints.config_sha256(model), "dtype": engine_options.dtype,
                **engine.routing},
-        input={"path": str(getattr(sample_set, "path", "")), "sha256": sample_set.source_sha256,
+        input={"path": sample_set.path, "sha256": sample_set.source_sha256,
                "format": sample_set.format},
         options={**asdict(engine_options), **asdict(options),
                  "max_model_len": engine.max_model_len},

@@ -19,15 +19,20 @@ from moepath.tracer import store
 class RoutingSink:
     def __init__(self, trace_dir: str, run: str, rank: int, shape: tuple[int, int, int],
                  shard_tokens: int):
-        self.trace_dir = Path(trace_dir)
-        self.prefix = f"{run}-r{rank}"
+        self.rank = rank
+        self.retarget(trace_dir, run)
         self.shape = shape  # (L, k, E)
         self.shard_tokens = shard_tokens
         self._pending: list[store.RoutingRecord] = []
         self._pending_tokens = 0
-        self._seq = 0
         self._writes: list[Future] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepath-sink")
+
+    def retarget(self, trace_dir: str, run: str) -> None:
+        """Name further shards ``<run>-r<rank>-<seq>`` in ``trace_dir`` (pending must be empty)."""
+        self.trace_dir = Path(trace_dir)
+        self.prefix = f"{run}-r{self.rank}"
+        self._seq = 0
 
     def add(self, record: store.RoutingRecord) -> None:
         self._pending.append(record)
@@ -47,8 +52,7 @@ class RoutingSink:
     def flush(self) -> list[dict]:
         """Write pending records; wait for all writes; return the new shards (as dicts).
 
-        Each dict is a ``store.ShardInfo`` plus ``samples``: the (sample_id,
-        completion) pairs it holds. A failed write raises here.
+        Each dict is a ``store.ShardInfo``. A failed write raises here.
         """
         self._write_pending()
         writes, self._writes = self._writes, []

@@ -137,6 +137,40 @@ def routing_table(records: list[RoutingRecord], num_layers: int, top_k: int, num
     return pa.table(columns)
 
 
+def token_values(column: pa.ChunkedArray, row: int, inner: tuple[int, ...]) -> np.ndarray:
+    """Row ``row`` of a per-token column (list<fixed<...>>) as an array [T, *inner]."""
+    values = column[row].values
+    for _ in inner:
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(-1, *inner)
+
+
+def read_routing_shard(path: Path, num_layers: int, top_k: int, num_experts: int):
+    """All records of one routing shard file, as RoutingRecord (weights as float32)."""
+    table = pq.read_table(path)
+    lk, le = (num_layers, top_k), (num_layers, num_experts)
+    records = []
+    for row in range(table.num_rows):
+        mean = table["router_mean"][row]
+        probs = (token_values(table["router_probs"], row, le).astype(np.float32)
+                 if "router_probs" in table.column_names else None)
+        records.append(RoutingRecord(
+            sample_id=table["sample_id"][row].as_py(),
+            request_id=table["request_id"][row].as_py(),
+            completion=table["completion"][row].as_py(),
+            num_prompt_tokens=table["num_prompt_tokens"][row].as_py(),
+            positions=token_values(table["positions"], row, ()),
+            token_ids=token_values(table["token_ids"], row, ()),
+            expert_ids=token_values(table["expert_ids"], row, lk).astype(np.int64),
+            gate_weights=token_values(table["gate_weights"], row, lk).astype(np.float32),
+            router_mean=(np.asarray(mean.values.flatten(), np.float32).reshape(le)
+                         if mean.is_valid else None),
+            router_probs=probs,
+            meta=json.loads(table["meta"][row].as_py()),
+        ))
+    return records
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

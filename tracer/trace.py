@@ -32,14 +32,6 @@ class _Location:
     row: int
 
 
-def _token_values(column: pa.ChunkedArray, row: int, inner: tuple[int, ...]) -> np.ndarray:
-    """Row ``row`` of a list<fixed<...>> column as an array [T, *inner]."""
-    values = column[row].values
-    for _ in inner:
-        values = values.flatten()
-    return values.to_numpy(zero_copy_only=False).reshape(-1, *inner)
-
-
 class Trace:
     """Read-only view of a committed trace directory.
 
@@ -118,12 +110,12 @@ class Trace:
     def positions(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """int32 [T]: token positions, prompt tokens first."""
         table, row = self._locate(sample_id, completion)
-        return _token_values(table["positions"], row, ())
+        return store.token_values(table["positions"], row, ())
 
     def token_ids(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """int32 [T]: the token ids, prompt tokens first."""
         table, row = self._locate(sample_id, completion)
-        return _token_values(table["token_ids"], row, ())
+        return store.token_values(table["token_ids"], row, ())
 
     def num_prompt_tokens(self, sample_id: str, completion: int = 0) -> int:
         table, row = self._locate(sample_id, completion)
@@ -133,8 +125,8 @@ class Trace:
         """(expert ids int64 [T, L, k], gate weights float32 [T, L, k]), prompt tokens first."""
         table, row = self._locate(sample_id, completion)
         shape = (self.num_layers, self.top_k)
-        ids = _token_values(table["expert_ids"], row, shape).astype(np.int64)
-        weights = _token_values(table["gate_weights"], row, shape).astype(np.float32)
+        ids = store.token_values(table["expert_ids"], row, shape).astype(np.int64)
+        weights = store.token_values(table["gate_weights"], row, shape).astype(np.float32)
         return ids, weights
 
     def router_mean(self, sample_id: str) -> np.ndarray:
@@ -155,7 +147,7 @@ class Trace:
                 "this trace has no per-token router distributions; trace with --store-probs"
             )
         shape = (self.num_layers, self.num_experts)
-        return _token_values(table["router_probs"], row, shape).astype(np.float32)
+        return store.token_values(table["router_probs"], row, shape).astype(np.float32)
 
     def router_weights(self) -> list[np.ndarray]:
         """The router matrices W_l of the traced checkpoint: L float32 arrays [E, hidden]."""

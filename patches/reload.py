@@ -1,0 +1,70 @@
+"""In-place checkpoint switching for a running traced engine (``moepath compare``).
+
+vLLM 0.32's ``Worker.reload_weights`` streams a new checkpoint into the
+existing parameter storage, so compiled graphs stay valid. On CPU it has a bug
+(VLLM_NOTES.md section 5): bf16 expert weights are AMX/VNNI-prepacked only on
+the first load; a reload leaves them in checkpoint layout and silently changes
+routing and losses. :func:`reload_checkpoint` therefore re-prepacks every
+CPU-unquantized MoE layer into the same storage after the reload. Layers whose
+intermediate size needs padding (``cpu_moe.py``'s ``_pad_moe_intermediate``)
+or other kernels are refused, so the caller restarts the engine instead.
+
+Callers must reset the prefix cache afterwards (KV computed with the old
+weights must not be reused); ``TracedEngine.switch_checkpoint`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReloadUnsupported(RuntimeError):
+    """In-place reload cannot be made exact for this model/kernel: restart the engine."""
+
+
+def _cpu_prepacked_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
+    """(layer holding w13_weight/w2_weight, its CPU experts kernel) for every MoE layer."""
+    layers = []
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        kernel = getattr(method, "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and hasattr(module, "w13_weight"):
+            layers.append((module, experts))
+    return layers
+
+
+def check_reloadable(model: torch.nn.Module, device: torch.device) -> None:
+    """Raise ReloadUnsupported unless every MoE layer can be re-prepacked exactly."""
+    if device.type != "cpu":
+        return  # CUDA kernels keep weights in checkpoint layout: reload is exact
+    layers = _cpu_prepacked_layers(model)
+    if not layers:
+        raise ReloadUnsupported("no CPU fused-MoE experts found to re-prepack")
+    for _, experts in layers:
+        if type(experts).__name__ not in ("CPUUnquantizedExperts", "X86CPUUnquantizedExperts"):
+            raise ReloadUnsupported(f"{type(experts).__name__} has no verified re-prepack")
+        if getattr(experts, "_use_zentorch", False):
+            raise ReloadUnsupported("zentorch MoE kernels have no verified re-prepack")
+        config = experts.moe_config
+        if experts._padded_intermediate_size(config) != config.intermediate_size_per_partition:
+            raise ReloadUnsupported("padded MoE intermediate size has no verified re-prepack")
+
+
+def _reprepack(model: torch.nn.Module) -> None:
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import cpu_prepack_moe_weight
+
+    with torch.no_grad():
+        for layer, experts in _cpu_prepacked_layers(model):
+            for name in ("w13_weight", "w2_weight"):
+                weight = getattr(layer, name)
+                weight.data.copy_(cpu_prepack_moe_weight(weight.data.clone(), experts.isa))
+
+
+def reload_checkpoint(worker, weights_path: str) -> None:
+    """Load ``weights_path`` into the worker's model in place (exact on CPU and CUDA)."""
+    model = worker.model_runner.get_model()
+    check_reloadable(model, worker.model_runner.device)
+    worker.reload_weights(weights_path=weights_path)
+    if worker.model_runner.device.type == "cpu":
+        _reprepack(model)

@@ -1,0 +1,128 @@
+"""Shared fixtures: toy checkpoints, sample files, and the few vLLM engines the suite starts.
+
+Engine starts cost 20-45 s on the 2-core CPU, so engines are session-scoped
+and shared: one compiled bf16 trace of the standard samples (``olmoe_trace``),
+and one eager engine with tiny prefill chunks (``chunked_engine``) that the
+batching tests send requests to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from moepath.tracer import store
+from moepath.tracer.toy import build_toy_model, corpus
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def standard_records(n: int = 40) -> list[dict]:
+    """Short pseudo-English samples plus three long ones (> 3 prefill chunks of 64)."""
+    lines = corpus(n, seed=11)
+    records = [{"id": f"s{i}", "text": line, "domain": ["math", "code"][i % 2]}
+               for i, line in enumerate(lines)]
+    long_text = " ".join(corpus(10, seed=12))
+    records += [{"id": f"long{j}", "text": long_text[j * 7:], "domain": "long"}
+                for j in range(3)]
+    return records
+
+
+@pytest.fixture(scope="session")
+def toy_factory(tmp_path_factory):
+    """build(arch, preset="tiny", seed=0) -> folder, cached per session."""
+    root = tmp_path_factory.mktemp("toys")
+    cache: dict[tuple, Path] = {}
+
+    def build(arch: str = "olmoe", preset: str = "tiny", seed: int = 0) -> Path:
+        key = (arch, preset, seed)
+        if key not in cache:
+            cache[key] = build_toy_model(root / f"{arch}-{preset}-{seed}", arch, preset, seed)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def toy_olmoe(toy_factory) -> Path:
+    return toy_factory("olmoe")
+
+
+@pytest.fixture(scope="session")
+def samples_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("samples") / "samples.jsonl",
+                       standard_records())
+
+
+@pytest.fixture(scope="session")
+def olmoe_trace(toy_olmoe, samples_file, tmp_path_factory) -> Path:
+    """The standard samples traced through the tiny OLMoE toy: compiled, bf16, defaults."""
+    from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
+    from moepath.tracer.samples import SampleReadOptions, read_samples
+
+    out = tmp_path_factory.mktemp("traces") / "olmoe"
+    trace_samples(toy_olmoe, read_samples(samples_file, SampleReadOptions()), out,
+                  EngineOptions(max_model_len=512), TraceOptions(batch_size=16))
+    return out
+
+
+class EngineClient:
+    """Sends tagged/untagged requests to a shared TracedEngine and reads their routing."""
+
+    def __init__(self, engine, shape):
+        self.engine = engine
+        self.shape = shape  # (L, k, E)
+
+    def trace(self, prompts: dict[str, list[int]], untagged: list[list[int]] = (),
+              max_tokens: int = 0) -> dict[str, store.RoutingRecord]:
+        """Run tagged ``prompts`` (sample id -> token ids) plus ``untagged`` ones together."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        requests = [(TokensPrompt(prompt_token_ids=ids),
+                     self.engine.sampling_params(sid, max_tokens=max_tokens))
+                    for sid, ids in prompts.items()]
+        requests += [(TokensPrompt(prompt_token_ids=ids),
+                      SamplingParams(max_tokens=max(1, max_tokens), temperature=0.0))
+                     for ids in untagged]
+        order = np.random.default_rng(len(requests)).permutation(len(requests))
+        self.engine.llm.generate([requests[i][0] for i in order],
+                                 [requests[i][1] for i in order], use_tqdm=False)
+        records = {}
+        for shard in self.engine.flush():
+            for record in store.read_routing_shard(self.engine_dir / shard.file, *self.shape):
+                records[record.sample_id] = record
+        return records
+
+    @property
+    def engine_dir(self) -> Path:
+        return Path(self.engine.settings.dir)
+
+
+@pytest.fixture(scope="session")
+def chunked_engine(toy_olmoe, tmp_path_factory):
+    """Eager bf16 engine with 64-token prefill chunks, shared by the batching tests."""
+    from moepath.patches.engine import EngineOptions, TracedEngine
+
+    out = tmp_path_factory.mktemp("engine")
+    options = EngineOptions(enforce_eager=True, max_model_len=512, max_num_batched_tokens=64)
+    with TracedEngine(toy_olmoe, out, options) as engine:
+        routing = engine.routing
+        yield EngineClient(engine, (routing["num_layers"], routing["top_k"],
+                                    routing["num_experts"]))
+
+
+def routing_samples(trace_dir: Path) -> list[str]:
+    files = [entry["file"] for entry in store.read_manifest(trace_dir)["shards"]["routing"]]
+    return [sid for f in files for sid in pq.read_table(trace_dir / f)["sample_id"].to_pylist()]

@@ -1,0 +1,98 @@
+"""`moepath trace` from the command line: what users see when things go right and wrong."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moepath.tracer import Trace
+
+from conftest import write_jsonl
+
+
+def moepath(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moepath.cli.main", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture
+def small_samples(tmp_path):
+    return write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "text": "one two three"},
+                                               {"id": "b", "text": "four five six seven"}])
+
+
+def assert_one_line_error(result, expected: str):
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("moepath: error: ")
+    assert expected in lines[-1], lines[-1]
+
+
+def test_missing_model_path(tmp_path, small_samples):
+    result = moepath("trace", tmp_path / "nope", "--samples", small_samples, "--out", tmp_path / "o")
+    assert_one_line_error(result, f"model path '{tmp_path / 'nope'}' does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_dense_model_is_refused_before_loading_weights(tmp_path, small_samples):
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "config.json").write_text(json.dumps(
+        {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 64}))
+    result = moepath("trace", dense, "--samples", small_samples, "--out", tmp_path / "o")
+    assert_one_line_error(result, "(LlamaForCausalLM) has no MoE layers")
+
+
+def test_malformed_line_is_named_and_nothing_is_written(tmp_path, toy_olmoe):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": oops}\n')
+    result = moepath("trace", toy_olmoe, "--samples", bad, "--out", tmp_path / "o")
+    assert_one_line_error(result, "line 2")
+    assert "--skip-bad-lines" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_directory_needs_resume_or_force(tmp_path, toy_olmoe, small_samples):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("precious")
+    result = moepath("trace", toy_olmoe, "--samples", small_samples, "--out", tmp_path / "o")
+    assert_one_line_error(result, "already exists; pass --resume")
+    assert (tmp_path / "o" / "keep.txt").read_text() == "precious"
+
+
+def test_over_long_sample_is_named_unless_truncating(tmp_path, toy_olmoe):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "short", "text": "a b"},
+                                                  {"id": "essay", "text": "word " * 300}])
+    result = moepath("trace", toy_olmoe, "--samples", samples, "--out", tmp_path / "o",
+                     "--max-model-len", "64")
+    assert_one_line_error(result, "sample 'essay' is 300 tokens, longer than the limit 63")
+    assert "--truncate" in result.stderr
+
+
+@pytest.mark.vllm
+def test_trace_writes_a_complete_trace_and_resume_is_a_no_op(tmp_path, toy_olmoe):
+    samples = write_jsonl(tmp_path / "s.jsonl", [
+        {"id": f"x{i}", "text": "the router " * (i + 1), "domain": "d"} for i in range(6)]
+        + [{"id": "essay", "text": "word " * 100, "domain": "long"}])
+    out = tmp_path / "trace"
+    result = moepath("trace", toy_olmoe, "--samples", samples, "--out", out, "--enforce-eager",
+                     "--max-model-len", "64", "--truncate", "--batch-size", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "truncated samples" in result.stderr
+    trace = Trace.open(out)
+    assert trace.manifest["status"] == "complete"
+    assert trace.manifest["counts"]["samples"] == 7
+    assert trace.manifest["counts"]["truncated"] == 1
+    samples_table = trace.samples.set_index("sample_id")
+    assert samples_table.loc["essay", "num_tokens"] == 63
+    assert bool(samples_table.loc["essay", "truncated"])
+    assert samples_table["nll"].between(0, 20).all()
+    assert len(trace.positions("x0")) == samples_table.loc["x0", "num_tokens"]
+    again = moepath("trace", toy_olmoe, "--samples", samples, "--out", out, "--enforce-eager",
+                    "--max-model-len", "64", "--truncate", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "7 sample(s) already traced" in again.stderr
+    assert len(Trace.open(out).samples) == 7

@@ -1,0 +1,47 @@
+"""Packaging: install layout, console script, vLLM plugin entry point, import boundaries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+
+
+def test_distribution_installs_only_the_moepath_package(tmp_path):
+    assert metadata.distribution("moepath").read_text("top_level.txt").split() == ["moepath"]
+    # outside the repository, only moepath.* resolves (nothing generic in site-packages)
+    code = ("import importlib.util as u; "
+            "print([n for n in ('tracer', 'patches', 'cli') if u.find_spec(n)], "
+            "u.find_spec('moepath.tracer').origin)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path).stdout
+    assert out.startswith("[] ") and out.strip().endswith("tracer/__init__.py")
+
+
+def test_vllm_plugin_entry_point_is_discoverable_and_register_is_idempotent():
+    (entry,) = [ep for ep in metadata.entry_points(group="vllm.general_plugins")
+                if ep.name == "moepath"]
+    assert entry.value == "moepath.patches:register"
+    register = entry.load()
+    register()
+    from moepath.patches import compat
+
+    wrapped = compat.worker_class().load_model
+    register()
+    assert compat.worker_class().load_model is wrapped
+    assert wrapped.__moepath_wrapped__
+
+
+def test_tracer_imports_without_vllm_typer_or_rich():
+    code = ("import sys, moepath.tracer, moepath.tracer.store, moepath.tracer.trace; "
+            "print(sorted(m for m in ('vllm', 'typer', 'rich') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_cli_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "moepath.cli.main", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for command in ("trace", "toy-model"):
+        assert command in out

@@ -1,0 +1,156 @@
+"""The trace store: round trip, the on-disk schema (golden), atomicity and damage reports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from moepath.tracer import Trace, store
+from moepath.tracer.errors import TraceFormatError
+
+L, K, E = 3, 2, 8
+
+
+def make_record(sample_id: str, tokens: int, seed: int, prompt: int | None = None):
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(E), size=(tokens, L)).astype(np.float32)
+    ids = np.argsort(-probs, -1)[..., :K]
+    return store.RoutingRecord(
+        sample_id=sample_id, request_id=f"{seed}-abcdefgh", completion=0,
+        num_prompt_tokens=tokens if prompt is None else prompt,
+        positions=np.arange(tokens, dtype=np.int32),
+        token_ids=rng.integers(0, 500, tokens).astype(np.int32),
+        expert_ids=ids, gate_weights=np.take_along_axis(probs, ids, -1),
+        router_mean=probs.mean(0), meta={"domain": "math", "n": seed})
+
+
+def write_trace(trace_dir, records):
+    """A committed trace of ``records``: one routing shard, router weights, manifest."""
+    store.prepare_directory(trace_dir, resume=False, force=False)
+    manifest = store.new_manifest(model={"num_layers": L, "num_experts": E, "top_k": K,
+                                         "architecture": "Toy"})
+    shard = store.write_routing_shard(trace_dir, "run-r0-000000", records, L, K, E)
+    weights = [np.full((E, 4), i, np.float32) for i in range(L)]
+    manifest["router_weights"] = asdict(store.write_router_weights(trace_dir, weights))
+    store.add_shards(manifest, store.ROUTING_DIR, [shard])
+    store.write_manifest(trace_dir, manifest)
+    return manifest
+
+
+def test_routing_round_trip(tmp_path):
+    records = [make_record("a", 5, 1), make_record("b", 9, 2, prompt=6)]
+    write_trace(tmp_path / "t", records)
+    trace = Trace.open(tmp_path / "t")
+    ids, weights = trace.topk("b")
+    np.testing.assert_array_equal(ids, records[1].expert_ids)
+    np.testing.assert_allclose(weights, records[1].gate_weights, atol=1e-3)  # stored float16
+    np.testing.assert_array_equal(trace.token_ids("a"), records[0].token_ids)
+    np.testing.assert_array_equal(trace.router_mean("a"), records[0].router_mean)
+    assert trace.num_prompt_tokens("b") == 6
+    assert [w[0, 0] for w in trace.router_weights()] == [0.0, 1.0, 2.0]
+    assert trace.sample_ids() == ["a", "b"]
+    # no samples table (server-mode trace): samples come from the requests' metadata
+    assert trace.samples.to_dict("records") == [
+        {"sample_id": "a", "domain": "math", "n": 1, "num_tokens": 5},
+        {"sample_id": "b", "domain": "math", "n": 2, "num_tokens": 6}]
+    sample_ids, means = trace.router_means()
+    assert sample_ids == ["a", "b"] and means.shape == (2, L, E)
+
+
+def test_routing_shard_schema_is_the_documented_one(tmp_path):
+    """Golden test of docs/trace-format.md: column names and Arrow types."""
+    write_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    schema = pq.read_schema(tmp_path / "t" / "routing" / "run-r0-000000.parquet")
+    assert {name: str(schema.field(name).type) for name in schema.names} == {
+        "sample_id": "string",
+        "request_id": "string",
+        "completion": "int16",
+        "num_prompt_tokens": "int32",
+        "positions": "list<element: int32>",
+        "token_ids": "list<element: int32>",
+        "expert_ids": "list<element: fixed_size_list<element: fixed_size_list<element: "
+                      "uint8>[2]>[3]>",
+        "gate_weights": "list<element: fixed_size_list<element: fixed_size_list<element: "
+                        "halffloat>[2]>[3]>",
+        "router_mean": "fixed_size_list<element: fixed_size_list<element: float>[8]>[3]",
+        "meta": "string",
+    }
+
+
+def test_expert_ids_widen_to_uint16_beyond_256_experts():
+    assert store.expert_id_type(256) == pa.uint8()
+    assert store.expert_id_type(257) == pa.uint16()
+
+
+def test_manifest_golden_header(tmp_path):
+    manifest = write_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    on_disk = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert on_disk["format"] == "moepath-trace" and on_disk["format_version"] == 1
+    assert on_disk["shards"]["routing"][0]["file"] == "routing/run-r0-000000.parquet"
+    assert on_disk["shards"]["routing"][0]["rows"] == 1
+    assert on_disk["shards"]["routing"][0]["tokens"] == 4
+    assert len(on_disk["shards"]["routing"][0]["sha256"]) == 64
+
+
+def test_duckdb_reads_a_trace_without_moepath(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    write_trace(tmp_path / "t", [make_record("a", 4, 1), make_record("b", 7, 2)])
+    rows = duckdb.sql(
+        f"SELECT sample_id, len(positions) AS n FROM '{tmp_path}/t/routing/*.parquet' "
+        f"ORDER BY sample_id").fetchall()
+    assert rows == [("a", 4), ("b", 7)]
+
+
+def test_corrupted_shard_is_reported_by_name(tmp_path):
+    write_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    shard = tmp_path / "t" / "routing" / "run-r0-000000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(TraceFormatError, match="routing/run-r0-000000.parquet' is corrupted"):
+        Trace.open(tmp_path / "t")
+
+
+def test_trace_from_a_newer_format_version_is_refused(tmp_path):
+    manifest = write_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    manifest["format_version"] = 99
+    store.write_manifest(tmp_path / "t", manifest)
+    with pytest.raises(TraceFormatError, match="format version 99, newer than this moepath"):
+        Trace.open(tmp_path / "t")
+
+
+def test_existing_output_directory_needs_resume_or_force(tmp_path):
+    write_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    with pytest.raises(TraceFormatError, match="pass --resume .* or --force"):
+        store.prepare_directory(tmp_path / "t", resume=False, force=False)
+    assert store.prepare_directory(tmp_path / "t", resume=False, force=True) is None
+    assert not any((tmp_path / "t").iterdir())
+
+
+def test_resume_removes_uncommitted_shards_and_keeps_committed_ones(tmp_path):
+    write_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    store.write_routing_shard(tmp_path / "t", "run-r0-000001", [make_record("b", 4, 2)], L, K, E)
+    (tmp_path / "t" / "routing" / ".tmp-1234-half.parquet").write_bytes(b"partial")
+    manifest = store.prepare_directory(tmp_path / "t", resume=True, force=False)
+    assert [s["file"] for s in manifest["shards"]["routing"]] == ["routing/run-r0-000000.parquet"]
+    assert sorted(p.name for p in (tmp_path / "t" / "routing").iterdir()) == [
+        "run-r0-000000.parquet"]
+
+
+def test_failed_write_leaves_no_file_under_the_final_name(tmp_path):
+    def broken_writer(tmp):
+        open(tmp, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        store.write_atomic(tmp_path / "routing" / "x.parquet", broken_writer)
+    assert list((tmp_path / "routing").iterdir()) == []
+
+
+def test_missing_trace_directory_message(tmp_path):
+    with pytest.raises(TraceFormatError, match="does not exist; run `moepath trace` first"):
+        Trace.open(tmp_path / "nope")

@@ -1,0 +1,277 @@
+"""Pathway distance: Levenshtein distance between samples' pathways, averaged over a group.
+
+Implements METHOD.md, "Metric 1: pathway distance". D(i, j) is the edit
+distance between two pathways, in one of two units (Decision A4):
+
+- ``unit="char"`` (default, the paper's): edits of the serialised string
+  ``Pathway.to_string()``, e.g. ``'3,1-9'``. OLMoE at tau 0.7 gives about 480-580.
+- ``unit="expert"``: edits of ``Pathway.tokens()``, expert ids plus a layer
+  separator, so replacing expert 7 by expert 12 costs 1, not 2.
+
+``normalize="max"`` divides each pair's distance by the longer pathway's length
+in the same unit (characters, or tokens including separators), giving values in
+[0, 1]. A group's value is the mean over its unordered pairs: exact (all pairs,
+through ``rapidfuzz.process.cdist``, whose bit-parallel Levenshtein costs
+O(|s|^2 / 64) a pair) or estimated from uniformly sampled pairs with a standard
+error; see :func:`plan_pairs` for the default policy.
+
+Example::
+
+    >>> from moepath.tracer.pathways import Pathway
+    >>> group = [Pathway.parse(s) for s in ("3,1-9", "3,1-9", "3,12-9")]
+    >>> group_distance(group).mean  # pairs: 0, 1 ("1" -> "12"), 1
+    0.6666666666666666
+    >>> group_distance(group, unit="expert", normalize="max").mean  # 0, 1/4, 1/4
+    0.16666666666666666
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral
+
+import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
+
+from .errors import MetricError
+from .pathways import SEPARATOR, Pathway
+
+UNITS = ("char", "expert")
+NORMALIZATIONS = ("none", "max")
+# Default policy (plan_pairs): all pairs up to this many samples (499,500 pairs; about 10 s
+# for OLMoE-length char pathways on 2 cores), else SAMPLED_PAIRS uniformly sampled pairs.
+EXACT_MAX_SAMPLES = 1000
+SAMPLED_PAIRS = 200_000
+# Exact mode compares blocks of this many pathways per cdist call: memory stays at
+# _BLOCK**2 distances (16 MiB) whatever the group size, and a group that fits in one
+# block is a single symmetric cdist call.
+_BLOCK = 2000
+
+
+@dataclass(frozen=True)
+class DistanceResult:
+    """A group's mean pathway distance.
+
+    Attributes:
+        mean: mean distance over unordered pairs, in the unit asked for (or in [0, 1]
+            with ``normalize="max"``).
+        stderr: standard error of ``mean`` as an estimate of the all-pairs mean; 0.0 when exact.
+        n_pairs: pairs compared: n(n-1)/2 when exact, else the number sampled.
+        exact: True when every unordered pair was compared.
+        n_samples: pathways in the group.
+    """
+
+    mean: float
+    stderr: float
+    n_pairs: int
+    exact: bool
+    n_samples: int
+
+
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise :class:`MetricError` unless ``value`` is one of ``choices`` (an option's values)."""
+    if value not in choices:
+        raise MetricError(f"{what} {value!r} is not supported; choose one of: {', '.join(choices)}")
+
+
+def check_pairs(pairs: int | None) -> None:
+    """Raise :class:`MetricError` unless ``pairs`` is None or an int >= 2."""
+    if pairs is not None and (isinstance(pairs, bool) or not isinstance(pairs, Integral)):
+        raise MetricError(f"pairs {pairs!r} is not an integer; pass a pair count or None")
+    if pairs is not None and pairs < 2:
+        raise MetricError(
+            f"pairs {pairs} is too few for a standard error; sample at least 2 pairs "
+            "or pass None for the default policy"
+        )
+
+
+def plan_pairs(n_samples: int, pairs: int | None = None) -> int | None:
+    """How a group of ``n_samples`` is measured: None for all pairs, else pairs to sample.
+
+    ``pairs=None`` is the default policy: exact up to :data:`EXACT_MAX_SAMPLES`
+    samples, else :data:`SAMPLED_PAIRS` sampled pairs (standard error about
+    0.2% of the spread of pair distances). An explicit ``pairs`` samples that
+    many, unless it reaches the number of unordered pairs: then the exact mean
+    costs no more, and is returned instead (so ``pairs=n*(n-1)//2`` forces exact).
+
+    Example::
+
+        >>> plan_pairs(1000), plan_pairs(1001), plan_pairs(10, pairs=20), plan_pairs(10, pairs=45)
+        (None, 200000, 20, None)
+    """
+    check_pairs(pairs)
+    if pairs is None:
+        return None if n_samples <= EXACT_MAX_SAMPLES else SAMPLED_PAIRS
+    return None if pairs >= n_samples * (n_samples - 1) // 2 else int(pairs)
+
+
+def group_distance(
+    pathways: list[Pathway],
+    unit: str = "char",
+    normalize: str = "none",
+    pairs: int | None = None,
+    seed: int = 0,
+    workers: int = -1,
+    name: str = "group",
+) -> DistanceResult:
+    """Mean pathway distance of a group (METHOD.md Metric 1).
+
+    Args:
+        pathways: the group's pathways, at least 2.
+        unit: "char" (edit the serialised string) or "expert" (edit expert tokens).
+        normalize: "none" (raw edit distance) or "max" (divided by the longer pathway's length).
+        pairs: None for the default policy, or a number of pairs to sample; see :func:`plan_pairs`.
+        seed: seeds pair sampling: sampled pairs are drawn uniformly from ordered pairs
+            (i, j), i != j, with replacement, which is uniform over unordered pairs.
+        workers: CPU threads for rapidfuzz; -1 uses all cores.
+        name: the group's name, used in error messages.
+
+    Raises:
+        MetricError: fewer than 2 pathways, or a bad option value.
+    """
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    return distance_summary(pathways, unit, pairs, seed, workers, name)[normalize]
+
+
+def distance_summary(
+    pathways: list[Pathway],
+    unit: str = "char",
+    pairs: int | None = None,
+    seed: int = 0,
+    workers: int = -1,
+    name: str = "group",
+) -> dict[str, DistanceResult]:
+    """:func:`group_distance` for both normalisations, keyed "none" and "max", from one pass.
+
+    Both come from the same pair distances, so reporting them side by side costs one.
+    """
+    check_choice("unit", unit, UNITS)
+    _check_group(len(pathways), name)
+    return _summarise(
+        [_encode(p, unit) for p in pathways], plan_pairs(len(pathways), pairs), seed, workers
+    )
+
+
+def per_layer_distance(
+    pathways: list[Pathway],
+    unit: str = "char",
+    normalize: str = "none",
+    pairs: int | None = None,
+    seed: int = 0,
+    workers: int = -1,
+    name: str = "group",
+) -> np.ndarray:
+    """float64 [L]: :func:`group_distance` of each layer's segment alone (METHOD.md Metric 1).
+
+    Layer l's segment is the one-layer pathway of its experts (``'3,1'`` in char
+    units, the expert ids without separators in expert units). Sampled
+    estimates draw the same pairs for every layer. Arguments as in :func:`group_distance`.
+
+    Example::
+
+        >>> group = [Pathway.parse(s) for s in ("3,1-9", "3,12-9")]
+        >>> per_layer_distance(group).tolist()
+        [1.0, 0.0]
+
+    Raises:
+        MetricError: fewer than 2 pathways, pathways of different layer counts, or a bad option.
+    """
+    check_choice("unit", unit, UNITS)
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    _check_group(len(pathways), name)
+    layers = {len(p.layers) for p in pathways}
+    if len(layers) > 1:
+        raise MetricError(
+            f"group {name!r} mixes pathways of {sorted(layers)} layers; per-layer distance "
+            "compares samples of one model, so pass pathways with the same layer count"
+        )
+    plan = plan_pairs(len(pathways), pairs)
+    means = [
+        _summarise(_segments(pathways, layer, unit), plan, seed, workers)[normalize].mean
+        for layer in range(layers.pop())
+    ]
+    return np.array(means)
+
+
+def _check_group(n_samples: int, name: str) -> None:
+    if n_samples < 2:
+        noun = "sample" if n_samples == 1 else "samples"
+        raise MetricError(
+            f"group {name!r} has {n_samples} {noun}: pathway distance needs at least 2"
+        )
+
+
+def _encode(pathway: Pathway, unit: str) -> str:
+    """The string whose Levenshtein distance is D in ``unit``.
+
+    Expert units map each token to one code point (token - SEPARATOR: the
+    separator to U+0000, expert e to U+(e+1)), a bijection, so string edits are
+    token edits; rapidfuzz runs fastest on str.
+    """
+    if unit == "char":
+        return pathway.to_string()
+    return "".join([chr(token - SEPARATOR) for token in pathway.tokens()])
+
+
+def _segments(pathways: list[Pathway], layer: int, unit: str) -> list[str]:
+    """Each pathway's layer ``layer`` alone, encoded as a one-layer pathway."""
+    return [_encode(Pathway((p.layers[layer],)), unit) for p in pathways]
+
+
+def _summarise(
+    texts: list[str], plan: int | None, seed: int, workers: int
+) -> dict[str, DistanceResult]:
+    lengths = np.fromiter(map(len, texts), dtype=np.float64, count=len(texts))
+    if plan is None:
+        return _exact(texts, lengths, workers)
+    return _sampled(texts, lengths, plan, seed, workers)
+
+
+def _exact(texts: list[str], lengths: np.ndarray, workers: int) -> dict[str, DistanceResult]:
+    """All unordered pairs, as upper-triangle blocks of cdist matrices."""
+    n = len(texts)
+    sums = {"none": 0.0, "max": 0.0}
+    for a in range(0, n, _BLOCK):
+        for b in range(a, n, _BLOCK):
+            rows = texts[a : a + _BLOCK]
+            # Passing the same list twice lets rapidfuzz compute one triangle and mirror it.
+            cols = rows if a == b else texts[b : b + _BLOCK]
+            d = process.cdist(
+                rows, cols, scorer=Levenshtein.distance, dtype=np.int32, workers=workers
+            )
+            # max(.., 1): two empty strings are at distance 0, normalised or not.
+            longer = np.maximum.outer(lengths[a : a + _BLOCK], lengths[b : b + _BLOCK])
+            longer = np.maximum(longer, 1)
+            # A diagonal block is symmetric with a zero diagonal: it counts each pair twice.
+            share = 0.5 if a == b else 1.0
+            sums["none"] += share * float(d.sum(dtype=np.int64))
+            sums["max"] += share * float((d / longer).sum())
+    total = n * (n - 1) // 2
+    return {key: DistanceResult(value / total, 0.0, total, True, n) for key, value in sums.items()}
+
+
+def _sampled(
+    texts: list[str], lengths: np.ndarray, pairs: int, seed: int, workers: int
+) -> dict[str, DistanceResult]:
+    """``pairs`` pairs drawn uniformly from ordered pairs i != j, with replacement."""
+    n = len(texts)
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, n, size=pairs)
+    second = rng.integers(0, n - 1, size=pairs)
+    second += second >= first  # skip i itself: uniform over the n - 1 others
+    d = process.cpdist(
+        [texts[i] for i in first],
+        [texts[j] for j in second],
+        scorer=Levenshtein.distance,
+        dtype=np.int32,
+        workers=workers,
+    )
+    d = d.astype(np.float64)
+    longer = np.maximum(np.maximum(lengths[first], lengths[second]), 1)
+    return {"none": _estimate(d, n), "max": _estimate(d / longer, n)}
+
+
+def _estimate(values: np.ndarray, n_samples: int) -> DistanceResult:
+    stderr = float(values.std(ddof=1) / np.sqrt(len(values)))
+    return DistanceResult(float(values.mean()), stderr, len(values), False, n_samples)
