@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import rapidfuzz
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
+
 from moepath.tracer.consistency import routing_consistency
 from moepath.tracer.distance import group_distance, per_layer_distance
 from moepath.tracer.pathways import Pathway, pathways
-from rapidfuzz import process
-from rapidfuzz.distance import Levenshtein
 
 N_PATHWAYS, LAYERS, EXPERTS, HIDDEN = 2000, 16, 64, 2048
 N_CONSISTENCY = 10_000

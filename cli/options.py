@@ -38,7 +38,9 @@ Normalize = Annotated[str, typer.Option(help="none (paper) or max: divide by the
                       "pathway's length.")]
 Source = Annotated[str, typer.Option(help="full: mean router distribution; topk: mean top-k "
                    "gate weights.")]
-Pairs = Annotated[str, typer.Option(help="all, or a number of sampled pairs per group.")]
+Pairs = Annotated[str, typer.Option(help="auto (exact up to 1,000 samples a group, else "
+                  "200,000 sampled pairs), all (always exact), or a number of sampled pairs.")]
+TraceDir = Annotated[Path, typer.Argument(help="Trace directory written by `moepath trace`.")]
 GroupBy = Annotated[str | None, typer.Option(help="Samples-table column to group by.")]
 Seed = Annotated[int, typer.Option(help="Seed of sampled pairs.")]
 
@@ -55,9 +57,11 @@ def engine_options(dtype: str, max_model_len: int | None, tensor_parallel_size: 
 
 
 def parse_pairs(value: str) -> int | None:
-    """'all' -> None (exact); a positive integer -> that many sampled pairs."""
-    if value == "all":
-        return None
-    if value.isdigit() and int(value) > 0:
+    """'auto' -> None (default policy); 'all' -> exact; a number >= 2 -> sampled pairs."""
+    from moepath.tracer.distance import ALL_PAIRS
+
+    if value in ("auto", "all"):
+        return None if value == "auto" else ALL_PAIRS
+    if value.isdigit() and int(value) >= 2:
         return int(value)
-    raise typer.BadParameter(f"--pairs takes 'all' or a positive number, not {value!r}")
+    raise typer.BadParameter(f"--pairs takes auto, all or a number >= 2, not {value!r}")

@@ -43,7 +43,8 @@ class EngineOptions:
     seed: int = 0
     store_probs: bool = False
 
-    def llm_kwargs(self, model: str, settings: CaptureSettings) -> dict:
+    def llm_kwargs(self, model: str, settings: CaptureSettings | None) -> dict:
+        """``vllm.LLM`` keyword arguments; ``settings=None`` gives the untraced twin."""
         kwargs = {
             "model": model,
             "dtype": self.dtype,
@@ -52,8 +53,9 @@ class EngineOptions:
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "trust_remote_code": self.trust_remote_code,
             "seed": self.seed,
-            "additional_config": {CONFIG_KEY: settings.as_dict()},
         }
+        if settings is not None:
+            kwargs["additional_config"] = {CONFIG_KEY: settings.as_dict()}
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
         if self.max_num_batched_tokens:

@@ -27,6 +27,19 @@ def kth_gap(probs: np.ndarray, k: int) -> np.ndarray:
     return ordered[..., k - 1] - ordered[..., k]
 
 
+@pytest.fixture(scope="module")
+def hf_olmoe(toy_olmoe):
+    return load_model(toy_olmoe)
+
+
+def agree_outside_near_ties(hf_model, token_ids, ids_a, ids_b) -> tuple[float, float]:
+    """(overall top-k set agreement, agreement where the fp32 margin is clear)."""
+    agree = topk_agreement(ids_a, ids_b)
+    ref = hf_routing(hf_model, list(token_ids), ids_a.shape[-1])
+    decided = kth_gap(ref.probs, ids_a.shape[-1]) >= NEAR_TIE_LOG_GAP
+    return agree.mean(), agree[decided].mean()
+
+
 def compare_with_hf(trace: Trace, model_path) -> dict:
     model = load_model(model_path)
     same, gaps, mean_err, nll_err = [], [], 0.0, 0.0
@@ -79,23 +92,26 @@ def test_float32_trace_matches_hf_exactly(arch, toy_factory, samples_file, tmp_p
 
 
 def test_compiled_equals_eager_with_chunked_prefill_except_near_ties(olmoe_trace,
-                                                                    chunked_engine):
+                                                                    chunked_engine, hf_olmoe):
     trace = Trace.open(olmoe_trace)
     prompts = {sid: trace.token_ids(sid).tolist() for sid in trace.sample_ids()}
     eager = chunked_engine.trace(prompts)
-    agree = []
+    overall, decided = [], []
     for sid in prompts:
         record = eager[sid]
         compiled_ids, _ = trace.topk(sid)
         np.testing.assert_array_equal(record.positions, np.arange(len(prompts[sid])))
-        agree.append(topk_agreement(record.expert_ids, compiled_ids).ravel())
-    rate = np.concatenate(agree).mean()
-    print(f"compiled (whole prompts) vs eager (64-token chunks): agreement {rate:.4%}")
-    assert rate >= 0.99
+        rates = agree_outside_near_ties(hf_olmoe, prompts[sid], record.expert_ids, compiled_ids)
+        overall.append(rates[0])
+        decided.append(rates[1])
+    print(f"compiled (whole prompts) vs eager (64-token chunks), bf16: agreement "
+          f"{np.mean(overall):.4%} overall, {np.mean(decided):.4%} outside near-ties")
+    assert np.mean(decided) == 1.0
+    assert np.mean(overall) >= 0.97
 
 
 def test_long_prompt_split_over_steps_is_stitched_by_position(chunked_engine):
-    prompt = list(np.random.default_rng(0).integers(3, 500, size=200))
+    prompt = np.random.default_rng(0).integers(3, 500, size=200).tolist()
     record = chunked_engine.trace({"long": prompt})["long"]
     np.testing.assert_array_equal(record.positions, np.arange(200))
     np.testing.assert_array_equal(record.token_ids, prompt)
@@ -103,31 +119,34 @@ def test_long_prompt_split_over_steps_is_stitched_by_position(chunked_engine):
     assert record.router_mean.sum(-1) == pytest.approx(np.ones(4), abs=1e-4)
 
 
-def test_sample_alone_equals_sample_in_a_batch_of_200(chunked_engine):
+def test_sample_alone_equals_sample_in_a_batch_of_200(chunked_engine, hf_olmoe):
     rng = np.random.default_rng(1)
-    crowd = {f"c{i}": list(rng.integers(3, 500, size=int(rng.integers(5, 40))))
+    crowd = {f"c{i}": rng.integers(3, 500, size=int(rng.integers(5, 40))).tolist()
              for i in range(200)}
     alone = chunked_engine.trace({"c7": crowd["c7"]})["c7"]
     together = chunked_engine.trace(crowd)
     assert len(together) == 200
-    rate = topk_agreement(alone.expert_ids, together["c7"].expert_ids).mean()
-    assert rate >= 0.95, f"alone vs batched agreement {rate:.3f}"
+    overall, decided = agree_outside_near_ties(hf_olmoe, crowd["c7"], alone.expert_ids,
+                                               together["c7"].expert_ids)
+    print(f"alone vs in a batch of 200: agreement {overall:.4%} ({decided:.4%} outside ties)")
+    assert decided == 1.0
 
 
-def test_shared_prefix_is_recomputed_not_read_from_prefix_cache(chunked_engine):
-    prefix = list(np.random.default_rng(2).integers(3, 500, size=160))
+def test_shared_prefix_is_recomputed_not_read_from_prefix_cache(chunked_engine, hf_olmoe):
+    prefix = np.random.default_rng(2).integers(3, 500, size=160).tolist()
     first = chunked_engine.trace({"p0": prefix + [7, 8, 9]})["p0"]
     # the prefix blocks are now cached; a second request sharing them must still
     # record every position from 0
     again = chunked_engine.trace({"p1": prefix + [10, 11]}, untagged=[prefix + [12]])["p1"]
     np.testing.assert_array_equal(again.positions, np.arange(162))
-    same = topk_agreement(first.expert_ids[:160], again.expert_ids[:160]).mean()
-    assert same >= 0.99
+    _, decided = agree_outside_near_ties(hf_olmoe, prefix, first.expert_ids[:160],
+                                         again.expert_ids[:160])
+    assert decided == 1.0
 
 
 def test_untagged_requests_in_the_same_engine_leave_no_records(chunked_engine):
     rng = np.random.default_rng(3)
-    untagged = [list(rng.integers(3, 500, size=20)) for _ in range(10)]
+    untagged = [rng.integers(3, 500, size=20).tolist() for _ in range(10)]
     records = chunked_engine.trace({"t0": [5, 6, 7, 8]}, untagged=untagged)
     assert set(records) == {"t0"}
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moepath.tracer import consistency as consistency_module
 from moepath.tracer.consistency import routing_consistency
 from moepath.tracer.errors import MetricError

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moepath.tracer import distance as distance_module
 from moepath.tracer.distance import (
     EXACT_MAX_SAMPLES,

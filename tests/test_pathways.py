@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moepath.tracer import pathways as pathways_module
 from moepath.tracer.errors import MetricError
 from moepath.tracer.pathways import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -143,7 +144,7 @@ def test_resume_removes_uncommitted_shards_and_keeps_committed_ones(tmp_path):
 
 def test_failed_write_leaves_no_file_under_the_final_name(tmp_path):
     def broken_writer(tmp):
-        open(tmp, "wb").write(b"half")
+        Path(tmp).write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):

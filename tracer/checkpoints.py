@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-
-import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .errors import ModelError
 
@@ -94,7 +94,7 @@ def router_weights(path: str | Path, num_experts: int) -> dict[int, np.ndarray]:
     found = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 match = _ROUTER_KEY.search(key)
                 if match:
                     tensor = handle.get_tensor(key)

@@ -86,6 +86,9 @@ def check_pairs(pairs: int | None) -> None:
         )
 
 
+ALL_PAIRS = 2**62  # as ``pairs``: more than any group has, so the exact mean is used
+
+
 def plan_pairs(n_samples: int, pairs: int | None = None) -> int | None:
     """How a group of ``n_samples`` is measured: None for all pairs, else pairs to sample.
 

@@ -11,7 +11,7 @@ class MoepathError(Exception):
 
 
 class InputError(MoepathError):
-    """A samples file or option value is unusable (missing, malformed, empty, duplicate ids)."""
+    """A samples file or option is unusable (missing, malformed, empty, duplicates)."""
 
 
 class ModelError(MoepathError):
@@ -19,11 +19,11 @@ class ModelError(MoepathError):
 
 
 class TraceFormatError(MoepathError):
-    """A trace directory is missing, corrupted, incomplete, or from an unsupported format version."""
+    """A trace directory is missing, corrupted, incomplete, or of an unsupported version."""
 
 
 class MetricError(MoepathError):
-    """A metric cannot be computed on the given data (group of one, tau out of range, missing source)."""
+    """A metric cannot be computed on the data (group of one, bad tau, missing source)."""
 
 
 class CaptureError(MoepathError):

@@ -50,7 +50,7 @@ PRESETS = {
     "olmoe-shaped": ToyShape(hidden=256, layers=16, heads=4, experts=64, top_k=8, intermediate=128),
 }
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 (a word list reads better as one string)
     "the a of to and in is it that for on with as was at by an be this from or are have "
     "model expert layer token route path memory learn train test data sample group step "
     "mixture sparse dense gate weight router compute sum mean loss accuracy checkpoint "

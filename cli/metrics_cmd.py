@@ -1,0 +1,147 @@
+"""``moepath metrics TRACE_DIR``: pathway distance and consistency per group of samples."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from moepath.tracer.errors import InputError
+
+from . import options as o
+from . import render
+
+PerSample = Annotated[Path | None, typer.Option(help="Also write per-sample pathways and "
+                      "consistency to this .csv or .parquet file.")]
+Layers = Annotated[bool, typer.Option("--layers", help="Add the per-layer distance profile.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+PER_SAMPLE_FORMATS = (".csv", ".parquet")
+
+
+def metrics(
+    trace_dir: o.TraceDir,
+    tau: o.Tau = 0.7,
+    unit: o.Unit = "char",
+    normalize: o.Normalize = "none",
+    source: o.Source = "full",
+    group_by: o.GroupBy = None,
+    pairs: o.Pairs = "auto",
+    seed: o.Seed = 0,
+    per_sample: PerSample = None,
+    layers: Layers = False,
+    as_json: Json = False,
+) -> None:
+    """Pathway distance (Metric 1) and consistency (Metric 2) of each group of samples."""
+    from moepath.tracer import Trace
+    from moepath.tracer.metrics import MetricOptions, trace_metrics, trace_sample_frame
+
+    options = MetricOptions(tau=tau, unit=unit, normalize=normalize, source=source,
+                            pairs=o.parse_pairs(pairs), seed=seed)
+    _check_per_sample_path(per_sample)
+    trace = Trace.open(trace_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = trace_metrics(trace, options, group_by)
+        frame = trace_sample_frame(trace, options) if per_sample else None
+    if as_json:
+        render.print_json(_payload(options, groups))
+    else:
+        render.stdout.print(_group_table(trace_dir, options, groups))
+        if layers:
+            render.stdout.print(_layer_table(options, groups))
+    _notices(groups, [str(w.message) for w in caught], seed)
+    if frame is not None:
+        _write_frame(frame, per_sample)
+
+
+def _check_per_sample_path(path: Path | None) -> None:
+    """Refuse a --per-sample file we cannot write before computing anything."""
+    if path is None:
+        return
+    if path.suffix.lower() not in PER_SAMPLE_FORMATS:
+        raise InputError(f"--per-sample file '{path}' has extension '{path.suffix}'; "
+                         f"use one of {', '.join(PER_SAMPLE_FORMATS)}")
+    if not path.parent.is_dir():
+        raise InputError(f"--per-sample file '{path}': folder '{path.parent}' does not exist; "
+                         "create it first")
+
+
+def _write_frame(frame, path: Path) -> None:
+    if path.suffix.lower() == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+    render.stderr.print(f"wrote {len(frame)} sample(s) to {path}")
+
+
+def _payload(options, groups) -> dict:
+    """The --json object: options, the degenerate flag, one entry per group (NaN -> null)."""
+    entries = []
+    for group in groups:
+        entry = {key: value for key, value in asdict(group).items() if key != "degenerate"}
+        entries.append({key: None if isinstance(value, float) and math.isnan(value) else value
+                        for key, value in entry.items()})
+    return {"tau": options.tau, "unit": options.unit, "normalize": options.normalize,
+            "source": options.source, "degenerate": any(g.degenerate for g in groups),
+            "groups": entries}
+
+
+def _group_table(trace_dir: Path, options, groups):
+    rows = [[escape(g.name), g.n_samples, g.n_pairs,
+             _estimate(g.distance_mean, g.distance_stderr, g.distance_exact),
+             _estimate(g.normalized_distance_mean, g.normalized_distance_stderr, g.distance_exact),
+             "n/a" if g.degenerate else g.consistency_mean,
+             "n/a" if g.degenerate else g.complexity_mean,
+             g.mean_pathway_length] for g in groups]
+    title = f"pathway metrics of {trace_dir}"
+    result = render.table(title, ["group", "samples", "pairs", "distance", "distance\n/ max",
+                                  "consis-\ntency", "complex-\nity", "experts\n/ path"], rows)
+    result.caption = (f"tau {options.tau}, source {options.source}, distance in "
+                      f"{options.unit} edits; / max: divided by the longer pathway's length; "
+                      "experts / path: mean experts kept per sample")
+    return _compact(result)
+
+
+def _layer_table(options, groups):
+    depth = max((len(g.per_layer_distance or []) for g in groups), default=0)
+    rows = [[layer, *("n/a" if g.per_layer_distance is None else g.per_layer_distance[layer]
+                      for g in groups)] for layer in range(depth)]
+    title = f"per-layer distance ({options.unit}, normalize {options.normalize})"
+    result = render.table(title, ["layer", *(escape(g.name) for g in groups)], rows)
+    result.min_width = len(title)  # a table of few groups would wrap its title
+    return _compact(result)
+
+
+def _compact(table):
+    """No outer border or edge padding: eight columns fit an 80-column terminal."""
+    table.show_edge, table.pad_edge = False, False
+    return table
+
+
+def _estimate(mean: float | None, stderr: float | None, exact: bool) -> str:
+    if mean is None:
+        return "n/a"
+    return render.fmt(mean) if exact else f"{render.fmt(mean)}\n± {stderr:.2g}"
+
+
+def _notices(groups, warned: list[str], seed: int) -> None:
+    """Library warnings (e.g. degenerate), group notes and sampled estimates, on stderr."""
+    for message in dict.fromkeys(warned):
+        render.stderr.print(f"warning: {message}", markup=False, highlight=False)
+    for group in groups:
+        if group.note:
+            render.stderr.print(f"note: {group.note}", markup=False, highlight=False)
+        if not group.distance_exact:
+            render.stderr.print(
+                f"note: the distance of group '{group.name}' ({group.n_samples:,} samples) is "
+                f"estimated from {group.n_pairs:,} sampled pairs (mean ± standard error, "
+                f"seed {seed}); --pairs N sets how many", markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(metrics)

@@ -1,0 +1,107 @@
+"""Serve checkpoints in turn on the same samples (the engine side of ``moepath compare``).
+
+Every checkpoint sees exactly the same token ids (tokenised once, with the first
+checkpoint's tokenizer, same truncation). Each checkpoint's trace is a normal
+trace directory ``traces/<name>/``; a complete one is skipped, a partial one
+resumed. Consecutive checkpoints reuse the running engine through an in-place
+weight reload (``TracedEngine.switch_checkpoint``; exact, see ``reload.py``)
+when their config.json is identical and the engine allows it; otherwise the
+engine is shut down and the next one started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from moepath.tracer import checkpoints, store
+from moepath.tracer.errors import TraceFormatError
+from moepath.tracer.samples import SampleSet
+
+from .engine import (
+    EngineOptions,
+    TracedEngine,
+    TraceJob,
+    TraceOptions,
+    TraceSummary,
+    max_prompt_len,
+    tokenize_samples,
+    with_max_len,
+)
+
+
+@dataclass(frozen=True)
+class SweepEvent:
+    """Progress of a sweep: checkpoint ``index`` (0-based) of ``total``; ``action`` is
+    one of ``skip`` (already complete), ``start`` (new engine), ``reload`` (in place)."""
+
+    index: int
+    total: int
+    name: str
+    action: str
+
+
+def is_complete(trace_dir: Path, input_sha256: str) -> bool:
+    """A finished trace of the same samples file."""
+    try:
+        manifest = store.read_manifest(trace_dir)
+    except TraceFormatError:
+        return False
+    return manifest.get("status") == "complete" and manifest["input"]["sha256"] == input_sha256
+
+
+def trace_checkpoints(
+    models: list[tuple[str, Path]], sample_set: SampleSet, traces_dir: Path,
+    engine_options: EngineOptions | None = None, options: TraceOptions | None = None,
+    reuse_engine: bool = True, on_checkpoint: Callable[[SweepEvent], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[TraceSummary | None]:
+    """Trace ``sample_set`` through each (name, folder) of ``models`` into ``traces_dir/<name>``.
+
+    Returns one summary per checkpoint (None for skipped complete traces).
+    """
+    engine_options, options = engine_options or EngineOptions(), options or TraceOptions()
+    first = models[0][1]
+    max_len = max_prompt_len(first, engine_options, options)
+    job = TraceJob(sample_set, tokenize_samples(first, sample_set, max_len, options.truncate,
+                                                engine_options.trust_remote_code),
+                   engine_options, options)
+    engine_options = with_max_len(engine_options, max_len, options)
+    engine: TracedEngine | None = None
+    summaries: list[TraceSummary | None] = []
+    try:
+        for index, (name, path) in enumerate(models):
+            out = traces_dir / name
+            if is_complete(out, sample_set.source_sha256):
+                _notify(on_checkpoint, SweepEvent(index, len(models), name, "skip"))
+                summaries.append(None)
+                continue
+            # a directory without manifest died before its first commit: start it over
+            resumable = (out / store.MANIFEST).is_file()
+            previous = store.prepare_directory(out, resume=resumable, force=not resumable)
+            engine, action = _engine_for(engine, path, out, engine_options, reuse_engine)
+            _notify(on_checkpoint, SweepEvent(index, len(models), name, action))
+            summaries.append(job.run(engine, out, previous, on_start, on_progress))
+    finally:
+        if engine is not None:
+            engine.close()
+    return summaries
+
+
+def _engine_for(engine: TracedEngine | None, model: Path, out: Path, options: EngineOptions,
+                reuse: bool) -> tuple[TracedEngine, str]:
+    """The running engine switched to ``model`` if allowed, else a freshly started one."""
+    if engine is not None and reuse and engine.reload_blocker is None and (
+            checkpoints.config_sha256(engine.model) == checkpoints.config_sha256(model)):
+        engine.switch_checkpoint(model, out)
+        return engine, "reload"
+    if engine is not None:
+        engine.close()
+    return TracedEngine(model, out, options), "start"
+
+
+def _notify(callback, event: SweepEvent) -> None:
+    if callback:
+        callback(event)

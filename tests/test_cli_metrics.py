@@ -1,0 +1,173 @@
+"""`moepath metrics` and `moepath show` from the command line, on a synthetic trace (no vLLM).
+
+The numbers printed must be the library's: each test recomputes them with
+``group_metrics`` / ``select_experts`` in this process and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_metrics import SAMPLES, write_synthetic_trace
+
+from moepath.tracer import Trace
+from moepath.tracer.metrics import MetricOptions, group_metrics, per_sample_frame
+from moepath.tracer.pathways import select_experts
+
+
+def moepath(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "80"}
+    return subprocess.run([sys.executable, "-m", "moepath.cli.main", *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
+def assert_one_line_error(result, expected: str):
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moepath: error: "), result.stderr
+    assert expected in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trace_dir(tmp_path_factory):
+    return write_synthetic_trace(tmp_path_factory.mktemp("cli-metrics") / "trace")
+
+
+@pytest.fixture(scope="module")
+def trace(trace_dir):
+    return Trace.open(trace_dir)
+
+
+def domain_rows(trace, domain: str) -> list[int]:
+    ids, _ = trace.router_means()
+    return [i for i, sid in enumerate(ids) if SAMPLES[sid][0] == domain]
+
+
+def assert_same_group(entry: dict, expected):
+    """A --json group entry carries exactly the library's GroupMetrics values."""
+    assert entry["name"] == expected.name
+    assert (entry["n_samples"], entry["n_pairs"]) == (expected.n_samples, expected.n_pairs)
+    for key in ("distance_mean", "distance_stderr", "normalized_distance_mean",
+                "per_layer_distance", "mean_pathway_length"):
+        assert entry[key] == getattr(expected, key), key
+    for key in ("consistency_mean", "complexity_mean"):  # float64 matmuls: same code, same box
+        assert entry[key] == pytest.approx(getattr(expected, key), rel=1e-12, abs=1e-15), key
+
+
+def test_json_equals_group_metrics(trace_dir, trace):
+    result = moepath("metrics", trace_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)  # the whole of stdout is one object
+    assert {k: v for k, v in payload.items() if k != "groups"} == {
+        "tau": 0.7, "unit": "char", "normalize": "none", "source": "full", "degenerate": False}
+    _, g = trace.router_means()
+    [entry] = payload["groups"]
+    assert_same_group(entry, group_metrics("all", g, trace.router_weights()))
+    assert entry["n_samples"] == 9 and entry["n_pairs"] == 36 and entry["distance_stderr"] == 0
+    assert len(entry["per_layer_distance"]) == 4
+    assert result.stderr == ""
+
+
+def test_group_by_domain_sampled_pairs_and_a_group_of_one(trace_dir, trace):
+    result = moepath("metrics", trace_dir, "--group-by", "domain", "--unit", "expert",
+                     "--normalize", "max", "--pairs", "3", "--seed", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert (payload["unit"], payload["normalize"]) == ("expert", "max")
+    assert [entry["name"] for entry in payload["groups"]] == ["bio", "code", "math"]
+    _, g = trace.router_means()
+    options = MetricOptions(unit="expert", normalize="max", pairs=3, seed=5)
+    for entry in payload["groups"][1:]:
+        expected = group_metrics(entry["name"], g[domain_rows(trace, entry["name"])],
+                                 trace.router_weights(), options)
+        assert_same_group(entry, expected)
+        assert entry["n_pairs"] == 3 and entry["distance_stderr"] > 0
+    bio = payload["groups"][0]
+    assert (bio["n_samples"], bio["n_pairs"]) == (1, 0)
+    assert bio["distance_mean"] is bio["distance_stderr"] is bio["per_layer_distance"] is None
+    assert bio["note"].startswith("group 'bio' has 1 sample: pathway distance needs at least 2")
+    stderr = " ".join(result.stderr.split())  # Rich wraps notices at 80 columns
+    assert "note: group 'bio' has 1 sample" in stderr
+    assert "the distance of group 'code' (4 samples) is estimated from 3 sampled pairs" in stderr
+    assert "group 'math' (4 samples) is estimated from 3 sampled pairs" in stderr
+
+
+def test_table_with_layers_and_per_sample_csv(trace_dir, trace, tmp_path):
+    out = tmp_path / "per-sample.csv"
+    result = moepath("metrics", trace_dir, "--group-by", "domain", "--layers", "--tau", "0.5",
+                     "--per-sample", out)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    rows = {line.split()[0]: line for line in lines if line.split()[:1] in (["bio"], ["code"])}
+    assert "n/a" in rows["bio"] and "n/a" not in rows["code"]
+    code = group_metrics("code", trace.router_means()[1][domain_rows(trace, "code")],
+                         trace.router_weights(), MetricOptions(tau=0.5))
+    assert f"{code.distance_mean:.4g}" in rows["code"]
+    assert "per-layer distance (char, normalize none)" in result.stdout
+    assert f"wrote 9 sample(s) to {out}" in " ".join(result.stderr.split())
+
+    frame = pd.read_csv(out)
+    ids, g = trace.router_means()
+    expected = per_sample_frame(ids, g, trace.router_weights(), MetricOptions(tau=0.5))
+    assert list(frame.columns) == [*expected.columns, "domain", "step", "num_tokens"]
+    assert frame["sample_id"].tolist() == ids == list(SAMPLES)
+    assert frame["pathway"].tolist() == [select_experts(trace.router_mean(sid), 0.5).to_string()
+                                         for sid in ids]
+    assert frame["domain"].tolist() == [SAMPLES[sid][0] for sid in ids]
+    np.testing.assert_allclose(frame["consistency"], expected["consistency"], rtol=1e-12)
+
+
+def test_show_prints_the_pathway_and_tokens(trace_dir, trace):
+    result = moepath("show", trace_dir, "c3", "--tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert select_experts(trace.router_mean("c3"), 0.7).to_string() in result.stdout
+    assert "sample 'c3': 9 tokens (6 prompt, 3 generated)" in result.stdout
+    assert "domain=code" in result.stdout and "first 8 of 9 tokens" in result.stdout
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    token_rows = [line for line in lines if line.startswith("│") and (
+        " prompt " in line or " gen " in line)]
+    assert len(token_rows) == 8 and sum(" gen " in line for line in token_rows) == 2
+    first_token = int(trace.token_ids("c3")[0])
+    assert str(first_token) in token_rows[0]
+    assert " ".join(",".join(map(str, layer)) for layer in trace.topk("c3")[0][0]) \
+        in token_rows[0]
+
+
+def test_show_unknown_sample(trace_dir):
+    result = moepath("show", trace_dir, "m00")
+    assert_one_line_error(result, f"sample 'm00' is not in trace '{trace_dir}' (9 samples); "
+                                  "did you mean 'm0'? list its ids with `moepath metrics")
+
+
+def test_unknown_group_column(trace_dir):
+    result = moepath("metrics", trace_dir, "--group-by", "topic")
+    assert_one_line_error(result, "has no column 'topic'; group by one of: domain, step, "
+                                  "num_tokens")
+
+
+def test_missing_trace_dir(tmp_path):
+    result = moepath("metrics", tmp_path / "nope", "--json")
+    assert_one_line_error(result, f"trace directory '{tmp_path / 'nope'}' does not exist")
+
+
+def test_per_sample_extension_is_checked_first(trace_dir, tmp_path):
+    result = moepath("metrics", trace_dir, "--per-sample", tmp_path / "out.txt")
+    assert_one_line_error(result, "has extension '.txt'; use one of .csv, .parquet")
+
+
+def test_two_layer_trace_is_flagged_degenerate(tmp_path):
+    trace_dir = write_synthetic_trace(tmp_path / "t", layers=2)
+    result = moepath("metrics", trace_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["degenerate"] is True
+    assert "warning: the trace has 2 MoE layer(s), fewer than 3" in " ".join(
+        result.stderr.split())

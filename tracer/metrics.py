@@ -1,0 +1,445 @@
+"""Group metrics: pathways, pathway distance and pathway consistency together.
+
+Composes :mod:`.pathways`, :mod:`.distance` and :mod:`.consistency` into the
+numbers METHOD.md reports per group of samples (Metric 1 and Metric 2), and a
+per-sample table. Options flow one way: :class:`MetricOptions` (validated on
+construction) -> these functions. The same numbers over a trace directory
+(:func:`trace_metrics`, :func:`trace_sample_frame`, :func:`trace_sample_detail`)
+are thin glue that reads distributions and router weights from a
+:class:`~moepath.tracer.trace.Trace`.
+
+Example::
+
+    >>> import numpy as np
+    >>> g = np.array([[[0.6, 0.3, 0.1]] * 3, [[0.1, 0.3, 0.6]] * 3])  # N=2, L=3, E=3
+    >>> w = [np.eye(3)] * 3
+    >>> m = group_metrics("math", g, w)  # pathways '0,1-0,1-0,1' and '2,1-2,1-2,1'
+    >>> m.distance_mean, m.normalized_distance_mean, round(m.consistency_mean, 6)  # 3 of 11 chars
+    (3.0, 0.2727272727272727, 1.0)
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from .consistency import routing_consistency
+from .distance import (
+    NORMALIZATIONS,
+    UNITS,
+    check_choice,
+    check_pairs,
+    distance_summary,
+    per_layer_distance,
+)
+from .errors import InputError, MetricError
+from .pathways import (
+    DEFAULT_TAU,
+    SOURCES,
+    Pathway,
+    check_tau,
+    pathways,
+    select_experts,
+    topk_to_distribution,
+)
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+# trace_metrics: the one group without --group-by, and the name of samples missing the label.
+ALL_GROUP = "all"
+MISSING_GROUP = "(missing)"
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """How pathways are cut and distances measured; validated on construction.
+
+    Attributes:
+        tau: cumulative weight share a layer's kept experts must exceed, in (0, 1].
+        unit: distance unit, "char" (the paper's) or "expert" (METHOD.md Decision A4).
+        normalize: normalisation of ``per_layer_distance``, "none" or "max"; the
+            whole-pathway distance is always reported both ways.
+        source: which per-sample distributions the caller passes (Decision A3): "full"
+            router means or "topk" gate weights (``pathways.topk_to_distribution``).
+            Readers of traces use it to pick the array; the metrics do not.
+        pairs: None for the default exact/sampled policy, or pairs to sample
+            (``distance.plan_pairs``).
+        seed: seeds pair sampling.
+    """
+
+    tau: float = DEFAULT_TAU
+    unit: str = "char"
+    normalize: str = "none"
+    source: str = "full"
+    pairs: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_tau(self.tau)
+        check_choice("unit", self.unit, UNITS)
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
+        check_choice("source", self.source, SOURCES)
+        check_pairs(self.pairs)
+
+
+DEFAULT_OPTIONS = MetricOptions()
+
+
+@dataclass(frozen=True)
+class GroupMetrics:
+    """Both metrics of one group of samples at one checkpoint (plain data, render elsewhere).
+
+    Attributes:
+        name: the group's name.
+        n_samples: samples in the group.
+        n_pairs: pairs behind the distance means (all n(n-1)/2 when exact).
+        distance_mean, distance_stderr: mean raw pathway distance (Metric 1) in
+            ``options.unit``, and its standard error (0.0 when exact).
+        distance_exact: True when every pair was compared.
+        normalized_distance_mean, normalized_distance_stderr: the same with each pair
+            divided by the longer pathway's length (``normalize="max"``), in [0, 1].
+        consistency_mean, complexity_mean: means over samples of Metric 2 (NaN when L = 1).
+        mean_pathway_length: mean number of experts kept per sample, over all layers.
+        per_layer_distance: mean distance of each layer's segment, ``options.normalize``d.
+        degenerate: True when there are fewer than 3 MoE layers: consistency and complexity
+            are then constants, not measurements (METHOD.md "Degenerate case").
+        note: why fields are empty, else None. A group of one sample (only from
+            :func:`trace_metrics`) has no pairs: its distance fields and
+            ``per_layer_distance`` are None and ``n_pairs`` is 0.
+    """
+
+    name: str
+    n_samples: int
+    n_pairs: int
+    distance_mean: float | None
+    distance_stderr: float | None
+    distance_exact: bool
+    normalized_distance_mean: float | None
+    normalized_distance_stderr: float | None
+    consistency_mean: float
+    complexity_mean: float
+    mean_pathway_length: float
+    per_layer_distance: list[float] | None
+    degenerate: bool
+    note: str | None = None
+
+
+def group_metrics(
+    name: str, distributions, router_weights, options: MetricOptions = DEFAULT_OPTIONS
+) -> GroupMetrics:
+    """Metric 1 and Metric 2 of one group from its samples' distributions [N, L, E].
+
+    Args:
+        name: the group's name (used in error messages).
+        distributions: [N, L, E] per-layer expert distributions, N >= 2.
+        router_weights: L router matrices [E, hidden], in layer order.
+        options: see :class:`MetricOptions`.
+
+    Raises:
+        MetricError: fewer than 2 samples, or bad distributions or router matrices.
+    """
+    paths = pathways(distributions, options.tau)
+    sampling = {"pairs": options.pairs, "seed": options.seed, "name": name}
+    distance = distance_summary(paths, options.unit, **sampling)
+    layers = per_layer_distance(paths, options.unit, options.normalize, **sampling)
+    raw, normalized = distance["none"], distance["max"]
+    return GroupMetrics(
+        name=name,
+        n_samples=raw.n_samples,
+        n_pairs=raw.n_pairs,
+        distance_mean=raw.mean,
+        distance_stderr=raw.stderr,
+        distance_exact=raw.exact,
+        normalized_distance_mean=normalized.mean,
+        normalized_distance_stderr=normalized.stderr,
+        per_layer_distance=layers.tolist(),
+        **_within_samples(paths, distributions, router_weights),
+    )
+
+
+def _lone_sample_metrics(
+    name: str, distributions, router_weights, options: MetricOptions
+) -> GroupMetrics:
+    """A group of one sample: Metric 2 of that sample, Metric 1 left empty with a note."""
+    paths = pathways(distributions, options.tau)
+    return GroupMetrics(
+        name=name,
+        n_samples=1,
+        n_pairs=0,
+        distance_mean=None,
+        distance_stderr=None,
+        distance_exact=True,
+        normalized_distance_mean=None,
+        normalized_distance_stderr=None,
+        per_layer_distance=None,
+        note=(
+            f"group {name!r} has 1 sample: pathway distance needs at least 2, so it is "
+            "left empty (consistency and complexity are that sample's own)"
+        ),
+        **_within_samples(paths, distributions, router_weights),
+    )
+
+
+def _within_samples(paths: list[Pathway], distributions, router_weights) -> dict:
+    """The GroupMetrics fields that are means of per-sample values (Metric 2, pathway length)."""
+    routing = routing_consistency(distributions, router_weights)
+    return {
+        "consistency_mean": float(routing.consistency.mean()),
+        "complexity_mean": float(routing.complexity.mean()),
+        "mean_pathway_length": float(np.mean([p.n_experts for p in paths])),
+        "degenerate": routing.degenerate,
+    }
+
+
+def per_sample_frame(
+    sample_ids, distributions, router_weights, options: MetricOptions = DEFAULT_OPTIONS
+) -> pd.DataFrame:
+    """One row per sample: its pathway and Metric 2 values.
+
+    Columns: sample_id, pathway (``Pathway.to_string()``), consistency, complexity,
+    pathway_length (experts kept over all layers), layer_lengths (list: experts per layer).
+
+    Raises:
+        MetricError: ``sample_ids`` and ``distributions`` disagree on N, or bad inputs.
+    """
+    ids = list(sample_ids)
+    paths = pathways(distributions, options.tau)
+    if len(ids) != len(paths):
+        raise MetricError(
+            f"got {len(ids)} sample ids for {len(paths)} distributions; pass one id per "
+            "sample, in the order of the distributions"
+        )
+    routing = routing_consistency(distributions, router_weights)
+    return pd.DataFrame(
+        {
+            "sample_id": ids,
+            "pathway": [p.to_string() for p in paths],
+            "consistency": routing.consistency,
+            "complexity": routing.complexity,
+            "pathway_length": [p.n_experts for p in paths],
+            "layer_lengths": [list(p.lengths()) for p in paths],
+        }
+    )
+
+
+# --- over a trace directory ---------------------------------------------------------------
+
+
+def trace_metrics(
+    trace: Trace, options: MetricOptions = DEFAULT_OPTIONS, group_by: str | None = None
+) -> list[GroupMetrics]:
+    """:func:`group_metrics` of every group of a trace's samples, in display order.
+
+    Groups are the values of the samples-table column ``group_by`` (e.g. a carried
+    ``domain``), sorted by value (numbers numerically), samples without a value last
+    as group :data:`MISSING_GROUP`; with ``group_by=None``, one group :data:`ALL_GROUP`.
+    Distributions come from ``options.source`` (see :func:`trace_distributions`).
+    A group of one sample gets empty distance fields and a ``note`` instead of an
+    error. Fewer than 3 MoE layers emit a ``UserWarning`` (and set ``degenerate``).
+
+    Raises:
+        MetricError: ``group_by`` is not a samples-table column (the message lists
+            them), the trace has no samples or no router weights, or bad routing.
+    """
+    ids, distributions = trace_distributions(trace, options.source)
+    weights = _router_weights(trace)
+    groups = _groups(trace, ids, group_by)
+    _warn_if_degenerate(trace)
+    return [
+        (group_metrics if len(rows) > 1 else _lone_sample_metrics)(
+            name, distributions[rows], weights, options
+        )
+        for name, rows in groups
+    ]
+
+
+def trace_sample_frame(trace: Trace, options: MetricOptions = DEFAULT_OPTIONS) -> pd.DataFrame:
+    """:func:`per_sample_frame` of every sample of a trace, then its samples-table columns.
+
+    One row per sample in trace order: sample_id, pathway, consistency, complexity,
+    pathway_length, layer_lengths, then the carried columns (e.g. domain, num_tokens,
+    nll; a carried column whose name is taken gets the suffix ``_input``).
+
+    Raises:
+        MetricError: the trace has no samples or no router weights, or bad routing.
+    """
+    ids, distributions = trace_distributions(trace, options.source)
+    frame = per_sample_frame(ids, distributions, _router_weights(trace), options)
+    _warn_if_degenerate(trace)
+    return frame.merge(trace.samples, on="sample_id", how="left", suffixes=("", "_input"))
+
+
+def trace_distributions(trace: Trace, source: str = "full") -> tuple[list[str], np.ndarray]:
+    """(sample ids, float32 [N, L, E]) per-layer distributions of every sample, in trace order.
+
+    ``source="full"`` reads the trace's router means (the full router distribution
+    averaged over prompt tokens); ``source="topk"`` averages each sample's top-k gate
+    weights over its prompt tokens, the first ``trace.num_prompt_tokens(id)`` rows of
+    ``trace.topk(id)`` (``pathways.topk_to_distribution``; METHOD.md Decision A3).
+    Both ignore generated tokens, so both describe the same prefill.
+
+    Raises:
+        MetricError: the trace has no samples, or ``source`` is not full or topk.
+    """
+    check_choice("source", source, SOURCES)
+    if source == "full":
+        ids, distributions = trace.router_means()
+    else:
+        ids = trace.sample_ids()
+        distributions = [_topk_distribution(trace, sid) for sid in ids]
+    if not len(ids):
+        raise MetricError(f"trace '{trace.path}' has no samples; trace some samples first")
+    return ids, np.asarray(distributions, np.float32)  # a list of [L, E] stacks to [N, L, E]
+
+
+def _topk_distribution(trace: Trace, sample_id: str) -> np.ndarray:
+    """float32 [L, E]: one sample's top-k gate weights averaged over its prompt tokens."""
+    prompt = trace.num_prompt_tokens(sample_id)
+    if prompt < 1:
+        raise MetricError(
+            f"sample {sample_id!r} has no prompt tokens in the trace; source 'topk' averages "
+            "over prompt tokens, so re-trace it or drop it"
+        )
+    expert_ids, gate_weights = trace.topk(sample_id)
+    return topk_to_distribution(expert_ids[:prompt], gate_weights[:prompt], trace.num_experts)
+
+
+def _router_weights(trace: Trace) -> list[np.ndarray]:
+    if not trace.manifest.get("router_weights"):
+        raise MetricError(
+            f"trace '{trace.path}' has no router weights, which pathway consistency needs "
+            "(expert embeddings, METHOD.md Metric 2); re-trace the samples with `moepath "
+            "trace`, which saves them"
+        )
+    return trace.router_weights()
+
+
+def _groups(trace: Trace, ids: list[str], group_by: str | None) -> list[tuple[str, np.ndarray]]:
+    """(group name, positions in ``ids``) per group, in display order (``all`` first)."""
+    if group_by is None:
+        return [(ALL_GROUP, np.arange(len(ids)))]
+    samples = trace.samples
+    if group_by not in samples.columns:
+        columns = ", ".join(str(c) for c in samples.columns if c != "sample_id") or "(none)"
+        raise MetricError(
+            f"samples table of trace '{trace.path}' has no column {group_by!r}; "
+            f"group by one of: {columns}"
+        )
+    labels = samples.set_index("sample_id")[group_by].reindex(ids).to_numpy()
+    positions = pd.Series(np.arange(len(ids)))
+    groups = [
+        (MISSING_GROUP if pd.isna(value) else str(value), rows.to_numpy())
+        for value, rows in positions.groupby(labels, sort=True, dropna=False)
+    ]
+    return sorted(groups, key=lambda group: group[0] != ALL_GROUP)  # stable: keeps value order
+
+
+def degenerate_warning(num_layers: int) -> str:
+    """The warning of METHOD.md "Degenerate case" for a trace of ``num_layers`` MoE layers."""
+    return (
+        f"the trace has {num_layers} MoE layer(s), fewer than 3: pathway consistency and "
+        "complexity are then constants, not measurements of routing (METHOD.md, "
+        "degenerate case); compare samples by pathway distance instead"
+    )
+
+
+def _warn_if_degenerate(trace: Trace) -> None:
+    if trace.num_layers < 3:
+        warnings.warn(degenerate_warning(trace.num_layers), UserWarning, stacklevel=3)
+
+
+# --- one sample ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleDetail:
+    """One traced sample's routing, for display (``moepath show``).
+
+    Attributes:
+        sample_id: the sample.
+        carried: its samples-table row without ``sample_id`` (e.g. domain, num_tokens).
+        pathway: its pathway at ``options.tau`` from ``options.source`` distributions.
+        weights: per layer, the kept experts' mean weights, in the pathway's rank order.
+        layer_share: per layer, the share of the layer's weight the kept experts carry.
+        num_experts: E, experts per layer.
+        cosines: float64 [L-1], cosine of the routing embeddings of layers l and l+1.
+        consistency, complexity: Metric 2 of the sample (NaN when L = 1).
+        degenerate: True when L < 3 (Metric 2 is then a constant).
+        positions, token_ids: int32 [T], every traced token, prompt tokens first.
+        expert_ids: int64 [T, L, k], the top-k experts each token was routed to.
+        num_prompt_tokens: the first this many tokens are the prompt, the rest generated.
+    """
+
+    sample_id: str
+    carried: dict
+    pathway: Pathway
+    weights: list[list[float]]
+    layer_share: list[float]
+    num_experts: int
+    cosines: list[float]
+    consistency: float
+    complexity: float
+    degenerate: bool
+    positions: np.ndarray
+    token_ids: np.ndarray
+    expert_ids: np.ndarray
+    num_prompt_tokens: int
+
+
+def trace_sample_detail(
+    trace: Trace, sample_id: str, options: MetricOptions = DEFAULT_OPTIONS
+) -> SampleDetail:
+    """One sample's pathway with weights, Metric 2 profile and per-token routing.
+
+    Raises:
+        InputError: ``sample_id`` is not in the trace (the message suggests close ids).
+        MetricError: the trace has no router weights, or bad routing.
+    """
+    _check_sample(trace, sample_id)
+    if options.source == "full":
+        g = trace.router_mean(sample_id).astype(np.float64)  # [L, E]
+    else:
+        g = _topk_distribution(trace, sample_id).astype(np.float64)
+    pathway = select_experts(g, options.tau)
+    routing = routing_consistency(g[None], _router_weights(trace))
+    expert_ids, _ = trace.topk(sample_id)
+    samples = trace.samples
+    row = samples[samples["sample_id"] == sample_id].drop(columns="sample_id")
+    return SampleDetail(
+        sample_id=sample_id,
+        carried=row.iloc[0].to_dict() if len(row) else {},
+        pathway=pathway,
+        weights=[[float(g[layer, e]) for e in kept] for layer, kept in enumerate(pathway.layers)],
+        layer_share=[
+            float(g[layer, list(kept)].sum() / g[layer].sum())
+            for layer, kept in enumerate(pathway.layers)
+        ],
+        num_experts=trace.num_experts,
+        cosines=routing.cosines[0].tolist(),
+        consistency=float(routing.consistency[0]),
+        complexity=float(routing.complexity[0]),
+        degenerate=routing.degenerate,
+        positions=trace.positions(sample_id),
+        token_ids=trace.token_ids(sample_id),
+        expert_ids=expert_ids,
+        num_prompt_tokens=trace.num_prompt_tokens(sample_id),
+    )
+
+
+def _check_sample(trace: Trace, sample_id: str) -> None:
+    """Raise InputError naming ``sample_id`` and close ids unless the trace has it."""
+    ids = trace.sample_ids()
+    if sample_id in ids:
+        return
+    close = difflib.get_close_matches(sample_id, ids, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+    raise InputError(
+        f"sample {sample_id!r} is not in trace '{trace.path}' ({len(ids)} samples); {hint}"
+        f"list its ids with `moepath metrics {trace.path} --per-sample ids.csv`"
+    )
