@@ -65,6 +65,10 @@ class SampleProgress:
         self._done_before = 0
         self._started = time.perf_counter()
 
+    def begin(self, description: str) -> None:
+        """Start over for the next unit of work (e.g. the next checkpoint)."""
+        self._progress.reset(self._task, total=None, description=description, rate="")
+
     def start(self, total: int, done: int) -> None:
         if done:
             stderr.print(f"resuming: {done} sample(s) already traced")

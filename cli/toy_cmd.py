@@ -15,7 +15,8 @@ def toy_model(
     arch: Annotated[str, typer.Option(help="olmoe, mixtral or qwen2moe.")] = "olmoe",
     preset: Annotated[str, typer.Option(help="tiny (tests) or olmoe-shaped (16 layers, "
                       "64 experts, top-8).")] = "tiny",
-    seed: Annotated[int, typer.Option(help="Seed of weights and tokenizer.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the weights (one tokenizer for all "
+                    "seeds).")] = 0,
 ) -> None:
     """Build a random-weight MoE checkpoint of a real architecture, with a local tokenizer."""
     from moepath.tracer.toy import PRESETS, build_toy_model

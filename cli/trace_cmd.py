@@ -48,7 +48,7 @@ def trace(
                               trust_remote_code, store_probs)
     trace_options = TraceOptions(truncate=truncate, nll=nll, max_tokens=max_tokens,
                                  batch_size=batch_size)
-    render.stderr.print(f"starting vLLM for [bold]{model}[/] ...")
+    render.stderr.print(f"tracing with [bold]{model}[/] (a vLLM engine starts in 20-60 s)")
     with render.SampleProgress() as progress:
         summary = trace_samples(model, sample_set, out, engine, trace_options, resume=resume,
                                 force=force, on_start=progress.start,

@@ -232,8 +232,10 @@ def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
     tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
                                  engine_options.trust_remote_code)
     job = TraceJob(sample_set, tokenized, engine_options, options)
-    if previous is not None and not job.todo(out, previous):
-        return job.finish(out, previous, TraceSummary(out))  # nothing left: no engine needed
+    if previous is not None and not job.todo(out, previous):  # nothing left: no engine needed
+        if on_start:
+            on_start(len(tokenized), len(tokenized))
+        return job.finish(out, previous, TraceSummary(out))
     with TracedEngine(model, out, with_max_len(engine_options, max_len, options)) as engine:
         return job.run(engine, out, previous, on_start, on_progress)
 

@@ -158,14 +158,15 @@ def build_toy_model(
         out: target folder (created; existing model files are overwritten).
         arch: one of :data:`ARCHITECTURES`.
         preset: one of :data:`PRESETS`.
-        seed: seeds weights and tokenizer corpus; same seed, same bytes.
+        seed: seeds the weights; same seed, same bytes. The tokenizer is the same for
+            every seed, so toys of one shape behave like checkpoints of one run.
     """
     import torch
 
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     shape = PRESETS[preset]
-    tokenizer = train_tokenizer(seed=seed)
+    tokenizer = train_tokenizer()  # one tokenizer for every seed: seeds are like checkpoints
     config = toy_config(arch, shape, vocab_size=len(tokenizer))
     model = _init_model(config, seed)
     with torch.no_grad():

@@ -1,0 +1,115 @@
+"""``moepath compare CKPT... --samples FILE --out DIR``: metric trajectories over checkpoints."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import options as o
+from . import render
+
+
+def compare(
+    checkpoints: Annotated[list[Path], typer.Argument(
+        help="Checkpoint folders in order, or one folder whose subfolders are checkpoints "
+             "named by step (step1000, checkpoint-2000, ...).")],
+    samples: o.Samples,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    scores: Annotated[Path | None, typer.Option(help="CSV: checkpoint, score[, group]: "
+                      "accuracy measured elsewhere, for correlations.")] = None,
+    group_by: o.GroupBy = None,
+    memorised_only: Annotated[bool, typer.Option(help="Metrics on memorised samples only "
+                              "(the paper's protocol).")] = False,
+    epsilon: Annotated[float | None, typer.Option(help="Memorisation loss threshold.")] = None,
+    epsilon_quantile: Annotated[float | None, typer.Option(
+        help="Epsilon as this quantile of final losses (default 0.25).")] = None,
+    delta: Annotated[float, typer.Option(help="Allowed distance to the final loss.")] = 0.05,
+    from_step: Annotated[int | None, typer.Option(help="Correlate from this step on.")] = None,
+    tau: o.Tau = 0.7,
+    unit: o.Unit = "char",
+    pairs: o.Pairs = "auto",
+    seed: o.Seed = 0,
+    reuse_engine: Annotated[bool, typer.Option(help="Reload weights into the running engine "
+                            "between checkpoints of one architecture.")] = True,
+    id_field: o.IdField = "id",
+    text_field: o.TextField = "text",
+    skip_bad_lines: o.SkipBadLines = False,
+    limit: o.Limit = None,
+    max_model_len: o.MaxModelLen = None,
+    truncate: o.Truncate = False,
+    dtype: o.Dtype = "bfloat16",
+    tensor_parallel_size: o.TensorParallel = 1,
+    enforce_eager: o.EnforceEager = False,
+    gpu_memory_utilization: o.GpuMemory = 0.3,
+    max_num_batched_tokens: o.BatchedTokens = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+) -> None:
+    """Serve checkpoints in turn on the same samples; report metrics, memorisation, correlations."""
+    from moepath.patches.engine import TraceOptions
+    from moepath.patches.sweep import trace_checkpoints
+    from moepath.tracer import compare as cmp
+    from moepath.tracer.metrics import MetricOptions
+    from moepath.tracer.samples import SampleReadOptions, read_samples
+
+    found = cmp.discover(checkpoints)
+    shape = cmp.check_compatible(found)
+    options = cmp.CompareOptions(
+        metrics=MetricOptions(tau=tau, unit=unit, pairs=o.parse_pairs(pairs), seed=seed),
+        group_by=group_by, memorised_only=memorised_only, epsilon=epsilon,
+        epsilon_quantile=epsilon_quantile, delta=delta, scores=scores, from_step=from_step)
+    sample_set = read_samples(samples, SampleReadOptions(
+        id_field=id_field, text_field=text_field, skip_bad_lines=skip_bad_lines, limit=limit))
+    steps = cmp.steps(found)
+    render.stderr.print(render.table(
+        f"{len(found)} checkpoints ({shape.architecture}, {shape.num_experts} experts, "
+        f"top-{shape.top_k}), {len(sample_set.samples)} samples",
+        ["#", "checkpoint", "step"], [[i + 1, c.name, steps[c.name]] for i, c in enumerate(found)]))
+    engine = o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
+                              gpu_memory_utilization, max_num_batched_tokens, trust_remote_code)
+    _trace_all(trace_checkpoints, [(c.name, c.path) for c in found], sample_set, out, engine,
+               TraceOptions(truncate=truncate), reuse_engine)
+    result = cmp.analyse(found, out / "traces", out, options, command=_command_line())
+    _render(result, out)
+
+
+def _trace_all(trace_checkpoints, models, sample_set, out, engine, trace_options, reuse):
+    with render.SampleProgress() as progress:
+        def on_checkpoint(event) -> None:
+            what = {"skip": "complete, skipped", "start": "starting engine",
+                    "reload": "reloading weights in place"}[event.action]
+            render.stderr.print(f"[bold]checkpoint {event.index + 1}/{event.total}[/] "
+                                f"{event.name}: {what}")
+            progress.begin(event.name)
+
+        trace_checkpoints(models, sample_set, out / "traces", engine, trace_options,
+                          reuse_engine=reuse, on_checkpoint=on_checkpoint,
+                          on_start=progress.start, on_progress=progress.advance)
+
+
+def _render(result, out: Path) -> None:
+    wide = result.metrics.pivot_table(index=["step", "group"], columns="metric",
+                                      values="value", aggfunc="first").reset_index()
+    columns = [c for c in ("n_samples", "distance", "normalized_distance", "consistency",
+                           "complexity", "loss") if c in wide.columns]
+    render.stdout.print(render.table("metrics per checkpoint and group", ["step", "group",
+                                     *columns], wide[["step", "group", *columns]].values.tolist()))
+    if result.table1 is not None:
+        frame = result.table1.reset_index()
+        render.stdout.print(render.table("correlation with scores (pearson / spearman)",
+                                         list(map(str, frame.columns)), frame.values.tolist()))
+    for note in result.notes:
+        render.stderr.print(f"note: {note}")
+    render.stderr.print(f"wrote {out}/report.md, metrics.csv, metrics.parquet, samples.parquet, "
+                        f"plots")
+
+
+def _command_line() -> str:
+    return "moepath " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(compare)

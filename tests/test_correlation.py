@@ -1,0 +1,222 @@
+"""Correlation with scores: against scipy, the from_step cut, notes instead of silent NaN, CSVs."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from moepath.tracer import correlation as correlation_module
+from moepath.tracer.correlation import (
+    CORRELATION_COLUMNS,
+    TABLE1_ROWS,
+    correlate,
+    read_scores,
+    table1,
+)
+from moepath.tracer.errors import InputError, MetricError
+from moepath.tracer.report import METRIC_NAMES
+
+CHECKPOINTS = {"step0": 0, "step100": 100, "step200": 200, "step300": 300, "step400": 400}
+STEPS = list(CHECKPOINTS.values())
+SCORE = [0.10, 0.15, 0.30, 0.28, 0.45]
+# group -> metric -> one value per checkpoint
+TRAJECTORIES = {
+    "math": {"distance": [520.0, 540.0, 500.0, 495.0, 480.0],
+             "consistency": [0.24, 0.26, 0.31, 0.33, 0.40],
+             "loss": [2.0, 1.1, 1.0, 1.0, 1.0],  # flat from step 200: constant after the cut
+             "n_samples": [4, 4, 4, 4, 4]},
+    "code": {"distance": [500.0, 480.0, 470.0, 471.0, 460.0],
+             "consistency": [0.30, 0.31, 0.30, 0.35, 0.36],
+             "loss": [1.5, 1.4, 1.2, 1.3, 1.1],
+             "n_samples": [3, 3, 3, 3, 3]},
+}
+
+
+def metrics_frame(trajectories=TRAJECTORIES) -> pd.DataFrame:
+    return pd.DataFrame([
+        {"checkpoint": name, "step": step, "group": group, "metric": metric, "value": value}
+        for group, by_metric in trajectories.items() for metric, values in by_metric.items()
+        for (name, step), value in zip(CHECKPOINTS.items(), values, strict=True)])
+
+
+def scores_frame(**columns) -> pd.DataFrame:
+    return pd.DataFrame({"checkpoint": list(CHECKPOINTS), "score": SCORE, **columns})
+
+
+def row(result: pd.DataFrame, group: str, metric: str) -> pd.Series:
+    (index,) = np.flatnonzero((result["group"] == group) & (result["metric"] == metric))
+    return result.iloc[index]
+
+
+def test_matches_scipy_on_every_group_and_metric():
+    result = correlate(metrics_frame(), scores_frame())
+    assert list(result.columns) == list(CORRELATION_COLUMNS)
+    assert list(zip(result["group"], result["metric"], strict=True)) == [
+        (g, m) for g in ("math", "code") for m in ("distance", "consistency", "loss")]
+    for group, by_metric in TRAJECTORIES.items():
+        for metric in ("distance", "consistency", "loss"):
+            got = row(result, group, metric)
+            pearson = stats.pearsonr(by_metric[metric], SCORE)
+            spearman = stats.spearmanr(by_metric[metric], SCORE)
+            assert got["pearson"] == pytest.approx(pearson.statistic)
+            assert got["pearson_p"] == pytest.approx(pearson.pvalue)
+            assert got["spearman"] == pytest.approx(spearman.statistic)
+            assert got["spearman_p"] == pytest.approx(spearman.pvalue)
+            assert (got["n"], got["first_step"], got["last_step"]) == (5, 0, 400)
+            assert got["note"] is None
+
+
+def test_hand_computed_spearman():
+    # math distance ranks 4,5,3,2,1 against score ranks 1,2,4,3,5: sum d^2 = 9+9+1+1+16 = 36
+    got = row(correlate(metrics_frame(), scores_frame()), "math", "distance")
+    assert got["spearman"] == pytest.approx(1 - 6 * 36 / (5 * 24))
+
+
+def test_from_step_keeps_checkpoints_from_that_step_on():
+    result = correlate(metrics_frame(), scores_frame(), from_step=100)
+    got = row(result, "code", "distance")
+    expected = stats.pearsonr(TRAJECTORIES["code"]["distance"][1:], SCORE[1:])
+    assert got["pearson"] == pytest.approx(expected.statistic)
+    assert (got["n"], got["first_step"], got["last_step"]) == (4, 100, 400)
+
+
+def test_too_few_points_and_constant_series_get_notes_not_silent_nan():
+    result = correlate(metrics_frame(), scores_frame(), from_step=200)
+    flat = row(result, "math", "loss")
+    assert np.isnan(flat["pearson"]) and np.isnan(flat["spearman"])
+    assert flat["note"] == "loss is constant over the 3 checkpoints; correlation is undefined"
+    short = row(correlate(metrics_frame(), scores_frame(), from_step=300), "code", "distance")
+    assert (short["n"], np.isnan(short["pearson"])) == (2, True)
+    assert short["note"] == ("only 2 checkpoints have both a value and a score from step 300; "
+                             "correlation needs at least 3")
+    constant_score = correlate(metrics_frame(), scores_frame().assign(score=0.5))
+    assert row(constant_score, "code", "loss")["note"] == (
+        "the score is constant over the 5 checkpoints; correlation is undefined")
+
+
+def test_a_metric_missing_from_a_group_gets_a_row_with_a_note():
+    frame = metrics_frame()
+    frame = frame[~((frame["group"] == "code") & (frame["metric"] == "distance"))]
+    got = row(correlate(frame, scores_frame()), "code", "distance")
+    assert (got["n"], got["note"]) == (0, "the group has no distance values")
+
+
+def test_missing_values_and_scores_shrink_n():
+    frame = metrics_frame()
+    frame.loc[(frame["group"] == "math") & (frame["step"] == 0), "value"] = None
+    scores = scores_frame().iloc[1:]
+    got = row(correlate(frame, scores), "code", "distance")
+    assert (got["n"], got["first_step"]) == (4, 100)
+    got = row(correlate(frame, scores_frame()), "math", "consistency")
+    assert (got["n"], got["first_step"]) == (4, 100)
+
+
+def test_scores_by_step_or_name_and_per_group():
+    by_step = scores_frame().assign(checkpoint=STEPS)
+    pd.testing.assert_frame_equal(correlate(metrics_frame(), by_step),
+                                  correlate(metrics_frame(), scores_frame()))
+    per_group = pd.concat([scores_frame(group="math"),
+                           scores_frame(group="code").assign(score=SCORE[::-1])])
+    result = correlate(metrics_frame(), per_group)
+    assert row(result, "code", "loss")["pearson"] == pytest.approx(
+        stats.pearsonr(TRAJECTORIES["code"]["loss"], SCORE[::-1]).statistic)
+    assert row(result, "math", "loss")["pearson"] == pytest.approx(
+        stats.pearsonr(TRAJECTORIES["math"]["loss"], SCORE).statistic)
+
+
+def test_memorised_groups_take_their_label_s_scores():
+    trajectories = {"t*=200/math": TRAJECTORIES["math"], "all": TRAJECTORIES["code"]}
+    scores = pd.concat([scores_frame(group="math"), scores_frame(group="").assign(score=0.5)])
+    result = correlate(metrics_frame(trajectories), scores)
+    assert row(result, "t*=200/math", "loss")["pearson"] == pytest.approx(
+        stats.pearsonr(TRAJECTORIES["math"]["loss"], SCORE).statistic)
+    assert row(result, "all", "loss")["note"].startswith("the score is constant")
+
+
+def test_a_group_without_scores_is_noted():
+    result = correlate(metrics_frame(), scores_frame(group="math"))
+    assert row(result, "code", "loss")["note"].startswith("no score applies to this group")
+
+
+def test_score_groups_that_match_no_metrics_group_are_refused():
+    with pytest.raises(InputError, match=r"scores name group\(s\) 'maths' that no metrics group"):
+        correlate(metrics_frame(), scores_frame(group="maths"))
+
+
+def test_metrics_frame_is_validated():
+    with pytest.raises(MetricError, match=r"lacks columns \['value'\]"):
+        correlate(metrics_frame().drop(columns="value"), scores_frame())
+    with pytest.raises(MetricError, match="repeats"):
+        correlate(pd.concat([metrics_frame(), metrics_frame().iloc[:1]]), scores_frame())
+
+
+def test_table1_layout():
+    layout = table1(correlate(metrics_frame(), scores_frame(), from_step=200))
+    assert layout.index.tolist() == list(TABLE1_ROWS.values())
+    assert layout.index.name == "metric"
+    assert layout.columns.tolist() == ["math", "code"]
+    pearson = stats.pearsonr(TRAJECTORIES["math"]["distance"][2:], SCORE[2:]).statistic
+    spearman = stats.spearmanr(TRAJECTORIES["math"]["distance"][2:], SCORE[2:]).statistic
+    assert layout.loc["pathway distance", "math"] == f"{pearson:.3f} / {spearman:.3f}"
+    assert layout.loc["training loss", "math"] == "n/a / n/a"  # constant after the cut
+    assert layout.loc["normalised distance", "math"] == "n/a / n/a"  # not in the frame
+
+
+def test_table1_rows_are_metric_names():
+    assert set(TABLE1_ROWS) <= set(METRIC_NAMES)
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "scores.csv"
+    path.write_text(text)
+    return path
+
+
+def test_read_scores(tmp_path):
+    path = write(tmp_path, "checkpoint,score,group\nstep0,0.1,math\n100, 0.2 ,math\n"
+                           "step200,0.3,\n")
+    scores = read_scores(path, CHECKPOINTS)
+    assert scores.to_dict("list") == {"checkpoint": ["step0", "step100", "step200"],
+                                      "step": [0, 100, 200], "group": ["math", "math", None],
+                                      "score": [0.1, 0.2, 0.3]}
+
+
+def test_read_scores_names_unknown_checkpoints_and_lists_known_ones(tmp_path):
+    path = write(tmp_path, "checkpoint,score\nstep0,0.1\nstep999,0.2\nfinal,0.3\n")
+    with pytest.raises(InputError) as error:
+        read_scores(path, CHECKPOINTS)
+    assert str(error.value) == (
+        f"scores file '{path}' names checkpoint(s) that were not compared: 'step999', 'final'; "
+        "use a name or step of: step0 (0), step100 (100), step200 (200), step300 (300), "
+        "step400 (400)")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("checkpoint,accuracy\nstep0,0.1\n",
+         r"lacks column\(s\) score \(found: checkpoint, accuracy\)"),
+        ("step,score\n0,0.1\n", r"lacks column\(s\) checkpoint"),
+        ("checkpoint,score\n", "has no rows"),
+        ("", "is not a CSV"),
+        ("checkpoint,score\nstep0,high\nstep100,\n",
+         r"empty or non-numeric score on line\(s\) \[2, 3\]"),
+        ("checkpoint,score\nstep0,0.1\n0,0.2\n", "has several scores for step0"),
+    ],
+)
+def test_read_scores_refuses_bad_files(tmp_path, text, message):
+    with pytest.raises(InputError, match=message):
+        read_scores(write(tmp_path, text), CHECKPOINTS)
+
+
+def test_read_scores_missing_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_scores(tmp_path / "nope.csv", CHECKPOINTS)
+
+
+def test_doctests():
+    assert doctest.testmod(correlation_module).failed == 0

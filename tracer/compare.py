@@ -1,0 +1,272 @@
+"""Checkpoint comparison: which checkpoints, in which order, and their metric trajectories.
+
+Engine-independent: the checkpoints' traces are produced elsewhere
+(``patches/sweep.py``); this module orders and validates checkpoints, and turns
+their traces into the long metrics table of ``moepath compare``:
+``checkpoint, step, group, metric, value`` (one row per checkpoint x group x
+metric) plus a per-sample table, following METHOD.md's protocol (memorised
+groups by t*, optionally crossed with a user field).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import checkpoints as ckpt
+from . import report
+from .correlation import correlate, read_scores, table1
+from .errors import InputError, ModelError
+from .memorisation import MemorisationResult, loss_matrix, memorisation_groups, memorise
+from .metrics import MetricOptions, group_metrics, per_sample_frame
+from .trace import Trace
+
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder, its display name and training step (None if its name has none)."""
+
+    name: str
+    path: Path
+    step: int | None
+
+
+def discover(paths: list[Path]) -> list[Checkpoint]:
+    """Checkpoints from explicit folders (given order) or one parent folder (step order).
+
+    A single path without config.json is a parent: its subfolders holding a
+    config.json are the checkpoints, ordered by the step number in their names
+    (``step1000``, ``checkpoint-2000``, ``step5000-tokens21B``).
+    """
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_dir():
+            raise ModelError(f"checkpoint folder '{path}' does not exist")
+    if len(paths) == 1 and not (paths[0] / "config.json").is_file():
+        return _from_parent(paths[0])
+    found = [Checkpoint(p.name, p, ckpt.step_number(p.name)) for p in paths]
+    for checkpoint in found:
+        ckpt.read_config(checkpoint.path)  # a folder that is not a model fails here
+    _check_unique_names(found)
+    return found
+
+
+def _from_parent(parent: Path) -> list[Checkpoint]:
+    children = sorted(p for p in parent.iterdir() if (p / "config.json").is_file())
+    if not children:
+        raise ModelError(f"'{parent}' is neither a model folder nor a folder of checkpoints "
+                         f"(no subfolder has a config.json)")
+    found = [Checkpoint(p.name, p, ckpt.step_number(p.name)) for p in children]
+    unnumbered = [c.name for c in found if c.step is None]
+    if unnumbered:
+        raise InputError(
+            f"checkpoint folders without a step number in their name: {unnumbered}; name them "
+            f"like 'step1000' or pass the folders explicitly in order")
+    return sorted(found, key=lambda c: c.step)
+
+
+def _check_unique_names(found: list[Checkpoint]) -> None:
+    names = [c.name for c in found]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputError(f"checkpoint folder names must be unique (traces are stored by name): "
+                         f"{duplicates}")
+
+
+def check_compatible(found: list[Checkpoint]) -> ckpt.MoEShape:
+    """The shared routing shape; ModelError naming checkpoints whose L, E or k differ."""
+    shapes = {c.name: ckpt.moe_shape(c.path) for c in found}
+    reference_name, reference = next(iter(shapes.items()))
+    for name, shape in shapes.items():
+        diffs = [f"{field} {getattr(reference, field)} vs {getattr(shape, field)}"
+                 for field in ("num_hidden_layers", "num_experts", "top_k")
+                 if getattr(shape, field) != getattr(reference, field)]
+        if diffs:
+            raise ModelError(f"checkpoints '{reference_name}' and '{name}' differ in "
+                             f"{', '.join(diffs)}; compare needs one architecture")
+    return reference
+
+
+def steps(found: list[Checkpoint]) -> dict[str, int]:
+    """Step of each checkpoint: from its name, else its position (0, 1, ...)."""
+    return {c.name: c.step if c.step is not None else i for i, c in enumerate(found)}
+
+
+def losses(traces: dict[str, Trace], step_of: dict[str, int]) -> pd.DataFrame:
+    """Long frame checkpoint, step, sample_id, loss (mean NLL) of every traced sample."""
+    frames = []
+    for name, trace in traces.items():
+        table = trace.samples[["sample_id", "nll"]].rename(columns={"nll": "loss"})
+        frames.append(table.assign(checkpoint=name, step=step_of[name]))
+    return pd.concat(frames, ignore_index=True)[["checkpoint", "step", "sample_id", "loss"]]
+
+
+@dataclass(frozen=True)
+class CheckpointData:
+    """One checkpoint's inputs to the metrics: sample ids, [N, L, E] means, W_l, losses."""
+
+    sample_ids: list[str]
+    distributions: np.ndarray
+    router_weights: list[np.ndarray]
+    loss: pd.Series  # by sample_id
+
+
+def load_checkpoint_data(trace: Trace) -> CheckpointData:
+    ids, means = trace.router_means()
+    loss = trace.samples.set_index("sample_id")["nll"]
+    return CheckpointData(ids, means, trace.router_weights(), loss.reindex(ids))
+
+
+def sample_groups(sample_ids: list[str], memorisation: MemorisationResult,
+                  field: pd.Series | None) -> dict[str, list[int]]:
+    """Group name -> row indices: ``all``, each field value, and each memorised group."""
+    groups: dict[str, list[int]] = {ALL: list(range(len(sample_ids)))}
+    labels = {}
+    if field is not None:
+        labels = field.reindex(sample_ids).astype(str).to_dict()
+        for value in sorted(set(labels.values())):
+            groups[value] = [i for i, s in enumerate(sample_ids) if labels[s] == value]
+    memorised = memorisation_groups(memorisation.t_star, field).reindex(sample_ids)
+    for name in sorted({g for g in memorised if isinstance(g, str)}, key=_group_order):
+        groups[name] = [i for i, g in enumerate(memorised) if g == name]
+    return groups
+
+
+def _group_order(name: str):
+    """Memorised groups ordered by t* then field value (``t*=1000/math``)."""
+    head, _, tail = name.partition("/")
+    digits = "".join(ch for ch in head if ch.isdigit())
+    return (int(digits) if digits else 0, tail)
+
+
+def checkpoint_metrics(name: str, step: int, data: CheckpointData,
+                       groups: dict[str, list[int]], options: MetricOptions) -> list[dict]:
+    """Long-format rows (checkpoint, step, group, metric, value) for one checkpoint."""
+    rows = []
+    for group, index in groups.items():
+        values = {"n_samples": len(index), "loss": float(np.nanmean(data.loss.iloc[index]))}
+        if len(index) >= 2:  # a group of one has no pairwise distance: metrics missing
+            metrics = group_metrics(group, data.distributions[index],
+                                    data.router_weights, options)
+            values.update(distance=metrics.distance_mean,
+                          distance_stderr=metrics.distance_stderr,
+                          normalized_distance=metrics.normalized_distance_mean,
+                          pathway_length=metrics.mean_pathway_length,
+                          consistency=metrics.consistency_mean,
+                          complexity=metrics.complexity_mean)
+        rows += [{"checkpoint": name, "step": step, "group": group, "metric": metric,
+                  "value": value} for metric, value in values.items()]
+    return rows
+
+
+def checkpoint_samples(name: str, step: int, data: CheckpointData,
+                       memorisation: MemorisationResult, options: MetricOptions) -> pd.DataFrame:
+    """Per-sample rows of one checkpoint: loss, pathway, consistency, memorised, t*."""
+    frame = per_sample_frame(data.sample_ids, data.distributions, data.router_weights, options)
+    t_star = memorisation.t_star.reindex(data.sample_ids).to_numpy()
+    return frame.assign(checkpoint=name, step=step, loss=data.loss.to_numpy(),
+                        memorised=~pd.isna(t_star), t_star=t_star)
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """What ``moepath compare`` computes from the checkpoints' traces (METHOD.md protocol).
+
+    ``epsilon`` / ``epsilon_quantile`` / ``delta``: memorisation thresholds (default:
+    epsilon = 0.25 quantile of final losses, delta 0.05). ``memorised_only``: report
+    memorised groups only (the paper's protocol), else ``all``, the ``group_by``
+    values and the memorised groups. ``from_step``: correlate from this step on.
+    """
+
+    metrics: MetricOptions = MetricOptions()
+    group_by: str | None = None
+    memorised_only: bool = False
+    epsilon: float | None = None
+    epsilon_quantile: float | None = None
+    delta: float = 0.05
+    scores: Path | None = None
+    from_step: int | None = None
+
+
+@dataclass
+class CompareResult:
+    metrics: pd.DataFrame  # long: checkpoint, step, group, metric, value
+    samples: pd.DataFrame  # per checkpoint x sample
+    memorisation: MemorisationResult
+    correlations: pd.DataFrame | None
+    table1: pd.DataFrame | None
+    notes: list[str]
+    files: list[Path]
+
+
+def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: CompareOptions,
+            command: str = "", versions: dict | None = None) -> CompareResult:
+    """Metrics per checkpoint x group from ``traces_dir/<name>`` traces; write outputs to ``out``.
+
+    Writes metrics.parquet, metrics.csv (long format), samples.parquet, report.md
+    and the plots (distance.png, consistency.png, loss.png).
+    """
+    step_of = steps(found)
+    traces = {c.name: Trace.open(traces_dir / c.name) for c in found}
+    memorisation = memorise(loss_matrix(losses(traces, step_of)), options.epsilon,
+                            options.epsilon_quantile, options.delta)
+    field = _group_field(next(iter(traces.values())), options.group_by)
+    rows, sample_frames = [], []
+    for name, trace in traces.items():
+        data = load_checkpoint_data(trace)
+        groups = sample_groups(data.sample_ids, memorisation, field)
+        if options.memorised_only:
+            groups = {g: rows_ for g, rows_ in groups.items() if g.startswith("t*=")}
+        rows += checkpoint_metrics(name, step_of[name], data, groups, options.metrics)
+        sample_frames.append(checkpoint_samples(name, step_of[name], data, memorisation,
+                                                options.metrics))
+    metrics = pd.DataFrame(rows, columns=["checkpoint", "step", "group", "metric", "value"])
+    notes = _notes(found, memorisation, traces, options)
+    correlations = scores = None
+    if options.scores is not None:
+        scores = read_scores(options.scores, step_of)
+        if len(found) >= 2:
+            correlations = correlate(metrics, scores, options.from_step)
+    samples = pd.concat(sample_frames, ignore_index=True)
+    files = _write_outputs(out, metrics, samples)
+    files += report.plot_metrics(out, metrics, scores)
+    versions = versions or next(iter(traces.values())).manifest.get("versions", {})
+    files.append(report.write_report(out, metrics, correlations, scores, command, versions,
+                                     notes, memorisation))
+    summary = table1(correlations) if correlations is not None else None
+    return CompareResult(metrics, samples, memorisation, correlations, summary, notes, files)
+
+
+def _group_field(trace: Trace, column: str | None) -> pd.Series | None:
+    if column is None:
+        return None
+    if column not in trace.samples.columns:
+        raise InputError(f"--group-by column '{column}' is not in the samples table; "
+                         f"available: {', '.join(map(str, trace.samples.columns))}")
+    return trace.samples.set_index("sample_id")[column]
+
+
+def _notes(found, memorisation: MemorisationResult, traces: dict, options) -> list[str]:
+    notes = [f"memorised: {memorisation.fraction_memorised:.0%} of samples (epsilon "
+             f"{memorisation.epsilon:.4g} from {memorisation.epsilon_source}, delta "
+             f"{memorisation.delta:g})"]
+    if options.scores is not None and len(found) < 2:
+        notes.append("fewer than 2 checkpoints: correlations skipped")
+    if next(iter(traces.values())).num_layers < 3:
+        notes.append("fewer than 3 MoE layers: consistency is degenerate (0 for every "
+                     "sample whatever the routing; METHOD.md)")
+    return notes
+
+
+def _write_outputs(out: Path, metrics: pd.DataFrame, samples: pd.DataFrame) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    metrics.to_parquet(out / "metrics.parquet", index=False)
+    metrics.to_csv(out / "metrics.csv", index=False)
+    samples.assign(t_star=samples["t_star"].astype("Float64")).to_parquet(
+        out / "samples.parquet", index=False)
+    return [out / "metrics.parquet", out / "metrics.csv", out / "samples.parquet"]

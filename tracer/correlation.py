@@ -1,0 +1,276 @@
+"""Correlation of metric trajectories with a supplied score (test accuracy) over checkpoints.
+
+Implements the last step of METHOD.md "Memorisation and groups": Pearson and
+Spearman (``scipy.stats``) between a group's metric and the score across
+checkpoints, optionally only from the step where accuracy starts its sustained
+rise, laid out like the paper's Table 1 by :func:`table1`.
+
+Scores are one per checkpoint (columns checkpoint, score), or one per checkpoint
+and group (plus a group column). A metrics group takes the scores of the same
+name, else those of its label (``t*=1000/math`` takes ``math``'s: the paper
+correlates memorised groups with their domain's accuracy), else the rows with
+an empty group, which apply to every group.
+
+Example::
+
+    >>> import pandas as pd
+    >>> metrics = pd.DataFrame({"checkpoint": ["a", "b", "c", "d"], "step": [0, 1, 2, 3],
+    ...                         "group": "all", "metric": "distance",
+    ...                         "value": [4.0, 3.0, 2.0, 2.5]})
+    >>> scores = pd.DataFrame({"checkpoint": ["a", "b", "c", "d"], "score": [1, 2, 3, 4]})
+    >>> row = correlate(metrics, scores).iloc[0]
+    >>> print(row["n"], f"{row['pearson']:.3f}", f"{row['spearman']:.3f}")
+    4 -0.832 -0.800
+    >>> table1(correlate(metrics, scores)).loc["pathway distance", "all"]
+    '-0.832 / -0.800'
+    >>> correlate(metrics, scores, from_step=2).iloc[0]["note"]
+    'only 2 checkpoints have both a value and a score from step 2; correlation needs at least 3'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .errors import InputError, MetricError
+
+MIN_POINTS = 3  # two points always correlate +-1: no evidence
+# Table 1 rows: long-frame metric name -> the paper's label (report.METRIC_NAMES has them all).
+TABLE1_ROWS = {
+    "distance": "pathway distance",
+    "normalized_distance": "normalised distance",
+    "consistency": "pathway consistency",
+    "loss": "training loss",
+}
+# Bookkeeping rows of the metrics frame, not trajectories to correlate.
+NOT_CORRELATED = ("n_samples", "distance_stderr")
+CORRELATION_COLUMNS = ("group", "metric", "n", "first_step", "last_step", "pearson",
+                       "pearson_p", "spearman", "spearman_p", "note")
+_METRIC_COLUMNS = ("checkpoint", "step", "group", "metric", "value")
+
+
+def read_scores(path: str | Path, known_checkpoints: dict[str, int]) -> pd.DataFrame:
+    """A scores CSV (checkpoint, score, optional group), validated against the checkpoints.
+
+    ``checkpoint`` holds a checkpoint name or step. Returns columns checkpoint (the
+    name), step, group (None for rows that apply to every group), score (float).
+
+    Raises:
+        InputError: the file is missing or not CSV, a column is missing, a score is
+            not a number, a checkpoint is unknown (the message lists the known ones),
+            or a checkpoint and group appear twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"scores file '{path}' does not exist; pass a CSV with columns "
+                         "checkpoint, score and optionally group")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"scores file '{path}' is not a CSV ({exc}); pass columns checkpoint, "
+                         "score and optionally group") from exc
+    return resolve_scores(raw, known_checkpoints, f"scores file '{path}'")
+
+
+def resolve_scores(scores: pd.DataFrame, known_checkpoints: dict[str, int],
+                   what: str = "scores") -> pd.DataFrame:
+    """``scores`` with checkpoints resolved to names and steps (see :func:`read_scores`)."""
+    missing = [c for c in ("checkpoint", "score") if c not in scores.columns]
+    if missing:
+        found = ", ".join(map(str, scores.columns)) or "(none)"
+        raise InputError(f"{what} lacks column(s) {', '.join(missing)} (found: {found}); "
+                         "it needs checkpoint, score and optionally group")
+    if scores.empty:
+        raise InputError(f"{what} has no rows; pass one score per checkpoint")
+    names = _checkpoint_names(scores["checkpoint"], known_checkpoints, what)
+    score = pd.to_numeric(scores["score"].replace("", np.nan), errors="coerce")
+    if score.isna().any():
+        lines = (np.flatnonzero(score.isna()) + 2).tolist()[:5]  # +2: header, 1-based
+        raise InputError(f"{what} has an empty or non-numeric score on line(s) {lines}; "
+                         "pass a number per row")
+    groups = scores["group"] if "group" in scores.columns else pd.Series(None, scores.index)
+    resolved = pd.DataFrame({"checkpoint": names,
+                             "step": [known_checkpoints[n] for n in names],
+                             "group": [_group_or_none(g) for g in groups],
+                             "score": score.astype(float).to_numpy()})
+    _check_unique(resolved, what)
+    return resolved
+
+
+def _checkpoint_names(values: pd.Series, known: dict[str, int], what: str) -> list[str]:
+    """Name of each checkpoint given by name or step; InputError listing the unknown ones."""
+    by_step = {step: name for name, step in known.items()}
+    texts = [str(value).strip() for value in values]
+    names = [text if text in known else by_step.get(_as_step(text)) for text in texts]
+    unknown = [text for text, name in zip(texts, names, strict=True) if name is None]
+    if unknown:
+        listed = ", ".join(f"{n} ({s})" for n, s in known.items()) or "(none)"
+        raise InputError(f"{what} names checkpoint(s) that were not compared: "
+                         f"{', '.join(map(repr, dict.fromkeys(unknown)))}; use a name or step "
+                         f"of: {listed}")
+    return names
+
+
+def _as_step(text: str) -> int | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _group_or_none(value) -> str | None:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    return str(value).strip() or None
+
+
+def _check_unique(scores: pd.DataFrame, what: str) -> None:
+    twice = scores[scores.duplicated(["step", "group"], keep=False)]
+    if len(twice):
+        shown = sorted({f"{c}" + (f"/{g}" if g else "") for c, g in
+                        zip(twice["checkpoint"], twice["group"], strict=True)})
+        raise InputError(f"{what} has several scores for {', '.join(shown)}; keep one per "
+                         "checkpoint (and group)")
+
+
+def scores_for_group(scores: pd.DataFrame, group: str) -> pd.Series:
+    """The resolved ``scores`` that apply to ``group``, indexed by step (empty if none).
+
+    Lookup order: rows of the group itself, rows of its label (``t*=1000/math`` ->
+    ``math``), rows without a group.
+    """
+    keys = [group]
+    if group.startswith("t*=") and "/" in group:
+        keys.append(group.partition("/")[2])
+    for key in keys:
+        rows = scores[scores["group"] == key]
+        if len(rows):
+            break
+    else:
+        rows = scores[scores["group"].isna()]
+    return rows.set_index("step")["score"].sort_index()
+
+
+def correlate(metrics: pd.DataFrame, scores: pd.DataFrame,
+              from_step: int | None = None) -> pd.DataFrame:
+    """Pearson and Spearman of every (group, metric) trajectory against the scores.
+
+    Args:
+        metrics: long frame with columns checkpoint, step, group, metric, value.
+        scores: columns checkpoint (name or step), score, optional group; or
+            :func:`read_scores`'s output.
+        from_step: keep only checkpoints at or after this step (the start of the
+            sustained rise of accuracy); None keeps all.
+
+    Returns:
+        One row per (group, metric) in the metrics' order (bookkeeping metrics
+        :data:`NOT_CORRELATED` left out), columns :data:`CORRELATION_COLUMNS`: n
+        (checkpoints with both a value and a score), first_step and last_step of
+        those, the coefficients with their two-sided p-values, and a note saying
+        why they are NaN (too few points, a constant series), else None.
+
+    Raises:
+        MetricError: ``metrics`` lacks a column or repeats a (step, group, metric).
+        InputError: bad scores (see :func:`read_scores`).
+    """
+    _check_metrics(metrics)
+    known = dict(zip(metrics["checkpoint"].astype(str), metrics["step"].astype(int),
+                     strict=True))
+    scores = resolve_scores(scores, known)  # idempotent on read_scores' output
+    _check_score_groups(scores, metrics["group"].astype(str).unique())
+    values = metrics.assign(value=pd.to_numeric(metrics["value"], errors="coerce"))
+    if from_step is not None:
+        values = values[values["step"] >= from_step]
+    names = [m for m in dict.fromkeys(metrics["metric"]) if m not in NOT_CORRELATED]
+    rows = []
+    for group in dict.fromkeys(metrics["group"]):
+        mine = values[values["group"] == group]
+        for metric in names:  # every metric for every group: a missing one gets a note
+            trajectory = mine.loc[mine["metric"] == metric].set_index("step")["value"]
+            rows.append(_correlation(str(group), str(metric), trajectory,
+                                     scores_for_group(scores, str(group)), from_step))
+    frame = pd.DataFrame(rows, columns=list(CORRELATION_COLUMNS))
+    return frame.astype({"n": "int64", "first_step": "Int64", "last_step": "Int64"})
+
+
+def _check_metrics(metrics: pd.DataFrame) -> None:
+    missing = [c for c in _METRIC_COLUMNS if c not in metrics.columns]
+    if missing:
+        raise MetricError(f"metrics frame lacks columns {missing}; it needs "
+                          f"{', '.join(_METRIC_COLUMNS)} (see compare.checkpoint_metrics)")
+    twice = metrics.duplicated(["step", "group", "metric"])
+    if twice.any():
+        shown = metrics.loc[twice, ["step", "group", "metric"]].head(3).to_numpy().tolist()
+        raise MetricError(f"metrics frame repeats (step, group, metric) {shown}; pass one value "
+                          "per checkpoint, group and metric")
+
+
+def _check_score_groups(scores: pd.DataFrame, groups) -> None:
+    """InputError for score groups that apply to no metrics group (a typo, or no --group-by)."""
+    usable = set(groups) | {g.partition("/")[2] for g in groups if g.startswith("t*=")}
+    unused = [g for g in dict.fromkeys(scores["group"].dropna()) if g not in usable]
+    if unused:
+        raise InputError(f"scores name group(s) {', '.join(map(repr, unused))} that no metrics "
+                         f"group has (groups: {', '.join(groups)}); fix the names or group "
+                         "the samples by the field that holds them")
+
+
+def _correlation(group: str, metric: str, trajectory: pd.Series, score: pd.Series,
+                 from_step: int | None) -> dict:
+    """One result row: the coefficients over the steps where both series have a number."""
+    joined = pd.concat([trajectory.rename("value"), score.rename("score")], axis=1,
+                       join="inner").dropna().sort_index()
+    x, y = joined["value"].to_numpy(float), joined["score"].to_numpy(float)
+    row = {"group": group, "metric": metric, "n": len(joined),
+           "first_step": int(joined.index[0]) if len(joined) else None,
+           "last_step": int(joined.index[-1]) if len(joined) else None,
+           "pearson": np.nan, "pearson_p": np.nan, "spearman": np.nan, "spearman_p": np.nan,
+           "note": _why_not(metric, x, y, trajectory.notna().any(), not score.empty, from_step)}
+    if row["note"] is None:
+        pearson, spearman = stats.pearsonr(x, y), stats.spearmanr(x, y)
+        row.update(pearson=float(pearson.statistic), pearson_p=float(pearson.pvalue),
+                   spearman=float(spearman.statistic), spearman_p=float(spearman.pvalue))
+    return row
+
+
+def _why_not(metric: str, x: np.ndarray, y: np.ndarray, has_values: bool, has_scores: bool,
+             from_step: int | None) -> str | None:
+    """Why no correlation can be computed on these points, or None when it can."""
+    since = f" from step {from_step}" if from_step is not None else ""
+    if not has_scores:
+        return "no score applies to this group; give its scores or rows without a group"
+    if not has_values:
+        return f"the group has no {metric} values{since}"
+    if len(x) < MIN_POINTS:
+        counted = "1 checkpoint has" if len(x) == 1 else f"{len(x)} checkpoints have"
+        return (f"only {counted} both a value and a score{since}; correlation needs at "
+                f"least {MIN_POINTS}")
+    if np.ptp(x) == 0:
+        return f"{metric} is constant over the {len(x)} checkpoints; correlation is undefined"
+    if np.ptp(y) == 0:
+        return f"the score is constant over the {len(x)} checkpoints; correlation is undefined"
+    return None
+
+
+def table1(correlations: pd.DataFrame) -> pd.DataFrame:
+    """:func:`correlate`'s rows laid out like the paper's Table 1.
+
+    Rows: the :data:`TABLE1_ROWS` labels (index ``metric``); columns: groups in
+    order of appearance; cells ``"pearson / spearman"`` with 3 decimals, ``n/a``
+    for a coefficient that could not be computed (see the row's note).
+    """
+    groups = list(dict.fromkeys(correlations["group"]))
+    cells = {(r.group, r.metric): f"{_fmt(r.pearson)} / {_fmt(r.spearman)}"
+             for r in correlations.itertuples()}
+    table = pd.DataFrame(
+        [[cells.get((group, metric), "n/a / n/a") for group in groups] for metric in TABLE1_ROWS],
+        index=pd.Index(list(TABLE1_ROWS.values()), name="metric"), columns=groups)
+    return table
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if pd.isna(value) else f"{value:.3f}"
