@@ -36,7 +36,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_metrics.py
+	$(PY) bench/bench_overhead.py --mode compiled
+	$(PY) bench/bench_overhead.py --mode eager
+	$(PY) bench/bench_overhead.py --mode compiled --decode
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

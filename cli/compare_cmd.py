@@ -50,28 +50,42 @@ def compare(
 ) -> None:
     """Serve checkpoints in turn on the same samples; report metrics, memorisation, correlations."""
     from moepath.patches.engine import TraceOptions
+    from moepath.tracer.compare import CompareOptions
+    from moepath.tracer.metrics import MetricOptions
+    from moepath.tracer.samples import SampleReadOptions
+
+    run_compare(
+        checkpoints, samples, out,
+        CompareOptions(
+            metrics=MetricOptions(tau=tau, unit=unit, pairs=o.parse_pairs(pairs), seed=seed),
+            group_by=group_by, memorised_only=memorised_only, epsilon=epsilon,
+            epsilon_quantile=epsilon_quantile, delta=delta, scores=scores,
+            from_step=from_step),
+        o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
+                         gpu_memory_utilization, max_num_batched_tokens, trust_remote_code),
+        TraceOptions(truncate=truncate),
+        SampleReadOptions(id_field=id_field, text_field=text_field,
+                          skip_bad_lines=skip_bad_lines, limit=limit),
+        reuse_engine)
+
+
+def run_compare(checkpoints: list[Path], samples: Path, out: Path, options, engine_options,
+                trace_options, read_options, reuse_engine: bool = True) -> None:
+    """Validate, show the plan, trace every checkpoint, analyse, render (``compare``, ``demo``)."""
     from moepath.patches.sweep import trace_checkpoints
     from moepath.tracer import compare as cmp
-    from moepath.tracer.metrics import MetricOptions
-    from moepath.tracer.samples import SampleReadOptions, read_samples
+    from moepath.tracer.samples import read_samples
 
     found = cmp.discover(checkpoints)
     shape = cmp.check_compatible(found)
-    options = cmp.CompareOptions(
-        metrics=MetricOptions(tau=tau, unit=unit, pairs=o.parse_pairs(pairs), seed=seed),
-        group_by=group_by, memorised_only=memorised_only, epsilon=epsilon,
-        epsilon_quantile=epsilon_quantile, delta=delta, scores=scores, from_step=from_step)
-    sample_set = read_samples(samples, SampleReadOptions(
-        id_field=id_field, text_field=text_field, skip_bad_lines=skip_bad_lines, limit=limit))
+    sample_set = read_samples(samples, read_options)
     steps = cmp.steps(found)
     render.stderr.print(render.table(
         f"{len(found)} checkpoints ({shape.architecture}, {shape.num_experts} experts, "
         f"top-{shape.top_k}), {len(sample_set.samples)} samples",
         ["#", "checkpoint", "step"], [[i + 1, c.name, steps[c.name]] for i, c in enumerate(found)]))
-    engine = o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
-                              gpu_memory_utilization, max_num_batched_tokens, trust_remote_code)
-    _trace_all(trace_checkpoints, [(c.name, c.path) for c in found], sample_set, out, engine,
-               TraceOptions(truncate=truncate), reuse_engine)
+    _trace_all(trace_checkpoints, [(c.name, c.path) for c in found], sample_set, out,
+               engine_options, trace_options, reuse_engine)
     result = cmp.analyse(found, out / "traces", out, options, command=_command_line())
     _render(result, out)
 
