@@ -69,7 +69,7 @@ def main() -> None:
                             + 8, gpu_memory_utilization=0.15)
     trace_dir = Path(tempfile.mkdtemp(prefix="moepath-bench-"))
     untraced = LLM(**options.llm_kwargs(str(model), None))
-    traced = TracedEngine(model, trace_dir, options)
+    traced = TracedEngine(model, trace_dir, options, commit=False)
     plain = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
                            ignore_eos=True)
     tagged = [traced.sampling_params(f"s{i}", max_tokens=max_tokens)

@@ -23,7 +23,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for module in (trace_cmd, metrics_cmd, show_cmd, compare_cmd, demo_cmd, toy_cmd):
+for module in (trace_cmd, metrics_cmd, show_cmd, compare_cmd, demo_cmd,
+               toy_cmd):
     module.register(app)
 
 

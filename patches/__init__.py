@@ -14,6 +14,7 @@ Patch register (vLLM 0.32.0; versions checked in ``compat.py``):
 | ``Worker.load_model`` | v1/worker/gpu_worker.py (CPUWorker inherits) | the only per-engine point after the model is built and before it is compiled | wrapper: calls the original, then ``capture.install`` if traced | when vLLM offers a post-load plugin hook |
 | ``FusedMoERouter.select_experts`` | model_executor/layers/fused_moe/router/fused_moe_router.py | sole caller site of routing on every modular MoE path; sees logits, weights, logical ids (vLLM's ``set_capture_fn`` gives ids only) | class-level wrapper, installed only in traced workers: calls the original, then copies into preallocated buffers (``hook.py``) | when a router capture callback passes logits and weights |
 | ``GPUModelRunner.execute_model`` (instance) | v1/worker/gpu_model_runner.py (CPUModelRunner inherits) | batch layout (req_ids, query_start_loc, positions) is final after the forward | instance-level wrapper on traced workers: finished ids on entry, row mapping after the forward | with the above |
+| ``Worker.shutdown`` (instance, server mode only) | v1/worker/gpu_worker.py | commit the last shards and mark the trace complete when the server stops | instance-level wrapper | — |
 | ``Worker.moepath_flush`` / ``moepath_describe`` / ``moepath_switch`` (added) | — | ``collective_rpc`` control: flush shards, report routing config, switch checkpoint and trace directory | instance attributes on traced workers | — |
 | ``Worker.reload_weights`` (called, then CPU experts re-prepacked) | v1/worker/gpu_worker.py, fused_moe/experts/cpu_moe.py | vLLM 0.32 skips the AMX/VNNI prepack on reload (silently wrong routing) | ``reload.py`` copies ``cpu_prepack_moe_weight`` output into the same storage | when vLLM re-prepacks on reload |
 
@@ -79,6 +80,29 @@ def _enable_capture(worker, settings) -> None:
             recorder.retarget(trace_dir, run)
 
     worker.moepath_switch = switch
+    if settings.commit and recorder is not None:
+        _commit_from_worker(worker, settings, recorder, routing)
+
+
+def _commit_from_worker(worker, settings, recorder, routing) -> None:
+    """Server mode: this worker commits the manifest periodically and at shutdown."""
+    from . import capture
+    from .committer import ManifestCommitter
+
+    config = worker.vllm_config
+    if config.cache_config.enable_prefix_caching:
+        raise capture.UnsupportedModelError(
+            "moepath: server-mode tracing needs every prompt token computed; start the server "
+            "with --no-enable-prefix-caching")
+    committer = ManifestCommitter(settings, recorder, routing.describe(),
+                                  config.model_config.model, str(config.model_config.dtype))
+    original_shutdown = worker.shutdown
+
+    def shutdown(*args, **kwargs):
+        committer.close()
+        return original_shutdown(*args, **kwargs)
+
+    worker.shutdown = shutdown
 
 
 def _reload_blocker(worker) -> str | None:

@@ -11,22 +11,22 @@ removed, so every sample ends up in the trace exactly once.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import moepath
 from moepath.tracer import checkpoints, store
 from moepath.tracer.errors import CaptureError, InputError
 from moepath.tracer.samples import SampleSet, sample_table
 
-from .settings import CONFIG_KEY, REQUEST_ID_KEY, CaptureSettings
+from .settings import CONFIG_KEY, REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
 
 
 @dataclass(frozen=True)
@@ -73,25 +73,51 @@ class TraceOptions:
     batch_size: int = 256
 
 
+def tag(params, sample_id: str, meta: dict | None = None):
+    """Mark vLLM ``SamplingParams`` so the request is traced as ``sample_id`` (returns them).
+
+    ``meta`` (JSON-serialisable dict) lands in the trace's samples table. With
+    ``n > 1`` every completion is recorded under its own completion index. Reads
+    of the prefix cache are skipped so every prompt token is computed and recorded.
+    """
+    params.extra_args = {**(params.extra_args or {}), REQUEST_ID_KEY: str(sample_id),
+                         "moepath_n": params.n, REQUEST_META_KEY: json.dumps(meta or {})}
+    params.skip_reading_prefix_cache = True
+    return params
+
+
 class TracedEngine:
-    """A vLLM ``LLM`` with moepath capture on; use as a context manager.
+    """A vLLM ``LLM`` with moepath capture on; the Python API. Use as a context manager.
 
-    Example::
+    With ``commit=True`` (the default) the engine's worker owns the trace
+    directory: finished requests are committed every second and the trace is
+    complete when the engine closes (also on exceptions)::
 
-        with TracedEngine("toy", "out/trace", EngineOptions()) as engine:
-            engine.llm.generate(prompts, engine.sampling_params("a17"))
-            shards = engine.flush()
+        with TracedEngine("toy", "out/trace") as engine:
+            params = tag(SamplingParams(max_tokens=16), "a17", {"task": "qa"})
+            engine.llm.generate(["The cat"], params)
+        Trace.open("out/trace")  # complete, samples table with sample_id, task
+
+    ``commit=False`` leaves committing to the caller (``flush()`` returns the new
+    shards); ``moepath trace`` and ``compare`` drive it that way.
     """
 
-    def __init__(self, model: str | Path, trace_dir: str | Path, options: EngineOptions,
-                 trace_all: bool = False):
+    def __init__(self, model: str | Path, trace_dir: str | Path,
+                 options: EngineOptions | None = None, trace_all: bool = False,
+                 commit: bool = True):
         from vllm import LLM
 
+        options = options or EngineOptions()
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # capture wraps the V1 runner
+        _bind_cpu_threads(options.tensor_parallel_size)
         self.settings = CaptureSettings(dir=str(trace_dir), trace_all=trace_all,
-                                        store_probs=options.store_probs).with_run()
+                                        store_probs=options.store_probs, commit=commit,
+                                        flush_interval_s=1.0).with_run()
         self.model = Path(model)
-        self.llm = LLM(**options.llm_kwargs(str(model), self.settings))
+        kwargs = options.llm_kwargs(str(model), self.settings)
+        if commit:  # vLLM cannot skip prefix-cache reads for requests we do not tag
+            kwargs["enable_prefix_caching"] = False
+        self.llm = LLM(**kwargs)
         self.routing = self.llm.collective_rpc("moepath_describe")[0]
 
     @property
@@ -129,11 +155,9 @@ class TracedEngine:
         """
         from vllm import SamplingParams
 
-        return SamplingParams(
+        return tag(SamplingParams(
             max_tokens=max(1, max_tokens), temperature=0.0, detokenize=False,
-            prompt_logprobs=0 if nll else None, flat_logprobs=True,
-            skip_reading_prefix_cache=True,
-            extra_args={REQUEST_ID_KEY: sample_id, **extra})
+            prompt_logprobs=0 if nll else None, flat_logprobs=True, **extra), sample_id)
 
     def flush(self) -> list[store.ShardInfo]:
         """Write all finished requests' routing; raise CaptureError if capture failed."""
@@ -155,6 +179,27 @@ class TracedEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _bind_cpu_threads(tensor_parallel_size: int) -> None:
+    """CPU tensor parallelism: give each rank its own cores unless the user chose.
+
+    vLLM's automatic binding asserts on a single-NUMA-node host ("Not enough
+    allowed NUMA nodes to bind threads of 2 local CPUWorkers"); an explicit
+    ``VLLM_CPU_OMP_THREADS_BIND`` such as ``0|1`` works (VLLM_NOTES.md section 7).
+    """
+    if tensor_parallel_size <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    per_rank = max(1, len(cores) // tensor_parallel_size)
+    groups = [cores[i * per_rank:(i + 1) * per_rank] or cores[-1:]
+              for i in range(tensor_parallel_size)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
 
 
 @dataclass
@@ -209,7 +254,6 @@ class TraceSummary:
     resumed_samples: int = 0
     seconds: float = 0.0
     bytes: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 ProgressFn = Callable[[int, int], None]  # (samples done in this run, tokens done)
@@ -236,7 +280,8 @@ def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
         if on_start:
             on_start(len(tokenized), len(tokenized))
         return job.finish(out, previous, TraceSummary(out))
-    with TracedEngine(model, out, with_max_len(engine_options, max_len, options)) as engine:
+    with TracedEngine(model, out, with_max_len(engine_options, max_len, options),
+                      commit=False) as engine:
         return job.run(engine, out, previous, on_start, on_progress)
 
 
@@ -367,23 +412,13 @@ def _save_router_weights(model, out: Path, routing: dict) -> store.ShardInfo:
 
 def _new_manifest(engine: TracedEngine, sample_set: SampleSet, engine_options: EngineOptions,
                   options: TraceOptions) -> dict:
-    import torch
-    import vllm
+    from .committer import engine_manifest
 
-    model = engine.model
-    shape = checkpoints.moe_shape(model)
-    return store.new_manifest(
-        versions={"moepath": moepath.__version__, "vllm": vllm.__version__,
-                  "torch": torch.__version__},
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        model={"path": str(Path(model).resolve()), "architecture": shape.architecture,
-               "config_sha256": checkpoints.config_sha256(model), "dtype": engine_options.dtype,
-               **engine.routing},
-        input={"path": sample_set.path, "sha256": sample_set.source_sha256,
-               "format": sample_set.format},
-        options={**asdict(engine_options), **asdict(options),
-                 "max_model_len": engine.max_model_len},
-    )
+    return engine_manifest(
+        engine.model, engine_options.dtype, engine.routing,
+        {"path": sample_set.path, "sha256": sample_set.source_sha256,
+         "format": sample_set.format},
+        {**asdict(engine_options), **asdict(options), "max_model_len": engine.max_model_len})
 
 
 def _finalize(out: Path, manifest: dict, summary: TraceSummary) -> None:

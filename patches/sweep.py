@@ -99,7 +99,7 @@ def _engine_for(engine: TracedEngine | None, model: Path, out: Path, options: En
         return engine, "reload"
     if engine is not None:
         engine.close()
-    return TracedEngine(model, out, options), "start"
+    return TracedEngine(model, out, options, commit=False), "start"
 
 
 def _notify(callback, event: SweepEvent) -> None:

@@ -117,7 +117,7 @@ def chunked_engine(toy_olmoe, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("engine")
     options = EngineOptions(enforce_eager=True, max_model_len=512, max_num_batched_tokens=64)
-    with TracedEngine(toy_olmoe, out, options) as engine:
+    with TracedEngine(toy_olmoe, out, options, commit=False) as engine:
         routing = engine.routing
         yield EngineClient(engine, (routing["num_layers"], routing["top_k"],
                                     routing["num_experts"]))

@@ -1,0 +1,80 @@
+"""moepath trace vs tracing by hand with transformers (output_router_logits=True).
+
+Run (from the repository root, inside .venv):
+
+    python bench/bench_vs_hf.py --samples 200 --tokens 128
+
+Same checkpoint (OLMoE-shaped toy), same token ids. The transformers baseline
+is what researchers write by hand: batched forward (batch 16) with
+``output_router_logits=True``, softmax and top-k per layer, in float32 and
+bfloat16. moepath runs ``trace_samples`` (compiled bf16, NLL on), timed from the
+first batch to the committed trace (engine start excluded, reported apart).
+Prints and saves bench/results/vs-hf.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from bench_overhead import RESULTS, prompts, toy
+
+
+def hf_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str, top_k: int) -> float:
+    import torch
+
+    from moepath.tracer.hf_reference import load_model
+
+    model = load_model(model_path, dtype)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(batch), 16):
+            ids = torch.tensor(batch[i:i + 16])
+            out = model(ids, output_router_logits=True)
+            for logits in out.router_logits:
+                logits.float().softmax(-1).topk(top_k, dim=-1)
+    return sum(map(len, batch)) / (time.perf_counter() - start)
+
+
+def moepath_tokens_per_s(model_path: Path, batch: list[list[int]]) -> tuple[float, float]:
+    from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
+    from moepath.tracer.samples import Sample, SampleSet
+
+    samples = SampleSet([Sample(f"s{i}", None, tuple(ids)) for i, ids in enumerate(batch)],
+                        [], "", "memory")
+    rates = {}
+    started = time.perf_counter()
+
+    def on_start(total, done):
+        rates["start_s"] = time.perf_counter() - started
+        rates["t0"] = time.perf_counter()
+
+    summary = trace_samples(model_path, samples, Path(tempfile.mkdtemp()) / "t",
+                            EngineOptions(max_model_len=512), TraceOptions(), on_start=on_start)
+    return summary.tokens / (time.perf_counter() - rates["t0"]), rates["start_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+    model = toy("olmoe-shaped")
+    batch = prompts(args.samples, args.tokens, seed=1)
+    result = {"samples": args.samples, "prompt_tokens": args.tokens,
+              "hf_float32_tokens_per_s": hf_tokens_per_s(model, batch, "float32", 8),
+              "hf_bfloat16_tokens_per_s": hf_tokens_per_s(model, batch, "bfloat16", 8)}
+    result["moepath_tokens_per_s"], result["moepath_engine_start_s"] = moepath_tokens_per_s(
+        model, batch)
+    best_hf = max(result["hf_float32_tokens_per_s"], result["hf_bfloat16_tokens_per_s"])
+    result["moepath_vs_best_hf"] = result["moepath_tokens_per_s"] / best_hf
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "vs-hf.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

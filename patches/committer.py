@@ -1,0 +1,88 @@
+"""Server mode: the worker owns the trace's manifest (no driver process does).
+
+With ``additional_config={"moepath": {"dir": ..., "commit": true}}`` (what
+``vllm serve ... --additional-config`` sets), a background thread in the writing
+worker flushes finished requests every ``flush_interval_s`` seconds and commits
+the new shards in ``manifest.json``, so completed requests become readable while
+the server runs; worker shutdown commits the rest and marks the trace complete.
+Restarting a server on the same directory appends to the trace.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import moepath
+from moepath.tracer import checkpoints, store
+
+from . import compat
+from .settings import CaptureSettings
+
+
+def engine_manifest(model: str | Path, dtype: str, routing: dict, source: dict,
+                    options: dict) -> dict:
+    """A new manifest for a trace of ``model`` served by this process's vLLM.
+
+    ``routing``: the worker's ``moepath_describe`` reply; ``source``: the input
+    (``path``, ``sha256``, ``format``); ``options``: what the run was asked to do.
+    """
+    import torch
+    import vllm
+
+    shape = checkpoints.moe_shape(model)
+    return store.new_manifest(
+        versions={"moepath": moepath.__version__, "vllm": vllm.__version__,
+                  "torch": torch.__version__},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        model={"path": str(Path(model).resolve()), "architecture": shape.architecture,
+               "config_sha256": checkpoints.config_sha256(model), "dtype": dtype, **routing},
+        input=source, options=options)
+
+
+class ManifestCommitter:
+    def __init__(self, settings: CaptureSettings, recorder, routing: dict, model: str,
+                 dtype: str):
+        self.trace_dir = Path(settings.dir)
+        self.recorder = recorder
+        self.interval = settings.flush_interval_s
+        previous = store.prepare_directory(self.trace_dir, resume=(
+            self.trace_dir / store.MANIFEST).is_file(), force=False)
+        self.manifest = previous or engine_manifest(
+            model, dtype, routing, {"path": "", "sha256": "", "format": "server"},
+            settings.as_dict())
+        weights = checkpoints.router_weights(model, routing["num_experts"])
+        self.manifest["router_weights"] = asdict(store.write_router_weights(
+            self.trace_dir, [weights[i] for i in routing["layer_ids"]]))
+        self.manifest["status"] = "running"
+        store.write_manifest(self.trace_dir, self.manifest)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="moepath-commit", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.commit()
+
+    def commit(self, final: bool = False) -> None:
+        """Flush finished requests, record their shards, rewrite the manifest."""
+        report = self.recorder.flush()
+        store.add_shards(self.manifest, store.ROUTING_DIR,
+                         [store.ShardInfo(**shard) for shard in report["shards"]])
+        routing = self.manifest["shards"][store.ROUTING_DIR]
+        self.manifest["counts"] = {"routing_records": sum(s["rows"] for s in routing),
+                                   "tokens": sum(s["tokens"] for s in routing)}
+        if report["error"]:
+            self.manifest["status"], self.manifest["capture_error"] = "failed", report["error"]
+        elif final:
+            self.manifest["status"] = "complete"
+        store.write_manifest(self.trace_dir, self.manifest)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.recorder.on_finished(list(self.recorder.active))  # requests cut by shutdown
+        self.commit(final=True)
+        compat.logger.info("%s trace committed to %s", compat.LOG_PREFIX, self.trace_dir)

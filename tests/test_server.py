@@ -1,0 +1,103 @@
+"""Tracing behind `vllm serve` (OpenAI API on 127.0.0.1): opt-in per request, live, complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moepath.tracer import Trace
+from moepath.tracer.hf_reference import hf_routing, load_model
+
+pytestmark = pytest.mark.vllm
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError("server did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def server(toy_olmoe, tmp_path_factory):
+    trace_dir = tmp_path_factory.mktemp("served") / "trace"
+    port = free_port()
+    config = {"moepath": {"dir": str(trace_dir), "commit": True, "flush_interval_s": 1}}
+    log = open(trace_dir.parent / "server.log", "w")  # noqa: SIM115 (closed in teardown)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "vllm"), "serve", str(toy_olmoe),
+         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
+         "--no-enable-prefix-caching", "--additional-config", json.dumps(config)],
+        stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"VLLM_USE_V2_MODEL_RUNNER": "0"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url, trace_dir, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=120)
+        log.close()
+
+
+def complete(url: str, model: str, prompt: list[int], tag: dict | None):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    extra = {"vllm_xargs": tag} if tag else None
+    return client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0,
+                                     extra_body=extra)
+
+
+def test_tagged_requests_are_traced_live_and_match_an_hf_forward(server, toy_olmoe):
+    url, trace_dir, process = server
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 500, size=int(rng.integers(8, 60))).tolist() for _ in range(12)]
+    tags = [{"moepath_id": f"q{i}", "moepath_meta": json.dumps({"task": "t", "i": i})}
+            if i % 2 == 0 else None for i in range(12)]
+    with ThreadPoolExecutor(8) as pool:  # tagged and untagged requests, concurrently
+        list(pool.map(lambda args: complete(url, str(toy_olmoe), *args), zip(prompts, tags)))
+    time.sleep(3)  # > flush interval: completed requests are committed while serving
+    live = Trace.open(trace_dir)
+    assert live.manifest["status"] == "running"
+    assert sorted(live.sample_ids()) == sorted(f"q{i}" for i in range(0, 12, 2))
+    samples = live.samples.set_index("sample_id")
+    assert samples.loc["q4", "task"] == "t" and samples.loc["q4", "i"] == 4
+    model = load_model(toy_olmoe)
+    for i in range(0, 12, 2):
+        ids, _ = live.topk(f"q{i}")
+        np.testing.assert_array_equal(live.token_ids(f"q{i}"), prompts[i])
+        reference = hf_routing(model, prompts[i], live.top_k)
+        agree = (np.sort(ids, -1) == np.sort(reference.expert_ids, -1)).all(-1).mean()
+        assert agree >= 0.999
+
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+    final = Trace.open(trace_dir)
+    assert final.manifest["status"] == "complete"
+    assert len(final.sample_ids()) == 6
