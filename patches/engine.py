@@ -42,6 +42,7 @@ class EngineOptions:
     trust_remote_code: bool = False
     seed: int = 0
     store_probs: bool = False
+    num_kv_blocks: int | None = None  # override the KV cache size (tests force preemption)
 
     def llm_kwargs(self, model: str, settings: CaptureSettings | None) -> dict:
         """``vllm.LLM`` keyword arguments; ``settings=None`` gives the untraced twin."""
@@ -60,6 +61,8 @@ class EngineOptions:
             kwargs["max_model_len"] = self.max_model_len
         if self.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
+        if self.num_kv_blocks:
+            kwargs["num_gpu_blocks_override"] = self.num_kv_blocks
         return kwargs
 
 

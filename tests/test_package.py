@@ -45,3 +45,13 @@ def test_cli_help_lists_the_commands():
                          capture_output=True, text=True, check=True).stdout
     for command in ("trace", "toy-model"):
         assert command in out
+
+
+def test_traced_and_untraced_engines_never_share_a_compile_cache_entry():
+    """vLLM keys its compile cache on the config hash, which covers additional_config: a
+    graph compiled without the hook cannot be loaded by a traced engine, nor vice versa."""
+    from vllm.config import VllmConfig
+
+    untraced = VllmConfig().compute_hash()
+    traced = VllmConfig(additional_config={"moepath": {"dir": "t"}}).compute_hash()
+    assert traced != untraced
