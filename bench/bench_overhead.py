@@ -2,19 +2,23 @@
 
 Run (from the repository root, inside .venv):
 
-    python bench/bench_overhead.py --mode compiled --samples 400 --tokens 256 --repeats 3
+    python bench/bench_overhead.py --mode compiled --samples 400 --tokens 256 --rounds 2
     python bench/bench_overhead.py --mode eager --decode   # short prompts, 128 generated tokens
 
-Two engines of the same configuration live side by side in this process: an
-untraced ``vllm.LLM`` (A) and a moepath ``TracedEngine`` (B). Batches alternate
-A B A B ... so machine noise hits both alike; the traced time includes the
-flush that writes the shards. Prints and saves (bench/results/overhead-<mode>.json)
-tokens/s per repeat, medians and the traced/untraced ratio.
+Engines of the same configuration, untraced (A: a plain ``vllm.LLM``) and
+traced (B: ``TracedEngine``, every request tagged), run in alternating phases
+A B A B ... in this process, one engine alive at a time (two live CPU engines
+oversubscribe the cores with spinning OpenMP threads). Each phase starts its
+engine, warms it up, then times ``--reps`` generate calls over the same batch;
+engine start is excluded. The traced time includes the flush that writes the
+shards. Prints and saves bench/results/overhead-<mode>-<workload>.json: tokens/s
+of every timed call, medians, and the traced/untraced ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -40,10 +44,34 @@ def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(3, 500, size=length).tolist() for _ in range(n)]
 
 
-def timed_generate(llm, batch, params) -> float:
-    start = time.perf_counter()
-    llm.generate(batch, params, use_tqdm=False)
-    return time.perf_counter() - start
+def measure(kind: str, model: Path, batch, options, max_tokens: int, reps: int) -> list[float]:
+    """tokens/s of ``reps`` generate calls over ``batch`` on a fresh engine of ``kind``."""
+    from vllm import LLM, SamplingParams
+
+    from moepath.patches.engine import TracedEngine, tag
+
+    traced = kind == "traced"
+    engine = TracedEngine(model, tempfile.mkdtemp(prefix="moepath-bench-"), options,
+                          commit=False) if traced else None
+    llm = engine.llm if traced else LLM(**options.llm_kwargs(str(model), None))
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
+                             ignore_eos=True) for _ in batch]
+    if traced:
+        params = [tag(p, f"s{i}") for i, p in enumerate(params)]
+    tokens = sum(len(p["prompt_token_ids"]) for p in batch) + len(batch) * (max_tokens - 1)
+    rates = []
+    for rep in range(reps + 1):  # the first call warms up
+        start = time.perf_counter()
+        llm.generate(batch, params, use_tqdm=False)
+        if traced:
+            engine.flush()
+        if rep:
+            rates.append(tokens / (time.perf_counter() - start))
+    if traced:
+        engine.close()
+    else:
+        llm.llm_engine.engine_core.shutdown()
+    return rates
 
 
 def main() -> None:
@@ -52,45 +80,31 @@ def main() -> None:
     parser.add_argument("--preset", default="olmoe-shaped")
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="A B phase pairs")
+    parser.add_argument("--reps", type=int, default=2, help="timed calls per phase")
     parser.add_argument("--decode", action="store_true",
                         help="decode-heavy: 16-token prompts, 128 generated tokens")
     args = parser.parse_args()
 
-    from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from moepath.patches.engine import EngineOptions, TracedEngine
+    from moepath.patches.engine import EngineOptions
 
     model = toy(args.preset)
     length, max_tokens = (16, 128) if args.decode else (args.tokens, 1)
     batch = [TokensPrompt(prompt_token_ids=p) for p in prompts(args.samples, length)]
-    options = EngineOptions(enforce_eager=args.mode == "eager", max_model_len=length + max_tokens
-                            + 8, gpu_memory_utilization=0.15)
-    trace_dir = Path(tempfile.mkdtemp(prefix="moepath-bench-"))
-    untraced = LLM(**options.llm_kwargs(str(model), None))
-    traced = TracedEngine(model, trace_dir, options, commit=False)
-    plain = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
-                           ignore_eos=True)
-    tagged = [traced.sampling_params(f"s{i}", max_tokens=max_tokens)
-              for i in range(len(batch))]
-    for params in tagged:
-        params.ignore_eos = True
-    timed_generate(untraced, batch[:8], plain)  # warm-up both
-    timed_generate(traced.llm, batch[:8], tagged[:8])
-    traced.flush()
-    tokens = len(batch) * (length + (max_tokens if args.decode else 0))
+    options = EngineOptions(enforce_eager=args.mode == "eager",
+                            max_model_len=length + max_tokens + 8)
     rates = {"untraced": [], "traced": []}
-    for _ in range(args.repeats):
-        rates["untraced"].append(tokens / timed_generate(untraced, batch, plain))
-        start = time.perf_counter()
-        traced.llm.generate(batch, tagged, use_tqdm=False)
-        traced.flush()
-        rates["traced"].append(tokens / (time.perf_counter() - start))
+    for _ in range(args.rounds):
+        for kind in ("untraced", "traced"):
+            rates[kind] += measure(kind, model, batch, options, max_tokens, args.reps)
+            gc.collect()
     result = {
         "mode": args.mode, "workload": "decode" if args.decode else "prefill",
         "preset": args.preset, "samples": args.samples, "prompt_tokens": length,
-        "max_tokens": max_tokens, "repeats": args.repeats, "tokens_per_s": rates,
+        "max_tokens": max_tokens, "rounds": args.rounds, "reps": args.reps,
+        "tokens_per_s": rates,
         "median_untraced": statistics.median(rates["untraced"]),
         "median_traced": statistics.median(rates["traced"]),
     }
@@ -99,7 +113,6 @@ def main() -> None:
     name = f"overhead-{args.mode}-{result['workload']}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    traced.close()
 
 
 if __name__ == "__main__":

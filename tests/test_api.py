@@ -20,18 +20,18 @@ def test_generate_logprobs_n_sampling_and_untagged_requests(toy_olmoe, tmp_path)
     from vllm.inputs import TokensPrompt
 
     prompt = TokensPrompt(prompt_token_ids=[5, 17, 42, 99, 7, 3])
-    with pytest.raises(StopHere):  # an exception in the block still leaves a complete trace
-        with TracedEngine(toy_olmoe, tmp_path / "t",
-                          EngineOptions(enforce_eager=True, max_model_len=256)) as engine:
-            engine.llm.generate([prompt] * 4, [
-                tag(SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), "gen",
-                    {"task": "chat", "split": "dev"}),
-                tag(SamplingParams(max_tokens=1, prompt_logprobs=0), "score", {"task": "mc"}),
-                tag(SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=1,
-                                   ignore_eos=True), "pair", {"task": "sample"}),
-                SamplingParams(max_tokens=3),  # untagged: runs as usual, not recorded
-            ], use_tqdm=False)
-            raise StopHere
+    options = EngineOptions(enforce_eager=True, max_model_len=256)
+    # an exception in the block still leaves a complete trace
+    with pytest.raises(StopHere), TracedEngine(toy_olmoe, tmp_path / "t", options) as engine:
+        engine.llm.generate([prompt] * 4, [
+            tag(SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), "gen",
+                {"task": "chat", "split": "dev"}),
+            tag(SamplingParams(max_tokens=1, prompt_logprobs=0), "score", {"task": "mc"}),
+            tag(SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=1,
+                               ignore_eos=True), "pair", {"task": "sample"}),
+            SamplingParams(max_tokens=3),  # untagged: runs as usual, not recorded
+        ], use_tqdm=False)
+        raise StopHere
     trace = Trace.open(tmp_path / "t")
     assert trace.manifest["status"] == "complete"
     assert sorted(trace.sample_ids()) == ["gen", "pair", "score"]

@@ -81,7 +81,8 @@ def test_tagged_requests_are_traced_live_and_match_an_hf_forward(server, toy_olm
     tags = [{"moepath_id": f"q{i}", "moepath_meta": json.dumps({"task": "t", "i": i})}
             if i % 2 == 0 else None for i in range(12)]
     with ThreadPoolExecutor(8) as pool:  # tagged and untagged requests, concurrently
-        list(pool.map(lambda args: complete(url, str(toy_olmoe), *args), zip(prompts, tags)))
+        list(pool.map(lambda args: complete(url, str(toy_olmoe), *args),
+                      zip(prompts, tags, strict=True)))
     time.sleep(3)  # > flush interval: completed requests are committed while serving
     live = Trace.open(trace_dir)
     assert live.manifest["status"] == "running"

@@ -1,0 +1,160 @@
+"""`moepath eval`: lm-evaluation-harness tasks through a traced engine, scores on the trace.
+
+One `moepath eval` run (one engine start) of three local tasks shipped in
+tests/data/lm_eval/: multiple choice (loglikelihood), generation
+(generate_until) and perplexity (loglikelihood_rolling). The toy model answers
+at chance, so the tests check structure, never accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moepath.tracer import Trace
+
+pytestmark = pytest.mark.vllm
+
+TASK_DIR = Path(__file__).parent / "data" / "lm_eval"
+REQUEST_TYPES = {"moepath_mc": "loglikelihood", "moepath_gen": "generate_until",
+                 "moepath_ppl": "loglikelihood_rolling"}
+
+
+def moepath(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moepath.cli.main", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def evaluated(toy_olmoe, tmp_path_factory) -> Path:
+    """`moepath eval` of the three tasks, run where the YAMLs' data_files (relative to the
+    repository root: `datasets` resolves them against the working directory) resolve."""
+    root = tmp_path_factory.mktemp("lm_eval")
+    shutil.copytree(TASK_DIR, root / "tests" / "data" / "lm_eval")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(root / "datasets-cache")}
+    result = moepath("eval", toy_olmoe, "--tasks", ",".join(REQUEST_TYPES), "--include-path",
+                     "tests/data/lm_eval", "--out", root / "out", "--enforce-eager",
+                     "--max-model-len", 256, cwd=root, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "samples traced" in result.stderr
+    return root / "out"
+
+
+def logged(out: Path, task: str) -> list[dict]:
+    lines = (out / "lm_eval" / f"samples_{task}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def request_ids(out: Path, task: str) -> list[tuple[str, dict, int]]:
+    """(sample id, logged document, request index) of every request lm-eval logged."""
+    suffix = "/0" if REQUEST_TYPES[task] == "loglikelihood_rolling" else ""  # window 0
+    return [(f"{task}/{doc['doc_id']}/{i}/{REQUEST_TYPES[task]}{suffix}", doc, i)
+            for doc in logged(out, task) for i in range(len(doc["arguments"]))]
+
+
+def lm_eval_scored_tokens(tokenizer, context: str, continuation: str) -> list[int]:
+    """The tokens lm-eval scores for (context, continuation): TemplateLM._encode_pair."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = tokenizer(context).input_ids
+    return context_ids + tokenizer(context + continuation).input_ids[len(context_ids):]
+
+
+def test_lm_eval_results_and_samples_are_written(evaluated):
+    results = json.loads((evaluated / "lm_eval" / "results.json").read_text())
+    assert set(results["results"]) == set(REQUEST_TYPES)
+    assert "acc,none" in results["results"]["moepath_mc"]
+    assert "exact_match,none" in results["results"]["moepath_gen"]
+    assert [len(logged(evaluated, task)) for task in REQUEST_TYPES] == [7, 4, 2]
+
+
+def test_one_traced_sample_per_request(evaluated):
+    trace = Trace.open(evaluated / "trace")
+    expected = [sid for task in REQUEST_TYPES for sid, _, _ in request_ids(evaluated, task)]
+    assert len(expected) == 21 + 4 + 2  # 21 answer choices, 4 questions, 2 texts of one window
+    assert trace.manifest["status"] == "complete"
+    assert sorted(trace.sample_ids()) == sorted(expected)
+    assert sorted(trace.samples["sample_id"]) == sorted(expected)
+    assert trace.manifest["counts"]["samples"] == len(expected)
+
+
+def test_samples_carry_request_and_document_scores(evaluated):
+    samples = Trace.open(evaluated / "trace").samples.set_index("sample_id")
+    for task, metric in (("moepath_mc", "acc"), ("moepath_gen", "exact_match")):
+        for sid, doc, index in request_ids(evaluated, task):
+            row = samples.loc[sid]
+            assert (row["task"], row["doc_id"]) == (task, doc["doc_id"])
+            assert (row["request_index"], row["request_type"]) == (index, REQUEST_TYPES[task])
+            assert row[metric] == doc[metric]
+    assert np.isnan(samples.loc["moepath_mc/0/0/loglikelihood", "exact_match"])  # other task
+    ppl = samples[samples["task"] == "moepath_ppl"]
+    assert (ppl["window"] == 0).all()  # per-document perplexity terms are pairs: not joined
+    assert "word_perplexity" not in samples.columns
+
+
+def test_every_prompt_token_of_a_scoring_request_is_traced(evaluated, toy_olmoe):
+    """Scoring reads prompt log-probs: every prompt token is computed, the last included."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy_olmoe)
+    trace = Trace.open(evaluated / "trace")
+    requests = request_ids(evaluated, "moepath_mc")
+    for sid, doc, index in requests:
+        expected = lm_eval_scored_tokens(tokenizer, *doc["arguments"][index])
+        np.testing.assert_array_equal(trace.token_ids(sid), expected)
+        np.testing.assert_array_equal(trace.positions(sid), np.arange(len(expected)))
+        assert trace.num_prompt_tokens(sid) == len(expected)
+    # documents 0 and 6 are identical: same tokens, each request traced under its own id
+    np.testing.assert_array_equal(trace.token_ids("moepath_mc/0/1/loglikelihood"),
+                                  trace.token_ids("moepath_mc/6/1/loglikelihood"))
+    for sid, doc, _ in request_ids(evaluated, "moepath_ppl"):
+        text = tokenizer(doc["arguments"][0][0]).input_ids
+        np.testing.assert_array_equal(trace.token_ids(sid)[1:], text)  # after the prefix token
+
+
+def test_generation_is_traced_from_the_prompt_on(evaluated, toy_olmoe):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy_olmoe)
+    trace = Trace.open(evaluated / "trace")
+    for sid, doc, _ in request_ids(evaluated, "moepath_gen"):
+        prompt = tokenizer(doc["arguments"][0][0]).input_ids
+        assert trace.num_prompt_tokens(sid) == len(prompt)
+        np.testing.assert_array_equal(trace.token_ids(sid)[:len(prompt)], prompt)
+        np.testing.assert_array_equal(trace.positions(sid), np.arange(len(trace.positions(sid))))
+
+
+@pytest.mark.parametrize("column, groups", [
+    ("task", {"moepath_mc": 21, "moepath_gen": 4, "moepath_ppl": 2}),
+    ("request_type", {"loglikelihood": 21, "generate_until": 4, "loglikelihood_rolling": 2}),
+])
+def test_metrics_group_by_eval_columns(evaluated, column, groups):
+    result = moepath("metrics", evaluated / "trace", "--group-by", column, "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert {g["name"]: g["n_samples"] for g in payload["groups"]} == groups
+
+
+def test_metrics_group_by_accuracy(evaluated):
+    result = moepath("metrics", evaluated / "trace", "--group-by", "acc", "--json")
+    assert result.returncode == 0, result.stderr
+    groups = {g["name"]: g["n_samples"] for g in json.loads(result.stdout)["groups"]}
+    assert groups.pop("(missing)") == 6  # generation and perplexity requests have no acc
+    assert set(groups) <= {"0.0", "1.0"} and sum(groups.values()) == 21
+
+
+def test_unknown_task_is_refused_before_an_engine_starts(toy_olmoe, tmp_path):
+    result = moepath("eval", toy_olmoe, "--tasks", "no_such_task", "--out", tmp_path / "o",
+                     env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert "unknown lm-eval task(s) ['no_such_task']" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
