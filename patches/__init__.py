@@ -71,7 +71,8 @@ def _enable_capture(worker, settings) -> None:
     worker.moepath_describe = lambda: routing.describe() | {
         "writer": recorder is not None, "reload_blocker": _reload_blocker(worker)}
     worker.moepath_flush = (recorder.flush if recorder is not None
-                            else lambda: {"shards": [], "error": None, "requests_recorded": 0})
+                            else lambda: {"shards": [], "error": None, "requests_recorded": 0,
+                                         "requests_recomputed": 0})
 
     def switch(trace_dir: str, run: str, weights_path: str | None = None) -> None:
         if weights_path:

@@ -138,6 +138,7 @@ class RequestAccumulator:
     num_prompt_tokens: int
     meta: dict
     chunks: list[_Chunk] = field(default_factory=list)
+    recomputed: bool = False  # preempted and recomputed at least once
 
     def add(self, chunk: _Chunk) -> None:
         # Preemption recomputes from an earlier position: the new rows replace
@@ -145,6 +146,7 @@ class RequestAccumulator:
         start = chunk.positions[0]
         while self.chunks and self.chunks[-1].positions[0] >= start:
             self.chunks.pop()
+            self.recomputed = True
         if self.chunks and self.chunks[-1].positions[-1] >= start:
             raise RuntimeError(f"request {self.request_id}: overlapping partial chunk at {start}")
         self.chunks.append(chunk)
@@ -195,6 +197,7 @@ class StepRecorder:
         self.error: str | None = None
         self.lock = threading.Lock()
         self.requests_recorded = 0
+        self.requests_recomputed = 0
 
     # -- which requests are traced -------------------------------------------
 
@@ -228,6 +231,7 @@ class StepRecorder:
             if accumulator is not None and accumulator.chunks:
                 self.sink.add(accumulator.finish())
                 self.requests_recorded += 1
+                self.requests_recomputed += accumulator.recomputed
 
     def after_forward(self, runner) -> None:
         batch = runner.input_batch
@@ -286,7 +290,8 @@ class StepRecorder:
             except Exception as exc:  # a failed write must reach the driver, not vanish
                 self.fail(exc)
             return {"shards": shards, "error": self.error,
-                    "requests_recorded": self.requests_recorded}
+                    "requests_recorded": self.requests_recorded,
+                    "requests_recomputed": self.requests_recomputed}
 
 
 def wrap_execute_model(runner, recorder: StepRecorder):

@@ -163,8 +163,13 @@ class TracedEngine:
             prompt_logprobs=0 if nll else None, flat_logprobs=True, **extra), sample_id)
 
     def flush(self) -> list[store.ShardInfo]:
-        """Write all finished requests' routing; raise CaptureError if capture failed."""
+        """Write all finished requests' routing; raise CaptureError if capture failed.
+
+        ``self.requests_recomputed`` then counts traced requests that vLLM preempted
+        and recomputed (their recomputed rows replaced the first ones).
+        """
         replies = self.llm.collective_rpc("moepath_flush")
+        self.requests_recomputed = sum(reply["requests_recomputed"] for reply in replies)
         errors = [reply["error"] for reply in replies if reply["error"]]
         if errors:
             raise CaptureError(f"routing capture failed in the engine: {errors[0]}")

@@ -46,6 +46,7 @@ def test_preemption_recompute_keeps_exactly_one_record_per_position_the_last():
     acc.add(chunk(0, 5, 4, fill=2))  # preempted, recomputed from scratch (prompt + output)
     acc.add(chunk(5, 6, 4, fill=2))
     record = acc.finish()
+    assert acc.recomputed
     np.testing.assert_array_equal(record.positions, np.arange(6))
     assert (record.expert_ids == 2).all()
     np.testing.assert_allclose(record.router_mean, np.full((L, E), 0.25))  # not double-counted

