@@ -19,6 +19,9 @@ import pytest
 from moepath.tracer import store
 from moepath.tracer.toy import build_toy_model, corpus
 
+# Several tiny engines may be alive at once (a session engine plus a CLI run):
+# each takes this fraction of the node's memory instead of the default 0.3.
+TEST_MEMORY = 0.12
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -73,7 +76,8 @@ def olmoe_trace(toy_olmoe, samples_file, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("traces") / "olmoe"
     trace_samples(toy_olmoe, read_samples(samples_file, SampleReadOptions()), out,
-                  EngineOptions(max_model_len=512), TraceOptions(batch_size=16))
+                  EngineOptions(max_model_len=512, gpu_memory_utilization=TEST_MEMORY),
+                  TraceOptions(batch_size=16))
     return out
 
 
@@ -116,7 +120,8 @@ def chunked_engine(toy_olmoe, tmp_path_factory):
     from moepath.patches.engine import EngineOptions, TracedEngine
 
     out = tmp_path_factory.mktemp("engine")
-    options = EngineOptions(enforce_eager=True, max_model_len=512, max_num_batched_tokens=64)
+    options = EngineOptions(enforce_eager=True, max_model_len=512, max_num_batched_tokens=64,
+                            gpu_memory_utilization=TEST_MEMORY)
     with TracedEngine(toy_olmoe, out, options, commit=False) as engine:
         routing = engine.routing
         yield EngineClient(engine, (routing["num_layers"], routing["top_k"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TEST_MEMORY
 
 from moepath.patches.engine import EngineOptions, TracedEngine, tag
 from moepath.tracer import Trace
@@ -20,7 +21,8 @@ def test_generate_logprobs_n_sampling_and_untagged_requests(toy_olmoe, tmp_path)
     from vllm.inputs import TokensPrompt
 
     prompt = TokensPrompt(prompt_token_ids=[5, 17, 42, 99, 7, 3])
-    options = EngineOptions(enforce_eager=True, max_model_len=256)
+    options = EngineOptions(enforce_eager=True, max_model_len=256,
+                            gpu_memory_utilization=TEST_MEMORY)
     # an exception in the block still leaves a complete trace
     with pytest.raises(StopHere), TracedEngine(toy_olmoe, tmp_path / "t", options) as engine:
         engine.llm.generate([prompt] * 4, [

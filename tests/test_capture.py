@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TEST_MEMORY
 
 from moepath.tracer import Trace
 from moepath.tracer.hf_reference import hf_routing, load_model
@@ -83,7 +84,8 @@ def test_float32_trace_matches_hf_exactly(arch, toy_factory, samples_file, tmp_p
     model = toy_factory(arch)
     samples = read_samples(samples_file, SampleReadOptions(limit=12))
     trace_samples(model, samples, tmp_path / "t", EngineOptions(
-        dtype="float32", enforce_eager=True, max_model_len=512), TraceOptions())
+        dtype="float32", enforce_eager=True, max_model_len=512,
+        gpu_memory_utilization=TEST_MEMORY), TraceOptions())
     result = compare_with_hf(Trace.open(tmp_path / "t"), model)
     print(f"{arch} fp32 vs HF fp32: top-k agreement {result['agreement']:.4%}")
     assert result["agreement"] >= 0.999

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import write_jsonl
+from conftest import TEST_MEMORY, write_jsonl
 
 from moepath.tracer import Trace
 
@@ -80,6 +80,7 @@ def test_trace_writes_a_complete_trace_and_resume_is_a_no_op(tmp_path, toy_olmoe
         + [{"id": "essay", "text": "word " * 100, "domain": "long"}])
     out = tmp_path / "trace"
     result = moepath("trace", toy_olmoe, "--samples", samples, "--out", out, "--enforce-eager",
+                     "--gpu-memory-utilization", str(TEST_MEMORY),
                      "--max-model-len", "64", "--truncate", "--batch-size", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "truncated samples" in result.stderr
@@ -93,6 +94,7 @@ def test_trace_writes_a_complete_trace_and_resume_is_a_no_op(tmp_path, toy_olmoe
     assert samples_table["nll"].between(0, 20).all()
     assert len(trace.positions("x0")) == samples_table.loc["x0", "num_tokens"]
     again = moepath("trace", toy_olmoe, "--samples", samples, "--out", out, "--enforce-eager",
+                    "--gpu-memory-utilization", str(TEST_MEMORY),
                     "--max-model-len", "64", "--truncate", "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "7 sample(s) already traced" in again.stderr

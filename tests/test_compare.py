@@ -7,7 +7,7 @@ import shutil
 
 import pandas as pd
 import pytest
-from conftest import write_jsonl
+from conftest import TEST_MEMORY, write_jsonl
 from test_cli_trace import assert_one_line_error, moepath
 
 from moepath.tracer import compare as cmp
@@ -79,6 +79,7 @@ def compared(toy_factory, samples_file, tmp_path_factory):
                   "score": [0.1, 0.4, 0.8]}).to_csv(scores, index=False)
     args = ("compare", root / "run", "--samples", samples_file, "--out", root / "out",
             "--scores", scores, "--group-by", "domain", "--enforce-eager",
+            "--gpu-memory-utilization", str(TEST_MEMORY),
             "--max-model-len", "512")
     result = moepath(*args)
     assert result.returncode == 0, result.stderr[-3000:]

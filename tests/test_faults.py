@@ -9,14 +9,15 @@ import time
 
 import numpy as np
 import pytest
-from conftest import write_jsonl
+from conftest import TEST_MEMORY, write_jsonl
 
 from moepath.tracer import Trace, store
 from moepath.tracer.toy import corpus
 
 pytestmark = pytest.mark.vllm
 
-ARGS = ("--enforce-eager", "--max-model-len", "256", "--batch-size", "8")
+ARGS = ("--enforce-eager", "--max-model-len", "256", "--batch-size", "8",
+        "--gpu-memory-utilization", str(TEST_MEMORY))
 
 
 def trace_command(model, samples, out, *extra) -> list[str]:
@@ -73,7 +74,8 @@ def test_tensor_parallel_2_writes_one_trace_equal_to_tp1(olmoe_trace, toy_olmoe,
     source = Trace.open(olmoe_trace)
     samples = read_samples(source.manifest["input"]["path"], SampleReadOptions(limit=10))
     trace_samples(toy_olmoe, samples, tmp_path / "tp2",
-                  EngineOptions(tensor_parallel_size=2, max_model_len=512, enforce_eager=True),
+                  EngineOptions(tensor_parallel_size=2, max_model_len=512, enforce_eager=True,
+                                gpu_memory_utilization=TEST_MEMORY),
                   TraceOptions())
     tp2 = Trace.open(tmp_path / "tp2")
     assert sorted(tp2.sample_ids()) == sorted(s.sample_id for s in samples.samples)
@@ -102,7 +104,8 @@ def test_preempted_and_recomputed_requests_equal_the_same_requests_alone(toy_olm
         return {r.sample_id: r for shard in engine.flush()
                 for r in store.read_routing_shard(tmp_path / "t" / shard.file, 4, 4, 16)}
 
-    options = EngineOptions(enforce_eager=True, max_model_len=256, num_kv_blocks=6)
+    options = EngineOptions(enforce_eager=True, max_model_len=256, num_kv_blocks=6,
+                            gpu_memory_utilization=TEST_MEMORY)
     with TracedEngine(toy_olmoe, tmp_path / "t", options, commit=False) as engine:
         crowded = run(engine, prompts)
         preemptions = engine.requests_recomputed

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TEST_MEMORY
 
 from moepath.tracer import Trace
 
@@ -42,6 +43,7 @@ def evaluated(toy_olmoe, tmp_path_factory) -> Path:
            "HF_DATASETS_CACHE": str(root / "datasets-cache")}
     result = moepath("eval", toy_olmoe, "--tasks", ",".join(REQUEST_TYPES), "--include-path",
                      "tests/data/lm_eval", "--out", root / "out", "--enforce-eager",
+                     "--gpu-memory-utilization", str(TEST_MEMORY),
                      "--max-model-len", 256, cwd=root, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "samples traced" in result.stderr

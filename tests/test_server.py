@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import TEST_MEMORY
 
 from moepath.tracer import Trace
 from moepath.tracer.hf_reference import hf_routing, load_model
@@ -52,7 +53,7 @@ def server(toy_olmoe, tmp_path_factory):
         # distribution named "vllm"); the module entry point runs the same server
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(toy_olmoe),
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
+         "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization", str(TEST_MEMORY),
          "--no-enable-prefix-caching", "--shutdown-timeout", "60",
          "--additional-config", json.dumps(config)],
         stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"VLLM_USE_V2_MODEL_RUNNER": "0"})

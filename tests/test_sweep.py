@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import TEST_MEMORY
 
 from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
 from moepath.patches.sweep import trace_checkpoints
@@ -14,7 +15,7 @@ from moepath.tracer.samples import SampleReadOptions, read_samples
 
 pytestmark = pytest.mark.vllm
 
-EAGER = EngineOptions(enforce_eager=True, max_model_len=512)
+EAGER = EngineOptions(enforce_eager=True, max_model_len=512, gpu_memory_utilization=TEST_MEMORY)
 
 
 def assert_same_trace(a: Trace, b: Trace) -> None:
