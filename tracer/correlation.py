@@ -177,7 +177,7 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame,
         MetricError: ``metrics`` lacks a column or repeats a (step, group, metric).
         InputError: bad scores (see :func:`read_scores`).
     """
-    _check_metrics(metrics)
+    check_metrics_frame(metrics)
     known = dict(zip(metrics["checkpoint"].astype(str), metrics["step"].astype(int),
                      strict=True))
     scores = resolve_scores(scores, known)  # idempotent on read_scores' output
@@ -197,7 +197,9 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame,
     return frame.astype({"n": "int64", "first_step": "Int64", "last_step": "Int64"})
 
 
-def _check_metrics(metrics: pd.DataFrame) -> None:
+def check_metrics_frame(metrics: pd.DataFrame) -> None:
+    """MetricError unless ``metrics`` has the long columns and one value per
+    (step, group, metric)."""
     missing = [c for c in _METRIC_COLUMNS if c not in metrics.columns]
     if missing:
         raise MetricError(f"metrics frame lacks columns {missing}; it needs "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .correlation import resolve_scores, table1
+from .correlation import check_metrics_frame, resolve_scores, table1
 from .errors import MetricError
 from .memorisation import MemorisationResult
 
@@ -93,21 +93,13 @@ def write_report(out_dir: str | Path, metrics: pd.DataFrame, correlations: pd.Da
 
 
 def check_metrics(metrics: pd.DataFrame) -> None:
-    """MetricError unless ``metrics`` is a long frame of known metric names."""
-    missing = [c for c in ("checkpoint", "step", "group", "metric", "value")
-               if c not in metrics.columns]
-    if missing:
-        raise MetricError(f"metrics frame lacks columns {missing}; pass the long frame of "
-                          "compare.checkpoint_metrics (checkpoint, step, group, metric, value)")
+    """MetricError unless ``metrics`` is a long frame (one value per checkpoint, group and
+    metric) of known metric names."""
+    check_metrics_frame(metrics)
     unknown = sorted(set(metrics["metric"]) - set(METRIC_NAMES))
     if unknown:
         raise MetricError(f"metrics frame has unknown metric(s) {unknown}; use the names in "
                           f"report.METRIC_NAMES: {', '.join(METRIC_NAMES)}")
-    twice = metrics.duplicated(["group", "checkpoint", "metric"])
-    if twice.any():
-        shown = metrics.loc[twice, ["group", "checkpoint", "metric"]].head(3).to_numpy().tolist()
-        raise MetricError(f"metrics frame repeats (group, checkpoint, metric) {shown}; pass one "
-                          "value each")
 
 
 def _run_section(command: str, versions: dict) -> list[str]:
