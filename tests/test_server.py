@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -56,7 +57,8 @@ def server(toy_olmoe, tmp_path_factory):
          "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization", str(TEST_MEMORY),
          "--no-enable-prefix-caching", "--shutdown-timeout", "60",
          "--additional-config", json.dumps(config)],
-        stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"VLLM_USE_V2_MODEL_RUNNER": "0"})
+        stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"VLLM_USE_V2_MODEL_RUNNER": "0"},
+        start_new_session=True)  # its own process group: teardown reaps engine and worker too
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
@@ -65,6 +67,8 @@ def server(toy_olmoe, tmp_path_factory):
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=120)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever a failed start left behind
         log.close()
 
 

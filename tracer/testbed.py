@@ -78,7 +78,10 @@ _FILES = ("scores.csv", "samples.jsonl")
 
 @dataclass(frozen=True)
 class TestbedConfig:
-    """Every setting of a testbed run; the same config and seed give the same checkpoints.
+    """Every setting of a testbed run; the same config gives the same checkpoints.
+
+    (Bit-identical on the same machine type and library versions; the seed
+    fixes the split and the initialisation, and nothing else is random.)
 
     Steps count optimiser updates: checkpoint ``step00300`` holds the weights
     after 300 updates (``step00000`` is the initialisation). ``threads`` is part
@@ -151,7 +154,7 @@ def _is_prime(n: int) -> bool:
     return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
 
 
-# Tuned on the 2-core CPU (bench/grokking/README.md). Memorised by step ~75 while
+# Tuned on the 2-core CPU (bench/grokking/README.md). Memorised by step 70 while
 # held-out accuracy stays near 2% until step 200; held-out passes 50% near step
 # 1,025 and 90% near 1,650. Checkpoints: init, memorisation, plateau, rise.
 DEFAULT = TestbedConfig(
@@ -309,7 +312,7 @@ def _torch_settings(threads: int, log: Callable[[str], None]) -> Iterator[None]:
     """Threads, deterministic algorithms and no progress bars for the run; restored after.
 
     GNU OpenMP threads spin while they wait; with 2 threads on 2 cores that
-    another process also uses (vLLM tests), a step became 50-100x slower here.
+    another process also uses (vLLM tests), a step became 15-90x slower here.
     ``OMP_WAIT_POLICY=PASSIVE`` avoids that, but OpenMP reads it when torch is
     first imported, so it is set only for that import (then restored, so vLLM
     workers started later do not inherit it).
