@@ -105,20 +105,26 @@ def _trace_all(trace_checkpoints, models, sample_set, out, engine, trace_options
 
 
 def _render(result, out: Path) -> None:
-    wide = result.metrics.pivot_table(index=["step", "group"], columns="metric",
+    """Terminal summary: the trajectory of the first group (``all`` unless --memorised-only)
+    and the correlations, one row per group; every group's table is in report.md."""
+    wide = result.metrics.pivot_table(index=["group", "step"], columns="metric",
                                       values="value", aggfunc="first").reset_index()
+    group = "all" if "all" in set(wide["group"]) else wide["group"].iloc[0]
     columns = [c for c in ("n_samples", "distance", "normalized_distance", "consistency",
-                           "complexity", "loss") if c in wide.columns]
-    render.stdout.print(render.table("metrics per checkpoint and group", ["step", "group",
-                                     *columns], wide[["step", "group", *columns]].values.tolist()))
+                           "loss") if c in wide.columns]
+    rows = wide[wide["group"] == group][["step", *columns]].values.tolist()
+    render.stdout.print(render.table(f"metrics of group '{group}' by checkpoint",
+                                     ["step", *columns], rows))
     if result.table1 is not None:
-        frame = result.table1.reset_index()
-        render.stdout.print(render.table("correlation with scores (pearson / spearman)",
-                                         list(map(str, frame.columns)), frame.values.tolist()))
+        by_group = result.table1.T  # rows: groups; columns: metrics
+        render.stdout.print(render.table(
+            "correlation with scores (pearson / spearman)", ["group", *map(str, by_group.columns)],
+            [[group, *values] for group, values in zip(by_group.index, by_group.values.tolist(),
+                                                        strict=True)]))
     for note in result.notes:
         render.stderr.print(f"note: {note}")
-    render.stderr.print(f"wrote {out}/report.md, metrics.csv, metrics.parquet, samples.parquet, "
-                        f"plots")
+    render.stderr.print(f"wrote {out}/report.md (every group), metrics.csv, metrics.parquet, "
+                        f"samples.parquet, distance.png, consistency.png, loss.png")
 
 
 def _command_line() -> str:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from . import options as o
 from . import render
 from .compare_cmd import run_compare
 
@@ -16,6 +17,7 @@ def demo(
         "demo-out"),
     smoke: Annotated[bool, typer.Option(help="A few training steps only (a quick check "
                      "of the pipeline, no grokking).")] = False,
+    gpu_memory_utilization: o.GpuMemory = 0.3,
 ) -> None:
     """Train the grokking testbed (cached), then compare its checkpoints with their scores."""
     from moepath.patches.engine import EngineOptions, TraceOptions
@@ -32,7 +34,8 @@ def demo(
                             f"({'smoke run' if smoke else 'about 10 minutes on 2 CPU cores'})")
         testbed.train(config, testbed_dir, log=render.stderr.print)
     run_compare([testbed_dir / "checkpoints"], testbed_dir / "samples.jsonl", out / "compare",
-                CompareOptions(scores=testbed_dir / "scores.csv"), EngineOptions(),
+                CompareOptions(scores=testbed_dir / "scores.csv"),
+                EngineOptions(gpu_memory_utilization=gpu_memory_utilization),
                 TraceOptions(), SampleReadOptions())
 
 

@@ -29,6 +29,8 @@ for module in (trace_cmd, metrics_cmd, show_cmd, compare_cmd, eval_cmd, demo_cmd
 
 
 def main() -> None:
+    # vLLM's INFO lines would bury the progress display; VLLM_LOGGING_LEVEL=INFO restores them
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         app()
     except MoepathError as exc:

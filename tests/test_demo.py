@@ -1,0 +1,26 @@
+"""The embedded default end to end, shortened for CI: testbed (smoke) -> compare -> report."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from conftest import TEST_MEMORY
+from test_cli_trace import moepath
+
+pytestmark = pytest.mark.vllm
+
+
+def test_demo_smoke_trains_compares_and_reports(tmp_path):
+    args = ("demo", "--smoke", "--out", tmp_path / "demo",
+            "--gpu-memory-utilization", str(TEST_MEMORY))
+    result = moepath(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compare = tmp_path / "demo" / "compare"
+    metrics = pd.read_csv(compare / "metrics.csv")
+    assert sorted(set(metrics["step"])) == [0, 3, 6]
+    assert {"distance", "consistency", "loss"} <= set(metrics["metric"])
+    assert "Correlation with the scores" in (compare / "report.md").read_text()
+    assert (compare / "distance.png").stat().st_size > 1000
+    again = moepath(*args)  # cached: nothing retrained, nothing re-traced
+    assert "testbed checkpoints in" in again.stderr and "are up to date" in again.stderr
+    assert "complete, skipped" in again.stderr
