@@ -47,6 +47,7 @@ def compare(
     gpu_memory_utilization: o.GpuMemory = 0.3,
     max_num_batched_tokens: o.BatchedTokens = None,
     trust_remote_code: o.TrustRemoteCode = False,
+    batch_size: o.BatchSize = 256,
 ) -> None:
     """Serve checkpoints in turn on the same samples; report metrics, memorisation, correlations."""
     from moepath.patches.engine import TraceOptions
@@ -63,7 +64,7 @@ def compare(
             from_step=from_step),
         o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
                          gpu_memory_utilization, max_num_batched_tokens, trust_remote_code),
-        TraceOptions(truncate=truncate),
+        TraceOptions(truncate=truncate, batch_size=batch_size),
         SampleReadOptions(id_field=id_field, text_field=text_field,
                           skip_bad_lines=skip_bad_lines, limit=limit),
         reuse_engine)

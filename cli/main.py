@@ -13,7 +13,16 @@ import typer
 
 from moepath.tracer.errors import MoepathError
 
-from . import compare_cmd, demo_cmd, eval_cmd, metrics_cmd, show_cmd, toy_cmd, trace_cmd
+from . import (
+    compare_cmd,
+    demo_cmd,
+    eval_cmd,
+    merge_cmd,
+    metrics_cmd,
+    show_cmd,
+    toy_cmd,
+    trace_cmd,
+)
 
 app = typer.Typer(
     name="moepath",
@@ -23,7 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for module in (trace_cmd, metrics_cmd, show_cmd, compare_cmd, eval_cmd, demo_cmd,
+for module in (trace_cmd, merge_cmd, metrics_cmd, show_cmd, compare_cmd, eval_cmd, demo_cmd,
                toy_cmd):
     module.register(app)
 

@@ -30,6 +30,11 @@ BatchedTokens = Annotated[int | None, typer.Option(help="vLLM max_num_batched_to
 StoreProbs = Annotated[bool, typer.Option(help="Also store per-token full router "
                        "distributions (large; small runs only).")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Allow code from the model folder to run.")]
+BatchSize = Annotated[int, typer.Option(help="Samples per committed batch (the unit of "
+                                           "resume after an interruption).")]
+Part = Annotated[str | None, typer.Option(
+    help="Trace only part I/N of the samples (0-based: samples I, I+N, ...), to run N engines "
+         "in parallel; join the parts with `moepath merge`.")]
 Resume = Annotated[bool, typer.Option(help="Continue an interrupted trace in --out.")]
 Force = Annotated[bool, typer.Option(help="Overwrite --out if it exists.")]
 Tau = Annotated[float, typer.Option(help="Cumulative router-weight threshold of a pathway.")]
@@ -54,6 +59,16 @@ def engine_options(dtype: str, max_model_len: int | None, tensor_parallel_size: 
         enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
         max_num_batched_tokens=max_num_batched_tokens, trust_remote_code=trust_remote_code,
         store_probs=store_probs)
+
+
+def parse_part(value: str | None) -> tuple[int, int] | None:
+    """'I/N' -> (I, N); None stays None."""
+    if value is None:
+        return None
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit()):
+        raise typer.BadParameter(f"--part takes I/N such as 0/2, not {value!r}")
+    return int(index), int(count)
 
 
 def parse_pairs(value: str) -> int | None:

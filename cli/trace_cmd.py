@@ -30,7 +30,8 @@ def trace(
     max_num_batched_tokens: o.BatchedTokens = None,
     store_probs: o.StoreProbs = False,
     trust_remote_code: o.TrustRemoteCode = False,
-    batch_size: Annotated[int, typer.Option(help="Samples per committed batch.")] = 256,
+    batch_size: o.BatchSize = 256,
+    part: o.Part = None,
     resume: o.Resume = False,
     force: o.Force = False,
 ) -> None:
@@ -40,6 +41,8 @@ def trace(
 
     sample_set = read_samples(samples, SampleReadOptions(
         id_field=id_field, text_field=text_field, skip_bad_lines=skip_bad_lines, limit=limit))
+    if (selected := o.parse_part(part)) is not None:
+        sample_set = sample_set.take_part(*selected)
     if sample_set.skipped_lines:
         render.stderr.print(f"skipped {len(sample_set.skipped_lines)} bad line(s) "
                             f"(first: line {sample_set.skipped_lines[0]})")

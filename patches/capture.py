@@ -118,14 +118,40 @@ def _routing_config(router) -> dict:
 
 
 @dataclass
-class _Chunk:
-    positions: np.ndarray  # int64 [n]
+class _StepRows:
+    """The rows of one model step that belong to traced requests, copied from the buffers once.
+
+    Row order is the step's batch order restricted to traced requests, so each
+    request's rows are one contiguous range.
+    """
+
+    positions: np.ndarray  # int32 [n]
     token_ids: np.ndarray  # int32 [n]
-    expert_ids: np.ndarray  # int32 [n, L, k]
-    gate_weights: np.ndarray  # float32 [n, L, k]
-    prompt_prob_sum: np.ndarray  # float64 [L, E], over this chunk's prompt rows
-    prompt_rows: int
+    expert_ids: np.ndarray  # uint8 (E <= 256) or uint16 [n, L, k], the store's id type
+    gate_weights: np.ndarray  # float16 [n, L, k], the store's weight type
     probs: np.ndarray | None  # float16 [n, L, E] (store_probs only)
+
+
+@dataclass
+class _Chunk:
+    """Consecutive positions of one request computed in one step: rows [start, end) of ``step``."""
+
+    step: _StepRows
+    start: int
+    end: int
+    prompt_rows: int  # leading rows that are prompt tokens
+    prompt_prob_sum: np.ndarray | None  # float64 [L, E] over those rows (None: no prompt rows)
+
+    def column(self, name: str) -> np.ndarray:
+        return getattr(self.step, name)[self.start:self.end]
+
+    @property
+    def first_position(self) -> int:
+        return int(self.step.positions[self.start])
+
+    @property
+    def last_position(self) -> int:
+        return int(self.step.positions[self.end - 1])
 
 
 @dataclass
@@ -143,37 +169,44 @@ class RequestAccumulator:
     def add(self, chunk: _Chunk) -> None:
         # Preemption recomputes from an earlier position: the new rows replace
         # every earlier record at or after that position (keep the last).
-        start = chunk.positions[0]
-        while self.chunks and self.chunks[-1].positions[0] >= start:
+        start = chunk.first_position
+        while self.chunks and self.chunks[-1].first_position >= start:
             self.chunks.pop()
             self.recomputed = True
-        if self.chunks and self.chunks[-1].positions[-1] >= start:
+        if self.chunks and self.chunks[-1].last_position >= start:
             raise RuntimeError(f"request {self.request_id}: overlapping partial chunk at {start}")
         self.chunks.append(chunk)
 
     def finish(self) -> store.RoutingRecord:
-        chunks = self.chunks
-        positions = np.concatenate([c.positions for c in chunks]).astype(np.int32)
+        def joined(name: str) -> np.ndarray:
+            return np.concatenate([c.column(name) for c in self.chunks])
+
+        positions = joined("positions")
         expected = np.arange(positions[0], positions[0] + len(positions))
         if positions[0] != 0 or not np.array_equal(positions, expected):
             raise RuntimeError(
                 f"request '{self.sample_id}' has gaps in its routing (positions from "
                 f"{positions[0]}); was the prompt read from the prefix cache?")
-        prompt_rows = sum(c.prompt_rows for c in chunks)
+        prompt_rows = sum(c.prompt_rows for c in self.chunks)
         mean = None
         if prompt_rows:
-            mean = (sum(c.prompt_prob_sum for c in chunks) / prompt_rows).astype(np.float32)
-        probs = [c.probs for c in chunks]
+            total = sum(c.prompt_prob_sum for c in self.chunks if c.prompt_rows)
+            mean = (total / prompt_rows).astype(np.float32)
         return store.RoutingRecord(
             sample_id=self.sample_id, request_id=self.request_id, completion=self.completion,
             num_prompt_tokens=self.num_prompt_tokens, positions=positions,
-            token_ids=np.concatenate([c.token_ids for c in chunks]),
-            expert_ids=np.concatenate([c.expert_ids for c in chunks]),
-            gate_weights=np.concatenate([c.gate_weights for c in chunks]),
-            router_mean=mean,
-            router_probs=np.concatenate(probs) if probs[0] is not None else None,
+            token_ids=joined("token_ids"), expert_ids=joined("expert_ids"),
+            gate_weights=joined("gate_weights"), router_mean=mean,
+            router_probs=joined("probs") if self.chunks[0].step.probs is not None else None,
             meta=self.meta,
         )
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """int64 concatenation of ``arange(starts[i], ends[i])``; ``offsets`` = exclusive cumsum
+    of the lengths (``offsets[-1]`` = total)."""
+    lengths = ends - starts
+    return np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
 
 
 def _parse_meta(value) -> dict:
@@ -198,6 +231,8 @@ class StepRecorder:
         self.lock = threading.Lock()
         self.requests_recorded = 0
         self.requests_recomputed = 0
+        self.ids_dtype = store.expert_id_type(routing.num_experts if routing else 256) \
+            .to_pandas_dtype()
 
     # -- which requests are traced -------------------------------------------
 
@@ -234,35 +269,66 @@ class StepRecorder:
                 self.requests_recomputed += accumulator.recomputed
 
     def after_forward(self, runner) -> None:
+        """Append this step's rows of traced requests to their accumulators.
+
+        Per step: one gather and host copy per buffer (traced rows only) and one
+        reduction of prompt-row distributions; per traced request only index
+        arithmetic, so decode steps cost no per-token work.
+        """
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         traced = [(i, acc) for i, req_id in enumerate(batch.req_ids[:num_reqs])
                   if (acc := self._accumulator(runner, req_id)) is not None]
         if not traced:
             return
-        bounds = runner.query_start_loc.np[: num_reqs + 1].copy()
-        rows = int(bounds[-1])
-        buffers = hook.BUFFERS
-        positions = runner.positions[:rows].cpu().numpy()
-        token_ids = runner.input_ids.cpu[:rows].numpy()
-        expert_ids = buffers.expert_ids[:rows].cpu().numpy()
-        gate_weights = buffers.gate_weights[:rows].cpu().numpy()
-        probs = buffers.probs[:rows].cpu()
-        for i, accumulator in traced:
-            start, end = int(bounds[i]), int(bounds[i + 1])
-            accumulator.add(self._chunk(accumulator, start, end, positions, token_ids,
-                                        expert_ids, gate_weights, probs))
+        bounds = runner.query_start_loc.np[: num_reqs + 1]
+        index = np.array([i for i, _ in traced])
+        starts, ends = bounds[index].astype(np.int64), bounds[index + 1].astype(np.int64)
+        offsets = np.concatenate(([0], np.cumsum(ends - starts)))
+        rows = None if len(traced) == num_reqs else _ranges(starts, ends, offsets)
+        step = self._copy_rows(runner, int(bounds[num_reqs]), rows)
+        first = step.positions[offsets[:-1]]
+        prompts = np.array([acc.num_prompt_tokens for _, acc in traced])
+        prompt_rows = np.clip(prompts - first, 0, ends - starts)
+        sums = self._prompt_prob_sums(starts, prompt_rows)
+        for j, (_, acc) in enumerate(traced):
+            acc.add(_Chunk(step, int(offsets[j]), int(offsets[j + 1]), int(prompt_rows[j]),
+                           sums.get(j)))
 
-    def _chunk(self, acc, start, end, positions, token_ids, expert_ids, gate_weights, probs):
-        chunk_positions = positions[start:end].copy()
-        prompt_rows = int(np.count_nonzero(chunk_positions < acc.num_prompt_tokens))
-        prompt_sum = probs[start:start + prompt_rows].sum(dim=0, dtype=torch.float64).numpy()
-        return _Chunk(
-            positions=chunk_positions, token_ids=token_ids[start:end].copy(),
-            expert_ids=expert_ids[start:end].copy(), gate_weights=gate_weights[start:end].copy(),
-            prompt_prob_sum=prompt_sum, prompt_rows=prompt_rows,
-            probs=probs[start:end].to(torch.float16).numpy() if self.settings.store_probs
-            else None)
+    def _copy_rows(self, runner, total: int, rows: np.ndarray | None) -> _StepRows:
+        """Buffer rows ``rows`` (None: all ``total``) on the host, in the store's dtypes."""
+        buffers = hook.BUFFERS
+        take = None if rows is None else torch.from_numpy(rows).to(buffers.expert_ids.device)
+
+        def host(tensor, dtype=None):
+            tensor = tensor[:total] if take is None else tensor[:total][take]
+            return (tensor if dtype is None else tensor.to(dtype)).cpu().numpy()
+
+        token_ids = runner.input_ids.cpu[:total].numpy()
+        return _StepRows(
+            positions=host(runner.positions, torch.int32),
+            token_ids=token_ids.copy() if rows is None else token_ids[rows],
+            expert_ids=host(buffers.expert_ids).astype(self.ids_dtype),
+            gate_weights=host(buffers.gate_weights, torch.float16),
+            probs=host(buffers.probs, torch.float16) if self.settings.store_probs else None)
+
+    def _prompt_prob_sums(self, starts: np.ndarray, prompt_rows: np.ndarray) -> dict:
+        """{traced index: float64 [L, E] sum of the router distribution over its prompt rows}.
+
+        One gather and one segment sum for the whole step (a single host copy).
+        """
+        chunks = np.flatnonzero(prompt_rows)
+        if not len(chunks):
+            return {}
+        counts = prompt_rows[chunks]
+        ends = np.cumsum(counts)
+        rows = _ranges(starts[chunks], starts[chunks] + counts, np.concatenate(([0], ends)))
+        probs = hook.BUFFERS.probs
+        device = probs.device
+        segment = torch.from_numpy(np.repeat(np.arange(len(chunks)), counts)).to(device)
+        sums = torch.zeros((len(chunks), *probs.shape[1:]), dtype=torch.float64, device=device)
+        sums.index_add_(0, segment, probs[torch.from_numpy(rows).to(device)].double())
+        return dict(zip(chunks.tolist(), sums.cpu().numpy(), strict=True))
 
     def retarget(self, trace_dir: str, run: str) -> None:
         """Write further requests into another trace directory (next checkpoint)."""

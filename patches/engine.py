@@ -137,12 +137,28 @@ class TracedEngine:
         """
         if self.reload_blocker:
             raise CaptureError(f"this engine cannot reload checkpoints: {self.reload_blocker}")
+        self._switch(trace_dir, model)
+        self.llm.reset_prefix_cache()
+        self.model = Path(model)
+
+    def retarget(self, trace_dir: str | Path) -> None:
+        """Write the routing of further requests into ``trace_dir`` (same weights).
+
+        Pending routing is flushed into the current directory first. With
+        ``commit=False`` the caller commits the shards of the new directory.
+        """
+        self._switch(trace_dir, None)
+
+    def _switch(self, trace_dir: str | Path, model: str | Path | None) -> None:
+        if self.settings.commit:
+            raise CaptureError("this engine's worker commits its own trace directory; "
+                               "start it with commit=False to switch directories")
         self.flush()
         run = CaptureSettings(dir=str(trace_dir)).with_run().run
         self.llm.collective_rpc("moepath_switch", kwargs={
-            "trace_dir": str(trace_dir), "run": run, "weights_path": str(model)})
-        self.llm.reset_prefix_cache()
-        self.model, self.settings = Path(model), CaptureSettings(
+            "trace_dir": str(trace_dir), "run": run,
+            "weights_path": str(model) if model else None})
+        self.settings = CaptureSettings(
             **{**self.settings.as_dict(), "dir": str(trace_dir), "run": run})
 
     @property
@@ -280,6 +296,8 @@ def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
     checkpoints.moe_shape(model)  # fails fast for dense models / bad paths
     out = Path(out)
     previous = store.prepare_directory(out, resume=resume, force=force)
+    if previous is not None:
+        _check_same_input(out, previous, sample_set)
     max_len = max_prompt_len(model, engine_options, options)
     tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
                                  engine_options.trust_remote_code)
@@ -423,10 +441,32 @@ def _new_manifest(engine: TracedEngine, sample_set: SampleSet, engine_options: E
     from .committer import engine_manifest
 
     return engine_manifest(
-        engine.model, engine_options.dtype, engine.routing,
-        {"path": sample_set.path, "sha256": sample_set.source_sha256,
-         "format": sample_set.format},
+        engine.model, engine_options.dtype, engine.routing, input_section(sample_set),
         {**asdict(engine_options), **asdict(options), "max_model_len": engine.max_model_len})
+
+
+def input_section(sample_set: SampleSet) -> dict:
+    """The manifest's ``input``: which file (and which part of it) the trace covers."""
+    section = {"path": sample_set.path, "sha256": sample_set.source_sha256,
+               "format": sample_set.format}
+    if sample_set.part is not None:
+        section["part"] = list(sample_set.part)
+    return section
+
+
+def _check_same_input(out: Path, previous: dict, sample_set: SampleSet) -> None:
+    """Resuming must continue the same samples (file content and part)."""
+    before, now = previous["input"], input_section(sample_set)
+    if before["sha256"] != now["sha256"] or before.get("part") != now.get("part"):
+        what = "part" if before["sha256"] == now["sha256"] else "samples file"
+        raise InputError(
+            f"cannot resume '{out}': it was traced from a different {what} "
+            f"('{before['path']}'{_part_text(before)}, now '{now['path']}'{_part_text(now)}); "
+            f"pass the same samples to resume, or --force to start over")
+
+
+def _part_text(section: dict) -> str:
+    return f" part {section['part'][0]}/{section['part'][1]}" if "part" in section else ""
 
 
 def _finalize(out: Path, manifest: dict, summary: TraceSummary) -> None:

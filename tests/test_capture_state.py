@@ -5,21 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moepath.patches.capture import RequestAccumulator, StepRecorder, _Chunk
+from moepath.patches.capture import RequestAccumulator, StepRecorder, _Chunk, _StepRows
 from moepath.patches.settings import CaptureSettings
 
 L, K, E = 2, 2, 4
 
 
 def chunk(start: int, stop: int, prompt_len: int, fill: int = 0) -> _Chunk:
+    """Positions [start, stop) of one request, as the only rows of a step."""
     n = stop - start
-    positions = np.arange(start, stop)
+    positions = np.arange(start, stop, dtype=np.int32)
     prompt_rows = int(np.count_nonzero(positions < prompt_len))
-    return _Chunk(positions=positions, token_ids=positions.astype(np.int32) + 100,
-                  expert_ids=np.full((n, L, K), fill, np.int32),
-                  gate_weights=np.full((n, L, K), 0.5, np.float32),
-                  prompt_prob_sum=np.full((L, E), 0.25 * prompt_rows), prompt_rows=prompt_rows,
-                  probs=None)
+    step = _StepRows(positions=positions, token_ids=positions + 100,
+                     expert_ids=np.full((n, L, K), fill, np.uint8),
+                     gate_weights=np.full((n, L, K), 0.5, np.float16), probs=None)
+    return _Chunk(step, 0, n, prompt_rows, np.full((L, E), 0.25 * prompt_rows))
 
 
 def accumulator(prompt_len: int) -> RequestAccumulator:
@@ -80,3 +80,61 @@ def test_capture_settings_are_validated_where_the_engine_reads_them():
         CaptureSettings.parse({"dirr": "x"})
     settings = CaptureSettings.parse({"dir": "x"})
     assert len(settings.run) == 8 and settings.shard_tokens == 262_144
+
+
+class FakeRunner:
+    """The V1 runner state ``after_forward`` reads: one step of 3 requests, b untraced.
+
+    a: prompt of 5 tokens, rows 0-2 are its positions 2..4 (second prefill chunk);
+    b: untraced, 2 rows; c: a decode step at position 7 (prompt of 7 tokens).
+    """
+
+    def __init__(self):
+        from types import SimpleNamespace as NS
+
+        import torch
+
+        from moepath.patches.settings import REQUEST_ID_KEY
+
+        self.input_batch = NS(num_reqs=3, req_ids=["a-00000000", "b-00000000", "c-00000000"])
+        self.query_start_loc = NS(np=np.array([0, 3, 5, 6], np.int32))
+        self.positions = torch.tensor([2, 3, 4, 0, 1, 7])
+        self.input_ids = NS(cpu=torch.tensor([10, 11, 12, 20, 21, 30], dtype=torch.int32))
+
+        def state(sample_id, prompt):
+            extra = {REQUEST_ID_KEY: sample_id} if sample_id else {}
+            return NS(sampling_params=NS(extra_args=extra), num_prompt_tokens=prompt)
+
+        self.requests = {"a-00000000": state("A", 5), "b-00000000": state(None, 9),
+                         "c-00000000": state("C", 7)}
+
+
+def test_a_step_maps_rows_of_traced_requests_only_with_prompt_sums_per_request():
+    import torch
+
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    hook.BUFFERS.expert_ids[:6] = torch.randint(0, E, (6, L, K), generator=generator)
+    hook.BUFFERS.gate_weights[:6] = torch.rand((6, L, K), generator=generator)
+    hook.BUFFERS.probs[:6] = torch.rand((6, L, E), generator=generator)
+    routing = type("Routing", (), {"num_experts": E})()
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=routing, sink=None)
+    recorder.after_forward(FakeRunner())
+
+    assert recorder.active["b-00000000"] is None  # untraced: seen, never recorded
+    a, c = recorder.active["a-00000000"].chunks[0], recorder.active["c-00000000"].chunks[0]
+    buffers = hook.BUFFERS
+    np.testing.assert_array_equal(a.column("positions"), [2, 3, 4])
+    np.testing.assert_array_equal(a.column("token_ids"), [10, 11, 12])
+    np.testing.assert_array_equal(a.column("expert_ids"), buffers.expert_ids[:3].numpy())
+    assert a.column("expert_ids").dtype == np.uint8
+    np.testing.assert_array_equal(a.column("gate_weights"),
+                                  buffers.gate_weights[:3].numpy().astype(np.float16))
+    assert a.prompt_rows == 3
+    np.testing.assert_allclose(a.prompt_prob_sum, buffers.probs[:3].double().sum(0).numpy())
+    np.testing.assert_array_equal(c.column("positions"), [7])
+    np.testing.assert_array_equal(c.column("token_ids"), [30])
+    np.testing.assert_array_equal(c.column("expert_ids"), buffers.expert_ids[5:6].numpy())
+    assert c.prompt_rows == 0 and c.prompt_prob_sum is None  # a generated token

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import TEST_MEMORY, write_jsonl
 from test_cli_trace import assert_one_line_error, moepath
 
+from moepath.tracer import Trace, store
 from moepath.tracer import compare as cmp
 from moepath.tracer.errors import InputError, ModelError
 
@@ -120,3 +127,62 @@ def test_compare_resumes_recomputing_only_the_deleted_checkpoint(compared):
     assert "checkpoint 1/3 step100: complete, skipped" in result.stderr
     assert "checkpoint 2/3 step200: starting engine" in result.stderr
     assert "checkpoint 3/3 step300: complete, skipped" in result.stderr
+
+
+def _trace_state(trace_dir) -> tuple[str | None, int]:
+    """(status, committed samples) of a trace directory being written; (None, 0) before."""
+    try:
+        manifest = store.read_manifest(trace_dir)
+    except Exception:  # noqa: BLE001 - not written yet, or mid-replace
+        return None, 0
+    return manifest["status"], sum(entry["rows"] for entry in manifest["shards"]["samples"])
+
+
+def _kill_when(command, predicate, timeout=300.0) -> None:
+    """Start ``command`` and SIGKILL it (and its engine process) once ``predicate()`` holds."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.vllm
+def test_compare_killed_between_and_within_checkpoints_resumes_to_the_uninterrupted_result(
+        compared, tmp_path):
+    root, args, _ = compared
+    out = tmp_path / "killed"
+    argv = [str(a) for a in args]
+    argv[argv.index("--out") + 1] = str(out)
+    command = [sys.executable, "-m", "moepath.cli.main", *argv, "--batch-size", "8"]
+    traces = out / "traces"
+
+    # first kill: as soon as checkpoint 1 is complete (between checkpoints)
+    _kill_when(command, lambda: _trace_state(traces / "step100")[0] == "complete")
+    assert _trace_state(traces / "step100")[0] == "complete"
+    assert _trace_state(traces / "step300") == (None, 0)
+    # second kill: checkpoint 2 half traced (within a checkpoint)
+    _kill_when(command, lambda: _trace_state(traces / "step200")[1] >= 16)
+    status, done = _trace_state(traces / "step200")
+    assert status != "complete" and 16 <= done < 43, "the kill must land inside step200"
+
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint 1/3 step100: complete, skipped" in resumed.stderr
+    assert f"resuming: {done} sample(s) already traced" in resumed.stderr
+    for name in ("step100", "step200", "step300"):
+        killed, whole = Trace.open(traces / name), Trace.open(root / "out" / "traces" / name)
+        ids = killed.sample_ids()
+        assert len(ids) == len(set(ids)) == 43 and sorted(ids) == sorted(whole.sample_ids())
+        for sid in ids:
+            np.testing.assert_array_equal(killed.topk(sid)[0], whole.topk(sid)[0])
+            np.testing.assert_allclose(killed.router_mean(sid), whole.router_mean(sid),
+                                       atol=1e-2)
+    killed_samples = pd.read_parquet(out / "samples.parquet").sort_values(
+        ["checkpoint", "sample_id"], ignore_index=True)
+    whole_samples = pd.read_parquet(root / "out" / "samples.parquet").sort_values(
+        ["checkpoint", "sample_id"], ignore_index=True)
+    assert (killed_samples["pathway"] == whole_samples["pathway"]).all()
+    np.testing.assert_allclose(killed_samples["loss"], whole_samples["loss"], atol=2e-2)

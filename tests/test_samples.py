@@ -561,3 +561,26 @@ def test_arbitrary_bytes_raise_only_input_error(tmp_path, lines, suffix, skip):
     ids = [s.sample_id for s in result.samples]
     assert result.samples and len(set(ids)) == len(ids)
     assert result.skipped_lines == sorted(set(result.skipped_lines))
+
+
+def test_parts_are_disjoint_and_cover_the_file_in_order(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps({"id": f"x{i}", "text": "t"}) + "\n" for i in range(7)))
+    whole = read_samples(path)
+    parts = [whole.take_part(i, 3) for i in range(3)]
+    assert [[s.sample_id for s in p.samples] for p in parts] == [
+        ["x0", "x3", "x6"], ["x1", "x4"], ["x2", "x5"]]
+    assert [p.part for p in parts] == [(0, 3), (1, 3), (2, 3)]
+    assert parts[0].source_sha256 == whole.source_sha256
+
+
+@pytest.mark.parametrize(("index", "count", "message"), [
+    (2, 2, r"part 2/2 does not exist: use I/N with 0 <= I < N"),
+    (0, 0, r"part 0/0 does not exist"),
+    (7, 8, r"part 7/8 of '.*s.jsonl' is empty: the file has only 7 sample\(s\)"),
+])
+def test_impossible_parts_are_refused(tmp_path, index, count, message):
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(7)))
+    with pytest.raises(InputError, match=message):
+        read_samples(path).take_part(index, count)

@@ -64,7 +64,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,6 +145,22 @@ class SampleSet:
     source_sha256: str
     format: str
     path: str = ""
+    part: tuple[int, int] | None = None  # (index, count) after take_part
+
+    def take_part(self, index: int, count: int) -> SampleSet:
+        """Part ``index`` of ``count`` (0-based): samples index, index + count, ... in file order.
+
+        The parts are disjoint and together hold every sample, so ``count``
+        engines can trace them in parallel; ``moepath merge`` joins their traces.
+        """
+        if self.part is not None:
+            raise InputError("the samples are already a part; take parts of the whole file")
+        if count < 1 or not 0 <= index < count:
+            raise InputError(f"part {index}/{count} does not exist: use I/N with 0 <= I < N")
+        if index >= len(self.samples):
+            raise InputError(f"part {index}/{count} of '{self.path}' is empty: the file has "
+                             f"only {len(self.samples)} sample(s); use fewer parts")
+        return replace(self, samples=self.samples[index::count], part=(index, count))
 
 
 class _BadLine(Exception):

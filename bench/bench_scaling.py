@@ -1,0 +1,78 @@
+"""Scaling of `moepath trace`: throughput vs number of samples and vs sequence length.
+
+Run (from the repository root, inside .venv):
+
+    python bench/bench_scaling.py --counts 1000 5000 20000 --lengths 64 128 256 512 1024
+
+One traced engine (compiled, bf16, OLMoE-shaped toy) runs the driver's whole
+path (generate, flush, check, samples table, manifest commit; NLL on) for each
+point into a fresh trace directory (``TracedEngine.retarget``), so engine start
+is paid once and excluded. Sample counts use 64-token prompts; the length sweep
+traces the same number of tokens (``--tokens-per-point``) at each length.
+Linear cost shows as flat tokens/s across a sweep. Saves bench/results/scaling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from bench_overhead import RESULTS, prompts, toy
+
+
+def trace_point(engine, model: Path, batch: list[list[int]], out: Path, options) -> float:
+    """Tokens/s of tracing ``batch`` (token-id prompts) into ``out`` on ``engine``."""
+    from moepath.patches.engine import Tokenized, TraceJob, TraceOptions
+    from moepath.tracer import store
+    from moepath.tracer.samples import Sample, SampleSet
+
+    samples = SampleSet([Sample(f"s{i}", None, tuple(ids)) for i, ids in enumerate(batch)],
+                        [], "", "memory")
+    tokenized = [Tokenized(f"s{i}", ids, False) for i, ids in enumerate(batch)]
+    store.prepare_directory(out, resume=False, force=True)
+    engine.retarget(out)
+    job = TraceJob(samples, tokenized, options, TraceOptions(batch_size=1024))
+    started = time.perf_counter()
+    summary = job.run(engine, out, None)
+    return summary.tokens / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[1000, 5000, 20000])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
+    parser.add_argument("--tokens-per-point", type=int, default=262_144)
+    parser.add_argument("--preset", default="olmoe-shaped")
+    parser.add_argument("--enforce-eager", action="store_true")
+    args = parser.parse_args()
+
+    from moepath.patches.engine import EngineOptions, TracedEngine
+
+    model = toy(args.preset)
+    root = Path(tempfile.mkdtemp(prefix="moepath-bench-scaling-"))
+    options = EngineOptions(enforce_eager=args.enforce_eager, max_model_len=max(args.lengths) + 8)
+    result = {"preset": args.preset, "mode": "eager" if args.enforce_eager else "compiled",
+              "by_count": {}, "by_length": {}}
+    with TracedEngine(model, root / "warmup", options, commit=False) as engine:
+        trace_point(engine, model, prompts(256, 64, seed=99), root / "warmup", options)
+        for count in args.counts:
+            rate = trace_point(engine, model, prompts(count, 64, seed=count), root / f"n{count}",
+                               options)
+            result["by_count"][count] = rate
+            print(f"{count} samples x 64 tokens: {rate:,.0f} tokens/s", flush=True)
+        for length in args.lengths:
+            count = max(1, args.tokens_per_point // length)
+            rate = trace_point(engine, model, prompts(count, length, seed=length),
+                               root / f"len{length}", options)
+            result["by_length"][length] = rate
+            print(f"{count} samples x {length} tokens: {rate:,.0f} tokens/s", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scaling.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Data parallel: engines trace disjoint parts of one samples file; `moepath merge` joins them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import TEST_MEMORY
+from test_cli_trace import assert_one_line_error, moepath
+
+from moepath.tracer import Trace, store
+
+
+def trace_part(model, samples, out, part: str) -> subprocess.Popen:
+    """`moepath trace --part` on one core, eager (the session's ``olmoe_trace`` is compiled)."""
+    index = part.split("/")[0]
+    return subprocess.Popen(
+        [sys.executable, "-m", "moepath.cli.main", "trace", str(model), "--samples",
+         str(samples), "--out", str(out), "--max-model-len", "512", "--batch-size", "16",
+         "--enforce-eager", "--gpu-memory-utilization", str(TEST_MEMORY), "--part", part],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": index})
+
+
+@pytest.fixture(scope="module")
+def parts(olmoe_trace, toy_olmoe, tmp_path_factory):
+    """The standard samples traced as parts 0/2 and 1/2 by two engines at once."""
+    root = tmp_path_factory.mktemp("parts")
+    samples = Trace.open(olmoe_trace).manifest["input"]["path"]
+    runs = [trace_part(toy_olmoe, samples, root / f"part{i}", f"{i}/2") for i in range(2)]
+    for run in runs:
+        _, stderr = run.communicate()
+        assert run.returncode == 0, stderr[-3000:]
+    return [root / "part0", root / "part1"]
+
+
+@pytest.mark.vllm
+def test_two_engines_on_disjoint_parts_merge_into_the_trace_of_the_whole_file(
+        parts, olmoe_trace, tmp_path):
+    halves = [Trace.open(p) for p in parts]
+    assert [h.manifest["input"]["part"] for h in halves] == [[0, 2], [1, 2]]
+    assert not set(halves[0].sample_ids()) & set(halves[1].sample_ids())
+
+    result = moepath("merge", *parts, "--out", tmp_path / "merged")
+    assert result.returncode == 0, result.stderr
+    whole = Trace.open(olmoe_trace)
+    counts = whole.manifest["counts"]
+    assert (f"merged 2 parts into {tmp_path / 'merged'}: {counts['samples']} samples, "
+            f"{counts['tokens']} tokens") in " ".join(result.stderr.split())  # Rich wraps lines
+    merged = Trace.open(tmp_path / "merged")
+    assert "part" not in merged.manifest["input"]
+    assert merged.manifest["counts"] == whole.manifest["counts"]
+    assert sorted(merged.sample_ids()) == sorted(whole.sample_ids())
+    a = merged.samples.set_index("sample_id").sort_index()
+    b = whole.samples.set_index("sample_id").sort_index()
+    assert (a["num_tokens"] == b["num_tokens"]).all() and (a["domain"] == b["domain"]).all()
+    np.testing.assert_allclose(a["nll"], b["nll"], atol=2e-2)
+    agree = [(np.sort(merged.topk(sid)[0], -1) == np.sort(whole.topk(sid)[0], -1)).all(-1).mean()
+             for sid in merged.sample_ids()]
+    print(f"merged eager parts vs one compiled engine: top-k agreement {np.mean(agree):.4%}")
+    assert np.mean(agree) >= 0.97  # compiled vs eager differ at near-ties only
+
+
+@pytest.mark.vllm
+def test_merge_refuses_parts_that_do_not_form_one_whole(parts, olmoe_trace, tmp_path):
+    assert_one_line_error(moepath("merge", parts[0], "--out", tmp_path / "m1"),
+                          "merge needs at least two part traces")
+    assert_one_line_error(moepath("merge", parts[0], parts[0], "--out", tmp_path / "m2"),
+                          "parts ['0/2', '0/2']; merge needs each part 0/2 .. 1/2 exactly once")
+    assert_one_line_error(moepath("merge", parts[0], olmoe_trace, "--out", tmp_path / "m3"),
+                          "the traces are parts ['0/2', 'whole']")
+    other = tmp_path / "other-options"
+    shutil.copytree(parts[1], other)
+    manifest = store.read_manifest(other)
+    manifest["options"]["dtype"] = "float32"
+    store.write_manifest(other, manifest)
+    assert_one_line_error(moepath("merge", parts[0], other, "--out", tmp_path / "m4"),
+                          "differ in their options")
+    manifest["options"]["dtype"], manifest["status"] = "bfloat16", "running"
+    store.write_manifest(other, manifest)
+    assert_one_line_error(moepath("merge", parts[0], other, "--out", tmp_path / "m5"),
+                          "is not complete (status 'running')")
+    assert not any((tmp_path / f"m{i}").exists() for i in range(1, 6))
+
+
+@pytest.mark.vllm
+def test_resuming_with_another_part_or_file_is_refused_before_any_engine_starts(
+        parts, toy_olmoe, tmp_path):
+    from moepath.patches.engine import trace_samples
+    from moepath.tracer.errors import InputError
+    from moepath.tracer.samples import read_samples
+
+    samples = Trace.open(parts[0]).manifest["input"]["path"]
+    with pytest.raises(InputError, match=r"different part \('.*' part 0/2, now '.*' part 1/2\)"):
+        trace_samples(toy_olmoe, read_samples(samples).take_part(1, 2), parts[0], resume=True)
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(json.dumps({"id": "new", "text": "something else"}) + "\n")
+    with pytest.raises(InputError, match="different samples file"):
+        trace_samples(toy_olmoe, read_samples(changed), parts[0], resume=True)
+    assert Trace.open(parts[0]).manifest["status"] == "complete"  # nothing lost

@@ -1,0 +1,92 @@
+"""Join the traces of parts of one samples file into one trace (data parallel).
+
+``moepath trace --part I/N`` traces every N-th sample from I; N such runs (N
+engines, on one machine or many) cover the file once. :func:`merge_traces`
+checks that the parts belong together (same samples file, same model config
+and routing, same options, every part 0..N-1 exactly once, all complete) and
+writes a normal trace directory: the parts' shard files copied under unique
+names, checksums kept, counts summed. The parts are left untouched.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from . import store
+from .errors import InputError, TraceFormatError
+
+# Manifest sections that must be identical across parts (the part itself apart).
+_SAME = ("model", "options", "router_weights")
+
+
+def merge_traces(parts: list[Path], out: Path, force: bool = False) -> dict:
+    """Merge the complete part traces ``parts`` into the trace directory ``out``.
+
+    Returns the merged manifest. Raises InputError when the parts do not form
+    one whole, TraceFormatError when a part is damaged or incomplete.
+    """
+    manifests = [_read_part(Path(part)) for part in parts]
+    _check_parts(parts, manifests)
+    store.prepare_directory(out, resume=False, force=force)
+    first = manifests[0]
+    merged = store.new_manifest(**{key: first[key] for key in (
+        "created", "versions", "model", "options", "router_weights")})
+    merged["input"] = {k: v for k, v in first["input"].items() if k != "part"}
+    merged["merged_from"] = [str(Path(part).resolve()) for part in parts]
+    _copy(Path(parts[0]), out, store.ROUTER_WEIGHTS)
+    for number, (part, manifest) in enumerate(zip(parts, manifests, strict=True)):
+        for kind in (store.ROUTING_DIR, store.SAMPLES_DIR):
+            for entry in manifest["shards"][kind]:
+                name = f"{kind}/p{number}-{Path(entry['file']).name}"
+                _copy(Path(part), out, entry["file"], name)
+                merged["shards"][kind].append({**entry, "file": name})
+    merged["counts"] = {key: sum(m["counts"][key] for m in manifests)
+                        for key in first["counts"]}
+    merged["counts"]["skipped_lines"] = first["counts"]["skipped_lines"]  # of the whole file
+    merged["status"] = "complete"
+    store.verify_checksums(out, merged)
+    store.write_manifest(out, merged)
+    return merged
+
+
+def _read_part(part: Path) -> dict:
+    manifest = store.read_manifest(part)
+    if manifest["status"] != "complete":
+        raise TraceFormatError(
+            f"trace '{part}' is not complete (status '{manifest['status']}'); finish it with "
+            f"`moepath trace ... --resume` before merging")
+    store.verify_checksums(part, manifest)
+    return manifest
+
+
+def _check_parts(parts: list[Path], manifests: list[dict]) -> None:
+    if len(parts) < 2:
+        raise InputError("merge needs at least two part traces")
+    found = [tuple(m["input"].get("part") or ()) for m in manifests]
+    count = len(manifests)
+    if sorted(found) != [(index, count) for index in range(count)]:
+        raise InputError(
+            f"the traces are parts {sorted('/'.join(map(str, p)) or 'whole' for p in found)}; "
+            f"merge needs each part 0/{count} .. {count - 1}/{count} exactly once")
+    first, name = manifests[0], parts[0]
+    for part, manifest in zip(parts[1:], manifests[1:], strict=True):
+        if manifest["input"]["sha256"] != first["input"]["sha256"]:
+            raise InputError(f"'{part}' and '{name}' traced different samples files")
+        for key in _SAME:
+            if _comparable(manifest[key]) != _comparable(first[key]):
+                raise InputError(f"'{part}' and '{name}' differ in their {key}; parts must come "
+                                 f"from the same command with a different --part")
+
+
+def _comparable(section):
+    """A manifest section without what legitimately differs between parts (paths)."""
+    if isinstance(section, dict):
+        return {k: v for k, v in section.items() if k not in ("path",)}
+    return section
+
+
+def _copy(part: Path, out: Path, relative: str, target: str | None = None) -> None:
+    destination = out / (target or relative)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(part / relative, destination)
