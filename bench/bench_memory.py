@@ -5,7 +5,8 @@ Run (from the repository root, inside .venv):
     python bench/bench_memory.py --samples 50000
 
 Writes ``--samples`` short pseudo-English samples (4-24 words), runs
-``moepath trace`` on the OLMoE-shaped toy in a subprocess, and samples the RSS
+``moepath trace`` on the tiny OLMoE toy (4 layers, 16 experts, top-4; ``--preset
+olmoe-shaped`` for 16 x 64 x top-8, ~6x slower here) in a subprocess, and samples the RSS
 of that process and all its children (engine core, workers) every second.
 Memory must be flat after warm-up: the store streams shards to disk, nothing
 per-sample stays in memory. Reports the RSS after warm-up (the first 10% of
@@ -52,7 +53,7 @@ def committed(trace_dir: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=50_000)
-    parser.add_argument("--preset", default="olmoe-shaped")
+    parser.add_argument("--preset", default="tiny")
     parser.add_argument("--batch-size", type=int, default=2048)
     args = parser.parse_args()
 

@@ -2,19 +2,28 @@
 
 Run (from the repository root, inside .venv):
 
-    python bench/bench_overhead.py --mode compiled --samples 400 --tokens 256 --rounds 2
+    python bench/bench_overhead.py --mode eager --interleave --samples 64 --rounds 3
+    python bench/bench_overhead.py --mode compiled --samples 64 --rounds 3   # phases
     python bench/bench_overhead.py --mode eager --decode   # short prompts, 128 generated tokens
     python bench/bench_overhead.py --mode eager --shared-prefix 0.75  # prefix-cache cost
 
-Engines of the same configuration, untraced (A: a plain ``vllm.LLM``) and
-traced (B: ``TracedEngine``, every request tagged), run in alternating phases
-A B A B ... in this process, one engine alive at a time (two live CPU engines
-oversubscribe the cores with spinning OpenMP threads). Each phase starts its
-engine, warms it up, then times ``--reps`` generate calls; engine start is
-excluded. Each call has fresh prompts (untraced vLLM must not read a repeated
-batch from its prefix cache). The traced time includes the flush that writes
-the shards. Prints and saves bench/results/overhead-<mode>-<workload>.json:
-tokens/s of every timed call, medians, and the traced/untraced ratio.
+Two engines of the same configuration: untraced (A: a plain ``vllm.LLM``) and
+traced (B: ``TracedEngine``, every request tagged). Two layouts:
+
+- phases (default): A B A B ... phases, one engine alive at a time (two live
+  multiprocess CPU engines oversubscribe the cores with spinning OpenMP
+  threads). Each phase starts its engine, warms it up, then times ``--reps``
+  generate calls.
+- ``--interleave``: both engines alive in this process (vLLM's in-process
+  engine core, one OpenMP pool) and calls alternate A B A B on the same fresh
+  batches, so the machine's slow drifts cancel: the lower-noise ratio.
+
+Engine start is excluded. Every call has fresh prompts, so untraced vLLM
+cannot read a repeated batch from its prefix cache (``--shared-prefix`` makes
+prompts of one batch share a prefix on purpose). The traced time includes the
+flush that writes the shards. Prints and saves
+bench/results/overhead-<mode>-<workload>[-interleaved].json: tokens/s of every
+timed call, medians, and the traced/untraced ratio.
 """
 
 from __future__ import annotations
@@ -22,9 +31,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -48,37 +59,82 @@ def prompts(n: int, length: int, seed: int = 0, shared: int = 0) -> list[list[in
     return [prefix + rng.integers(3, 500, size=length - shared).tolist() for _ in range(n)]
 
 
-def measure(kind: str, model: Path, batches, options, max_tokens: int) -> list[float]:
-    """tokens/s of generate calls over ``batches[1:]`` on a fresh engine of ``kind``.
+def timed_call(llm, engine, batch, label: str, max_tokens: int) -> float:
+    """tokens/s of one generate call over ``batch``; traced when ``engine`` is given
+    (every request tagged, and the flush that writes the shards is timed too)."""
+    from vllm import SamplingParams
 
-    ``batches[0]`` warms the engine up. Every call gets its own prompts, so only
-    a shared prefix inside a batch can hit vLLM's prefix cache.
-    """
-    from vllm import LLM, SamplingParams
+    from moepath.patches.engine import tag
 
-    from moepath.patches.engine import TracedEngine, tag
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
+                             ignore_eos=True) for _ in batch]
+    if engine is not None:
+        params = [tag(p, f"{label}-s{i}") for i, p in enumerate(params)]
+    tokens = sum(len(p["prompt_token_ids"]) for p in batch) + len(batch) * (max_tokens - 1)
+    start = time.perf_counter()
+    llm.generate(batch, params, use_tqdm=False)
+    if engine is not None:
+        engine.flush()
+    return tokens / (time.perf_counter() - start)
 
-    traced = kind == "traced"
-    engine = TracedEngine(model, tempfile.mkdtemp(prefix="moepath-bench-"), options,
-                          commit=False) if traced else None
-    llm = engine.llm if traced else LLM(**options.llm_kwargs(str(model), None))
-    rates = []
-    for rep, batch in enumerate(batches):
-        params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
-                                 ignore_eos=True) for _ in batch]
-        if traced:
-            params = [tag(p, f"r{rep}-s{i}") for i, p in enumerate(params)]
-        tokens = sum(len(p["prompt_token_ids"]) for p in batch) + len(batch) * (max_tokens - 1)
-        start = time.perf_counter()
-        llm.generate(batch, params, use_tqdm=False)
-        if traced:
-            engine.flush()
-        if rep:
-            rates.append(tokens / (time.perf_counter() - start))
-    if traced:
+
+def start_engines(kinds, model: Path, options) -> dict:
+    """{kind: (llm, TracedEngine or None)} for kinds "untraced" / "traced"."""
+    from vllm import LLM
+
+    from moepath.patches.engine import TracedEngine
+
+    engines = {}
+    for kind in kinds:
+        if kind == "traced":
+            engine = TracedEngine(model, tempfile.mkdtemp(prefix="moepath-bench-"), options,
+                                  commit=False)
+            engines[kind] = (engine.llm, engine)
+        else:
+            engines[kind] = (LLM(**options.llm_kwargs(str(model), None)), None)
+    return engines
+
+
+def stop(llm, engine) -> None:
+    if engine is not None:
         engine.close()
     else:
         llm.llm_engine.engine_core.shutdown()
+
+
+def measure_phases(model: Path, make_batch, options, max_tokens: int, rounds: int,
+                   reps: int) -> dict:
+    """Phases A B A B ..., one engine alive at a time: a warm-up call, then ``reps``
+    timed calls. Call j of every phase gets batch ``make_batch(j)``."""
+    rates = {"untraced": [], "traced": []}
+    for _ in range(rounds):
+        for kind in rates:
+            (llm, engine), = start_engines([kind], model, options).values()
+            for rep in range(reps + 1):
+                rate = timed_call(llm, engine, make_batch(rep), f"r{rep}", max_tokens)
+                if rep:
+                    rates[kind].append(rate)
+            stop(llm, engine)
+            gc.collect()
+    return rates
+
+
+def measure_interleaved(model: Path, make_batch, options, max_tokens: int, rounds: int,
+                        reps: int) -> dict:
+    """Both engines alive in this process (one OpenMP pool, no oversubscription); calls
+    alternate A B A B, both engines getting the same fresh batch, so slow drifts of the
+    machine cancel. The first pair warms up."""
+    options = replace(options, gpu_memory_utilization=options.gpu_memory_utilization / 2)
+    engines = start_engines(["untraced", "traced"], model, options)
+    rates = {"untraced": [], "traced": []}
+    for call in range(rounds * reps + 1):
+        batch = make_batch(call)
+        for kind, (llm, engine) in engines.items():
+            rate = timed_call(llm, engine, batch, f"c{call}", max_tokens)
+            if call:
+                rates[kind].append(rate)
+    for llm, engine in engines.values():
+        stop(llm, engine)
     return rates
 
 
@@ -89,13 +145,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2, help="A B phase pairs")
-    parser.add_argument("--reps", type=int, default=2, help="timed calls per phase")
+    parser.add_argument("--reps", type=int, default=2, help="timed calls per phase "
+                        "(interleaved: rounds x reps timed call pairs)")
     parser.add_argument("--decode", action="store_true",
                         help="decode-heavy: 16-token prompts, 128 generated tokens")
     parser.add_argument("--shared-prefix", type=float, default=0.0,
                         help="fraction of each prompt shared by the batch (few-shot style): "
                              "untraced vLLM reads it from the prefix cache, traced recomputes")
+    parser.add_argument("--interleave", action="store_true",
+                        help="both engines in this process, calls alternating (lower noise)")
     args = parser.parse_args()
+    if args.interleave:  # engine cores in this process, sharing one OpenMP thread pool
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
     from vllm.inputs import TokensPrompt
 
@@ -104,21 +165,21 @@ def main() -> None:
     model = toy(args.preset)
     length, max_tokens = (16, 128) if args.decode else (args.tokens, 1)
     shared = int(length * args.shared_prefix)
-    batches = [[TokensPrompt(prompt_token_ids=p) for p in prompts(args.samples, length, rep,
-                                                                  shared)]
-               for rep in range(args.reps + 1)]
+
+    def make_batch(seed: int) -> list:
+        return [TokensPrompt(prompt_token_ids=p)
+                for p in prompts(args.samples, length, seed, shared)]
+
     options = EngineOptions(enforce_eager=args.mode == "eager",
                             max_model_len=length + max_tokens + 8)
     workload = "decode" if args.decode else "prefill"
     if shared:
         workload += f"-shared{shared}"
-    rates = {"untraced": [], "traced": []}
-    for _ in range(args.rounds):
-        for kind in ("untraced", "traced"):
-            rates[kind] += measure(kind, model, batches, options, max_tokens)
-            gc.collect()
+    measure = measure_interleaved if args.interleave else measure_phases
+    rates = measure(model, make_batch, options, max_tokens, args.rounds, args.reps)
     result = {
         "mode": args.mode, "workload": workload,
+        "layout": "interleaved" if args.interleave else "phases",
         "preset": args.preset, "samples": args.samples, "prompt_tokens": length,
         "max_tokens": max_tokens, "shared_prefix_tokens": shared,
         "rounds": args.rounds, "reps": args.reps,
@@ -128,7 +189,8 @@ def main() -> None:
     }
     result["ratio"] = result["median_traced"] / result["median_untraced"]
     RESULTS.mkdir(exist_ok=True)
-    name = f"overhead-{args.mode}-{workload}.json"
+    layout = "-interleaved" if args.interleave else ""
+    name = f"overhead-{args.mode}-{workload}{layout}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

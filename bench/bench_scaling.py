@@ -4,7 +4,8 @@ Run (from the repository root, inside .venv):
 
     python bench/bench_scaling.py --counts 1000 5000 20000 --lengths 64 128 256 512 1024
 
-One traced engine (compiled, bf16, OLMoE-shaped toy) runs the driver's whole
+One traced engine (compiled, bf16, tiny OLMoE toy by default so that the
+20,000-sample point fits in minutes on 2 cores) runs the driver's whole
 path (generate, flush, check, samples table, manifest commit; NLL on) for each
 point into a fresh trace directory (``TracedEngine.retarget``), so engine start
 is paid once and excluded. Sample counts use 64-token prompts; the length sweep
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1000, 5000, 20000])
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     parser.add_argument("--tokens-per-point", type=int, default=262_144)
-    parser.add_argument("--preset", default="olmoe-shaped")
+    parser.add_argument("--preset", default="tiny")
     parser.add_argument("--enforce-eager", action="store_true")
     args = parser.parse_args()
 
