@@ -124,8 +124,12 @@ def measure_interleaved(model: Path, make_batch, options, max_tokens: int, round
     """Both engines alive in this process (one OpenMP pool, no oversubscription); calls
     alternate A B A B, both engines getting the same fresh batch, so slow drifts of the
     machine cancel. The first pair warms up."""
-    options = replace(options, gpu_memory_utilization=options.gpu_memory_utilization / 2)
-    engines = start_engines(["untraced", "traced"], model, options)
+    # vLLM sizes a CPU engine's KV cache as its share of node memory minus what the
+    # process already uses, so the second engine in the process asks for both shares.
+    share = options.gpu_memory_utilization / 2
+    engines = start_engines(["untraced"], model, replace(options, gpu_memory_utilization=share))
+    engines |= start_engines(["traced"], model,
+                             replace(options, gpu_memory_utilization=2 * share))
     rates = {"untraced": [], "traced": []}
     for call in range(rounds * reps + 1):
         batch = make_batch(call)

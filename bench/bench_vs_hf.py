@@ -7,8 +7,9 @@ Run (from the repository root, inside .venv):
 Same checkpoint (OLMoE-shaped toy), same token ids. The transformers baseline
 is what researchers write by hand: batched forward (batch 16) with
 ``output_router_logits=True``, softmax and top-k per layer, in float32 and
-bfloat16. moepath runs ``trace_samples`` (compiled bf16, NLL on), timed from the
-first batch to the committed trace (engine start excluded, reported apart).
+bfloat16. moepath runs ``trace_samples`` (compiled, NLL on; bfloat16 and
+float32), timed from the first batch to the committed trace (engine start
+excluded, reported apart).
 Prints and saves bench/results/vs-hf.json.
 """
 
@@ -39,7 +40,8 @@ def hf_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str, top_k:
     return sum(map(len, batch)) / (time.perf_counter() - start)
 
 
-def moepath_tokens_per_s(model_path: Path, batch: list[list[int]]) -> tuple[float, float]:
+def moepath_tokens_per_s(model_path: Path, batch: list[list[int]],
+                         dtype: str) -> tuple[float, float]:
     from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
     from moepath.tracer.samples import Sample, SampleSet
 
@@ -53,7 +55,8 @@ def moepath_tokens_per_s(model_path: Path, batch: list[list[int]]) -> tuple[floa
         rates["t0"] = time.perf_counter()
 
     summary = trace_samples(model_path, samples, Path(tempfile.mkdtemp()) / "t",
-                            EngineOptions(max_model_len=512), TraceOptions(), on_start=on_start)
+                            EngineOptions(max_model_len=512, dtype=dtype), TraceOptions(),
+                            on_start=on_start)
     return summary.tokens / (time.perf_counter() - rates["t0"]), rates["start_s"]
 
 
@@ -61,16 +64,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                        help="moepath (vLLM) dtypes to measure")
     args = parser.parse_args()
     model = toy("olmoe-shaped")
     batch = prompts(args.samples, args.tokens, seed=1)
     result = {"samples": args.samples, "prompt_tokens": args.tokens,
               "hf_float32_tokens_per_s": hf_tokens_per_s(model, batch, "float32", 8),
               "hf_bfloat16_tokens_per_s": hf_tokens_per_s(model, batch, "bfloat16", 8)}
-    result["moepath_tokens_per_s"], result["moepath_engine_start_s"] = moepath_tokens_per_s(
-        model, batch)
     best_hf = max(result["hf_float32_tokens_per_s"], result["hf_bfloat16_tokens_per_s"])
-    result["moepath_vs_best_hf"] = result["moepath_tokens_per_s"] / best_hf
+    for dtype in args.dtypes:
+        rate, start_s = moepath_tokens_per_s(model, batch, dtype)
+        result[f"moepath_{dtype}_tokens_per_s"] = rate
+        result[f"moepath_{dtype}_engine_start_s"] = start_s
+        result[f"moepath_{dtype}_vs_best_hf"] = rate / best_hf
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "vs-hf.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
