@@ -2,14 +2,15 @@
 
 Run (from the repository root, inside .venv):
 
-    python bench/bench_scaling.py --counts 1000 5000 20000 --lengths 64 128 256 512 1024
+    python bench/bench_scaling.py --counts 1000 5000 20000 --lengths 64 256 1024
 
 One traced engine (compiled, bf16, tiny OLMoE toy by default so that the
 20,000-sample point fits in minutes on 2 cores) runs the driver's whole
 path (generate, flush, check, samples table, manifest commit; NLL on) for each
 point into a fresh trace directory (``TracedEngine.retarget``), so engine start
-is paid once and excluded. Sample counts use 64-token prompts; the length sweep
-traces the same number of tokens (``--tokens-per-point``) at each length.
+is paid once and excluded. The count sweep uses ``--count-length``-token
+prompts; the length sweep traces the same number of tokens
+(``--tokens-per-point``) at each length.
 Linear cost shows as flat tokens/s across a sweep. Saves bench/results/scaling.json.
 """
 
@@ -44,8 +45,9 @@ def trace_point(engine, model: Path, batch: list[list[int]], out: Path, options)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[1000, 5000, 20000])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
-    parser.add_argument("--tokens-per-point", type=int, default=262_144)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--count-length", type=int, default=16)
+    parser.add_argument("--tokens-per-point", type=int, default=65_536)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--enforce-eager", action="store_true")
     args = parser.parse_args()
@@ -56,14 +58,16 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="moepath-bench-scaling-"))
     options = EngineOptions(enforce_eager=args.enforce_eager, max_model_len=max(args.lengths) + 8)
     result = {"preset": args.preset, "mode": "eager" if args.enforce_eager else "compiled",
+              "count_length": args.count_length, "tokens_per_point": args.tokens_per_point,
               "by_count": {}, "by_length": {}}
     with TracedEngine(model, root / "warmup", options, commit=False) as engine:
         trace_point(engine, model, prompts(256, 64, seed=99), root / "warmup", options)
         for count in args.counts:
-            rate = trace_point(engine, model, prompts(count, 64, seed=count), root / f"n{count}",
-                               options)
+            rate = trace_point(engine, model, prompts(count, args.count_length, seed=count),
+                               root / f"n{count}", options)
             result["by_count"][count] = rate
-            print(f"{count} samples x 64 tokens: {rate:,.0f} tokens/s", flush=True)
+            print(f"{count} samples x {args.count_length} tokens: {rate:,.0f} tokens/s",
+                  flush=True)
         for length in args.lengths:
             count = max(1, args.tokens_per_point // length)
             rate = trace_point(engine, model, prompts(count, length, seed=length),

@@ -138,3 +138,26 @@ def test_a_step_maps_rows_of_traced_requests_only_with_prompt_sums_per_request()
     np.testing.assert_array_equal(c.column("token_ids"), [30])
     np.testing.assert_array_equal(c.column("expert_ids"), buffers.expert_ids[5:6].numpy())
     assert c.prompt_rows == 0 and c.prompt_prob_sum is None  # a generated token
+
+
+def test_a_moe_kernel_that_routes_internally_is_refused_naming_the_layer_and_the_fix():
+    """Monolithic kernels (e.g. TRT-LLM on CUDA, zentorch on CPU) never call the router
+    hook; tracing them would give an empty trace, so the engine refuses at load."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from moepath.patches import compat
+    from moepath.patches.capture import UnsupportedModelError, inspect_model
+
+    runner_cls = compat.moe_runner_class()
+    runner = runner_cls.__new__(runner_cls)  # the real class, no kernel set up
+    torch.nn.Module.__init__(runner)
+    runner.routed_experts = NS(quant_method=NS(is_monolithic=True))
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].experts = runner
+    with pytest.raises(UnsupportedModelError, match=(
+            r"MoE layer 'layers.0.experts' uses a monolithic kernel that routes internally.*"
+            r"choose a modular kernel with --moe-backend")):
+        inspect_model(model, NS(speculative_config=None))
