@@ -231,8 +231,7 @@ class StepRecorder:
         self.lock = threading.Lock()
         self.requests_recorded = 0
         self.requests_recomputed = 0
-        self.ids_dtype = store.expert_id_type(routing.num_experts if routing else 256) \
-            .to_pandas_dtype()
+        self.ids_dtype = store.expert_id_type(routing.num_experts).to_pandas_dtype()
 
     # -- which requests are traced -------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from moepath.patches.capture import RequestAccumulator, StepRecorder, _Chunk, _S
 from moepath.patches.settings import CaptureSettings
 
 L, K, E = 2, 2, 4
+ROUTING = SimpleNamespace(num_experts=E)  # what StepRecorder reads of capture.ModelRouting
 
 
 def chunk(start: int, stop: int, prompt_len: int, fill: int = 0) -> _Chunk:
@@ -65,7 +68,7 @@ class BrokenSink:
 
 
 def test_a_failed_write_is_reported_by_flush_and_turns_capture_off():
-    recorder = StepRecorder(CaptureSettings(dir="x"), routing=None, sink=BrokenSink())
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=BrokenSink())
     recorder.active["r1"] = accumulator(3)
     report = recorder.flush()
     assert report["error"] == "OSError: [Errno 28] No space left on device"
@@ -119,8 +122,7 @@ def test_a_step_maps_rows_of_traced_requests_only_with_prompt_sums_per_request()
     hook.BUFFERS.expert_ids[:6] = torch.randint(0, E, (6, L, K), generator=generator)
     hook.BUFFERS.gate_weights[:6] = torch.rand((6, L, K), generator=generator)
     hook.BUFFERS.probs[:6] = torch.rand((6, L, E), generator=generator)
-    routing = type("Routing", (), {"num_experts": E})()
-    recorder = StepRecorder(CaptureSettings(dir="x"), routing=routing, sink=None)
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=None)
     recorder.after_forward(FakeRunner())
 
     assert recorder.active["b-00000000"] is None  # untraced: seen, never recorded
