@@ -46,6 +46,7 @@ def register() -> None:
 def _wrap_load_model(original):
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
+        _request_amx_permission()
         original(self, *args, **kwargs)
         from .settings import from_vllm_config
 
@@ -55,6 +56,20 @@ def _wrap_load_model(original):
 
     load_model.__moepath_wrapped__ = True
     return load_model
+
+
+def _request_amx_permission() -> None:
+    """Ask Linux for AMX tile state in this worker before vLLM's kernels use it.
+
+    vLLM 0.32's CPU attention picks its AMX kernel for bf16 on AMX CPUs but
+    never requests the tile-data permission (``arch_prctl(ARCH_REQ_XCOMP_PERM)``);
+    unless oneDNN happened to request it first, the worker dies with SIGILL
+    (exit code -4) on its first forward. Applies to untraced engines too.
+    """
+    import torch
+
+    if not torch.cuda.is_available() and torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
 
 
 def _enable_capture(worker, settings) -> None:
