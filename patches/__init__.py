@@ -85,7 +85,9 @@ def _enable_capture(worker, settings) -> None:
     routing, recorder = capture.install(worker, settings)
     worker.moepath_describe = lambda: routing.describe() | {
         "writer": recorder is not None, "reload_blocker": _reload_blocker(worker)}
-    worker.moepath_flush = (recorder.flush if recorder is not None
+    # the driver flushes between generate calls: its requests are done
+    worker.moepath_flush = (functools.partial(recorder.flush, requests_done=True)
+                            if recorder is not None
                             else lambda: {"shards": [], "error": None, "requests_recorded": 0,
                                          "requests_recomputed": 0})
 

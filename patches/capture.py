@@ -346,9 +346,19 @@ class StepRecorder:
                                 compat.LOG_PREFIX, self.error, exc_info=exc)
         self.active.clear()
 
-    def flush(self) -> dict:
-        """Write pending routing; report new shards, requests recorded, and any error."""
+    def flush(self, requests_done: bool = False) -> dict:
+        """Write pending routing; report new shards, requests recorded, and any error.
+
+        ``requests_done``: the caller knows no traced request is still running (an
+        offline engine after ``generate`` returned, or shutdown), so every request
+        with recorded rows is finished now. vLLM tells workers which requests
+        finished only with the next step, which an in-process engine
+        (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) does not run after ``generate``
+        returns, and which a multiprocess engine core runs concurrently with a flush.
+        """
         with self.lock:
+            if requests_done:
+                self.on_finished(list(self.active))
             shards = []
             try:
                 shards = self.sink.flush()

@@ -68,7 +68,7 @@ class ManifestCommitter:
 
     def commit(self, final: bool = False) -> None:
         """Flush finished requests, record their shards, rewrite the manifest."""
-        report = self.recorder.flush()
+        report = self.recorder.flush(requests_done=final)
         store.add_shards(self.manifest, store.ROUTING_DIR,
                          [store.ShardInfo(**shard) for shard in report["shards"]])
         routing = self.manifest["shards"][store.ROUTING_DIR]
@@ -83,6 +83,5 @@ class ManifestCommitter:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-        self.recorder.on_finished(list(self.recorder.active))  # requests cut by shutdown
-        self.commit(final=True)
+        self.commit(final=True)  # also finishes requests cut by shutdown
         compat.logger.info("%s trace committed to %s", compat.LOG_PREFIX, self.trace_dir)

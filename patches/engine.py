@@ -181,6 +181,8 @@ class TracedEngine:
     def flush(self) -> list[store.ShardInfo]:
         """Write all finished requests' routing; raise CaptureError if capture failed.
 
+        Call it between ``generate`` calls: every traced request recorded so far is
+        then taken as finished (vLLM would tell the worker only with a later step).
         ``self.requests_recomputed`` then counts traced requests that vLLM preempted
         and recomputed (their recomputed rows replaced the first ones).
         """

@@ -76,6 +76,39 @@ def test_a_failed_write_is_reported_by_flush_and_turns_capture_off():
     assert recorder.flush()["error"] == report["error"]  # stays off, reported every time
 
 
+class ListSink:
+    """Keeps what the recorder hands over; writes nothing."""
+
+    def __init__(self):
+        self.records = []
+
+    def add(self, record):
+        self.records.append(record)
+
+    def flush(self):
+        return []
+
+
+def test_the_drivers_flush_finishes_requests_vllm_has_not_yet_reported_finished():
+    # vLLM names finished requests only in the next step's scheduler output, which an
+    # in-process engine never runs after generate() returns.
+    sink = ListSink()
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=sink)
+    recorder.active["r1"] = accumulator(prompt_len=3)
+    recorder.active["r1"].add(chunk(0, 3, 3))
+    recorder.active["untraced"] = None
+
+    recorder.flush()  # server mode's periodic flush: the request may still be running
+    assert sink.records == [] and "r1" in recorder.active
+
+    report = recorder.flush(requests_done=True)  # offline driver, between generate calls
+    assert [r.sample_id for r in sink.records] == ["a"]
+    np.testing.assert_array_equal(sink.records[0].positions, np.arange(3))
+    assert report["requests_recorded"] == 1 and recorder.active == {}
+    recorder.on_finished(["r1"])  # vLLM's late report changes nothing
+    assert len(sink.records) == 1
+
+
 def test_capture_settings_are_validated_where_the_engine_reads_them():
     with pytest.raises(ValueError, match="needs 'dir'"):
         CaptureSettings.parse({"trace_all": True})
