@@ -3,14 +3,17 @@
 Run (from the repository root, inside .venv):
 
     python bench/bench_vs_hf.py --samples 200 --tokens 128
+    python bench/bench_vs_hf.py --samples 200 --tokens 128 --engine-core process
 
 Same checkpoint (OLMoE-shaped toy), same token ids. The transformers baseline
 is what researchers write by hand: batched forward (batch 16) with
 ``output_router_logits=True``, softmax and top-k per layer, in float32 and
 bfloat16. moepath runs ``trace_samples`` (compiled, NLL on; bfloat16 and
 float32), timed from the first batch to the committed trace (engine start
-excluded, reported apart).
-Prints and saves bench/results/vs-hf.json.
+excluded, reported apart), with vLLM's engine core placed as ``--engine-core``
+says (default auto, what ``moepath trace`` does; the choice holds for the whole
+process, so compare placements in separate runs).
+Prints and saves bench/results/vs-hf-<engine core>.json.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ def hf_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str, top_k:
     return sum(map(len, batch)) / (time.perf_counter() - start)
 
 
-def moepath_tokens_per_s(model_path: Path, batch: list[list[int]],
-                         dtype: str) -> tuple[float, float]:
+def moepath_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str,
+                         engine_core: str) -> tuple[float, float]:
     from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
     from moepath.tracer.samples import Sample, SampleSet
 
@@ -55,7 +58,8 @@ def moepath_tokens_per_s(model_path: Path, batch: list[list[int]],
         rates["t0"] = time.perf_counter()
 
     summary = trace_samples(model_path, samples, Path(tempfile.mkdtemp()) / "t",
-                            EngineOptions(max_model_len=512, dtype=dtype), TraceOptions(),
+                            EngineOptions(max_model_len=512, dtype=dtype, engine_core=engine_core),
+                            TraceOptions(),
                             on_start=on_start)
     return summary.tokens / (time.perf_counter() - rates["t0"]), rates["start_s"]
 
@@ -66,20 +70,22 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         help="moepath (vLLM) dtypes to measure")
+    parser.add_argument("--engine-core", choices=["auto", "process", "inline"], default="auto")
     args = parser.parse_args()
     model = toy("olmoe-shaped")
     batch = prompts(args.samples, args.tokens, seed=1)
     result = {"samples": args.samples, "prompt_tokens": args.tokens,
+              "engine_core": args.engine_core,
               "hf_float32_tokens_per_s": hf_tokens_per_s(model, batch, "float32", 8),
               "hf_bfloat16_tokens_per_s": hf_tokens_per_s(model, batch, "bfloat16", 8)}
     best_hf = max(result["hf_float32_tokens_per_s"], result["hf_bfloat16_tokens_per_s"])
     for dtype in args.dtypes:
-        rate, start_s = moepath_tokens_per_s(model, batch, dtype)
+        rate, start_s = moepath_tokens_per_s(model, batch, dtype, args.engine_core)
         result[f"moepath_{dtype}_tokens_per_s"] = rate
         result[f"moepath_{dtype}_engine_start_s"] = start_s
         result[f"moepath_{dtype}_vs_best_hf"] = rate / best_hf
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "vs-hf.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"vs-hf-{args.engine_core}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

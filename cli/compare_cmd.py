@@ -46,6 +46,7 @@ def compare(
     enforce_eager: o.EnforceEager = False,
     gpu_memory_utilization: o.GpuMemory = 0.3,
     max_num_batched_tokens: o.BatchedTokens = None,
+    engine_core: o.EngineCore = "auto",
     trust_remote_code: o.TrustRemoteCode = False,
     batch_size: o.BatchSize = 256,
 ) -> None:
@@ -63,7 +64,8 @@ def compare(
             epsilon_quantile=epsilon_quantile, delta=delta, scores=scores,
             from_step=from_step),
         o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
-                         gpu_memory_utilization, max_num_batched_tokens, trust_remote_code),
+                         gpu_memory_utilization, max_num_batched_tokens, trust_remote_code,
+                         engine_core=engine_core),
         TraceOptions(truncate=truncate, batch_size=batch_size),
         SampleReadOptions(id_field=id_field, text_field=text_field,
                           skip_bad_lines=skip_bad_lines, limit=limit),

@@ -35,7 +35,7 @@ def demo(
         testbed.train(config, testbed_dir, log=render.stderr.print)
     run_compare([testbed_dir / "checkpoints"], testbed_dir / "samples.jsonl", out / "compare",
                 CompareOptions(scores=testbed_dir / "scores.csv"),
-                EngineOptions(gpu_memory_utilization=gpu_memory_utilization),
+                EngineOptions(gpu_memory_utilization=gpu_memory_utilization, engine_core="auto"),
                 TraceOptions(), SampleReadOptions())
 
 

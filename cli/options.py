@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from moepath.patches.engine import EngineOptions
+from moepath.patches.engine import ENGINE_CORE_CHOICES, EngineOptions
 
 Model = Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder of an MoE model.")]
 Samples = Annotated[Path, typer.Option("--samples", "-s",
@@ -26,6 +26,10 @@ TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", "-tp",
 EnforceEager = Annotated[bool, typer.Option(help="Run eager (skip torch.compile).")]
 GpuMemory = Annotated[float, typer.Option(help="Fraction of device memory for vLLM "
                       "(CPU: of the NUMA node's memory).")]
+EngineCore = Annotated[str, typer.Option(
+    help="Where vLLM's engine core runs: auto (in this process on a CPU host with one "
+         "worker, where vLLM would reserve a core for a separate one; else vLLM's default), "
+         "process, or inline.")]
 BatchedTokens = Annotated[int | None, typer.Option(help="vLLM max_num_batched_tokens.")]
 StoreProbs = Annotated[bool, typer.Option(help="Also store per-token full router "
                        "distributions (large; small runs only).")]
@@ -53,12 +57,15 @@ Seed = Annotated[int, typer.Option(help="Seed of sampled pairs.")]
 def engine_options(dtype: str, max_model_len: int | None, tensor_parallel_size: int,
                    enforce_eager: bool, gpu_memory_utilization: float,
                    max_num_batched_tokens: int | None, trust_remote_code: bool,
-                   store_probs: bool = False) -> EngineOptions:
+                   store_probs: bool = False, engine_core: str = "process") -> EngineOptions:
+    if engine_core not in ENGINE_CORE_CHOICES:
+        raise typer.BadParameter(f"--engine-core takes {', '.join(ENGINE_CORE_CHOICES)}, "
+                                 f"not {engine_core!r}")
     return EngineOptions(
         dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
         enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
         max_num_batched_tokens=max_num_batched_tokens, trust_remote_code=trust_remote_code,
-        store_probs=store_probs)
+        store_probs=store_probs, engine_core=engine_core)
 
 
 def parse_part(value: str | None) -> tuple[int, int] | None:

@@ -28,6 +28,7 @@ def trace(
     enforce_eager: o.EnforceEager = False,
     gpu_memory_utilization: o.GpuMemory = 0.3,
     max_num_batched_tokens: o.BatchedTokens = None,
+    engine_core: o.EngineCore = "auto",
     store_probs: o.StoreProbs = False,
     trust_remote_code: o.TrustRemoteCode = False,
     batch_size: o.BatchSize = 256,
@@ -48,7 +49,7 @@ def trace(
                             f"(first: line {sample_set.skipped_lines[0]})")
     engine = o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
                               gpu_memory_utilization, max_num_batched_tokens,
-                              trust_remote_code, store_probs)
+                              trust_remote_code, store_probs, engine_core)
     trace_options = TraceOptions(truncate=truncate, nll=nll, max_tokens=max_tokens,
                                  batch_size=batch_size)
     render.stderr.print(f"tracing with [bold]{model}[/] (a vLLM engine starts in 20-60 s)")

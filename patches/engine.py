@@ -28,6 +28,8 @@ from moepath.tracer.samples import SampleSet, sample_table
 
 from .settings import CONFIG_KEY, REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
 
+ENGINE_CORE_CHOICES = ("process", "inline", "auto")
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -43,6 +45,31 @@ class EngineOptions:
     seed: int = 0
     store_probs: bool = False
     num_kv_blocks: int | None = None  # override the KV cache size (tests force preemption)
+    engine_core: str = "process"  # "process" (vLLM's default), "inline" or "auto": see below
+
+    def __post_init__(self):
+        if self.engine_core not in ENGINE_CORE_CHOICES:
+            raise InputError(f"engine_core must be one of {', '.join(ENGINE_CORE_CHOICES)}, "
+                             f"not {self.engine_core!r}")
+
+    def engine_core_inline(self) -> bool:
+        """Whether vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+
+        ``"auto"`` chooses inline on a CPU host with one worker, unless the user set
+        ``VLLM_ENABLE_V1_MULTIPROCESSING`` or ``VLLM_CPU_OMP_THREADS_BIND`` (vLLM's own
+        process layout and thread binding then apply). Offline tracing drives the
+        engine synchronously, so a separate engine-core process does no useful work
+        in parallel, yet vLLM reserves a CPU core for it: on a 2-core host the model
+        then runs on one core (bench/README.md: inline traces ~2x faster there).
+        """
+        if self.engine_core != "auto":
+            return self.engine_core == "inline"
+        if self.tensor_parallel_size > 1 or os.environ.keys() & {
+                "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"}:
+            return False
+        import torch
+
+        return not torch.cuda.is_available()
 
     def llm_kwargs(self, model: str, settings: CaptureSettings | None) -> dict:
         """``vllm.LLM`` keyword arguments; ``settings=None`` gives the untraced twin."""
@@ -112,6 +139,8 @@ class TracedEngine:
 
         options = options or EngineOptions()
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # capture wraps the V1 runner
+        if options.engine_core_inline():  # read once per process: vLLM caches its env
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         _bind_cpu_threads(options.tensor_parallel_size)
         self.settings = CaptureSettings(dir=str(trace_dir), trace_all=trace_all,
                                         store_probs=options.store_probs, commit=commit,

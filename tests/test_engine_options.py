@@ -1,0 +1,49 @@
+"""Engine options without an engine: where vLLM's engine core runs, and bad values."""
+
+from __future__ import annotations
+
+import pytest
+from test_cli_trace import moepath
+
+from moepath.patches.engine import EngineOptions
+from moepath.tracer.errors import InputError
+
+
+@pytest.fixture
+def vllm_env_unset(monkeypatch):
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_auto_runs_the_engine_core_inline_on_a_cpu_host_with_one_worker(vllm_env_unset):
+    assert EngineOptions(engine_core="auto").engine_core_inline()
+    # tensor parallelism needs vLLM's worker processes and their thread binding
+    assert not EngineOptions(engine_core="auto", tensor_parallel_size=2).engine_core_inline()
+    # explicit choices are taken as given; the Python API keeps vLLM's default
+    assert EngineOptions(engine_core="inline").engine_core_inline()
+    assert not EngineOptions(engine_core="process").engine_core_inline()
+    assert not EngineOptions().engine_core_inline()
+
+
+@pytest.mark.parametrize("variable, value", [("VLLM_ENABLE_V1_MULTIPROCESSING", "1"),
+                                             ("VLLM_CPU_OMP_THREADS_BIND", "0")])
+def test_auto_leaves_the_layout_to_vllm_when_the_user_configured_it(vllm_env_unset, monkeypatch,
+                                                                    variable, value):
+    monkeypatch.setenv(variable, value)  # e.g. one engine per core for `trace --part`
+    assert not EngineOptions(engine_core="auto").engine_core_inline()
+
+
+def test_an_unknown_engine_core_is_refused_with_the_choices():
+    with pytest.raises(InputError, match="engine_core must be one of process, inline, auto"):
+        EngineOptions(engine_core="thread")
+
+
+def test_cli_names_the_bad_engine_core_value(tmp_path):
+    samples = tmp_path / "s.jsonl"
+    samples.write_text('{"id": "a", "text": "one"}\n')
+    result = moepath("trace", tmp_path, "--samples", samples, "--out", tmp_path / "o",
+                     "--engine-core", "thread")
+    assert result.returncode == 2
+    assert "--engine-core takes process, inline, auto, not 'thread'" in result.stderr
+    assert not (tmp_path / "o").exists()
+
