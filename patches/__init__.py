@@ -5,13 +5,14 @@ EngineCore, each worker). It is idempotent and imports nothing heavy. It only
 wraps ``Worker.load_model``; that wrapper reads the engine's capture settings
 once (``additional_config["moepath"]``, see ``settings.py``) and, only when
 tracing is on for that engine, installs the capture. An untraced engine runs
-vLLM's own code paths: no routing hook, no per-step work.
+vLLM's own code paths: no routing hook, no per-step work (on an AMX CPU the
+wrapper requests AMX tile permission first, for every engine: a vLLM crash fix).
 
 Patch register (vLLM 0.32.0; versions checked in ``compat.py``):
 
 | symbol | file | why | how | removal |
 |---|---|---|---|---|
-| ``Worker.load_model`` | v1/worker/gpu_worker.py (CPUWorker inherits) | the only per-engine point after the model is built and before it is compiled | wrapper: calls the original, then ``capture.install`` if traced | when vLLM offers a post-load plugin hook |
+| ``Worker.load_model`` | v1/worker/gpu_worker.py (CPUWorker inherits) | the only per-engine point after the model is built and before it is compiled; also the first point in every CPU worker to request AMX tile permission, which vLLM 0.32's bf16 AMX attention needs and never requests (SIGILL otherwise) | wrapper: requests AMX permission (CPU), calls the original, then ``capture.install`` if traced | post-load hook: when vLLM offers one; AMX: when vLLM requests the permission itself |
 | ``FusedMoERouter.select_experts`` | model_executor/layers/fused_moe/router/fused_moe_router.py | sole caller site of routing on every modular MoE path; sees logits, weights, logical ids (vLLM's ``set_capture_fn`` gives ids only) | class-level wrapper, installed only in traced workers: calls the original, then copies into preallocated buffers (``hook.py``) | when a router capture callback passes logits and weights |
 | ``GPUModelRunner.execute_model`` (instance) | v1/worker/gpu_model_runner.py (CPUModelRunner inherits) | batch layout (req_ids, query_start_loc, positions) is final after the forward | instance-level wrapper on traced workers: finished ids on entry, row mapping after the forward | with the above |
 | ``Worker.shutdown`` (instance, server mode only) | v1/worker/gpu_worker.py | commit the last shards and mark the trace complete when the server stops | instance-level wrapper | — |
