@@ -5,7 +5,8 @@ Run (from the repository root, inside .venv):
     python bench/bench_scaling.py --counts 1000 5000 20000 --lengths 64 256 1024
 
 One traced engine (compiled, bf16, tiny OLMoE toy by default so that the
-20,000-sample point fits in minutes on 2 cores) runs the driver's whole
+20,000-sample point fits in minutes on 2 cores; engine core placed as
+``--engine-core`` says, default auto like ``moepath trace``) runs the driver's whole
 path (generate, flush, check, samples table, manifest commit; NLL on) for each
 point into a fresh trace directory (``TracedEngine.retarget``), so engine start
 is paid once and excluded. The count sweep uses ``--count-length``-token
@@ -50,15 +51,18 @@ def main() -> None:
     parser.add_argument("--tokens-per-point", type=int, default=65_536)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--engine-core", choices=["auto", "process", "inline"], default="auto")
     args = parser.parse_args()
 
     from moepath.patches.engine import EngineOptions, TracedEngine
 
     model = toy(args.preset)
     root = Path(tempfile.mkdtemp(prefix="moepath-bench-scaling-"))
-    options = EngineOptions(enforce_eager=args.enforce_eager, max_model_len=max(args.lengths) + 8)
+    options = EngineOptions(enforce_eager=args.enforce_eager, max_model_len=max(args.lengths) + 8,
+                            engine_core=args.engine_core)
     result = {"preset": args.preset, "mode": "eager" if args.enforce_eager else "compiled",
-              "count_length": args.count_length, "tokens_per_point": args.tokens_per_point,
+              "engine_core": args.engine_core, "count_length": args.count_length,
+              "tokens_per_point": args.tokens_per_point,
               "by_count": {}, "by_length": {}}
     with TracedEngine(model, root / "warmup", options, commit=False) as engine:
         trace_point(engine, model, prompts(256, 64, seed=99), root / "warmup", options)
