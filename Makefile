@@ -35,11 +35,18 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Every benchmark, one after the other (about an hour on 2 CPU cores); bench/README.md
+# records each with its own command line.
 bench: setup
 	$(PY) bench/bench_metrics.py
-	$(PY) bench/bench_overhead.py --mode compiled
-	$(PY) bench/bench_overhead.py --mode eager
-	$(PY) bench/bench_overhead.py --mode compiled --decode
+	$(PY) bench/bench_overhead.py --mode compiled --interleave --samples 64
+	$(PY) bench/bench_overhead.py --mode eager --interleave --samples 64
+	$(PY) bench/bench_overhead.py --mode compiled --interleave --decode --samples 64
+	$(PY) bench/bench_overhead.py --mode compiled --interleave --samples 64 --shared-prefix 0.75
+	$(PY) bench/bench_vs_hf.py
+	$(PY) bench/bench_scaling.py
+	$(PY) bench/bench_compare.py
+	$(PY) bench/bench_memory.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

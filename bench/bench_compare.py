@@ -7,7 +7,7 @@ Run (from the repository root, inside .venv):
 Traces the same samples through N toy checkpoints of one architecture (tiny
 OLMoE, seeds 0..N-1) twice: once reusing the engine (``reuse_engine=True``,
 weights reloaded in place) and once restarting it per checkpoint. Compiled
-mode, as ``moepath compare`` runs by default. Prints and saves
+mode and engine core placement auto, as ``moepath compare`` runs by default. Prints and saves
 bench/results/compare.json with wall times and the ratio.
 """
 
@@ -39,7 +39,8 @@ def main() -> None:
               for i in range(args.checkpoints)]
     samples = SampleSet([Sample(f"s{i}", text, None) for i, text in
                          enumerate(corpus(args.samples, seed=3))], [], "", "memory")
-    options = EngineOptions(max_model_len=256, enforce_eager=args.enforce_eager)
+    options = EngineOptions(max_model_len=256, enforce_eager=args.enforce_eager,
+                            engine_core="auto")
     seconds = {}
     for mode, reuse in (("reuse", True), ("restart", False)):
         start = time.perf_counter()
