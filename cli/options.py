@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from moepath.patches.engine import ENGINE_CORE_CHOICES, EngineOptions
+from moepath.patches.engine import EngineOptions
 
 Model = Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder of an MoE model.")]
 Samples = Annotated[Path, typer.Option("--samples", "-s",
@@ -58,9 +58,6 @@ def engine_options(dtype: str, max_model_len: int | None, tensor_parallel_size: 
                    enforce_eager: bool, gpu_memory_utilization: float,
                    max_num_batched_tokens: int | None, trust_remote_code: bool,
                    store_probs: bool = False, engine_core: str = "process") -> EngineOptions:
-    if engine_core not in ENGINE_CORE_CHOICES:
-        raise typer.BadParameter(f"--engine-core takes {', '.join(ENGINE_CORE_CHOICES)}, "
-                                 f"not {engine_core!r}")
     return EngineOptions(
         dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
         enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,

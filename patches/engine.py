@@ -49,8 +49,8 @@ class EngineOptions:
 
     def __post_init__(self):
         if self.engine_core not in ENGINE_CORE_CHOICES:
-            raise InputError(f"engine_core must be one of {', '.join(ENGINE_CORE_CHOICES)}, "
-                             f"not {self.engine_core!r}")
+            raise InputError(f"engine core (--engine-core) must be one of "
+                             f"{', '.join(ENGINE_CORE_CHOICES)}, not {self.engine_core!r}")
 
     def engine_core_inline(self) -> bool:
         """Whether vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
