@@ -26,8 +26,10 @@ from pathlib import Path
 from bench_overhead import RESULTS, prompts, toy
 
 
-def trace_point(engine, model: Path, batch: list[list[int]], out: Path, options) -> float:
-    """Tokens/s of tracing ``batch`` (token-id prompts) into ``out`` on ``engine``."""
+def trace_point(engine, model: Path, batch: list[list[int]], out: Path, options,
+                batch_size: int = 1024) -> float:
+    """Tokens/s of tracing ``batch`` (token-id prompts) into ``out`` on ``engine``: the
+    driver's whole path, ``batch_size`` samples per committed batch."""
     from moepath.patches.engine import Tokenized, TraceJob, TraceOptions
     from moepath.tracer import store
     from moepath.tracer.samples import Sample, SampleSet
@@ -37,7 +39,7 @@ def trace_point(engine, model: Path, batch: list[list[int]], out: Path, options)
     tokenized = [Tokenized(f"s{i}", ids, False) for i, ids in enumerate(batch)]
     store.prepare_directory(out, resume=False, force=True)
     engine.retarget(out)
-    job = TraceJob(samples, tokenized, options, TraceOptions(batch_size=1024))
+    job = TraceJob(samples, tokenized, options, TraceOptions(batch_size=batch_size))
     started = time.perf_counter()
     summary = job.run(engine, out, None)
     return summary.tokens / (time.perf_counter() - started)

@@ -8,9 +8,11 @@ Run (from the repository root, inside .venv):
 Same checkpoint (OLMoE-shaped toy), same token ids. The transformers baseline
 is what researchers write by hand: batched forward (batch 16) with
 ``output_router_logits=True``, softmax and top-k per layer, in float32 and
-bfloat16. moepath runs ``trace_samples`` (compiled, NLL on; bfloat16 and
-float32), timed from the first batch to the committed trace (engine start
-excluded, reported apart), with vLLM's engine core placed as ``--engine-core``
+bfloat16, timed after one warm-up batch. moepath runs the ``moepath trace``
+driver (compiled, NLL on, 256 samples per committed batch; bfloat16 and
+float32) on a started engine after a warm-up trace of 32 samples, timed from
+the first batch to the committed trace (engine start reported apart), with
+vLLM's engine core placed as ``--engine-core``
 says (default auto, what ``moepath trace`` does; the choice holds for the whole
 process, so compare placements in separate runs).
 Prints and saves bench/results/vs-hf-<engine core>.json.
@@ -28,40 +30,42 @@ from bench_overhead import RESULTS, prompts, toy
 
 
 def hf_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str, top_k: int) -> float:
+    """Batches of 16 through transformers with router logits, after one warm-up batch."""
     import torch
 
     from moepath.tracer.hf_reference import load_model
 
     model = load_model(model_path, dtype)
-    start = time.perf_counter()
+
+    def forward(ids):
+        out = model(torch.tensor(ids), output_router_logits=True)
+        for logits in out.router_logits:
+            logits.float().softmax(-1).topk(top_k, dim=-1)
+
     with torch.no_grad():
+        forward(batch[:16])
+        start = time.perf_counter()
         for i in range(0, len(batch), 16):
-            ids = torch.tensor(batch[i:i + 16])
-            out = model(ids, output_router_logits=True)
-            for logits in out.router_logits:
-                logits.float().softmax(-1).topk(top_k, dim=-1)
+            forward(batch[i:i + 16])
     return sum(map(len, batch)) / (time.perf_counter() - start)
 
 
 def moepath_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str,
                          engine_core: str) -> tuple[float, float]:
-    from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
-    from moepath.tracer.samples import Sample, SampleSet
+    """(tokens/s of the trace driver's whole path after a warm-up trace, engine start in s)."""
+    from bench_scaling import trace_point
 
-    samples = SampleSet([Sample(f"s{i}", None, tuple(ids)) for i, ids in enumerate(batch)],
-                        [], "", "memory")
-    rates = {}
+    from moepath.patches.engine import EngineOptions, TracedEngine, TraceOptions
+
+    options = EngineOptions(max_model_len=512, dtype=dtype, engine_core=engine_core)
+    root = Path(tempfile.mkdtemp(prefix="moepath-bench-vs-hf-"))
     started = time.perf_counter()
-
-    def on_start(total, done):
-        rates["start_s"] = time.perf_counter() - started
-        rates["t0"] = time.perf_counter()
-
-    summary = trace_samples(model_path, samples, Path(tempfile.mkdtemp()) / "t",
-                            EngineOptions(max_model_len=512, dtype=dtype, engine_core=engine_core),
-                            TraceOptions(),
-                            on_start=on_start)
-    return summary.tokens / (time.perf_counter() - rates["t0"]), rates["start_s"]
+    with TracedEngine(model_path, root / "warmup", options, commit=False) as engine:
+        start_s = time.perf_counter() - started
+        trace_point(engine, model_path, batch[:32], root / "warmup", options)
+        rate = trace_point(engine, model_path, batch, root / "trace", options,
+                           TraceOptions().batch_size)
+    return rate, start_s
 
 
 def main() -> None:
