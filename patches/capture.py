@@ -271,7 +271,7 @@ class StepRecorder:
         """Append this step's rows of traced requests to their accumulators.
 
         Per step: one gather and host copy per buffer (traced rows only) and one
-        matrix product summing prompt-row distributions per request; per traced request only index
+        segment sum of prompt-row distributions; per traced request only index
         arithmetic, so decode steps cost no per-token work.
         """
         batch = runner.input_batch
@@ -314,10 +314,10 @@ class StepRecorder:
     def _prompt_prob_sums(self, starts: np.ndarray, prompt_rows: np.ndarray) -> dict:
         """{traced index: float64 [L, E] sum of the router distribution over its prompt rows}.
 
-        One matrix product for the whole step: a 0/1 membership matrix [chunks, rows]
-        times the probability buffer [rows, L*E] (BLAS on CPU, one kernel on GPU),
-        accumulated in float32 (relative error ~1e-6, below the float32 the store
-        keeps) and copied to the host once; chunks add up in float64 there.
+        One gather and one segment sum (``index_add_``) for the whole step, linear in
+        the rows whatever their number of requests, accumulated in float32 (relative
+        error ~1e-6, below the float32 the store keeps; a float64 copy of the rows
+        cost 3x more) and copied to the host once; chunks add up in float64 there.
         """
         chunks = np.flatnonzero(prompt_rows)
         if not len(chunks):
@@ -325,12 +325,11 @@ class StepRecorder:
         counts = prompt_rows[chunks]
         ends = np.cumsum(counts)
         rows = _ranges(starts[chunks], starts[chunks] + counts, np.concatenate(([0], ends)))
-        probs = hook.BUFFERS.probs[: int(rows.max()) + 1]
+        probs = hook.BUFFERS.probs
         device = probs.device
-        members = torch.zeros((len(chunks), len(probs)), dtype=probs.dtype, device=device)
-        members[torch.from_numpy(np.repeat(np.arange(len(chunks)), counts)).to(device),
-                torch.from_numpy(rows).to(device)] = 1.0
-        sums = (members @ probs.flatten(1)).view(len(chunks), *probs.shape[1:])
+        segment = torch.from_numpy(np.repeat(np.arange(len(chunks)), counts)).to(device)
+        sums = torch.zeros((len(chunks), *probs.shape[1:]), dtype=probs.dtype, device=device)
+        sums.index_add_(0, segment, probs[torch.from_numpy(rows).to(device)])
         return dict(zip(chunks.tolist(), sums.double().cpu().numpy(), strict=True))
 
     def retarget(self, trace_dir: str, run: str) -> None:
