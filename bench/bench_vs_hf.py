@@ -12,9 +12,9 @@ bfloat16, timed after one warm-up batch. moepath runs the ``moepath trace``
 driver (compiled, NLL on, 256 samples per committed batch; bfloat16 and
 float32) on a started engine after a warm-up trace of 32 samples, timed from
 the first batch to the committed trace (engine start reported apart), with
-vLLM's engine core placed as ``--engine-core``
-says (default auto, what ``moepath trace`` does; the choice holds for the whole
-process, so compare placements in separate runs).
+vLLM's engine core placed as ``--engine-core`` says (default auto, what
+``moepath trace`` does; the choice holds for the whole process, so compare
+placements in separate runs).
 Prints and saves bench/results/vs-hf-<engine core>.json.
 """
 
