@@ -60,7 +60,7 @@ class EngineOptions:
         process layout and thread binding then apply). Offline tracing drives the
         engine synchronously, so a separate engine-core process does no useful work
         in parallel, yet vLLM reserves a CPU core for it: on a 2-core host the model
-        then runs on one core (bench/README.md: inline traces ~2x faster there).
+        then runs on one core (bench/README.md: inline traces 1.5-1.8x faster there).
         """
         if self.engine_core != "auto":
             return self.engine_core == "inline"

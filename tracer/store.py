@@ -205,7 +205,7 @@ def write_parquet_shard(
 
     Dictionary encoding and statistics are kept for scalar columns only: on the
     per-token nested columns they cost more than half the write time (bench:
-    bench_overhead.py) and buy neither size nor filtering.
+    bench/README.md) for files only ~12% smaller, and nobody filters on them.
     """
     scalar = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
     checksum = write_atomic(Path(trace_dir) / relative, lambda tmp: pq.write_table(
