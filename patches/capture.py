@@ -232,6 +232,7 @@ class StepRecorder:
         self.requests_recorded = 0
         self.requests_recomputed = 0
         self.ids_dtype = store.expert_id_type(routing.num_experts).to_pandas_dtype()
+        self.sigmoid = routing.config["scoring_func"] == "sigmoid"
 
     # -- which requests are traced -------------------------------------------
 
@@ -299,8 +300,9 @@ class StepRecorder:
         buffers = hook.BUFFERS
         take = None if rows is None else torch.from_numpy(rows).to(buffers.expert_ids.device)
 
-        def host(tensor, dtype=None):
+        def host(tensor, dtype=None, transform=None):
             tensor = tensor[:total] if take is None else tensor[:total][take]
+            tensor = tensor if transform is None else transform(tensor)
             return (tensor if dtype is None else tensor.to(dtype)).cpu().numpy()
 
         token_ids = runner.input_ids.cpu[:total].numpy()
@@ -309,7 +311,8 @@ class StepRecorder:
             token_ids=token_ids.copy() if rows is None else token_ids[rows],
             expert_ids=host(buffers.expert_ids).astype(self.ids_dtype),
             gate_weights=host(buffers.gate_weights, torch.float16),
-            probs=host(buffers.probs, torch.float16) if self.settings.store_probs else None)
+            probs=(host(buffers.router_logits, torch.float16, self._scores)
+                   if self.settings.store_probs else None))
 
     def _prompt_prob_sums(self, starts: np.ndarray, prompt_rows: np.ndarray) -> dict:
         """{traced index: float64 [L, E] sum of the router distribution over its prompt rows}.
@@ -325,12 +328,16 @@ class StepRecorder:
         counts = prompt_rows[chunks]
         ends = np.cumsum(counts)
         rows = _ranges(starts[chunks], starts[chunks] + counts, np.concatenate(([0], ends)))
-        probs = hook.BUFFERS.probs
-        device = probs.device
+        logits = hook.BUFFERS.router_logits
+        device = logits.device
+        probs = self._scores(logits[torch.from_numpy(rows).to(device)])
         segment = torch.from_numpy(np.repeat(np.arange(len(chunks)), counts)).to(device)
         sums = torch.zeros((len(chunks), *probs.shape[1:]), dtype=probs.dtype, device=device)
-        sums.index_add_(0, segment, probs[torch.from_numpy(rows).to(device)])
+        sums.index_add_(0, segment, probs)
         return dict(zip(chunks.tolist(), sums.double().cpu().numpy(), strict=True))
+
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return hook.router_scores(logits, self.sigmoid)
 
     def retarget(self, trace_dir: str, run: str) -> None:
         """Write further requests into another trace directory (next checkpoint)."""
@@ -414,10 +421,8 @@ def install(worker, settings: CaptureSettings) -> tuple[ModelRouting, StepRecord
     layers = routing.layers
     hook.BUFFERS = hook.CaptureBuffers.allocate(
         runner.max_num_tokens, len(layers), routing.top_k, routing.num_experts, runner.device)
-    sigmoid = routing.config["scoring_func"] == "sigmoid"
     for slot, layer in enumerate(layers):
         layer.router._moepath_slot = slot
-        layer.router._moepath_sigmoid = sigmoid
     router_cls = compat.router_base_class()
     if not getattr(router_cls.select_experts, "__moepath_wrapped__", False):
         router_cls.select_experts = hook.wrap_select_experts(router_cls.select_experts)

@@ -22,13 +22,14 @@ class CaptureBuffers:
     Attributes:
         expert_ids: int32 [T, L, k], logical ids (EPLB is refused, so ids are logical).
         gate_weights: float32 [T, L, k], weights the model used.
-        probs: float32 [T, L, E], full router distribution under the model's
-            scoring function (softmax; sigmoid scores for sigmoid routers).
+        router_logits: float32 [T, L, E], the router's logits over the E routed
+            experts; scored (:func:`router_scores`) after the step, only for
+            the rows that need a distribution (prompt rows, ``--store-probs``).
     """
 
     expert_ids: torch.Tensor
     gate_weights: torch.Tensor
-    probs: torch.Tensor
+    router_logits: torch.Tensor
 
     @classmethod
     def allocate(cls, rows: int, layers: int, top_k: int, experts: int, device) -> CaptureBuffers:
@@ -42,13 +43,22 @@ class CaptureBuffers:
 BUFFERS: CaptureBuffers | None = None
 
 
-def record(slot: int, num_experts: int, sigmoid: bool, router_logits, topk_weights, topk_ids):
-    """Copy one layer's routing of this step's tokens into row range [:n] of slot ``slot``."""
+def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids):
+    """Copy one layer's routing of this step's tokens into row range [:n] of slot ``slot``.
+
+    Three copies and nothing else: the scoring function runs once per step
+    over the rows that need it, not per layer over every token.
+    """
     n = topk_ids.shape[0]
     BUFFERS.expert_ids[:n, slot].copy_(topk_ids)
     BUFFERS.gate_weights[:n, slot].copy_(topk_weights)
-    logits = router_logits[:n, :num_experts].float()  # drop fused shared-expert columns
-    BUFFERS.probs[:n, slot].copy_(logits.sigmoid() if sigmoid else logits.softmax(dim=-1))
+    BUFFERS.router_logits[:n, slot].copy_(router_logits[:n, :num_experts])  # drop fused shared
+
+
+def router_scores(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+    """float32 [..., E] router logits -> the full distribution under the model's scoring
+    function: softmax over the E experts, or per-expert sigmoid scores."""
+    return logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
 
 
 def wrap_select_experts(original):
@@ -63,8 +73,7 @@ def wrap_select_experts(original):
         topk_weights, topk_ids = original(self, hidden_states, router_logits, *args, **kwargs)
         slot = getattr(self, "_moepath_slot", None)
         if slot is not None:
-            record(slot, self.global_num_experts, self._moepath_sigmoid, router_logits,
-                   topk_weights, topk_ids)
+            record(slot, self.global_num_experts, router_logits, topk_weights, topk_ids)
         return topk_weights, topk_ids
 
     select_experts.__moepath_wrapped__ = True

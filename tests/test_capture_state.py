@@ -11,7 +11,8 @@ from moepath.patches.capture import RequestAccumulator, StepRecorder, _Chunk, _S
 from moepath.patches.settings import CaptureSettings
 
 L, K, E = 2, 2, 4
-ROUTING = SimpleNamespace(num_experts=E)  # what StepRecorder reads of capture.ModelRouting
+# what StepRecorder reads of capture.ModelRouting
+ROUTING = SimpleNamespace(num_experts=E, config={"scoring_func": "softmax"})
 
 
 def chunk(start: int, stop: int, prompt_len: int, fill: int = 0) -> _Chunk:
@@ -154,7 +155,7 @@ def test_a_step_maps_rows_of_traced_requests_only_with_prompt_sums_per_request()
     generator = torch.Generator().manual_seed(0)
     hook.BUFFERS.expert_ids[:6] = torch.randint(0, E, (6, L, K), generator=generator)
     hook.BUFFERS.gate_weights[:6] = torch.rand((6, L, K), generator=generator)
-    hook.BUFFERS.probs[:6] = torch.rand((6, L, E), generator=generator)
+    hook.BUFFERS.router_logits[:6] = torch.randn((6, L, E), generator=generator)
     recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=None)
     recorder.after_forward(FakeRunner())
 
@@ -168,7 +169,8 @@ def test_a_step_maps_rows_of_traced_requests_only_with_prompt_sums_per_request()
     np.testing.assert_array_equal(a.column("gate_weights"),
                                   buffers.gate_weights[:3].numpy().astype(np.float16))
     assert a.prompt_rows == 3
-    np.testing.assert_allclose(a.prompt_prob_sum, buffers.probs[:3].double().sum(0).numpy())
+    probs = buffers.router_logits[:3].double().softmax(-1)  # the model's scoring (softmax)
+    np.testing.assert_allclose(a.prompt_prob_sum, probs.sum(0).numpy(), rtol=1e-6)
     np.testing.assert_array_equal(c.column("positions"), [7])
     np.testing.assert_array_equal(c.column("token_ids"), [30])
     np.testing.assert_array_equal(c.column("expert_ids"), buffers.expert_ids[5:6].numpy())

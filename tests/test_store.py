@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from moepath.tracer import Trace, store
 from moepath.tracer.errors import TraceFormatError
 
 L, K, E = 3, 2, 8
+DATA = Path(__file__).parent / "data"
 
 
 def make_record(sample_id: str, tokens: int, seed: int, prompt: int | None = None):
@@ -64,7 +66,7 @@ def test_routing_round_trip(tmp_path):
 
 
 def test_routing_shard_schema_is_the_documented_one(tmp_path):
-    """Golden test of docs/trace-format.md: column names and Arrow types."""
+    """Golden test of docs/trace-format.md: column names, Arrow types, blob metadata."""
     write_trace(tmp_path / "t", [make_record("a", 4, 1)])
     schema = pq.read_schema(tmp_path / "t" / "routing" / "run-r0-000000.parquet")
     assert {name: str(schema.field(name).type) for name in schema.names} == {
@@ -74,13 +76,48 @@ def test_routing_shard_schema_is_the_documented_one(tmp_path):
         "num_prompt_tokens": "int32",
         "positions": "list<element: int32>",
         "token_ids": "list<element: int32>",
-        "expert_ids": "list<element: fixed_size_list<element: fixed_size_list<element: "
-                      "uint8>[2]>[3]>",
-        "gate_weights": "list<element: fixed_size_list<element: fixed_size_list<element: "
-                        "halffloat>[2]>[3]>",
+        "expert_ids": "list<element: fixed_size_binary[6]>",  # L*k uint8
+        "gate_weights": "list<element: fixed_size_binary[12]>",  # L*k float16
         "router_mean": "fixed_size_list<element: fixed_size_list<element: float>[8]>[3]",
         "meta": "string",
     }
+    assert schema.field("expert_ids").metadata == {b"dtype": b"uint8", b"shape": b"[3, 2]"}
+    assert schema.field("gate_weights").metadata == {b"dtype": b"float16", b"shape": b"[3, 2]"}
+
+
+def test_a_token_blob_is_its_little_endian_layer_by_k_array(tmp_path):
+    record = make_record("a", 4, 1)
+    write_trace(tmp_path / "t", [record])
+    table = pq.read_table(tmp_path / "t" / "routing" / "run-r0-000000.parquet")
+    blob = table["gate_weights"][0][2].as_py()  # token 2
+    np.testing.assert_array_equal(np.frombuffer(blob, "<f2").reshape(L, K),
+                                  record.gate_weights[2].astype(np.float16))
+
+
+def test_format_1_traces_are_still_read():
+    """tests/data/trace-v1 was written by moepath's format-1 writer (nested lists)."""
+    expected = json.loads((DATA / "trace-v1.expected.json").read_text())
+    trace = Trace.open(DATA / "trace-v1")
+    assert trace.manifest["format_version"] == 1
+    for sample_id, values in expected.items():
+        ids, weights = trace.topk(sample_id)
+        assert ids.tolist() == values["expert_ids"]
+        assert weights.tolist() == values["gate_weights"]
+        assert trace.token_ids(sample_id).tolist() == values["token_ids"]
+        np.testing.assert_array_equal(trace.router_mean(sample_id),
+                                      np.float32(values["router_mean"]))
+
+
+def test_resuming_a_format_1_trace_writes_format_2(tmp_path):
+    shutil.copytree(DATA / "trace-v1", tmp_path / "t")
+    manifest = store.prepare_directory(tmp_path / "t", resume=True, force=False)
+    assert manifest["format_version"] == store.FORMAT_VERSION == 2
+    shard = store.write_routing_shard(tmp_path / "t", "run-r0-000001",
+                                      [make_record("c", 4, 3)], L, K, E)
+    store.add_shards(manifest, store.ROUTING_DIR, [shard])
+    store.write_manifest(tmp_path / "t", manifest)
+    trace = Trace.open(tmp_path / "t")  # one shard of each layout
+    assert trace.topk("a")[0].shape == trace.topk("c")[0].shape == (4, L, K)
 
 
 def test_expert_ids_widen_to_uint16_beyond_256_experts():
@@ -92,7 +129,7 @@ def test_manifest_golden_header(tmp_path):
     manifest = write_trace(tmp_path / "t", [make_record("a", 4, 1)])
     on_disk = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert on_disk == manifest
-    assert on_disk["format"] == "moepath-trace" and on_disk["format_version"] == 1
+    assert on_disk["format"] == "moepath-trace" and on_disk["format_version"] == 2
     assert on_disk["shards"]["routing"][0]["file"] == "routing/run-r0-000000.parquet"
     assert on_disk["shards"]["routing"][0]["rows"] == 1
     assert on_disk["shards"]["routing"][0]["tokens"] == 4
@@ -100,12 +137,18 @@ def test_manifest_golden_header(tmp_path):
 
 
 def test_duckdb_reads_a_trace_without_moepath(tmp_path):
+    """The DuckDB query of docs/trace-format.md: top-1 expert of layer 1, token by token."""
     duckdb = pytest.importorskip("duckdb")
-    write_trace(tmp_path / "t", [make_record("a", 4, 1), make_record("b", 7, 2)])
-    rows = duckdb.sql(
-        f"SELECT sample_id, len(positions) AS n FROM '{tmp_path}/t/routing/*.parquet' "
-        f"ORDER BY sample_id").fetchall()
-    assert rows == [("a", 4), ("b", 7)]
+    records = [make_record("a", 4, 1), make_record("b", 7, 2)]
+    write_trace(tmp_path / "t", records)
+    k = K
+    rows = duckdb.sql(f"""
+        SELECT sample_id, pos, ('0x' || substr(hex(ids), 2 * (1 * {k} + 0) + 1, 2))::INT AS top1
+        FROM (SELECT sample_id, unnest(positions) AS pos, unnest(expert_ids) AS ids
+              FROM '{tmp_path}/t/routing/*.parquet')
+        ORDER BY sample_id, pos""").fetchall()
+    assert rows == [(r.sample_id, t, int(r.expert_ids[t, 1, 0]))
+                    for r in records for t in range(len(r.positions))]
 
 
 def test_corrupted_shard_is_reported_by_name(tmp_path):

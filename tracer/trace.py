@@ -110,12 +110,12 @@ class Trace:
     def positions(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """int32 [T]: token positions, prompt tokens first."""
         table, row = self._locate(sample_id, completion)
-        return store.token_values(table["positions"], row, ())
+        return store.token_values(table, "positions", row, ())
 
     def token_ids(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """int32 [T]: the token ids, prompt tokens first."""
         table, row = self._locate(sample_id, completion)
-        return store.token_values(table["token_ids"], row, ())
+        return store.token_values(table, "token_ids", row, ())
 
     def num_prompt_tokens(self, sample_id: str, completion: int = 0) -> int:
         table, row = self._locate(sample_id, completion)
@@ -125,8 +125,8 @@ class Trace:
         """(expert ids int64 [T, L, k], gate weights float32 [T, L, k]), prompt tokens first."""
         table, row = self._locate(sample_id, completion)
         shape = (self.num_layers, self.top_k)
-        ids = store.token_values(table["expert_ids"], row, shape).astype(np.int64)
-        weights = store.token_values(table["gate_weights"], row, shape).astype(np.float32)
+        ids = store.token_values(table, "expert_ids", row, shape).astype(np.int64)
+        weights = store.token_values(table, "gate_weights", row, shape).astype(np.float32)
         return ids, weights
 
     def router_mean(self, sample_id: str) -> np.ndarray:
@@ -147,7 +147,7 @@ class Trace:
                 "this trace has no per-token router distributions; trace with --store-probs"
             )
         shape = (self.num_layers, self.num_experts)
-        return store.token_values(table["router_probs"], row, shape).astype(np.float32)
+        return store.token_values(table, "router_probs", row, shape).astype(np.float32)
 
     def router_weights(self) -> list[np.ndarray]:
         """The router matrices W_l of the traced checkpoint: L float32 arrays [E, hidden]."""
