@@ -4,7 +4,9 @@ On CPU vLLM compiles the MoE layer with this hook inside the inductor graph
 (``fullgraph=True``), and on CUDA it is replayed inside CUDA graphs. So the
 hook only copies into buffers preallocated before compilation: no I/O, no
 host sync, no allocation visible to the host, no branching on tensor values.
-After the step, ``capture.StepRecorder`` reads rows ``[:num_tokens]``.
+Under torch.compile the copies run as the opaque op ``moepath::copy_routing``
+(see :func:`record`). After the step, ``capture.StepRecorder`` reads rows
+``[:num_tokens]`` and scores the router logits of the rows it needs.
 """
 
 from __future__ import annotations
@@ -43,16 +45,41 @@ class CaptureBuffers:
 BUFFERS: CaptureBuffers | None = None
 
 
+def _copy_routing(expert_ids: torch.Tensor, gate_weights: torch.Tensor,
+                  router_logits: torch.Tensor, slot: int, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor, logits: torch.Tensor) -> None:
+    """Copy one layer's routing of this step's n tokens into rows [:n] of slot ``slot``."""
+    n = topk_ids.shape[0]
+    expert_ids[:n, slot].copy_(topk_ids)
+    gate_weights[:n, slot].copy_(topk_weights)
+    router_logits[:n, slot].copy_(logits)
+
+
+# The copy as an opaque op that mutates the buffers in place. Traced by inductor
+# (vLLM compiles the router on CPU), three slice writes into a global buffer are
+# functionalised into a rewrite of the whole buffer, every row of every layer,
+# whatever the step's token count: that halved compiled throughput. The op runs
+# the three copies eagerly on rows [:n] only.
+_LIBRARY = torch.library.Library("moepath", "FRAGMENT")
+_LIBRARY.define("copy_routing(Tensor(a!) expert_ids, Tensor(b!) gate_weights, "
+                "Tensor(c!) router_logits, int slot, Tensor topk_ids, Tensor topk_weights, "
+                "Tensor logits) -> ()")
+_LIBRARY.impl("copy_routing", _copy_routing, "CompositeExplicitAutograd")
+_LIBRARY._register_fake("copy_routing", lambda *args: None)
+
+
 def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids):
     """Copy one layer's routing of this step's tokens into row range [:n] of slot ``slot``.
 
     Three copies and nothing else: the scoring function runs once per step
-    over the rows that need it, not per layer over every token.
+    over the rows that need it, not per layer over every token. Under
+    torch.compile through the opaque op; eagerly, where its dispatch is pure
+    overhead, directly.
     """
-    n = topk_ids.shape[0]
-    BUFFERS.expert_ids[:n, slot].copy_(topk_ids)
-    BUFFERS.gate_weights[:n, slot].copy_(topk_weights)
-    BUFFERS.router_logits[:n, slot].copy_(router_logits[:n, :num_experts])  # drop fused shared
+    copy = (torch.ops.moepath.copy_routing if torch.compiler.is_compiling()
+            else _copy_routing)
+    copy(BUFFERS.expert_ids, BUFFERS.gate_weights, BUFFERS.router_logits, slot, topk_ids,
+         topk_weights, router_logits[:, :num_experts])  # drop fused shared-expert columns
 
 
 def router_scores(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:

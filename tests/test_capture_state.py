@@ -198,3 +198,33 @@ def test_a_moe_kernel_that_routes_internally_is_refused_naming_the_layer_and_the
             r"MoE layer 'layers.0.experts' uses a monolithic kernel that routes internally.*"
             r"choose a modular kernel with --moe-backend")):
         inspect_model(model, NS(speculative_config=None))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_hook_writes_rows_of_this_step_only_eager_and_under_torch_compile(compiled):
+    """vLLM compiles the router on CPU with fullgraph=True; the hook's copies then run
+    as one opaque op that writes rows [:n] in place (traced slice writes would be
+    rewritten into a whole-buffer copy per layer)."""
+    import torch
+
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
+    hook.BUFFERS.gate_weights.fill_(-1.0)  # rows of earlier steps
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn((5, E + 2), generator=generator)  # 2 fused shared-expert columns
+    weights, ids = torch.topk(logits[:, :E].softmax(-1), K)
+
+    def layer_forward(logits, weights, ids):
+        hook.record(1, E, logits, weights, ids.to(torch.int32))
+        return weights * 2
+
+    if compiled:
+        layer_forward = torch.compile(layer_forward, backend="aot_eager", fullgraph=True)
+    layer_forward(logits, weights, ids)
+
+    buffers = hook.BUFFERS
+    assert torch.equal(buffers.expert_ids[:5, 1], ids.to(torch.int32))
+    assert torch.equal(buffers.gate_weights[:5, 1], weights)
+    assert torch.equal(buffers.router_logits[:5, 1], logits[:, :E])
+    assert (buffers.gate_weights[5:] == -1).all() and (buffers.gate_weights[:, 0] == -1).all()
