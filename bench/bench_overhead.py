@@ -15,8 +15,10 @@ traced (B: ``TracedEngine``, every request tagged). Two layouts:
   threads). Each phase starts its engine, warms it up, then times ``--reps``
   generate calls.
 - ``--interleave``: both engines alive in this process (vLLM's in-process
-  engine core, one OpenMP pool) and calls alternate A B A B on the same fresh
-  batches, so the machine's slow drifts cancel: the lower-noise ratio.
+  engine core, one OpenMP pool); each fresh batch goes to both engines back to
+  back, in alternating order (A B, B A, ...), so the machine's slow drifts
+  cancel. ``median_pair_ratio`` (median over batches of traced / untraced) is
+  the lower-noise estimate.
 
 Engine start is excluded. Every call has fresh prompts, so untraced vLLM
 cannot read a repeated batch from its prefix cache (``--shared-prefix`` makes
@@ -121,9 +123,10 @@ def measure_phases(model: Path, make_batch, options, max_tokens: int, rounds: in
 
 def measure_interleaved(model: Path, make_batch, options, max_tokens: int, rounds: int,
                         reps: int) -> dict:
-    """Both engines alive in this process (one OpenMP pool, no oversubscription); calls
-    alternate A B A B, both engines getting the same fresh batch, so slow drifts of the
-    machine cancel. The first pair warms up."""
+    """Both engines alive in this process (one OpenMP pool, no oversubscription); each
+    fresh batch goes to both engines back to back, in alternating order (A B, B A, ...),
+    so slow drifts of the machine and any first-mover effect cancel. The first pair
+    warms up."""
     # vLLM sizes a CPU engine's KV cache as its share of node memory minus what the
     # process already uses, so the second engine in the process asks for both shares.
     share = options.gpu_memory_utilization / 2
@@ -133,7 +136,9 @@ def measure_interleaved(model: Path, make_batch, options, max_tokens: int, round
     rates = {"untraced": [], "traced": []}
     for call in range(rounds * reps + 1):
         batch = make_batch(call)
-        for kind, (llm, engine) in engines.items():
+        order = list(engines) if call % 2 == 0 else list(reversed(engines))
+        for kind in order:
+            llm, engine = engines[kind]
             rate = timed_call(llm, engine, batch, f"c{call}", max_tokens)
             if call:
                 rates[kind].append(rate)
@@ -192,6 +197,10 @@ def main() -> None:
         "median_traced": statistics.median(rates["traced"]),
     }
     result["ratio"] = result["median_traced"] / result["median_untraced"]
+    if args.interleave:  # traced / untraced of each batch: the drift-free estimate
+        pairs = [t / u for t, u in zip(rates["traced"], rates["untraced"], strict=True)]
+        result["pair_ratios"] = pairs
+        result["median_pair_ratio"] = statistics.median(pairs)
     RESULTS.mkdir(exist_ok=True)
     layout = "-interleaved" if args.interleave else ""
     name = f"overhead-{args.mode}-{workload}{layout}.json"
