@@ -33,6 +33,9 @@ _CHILD_ID = re.compile(r"^(\d+)_(.+)$")  # vLLM's n>1 child ids: f"{index}_{pare
 _INTERNAL_SUFFIX = re.compile(r"-[0-9A-Za-z]{8}$")  # vLLM appends "-<8 chars>" to request ids
 
 
+SCORE_BLOCK_ROWS = 2048  # rows scored at once after a step: [2048, L, E] float32 stays in cache
+
+
 class UnsupportedModelError(RuntimeError):
     """The model's MoE layers cannot be traced faithfully (raised in the worker at load)."""
 
@@ -317,24 +320,34 @@ class StepRecorder:
     def _prompt_prob_sums(self, starts: np.ndarray, prompt_rows: np.ndarray) -> dict:
         """{traced index: float64 [L, E] sum of the router distribution over its prompt rows}.
 
-        One gather and one segment sum (``index_add_``) for the whole step, linear in
-        the rows whatever their number of requests, accumulated in float32 (relative
-        error ~1e-6, below the float32 the store keeps; a float64 copy of the rows
-        cost 3x more) and copied to the host once; chunks add up in float64 there.
+        ``starts``: each traced request's first buffer row this step (increasing);
+        ``prompt_rows``: how many rows from there are prompt tokens. Scores the
+        buffer rows from the first to the last prompt row in blocks of
+        ``SCORE_BLOCK_ROWS`` and adds each block into per-request sums with one
+        ``index_add_`` (rows of no prompt go to a dropped extra segment): no
+        gather, linear in the rows whatever their number of requests, and the
+        working set stays in cache (scoring 16k rows at once costs 5x more:
+        bench/README.md). Sums are float32 per step (relative error ~1e-6,
+        below the float32 the store keeps), float64 across steps.
         """
         chunks = np.flatnonzero(prompt_rows)
         if not len(chunks):
             return {}
         counts = prompt_rows[chunks]
+        first, last = int(starts[chunks[0]]), int(starts[chunks[-1]] + counts[-1])
+        segment = np.full(last - first, len(chunks))
         ends = np.cumsum(counts)
-        rows = _ranges(starts[chunks], starts[chunks] + counts, np.concatenate(([0], ends)))
+        segment[_ranges(starts[chunks] - first, starts[chunks] - first + counts,
+                        np.concatenate(([0], ends)))] = np.repeat(np.arange(len(chunks)), counts)
         logits = hook.BUFFERS.router_logits
-        device = logits.device
-        probs = self._scores(logits[torch.from_numpy(rows).to(device)])
-        segment = torch.from_numpy(np.repeat(np.arange(len(chunks)), counts)).to(device)
-        sums = torch.zeros((len(chunks), *probs.shape[1:]), dtype=probs.dtype, device=device)
-        sums.index_add_(0, segment, probs)
-        return dict(zip(chunks.tolist(), sums.double().cpu().numpy(), strict=True))
+        segment = torch.from_numpy(segment).to(logits.device)
+        sums = torch.zeros((len(chunks) + 1, *logits.shape[1:]), dtype=logits.dtype,
+                           device=logits.device)
+        for block in range(first, last, SCORE_BLOCK_ROWS):
+            stop = min(block + SCORE_BLOCK_ROWS, last)
+            sums.index_add_(0, segment[block - first:stop - first],
+                            self._scores(logits[block:stop]))
+        return dict(zip(chunks.tolist(), sums[:-1].double().cpu().numpy(), strict=True))
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
         return hook.router_scores(logits, self.sigmoid)

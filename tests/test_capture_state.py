@@ -228,3 +228,25 @@ def test_the_hook_writes_rows_of_this_step_only_eager_and_under_torch_compile(co
     assert torch.equal(buffers.gate_weights[:5, 1], weights)
     assert torch.equal(buffers.router_logits[:5, 1], logits[:, :E])
     assert (buffers.gate_weights[5:] == -1).all() and (buffers.gate_weights[:, 0] == -1).all()
+
+
+def test_prompt_sums_over_blocks_equal_a_per_request_reference(monkeypatch):
+    """Requests with and without prompt rows, gaps of untraced rows, blocks that cut
+    requests: each sum equals the softmax of its own rows, summed."""
+    import torch
+
+    from moepath.patches import capture, hook
+
+    monkeypatch.setattr(capture, "SCORE_BLOCK_ROWS", 3)
+    hook.BUFFERS = hook.CaptureBuffers.allocate(32, L, K, E, "cpu")
+    hook.BUFFERS.router_logits.copy_(torch.randn((32, L, E), generator=torch.Generator()
+                                                 .manual_seed(1)))
+    starts = np.array([1, 4, 12, 13, 20])  # rows 0, 9-11, 14-19 belong to no traced prompt
+    prompt_rows = np.array([2, 5, 0, 1, 7])
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=None)
+    sums = recorder._prompt_prob_sums(starts, prompt_rows)
+
+    assert sorted(sums) == [0, 1, 3, 4]  # request 2 is decoding: no prompt rows
+    for j, total in sums.items():
+        rows = hook.BUFFERS.router_logits[starts[j]:starts[j] + prompt_rows[j]]
+        np.testing.assert_allclose(total, rows.double().softmax(-1).sum(0).numpy(), rtol=1e-6)
