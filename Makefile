@@ -39,9 +39,10 @@ lint: setup
 # records each with its own command line.
 bench: setup
 	$(PY) bench/bench_metrics.py
-	$(PY) bench/bench_overhead.py --mode compiled --interleave --samples 64
-	$(PY) bench/bench_overhead.py --mode eager --interleave --samples 64
-	$(PY) bench/bench_overhead.py --mode compiled --interleave --decode --samples 64
+	$(PY) bench/bench_overhead.py --mode compiled --interleave --samples 64 --rounds 8 --reps 2
+	$(PY) bench/bench_overhead.py --mode eager --interleave --samples 64 --rounds 8 --reps 2
+	$(PY) bench/bench_overhead.py --mode compiled --interleave --decode --samples 64 --rounds 8 --reps 2
+	$(PY) bench/bench_overhead.py --mode eager --interleave --decode --samples 64 --rounds 8 --reps 2
 	$(PY) bench/bench_overhead.py --mode compiled --interleave --samples 64 --shared-prefix 0.75
 	$(PY) bench/bench_vs_hf.py
 	$(PY) bench/bench_scaling.py
