@@ -136,14 +136,8 @@ def routing_table(records: list[RoutingRecord], num_layers: int, top_k: int, num
         r.router_mean if r.router_mean is not None else np.zeros(le, np.float32) for r in records
     ]
     mean_valid = pa.array([r.router_mean is not None for r in records])
-    blobs = [
-        _token_blobs("expert_ids", [r.expert_ids for r in records], lk,
-                     expert_id_type(num_experts).to_pandas_dtype()),
-        _token_blobs("gate_weights", [r.gate_weights for r in records], lk, np.float16),
-    ]
-    if records and records[0].router_probs is not None:
-        blobs.append(_token_blobs("router_probs", [r.router_probs for r in records], le,
-                                  np.float16))
+    probs = ([_token_blobs("router_probs", [r.router_probs for r in records], le, np.float16)]
+             if records and records[0].router_probs is not None else [])
     columns = [
         (pa.field("sample_id", pa.string()), pa.array([r.sample_id for r in records])),
         (pa.field("request_id", pa.string()), pa.array([r.request_id for r in records])),
@@ -155,12 +149,14 @@ def routing_table(records: list[RoutingRecord], num_layers: int, top_k: int, num
          _token_scalars([r.positions for r in records])),
         (pa.field("token_ids", pa.list_(pa.int32())),
          _token_scalars([r.token_ids for r in records])),
-        *blobs[:2],
+        _token_blobs("expert_ids", [r.expert_ids for r in records], lk,
+                     expert_id_type(num_experts).to_pandas_dtype()),
+        _token_blobs("gate_weights", [r.gate_weights for r in records], lk, np.float16),
         (pa.field("router_mean", pa.list_(pa.list_(pa.float32(), num_experts), num_layers)),
          pa.FixedSizeListArray.from_arrays(
              _nested(np.stack(means) if means else np.zeros(0), (num_experts,), pa.float32()),
              num_layers, mask=pc.invert(mean_valid))),
-        *blobs[2:],
+        *probs,
         (pa.field("meta", pa.string()),
          pa.array([json.dumps(r.meta, sort_keys=True) for r in records], pa.string())),
     ]
@@ -247,9 +243,10 @@ def write_parquet_shard(
 ) -> ShardInfo:
     """Write ``table`` as ``trace_dir/relative`` atomically (zstd) and describe it.
 
-    Dictionary encoding and statistics are kept for scalar columns only: on the
-    per-token nested columns they cost more than half the write time (bench:
-    bench/README.md) for files only ~12% smaller, and nobody filters on them.
+    Dictionary encoding and statistics are kept for scalar columns only: on
+    format 1's per-token nested lists they cost more than half the write time
+    (bench/README.md) for files only ~12% smaller; nobody filters on the
+    per-token columns (lists of blobs in format 2), so they stay off there.
     """
     scalar = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
     checksum = write_atomic(Path(trace_dir) / relative, lambda tmp: pq.write_table(
