@@ -198,3 +198,16 @@ def test_failed_write_leaves_no_file_under_the_final_name(tmp_path):
 def test_missing_trace_directory_message(tmp_path):
     with pytest.raises(TraceFormatError, match="does not exist; run `moepath trace` first"):
         Trace.open(tmp_path / "nope")
+
+
+def test_per_token_router_distributions_round_trip_after_router_mean(tmp_path):
+    """--store-probs: one float16 [L, E] blob per token, after router_mean in the schema."""
+    record = make_record("a", 4, 1)
+    probs = np.random.default_rng(3).dirichlet(np.ones(E), size=(4, L)).astype(np.float32)
+    record.router_probs = probs
+    write_trace(tmp_path / "t", [record])
+    schema = pq.read_schema(tmp_path / "t" / "routing" / "run-r0-000000.parquet")
+    assert schema.names[-3:] == ["router_mean", "router_probs", "meta"]
+    assert str(schema.field("router_probs").type) == "list<element: fixed_size_binary[48]>"
+    np.testing.assert_array_equal(Trace.open(tmp_path / "t").router_probs("a"),
+                                  probs.astype(np.float16).astype(np.float32))
