@@ -135,26 +135,20 @@ class _StepRows:
     probs: np.ndarray | None  # float16 [n, L, E] (store_probs only)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Chunk:
     """Consecutive positions of one request computed in one step: rows [start, end) of ``step``."""
 
     step: _StepRows
     start: int
     end: int
+    first_position: int  # position of row ``start``; rows are consecutive positions
     prompt_rows: int  # leading rows that are prompt tokens
     prompt_prob_sum: np.ndarray | None  # float64 [L, E] over those rows (None: no prompt rows)
 
-    def column(self, name: str) -> np.ndarray:
-        return getattr(self.step, name)[self.start:self.end]
-
     @property
-    def first_position(self) -> int:
-        return int(self.step.positions[self.start])
-
-    @property
-    def last_position(self) -> int:
-        return int(self.step.positions[self.end - 1])
+    def next_position(self) -> int:
+        return self.first_position + self.end - self.start
 
 
 @dataclass
@@ -167,22 +161,27 @@ class RequestAccumulator:
     num_prompt_tokens: int
     meta: dict
     chunks: list[_Chunk] = field(default_factory=list)
+    next_position: int = 0  # the position after the last recorded one
     recomputed: bool = False  # preempted and recomputed at least once
 
     def add(self, chunk: _Chunk) -> None:
-        # Preemption recomputes from an earlier position: the new rows replace
-        # every earlier record at or after that position (keep the last).
-        start = chunk.first_position
+        if chunk.first_position < self.next_position:
+            self._rewind(chunk.first_position)
+        self.chunks.append(chunk)
+        self.next_position = chunk.next_position
+
+    def _rewind(self, start: int) -> None:
+        """Preemption recomputes from an earlier position: rows from ``start`` on replace
+        every earlier record at or after that position (keep the last)."""
         while self.chunks and self.chunks[-1].first_position >= start:
             self.chunks.pop()
             self.recomputed = True
-        if self.chunks and self.chunks[-1].last_position >= start:
+        if self.chunks and self.chunks[-1].next_position > start:
             raise RuntimeError(f"request {self.request_id}: overlapping partial chunk at {start}")
-        self.chunks.append(chunk)
 
     def finish(self) -> store.RoutingRecord:
         def joined(name: str) -> np.ndarray:
-            return np.concatenate([c.column(name) for c in self.chunks])
+            return np.concatenate([getattr(c.step, name)[c.start:c.end] for c in self.chunks])
 
         positions = joined("positions")
         expected = np.arange(positions[0], positions[0] + len(positions))
@@ -203,6 +202,16 @@ class RequestAccumulator:
             router_probs=joined("probs") if self.chunks[0].step.probs is not None else None,
             meta=self.meta,
         )
+
+
+@dataclass
+class _TracedBatch:
+    """Which requests of a runner batch (``req_ids``, in batch order) are traced."""
+
+    req_ids: tuple[str, ...]
+    index: np.ndarray  # int64 [n]: batch index of each traced request
+    accumulators: list[RequestAccumulator]
+    num_prompt_tokens: np.ndarray  # int64 [n]
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -236,6 +245,7 @@ class StepRecorder:
         self.requests_recomputed = 0
         self.ids_dtype = store.expert_id_type(routing.num_experts).to_pandas_dtype()
         self.sigmoid = routing.config["scoring_func"] == "sigmoid"
+        self._batch: _TracedBatch | None = None
 
     # -- which requests are traced -------------------------------------------
 
@@ -264,6 +274,8 @@ class StepRecorder:
     # -- per step ------------------------------------------------------------
 
     def on_finished(self, finished_req_ids) -> None:
+        if finished_req_ids:
+            self._batch = None  # its accumulators may be gone
         for req_id in finished_req_ids:
             accumulator = self.active.pop(req_id, None)
             if accumulator is not None and accumulator.chunks:
@@ -271,32 +283,45 @@ class StepRecorder:
                 self.requests_recorded += 1
                 self.requests_recomputed += accumulator.recomputed
 
+    def _traced_batch(self, runner) -> _TracedBatch | None:
+        """The traced requests of the runner's batch; recomputed only when the batch changes
+        (a decode batch stays the same for many steps)."""
+        batch = runner.input_batch
+        req_ids = tuple(batch.req_ids[:batch.num_reqs])
+        if self._batch is not None and self._batch.req_ids == req_ids:
+            return self._batch
+        traced = [(i, acc) for i, req_id in enumerate(req_ids)
+                  if (acc := self._accumulator(runner, req_id)) is not None]
+        self._batch = _TracedBatch(
+            req_ids, np.array([i for i, _ in traced], dtype=np.int64),
+            [acc for _, acc in traced],
+            np.array([acc.num_prompt_tokens for _, acc in traced], dtype=np.int64))
+        return self._batch
+
     def after_forward(self, runner) -> None:
         """Append this step's rows of traced requests to their accumulators.
 
         Per step: one gather and host copy per buffer (traced rows only) and one
-        segment sum of prompt-row distributions; per traced request only index
-        arithmetic, so decode steps cost no per-token work.
+        segment sum of prompt-row distributions; per traced request only one
+        chunk of indices, so decode steps cost no per-token work.
         """
-        batch = runner.input_batch
-        num_reqs = batch.num_reqs
-        traced = [(i, acc) for i, req_id in enumerate(batch.req_ids[:num_reqs])
-                  if (acc := self._accumulator(runner, req_id)) is not None]
-        if not traced:
+        num_reqs = runner.input_batch.num_reqs
+        traced = self._traced_batch(runner)
+        if not traced.accumulators:
             return
         bounds = runner.query_start_loc.np[: num_reqs + 1]
-        index = np.array([i for i, _ in traced])
+        index = traced.index
         starts, ends = bounds[index].astype(np.int64), bounds[index + 1].astype(np.int64)
         offsets = np.concatenate(([0], np.cumsum(ends - starts)))
-        rows = None if len(traced) == num_reqs else _ranges(starts, ends, offsets)
+        rows = None if len(index) == num_reqs else _ranges(starts, ends, offsets)
         step = self._copy_rows(runner, int(bounds[num_reqs]), rows)
         first = step.positions[offsets[:-1]]
-        prompts = np.array([acc.num_prompt_tokens for _, acc in traced])
-        prompt_rows = np.clip(prompts - first, 0, ends - starts)
+        prompt_rows = np.clip(traced.num_prompt_tokens - first, 0, ends - starts)
         sums = self._prompt_prob_sums(starts, prompt_rows)
-        for j, (_, acc) in enumerate(traced):
-            acc.add(_Chunk(step, int(offsets[j]), int(offsets[j + 1]), int(prompt_rows[j]),
-                           sums.get(j)))
+        for j, (acc, start, end, position, prompt) in enumerate(zip(
+                traced.accumulators, offsets[:-1].tolist(), offsets[1:].tolist(),
+                first.tolist(), prompt_rows.tolist(), strict=True)):
+            acc.add(_Chunk(step, start, end, position, prompt, sums.get(j)))
 
     def _copy_rows(self, runner, total: int, rows: np.ndarray | None) -> _StepRows:
         """Buffer rows ``rows`` (None: all ``total``) on the host, in the store's dtypes."""
@@ -368,6 +393,7 @@ class StepRecorder:
             compat.logger.error("%s capture failed and is now off for this engine: %s",
                                 compat.LOG_PREFIX, self.error, exc_info=exc)
         self.active.clear()
+        self._batch = None
 
     def flush(self, requests_done: bool = False) -> dict:
         """Write pending routing; report new shards, requests recorded, and any error.

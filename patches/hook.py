@@ -12,9 +12,11 @@ Under torch.compile the copies run as the opaque op ``moepath::copy_routing``
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+MAX_CACHED_VIEWS = 4096  # (slot, n) pairs, ~1 KiB of tensor views each
 
 
 @dataclass
@@ -32,6 +34,24 @@ class CaptureBuffers:
     expert_ids: torch.Tensor
     gate_weights: torch.Tensor
     router_logits: torch.Tensor
+    _views: dict = field(default_factory=dict, init=False, repr=False)
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.expert_ids, self.gate_weights, self.router_logits
+
+    def rows(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of rows [:n] of layer slot ``slot``: [n, k], [n, k], [n, E].
+
+        Cached per (slot, n): slicing a tensor costs ~2 us, as much as copying a
+        decode step's routing into it, and a decode batch keeps its n for many
+        steps. The cache is dropped whole when it reaches ``MAX_CACHED_VIEWS``.
+        """
+        views = self._views.get((slot, n))
+        if views is None:
+            if len(self._views) >= MAX_CACHED_VIEWS:
+                self._views.clear()
+            views = self._views[(slot, n)] = tuple(b[:n, slot] for b in self.buffers())
+        return views
 
     @classmethod
     def allocate(cls, rows: int, layers: int, top_k: int, experts: int, device) -> CaptureBuffers:
@@ -50,9 +70,16 @@ def _copy_routing(expert_ids: torch.Tensor, gate_weights: torch.Tensor,
                   topk_weights: torch.Tensor, logits: torch.Tensor) -> None:
     """Copy one layer's routing of this step's n tokens into rows [:n] of slot ``slot``."""
     n = topk_ids.shape[0]
-    expert_ids[:n, slot].copy_(topk_ids)
-    gate_weights[:n, slot].copy_(topk_weights)
-    router_logits[:n, slot].copy_(logits)
+    ours = BUFFERS
+    if (ours is not None and expert_ids is ours.expert_ids and gate_weights is ours.gate_weights
+            and router_logits is ours.router_logits):
+        ids_rows, weight_rows, logit_rows = ours.rows(slot, n)
+    else:  # a compiler may hand the buffers over as other tensor objects
+        ids_rows, weight_rows, logit_rows = (b[:n, slot] for b in (expert_ids, gate_weights,
+                                                                   router_logits))
+    ids_rows.copy_(topk_ids)
+    weight_rows.copy_(topk_weights)
+    logit_rows.copy_(logits)
 
 
 # The copy as an opaque op that mutates the buffers in place. Traced by inductor
@@ -78,8 +105,9 @@ def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids):
     """
     copy = (torch.ops.moepath.copy_routing if torch.compiler.is_compiling()
             else _copy_routing)
-    copy(BUFFERS.expert_ids, BUFFERS.gate_weights, BUFFERS.router_logits, slot, topk_ids,
-         topk_weights, router_logits[:, :num_experts])  # drop fused shared-expert columns
+    if router_logits.shape[-1] != num_experts:
+        router_logits = router_logits[:, :num_experts]  # drop fused shared-expert columns
+    copy(*BUFFERS.buffers(), slot, topk_ids, topk_weights, router_logits)
 
 
 def router_scores(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:

@@ -23,7 +23,12 @@ def chunk(start: int, stop: int, prompt_len: int, fill: int = 0) -> _Chunk:
     step = _StepRows(positions=positions, token_ids=positions + 100,
                      expert_ids=np.full((n, L, K), fill, np.uint8),
                      gate_weights=np.full((n, L, K), 0.5, np.float16), probs=None)
-    return _Chunk(step, 0, n, prompt_rows, np.full((L, E), 0.25 * prompt_rows))
+    return _Chunk(step, 0, n, start, prompt_rows, np.full((L, E), 0.25 * prompt_rows))
+
+
+def chunk_rows(chunk: _Chunk, name: str) -> np.ndarray:
+    """One column of a chunk's rows."""
+    return getattr(chunk.step, name)[chunk.start:chunk.end]
 
 
 def accumulator(prompt_len: int) -> RequestAccumulator:
@@ -162,19 +167,81 @@ def test_a_step_maps_rows_of_traced_requests_only_with_prompt_sums_per_request()
     assert recorder.active["b-00000000"] is None  # untraced: seen, never recorded
     a, c = recorder.active["a-00000000"].chunks[0], recorder.active["c-00000000"].chunks[0]
     buffers = hook.BUFFERS
-    np.testing.assert_array_equal(a.column("positions"), [2, 3, 4])
-    np.testing.assert_array_equal(a.column("token_ids"), [10, 11, 12])
-    np.testing.assert_array_equal(a.column("expert_ids"), buffers.expert_ids[:3].numpy())
-    assert a.column("expert_ids").dtype == np.uint8
-    np.testing.assert_array_equal(a.column("gate_weights"),
+    np.testing.assert_array_equal(chunk_rows(a, "positions"), [2, 3, 4])
+    np.testing.assert_array_equal(chunk_rows(a, "token_ids"), [10, 11, 12])
+    np.testing.assert_array_equal(chunk_rows(a, "expert_ids"), buffers.expert_ids[:3].numpy())
+    assert chunk_rows(a, "expert_ids").dtype == np.uint8
+    np.testing.assert_array_equal(chunk_rows(a, "gate_weights"),
                                   buffers.gate_weights[:3].numpy().astype(np.float16))
     assert a.prompt_rows == 3
     probs = buffers.router_logits[:3].double().softmax(-1)  # the model's scoring (softmax)
     np.testing.assert_allclose(a.prompt_prob_sum, probs.sum(0).numpy(), rtol=1e-6)
-    np.testing.assert_array_equal(c.column("positions"), [7])
-    np.testing.assert_array_equal(c.column("token_ids"), [30])
-    np.testing.assert_array_equal(c.column("expert_ids"), buffers.expert_ids[5:6].numpy())
+    np.testing.assert_array_equal(chunk_rows(c, "positions"), [7])
+    np.testing.assert_array_equal(chunk_rows(c, "token_ids"), [30])
+    np.testing.assert_array_equal(chunk_rows(c, "expert_ids"), buffers.expert_ids[5:6].numpy())
     assert c.prompt_rows == 0 and c.prompt_prob_sum is None  # a generated token
+
+
+class ScriptedRunner:
+    """Runner state for steps given as {request id: positions computed this step}.
+
+    Buffer row r of a step holds expert id ``10 * code + position`` (code: the
+    request's index in ``prompts``) and token id ``100 + position``.
+    """
+
+    def __init__(self, prompts: dict[str, tuple[str | None, int]]):
+        from moepath.patches.settings import REQUEST_ID_KEY
+
+        self.codes = {req_id: code for code, req_id in enumerate(prompts)}
+        self.requests = {
+            req_id: SimpleNamespace(
+                sampling_params=SimpleNamespace(
+                    extra_args={REQUEST_ID_KEY: sample} if sample else {}),
+                num_prompt_tokens=prompt)
+            for req_id, (sample, prompt) in prompts.items()}
+
+    def step(self, recorder: StepRecorder, batch: dict[str, list[int]]) -> None:
+        import torch
+
+        from moepath.patches import hook
+
+        req_ids = list(batch)
+        positions = [p for req_id in req_ids for p in batch[req_id]]
+        codes = [self.codes[req_id] for req_id in req_ids for _ in batch[req_id]]
+        self.input_batch = SimpleNamespace(num_reqs=len(req_ids), req_ids=req_ids + ["stale"])
+        self.query_start_loc = SimpleNamespace(
+            np=np.cumsum([0] + [len(batch[r]) for r in req_ids]).astype(np.int32))
+        self.positions = torch.tensor(positions)
+        self.input_ids = SimpleNamespace(cpu=torch.tensor(positions, dtype=torch.int32) + 100)
+        ids = torch.tensor(positions) + 10 * torch.tensor(codes)
+        hook.BUFFERS.expert_ids[:len(positions)] = ids[:, None, None]
+        recorder.after_forward(self)
+
+
+def test_rows_follow_their_requests_while_the_batch_changes_between_decode_steps():
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    sink = ListSink()
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=sink)
+    runner = ScriptedRunner({"a": ("A", 3), "b": (None, 2), "c": ("C", 2), "d": ("D", 1)})
+    runner.step(recorder, {"a": [0, 1, 2], "b": [0, 1], "c": [0, 1]})
+    runner.step(recorder, {"a": [3], "b": [2], "c": [2]})
+    runner.step(recorder, {"a": [4], "b": [3], "c": [3]})  # the same batch again
+    recorder.on_finished(["c"])
+    runner.step(recorder, {"a": [5], "b": [4]})
+    recorder.on_finished(["b"])
+    runner.step(recorder, {"a": [6], "d": [0]})  # a new request takes b's place
+    recorder.flush(requests_done=True)
+
+    records = {r.sample_id: r for r in sink.records}
+    assert list(records) == ["C", "A", "D"]
+    for sample, code, length in (("A", 0, 7), ("C", 2, 4)):  # code: a=0, c=2 in the runner
+        record = records[sample]
+        np.testing.assert_array_equal(record.positions, np.arange(length))
+        np.testing.assert_array_equal(record.token_ids, np.arange(length) + 100)
+        np.testing.assert_array_equal(record.expert_ids[:, 0, 0], np.arange(length) + 10 * code)
+    np.testing.assert_array_equal(records["D"].expert_ids[:, 0, 0], [30])
 
 
 def test_a_moe_kernel_that_routes_internally_is_refused_naming_the_layer_and_the_fix():
@@ -228,6 +295,38 @@ def test_the_hook_writes_rows_of_this_step_only_eager_and_under_torch_compile(co
     assert torch.equal(buffers.gate_weights[:5, 1], weights)
     assert torch.equal(buffers.router_logits[:5, 1], logits[:, :E])
     assert (buffers.gate_weights[5:] == -1).all() and (buffers.gate_weights[:, 0] == -1).all()
+
+
+def test_steps_of_changing_size_write_their_own_rows_through_the_cached_views(monkeypatch):
+    import torch
+
+    from moepath.patches import hook
+
+    monkeypatch.setattr(hook, "MAX_CACHED_VIEWS", 2)  # the cache also overflows
+    hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
+    for step, n in enumerate((5, 3, 5, 2)):
+        ids = torch.full((n, K), step, dtype=torch.int32)
+        for slot in range(L):
+            hook.record(slot, E, torch.zeros((n, E)), torch.zeros((n, K)), ids + slot)
+    # slot s, step i wrote i + s into rows [:n_i]; later, shorter steps leave rows past n
+    assert hook.BUFFERS.expert_ids[:5, 1, 0].tolist() == [4, 4, 3, 3, 3]
+    assert hook.BUFFERS.expert_ids[:5, 0, 0].tolist() == [3, 3, 2, 2, 2]
+    assert (hook.BUFFERS.expert_ids[5:] == 0).all()
+
+
+def test_the_copy_op_writes_into_the_buffers_it_is_given():
+    import torch
+
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
+    given = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
+    logits = torch.randn((4, E))
+    weights, ids = torch.topk(logits.softmax(-1), K)
+    torch.ops.moepath.copy_routing(*given.buffers(), 1, ids.to(torch.int32), weights, logits)
+    assert torch.equal(given.expert_ids[:4, 1], ids.to(torch.int32))
+    assert torch.equal(given.router_logits[:4, 1], logits)
+    assert not hook.BUFFERS.router_logits.any()
 
 
 def test_prompt_sums_over_blocks_equal_a_per_request_reference(monkeypatch):

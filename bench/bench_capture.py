@@ -1,0 +1,182 @@
+"""Host-side cost of capture per traced call, without an engine, in CPU milliseconds.
+
+Run (from the repository root, inside .venv):
+
+    python bench/bench_capture.py                       # decode-heavy: 64 x (16 + 128)
+    python bench/bench_capture.py --prompt 256 --generate 1   # prefill-heavy
+
+The overhead benchmark measures the ratio that matters, but on a shared
+2-core machine single batches vary by +-20%, so a 1% cost hides in the noise.
+This benchmark replays the capture path of one ``generate`` call on scripted
+runner state (the V1 runner fields ``StepRecorder`` reads: batch order,
+``query_start_loc``, positions, token ids) and times each piece in the
+calling thread's CPU time (``time.thread_time``), so other load on the
+machine barely moves it. Per call of ``--requests`` requests, each a
+``--prompt``-token prefill step then ``--generate - 1`` decode steps:
+
+- hook: one MoE layer's record of one decode step (eager: three buffer
+  copies; compiled: the same copies behind the opaque op), times layers and steps;
+- rows: ``StepRecorder.after_forward`` over every step (row mapping, host
+  copies, prompt sums);
+- finish: every request's record assembled from its chunks;
+- write: the call's records as one routing shard (table, Parquet, fsync,
+  sha256), which runs on the sink's thread.
+
+Prints the minimum (the least disturbed repeat: on a shared VM, noise only
+adds) and the median over ``--repeats`` and saves
+bench/results/capture-<prompt>x<generate>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from moepath.patches import hook
+from moepath.patches.capture import StepRecorder
+from moepath.patches.settings import REQUEST_ID_KEY, CaptureSettings
+from moepath.tracer import store
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class KeepRecords:
+    """A sink that keeps finished records, so finishing and writing are timed apart."""
+
+    def __init__(self):
+        self.records = []
+
+    def add(self, record):
+        self.records.append(record)
+
+
+class ScriptedCall:
+    """Runner state of one generate call: all requests prefill in one step, then decode."""
+
+    def __init__(self, requests: int, prompt: int):
+        self.req_ids = [f"{i}-abcdefgh" for i in range(requests)]
+        self.requests = {
+            req_id: SimpleNamespace(sampling_params=SimpleNamespace(
+                extra_args={REQUEST_ID_KEY: f"sample-{req_id}"}), num_prompt_tokens=prompt)
+            for req_id in self.req_ids}
+        self.input_batch = SimpleNamespace(num_reqs=requests, req_ids=self.req_ids)
+        self.prompt = prompt
+        self.positions = torch.zeros(requests * prompt, dtype=torch.int64)
+        self.input_ids = SimpleNamespace(cpu=torch.arange(requests * prompt, dtype=torch.int32))
+
+    def schedule(self, step: int) -> None:
+        """Step 0 prefills every prompt; step s > 0 decodes position prompt + s - 1."""
+        requests = len(self.req_ids)
+        width = self.prompt if step == 0 else 1
+        self.query_start_loc = SimpleNamespace(
+            np=np.arange(requests + 1, dtype=np.int32) * width)
+        rows = requests * width
+        if step == 0:
+            self.positions[:rows] = torch.arange(self.prompt).repeat(requests)
+        else:
+            self.positions[:rows] = self.prompt + step - 1
+
+
+def thread_seconds(function) -> float:
+    start = time.thread_time()
+    function()
+    return time.thread_time() - start
+
+
+def one_call(args, steps: int) -> dict[str, float]:
+    """CPU seconds of rows, finish and write for one scripted call."""
+    routing = SimpleNamespace(num_experts=args.experts, config={"scoring_func": "softmax"})
+    sink = KeepRecords()
+    recorder = StepRecorder(CaptureSettings(dir="unused"), routing, sink)
+    call = ScriptedCall(args.requests, args.prompt)
+    rows = 0.0
+    for step in range(steps):
+        call.schedule(step)
+        rows += thread_seconds(lambda: recorder.after_forward(call))
+    finish = thread_seconds(lambda: recorder.on_finished(call.req_ids))
+    assert len(sink.records) == args.requests
+    assert len(sink.records[0].positions) == args.prompt + steps - 1
+    with tempfile.TemporaryDirectory() as tmp:
+        write = thread_seconds(lambda: store.write_routing_shard(
+            Path(tmp), "shard", sink.records, args.layers, args.top_k, args.experts))
+    return {"rows": rows, "finish": finish, "write": write}
+
+
+def hook_seconds(args, compiled_op: bool, calls: int = 2000) -> float:
+    """CPU seconds of one layer's record for a decode step of ``--requests`` tokens."""
+    generator = torch.Generator().manual_seed(0)
+    # as vLLM's CPU router hands them over: bf16 logits, float32 weights, int32 ids
+    logits = torch.randn((args.requests, args.experts), generator=generator).bfloat16()
+    weights, ids = logits.float().softmax(-1).topk(args.top_k)
+    ids = ids.to(torch.int32)
+    buffers = hook.BUFFERS
+
+    def record():
+        if compiled_op:
+            torch.ops.moepath.copy_routing(buffers.expert_ids, buffers.gate_weights,
+                                           buffers.router_logits, 1, ids, weights, logits)
+        else:
+            hook.record(1, args.experts, logits, weights, ids)
+
+    def many():
+        for _ in range(calls):
+            record()
+
+    many()  # warm-up
+    return thread_seconds(many) / calls
+
+
+def summary(values: list[float], scale: float) -> dict:
+    return {"min": round(min(values) * scale, 2),
+            "median": round(statistics.median(values) * scale, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--generate", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the worker's copies are small; one thread is what they use
+    hook.BUFFERS = hook.CaptureBuffers.allocate(
+        args.requests * args.prompt, args.layers, args.top_k, args.experts, "cpu")
+    hook.BUFFERS.router_logits.normal_()
+    steps = args.generate  # one prefill step (samples the first token) + generate - 1
+
+    calls, per_layer = [], {"eager": [], "compiled": []}
+    for _ in range(args.repeats):  # pieces interleaved, so a slow minute hits all of them
+        calls.append(one_call(args, steps))
+        for mode, seconds in per_layer.items():
+            seconds.append(hook_seconds(args, mode == "compiled"))
+    hook_per_call = args.layers * steps
+    results = {
+        "shape": vars(args),
+        "hook_us_per_layer_step": {mode: summary(v, 1e6) for mode, v in per_layer.items()},
+        "ms_per_call": {
+            "hook_compiled": summary(per_layer["compiled"], 1e3 * hook_per_call),
+            **{piece: summary([c[piece] for c in calls], 1e3) for piece in calls[0]},
+        },
+    }
+    results["ms_per_call"]["total_with_compiled_hook"] = summary(
+        [c["rows"] + c["finish"] + c["write"] + hook * hook_per_call
+         for c, hook in zip(calls, per_layer["compiled"], strict=True)], 1e3)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"capture-{args.prompt}x{args.generate}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
