@@ -93,7 +93,8 @@ def thread_seconds(function) -> float:
 
 def one_call(args, steps: int) -> dict[str, float]:
     """CPU seconds of rows, finish and write for one scripted call."""
-    routing = SimpleNamespace(num_experts=args.experts, config={"scoring_func": "softmax"})
+    routing = SimpleNamespace(layers=[None] * args.layers, top_k=args.top_k,
+                              num_experts=args.experts, config={"scoring_func": "softmax"})
     sink = KeepRecords()
     recorder = StepRecorder(CaptureSettings(dir="unused"), routing, sink)
     call = ScriptedCall(args.requests, args.prompt)

@@ -26,6 +26,7 @@ import torch
 from moepath.tracer import store
 
 from . import compat, hook
+from .packed_rows import RowLayout
 from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
 from .sink import RoutingSink
 
@@ -120,26 +121,26 @@ def _routing_config(router) -> dict:
     }
 
 
-@dataclass
-class _StepRows:
-    """The rows of one model step that belong to traced requests, copied from the buffers once.
-
-    Row order is the step's batch order restricted to traced requests, so each
-    request's rows are one contiguous range.
-    """
-
-    positions: np.ndarray  # int32 [n]
-    token_ids: np.ndarray  # int32 [n]
-    expert_ids: np.ndarray  # uint8 (E <= 256) or uint16 [n, L, k], the store's id type
-    gate_weights: np.ndarray  # float16 [n, L, k], the store's weight type
-    probs: np.ndarray | None  # float16 [n, L, E] (store_probs only)
+def step_layout(num_layers: int, top_k: int, num_experts: int, store_probs: bool) -> RowLayout:
+    """Host row of one traced token, in the store's dtypes: position and token id (int32),
+    expert ids (uint8 when E <= 256, else uint16) and gate weights (float16) [L, k],
+    and with ``store_probs`` the router distribution (float16) [L, E]."""
+    ids_dtype = store.expert_id_type(num_experts).to_pandas_dtype()
+    columns = [("positions", np.int32, ()), ("token_ids", np.int32, ()),
+               ("expert_ids", ids_dtype, (num_layers, top_k)),
+               ("gate_weights", np.float16, (num_layers, top_k))]
+    if store_probs:
+        columns.append(("probs", np.float16, (num_layers, num_experts)))
+    return RowLayout(columns)
 
 
 @dataclass(slots=True)
 class _Chunk:
-    """Consecutive positions of one request computed in one step: rows [start, end) of ``step``."""
+    """Consecutive positions of one request computed in one step: rows [start, end) of
+    ``rows``, that step's packed host rows (:func:`step_layout`). Rows of one request are
+    contiguous in a step (the step's batch order restricted to traced requests)."""
 
-    step: _StepRows
+    rows: np.ndarray
     start: int
     end: int
     first_position: int  # position of row ``start``; rows are consecutive positions
@@ -179,27 +180,25 @@ class RequestAccumulator:
         if self.chunks and self.chunks[-1].next_position > start:
             raise RuntimeError(f"request {self.request_id}: overlapping partial chunk at {start}")
 
-    def finish(self) -> store.RoutingRecord:
-        def joined(name: str) -> np.ndarray:
-            return np.concatenate([getattr(c.step, name)[c.start:c.end] for c in self.chunks])
-
-        positions = joined("positions")
+    def finish(self, layout: RowLayout) -> store.RoutingRecord:
+        rows = np.concatenate([c.rows[c.start:c.end] for c in self.chunks])
+        positions = layout.view(rows, "positions")
         expected = np.arange(positions[0], positions[0] + len(positions))
         if positions[0] != 0 or not np.array_equal(positions, expected):
             raise RuntimeError(
                 f"request '{self.sample_id}' has gaps in its routing (positions from "
                 f"{positions[0]}); was the prompt read from the prefix cache?")
-        prompt_rows = sum(c.prompt_rows for c in self.chunks)
+        prompt_chunks = [c for c in self.chunks if c.prompt_rows]
         mean = None
-        if prompt_rows:
-            total = sum(c.prompt_prob_sum for c in self.chunks if c.prompt_rows)
-            mean = (total / prompt_rows).astype(np.float32)
+        if prompt_chunks:
+            total = sum(c.prompt_prob_sum for c in prompt_chunks)
+            mean = (total / sum(c.prompt_rows for c in prompt_chunks)).astype(np.float32)
         return store.RoutingRecord(
             sample_id=self.sample_id, request_id=self.request_id, completion=self.completion,
             num_prompt_tokens=self.num_prompt_tokens, positions=positions,
-            token_ids=joined("token_ids"), expert_ids=joined("expert_ids"),
-            gate_weights=joined("gate_weights"), router_mean=mean,
-            router_probs=joined("probs") if self.chunks[0].step.probs is not None else None,
+            token_ids=layout.view(rows, "token_ids"), expert_ids=layout.view(rows, "expert_ids"),
+            gate_weights=layout.view(rows, "gate_weights"), router_mean=mean,
+            router_probs=layout.view(rows, "probs") if "probs" in layout.columns else None,
             meta=self.meta,
         )
 
@@ -243,7 +242,8 @@ class StepRecorder:
         self.lock = threading.Lock()
         self.requests_recorded = 0
         self.requests_recomputed = 0
-        self.ids_dtype = store.expert_id_type(routing.num_experts).to_pandas_dtype()
+        self.layout = step_layout(len(routing.layers), routing.top_k, routing.num_experts,
+                                  settings.store_probs)
         self.sigmoid = routing.config["scoring_func"] == "sigmoid"
         self._batch: _TracedBatch | None = None
 
@@ -279,7 +279,7 @@ class StepRecorder:
         for req_id in finished_req_ids:
             accumulator = self.active.pop(req_id, None)
             if accumulator is not None and accumulator.chunks:
-                self.sink.add(accumulator.finish())
+                self.sink.add(accumulator.finish(self.layout))
                 self.requests_recorded += 1
                 self.requests_recomputed += accumulator.recomputed
 
@@ -315,7 +315,7 @@ class StepRecorder:
         offsets = np.concatenate(([0], np.cumsum(ends - starts)))
         rows = None if len(index) == num_reqs else _ranges(starts, ends, offsets)
         step = self._copy_rows(runner, int(bounds[num_reqs]), rows)
-        first = step.positions[offsets[:-1]]
+        first = self.layout.view(step, "positions")[offsets[:-1]]
         prompt_rows = np.clip(traced.num_prompt_tokens - first, 0, ends - starts)
         sums = self._prompt_prob_sums(starts, prompt_rows)
         for j, (acc, start, end, position, prompt) in enumerate(zip(
@@ -323,24 +323,24 @@ class StepRecorder:
                 first.tolist(), prompt_rows.tolist(), strict=True)):
             acc.add(_Chunk(step, start, end, position, prompt, sums.get(j)))
 
-    def _copy_rows(self, runner, total: int, rows: np.ndarray | None) -> _StepRows:
-        """Buffer rows ``rows`` (None: all ``total``) on the host, in the store's dtypes."""
+    def _copy_rows(self, runner, total: int, rows: np.ndarray | None) -> np.ndarray:
+        """Buffer rows ``rows`` (None: all ``total``) as packed host rows (``self.layout``)."""
         buffers = hook.BUFFERS
-        take = None if rows is None else torch.from_numpy(rows).to(buffers.expert_ids.device)
+        take = None if rows is None else torch.from_numpy(rows)
 
-        def host(tensor, dtype=None, transform=None):
-            tensor = tensor[:total] if take is None else tensor[:total][take]
-            tensor = tensor if transform is None else transform(tensor)
-            return (tensor if dtype is None else tensor.to(dtype)).cpu().numpy()
+        def select(tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor[:total]
+            return tensor if take is None else tensor[take.to(tensor.device)]
 
-        token_ids = runner.input_ids.cpu[:total].numpy()
-        return _StepRows(
-            positions=host(runner.positions, torch.int32),
-            token_ids=token_ids.copy() if rows is None else token_ids[rows],
-            expert_ids=host(buffers.expert_ids).astype(self.ids_dtype),
-            gate_weights=host(buffers.gate_weights, torch.float16),
-            probs=(host(buffers.router_logits, torch.float16, self._scores)
-                   if self.settings.store_probs else None))
+        sources = {"positions": runner.positions, "token_ids": runner.input_ids.cpu,
+                   "expert_ids": buffers.expert_ids, "gate_weights": buffers.gate_weights}
+        packed = self.layout.empty(total if rows is None else len(rows))
+        for name, source in sources.items():
+            torch.from_numpy(self.layout.view(packed, name)).copy_(select(source))
+        if "probs" in self.layout.columns:
+            torch.from_numpy(self.layout.view(packed, "probs")).copy_(
+                self._scores(select(buffers.router_logits)))
+        return packed
 
     def _prompt_prob_sums(self, starts: np.ndarray, prompt_rows: np.ndarray) -> dict:
         """{traced index: float64 [L, E] sum of the router distribution over its prompt rows}.

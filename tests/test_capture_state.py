@@ -7,12 +7,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from moepath.patches.capture import RequestAccumulator, StepRecorder, _Chunk, _StepRows
+from moepath.patches.capture import RequestAccumulator, StepRecorder, _Chunk, step_layout
 from moepath.patches.settings import CaptureSettings
 
 L, K, E = 2, 2, 4
 # what StepRecorder reads of capture.ModelRouting
-ROUTING = SimpleNamespace(num_experts=E, config={"scoring_func": "softmax"})
+ROUTING = SimpleNamespace(layers=[None] * L, top_k=K, num_experts=E,
+                          config={"scoring_func": "softmax"})
+LAYOUT = step_layout(L, K, E, store_probs=False)
 
 
 def chunk(start: int, stop: int, prompt_len: int, fill: int = 0) -> _Chunk:
@@ -20,15 +22,17 @@ def chunk(start: int, stop: int, prompt_len: int, fill: int = 0) -> _Chunk:
     n = stop - start
     positions = np.arange(start, stop, dtype=np.int32)
     prompt_rows = int(np.count_nonzero(positions < prompt_len))
-    step = _StepRows(positions=positions, token_ids=positions + 100,
-                     expert_ids=np.full((n, L, K), fill, np.uint8),
-                     gate_weights=np.full((n, L, K), 0.5, np.float16), probs=None)
-    return _Chunk(step, 0, n, start, prompt_rows, np.full((L, E), 0.25 * prompt_rows))
+    rows = LAYOUT.empty(n)
+    LAYOUT.view(rows, "positions")[:] = positions
+    LAYOUT.view(rows, "token_ids")[:] = positions + 100
+    LAYOUT.view(rows, "expert_ids")[:] = fill
+    LAYOUT.view(rows, "gate_weights")[:] = 0.5
+    return _Chunk(rows, 0, n, start, prompt_rows, np.full((L, E), 0.25 * prompt_rows))
 
 
 def chunk_rows(chunk: _Chunk, name: str) -> np.ndarray:
     """One column of a chunk's rows."""
-    return getattr(chunk.step, name)[chunk.start:chunk.end]
+    return LAYOUT.view(chunk.rows[chunk.start:chunk.end], name)
 
 
 def accumulator(prompt_len: int) -> RequestAccumulator:
@@ -36,11 +40,30 @@ def accumulator(prompt_len: int) -> RequestAccumulator:
                               num_prompt_tokens=prompt_len, meta={"k": 1})
 
 
+def test_packed_rows_keep_every_column_aligned_in_its_own_dtype():
+    layout = step_layout(num_layers=3, top_k=2, num_experts=300, store_probs=True)
+    rows = layout.empty(5)
+    values = {"positions": np.arange(5, dtype=np.int32), "token_ids": np.arange(5) + 7,
+              "expert_ids": np.arange(30).reshape(5, 3, 2) * 9,  # ids up to 261: uint16
+              "gate_weights": np.linspace(0, 1, 30).reshape(5, 3, 2),
+              "probs": np.full((5, 3, 300), 1 / 300)}
+    for name, value in values.items():
+        layout.view(rows, name)[:] = value
+    joined = np.concatenate([rows[:2], rows[2:]])  # what finishing a request does
+    for name, value in values.items():
+        column = layout.view(joined, name)
+        assert column.flags.aligned and column.shape == value.shape
+        np.testing.assert_allclose(column, value, rtol=1e-3)
+    assert layout.view(rows, "expert_ids").dtype == np.uint16
+    assert layout.view(rows, "probs").dtype == np.float16
+    assert layout.width == 4 + 4 + 3 * 2 * 2 + 3 * 300 * 2 + 3 * 2 * 2  # no padding needed
+
+
 def test_chunks_of_a_long_prompt_and_decode_steps_are_stitched_by_position():
     acc = accumulator(prompt_len=6)
     for start, stop in ((0, 4), (4, 6), (6, 7), (7, 8)):  # 2 prefill chunks, 2 decode steps
         acc.add(chunk(start, stop, 6))
-    record = acc.finish()
+    record = acc.finish(LAYOUT)
     np.testing.assert_array_equal(record.positions, np.arange(8))
     np.testing.assert_array_equal(record.token_ids, np.arange(8) + 100)
     assert record.expert_ids.shape == (8, L, K)
@@ -54,7 +77,7 @@ def test_preemption_recompute_keeps_exactly_one_record_per_position_the_last():
     acc.add(chunk(4, 5, 4, fill=1))
     acc.add(chunk(0, 5, 4, fill=2))  # preempted, recomputed from scratch (prompt + output)
     acc.add(chunk(5, 6, 4, fill=2))
-    record = acc.finish()
+    record = acc.finish(LAYOUT)
     assert acc.recomputed
     np.testing.assert_array_equal(record.positions, np.arange(6))
     assert (record.expert_ids == 2).all()
@@ -65,7 +88,7 @@ def test_a_request_whose_prompt_start_was_never_computed_is_an_error_not_a_silen
     acc = accumulator(prompt_len=8)
     acc.add(chunk(4, 8, 8))  # positions 0-3 came from a prefix cache
     with pytest.raises(RuntimeError, match="gaps in its routing .*prefix cache"):
-        acc.finish()
+        acc.finish(LAYOUT)
 
 
 class BrokenSink:
