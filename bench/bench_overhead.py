@@ -6,6 +6,7 @@ Run (from the repository root, inside .venv):
     python bench/bench_overhead.py --mode compiled --samples 64 --rounds 3   # phases
     python bench/bench_overhead.py --mode eager --decode   # short prompts, 128 generated tokens
     python bench/bench_overhead.py --mode eager --shared-prefix 0.75  # prefix-cache cost
+    python bench/bench_overhead.py --mode compiled --interleave --decode --control  # A/A
 
 Two engines of the same configuration: untraced (A: a plain ``vllm.LLM``) and
 traced (B: ``TracedEngine``, every request tagged). Two layouts:
@@ -122,17 +123,19 @@ def measure_phases(model: Path, make_batch, options, max_tokens: int, rounds: in
 
 
 def measure_interleaved(model: Path, make_batch, options, max_tokens: int, rounds: int,
-                        reps: int) -> dict:
+                        reps: int, control: bool = False) -> dict:
     """Both engines alive in this process (one OpenMP pool, no oversubscription); each
     fresh batch goes to both engines back to back, in alternating order (A B, B A, ...),
     so slow drifts of the machine and any first-mover effect cancel. The first pair
-    warms up."""
+    warms up. ``control``: the second engine is untraced too (an A/A run: what the
+    layout itself reads when nothing differs)."""
     # vLLM sizes a CPU engine's KV cache as its share of node memory minus what the
     # process already uses, so the second engine in the process asks for both shares.
     share = options.gpu_memory_utilization / 2
     engines = start_engines(["untraced"], model, replace(options, gpu_memory_utilization=share))
-    engines |= start_engines(["traced"], model,
-                             replace(options, gpu_memory_utilization=2 * share))
+    second = start_engines(["untraced" if control else "traced"], model,
+                           replace(options, gpu_memory_utilization=2 * share))
+    engines["traced"], = second.values()
     rates = {"untraced": [], "traced": []}
     for call in range(rounds * reps + 1):
         batch = make_batch(call)
@@ -163,6 +166,9 @@ def main() -> None:
                              "untraced vLLM reads it from the prefix cache, traced recomputes")
     parser.add_argument("--interleave", action="store_true",
                         help="both engines in this process, calls alternating (lower noise)")
+    parser.add_argument("--control", action="store_true",
+                        help="with --interleave: the second engine is untraced too (A/A: the "
+                             "layout's own bias and noise; results keep the key 'traced')")
     args = parser.parse_args()
     if args.interleave:  # engine cores in this process, sharing one OpenMP thread pool
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -184,11 +190,16 @@ def main() -> None:
     workload = "decode" if args.decode else "prefill"
     if shared:
         workload += f"-shared{shared}"
-    measure = measure_interleaved if args.interleave else measure_phases
-    rates = measure(model, make_batch, options, max_tokens, args.rounds, args.reps)
+    if args.control and not args.interleave:
+        parser.error("--control needs --interleave")
+    if args.interleave:
+        rates = measure_interleaved(model, make_batch, options, max_tokens, args.rounds,
+                                    args.reps, control=args.control)
+    else:
+        rates = measure_phases(model, make_batch, options, max_tokens, args.rounds, args.reps)
     result = {
         "mode": args.mode, "workload": workload,
-        "layout": "interleaved" if args.interleave else "phases",
+        "layout": "interleaved" if args.interleave else "phases", "control": args.control,
         "preset": args.preset, "samples": args.samples, "prompt_tokens": length,
         "max_tokens": max_tokens, "shared_prefix_tokens": shared,
         "rounds": args.rounds, "reps": args.reps,
@@ -202,7 +213,7 @@ def main() -> None:
         result["pair_ratios"] = pairs
         result["median_pair_ratio"] = statistics.median(pairs)
     RESULTS.mkdir(exist_ok=True)
-    layout = "-interleaved" if args.interleave else ""
+    layout = ("-interleaved" if args.interleave else "") + ("-control" if args.control else "")
     name = f"overhead-{args.mode}-{workload}{layout}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
