@@ -35,6 +35,7 @@ _INTERNAL_SUFFIX = re.compile(r"-[0-9A-Za-z]{8}$")  # vLLM appends "-<8 chars>" 
 
 
 SCORE_BLOCK_ROWS = 2048  # rows scored at once after a step: [2048, L, E] float32 stays in cache
+MAX_RUN_STEPS = 256  # decode steps kept per run before their rows go to the requests
 
 
 class UnsupportedModelError(RuntimeError):
@@ -213,6 +214,31 @@ class _TracedBatch:
     num_prompt_tokens: np.ndarray  # int64 [n]
 
 
+@dataclass
+class _DecodeRun:
+    """Consecutive decode steps of one unchanged traced batch, kept whole until the run
+    ends: row j of every step is traced request j's next generated token.
+
+    Recording a decode step is then one list append, not one chunk per request; when
+    the run ends, each request gets one chunk of its rows of every step.
+    """
+
+    batch: _TracedBatch
+    first: np.ndarray  # int64 [n]: each request's position in the run's first step
+    steps: list[np.ndarray] = field(default_factory=list)  # packed rows [n, width] per step
+
+    def continues(self, batch: _TracedBatch, first: np.ndarray) -> bool:
+        return (batch is self.batch and len(self.steps) < MAX_RUN_STEPS
+                and np.array_equal(first, self.first + len(self.steps)))
+
+    def end(self) -> None:
+        """Hand each request its rows of the run as one chunk."""
+        rows = np.stack(self.steps, axis=1)  # [n, steps, width]: one request's rows contiguous
+        for acc, request_rows, position in zip(self.batch.accumulators, rows,
+                                               self.first.tolist(), strict=True):
+            acc.add(_Chunk(request_rows, 0, len(self.steps), position, 0, None))
+
+
 def _ranges(starts: np.ndarray, ends: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """int64 concatenation of ``arange(starts[i], ends[i])``; ``offsets`` = exclusive cumsum
     of the lengths (``offsets[-1]`` = total)."""
@@ -246,6 +272,7 @@ class StepRecorder:
                                   settings.store_probs)
         self.sigmoid = routing.config["scoring_func"] == "sigmoid"
         self._batch: _TracedBatch | None = None
+        self._run: _DecodeRun | None = None
 
     # -- which requests are traced -------------------------------------------
 
@@ -275,6 +302,7 @@ class StepRecorder:
 
     def on_finished(self, finished_req_ids) -> None:
         if finished_req_ids:
+            self._end_run()
             self._batch = None  # its accumulators may be gone
         for req_id in finished_req_ids:
             accumulator = self.active.pop(req_id, None)
@@ -302,8 +330,10 @@ class StepRecorder:
         """Append this step's rows of traced requests to their accumulators.
 
         Per step: one gather and host copy per buffer (traced rows only) and one
-        segment sum of prompt-row distributions; per traced request only one
-        chunk of indices, so decode steps cost no per-token work.
+        segment sum of prompt-row distributions. A decode step of the same traced
+        batch as the step before joins that step's :class:`_DecodeRun` (one append);
+        any other step adds one chunk of row indices per traced request. No step
+        does per-token work.
         """
         num_reqs = runner.input_batch.num_reqs
         traced = self._traced_batch(runner)
@@ -315,13 +345,28 @@ class StepRecorder:
         offsets = np.concatenate(([0], np.cumsum(ends - starts)))
         rows = None if len(index) == num_reqs else _ranges(starts, ends, offsets)
         step = self._copy_rows(runner, int(bounds[num_reqs]), rows)
-        first = self.layout.view(step, "positions")[offsets[:-1]]
+        first = self.layout.view(step, "positions")[offsets[:-1]].astype(np.int64)
+        if len(step) == len(index) and (first >= traced.num_prompt_tokens).all():
+            self._add_decode_step(traced, first, step)  # one generated token per request
+            return
+        self._end_run()
         prompt_rows = np.clip(traced.num_prompt_tokens - first, 0, ends - starts)
         sums = self._prompt_prob_sums(starts, prompt_rows)
         for j, (acc, start, end, position, prompt) in enumerate(zip(
                 traced.accumulators, offsets[:-1].tolist(), offsets[1:].tolist(),
                 first.tolist(), prompt_rows.tolist(), strict=True)):
             acc.add(_Chunk(step, start, end, position, prompt, sums.get(j)))
+
+    def _add_decode_step(self, traced: _TracedBatch, first: np.ndarray, step: np.ndarray) -> None:
+        if self._run is None or not self._run.continues(traced, first):
+            self._end_run()
+            self._run = _DecodeRun(traced, first)
+        self._run.steps.append(step)
+
+    def _end_run(self) -> None:
+        if self._run is not None:
+            run, self._run = self._run, None
+            run.end()
 
     def _copy_rows(self, runner, total: int, rows: np.ndarray | None) -> np.ndarray:
         """Buffer rows ``rows`` (None: all ``total``) as packed host rows (``self.layout``)."""
@@ -394,6 +439,7 @@ class StepRecorder:
                                 compat.LOG_PREFIX, self.error, exc_info=exc)
         self.active.clear()
         self._batch = None
+        self._run = None
 
     def flush(self, requests_done: bool = False) -> dict:
         """Write pending routing; report new shards, requests recorded, and any error.

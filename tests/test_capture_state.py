@@ -208,7 +208,7 @@ def test_a_step_maps_rows_of_traced_requests_only_with_prompt_sums_per_request()
 class ScriptedRunner:
     """Runner state for steps given as {request id: positions computed this step}.
 
-    Buffer row r of a step holds expert id ``10 * code + position`` (code: the
+    Buffer row r of a step holds expert id ``10 * code + position + tag`` (code: the
     request's index in ``prompts``) and token id ``100 + position``.
     """
 
@@ -223,7 +223,7 @@ class ScriptedRunner:
                 num_prompt_tokens=prompt)
             for req_id, (sample, prompt) in prompts.items()}
 
-    def step(self, recorder: StepRecorder, batch: dict[str, list[int]]) -> None:
+    def step(self, recorder: StepRecorder, batch: dict[str, list[int]], tag: int = 0) -> None:
         import torch
 
         from moepath.patches import hook
@@ -236,7 +236,7 @@ class ScriptedRunner:
             np=np.cumsum([0] + [len(batch[r]) for r in req_ids]).astype(np.int32))
         self.positions = torch.tensor(positions)
         self.input_ids = SimpleNamespace(cpu=torch.tensor(positions, dtype=torch.int32) + 100)
-        ids = torch.tensor(positions) + 10 * torch.tensor(codes)
+        ids = torch.tensor(positions) + 10 * torch.tensor(codes) + tag
         hook.BUFFERS.expert_ids[:len(positions)] = ids[:, None, None]
         recorder.after_forward(self)
 
@@ -265,6 +265,50 @@ def test_rows_follow_their_requests_while_the_batch_changes_between_decode_steps
         np.testing.assert_array_equal(record.token_ids, np.arange(length) + 100)
         np.testing.assert_array_equal(record.expert_ids[:, 0, 0], np.arange(length) + 10 * code)
     np.testing.assert_array_equal(records["D"].expert_ids[:, 0, 0], [30])
+
+
+def test_a_request_preempted_mid_decode_keeps_the_rows_of_its_recomputation():
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    sink = ListSink()
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=sink)
+    runner = ScriptedRunner({"a": ("A", 2), "b": ("B", 2)})
+    runner.step(recorder, {"a": [0, 1], "b": [0, 1]})
+    runner.step(recorder, {"a": [2], "b": [2]})
+    runner.step(recorder, {"a": [3], "b": [3]})
+    runner.step(recorder, {"b": [4]})  # a is preempted: its KV cache is freed
+    runner.step(recorder, {"a": [0, 1, 2, 3], "b": [5]}, tag=100)  # a recomputes it all
+    runner.step(recorder, {"a": [4], "b": [6]}, tag=100)
+    recorder.flush(requests_done=True)
+
+    a, b = sorted(sink.records, key=lambda record: record.sample_id)
+    np.testing.assert_array_equal(a.positions, np.arange(5))
+    np.testing.assert_array_equal(a.expert_ids[:, 0, 0], np.arange(5) + 100)  # the last rows
+    np.testing.assert_array_equal(b.positions, np.arange(7))
+    np.testing.assert_array_equal(b.expert_ids[:, 0, 0],
+                                  np.arange(7) + 10 + [0, 0, 0, 0, 0, 100, 100])
+    assert recorder.requests_recomputed == 1
+
+
+def test_a_long_decode_run_hands_its_rows_over_in_bounded_pieces(monkeypatch):
+    from moepath.patches import capture, hook
+
+    monkeypatch.setattr(capture, "MAX_RUN_STEPS", 2)
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    sink = ListSink()
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=sink)
+    runner = ScriptedRunner({"a": ("A", 1), "b": ("B", 1)})
+    for position in range(6):  # a one-token prompt, then 5 generated tokens
+        runner.step(recorder, {"a": [position], "b": [position]})
+    assert len(recorder.active["a"].chunks) == 3  # the prompt, two runs of 2 (one pending)
+    recorder.flush(requests_done=True)
+
+    for record, code in zip(sorted(sink.records, key=lambda r: r.sample_id), (0, 1),
+                            strict=True):
+        np.testing.assert_array_equal(record.positions, np.arange(6))
+        np.testing.assert_array_equal(record.token_ids, np.arange(6) + 100)
+        np.testing.assert_array_equal(record.expert_ids[:, 0, 0], np.arange(6) + 10 * code)
 
 
 def test_a_moe_kernel_that_routes_internally_is_refused_naming_the_layer_and_the_fix():
