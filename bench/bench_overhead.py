@@ -19,9 +19,7 @@ traced (B: ``TracedEngine``, every request tagged). Two layouts:
   engine core, one OpenMP pool); each fresh batch goes to both engines back to
   back, in alternating order (A B, B A, ...), so the machine's slow drifts
   cancel. ``median_pair_ratio`` (median over batches of traced / untraced) is
-  the lower-noise estimate. ``median_cpu_pair_ratio`` is the same over tokens
-  per CPU second of the process: the kernel does not count time the hypervisor
-  stole from the VM, which is most of this machine's noise.
+  the lower-noise estimate.
 
 Engine start is excluded. Every call has fresh prompts, so untraced vLLM
 cannot read a repeated batch from its prefix cache (``--shared-prefix`` makes
@@ -64,12 +62,9 @@ def prompts(n: int, length: int, seed: int = 0, shared: int = 0) -> list[list[in
     return [prefix + rng.integers(3, 500, size=length - shared).tolist() for _ in range(n)]
 
 
-def timed_call(llm, engine, batch, label: str, max_tokens: int) -> tuple[float, float]:
-    """(tokens per second, tokens per CPU second of this process) of one generate call
-    over ``batch``; traced when ``engine`` is given (every request tagged, and the flush
-    that writes the shards is timed too). The CPU rate counts only this process's
-    threads, so it means the engine's cost only when its core runs in this process
-    (``--interleave``); the kernel leaves out time the hypervisor stole from the VM."""
+def timed_call(llm, engine, batch, label: str, max_tokens: int) -> float:
+    """tokens/s of one generate call over ``batch``; traced when ``engine`` is given
+    (every request tagged, and the flush that writes the shards is timed too)."""
     from vllm import SamplingParams
 
     from moepath.patches.engine import tag
@@ -79,12 +74,11 @@ def timed_call(llm, engine, batch, label: str, max_tokens: int) -> tuple[float, 
     if engine is not None:
         params = [tag(p, f"{label}-s{i}") for i, p in enumerate(params)]
     tokens = sum(len(p["prompt_token_ids"]) for p in batch) + len(batch) * (max_tokens - 1)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
     llm.generate(batch, params, use_tqdm=False)
     if engine is not None:
         engine.flush()
-    return (tokens / (time.perf_counter() - start),
-            tokens / (time.process_time() - cpu_start))
+    return tokens / (time.perf_counter() - start)
 
 
 def start_engines(kinds, model: Path, options) -> dict:
@@ -120,7 +114,7 @@ def measure_phases(model: Path, make_batch, options, max_tokens: int, rounds: in
         for kind in rates:
             (llm, engine), = start_engines([kind], model, options).values()
             for rep in range(reps + 1):
-                rate, _ = timed_call(llm, engine, make_batch(rep), f"r{rep}", max_tokens)
+                rate = timed_call(llm, engine, make_batch(rep), f"r{rep}", max_tokens)
                 if rep:
                     rates[kind].append(rate)
             stop(llm, engine)
@@ -143,19 +137,17 @@ def measure_interleaved(model: Path, make_batch, options, max_tokens: int, round
                            replace(options, gpu_memory_utilization=2 * share))
     engines["traced"], = second.values()
     rates = {"untraced": [], "traced": []}
-    cpu_rates = {"untraced": [], "traced": []}
     for call in range(rounds * reps + 1):
         batch = make_batch(call)
         order = list(engines) if call % 2 == 0 else list(reversed(engines))
         for kind in order:
             llm, engine = engines[kind]
-            rate, cpu_rate = timed_call(llm, engine, batch, f"c{call}", max_tokens)
+            rate = timed_call(llm, engine, batch, f"c{call}", max_tokens)
             if call:
                 rates[kind].append(rate)
-                cpu_rates[kind].append(cpu_rate)
     for llm, engine in engines.values():
         stop(llm, engine)
-    return rates, cpu_rates
+    return rates
 
 
 def main() -> None:
@@ -200,10 +192,9 @@ def main() -> None:
         workload += f"-shared{shared}"
     if args.control and not args.interleave:
         parser.error("--control needs --interleave")
-    cpu_rates = None
     if args.interleave:
-        rates, cpu_rates = measure_interleaved(model, make_batch, options, max_tokens,
-                                               args.rounds, args.reps, control=args.control)
+        rates = measure_interleaved(model, make_batch, options, max_tokens, args.rounds,
+                                    args.reps, control=args.control)
     else:
         rates = measure_phases(model, make_batch, options, max_tokens, args.rounds, args.reps)
     result = {
@@ -217,12 +208,10 @@ def main() -> None:
         "median_traced": statistics.median(rates["traced"]),
     }
     result["ratio"] = result["median_traced"] / result["median_untraced"]
-    if cpu_rates is not None:  # traced / untraced of each batch: the drift-free estimates
-        for prefix, values in (("", rates), ("cpu_", cpu_rates)):
-            pairs = [t / u for t, u in zip(values["traced"], values["untraced"], strict=True)]
-            result[f"{prefix}pair_ratios"] = pairs
-            result[f"median_{prefix}pair_ratio"] = statistics.median(pairs)
-        result["tokens_per_cpu_s"] = cpu_rates
+    if args.interleave:  # traced / untraced of each batch: the drift-free estimate
+        pairs = [t / u for t, u in zip(rates["traced"], rates["untraced"], strict=True)]
+        result["pair_ratios"] = pairs
+        result["median_pair_ratio"] = statistics.median(pairs)
     RESULTS.mkdir(exist_ok=True)
     layout = ("-interleaved" if args.interleave else "") + ("-control" if args.control else "")
     name = f"overhead-{args.mode}-{workload}{layout}.json"
