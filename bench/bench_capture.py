@@ -14,8 +14,9 @@ calling thread's CPU time (``time.thread_time``), so other load on the
 machine barely moves it. Per call of ``--requests`` requests, each a
 ``--prompt``-token prefill step then ``--generate - 1`` decode steps:
 
-- hook: one MoE layer's record of one decode step (eager: three buffer
-  copies; compiled: the same copies behind the opaque op), times layers and steps;
+- hook: one MoE layer's record of a step (eager: three buffer copies;
+  compiled: the same copies behind the opaque op), timed for a decode step
+  and for the prefill step; per call: layers x (prefill + decode steps);
 - rows: ``StepRecorder.after_forward`` over every step (row mapping, host
   copies, prompt sums);
 - finish: every request's record assembled from its chunks;
@@ -111,14 +112,15 @@ def one_call(args, steps: int) -> dict[str, float]:
     return {"rows": rows, "finish": finish, "write": write}
 
 
-def hook_seconds(args, compiled_op: bool, calls: int = 2000) -> float:
-    """CPU seconds of one layer's record for a decode step of ``--requests`` tokens."""
+def hook_seconds(args, rows: int, compiled_op: bool) -> float:
+    """CPU seconds of one layer's record for a step of ``rows`` tokens."""
     generator = torch.Generator().manual_seed(0)
     # as vLLM's CPU router hands them over: bf16 logits, float32 weights, int32 ids
-    logits = torch.randn((args.requests, args.experts), generator=generator).bfloat16()
+    logits = torch.randn((rows, args.experts), generator=generator).bfloat16()
     weights, ids = logits.float().softmax(-1).topk(args.top_k)
     ids = ids.to(torch.int32)
     buffers = hook.BUFFERS
+    calls = max(20, 128_000 // rows)
 
     def record():
         if compiled_op:
@@ -156,23 +158,26 @@ def main() -> None:
     hook.BUFFERS.router_logits.normal_()
     steps = args.generate  # one prefill step (samples the first token) + generate - 1
 
-    calls, per_layer = [], {"eager": [], "compiled": []}
+    calls, decode, prefill = [], {"eager": [], "compiled": []}, []
     for _ in range(args.repeats):  # pieces interleaved, so a slow minute hits all of them
         calls.append(one_call(args, steps))
-        for mode, seconds in per_layer.items():
-            seconds.append(hook_seconds(args, mode == "compiled"))
-    hook_per_call = args.layers * steps
+        for mode, seconds in decode.items():
+            seconds.append(hook_seconds(args, args.requests, mode == "compiled"))
+        prefill.append(hook_seconds(args, args.requests * args.prompt, compiled_op=True))
+    hook_per_call = [args.layers * (p + d * (steps - 1))
+                     for p, d in zip(prefill, decode["compiled"], strict=True)]
     results = {
         "shape": vars(args),
-        "hook_us_per_layer_step": {mode: summary(v, 1e6) for mode, v in per_layer.items()},
+        "hook_us_per_layer_decode_step": {mode: summary(v, 1e6) for mode, v in decode.items()},
+        "hook_us_per_layer_prefill_step_compiled": summary(prefill, 1e6),
         "ms_per_call": {
-            "hook_compiled": summary(per_layer["compiled"], 1e3 * hook_per_call),
+            "hook_compiled": summary(hook_per_call, 1e3),
             **{piece: summary([c[piece] for c in calls], 1e3) for piece in calls[0]},
         },
     }
     results["ms_per_call"]["total_with_compiled_hook"] = summary(
-        [c["rows"] + c["finish"] + c["write"] + hook * hook_per_call
-         for c, hook in zip(calls, per_layer["compiled"], strict=True)], 1e3)
+        [c["rows"] + c["finish"] + c["write"] + hook
+         for c, hook in zip(calls, hook_per_call, strict=True)], 1e3)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"capture-{args.prompt}x{args.generate}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
