@@ -137,9 +137,9 @@ def step_layout(num_layers: int, top_k: int, num_experts: int, store_probs: bool
 
 @dataclass(slots=True)
 class _Chunk:
-    """Consecutive positions of one request computed in one step: rows [start, end) of
-    ``rows``, that step's packed host rows (:func:`step_layout`). Rows of one request are
-    contiguous in a step (the step's batch order restricted to traced requests)."""
+    """Consecutive positions of one request: rows [start, end) of ``rows``, packed host rows
+    (:func:`step_layout`) of one step (a request's rows are contiguous in a step: the
+    batch order restricted to traced requests) or of one request over a decode run."""
 
     rows: np.ndarray
     start: int
@@ -311,7 +311,7 @@ class StepRecorder:
                 self.requests_recorded += 1
                 self.requests_recomputed += accumulator.recomputed
 
-    def _traced_batch(self, runner) -> _TracedBatch | None:
+    def _traced_batch(self, runner) -> _TracedBatch:
         """The traced requests of the runner's batch; recomputed only when the batch changes
         (a decode batch stays the same for many steps)."""
         batch = runner.input_batch
