@@ -39,6 +39,8 @@ lint: setup
 # records each with its own command line.
 bench: setup
 	$(PY) bench/bench_metrics.py
+	$(PY) bench/bench_capture.py
+	$(PY) bench/bench_capture.py --prompt 256 --generate 1
 	$(PY) bench/bench_overhead.py --mode compiled --interleave --samples 64 --rounds 8 --reps 2
 	$(PY) bench/bench_overhead.py --mode eager --interleave --samples 64 --rounds 8 --reps 2
 	$(PY) bench/bench_overhead.py --mode compiled --interleave --decode --samples 64 --rounds 8 --reps 2
