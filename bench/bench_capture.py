@@ -124,8 +124,7 @@ def hook_seconds(args, rows: int, compiled_op: bool) -> float:
 
     def record():
         if compiled_op:
-            torch.ops.moepath.copy_routing(buffers.expert_ids, buffers.gate_weights,
-                                           buffers.router_logits, 1, ids, weights, logits)
+            torch.ops.moepath.copy_routing(*buffers.buffers(), 1, ids, weights, logits)
         else:
             hook.record(1, args.experts, logits, weights, ids)
 
