@@ -35,7 +35,7 @@ _INTERNAL_SUFFIX = re.compile(r"-[0-9A-Za-z]{8}$")  # vLLM appends "-<8 chars>" 
 
 
 SCORE_BLOCK_ROWS = 2048  # rows scored at once after a step: [2048, L, E] float32 stays in cache
-MAX_RUN_STEPS = 256  # decode steps kept per run before their rows go to the requests
+MAX_RUN_STEPS = 64  # decode steps per run: the run storage is [64, n, width] (reused)
 
 
 class UnsupportedModelError(RuntimeError):
@@ -213,30 +213,40 @@ class _TracedBatch:
     accumulators: list[RequestAccumulator]
     num_prompt_tokens: np.ndarray  # int64 [n]
 
+    @functools.cached_property
+    def decode_rows(self) -> torch.Tensor | None:
+        """Buffer rows of the traced requests in a step of one token per request (None:
+        every request is traced, so all rows)."""
+        return None if len(self.index) == len(self.req_ids) else torch.from_numpy(self.index)
+
 
 @dataclass
 class _DecodeRun:
-    """Consecutive decode steps of one unchanged traced batch, kept whole until the run
-    ends: row j of every step is traced request j's next generated token.
+    """Consecutive decode steps of one unchanged traced batch, written into one array as
+    they come: ``rows[s, j]`` is traced request j's token at position ``first[j] + s``.
 
-    Recording a decode step is then one list append, not one chunk per request; when
-    the run ends, each request gets one chunk of its rows of every step.
+    Recording a decode step is then one host copy per column into ``rows[steps]``, no
+    allocation and no chunk per request. When the run ends, each request gets its
+    rows of every step as one chunk, and ``rows`` (the recorder's reused storage) is
+    free again.
     """
 
     batch: _TracedBatch
     first: np.ndarray  # int64 [n]: each request's position in the run's first step
-    steps: list[np.ndarray] = field(default_factory=list)  # packed rows [n, width] per step
+    rows: np.ndarray  # uint8 [MAX_RUN_STEPS, n, width]: packed rows (step_layout)
+    positions: np.ndarray  # int32 [MAX_RUN_STEPS, n]: the positions column of ``rows``
+    steps: int = 1  # a run starts with its first step
 
-    def continues(self, batch: _TracedBatch, first: np.ndarray) -> bool:
-        return (batch is self.batch and len(self.steps) < MAX_RUN_STEPS
-                and np.array_equal(first, self.first + len(self.steps)))
+    def holds_next_step(self) -> bool:
+        """Whether ``rows[steps]``, just written, is the run's next decode step."""
+        return np.array_equal(self.positions[self.steps], self.first + self.steps)
 
     def end(self) -> None:
-        """Hand each request its rows of the run as one chunk."""
-        rows = np.stack(self.steps, axis=1)  # [n, steps, width]: one request's rows contiguous
+        """Hand each request its rows of the run as one chunk (one copy of the run)."""
+        rows = self.rows[:self.steps].swapaxes(0, 1).copy()  # [n, steps, width], off storage
         for acc, request_rows, position in zip(self.batch.accumulators, rows,
                                                self.first.tolist(), strict=True):
-            acc.add(_Chunk(request_rows, 0, len(self.steps), position, 0, None))
+            acc.add(_Chunk(request_rows, 0, self.steps, position, 0, None))
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -273,6 +283,7 @@ class StepRecorder:
         self.sigmoid = routing.config["scoring_func"] == "sigmoid"
         self._batch: _TracedBatch | None = None
         self._run: _DecodeRun | None = None
+        self._run_storage = self.layout.empty(0)  # reused by every run: uint8 [S * n, width]
 
     # -- which requests are traced -------------------------------------------
 
@@ -329,27 +340,32 @@ class StepRecorder:
     def after_forward(self, runner) -> None:
         """Append this step's rows of traced requests to their accumulators.
 
-        Per step: one gather and host copy per buffer (traced rows only) and one
-        segment sum of prompt-row distributions. A decode step of the same traced
-        batch as the step before joins that step's :class:`_DecodeRun` (one append);
-        any other step adds one chunk of row indices per traced request. No step
-        does per-token work.
+        A decode step of the same traced batch as the step before continues that
+        step's :class:`_DecodeRun`: one host copy per column into the run's array.
+        Any other step costs one gather and host copy per column (traced rows only),
+        one segment sum of prompt-row distributions and one chunk of row indices
+        per traced request. No step does per-token work.
         """
         num_reqs = runner.input_batch.num_reqs
         traced = self._traced_batch(runner)
         if not traced.accumulators:
             return
         bounds = runner.query_start_loc.np[: num_reqs + 1]
+        total = int(bounds[num_reqs])
+        if total == num_reqs and self._continue_run(runner, traced):
+            return
+        self._end_run()
         index = traced.index
         starts, ends = bounds[index].astype(np.int64), bounds[index + 1].astype(np.int64)
         offsets = np.concatenate(([0], np.cumsum(ends - starts)))
-        rows = None if len(index) == num_reqs else _ranges(starts, ends, offsets)
-        step = self._copy_rows(runner, int(bounds[num_reqs]), rows)
+        rows = None if len(index) == num_reqs else torch.from_numpy(
+            _ranges(starts, ends, offsets))
+        step = self.layout.empty(int(offsets[-1]))
+        self._copy_rows(runner, total, rows, step)
         first = self.layout.view(step, "positions")[offsets[:-1]].astype(np.int64)
         if len(step) == len(index) and (first >= traced.num_prompt_tokens).all():
-            self._add_decode_step(traced, first, step)  # one generated token per request
+            self._start_run(traced, first, step)  # one generated token per request
             return
-        self._end_run()
         prompt_rows = np.clip(traced.num_prompt_tokens - first, 0, ends - starts)
         sums = self._prompt_prob_sums(starts, prompt_rows)
         for j, (acc, start, end, position, prompt) in enumerate(zip(
@@ -357,35 +373,47 @@ class StepRecorder:
                 first.tolist(), prompt_rows.tolist(), strict=True)):
             acc.add(_Chunk(step, start, end, position, prompt, sums.get(j)))
 
-    def _add_decode_step(self, traced: _TracedBatch, first: np.ndarray, step: np.ndarray) -> None:
-        if self._run is None or not self._run.continues(traced, first):
-            self._end_run()
-            self._run = _DecodeRun(traced, first)
-        self._run.steps.append(step)
+    def _continue_run(self, runner, traced: _TracedBatch) -> bool:
+        """Record a step of one token per request into the current run if it is the run's
+        next decode step; False (nothing recorded) otherwise."""
+        run = self._run
+        if run is None or run.batch is not traced or run.steps == MAX_RUN_STEPS:
+            return False
+        self._copy_rows(runner, len(traced.req_ids), traced.decode_rows, run.rows[run.steps])
+        if not run.holds_next_step():
+            return False
+        run.steps += 1
+        return True
+
+    def _start_run(self, traced: _TracedBatch, first: np.ndarray, step: np.ndarray) -> None:
+        size = MAX_RUN_STEPS * len(first)
+        if len(self._run_storage) < size:
+            self._run_storage = self.layout.empty(size)
+        rows = self._run_storage[:size].reshape(MAX_RUN_STEPS, len(first), -1)
+        rows[0] = step
+        self._run = _DecodeRun(traced, first, rows, self.layout.view(rows, "positions"))
 
     def _end_run(self) -> None:
         if self._run is not None:
             run, self._run = self._run, None
             run.end()
 
-    def _copy_rows(self, runner, total: int, rows: np.ndarray | None) -> np.ndarray:
-        """Buffer rows ``rows`` (None: all ``total``) as packed host rows (``self.layout``)."""
+    def _copy_rows(self, runner, total: int, rows: torch.Tensor | None, out: np.ndarray) -> None:
+        """Copy buffer rows ``rows`` (None: all ``total``) into ``out``, packed host rows
+        (``self.layout``) [len(rows) or total, width]."""
         buffers = hook.BUFFERS
-        take = None if rows is None else torch.from_numpy(rows)
 
         def select(tensor: torch.Tensor) -> torch.Tensor:
             tensor = tensor[:total]
-            return tensor if take is None else tensor[take.to(tensor.device)]
+            return tensor if rows is None else tensor[rows.to(tensor.device)]
 
         sources = {"positions": runner.positions, "token_ids": runner.input_ids.cpu,
                    "expert_ids": buffers.expert_ids, "gate_weights": buffers.gate_weights}
-        packed = self.layout.empty(total if rows is None else len(rows))
         for name, source in sources.items():
-            torch.from_numpy(self.layout.view(packed, name)).copy_(select(source))
+            torch.from_numpy(self.layout.view(out, name)).copy_(select(source))
         if "probs" in self.layout.columns:
-            torch.from_numpy(self.layout.view(packed, "probs")).copy_(
+            torch.from_numpy(self.layout.view(out, "probs")).copy_(
                 self._scores(select(buffers.router_logits)))
-        return packed
 
     def _prompt_prob_sums(self, starts: np.ndarray, prompt_rows: np.ndarray) -> dict:
         """{traced index: float64 [L, E] sum of the router distribution over its prompt rows}.

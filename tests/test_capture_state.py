@@ -311,6 +311,31 @@ def test_a_long_decode_run_hands_its_rows_over_in_bounded_pieces(monkeypatch):
         np.testing.assert_array_equal(record.expert_ids[:, 0, 0], np.arange(6) + 10 * code)
 
 
+def test_decode_runs_that_follow_each_other_keep_their_rows_though_they_share_storage():
+    """Every decode run writes into the recorder's one reused array; a run's rows are
+    copied out when it ends, so the next run cannot overwrite them."""
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    sink = ListSink()
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=sink)
+    runner = ScriptedRunner({"a": ("A", 1), "b": ("B", 1)})
+    runner.step(recorder, {"a": [0], "b": [0]})  # one-token prompts
+    runner.step(recorder, {"a": [1], "b": [1]})  # a run of two requests starts
+    runner.step(recorder, {"a": [2]})  # b is paused: a run of one reuses the storage
+    runner.step(recorder, {"a": [3]})
+    runner.step(recorder, {"a": [4], "b": [2]})
+    runner.step(recorder, {"b": [3], "a": [5]})  # the batch reordered: another run
+    recorder.flush(requests_done=True)
+
+    a, b = sorted(sink.records, key=lambda record: record.sample_id)
+    np.testing.assert_array_equal(a.positions, np.arange(6))
+    np.testing.assert_array_equal(a.expert_ids[:, 0, 0], np.arange(6))
+    np.testing.assert_array_equal(b.positions, np.arange(4))
+    np.testing.assert_array_equal(b.expert_ids[:, 0, 0], np.arange(4) + 10)
+    np.testing.assert_array_equal(b.token_ids, np.arange(4) + 100)
+
+
 def test_a_moe_kernel_that_routes_internally_is_refused_naming_the_layer_and_the_fix():
     """Monolithic kernels (e.g. TRT-LLM on CUDA, zentorch on CPU) never call the router
     hook; tracing them would give an empty trace, so the engine refuses at load."""
