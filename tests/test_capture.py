@@ -41,9 +41,11 @@ def agree_outside_near_ties(hf_model, token_ids, ids_a, ids_b) -> tuple[float, f
     return agree.mean(), agree[decided].mean()
 
 
-def compare_with_hf(trace: Trace, model_path) -> dict:
+def compare_with_hf(trace: Trace, model_path, probs: bool = False) -> dict:
+    """Agreement of the trace with an HF float32 forward; ``probs``: also the largest
+    error of the stored per-token distributions (a --store-probs trace)."""
     model = load_model(model_path)
-    same, gaps, mean_err, nll_err = [], [], 0.0, 0.0
+    same, gaps, mean_err, nll_err, probs_err = [], [], 0.0, 0.0, None
     nll = trace.samples.set_index("sample_id")["nll"]
     for sid in trace.sample_ids():
         ids, _ = trace.topk(sid)
@@ -53,10 +55,13 @@ def compare_with_hf(trace: Trace, model_path) -> dict:
         gaps.append(kth_gap(ref.probs, trace.top_k).ravel())
         mean_err = max(mean_err, np.abs(trace.router_mean(sid) - ref.probs.mean(0)).max())
         nll_err = max(nll_err, abs(nll[sid] - ref.nll))
+        if probs:
+            probs_err = max(probs_err or 0.0, np.abs(trace.router_probs(sid) - ref.probs).max())
     same, gaps = np.concatenate(same), np.concatenate(gaps)
     decided = gaps >= NEAR_TIE_LOG_GAP
     return {"agreement": same.mean(), "decided_agreement": same[decided].mean(),
-            "near_ties": 1 - decided.mean(), "router_mean_err": mean_err, "nll_err": nll_err}
+            "near_ties": 1 - decided.mean(), "router_mean_err": mean_err, "nll_err": nll_err,
+            "probs_err": probs_err}
 
 
 def test_bf16_compiled_trace_matches_hf_float32_forward(olmoe_trace, toy_olmoe):
@@ -78,6 +83,8 @@ def test_bf16_compiled_trace_matches_hf_float32_forward(olmoe_trace, toy_olmoe):
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2moe"])
 def test_float32_trace_matches_hf_exactly(arch, toy_factory, samples_file, tmp_path):
+    """Top-k ids, prompt-mean distributions, NLL and (--store-probs) every token's full
+    distribution, stored as float16, against an HF float32 forward."""
     from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
     from moepath.tracer.samples import SampleReadOptions, read_samples
 
@@ -85,12 +92,14 @@ def test_float32_trace_matches_hf_exactly(arch, toy_factory, samples_file, tmp_p
     samples = read_samples(samples_file, SampleReadOptions(limit=12))
     trace_samples(model, samples, tmp_path / "t", EngineOptions(
         dtype="float32", enforce_eager=True, max_model_len=512,
-        gpu_memory_utilization=TEST_MEMORY), TraceOptions())
-    result = compare_with_hf(Trace.open(tmp_path / "t"), model)
-    print(f"{arch} fp32 vs HF fp32: top-k agreement {result['agreement']:.4%}")
+        gpu_memory_utilization=TEST_MEMORY, store_probs=True), TraceOptions())
+    result = compare_with_hf(Trace.open(tmp_path / "t"), model, probs=True)
+    print(f"{arch} fp32 vs HF fp32: top-k agreement {result['agreement']:.4%}, "
+          f"largest per-token probability error {result['probs_err']:.1e}")
     assert result["agreement"] >= 0.999
     assert result["router_mean_err"] < 1e-4
     assert result["nll_err"] < 1e-3
+    assert result["probs_err"] < 1e-3  # float16 storage of values in [0, 1]
 
 
 def test_compiled_equals_eager_with_chunked_prefill_except_near_ties(olmoe_trace,

@@ -421,6 +421,43 @@ def test_the_copy_op_writes_into_the_buffers_it_is_given():
     assert not hook.BUFFERS.router_logits.any()
 
 
+def test_store_probs_keeps_every_traced_tokens_distribution_scored_in_blocks(monkeypatch):
+    """--store-probs: each traced token's full router distribution (float16), prompt
+    and generated, whatever rows of untraced requests sit between and however the
+    scoring blocks cut the step."""
+    import torch
+
+    from moepath.patches import capture, hook
+
+    monkeypatch.setattr(capture, "SCORE_BLOCK_ROWS", 2)
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    generator = torch.Generator().manual_seed(2)
+    sink = ListSink()
+    recorder = StepRecorder(CaptureSettings(dir="x", store_probs=True), routing=ROUTING,
+                            sink=sink)
+    runner = ScriptedRunner({"a": ("A", 3), "b": (None, 2), "c": ("C", 2)})
+    expected = {"a": [], "c": []}
+    for batch in ({"a": [0, 1, 2], "b": [0, 1], "c": [0, 1]},  # prefill; b is untraced
+                  {"a": [3], "b": [2], "c": [2]}, {"a": [4], "b": [3], "c": [3]}):
+        logits = torch.randn((16, L, E), generator=generator)
+        hook.BUFFERS.router_logits.copy_(logits)
+        row = 0
+        for req_id, positions in batch.items():
+            if req_id in expected:
+                expected[req_id].append(logits[row:row + len(positions)].softmax(-1))
+            row += len(positions)
+        runner.step(recorder, batch)
+    recorder.flush(requests_done=True)
+
+    for record, req_id in zip(sorted(sink.records, key=lambda r: r.sample_id), ("a", "c"),
+                              strict=True):
+        want = torch.cat(expected[req_id]).numpy()
+        assert record.router_probs.dtype == np.float16
+        np.testing.assert_allclose(record.router_probs, want, rtol=1e-3, atol=1e-4)
+        prompt = want[:record.num_prompt_tokens].mean(0)
+        np.testing.assert_allclose(record.router_mean, prompt, rtol=1e-5)
+
+
 def test_prompt_sums_over_blocks_equal_a_per_request_reference(monkeypatch):
     """Requests with and without prompt rows, gaps of untraced rows, blocks that cut
     requests: each sum equals the softmax of its own rows, summed."""
