@@ -343,8 +343,8 @@ class StepRecorder:
         A decode step of the same traced batch as the step before continues that
         step's :class:`_DecodeRun`: one host copy per column into the run's array.
         Any other step costs one gather and host copy per column (traced rows only),
-        one segment sum of prompt-row distributions and one chunk of row indices
-        per traced request. No step does per-token work.
+        one blockwise scoring of the prompt rows (:meth:`_score_rows`) and one
+        chunk of row indices per traced request. No step does per-token work.
         """
         num_reqs = runner.input_batch.num_reqs
         traced = self._traced_batch(runner)
@@ -363,11 +363,11 @@ class StepRecorder:
         step = self.layout.empty(int(offsets[-1]))
         self._copy_rows(runner, total, rows, step)
         first = self.layout.view(step, "positions")[offsets[:-1]].astype(np.int64)
-        if len(step) == len(index) and (first >= traced.num_prompt_tokens).all():
+        prompt_rows = np.clip(traced.num_prompt_tokens - first, 0, ends - starts)
+        sums = self._score_rows(rows, step, offsets[:-1], prompt_rows)
+        if len(step) == len(index) and not prompt_rows.any():
             self._start_run(traced, first, step)  # one generated token per request
             return
-        prompt_rows = np.clip(traced.num_prompt_tokens - first, 0, ends - starts)
-        sums = self._prompt_prob_sums(starts, prompt_rows)
         for j, (acc, start, end, position, prompt) in enumerate(zip(
                 traced.accumulators, offsets[:-1].tolist(), offsets[1:].tolist(),
                 first.tolist(), prompt_rows.tolist(), strict=True)):
@@ -379,9 +379,11 @@ class StepRecorder:
         run = self._run
         if run is None or run.batch is not traced or run.steps == MAX_RUN_STEPS:
             return False
-        self._copy_rows(runner, len(traced.req_ids), traced.decode_rows, run.rows[run.steps])
+        step = run.rows[run.steps]
+        self._copy_rows(runner, len(traced.req_ids), traced.decode_rows, step)
         if not run.holds_next_step():
             return False
+        self._score_rows(traced.decode_rows, step)
         run.steps += 1
         return True
 
@@ -400,7 +402,7 @@ class StepRecorder:
 
     def _copy_rows(self, runner, total: int, rows: torch.Tensor | None, out: np.ndarray) -> None:
         """Copy buffer rows ``rows`` (None: all ``total``) into ``out``, packed host rows
-        (``self.layout``) [len(rows) or total, width]."""
+        (``self.layout``) [len(rows) or total, width]; all columns but ``probs``."""
         buffers = hook.BUFFERS
 
         def select(tensor: torch.Tensor) -> torch.Tensor:
@@ -411,50 +413,52 @@ class StepRecorder:
                    "expert_ids": buffers.expert_ids, "gate_weights": buffers.gate_weights}
         for name, source in sources.items():
             torch.from_numpy(self.layout.view(out, name)).copy_(select(source))
-        if "probs" in self.layout.columns:
-            self._copy_probs(buffers.router_logits, rows, out)
 
-    def _copy_probs(self, logits: torch.Tensor, rows: torch.Tensor | None, out: np.ndarray):
-        """Score buffer rows ``rows`` (None: rows [:len(out)]) into the probs column of
-        ``out``, in blocks of ``SCORE_BLOCK_ROWS`` (one [16k, L, E] float32 temporary
-        per step costs 5x more than blocks that stay in cache: _prompt_prob_sums)."""
-        probs = torch.from_numpy(self.layout.view(out, "probs"))
-        for block in range(0, len(out), SCORE_BLOCK_ROWS):
-            stop = min(block + SCORE_BLOCK_ROWS, len(out))
-            source = (logits[block:stop] if rows is None
-                      else logits[rows[block:stop].to(logits.device)])
-            probs[block:stop].copy_(self._scores(source))
+    def _score_rows(self, rows: torch.Tensor | None, out: np.ndarray,
+                    chunk_starts: np.ndarray | None = None,
+                    prompt_rows: np.ndarray | None = None) -> dict:
+        """Score the router logits of this step's traced rows where needed; return
+        {traced index: float64 [L, E] sum of the distribution over its prompt rows}.
 
-    def _prompt_prob_sums(self, starts: np.ndarray, prompt_rows: np.ndarray) -> dict:
-        """{traced index: float64 [L, E] sum of the router distribution over its prompt rows}.
-
-        ``starts``: each traced request's first buffer row this step (increasing);
-        ``prompt_rows``: how many rows from there are prompt tokens. Scores the
-        buffer rows from the first to the last prompt row in blocks of
-        ``SCORE_BLOCK_ROWS`` and adds each block into per-request sums with one
-        ``index_add_`` (rows of no prompt go to a dropped extra segment): no
-        gather, linear in the rows whatever their number of requests, and the
-        working set stays in cache (scoring 16k rows at once costs 5x more:
-        bench/README.md). Sums are float32 per step (relative error ~1e-6,
-        below the float32 the store keeps), float64 across steps.
+        ``out`` holds the traced rows in packed order, ``rows`` their buffer rows
+        (None: the same); traced request j has rows ``chunk_starts[j]`` on of ``out``,
+        the first ``prompt_rows[j]`` of them prompt tokens. Scored are the rows
+        from the first to the last prompt row, or all rows with ``--store-probs``
+        (written into the probs column too): in blocks of ``SCORE_BLOCK_ROWS``, each
+        added into per-request sums with one ``index_add_`` (rows of no prompt go
+        to a dropped extra segment). Linear in the rows whatever their number of
+        requests, and the working set stays in cache (scoring 16k rows at once
+        costs 5x more: bench/README.md). Sums are float32 per step (relative error
+        ~1e-6, below the float32 the store keeps), float64 across steps.
         """
-        chunks = np.flatnonzero(prompt_rows)
+        chunks = np.flatnonzero(prompt_rows) if prompt_rows is not None else []
+        store_probs = "probs" in self.layout.columns
+        if not len(chunks) and not store_probs:
+            return {}
+        logits = hook.BUFFERS.router_logits
+        lo, hi = 0, len(out)
+        if len(chunks):
+            starts, counts = chunk_starts[chunks], prompt_rows[chunks]
+            if not store_probs:
+                lo, hi = int(starts[0]), int(starts[-1] + counts[-1])
+            segment = np.full(hi - lo, len(chunks))
+            segment[_ranges(starts - lo, starts - lo + counts,
+                            np.concatenate(([0], np.cumsum(counts))))
+                    ] = np.repeat(np.arange(len(chunks)), counts)
+            segment = torch.from_numpy(segment).to(logits.device)
+            sums = torch.zeros((len(chunks) + 1, *logits.shape[1:]), dtype=logits.dtype,
+                               device=logits.device)
+        probs = torch.from_numpy(self.layout.view(out, "probs")) if store_probs else None
+        for block in range(lo, hi, SCORE_BLOCK_ROWS):
+            stop = min(block + SCORE_BLOCK_ROWS, hi)
+            scores = self._scores(logits[block:stop] if rows is None
+                                  else logits[rows[block:stop].to(logits.device)])
+            if probs is not None:
+                probs[block:stop].copy_(scores)
+            if len(chunks):
+                sums.index_add_(0, segment[block - lo:stop - lo], scores)
         if not len(chunks):
             return {}
-        counts = prompt_rows[chunks]
-        first, last = int(starts[chunks[0]]), int(starts[chunks[-1]] + counts[-1])
-        segment = np.full(last - first, len(chunks))
-        ends = np.cumsum(counts)
-        segment[_ranges(starts[chunks] - first, starts[chunks] - first + counts,
-                        np.concatenate(([0], ends)))] = np.repeat(np.arange(len(chunks)), counts)
-        logits = hook.BUFFERS.router_logits
-        segment = torch.from_numpy(segment).to(logits.device)
-        sums = torch.zeros((len(chunks) + 1, *logits.shape[1:]), dtype=logits.dtype,
-                           device=logits.device)
-        for block in range(first, last, SCORE_BLOCK_ROWS):
-            stop = min(block + SCORE_BLOCK_ROWS, last)
-            sums.index_add_(0, segment[block - first:stop - first],
-                            self._scores(logits[block:stop]))
         return dict(zip(chunks.tolist(), sums[:-1].double().cpu().numpy(), strict=True))
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:

@@ -458,9 +458,10 @@ def test_store_probs_keeps_every_traced_tokens_distribution_scored_in_blocks(mon
         np.testing.assert_allclose(record.router_mean, prompt, rtol=1e-5)
 
 
-def test_prompt_sums_over_blocks_equal_a_per_request_reference(monkeypatch):
-    """Requests with and without prompt rows, gaps of untraced rows, blocks that cut
-    requests: each sum equals the softmax of its own rows, summed."""
+@pytest.mark.parametrize("untraced_rows", [False, True])
+def test_prompt_sums_over_blocks_equal_a_per_request_reference(monkeypatch, untraced_rows):
+    """Requests with and without prompt rows, untraced rows between them or none,
+    blocks that cut requests: each sum equals the softmax of its own rows, summed."""
     import torch
 
     from moepath.patches import capture, hook
@@ -469,12 +470,20 @@ def test_prompt_sums_over_blocks_equal_a_per_request_reference(monkeypatch):
     hook.BUFFERS = hook.CaptureBuffers.allocate(32, L, K, E, "cpu")
     hook.BUFFERS.router_logits.copy_(torch.randn((32, L, E), generator=torch.Generator()
                                                  .manual_seed(1)))
-    starts = np.array([1, 4, 12, 13, 20])  # rows 0, 9-11, 14-19 belong to no traced prompt
-    prompt_rows = np.array([2, 5, 0, 1, 7])
+    # traced requests' buffer rows; with untraced_rows, rows 0 and 14-19 are another
+    # request's. Rows past a request's prompt rows are generated tokens (recomputed).
+    ranges = ([(1, 4), (4, 12), (12, 13), (13, 14), (20, 32)] if untraced_rows
+              else [(0, 3), (3, 11), (11, 12), (12, 13), (13, 25)])
+    prompt_rows = np.array([0, 5, 1, 0, 7])  # the first has none: scoring starts later
+    buffer_rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+    chunk_starts = np.cumsum([0] + [b - a for a, b in ranges])[:-1]
     recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=None)
-    sums = recorder._prompt_prob_sums(starts, prompt_rows)
+    sums = recorder._score_rows(torch.from_numpy(buffer_rows) if untraced_rows else None,
+                                recorder.layout.empty(len(buffer_rows)), chunk_starts,
+                                prompt_rows)
 
-    assert sorted(sums) == [0, 1, 3, 4]  # request 2 is decoding: no prompt rows
+    assert sorted(sums) == [1, 2, 4]  # requests 0 and 3 have no prompt rows this step
     for j, total in sums.items():
-        rows = hook.BUFFERS.router_logits[starts[j]:starts[j] + prompt_rows[j]]
+        start = ranges[j][0]
+        rows = hook.BUFFERS.router_logits[start:start + prompt_rows[j]]
         np.testing.assert_allclose(total, rows.double().softmax(-1).sum(0).numpy(), rtol=1e-6)
