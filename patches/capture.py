@@ -337,7 +337,24 @@ class StepRecorder:
             np.array([acc.num_prompt_tokens for _, acc in traced], dtype=np.int64))
         return self._batch
 
-    def after_forward(self, runner) -> None:
+    def wants_logits(self, scheduler_output) -> bool:
+        """Whether the step about to run needs the router logits copied (False only
+        for a step that can do nothing but continue the current decode run: the
+        run's requests, one token each, and no ``--store-probs``).
+
+        The run's traced requests were decoding when it began; one of them that is
+        preempted leaves the batch for a step, which ends the run, so the same
+        requests with one token each are each at their next generated position.
+        :meth:`after_forward` checks that no such step has prompt rows.
+        """
+        run = self._run
+        if run is None or run.steps == MAX_RUN_STEPS or "probs" in self.layout.columns:
+            return True
+        scheduled = scheduler_output.num_scheduled_tokens
+        return not (scheduler_output.total_num_scheduled_tokens == len(scheduled)
+                    == len(run.batch.req_ids) and all(r in scheduled for r in run.batch.req_ids))
+
+    def after_forward(self, runner, logits_copied: bool = True) -> None:
         """Append this step's rows of traced requests to their accumulators.
 
         A decode step of the same traced batch as the step before continues that
@@ -364,6 +381,9 @@ class StepRecorder:
         self._copy_rows(runner, total, rows, step)
         first = self.layout.view(step, "positions")[offsets[:-1]].astype(np.int64)
         prompt_rows = np.clip(traced.num_prompt_tokens - first, 0, ends - starts)
+        if not logits_copied and prompt_rows.any():
+            raise RuntimeError("a step predicted to be decode-only had prompt tokens, and "
+                               "their router logits were not copied")
         sums = self._score_rows(rows, step, offsets[:-1], prompt_rows)
         if len(step) == len(index) and not prompt_rows.any():
             self._start_run(traced, first, step)  # one generated token per request
@@ -516,13 +536,18 @@ def wrap_execute_model(runner, recorder: StepRecorder):
             with recorder.lock:
                 try:
                     recorder.on_finished(scheduler_output.finished_req_ids)
+                    hook.LOGITS_WANTED = recorder.wants_logits(scheduler_output)
                 except Exception as exc:
                     recorder.fail(exc)
-        result = original(scheduler_output, *args, **kwargs)
+        logits_copied = hook.LOGITS_WANTED
+        try:
+            result = original(scheduler_output, *args, **kwargs)
+        finally:
+            hook.LOGITS_WANTED = True
         if recorder.error is None and scheduler_output.total_num_scheduled_tokens > 0:
             with recorder.lock:
                 try:
-                    recorder.after_forward(runner)
+                    recorder.after_forward(runner, logits_copied)
                 except Exception as exc:
                     recorder.fail(exc)
         return result

@@ -63,6 +63,10 @@ class CaptureBuffers:
 
 
 BUFFERS: CaptureBuffers | None = None
+# Cleared by the recorder for the forward of a step none of whose rows it will score
+# (a decode step that continues its run); set again after that forward, so forwards
+# outside ``execute_model`` (warm-up, CUDA graph capture) always copy the logits.
+LOGITS_WANTED = True
 
 
 def _copy_routing(expert_ids: torch.Tensor, gate_weights: torch.Tensor,
@@ -79,7 +83,8 @@ def _copy_routing(expert_ids: torch.Tensor, gate_weights: torch.Tensor,
                                                                    router_logits))
     ids_rows.copy_(topk_ids)
     weight_rows.copy_(topk_weights)
-    logit_rows.copy_(logits)
+    if LOGITS_WANTED:
+        logit_rows.copy_(logits)
 
 
 # The copy as an opaque op that mutates the buffers in place. Traced by inductor

@@ -223,7 +223,8 @@ class ScriptedRunner:
                 num_prompt_tokens=prompt)
             for req_id, (sample, prompt) in prompts.items()}
 
-    def step(self, recorder: StepRecorder, batch: dict[str, list[int]], tag: int = 0) -> None:
+    def step(self, recorder: StepRecorder, batch: dict[str, list[int]], tag: int = 0,
+             logits_copied: bool = True) -> None:
         import torch
 
         from moepath.patches import hook
@@ -238,7 +239,7 @@ class ScriptedRunner:
         self.input_ids = SimpleNamespace(cpu=torch.tensor(positions, dtype=torch.int32) + 100)
         ids = torch.tensor(positions) + 10 * torch.tensor(codes) + tag
         hook.BUFFERS.expert_ids[:len(positions)] = ids[:, None, None]
-        recorder.after_forward(self)
+        recorder.after_forward(self, logits_copied)
 
 
 def test_rows_follow_their_requests_while_the_batch_changes_between_decode_steps():
@@ -336,6 +337,44 @@ def test_decode_runs_that_follow_each_other_keep_their_rows_though_they_share_st
     np.testing.assert_array_equal(b.token_ids, np.arange(4) + 100)
 
 
+def scheduled(tokens: dict[str, int]) -> SimpleNamespace:
+    """The part of vLLM's SchedulerOutput the recorder reads before a forward."""
+    return SimpleNamespace(num_scheduled_tokens=tokens,
+                           total_num_scheduled_tokens=sum(tokens.values()))
+
+
+@pytest.mark.parametrize("store_probs", [False, True])
+def test_router_logits_are_skipped_only_for_steps_that_continue_a_decode_run(store_probs):
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    recorder = StepRecorder(CaptureSettings(dir="x", store_probs=store_probs),
+                            routing=ROUTING, sink=ListSink())
+    runner = ScriptedRunner({"a": ("A", 2), "b": (None, 2), "c": ("C", 1)})
+    assert recorder.wants_logits(scheduled({"a": 2, "b": 2}))  # prefill
+    runner.step(recorder, {"a": [0, 1], "b": [0, 1]})
+    assert recorder.wants_logits(scheduled({"a": 1, "b": 1}))  # no run yet
+    runner.step(recorder, {"a": [2], "b": [2]})  # a run begins
+    continues = recorder.wants_logits(scheduled({"a": 1, "b": 1}))
+    assert continues == store_probs  # --store-probs scores every row
+    assert recorder.wants_logits(scheduled({"a": 1, "b": 1, "c": 1}))  # c's prompt
+    assert recorder.wants_logits(scheduled({"a": 1}))  # b left: the batch changes
+    assert recorder.wants_logits(scheduled({"a": 1, "b": 3}))  # b recomputes
+
+
+def test_a_step_with_prompt_rows_whose_logits_were_skipped_is_an_error_not_a_wrong_mean():
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=ListSink())
+    runner = ScriptedRunner({"a": ("A", 2)})
+    runner.step(recorder, {"a": [0, 1]})
+    runner.step(recorder, {"a": [2]})
+    runner.step(recorder, {"a": [3]}, logits_copied=False)  # decode: nothing to score
+    with pytest.raises(RuntimeError, match="predicted to be decode-only had prompt tokens"):
+        runner.step(recorder, {"a": [0, 1, 2, 3, 4]}, logits_copied=False)
+
+
 def test_a_moe_kernel_that_routes_internally_is_refused_naming_the_layer_and_the_fix():
     """Monolithic kernels (e.g. TRT-LLM on CUDA, zentorch on CPU) never call the router
     hook; tracing them would give an empty trace, so the engine refuses at load."""
@@ -387,6 +426,21 @@ def test_the_hook_writes_rows_of_this_step_only_eager_and_under_torch_compile(co
     assert torch.equal(buffers.gate_weights[:5, 1], weights)
     assert torch.equal(buffers.router_logits[:5, 1], logits[:, :E])
     assert (buffers.gate_weights[5:] == -1).all() and (buffers.gate_weights[:, 0] == -1).all()
+
+
+def test_a_step_that_wants_no_logits_still_records_ids_and_weights(monkeypatch):
+    import torch
+
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
+    monkeypatch.setattr(hook, "LOGITS_WANTED", False)
+    logits = torch.randn((4, E))
+    weights, ids = torch.topk(logits.softmax(-1), K)
+    hook.record(1, E, logits, weights, ids.to(torch.int32))
+    assert torch.equal(hook.BUFFERS.expert_ids[:4, 1], ids.to(torch.int32))
+    assert torch.equal(hook.BUFFERS.gate_weights[:4, 1], weights)
+    assert not hook.BUFFERS.router_logits.any()
 
 
 def test_steps_of_changing_size_write_their_own_rows_through_the_cached_views(monkeypatch):
