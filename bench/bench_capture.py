@@ -16,6 +16,7 @@ machine barely moves it. Per call of ``--requests`` requests, each a
 
 - hook: one MoE layer's record of a step (eager: three buffer copies;
   compiled: the same copies behind the opaque op), timed for a decode step
+  (which skips the logits copy, as one that continues its decode run does)
   and for the prefill step; per call: layers x (prefill + decode steps);
 - rows: ``StepRecorder.after_forward`` over every step (row mapping, host
   copies, prompt sums);
@@ -112,8 +113,9 @@ def one_call(args, steps: int) -> dict[str, float]:
     return {"rows": rows, "finish": finish, "write": write}
 
 
-def hook_seconds(args, rows: int, compiled_op: bool) -> float:
-    """CPU seconds of one layer's record for a step of ``rows`` tokens."""
+def hook_seconds(args, rows: int, compiled_op: bool, copies_logits: bool) -> float:
+    """CPU seconds of one layer's record for a step of ``rows`` tokens; ``copies_logits``:
+    whether the step copies the router logits (decode steps of a run do not)."""
     generator = torch.Generator().manual_seed(0)
     # as vLLM's CPU router hands them over: bf16 logits, float32 weights, int32 ids
     logits = torch.randn((rows, args.experts), generator=generator).bfloat16()
@@ -132,8 +134,12 @@ def hook_seconds(args, rows: int, compiled_op: bool) -> float:
         for _ in range(calls):
             record()
 
-    many()  # warm-up
-    return thread_seconds(many) / calls
+    hook.LOGITS_WANTED = copies_logits
+    try:
+        many()  # warm-up
+        return thread_seconds(many) / calls
+    finally:
+        hook.LOGITS_WANTED = True
 
 
 def summary(values: list[float], scale: float) -> dict:
@@ -161,8 +167,10 @@ def main() -> None:
     for _ in range(args.repeats):  # pieces interleaved, so a slow minute hits all of them
         calls.append(one_call(args, steps))
         for mode, seconds in decode.items():
-            seconds.append(hook_seconds(args, args.requests, mode == "compiled"))
-        prefill.append(hook_seconds(args, args.requests * args.prompt, compiled_op=True))
+            seconds.append(hook_seconds(args, args.requests, mode == "compiled",
+                                        copies_logits=False))
+        prefill.append(hook_seconds(args, args.requests * args.prompt, compiled_op=True,
+                                    copies_logits=True))
     hook_per_call = [args.layers * (p + d * (steps - 1))
                      for p, d in zip(prefill, decode["compiled"], strict=True)]
     results = {
