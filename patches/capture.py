@@ -362,6 +362,9 @@ class StepRecorder:
         Any other step costs one gather and host copy per column (traced rows only),
         one blockwise scoring of the prompt rows (:meth:`_score_rows`) and one
         chunk of row indices per traced request. No step does per-token work.
+
+        ``logits_copied``: False when :meth:`wants_logits` let the hook skip the
+        router logits of this step; a step with prompt rows then raises.
         """
         num_reqs = runner.input_batch.num_reqs
         traced = self._traced_batch(runner)
@@ -441,8 +444,8 @@ class StepRecorder:
         {traced index: float64 [L, E] sum of the distribution over its prompt rows}.
 
         ``out`` holds the traced rows in packed order, ``rows`` their buffer rows
-        (None: the same); traced request j has rows ``chunk_starts[j]`` on of ``out``,
-        the first ``prompt_rows[j]`` of them prompt tokens. Scored are the rows
+        (None: the same); traced request j's rows start at row ``chunk_starts[j]`` of
+        ``out``, the first ``prompt_rows[j]`` of them prompt tokens. Scored are the rows
         from the first to the last prompt row, or all rows with ``--store-probs``
         (written into the probs column too): in blocks of ``SCORE_BLOCK_ROWS``, each
         added into per-request sums with one ``index_add_`` (rows of no prompt go
