@@ -237,6 +237,10 @@ class _DecodeRun:
     positions: np.ndarray  # int32 [MAX_RUN_STEPS, n]: the positions column of ``rows``
     steps: int = 1  # a run starts with its first step
 
+    @property
+    def full(self) -> bool:
+        return self.steps == MAX_RUN_STEPS
+
     def holds_next_step(self) -> bool:
         """Whether ``rows[steps]``, just written, is the run's next decode step."""
         return np.array_equal(self.positions[self.steps], self.first + self.steps)
@@ -348,7 +352,7 @@ class StepRecorder:
         :meth:`after_forward` checks that no such step has prompt rows.
         """
         run = self._run
-        if run is None or run.steps == MAX_RUN_STEPS or "probs" in self.layout.columns:
+        if run is None or run.full or "probs" in self.layout.columns:
             return True
         scheduled = scheduler_output.num_scheduled_tokens
         return not (scheduler_output.total_num_scheduled_tokens == len(scheduled)
@@ -400,7 +404,7 @@ class StepRecorder:
         """Record a step of one token per request into the current run if it is the run's
         next decode step; False (nothing recorded) otherwise."""
         run = self._run
-        if run is None or run.batch is not traced or run.steps == MAX_RUN_STEPS:
+        if run is None or run.batch is not traced or run.full:
             return False
         step = run.rows[run.steps]
         self._copy_rows(runner, len(traced.req_ids), traced.decode_rows, step)

@@ -44,9 +44,9 @@ class RowLayout:
         widest = max(column.dtype.itemsize for column in self.columns.values())
         self.width = -(-offset // widest) * widest
 
-    def empty(self, *shape: int) -> np.ndarray:
-        """Uninitialised rows, one per token of ``shape``: uint8 [*shape, width]."""
-        return np.empty((*shape, self.width), np.uint8)
+    def empty(self, n: int) -> np.ndarray:
+        """Uninitialised rows for ``n`` tokens: uint8 [n, width]."""
+        return np.empty((n, self.width), np.uint8)
 
     def view(self, rows: np.ndarray, name: str) -> np.ndarray:
         """Column ``name`` of ``rows`` (uint8 [..., width]) as a writable view
