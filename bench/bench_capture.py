@@ -80,7 +80,7 @@ class ScriptedCall:
         width = self.prompt if step == 0 else 1
         self.query_start_loc = SimpleNamespace(
             np=np.arange(requests + 1, dtype=np.int32) * width)
-        rows = requests * width
+        rows = self.total_tokens = requests * width
         if step == 0:
             self.positions[:rows] = torch.arange(self.prompt).repeat(requests)
         else:
@@ -103,7 +103,7 @@ def one_call(args, steps: int) -> dict[str, float]:
     rows = 0.0
     for step in range(steps):
         call.schedule(step)
-        rows += thread_seconds(lambda: recorder.after_forward(call))
+        rows += thread_seconds(lambda: recorder.after_forward(call, call.total_tokens))
     finish = thread_seconds(lambda: recorder.on_finished(call.req_ids))
     assert len(sink.records) == args.requests
     assert len(sink.records[0].positions) == args.prompt + steps - 1

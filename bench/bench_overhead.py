@@ -7,9 +7,12 @@ Run (from the repository root, inside .venv):
     python bench/bench_overhead.py --mode eager --decode   # short prompts, 128 generated tokens
     python bench/bench_overhead.py --mode eager --shared-prefix 0.75  # prefix-cache cost
     python bench/bench_overhead.py --mode compiled --interleave --decode --control  # A/A
+    python bench/bench_overhead.py --mode compiled --interleave --store-probs  # full distributions
+    python bench/bench_overhead.py --mode compiled --interleave --traced-fraction 0.5
 
 Two engines of the same configuration: untraced (A: a plain ``vllm.LLM``) and
-traced (B: ``TracedEngine``, every request tagged). Two layouts:
+traced (B: ``TracedEngine``, every request tagged, or the first
+``--traced-fraction`` of each batch). Two layouts:
 
 - phases (default): A B A B ... phases, one engine alive at a time (two live
   multiprocess CPU engines oversubscribe the cores with spinning OpenMP
@@ -62,9 +65,11 @@ def prompts(n: int, length: int, seed: int = 0, shared: int = 0) -> list[list[in
     return [prefix + rng.integers(3, 500, size=length - shared).tolist() for _ in range(n)]
 
 
-def timed_call(llm, engine, batch, label: str, max_tokens: int) -> float:
+def timed_call(llm, engine, batch, label: str, max_tokens: int,
+               traced_fraction: float = 1.0) -> float:
     """tokens/s of one generate call over ``batch``; traced when ``engine`` is given
-    (every request tagged, and the flush that writes the shards is timed too)."""
+    (the first ``traced_fraction`` of the requests tagged, and the flush that writes
+    the shards is timed too)."""
     from vllm import SamplingParams
 
     from moepath.patches.engine import tag
@@ -72,7 +77,8 @@ def timed_call(llm, engine, batch, label: str, max_tokens: int) -> float:
     params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
                              ignore_eos=True) for _ in batch]
     if engine is not None:
-        params = [tag(p, f"{label}-s{i}") for i, p in enumerate(params)]
+        traced = round(len(params) * traced_fraction)
+        params = [tag(p, f"{label}-s{i}") if i < traced else p for i, p in enumerate(params)]
     tokens = sum(len(p["prompt_token_ids"]) for p in batch) + len(batch) * (max_tokens - 1)
     start = time.perf_counter()
     llm.generate(batch, params, use_tqdm=False)
@@ -106,7 +112,7 @@ def stop(llm, engine) -> None:
 
 
 def measure_phases(model: Path, make_batch, options, max_tokens: int, rounds: int,
-                   reps: int) -> dict:
+                   reps: int, traced_fraction: float = 1.0) -> dict:
     """Phases A B A B ..., one engine alive at a time: a warm-up call, then ``reps``
     timed calls. Call j of every phase gets batch ``make_batch(j)``."""
     rates = {"untraced": [], "traced": []}
@@ -114,7 +120,8 @@ def measure_phases(model: Path, make_batch, options, max_tokens: int, rounds: in
         for kind in rates:
             (llm, engine), = start_engines([kind], model, options).values()
             for rep in range(reps + 1):
-                rate = timed_call(llm, engine, make_batch(rep), f"r{rep}", max_tokens)
+                rate = timed_call(llm, engine, make_batch(rep), f"r{rep}", max_tokens,
+                                  traced_fraction)
                 if rep:
                     rates[kind].append(rate)
             stop(llm, engine)
@@ -123,7 +130,8 @@ def measure_phases(model: Path, make_batch, options, max_tokens: int, rounds: in
 
 
 def measure_interleaved(model: Path, make_batch, options, max_tokens: int, rounds: int,
-                        reps: int, control: bool = False) -> dict:
+                        reps: int, control: bool = False, traced_fraction: float = 1.0
+                        ) -> dict:
     """Both engines alive in this process (one OpenMP pool, no oversubscription); each
     fresh batch goes to both engines back to back, in alternating order (A B, B A, ...),
     so slow drifts of the machine and any first-mover effect cancel. The first pair
@@ -142,7 +150,7 @@ def measure_interleaved(model: Path, make_batch, options, max_tokens: int, round
         order = list(engines) if call % 2 == 0 else list(reversed(engines))
         for kind in order:
             llm, engine = engines[kind]
-            rate = timed_call(llm, engine, batch, f"c{call}", max_tokens)
+            rate = timed_call(llm, engine, batch, f"c{call}", max_tokens, traced_fraction)
             if call:
                 rates[kind].append(rate)
     for llm, engine in engines.values():
@@ -169,7 +177,13 @@ def main() -> None:
     parser.add_argument("--control", action="store_true",
                         help="with --interleave: the second engine is untraced too (A/A: the "
                              "layout's own bias and noise; results keep the key 'traced')")
+    parser.add_argument("--store-probs", action="store_true",
+                        help="the traced engine also stores every token's router distribution")
+    parser.add_argument("--traced-fraction", type=float, default=1.0,
+                        help="share of each batch's requests that are tagged (traced)")
     args = parser.parse_args()
+    if not 0 < args.traced_fraction <= 1:
+        parser.error("--traced-fraction must be in (0, 1]")
     if args.interleave:  # engine cores in this process, sharing one OpenMP thread pool
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
@@ -186,22 +200,28 @@ def main() -> None:
                 for p in prompts(args.samples, length, seed, shared)]
 
     options = EngineOptions(enforce_eager=args.mode == "eager",
-                            max_model_len=length + max_tokens + 8)
+                            max_model_len=length + max_tokens + 8, store_probs=args.store_probs)
     workload = "decode" if args.decode else "prefill"
     if shared:
         workload += f"-shared{shared}"
+    if args.store_probs:
+        workload += "-probs"
+    if args.traced_fraction < 1:
+        workload += f"-traced{round(100 * args.traced_fraction)}"
     if args.control and not args.interleave:
         parser.error("--control needs --interleave")
     if args.interleave:
         rates = measure_interleaved(model, make_batch, options, max_tokens, args.rounds,
-                                    args.reps, control=args.control)
+                                    args.reps, args.control, args.traced_fraction)
     else:
-        rates = measure_phases(model, make_batch, options, max_tokens, args.rounds, args.reps)
+        rates = measure_phases(model, make_batch, options, max_tokens, args.rounds, args.reps,
+                               args.traced_fraction)
     result = {
         "mode": args.mode, "workload": workload,
         "layout": "interleaved" if args.interleave else "phases", "control": args.control,
         "preset": args.preset, "samples": args.samples, "prompt_tokens": length,
         "max_tokens": max_tokens, "shared_prefix_tokens": shared,
+        "store_probs": args.store_probs, "traced_fraction": args.traced_fraction,
         "rounds": args.rounds, "reps": args.reps,
         "tokens_per_s": rates,
         "median_untraced": statistics.median(rates["untraced"]),

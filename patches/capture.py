@@ -219,6 +219,10 @@ class _TracedBatch:
         every request is traced, so all rows)."""
         return None if len(self.index) == len(self.req_ids) else torch.from_numpy(self.index)
 
+    @functools.cached_property
+    def req_id_set(self) -> frozenset[str]:
+        return frozenset(self.req_ids)
+
 
 @dataclass
 class _DecodeRun:
@@ -226,24 +230,37 @@ class _DecodeRun:
     they come: ``rows[s, j]`` is traced request j's token at position ``first[j] + s``.
 
     Recording a decode step is then one host copy per column into ``rows[steps]``, no
-    allocation and no chunk per request. When the run ends, each request gets its
-    rows of every step as one chunk, and ``rows`` (the recorder's reused storage) is
-    free again.
+    allocation and no chunk per request, and only torch calls: inside the engine the
+    first numpy call after a forward costs ~80 us (its code is out of cache), 15x a
+    warm one. When the run ends, each request gets its rows of every step as one
+    chunk, and ``rows`` (the recorder's reused storage) is free again.
     """
 
     batch: _TracedBatch
     first: np.ndarray  # int64 [n]: each request's position in the run's first step
     rows: np.ndarray  # uint8 [MAX_RUN_STEPS, n, width]: packed rows (step_layout)
-    positions: np.ndarray  # int32 [MAX_RUN_STEPS, n]: the positions column of ``rows``
+    columns: dict[str, torch.Tensor]  # views of ``rows``' copied columns [MAX_RUN_STEPS, n, ...]
     steps: int = 1  # a run starts with its first step
+    next_positions: torch.Tensor = field(init=False)  # int32 [n]: positions in step ``steps``
+
+    def __post_init__(self):
+        self.next_positions = torch.from_numpy(self.first + 1).to(torch.int32)
 
     @property
     def full(self) -> bool:
         return self.steps == MAX_RUN_STEPS
 
-    def holds_next_step(self) -> bool:
-        """Whether ``rows[steps]``, just written, is the run's next decode step."""
-        return np.array_equal(self.positions[self.steps], self.first + self.steps)
+    def step_columns(self) -> dict[str, torch.Tensor]:
+        """Views of the copied columns of the run's next step, ``rows[steps]``."""
+        return {name: column[self.steps] for name, column in self.columns.items()}
+
+    def holds_next_step(self, written: dict[str, torch.Tensor]) -> bool:
+        """Whether ``written`` (:meth:`step_columns`, just filled) is the run's next step."""
+        return torch.equal(written["positions"], self.next_positions)
+
+    def advance(self) -> None:
+        self.steps += 1
+        self.next_positions += 1
 
     def end(self) -> None:
         """Hand each request its rows of the run as one chunk (one copy of the run)."""
@@ -356,9 +373,9 @@ class StepRecorder:
             return True
         scheduled = scheduler_output.num_scheduled_tokens
         return not (scheduler_output.total_num_scheduled_tokens == len(scheduled)
-                    == len(run.batch.req_ids) and all(r in scheduled for r in run.batch.req_ids))
+                    and scheduled.keys() == run.batch.req_id_set)
 
-    def after_forward(self, runner, logits_copied: bool = True) -> None:
+    def after_forward(self, runner, total_tokens: int, logits_copied: bool = True) -> None:
         """Append this step's rows of traced requests to their accumulators.
 
         A decode step of the same traced batch as the step before continues that
@@ -367,25 +384,25 @@ class StepRecorder:
         one blockwise scoring of the prompt rows (:meth:`_score_rows`) and one
         chunk of row indices per traced request. No step does per-token work.
 
-        ``logits_copied``: False when :meth:`wants_logits` let the hook skip the
-        router logits of this step; a step with prompt rows then raises.
+        ``total_tokens``: the step's scheduled tokens (buffer rows). ``logits_copied``:
+        False when :meth:`wants_logits` let the hook skip the router logits of this
+        step; a step with prompt rows then raises.
         """
         num_reqs = runner.input_batch.num_reqs
         traced = self._traced_batch(runner)
         if not traced.accumulators:
             return
-        bounds = runner.query_start_loc.np[: num_reqs + 1]
-        total = int(bounds[num_reqs])
-        if total == num_reqs and self._continue_run(runner, traced):
+        if total_tokens == num_reqs and self._continue_run(runner, traced):
             return
         self._end_run()
+        bounds = runner.query_start_loc.np[: num_reqs + 1]
         index = traced.index
         starts, ends = bounds[index].astype(np.int64), bounds[index + 1].astype(np.int64)
         offsets = np.concatenate(([0], np.cumsum(ends - starts)))
         rows = None if len(index) == num_reqs else torch.from_numpy(
             _ranges(starts, ends, offsets))
         step = self.layout.empty(int(offsets[-1]))
-        self._copy_rows(runner, total, rows, step)
+        self._copy_rows(runner, total_tokens, rows, self._copied_columns(step))
         first = self.layout.view(step, "positions")[offsets[:-1]].astype(np.int64)
         prompt_rows = np.clip(traced.num_prompt_tokens - first, 0, ends - starts)
         if not logits_copied and prompt_rows.any():
@@ -406,12 +423,13 @@ class StepRecorder:
         run = self._run
         if run is None or run.batch is not traced or run.full:
             return False
-        step = run.rows[run.steps]
-        self._copy_rows(runner, len(traced.req_ids), traced.decode_rows, step)
-        if not run.holds_next_step():
+        written = run.step_columns()
+        self._copy_rows(runner, len(traced.req_ids), traced.decode_rows, written)
+        if not run.holds_next_step(written):
             return False
-        self._score_rows(traced.decode_rows, step)
-        run.steps += 1
+        if "probs" in self.layout.columns:
+            self._score_rows(traced.decode_rows, run.rows[run.steps])
+        run.advance()
         return True
 
     def _start_run(self, traced: _TracedBatch, first: np.ndarray, step: np.ndarray) -> None:
@@ -420,26 +438,31 @@ class StepRecorder:
             self._run_storage = self.layout.empty(size)
         rows = self._run_storage[:size].reshape(MAX_RUN_STEPS, len(first), -1)
         rows[0] = step
-        self._run = _DecodeRun(traced, first, rows, self.layout.view(rows, "positions"))
+        self._run = _DecodeRun(traced, first, rows, self._copied_columns(rows))
 
     def _end_run(self) -> None:
         if self._run is not None:
             run, self._run = self._run, None
             run.end()
 
-    def _copy_rows(self, runner, total: int, rows: torch.Tensor | None, out: np.ndarray) -> None:
-        """Copy buffer rows ``rows`` (None: all ``total``) into ``out``, packed host rows
-        (``self.layout``) [len(rows) or total, width]; all columns but ``probs``."""
+    def _copied_columns(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Views of the columns :meth:`_copy_rows` fills (all but ``probs``) of packed
+        host rows ``rows`` (uint8 [..., width]): {name: [..., *shape]}. A run makes
+        them once, so a decode step costs one index and one copy per column."""
+        return {name: torch.from_numpy(self.layout.view(rows, name))
+                for name in self.layout.columns if name != "probs"}
+
+    @staticmethod
+    def _copy_rows(runner, total: int, rows: torch.Tensor | None,
+                   out: dict[str, torch.Tensor]) -> None:
+        """Copy buffer rows ``rows`` (None: all ``total``) into ``out``
+        (:meth:`_copied_columns` of packed host rows [len(rows) or total, width])."""
         buffers = hook.BUFFERS
-
-        def select(tensor: torch.Tensor) -> torch.Tensor:
-            tensor = tensor[:total]
-            return tensor if rows is None else tensor[rows.to(tensor.device)]
-
         sources = {"positions": runner.positions, "token_ids": runner.input_ids.cpu,
                    "expert_ids": buffers.expert_ids, "gate_weights": buffers.gate_weights}
         for name, source in sources.items():
-            torch.from_numpy(self.layout.view(out, name)).copy_(select(source))
+            source = source[:total]
+            out[name].copy_(source if rows is None else source[rows.to(source.device)])
 
     def _score_rows(self, rows: torch.Tensor | None, out: np.ndarray,
                     chunk_starts: np.ndarray | None = None,
@@ -554,7 +577,8 @@ def wrap_execute_model(runner, recorder: StepRecorder):
         if recorder.error is None and scheduler_output.total_num_scheduled_tokens > 0:
             with recorder.lock:
                 try:
-                    recorder.after_forward(runner, logits_copied)
+                    recorder.after_forward(
+                        runner, scheduler_output.total_num_scheduled_tokens, logits_copied)
                 except Exception as exc:
                     recorder.fail(exc)
         return result

@@ -185,7 +185,7 @@ def test_a_step_maps_rows_of_traced_requests_only_with_prompt_sums_per_request()
     hook.BUFFERS.gate_weights[:6] = torch.rand((6, L, K), generator=generator)
     hook.BUFFERS.router_logits[:6] = torch.randn((6, L, E), generator=generator)
     recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=None)
-    recorder.after_forward(FakeRunner())
+    recorder.after_forward(FakeRunner(), total_tokens=6)
 
     assert recorder.active["b-00000000"] is None  # untraced: seen, never recorded
     a, c = recorder.active["a-00000000"].chunks[0], recorder.active["c-00000000"].chunks[0]
@@ -239,7 +239,7 @@ class ScriptedRunner:
         self.input_ids = SimpleNamespace(cpu=torch.tensor(positions, dtype=torch.int32) + 100)
         ids = torch.tensor(positions) + 10 * torch.tensor(codes) + tag
         hook.BUFFERS.expert_ids[:len(positions)] = ids[:, None, None]
-        recorder.after_forward(self, logits_copied)
+        recorder.after_forward(self, len(positions), logits_copied)
 
 
 def test_rows_follow_their_requests_while_the_batch_changes_between_decode_steps():
