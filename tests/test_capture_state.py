@@ -337,6 +337,30 @@ def test_decode_runs_that_follow_each_other_keep_their_rows_though_they_share_st
     np.testing.assert_array_equal(b.token_ids, np.arange(4) + 100)
 
 
+def test_a_decode_step_whose_positions_do_not_continue_the_run_is_recorded_apart():
+    """The run checks each step's positions after copying it; a step of the same
+    requests that is not the run's next one ends the run and is mapped row by row."""
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    sink = ListSink()
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=sink)
+    runner = ScriptedRunner({"a": ("A", 1), "b": ("B", 1)})
+    runner.step(recorder, {"a": [0], "b": [0]})
+    runner.step(recorder, {"a": [1], "b": [1]})  # a run starts
+    runner.step(recorder, {"a": [2], "b": [2]})
+    runner.step(recorder, {"a": [0], "b": [3]}, tag=100)  # a recomputes from its start
+    runner.step(recorder, {"a": [1], "b": [4]}, tag=100)
+    recorder.flush(requests_done=True)
+
+    a, b = sorted(sink.records, key=lambda record: record.sample_id)
+    np.testing.assert_array_equal(a.positions, np.arange(2))
+    np.testing.assert_array_equal(a.expert_ids[:, 0, 0], [100, 101])  # the last rows
+    np.testing.assert_array_equal(b.positions, np.arange(5))
+    np.testing.assert_array_equal(b.expert_ids[:, 0, 0], [10, 11, 12, 113, 114])
+    assert recorder.requests_recomputed == 1
+
+
 def scheduled(tokens: dict[str, int]) -> SimpleNamespace:
     """The part of vLLM's SchedulerOutput the recorder reads before a forward."""
     return SimpleNamespace(num_scheduled_tokens=tokens,
