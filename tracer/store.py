@@ -243,16 +243,18 @@ def write_atomic(path: Path, write) -> str:
 def write_parquet_shard(
     trace_dir: Path, relative: str, table: pa.Table, tokens: int = 0
 ) -> ShardInfo:
-    """Write ``table`` as ``trace_dir/relative`` atomically (zstd) and describe it.
+    """Write ``table`` as ``trace_dir/relative`` atomically and describe it.
 
-    Dictionary encoding and statistics are kept for scalar columns only: on
-    format 1's per-token nested lists they cost more than half the write time
-    (bench/README.md) for files only ~12% smaller; nobody filters on the
-    per-token columns (lists of blobs in format 2), so they stay off there.
+    Scalar columns get zstd, dictionary encoding and statistics; nested columns
+    (the per-token lists and blobs of routing shards) get none of them. On those
+    statistics and dictionaries cost more than half the write time of format 1
+    for files ~12% smaller, and zstd makes writing format 2's blobs 2-3x slower
+    for files 15-25% smaller (bench/README.md); nobody filters on them.
     """
     scalar = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
     checksum = write_atomic(Path(trace_dir) / relative, lambda tmp: pq.write_table(
-        table, tmp, compression="zstd", use_dictionary=scalar, write_statistics=scalar))
+        table, tmp, compression=dict.fromkeys(scalar, "zstd"), use_dictionary=scalar,
+        write_statistics=scalar))
     return ShardInfo(file=relative, sha256=checksum, rows=table.num_rows, tokens=tokens)
 
 
