@@ -61,7 +61,8 @@ def main() -> None:
 
     from moepath.tracer.toy import corpus
 
-    work = Path(tempfile.mkdtemp(prefix="moepath-bench-memory-"))
+    scratch = tempfile.TemporaryDirectory(prefix="moepath-bench-memory-")  # removed when this function returns
+    work = Path(scratch.name)
     samples = work / "samples.jsonl"
     samples.write_text("".join(json.dumps({"id": f"m{i}", "text": line}) + "\n"
                                for i, line in enumerate(corpus(args.samples, seed=3))))

@@ -38,6 +38,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -107,6 +108,7 @@ def start_engines(kinds, model: Path, options) -> dict:
 def stop(llm, engine) -> None:
     if engine is not None:
         engine.close()
+        shutil.rmtree(engine.settings.dir, ignore_errors=True)  # the benchmark's traces
     else:
         llm.llm_engine.engine_core.shutdown()
 
