@@ -61,7 +61,8 @@ def main() -> None:
 
     from moepath.tracer.toy import corpus
 
-    scratch = tempfile.TemporaryDirectory(prefix="moepath-bench-memory-")  # removed when this function returns
+    # the benchmark\'s files, removed when this function returns
+    scratch = tempfile.TemporaryDirectory(prefix="moepath-bench-memory-")
     work = Path(scratch.name)
     samples = work / "samples.jsonl"
     samples.write_text("".join(json.dumps({"id": f"m{i}", "text": line}) + "\n"

@@ -59,7 +59,8 @@ def main() -> None:
     from moepath.patches.engine import EngineOptions, TracedEngine
 
     model = toy(args.preset)
-    scratch = tempfile.TemporaryDirectory(prefix="moepath-bench-scaling-")  # removed when this function returns
+    # the benchmark\'s files, removed when this function returns
+    scratch = tempfile.TemporaryDirectory(prefix="moepath-bench-scaling-")
     root = Path(scratch.name)
     options = EngineOptions(enforce_eager=args.enforce_eager, max_model_len=max(args.lengths) + 8,
                             engine_core=args.engine_core)
