@@ -34,7 +34,7 @@ def main() -> None:
     from moepath.tracer.samples import Sample, SampleSet
     from moepath.tracer.toy import build_toy_model, corpus
 
-    # the benchmark\'s files, removed when this function returns
+    # the benchmark's files, removed when this function returns
     scratch = tempfile.TemporaryDirectory(prefix="moepath-bench-compare-")
     root = Path(scratch.name)
     models = [(f"step{i}", build_toy_model(root / f"step{i}", "olmoe", "tiny", seed=i))

@@ -61,7 +61,7 @@ def main() -> None:
 
     from moepath.tracer.toy import corpus
 
-    # the benchmark\'s files, removed when this function returns
+    # the benchmark's files, removed when this function returns
     scratch = tempfile.TemporaryDirectory(prefix="moepath-bench-memory-")
     work = Path(scratch.name)
     samples = work / "samples.jsonl"

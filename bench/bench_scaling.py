@@ -59,7 +59,7 @@ def main() -> None:
     from moepath.patches.engine import EngineOptions, TracedEngine
 
     model = toy(args.preset)
-    # the benchmark\'s files, removed when this function returns
+    # the benchmark's files, removed when this function returns
     scratch = tempfile.TemporaryDirectory(prefix="moepath-bench-scaling-")
     root = Path(scratch.name)
     options = EngineOptions(enforce_eager=args.enforce_eager, max_model_len=max(args.lengths) + 8,

@@ -58,7 +58,7 @@ def moepath_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str,
     from moepath.patches.engine import EngineOptions, TracedEngine, TraceOptions
 
     options = EngineOptions(max_model_len=512, dtype=dtype, engine_core=engine_core)
-    # the benchmark\'s files, removed when this function returns
+    # the benchmark's files, removed when this function returns
     scratch = tempfile.TemporaryDirectory(prefix="moepath-bench-vs-hf-")
     root = Path(scratch.name)
     started = time.perf_counter()
