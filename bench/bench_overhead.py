@@ -214,7 +214,8 @@ def main() -> None:
         parser.error("--control needs --interleave")
     if args.interleave:
         rates = measure_interleaved(model, make_batch, options, max_tokens, args.rounds,
-                                    args.reps, args.control, args.traced_fraction)
+                                    args.reps, control=args.control,
+                                    traced_fraction=args.traced_fraction)
     else:
         rates = measure_phases(model, make_batch, options, max_tokens, args.rounds, args.reps,
                                args.traced_fraction)
