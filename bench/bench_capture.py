@@ -14,10 +14,11 @@ calling thread's CPU time (``time.thread_time``), so other load on the
 machine barely moves it. Per call of ``--requests`` requests, each a
 ``--prompt``-token prefill step then ``--generate - 1`` decode steps:
 
-- hook: one MoE layer's record of a step (eager: three buffer copies;
-  compiled: the same copies behind the opaque op), timed for a decode step
-  (which skips the logits copy, as one that continues its decode run does)
-  and for the prefill step; per call: layers x (prefill + decode steps);
+- hook: one MoE layer's record of a step (eager: two buffer copies and, when
+  the step is scored, a softmax; compiled: the same behind the opaque op),
+  timed for a decode step (which skips scoring, as one that continues its
+  decode run does) and for the prefill step; per call: layers x (prefill +
+  decode steps);
 - rows: ``StepRecorder.after_forward`` over every step (row mapping, host
   copies, prompt sums);
 - finish: every request's record assembled from its chunks;
@@ -113,9 +114,9 @@ def one_call(args, steps: int) -> dict[str, float]:
     return {"rows": rows, "finish": finish, "write": write}
 
 
-def hook_seconds(args, rows: int, compiled_op: bool, copies_logits: bool) -> float:
-    """CPU seconds of one layer's record for a step of ``rows`` tokens; ``copies_logits``:
-    whether the step copies the router logits (decode steps of a run do not)."""
+def hook_seconds(args, rows: int, compiled_op: bool, scores: bool) -> float:
+    """CPU seconds of one layer's record for a step of ``rows`` tokens; ``scores``:
+    whether the step scores the router logits (decode steps of a run do not)."""
     generator = torch.Generator().manual_seed(0)
     # as vLLM's CPU router hands them over: bf16 logits, float32 weights, int32 ids
     logits = torch.randn((rows, args.experts), generator=generator).bfloat16()
@@ -126,7 +127,7 @@ def hook_seconds(args, rows: int, compiled_op: bool, copies_logits: bool) -> flo
 
     def record():
         if compiled_op:
-            torch.ops.moepath.copy_routing(*buffers.buffers(), 1, ids, weights, logits)
+            torch.ops.moepath.copy_routing(*buffers.buffers(), 1, False, ids, weights, logits)
         else:
             hook.record(1, args.experts, logits, weights, ids)
 
@@ -134,12 +135,12 @@ def hook_seconds(args, rows: int, compiled_op: bool, copies_logits: bool) -> flo
         for _ in range(calls):
             record()
 
-    hook.LOGITS_WANTED = copies_logits
+    hook.SCORES_WANTED = scores
     try:
         many()  # warm-up
         return thread_seconds(many) / calls
     finally:
-        hook.LOGITS_WANTED = True
+        hook.SCORES_WANTED = True
 
 
 def summary(values: list[float], scale: float) -> dict:
@@ -160,7 +161,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the worker's copies are small; one thread is what they use
     hook.BUFFERS = hook.CaptureBuffers.allocate(
         args.requests * args.prompt, args.layers, args.top_k, args.experts, "cpu")
-    hook.BUFFERS.router_logits.normal_()
+    hook.BUFFERS.router_scores.uniform_()
     steps = args.generate  # one prefill step (samples the first token) + generate - 1
 
     calls, decode, prefill = [], {"eager": [], "compiled": []}, []
@@ -168,9 +169,9 @@ def main() -> None:
         calls.append(one_call(args, steps))
         for mode, seconds in decode.items():
             seconds.append(hook_seconds(args, args.requests, mode == "compiled",
-                                        copies_logits=False))
+                                        scores=False))
         prefill.append(hook_seconds(args, args.requests * args.prompt, compiled_op=True,
-                                    copies_logits=True))
+                                    scores=True))
     hook_per_call = [args.layers * (p + d * (steps - 1))
                      for p, d in zip(prefill, decode["compiled"], strict=True)]
     results = {

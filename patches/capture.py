@@ -34,7 +34,7 @@ _CHILD_ID = re.compile(r"^(\d+)_(.+)$")  # vLLM's n>1 child ids: f"{index}_{pare
 _INTERNAL_SUFFIX = re.compile(r"-[0-9A-Za-z]{8}$")  # vLLM appends "-<8 chars>" to request ids
 
 
-SCORE_BLOCK_ROWS = 2048  # rows scored at once after a step: [2048, L, E] float32 stays in cache
+PROBS_BLOCK_ROWS = 2048  # --store-probs: rows gathered at once ([2048, L, E] float32)
 MAX_RUN_STEPS = 64  # decode steps per run: the run storage is [64, n, width] (reused)
 
 
@@ -182,7 +182,8 @@ class RequestAccumulator:
             raise RuntimeError(f"request {self.request_id}: overlapping partial chunk at {start}")
 
     def finish(self, layout: RowLayout) -> store.RoutingRecord:
-        rows = np.concatenate([c.rows[c.start:c.end] for c in self.chunks])
+        pieces = [c.rows[c.start:c.end] for c in self.chunks]
+        rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)  # one: a view
         positions = layout.view(rows, "positions")
         expected = np.arange(positions[0], positions[0] + len(positions))
         if positions[0] != 0 or not np.array_equal(positions, expected):
@@ -301,10 +302,14 @@ class StepRecorder:
         self.requests_recomputed = 0
         self.layout = step_layout(len(routing.layers), routing.top_k, routing.num_experts,
                                   settings.store_probs)
-        self.sigmoid = routing.config["scoring_func"] == "sigmoid"
         self._batch: _TracedBatch | None = None
         self._run: _DecodeRun | None = None
         self._run_storage = self.layout.empty(0)  # reused by every run: uint8 [S * n, width]
+
+    @property
+    def stores_probs(self) -> bool:
+        """``--store-probs``: every traced token's router distribution is stored."""
+        return "probs" in self.layout.columns
 
     # -- which requests are traced -------------------------------------------
 
@@ -358,9 +363,9 @@ class StepRecorder:
             np.array([acc.num_prompt_tokens for _, acc in traced], dtype=np.int64))
         return self._batch
 
-    def wants_logits(self, scheduler_output) -> bool:
-        """Whether the step about to run needs the router logits copied (False only
-        for a step that can do nothing but continue the current decode run: the
+    def wants_scores(self, scheduler_output) -> bool:
+        """Whether the step about to run needs the router distributions scored (False
+        only for a step that can do nothing but continue the current decode run: the
         run's requests, one token each, and no ``--store-probs``).
 
         The run's traced requests were decoding when it began; one of them that is
@@ -369,24 +374,25 @@ class StepRecorder:
         :meth:`after_forward` checks that no such step has prompt rows.
         """
         run = self._run
-        if run is None or run.full or "probs" in self.layout.columns:
+        if run is None or run.full or self.stores_probs:
             return True
         scheduled = scheduler_output.num_scheduled_tokens
         return not (scheduler_output.total_num_scheduled_tokens == len(scheduled)
                     and scheduled.keys() == run.batch.req_id_set)
 
-    def after_forward(self, runner, total_tokens: int, logits_copied: bool = True) -> None:
+    def after_forward(self, runner, total_tokens: int, scores_written: bool = True) -> None:
         """Append this step's rows of traced requests to their accumulators.
 
         A decode step of the same traced batch as the step before continues that
         step's :class:`_DecodeRun`: one host copy per column into the run's array.
         Any other step costs one gather and host copy per column (traced rows only),
-        one blockwise scoring of the prompt rows (:meth:`_score_rows`) and one
-        chunk of row indices per traced request. No step does per-token work.
+        one sum of the distributions per request with prompt rows
+        (:meth:`_prompt_sums`) and one chunk of row indices per traced request. No
+        step does per-token work.
 
-        ``total_tokens``: the step's scheduled tokens (buffer rows). ``logits_copied``:
-        False when :meth:`wants_logits` let the hook skip the router logits of this
-        step; a step with prompt rows then raises.
+        ``total_tokens``: the step's scheduled tokens (buffer rows). ``scores_written``:
+        False when :meth:`wants_scores` let the hook skip scoring this step; a step
+        with prompt rows then raises.
         """
         num_reqs = runner.input_batch.num_reqs
         traced = self._traced_batch(runner)
@@ -405,10 +411,12 @@ class StepRecorder:
         self._copy_rows(runner, total_tokens, rows, self._copied_columns(step))
         first = self.layout.view(step, "positions")[offsets[:-1]].astype(np.int64)
         prompt_rows = np.clip(traced.num_prompt_tokens - first, 0, ends - starts)
-        if not logits_copied and prompt_rows.any():
+        if not scores_written and prompt_rows.any():
             raise RuntimeError("a step predicted to be decode-only had prompt tokens, and "
-                               "their router logits were not copied")
-        sums = self._score_rows(rows, step, offsets[:-1], prompt_rows)
+                               "their router distributions were not scored")
+        sums = self._prompt_sums(starts, prompt_rows)
+        if self.stores_probs:
+            self._copy_probs(rows, step)
         if len(step) == len(index) and not prompt_rows.any():
             self._start_run(traced, first, step)  # one generated token per request
             return
@@ -427,8 +435,8 @@ class StepRecorder:
         self._copy_rows(runner, len(traced.req_ids), traced.decode_rows, written)
         if not run.holds_next_step(written):
             return False
-        if "probs" in self.layout.columns:
-            self._score_rows(traced.decode_rows, run.rows[run.steps])
+        if self.stores_probs:
+            self._copy_probs(traced.decode_rows, run.rows[run.steps])
         run.advance()
         return True
 
@@ -464,55 +472,35 @@ class StepRecorder:
             source = source[:total]
             out[name].copy_(source if rows is None else source[rows.to(source.device)])
 
-    def _score_rows(self, rows: torch.Tensor | None, out: np.ndarray,
-                    chunk_starts: np.ndarray | None = None,
-                    prompt_rows: np.ndarray | None = None) -> dict:
-        """Score the router logits of this step's traced rows where needed; return
-        {traced index: float64 [L, E] sum of the distribution over its prompt rows}.
+    @staticmethod
+    def _prompt_sums(buffer_starts: np.ndarray, prompt_rows: np.ndarray) -> dict:
+        """{traced index j: float64 [L, E] sum of the router distribution over its
+        prompt rows} for each j with ``prompt_rows[j]`` > 0, whose rows start at
+        buffer row ``buffer_starts[j]`` (a request's rows are contiguous in a step).
 
-        ``out`` holds the traced rows in packed order, ``rows`` their buffer rows
-        (None: the same); traced request j's rows start at row ``chunk_starts[j]`` of
-        ``out``, the first ``prompt_rows[j]`` of them prompt tokens. Scored are the rows
-        from the first to the last prompt row, or all rows with ``--store-probs``
-        (written into the probs column too): in blocks of ``SCORE_BLOCK_ROWS``, each
-        added into per-request sums with one ``index_add_`` (rows of no prompt go
-        to a dropped extra segment). Linear in the rows whatever their number of
-        requests, and the working set stays in cache (scoring 16k rows at once
-        costs 5x more: bench/README.md). Sums are float32 per step (relative error
-        ~1e-6, below the float32 the store keeps), float64 across steps.
+        One reduction per such request, straight from the hook's layer-major
+        scores: float32 within a step (pairwise summation, relative error ~1e-7,
+        below the float32 the store keeps), float64 across steps.
         """
-        chunks = np.flatnonzero(prompt_rows) if prompt_rows is not None else []
-        store_probs = "probs" in self.layout.columns
-        if not len(chunks) and not store_probs:
-            return {}
-        logits = hook.BUFFERS.router_logits
-        lo, hi = 0, len(out)
-        if len(chunks):
-            starts, counts = chunk_starts[chunks], prompt_rows[chunks]
-            if not store_probs:
-                lo, hi = int(starts[0]), int(starts[-1] + counts[-1])
-            segment = np.full(hi - lo, len(chunks))
-            segment[_ranges(starts - lo, starts - lo + counts,
-                            np.concatenate(([0], np.cumsum(counts))))
-                    ] = np.repeat(np.arange(len(chunks)), counts)
-            segment = torch.from_numpy(segment).to(logits.device)
-            sums = torch.zeros((len(chunks) + 1, *logits.shape[1:]), dtype=logits.dtype,
-                               device=logits.device)
-        probs = torch.from_numpy(self.layout.view(out, "probs")) if store_probs else None
-        for block in range(lo, hi, SCORE_BLOCK_ROWS):
-            stop = min(block + SCORE_BLOCK_ROWS, hi)
-            scores = self._scores(logits[block:stop] if rows is None
-                                  else logits[rows[block:stop].to(logits.device)])
-            if probs is not None:
-                probs[block:stop].copy_(scores)
-            if len(chunks):
-                sums.index_add_(0, segment[block - lo:stop - lo], scores)
+        chunks = np.flatnonzero(prompt_rows)
         if not len(chunks):
             return {}
-        return dict(zip(chunks.tolist(), sums[:-1].double().cpu().numpy(), strict=True))
+        scores = hook.BUFFERS.router_scores
+        sums = torch.stack([scores[:, start:start + count].sum(1) for start, count in zip(
+            buffer_starts[chunks].tolist(), prompt_rows[chunks].tolist(), strict=True)])
+        return dict(zip(chunks.tolist(), sums.double().cpu().numpy(), strict=True))
 
-    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        return hook.router_scores(logits, self.sigmoid)
+    def _copy_probs(self, rows: torch.Tensor | None, out: np.ndarray) -> None:
+        """``--store-probs``: copy the distributions of buffer rows ``rows`` (None: rows
+        [:len(out)]) into the probs column (float16 [n, L, E]) of packed rows ``out``,
+        ``PROBS_BLOCK_ROWS`` rows at a time so that a gather's temporary stays small."""
+        scores = hook.BUFFERS.router_scores  # [L, T, E]
+        probs = torch.from_numpy(self.layout.view(out, "probs"))
+        for block in range(0, len(out), PROBS_BLOCK_ROWS):
+            stop = min(block + PROBS_BLOCK_ROWS, len(out))
+            source = (scores[:, block:stop] if rows is None
+                      else scores[:, rows[block:stop].to(scores.device)])
+            probs[block:stop].copy_(source.transpose(0, 1))
 
     def retarget(self, trace_dir: str, run: str) -> None:
         """Write further requests into another trace directory (next checkpoint)."""
@@ -566,19 +554,19 @@ def wrap_execute_model(runner, recorder: StepRecorder):
             with recorder.lock:
                 try:
                     recorder.on_finished(scheduler_output.finished_req_ids)
-                    hook.LOGITS_WANTED = recorder.wants_logits(scheduler_output)
+                    hook.SCORES_WANTED = recorder.wants_scores(scheduler_output)
                 except Exception as exc:
                     recorder.fail(exc)
-        logits_copied = hook.LOGITS_WANTED
+        scores_written = hook.SCORES_WANTED
         try:
             result = original(scheduler_output, *args, **kwargs)
         finally:
-            hook.LOGITS_WANTED = True
+            hook.SCORES_WANTED = True
         if recorder.error is None and scheduler_output.total_num_scheduled_tokens > 0:
             with recorder.lock:
                 try:
                     recorder.after_forward(
-                        runner, scheduler_output.total_num_scheduled_tokens, logits_copied)
+                        runner, scheduler_output.total_num_scheduled_tokens, scores_written)
                 except Exception as exc:
                     recorder.fail(exc)
         return result
@@ -603,7 +591,8 @@ def install(worker, settings: CaptureSettings) -> tuple[ModelRouting, StepRecord
     routing = inspect_model(runner.get_model(), worker.vllm_config)
     layers = routing.layers
     hook.BUFFERS = hook.CaptureBuffers.allocate(
-        runner.max_num_tokens, len(layers), routing.top_k, routing.num_experts, runner.device)
+        runner.max_num_tokens, len(layers), routing.top_k, routing.num_experts, runner.device,
+        sigmoid=routing.config["scoring_func"] == "sigmoid")
     for slot, layer in enumerate(layers):
         layer.router._moepath_slot = slot
     router_cls = compat.router_base_class()

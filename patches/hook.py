@@ -26,18 +26,22 @@ class CaptureBuffers:
     Attributes:
         expert_ids: int32 [T, L, k], logical ids (EPLB is refused, so ids are logical).
         gate_weights: float32 [T, L, k], weights the model used.
-        router_logits: float32 [T, L, E], the router's logits over the E routed
-            experts; scored (:func:`router_scores`) after the step, only for
-            the rows that need a distribution (prompt rows, ``--store-probs``).
+        router_scores: float32 [L, T, E], layer-major: the router's full
+            distribution over the E routed experts (:func:`score_into`), written
+            only for steps whose distributions are read (:data:`SCORES_WANTED`).
+            Layer-major so that a layer's rows [:n] are contiguous and the
+            softmax writes them directly.
+        sigmoid: the model scores experts with a sigmoid (else softmax).
     """
 
     expert_ids: torch.Tensor
     gate_weights: torch.Tensor
-    router_logits: torch.Tensor
+    router_scores: torch.Tensor
+    sigmoid: bool = False
     _views: dict = field(default_factory=dict, init=False, repr=False)
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.expert_ids, self.gate_weights, self.router_logits
+        return self.expert_ids, self.gate_weights, self.router_scores
 
     def rows(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views of rows [:n] of layer slot ``slot``: [n, k], [n, k], [n, E].
@@ -50,41 +54,58 @@ class CaptureBuffers:
         if views is None:
             if len(self._views) >= MAX_CACHED_VIEWS:
                 self._views.clear()
-            views = self._views[(slot, n)] = tuple(b[:n, slot] for b in self.buffers())
+            views = self._views[(slot, n)] = _layer_rows(*self.buffers(), slot, n)
         return views
 
     @classmethod
-    def allocate(cls, rows: int, layers: int, top_k: int, experts: int, device) -> CaptureBuffers:
-        def zeros(width, dtype):
-            return torch.zeros((rows, layers, width), dtype=dtype, device=device)
+    def allocate(cls, rows: int, layers: int, top_k: int, experts: int, device,
+                 sigmoid: bool = False) -> CaptureBuffers:
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(shape, dtype=dtype, device=device)
 
-        return cls(zeros(top_k, torch.int32), zeros(top_k, torch.float32),
-                   zeros(experts, torch.float32))
+        return cls(zeros(rows, layers, top_k, dtype=torch.int32), zeros(rows, layers, top_k),
+                   zeros(layers, rows, experts), sigmoid)
+
+
+def _layer_rows(expert_ids: torch.Tensor, gate_weights: torch.Tensor,
+                router_scores: torch.Tensor, slot: int, n: int):
+    return expert_ids[:n, slot], gate_weights[:n, slot], router_scores[slot, :n]
 
 
 BUFFERS: CaptureBuffers | None = None
 # Cleared by the recorder for the forward of a step none of whose rows it will score
 # (a decode step that continues its run); set again after that forward, so forwards
-# outside ``execute_model`` (warm-up, CUDA graph capture) always copy the logits.
-LOGITS_WANTED = True
+# outside ``execute_model`` (warm-up, CUDA graph capture) always score.
+SCORES_WANTED = True
+
+
+def score_into(logits: torch.Tensor, out: torch.Tensor, sigmoid: bool) -> None:
+    """Write the model's scoring function of router logits [n, E] (any float dtype)
+    into ``out`` (float32 [n, E]): softmax over the E experts, or per-expert sigmoid,
+    computed in float32 as transformers' routers do."""
+    if sigmoid:
+        torch.sigmoid(logits.float(), out=out)
+    else:
+        torch.softmax(logits, -1, dtype=torch.float32, out=out)
 
 
 def _copy_routing(expert_ids: torch.Tensor, gate_weights: torch.Tensor,
-                  router_logits: torch.Tensor, slot: int, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor, logits: torch.Tensor) -> None:
-    """Copy one layer's routing of this step's n tokens into rows [:n] of slot ``slot``."""
+                  router_scores: torch.Tensor, slot: int, sigmoid: bool,
+                  topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                  logits: torch.Tensor) -> None:
+    """Write one layer's routing of this step's n tokens into rows [:n] of slot ``slot``."""
     n = topk_ids.shape[0]
     ours = BUFFERS
     if (ours is not None and expert_ids is ours.expert_ids and gate_weights is ours.gate_weights
-            and router_logits is ours.router_logits):
-        ids_rows, weight_rows, logit_rows = ours.rows(slot, n)
+            and router_scores is ours.router_scores):
+        ids_rows, weight_rows, score_rows = ours.rows(slot, n)
     else:  # a compiler may hand the buffers over as other tensor objects
-        ids_rows, weight_rows, logit_rows = (b[:n, slot] for b in (expert_ids, gate_weights,
-                                                                   router_logits))
+        ids_rows, weight_rows, score_rows = _layer_rows(
+            expert_ids, gate_weights, router_scores, slot, n)
     ids_rows.copy_(topk_ids)
     weight_rows.copy_(topk_weights)
-    if LOGITS_WANTED:
-        logit_rows.copy_(logits)
+    if SCORES_WANTED:
+        score_into(logits, score_rows, sigmoid)
 
 
 # The copy as an opaque op that mutates the buffers in place. Traced by inductor
@@ -94,31 +115,23 @@ def _copy_routing(expert_ids: torch.Tensor, gate_weights: torch.Tensor,
 # the three copies eagerly on rows [:n] only.
 _LIBRARY = torch.library.Library("moepath", "FRAGMENT")
 _LIBRARY.define("copy_routing(Tensor(a!) expert_ids, Tensor(b!) gate_weights, "
-                "Tensor(c!) router_logits, int slot, Tensor topk_ids, Tensor topk_weights, "
-                "Tensor logits) -> ()")
+                "Tensor(c!) router_scores, int slot, bool sigmoid, Tensor topk_ids, "
+                "Tensor topk_weights, Tensor logits) -> ()")
 _LIBRARY.impl("copy_routing", _copy_routing, "CompositeExplicitAutograd")
 _LIBRARY._register_fake("copy_routing", lambda *args: None)
 
 
 def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids):
-    """Copy one layer's routing of this step's tokens into row range [:n] of slot ``slot``.
-
-    Three copies and nothing else: the scoring function runs once per step
-    over the rows that need it, not per layer over every token. Under
-    torch.compile through the opaque op; eagerly, where its dispatch is pure
-    overhead, directly.
+    """Write one layer's routing of this step's tokens into row range [:n] of slot ``slot``:
+    two copies (ids, weights) and, when :data:`SCORES_WANTED`, one scoring of the
+    logits. Under torch.compile through the opaque op; eagerly, where its dispatch
+    is pure overhead, directly.
     """
     copy = (torch.ops.moepath.copy_routing if torch.compiler.is_compiling()
             else _copy_routing)
     if router_logits.shape[-1] != num_experts:
         router_logits = router_logits[:, :num_experts]  # drop fused shared-expert columns
-    copy(*BUFFERS.buffers(), slot, topk_ids, topk_weights, router_logits)
-
-
-def router_scores(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
-    """float32 [..., E] router logits -> the full distribution under the model's scoring
-    function: softmax over the E experts, or per-expert sigmoid scores."""
-    return logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
+    copy(*BUFFERS.buffers(), slot, BUFFERS.sigmoid, topk_ids, topk_weights, router_logits)
 
 
 def wrap_select_experts(original):

@@ -183,7 +183,8 @@ def test_a_step_maps_rows_of_traced_requests_only_with_prompt_sums_per_request()
     generator = torch.Generator().manual_seed(0)
     hook.BUFFERS.expert_ids[:6] = torch.randint(0, E, (6, L, K), generator=generator)
     hook.BUFFERS.gate_weights[:6] = torch.rand((6, L, K), generator=generator)
-    hook.BUFFERS.router_logits[:6] = torch.randn((6, L, E), generator=generator)
+    # the distributions the hook scored, layer-major [L, T, E]
+    hook.BUFFERS.router_scores[:, :6] = torch.randn((L, 6, E), generator=generator).softmax(-1)
     recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=None)
     recorder.after_forward(FakeRunner(), total_tokens=6)
 
@@ -197,8 +198,8 @@ def test_a_step_maps_rows_of_traced_requests_only_with_prompt_sums_per_request()
     np.testing.assert_array_equal(chunk_rows(a, "gate_weights"),
                                   buffers.gate_weights[:3].numpy().astype(np.float16))
     assert a.prompt_rows == 3
-    probs = buffers.router_logits[:3].double().softmax(-1)  # the model's scoring (softmax)
-    np.testing.assert_allclose(a.prompt_prob_sum, probs.sum(0).numpy(), rtol=1e-6)
+    probs = buffers.router_scores[:, :3].double()  # a's three prompt rows
+    np.testing.assert_allclose(a.prompt_prob_sum, probs.sum(1).numpy(), rtol=1e-6)
     np.testing.assert_array_equal(chunk_rows(c, "positions"), [7])
     np.testing.assert_array_equal(chunk_rows(c, "token_ids"), [30])
     np.testing.assert_array_equal(chunk_rows(c, "expert_ids"), buffers.expert_ids[5:6].numpy())
@@ -224,7 +225,7 @@ class ScriptedRunner:
             for req_id, (sample, prompt) in prompts.items()}
 
     def step(self, recorder: StepRecorder, batch: dict[str, list[int]], tag: int = 0,
-             logits_copied: bool = True) -> None:
+             scores_written: bool = True) -> None:
         import torch
 
         from moepath.patches import hook
@@ -239,7 +240,7 @@ class ScriptedRunner:
         self.input_ids = SimpleNamespace(cpu=torch.tensor(positions, dtype=torch.int32) + 100)
         ids = torch.tensor(positions) + 10 * torch.tensor(codes) + tag
         hook.BUFFERS.expert_ids[:len(positions)] = ids[:, None, None]
-        recorder.after_forward(self, len(positions), logits_copied)
+        recorder.after_forward(self, len(positions), scores_written)
 
 
 def test_rows_follow_their_requests_while_the_batch_changes_between_decode_steps():
@@ -368,25 +369,25 @@ def scheduled(tokens: dict[str, int]) -> SimpleNamespace:
 
 
 @pytest.mark.parametrize("store_probs", [False, True])
-def test_router_logits_are_skipped_only_for_steps_that_continue_a_decode_run(store_probs):
+def test_scoring_is_skipped_only_for_steps_that_continue_a_decode_run(store_probs):
     from moepath.patches import hook
 
     hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
     recorder = StepRecorder(CaptureSettings(dir="x", store_probs=store_probs),
                             routing=ROUTING, sink=ListSink())
     runner = ScriptedRunner({"a": ("A", 2), "b": (None, 2), "c": ("C", 1)})
-    assert recorder.wants_logits(scheduled({"a": 2, "b": 2}))  # prefill
+    assert recorder.wants_scores(scheduled({"a": 2, "b": 2}))  # prefill
     runner.step(recorder, {"a": [0, 1], "b": [0, 1]})
-    assert recorder.wants_logits(scheduled({"a": 1, "b": 1}))  # no run yet
+    assert recorder.wants_scores(scheduled({"a": 1, "b": 1}))  # no run yet
     runner.step(recorder, {"a": [2], "b": [2]})  # a run begins
-    continues = recorder.wants_logits(scheduled({"a": 1, "b": 1}))
+    continues = recorder.wants_scores(scheduled({"a": 1, "b": 1}))
     assert continues == store_probs  # --store-probs scores every row
-    assert recorder.wants_logits(scheduled({"a": 1, "b": 1, "c": 1}))  # c's prompt
-    assert recorder.wants_logits(scheduled({"a": 1}))  # b left: the batch changes
-    assert recorder.wants_logits(scheduled({"a": 1, "b": 3}))  # b recomputes
+    assert recorder.wants_scores(scheduled({"a": 1, "b": 1, "c": 1}))  # c's prompt
+    assert recorder.wants_scores(scheduled({"a": 1}))  # b left: the batch changes
+    assert recorder.wants_scores(scheduled({"a": 1, "b": 3}))  # b recomputes
 
 
-def test_a_step_with_prompt_rows_whose_logits_were_skipped_is_an_error_not_a_wrong_mean():
+def test_a_step_with_prompt_rows_whose_scoring_was_skipped_is_an_error_not_a_wrong_mean():
     from moepath.patches import hook
 
     hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
@@ -394,9 +395,9 @@ def test_a_step_with_prompt_rows_whose_logits_were_skipped_is_an_error_not_a_wro
     runner = ScriptedRunner({"a": ("A", 2)})
     runner.step(recorder, {"a": [0, 1]})
     runner.step(recorder, {"a": [2]})
-    runner.step(recorder, {"a": [3]}, logits_copied=False)  # decode: nothing to score
+    runner.step(recorder, {"a": [3]}, scores_written=False)  # decode: nothing to score
     with pytest.raises(RuntimeError, match="predicted to be decode-only had prompt tokens"):
-        runner.step(recorder, {"a": [0, 1, 2, 3, 4]}, logits_copied=False)
+        runner.step(recorder, {"a": [0, 1, 2, 3, 4]}, scores_written=False)
 
 
 def test_a_moe_kernel_that_routes_internally_is_refused_naming_the_layer_and_the_fix():
@@ -448,23 +449,39 @@ def test_the_hook_writes_rows_of_this_step_only_eager_and_under_torch_compile(co
     buffers = hook.BUFFERS
     assert torch.equal(buffers.expert_ids[:5, 1], ids.to(torch.int32))
     assert torch.equal(buffers.gate_weights[:5, 1], weights)
-    assert torch.equal(buffers.router_logits[:5, 1], logits[:, :E])
+    torch.testing.assert_close(buffers.router_scores[1, :5], logits[:, :E].softmax(-1))
     assert (buffers.gate_weights[5:] == -1).all() and (buffers.gate_weights[:, 0] == -1).all()
+    assert not buffers.router_scores[:, 5:].any() and not buffers.router_scores[0].any()
 
 
-def test_a_step_that_wants_no_logits_still_records_ids_and_weights(monkeypatch):
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_the_hook_scores_bfloat16_logits_in_float32_with_the_models_scoring(sigmoid):
+    """vLLM's CPU router hands bf16 logits over; transformers scores them in float32."""
+    import torch
+
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu", sigmoid=sigmoid)
+    logits = torch.randn((3, E), generator=torch.Generator().manual_seed(3)).bfloat16()
+    weights, ids = torch.topk(logits.float().softmax(-1), K)
+    hook.record(0, E, logits, weights, ids.to(torch.int32))
+    wanted = logits.float().sigmoid() if sigmoid else logits.float().softmax(-1)
+    assert torch.equal(hook.BUFFERS.router_scores[0, :3], wanted)
+
+
+def test_a_step_that_wants_no_scores_still_records_ids_and_weights(monkeypatch):
     import torch
 
     from moepath.patches import hook
 
     hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
-    monkeypatch.setattr(hook, "LOGITS_WANTED", False)
+    monkeypatch.setattr(hook, "SCORES_WANTED", False)
     logits = torch.randn((4, E))
     weights, ids = torch.topk(logits.softmax(-1), K)
     hook.record(1, E, logits, weights, ids.to(torch.int32))
     assert torch.equal(hook.BUFFERS.expert_ids[:4, 1], ids.to(torch.int32))
     assert torch.equal(hook.BUFFERS.gate_weights[:4, 1], weights)
-    assert not hook.BUFFERS.router_logits.any()
+    assert not hook.BUFFERS.router_scores.any()
 
 
 def test_steps_of_changing_size_write_their_own_rows_through_the_cached_views(monkeypatch):
@@ -493,21 +510,22 @@ def test_the_copy_op_writes_into_the_buffers_it_is_given():
     given = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
     logits = torch.randn((4, E))
     weights, ids = torch.topk(logits.softmax(-1), K)
-    torch.ops.moepath.copy_routing(*given.buffers(), 1, ids.to(torch.int32), weights, logits)
+    torch.ops.moepath.copy_routing(*given.buffers(), 1, False, ids.to(torch.int32), weights,
+                                   logits)
     assert torch.equal(given.expert_ids[:4, 1], ids.to(torch.int32))
-    assert torch.equal(given.router_logits[:4, 1], logits)
-    assert not hook.BUFFERS.router_logits.any()
+    torch.testing.assert_close(given.router_scores[1, :4], logits.softmax(-1))
+    assert not hook.BUFFERS.router_scores.any()
 
 
-def test_store_probs_keeps_every_traced_tokens_distribution_scored_in_blocks(monkeypatch):
+def test_store_probs_keeps_every_traced_tokens_distribution_copied_in_blocks(monkeypatch):
     """--store-probs: each traced token's full router distribution (float16), prompt
     and generated, whatever rows of untraced requests sit between and however the
-    scoring blocks cut the step."""
+    copy's blocks cut the step."""
     import torch
 
     from moepath.patches import capture, hook
 
-    monkeypatch.setattr(capture, "SCORE_BLOCK_ROWS", 2)
+    monkeypatch.setattr(capture, "PROBS_BLOCK_ROWS", 2)
     hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
     generator = torch.Generator().manual_seed(2)
     sink = ListSink()
@@ -517,12 +535,12 @@ def test_store_probs_keeps_every_traced_tokens_distribution_scored_in_blocks(mon
     expected = {"a": [], "c": []}
     for batch in ({"a": [0, 1, 2], "b": [0, 1], "c": [0, 1]},  # prefill; b is untraced
                   {"a": [3], "b": [2], "c": [2]}, {"a": [4], "b": [3], "c": [3]}):
-        logits = torch.randn((16, L, E), generator=generator)
-        hook.BUFFERS.router_logits.copy_(logits)
+        scores = torch.randn((16, L, E), generator=generator).softmax(-1)
+        hook.BUFFERS.router_scores.copy_(scores.transpose(0, 1))  # as the hook scored them
         row = 0
         for req_id, positions in batch.items():
             if req_id in expected:
-                expected[req_id].append(logits[row:row + len(positions)].softmax(-1))
+                expected[req_id].append(scores[row:row + len(positions)])
             row += len(positions)
         runner.step(recorder, batch)
     recorder.flush(requests_done=True)
@@ -536,32 +554,25 @@ def test_store_probs_keeps_every_traced_tokens_distribution_scored_in_blocks(mon
         np.testing.assert_allclose(record.router_mean, prompt, rtol=1e-5)
 
 
-@pytest.mark.parametrize("untraced_rows", [False, True])
-def test_prompt_sums_over_blocks_equal_a_per_request_reference(monkeypatch, untraced_rows):
-    """Requests with and without prompt rows, untraced rows between them or none,
-    blocks that cut requests: each sum equals the softmax of its own rows, summed."""
+def test_prompt_sums_equal_a_per_request_reference():
+    """Requests with and without prompt rows, untraced rows between them: each sum is
+    the distribution summed over its own prompt rows, nothing of its generated rows
+    (recomputed after preemption) or of its neighbours'."""
     import torch
 
-    from moepath.patches import capture, hook
+    from moepath.patches import hook
 
-    monkeypatch.setattr(capture, "SCORE_BLOCK_ROWS", 3)
     hook.BUFFERS = hook.CaptureBuffers.allocate(32, L, K, E, "cpu")
-    hook.BUFFERS.router_logits.copy_(torch.randn((32, L, E), generator=torch.Generator()
-                                                 .manual_seed(1)))
-    # traced requests' buffer rows; with untraced_rows, rows 0 and 14-19 are another
-    # request's. Rows past a request's prompt rows are generated tokens (recomputed).
-    ranges = ([(1, 4), (4, 12), (12, 13), (13, 14), (20, 32)] if untraced_rows
-              else [(0, 3), (3, 11), (11, 12), (12, 13), (13, 25)])
-    prompt_rows = np.array([0, 5, 1, 0, 7])  # the first has none: scoring starts later
-    buffer_rows = np.concatenate([np.arange(a, b) for a, b in ranges])
-    chunk_starts = np.cumsum([0] + [b - a for a, b in ranges])[:-1]
-    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=None)
-    sums = recorder._score_rows(torch.from_numpy(buffer_rows) if untraced_rows else None,
-                                recorder.layout.empty(len(buffer_rows)), chunk_starts,
-                                prompt_rows)
+    hook.BUFFERS.router_scores.copy_(
+        torch.randn((L, 32, E), generator=torch.Generator().manual_seed(1)).softmax(-1))
+    # traced requests' buffer rows; rows 0 and 14-19 are an untraced request's
+    starts = np.array([1, 4, 12, 13, 20])
+    prompt_rows = np.array([0, 5, 1, 0, 7])  # of 3, 8, 1, 1 and 12 rows
+    sums = StepRecorder._prompt_sums(starts, prompt_rows)
 
     assert sorted(sums) == [1, 2, 4]  # requests 0 and 3 have no prompt rows this step
-    for j, total in sums.items():
-        start = ranges[j][0]
-        rows = hook.BUFFERS.router_logits[start:start + prompt_rows[j]]
-        np.testing.assert_allclose(total, rows.double().softmax(-1).sum(0).numpy(), rtol=1e-6)
+    scores = hook.BUFFERS.router_scores.double()
+    for j, start in [(1, 4), (2, 12), (4, 20)]:
+        want = sum(scores[:, row] for row in range(start, start + prompt_rows[j]))
+        assert sums[j].dtype == np.float64
+        np.testing.assert_allclose(sums[j], want.numpy(), rtol=1e-6)

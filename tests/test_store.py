@@ -185,9 +185,15 @@ def test_resume_removes_uncommitted_shards_and_keeps_committed_ones(tmp_path):
         "run-r0-000000.parquet"]
 
 
+def test_a_shards_checksum_is_that_of_the_file_on_disk(tmp_path):
+    info = store.write_routing_shard(tmp_path, "run-r0-000000", [make_record("a", 5, 1)], L, K, E)
+    assert info.sha256 == store.file_sha256(tmp_path / info.file)
+    assert info.rows == 1 and info.tokens == 5
+
+
 def test_failed_write_leaves_no_file_under_the_final_name(tmp_path):
-    def broken_writer(tmp):
-        Path(tmp).write_bytes(b"half")
+    def broken_writer(handle):
+        handle.write(b"half")
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):

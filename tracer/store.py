@@ -221,8 +221,32 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _HashingWriter:
+    """A binary file that hashes (sha256) what is written through it, so a checksum
+    costs no second read of the file."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.digest = hashlib.sha256()
+        self.closed = False
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self._handle.write(data)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def writable(self) -> bool:
+        return True
+
+
 def write_atomic(path: Path, write) -> str:
-    """Call ``write(tmp_path)``, fsync, rename to ``path``; return the file's sha256.
+    """Call ``write(handle)`` with a binary file open on a temporary name, fsync, rename
+    to ``path``; return the sha256 of the bytes written.
 
     A crash leaves either the old file or the complete new one, never a partial
     file under the final name (temporary names start with ``.tmp-``).
@@ -230,14 +254,15 @@ def write_atomic(path: Path, write) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
+        with open(tmp, "wb") as handle:
+            hashing = _HashingWriter(handle)
+            write(hashing)
+            handle.flush()
             os.fsync(handle.fileno())
-        checksum = file_sha256(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return checksum
+    return hashing.digest.hexdigest()
 
 
 def write_parquet_shard(
@@ -252,8 +277,8 @@ def write_parquet_shard(
     for files 15-25% smaller (bench/README.md); nobody filters on them.
     """
     scalar = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
-    checksum = write_atomic(Path(trace_dir) / relative, lambda tmp: pq.write_table(
-        table, tmp, compression=dict.fromkeys(scalar, "zstd"), use_dictionary=scalar,
+    checksum = write_atomic(Path(trace_dir) / relative, lambda handle: pq.write_table(
+        table, handle, compression=dict.fromkeys(scalar, "zstd"), use_dictionary=scalar,
         write_statistics=scalar))
     return ShardInfo(file=relative, sha256=checksum, rows=table.num_rows, tokens=tokens)
 
@@ -270,10 +295,11 @@ def write_routing_shard(
 
 def write_router_weights(trace_dir: Path, weights: list[np.ndarray]) -> ShardInfo:
     """Save router matrices W_l (float32 [E, hidden], layer order) as safetensors."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     tensors = {f"layer.{i}": np.ascontiguousarray(w, np.float32) for i, w in enumerate(weights)}
-    checksum = write_atomic(Path(trace_dir) / ROUTER_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    checksum = write_atomic(Path(trace_dir) / ROUTER_WEIGHTS,
+                            lambda handle: handle.write(save(tensors)))
     return ShardInfo(file=ROUTER_WEIGHTS, sha256=checksum, rows=len(weights))
 
 
@@ -309,7 +335,7 @@ def read_manifest(trace_dir: Path) -> dict:
 def write_manifest(trace_dir: Path, manifest: dict) -> None:
     """Replace manifest.json atomically."""
     text = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
-    write_atomic(Path(trace_dir) / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(Path(trace_dir) / MANIFEST, lambda handle: handle.write(text.encode()))
 
 
 def _json_default(value):
