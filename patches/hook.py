@@ -2,11 +2,14 @@
 
 On CPU vLLM compiles the MoE layer with this hook inside the inductor graph
 (``fullgraph=True``), and on CUDA it is replayed inside CUDA graphs. So the
-hook only copies into buffers preallocated before compilation: no I/O, no
-host sync, no allocation visible to the host, no branching on tensor values.
-Under torch.compile the copies run as the opaque op ``moepath::copy_routing``
-(see :func:`record`). After the step, ``capture.StepRecorder`` reads rows
-``[:num_tokens]`` and scores the router logits of the rows it needs.
+hook only writes into buffers preallocated before compilation: no I/O, no
+host sync, no branching on tensor values. Under torch.compile its writes run
+as the opaque op ``moepath::copy_routing`` (see :func:`record`).
+
+The hook also scores each layer's router distribution (softmax or sigmoid)
+while the logits are still in cache: scoring them after the step from a
+buffer cost more (bench/README.md, "Prefill: scoring in the hook"). After the
+step, ``capture.StepRecorder`` reads rows ``[:num_tokens]``.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def _copy_routing(expert_ids: torch.Tensor, gate_weights: torch.Tensor,
 # (vLLM compiles the router on CPU), three slice writes into a global buffer are
 # functionalised into a rewrite of the whole buffer, every row of every layer,
 # whatever the step's token count: that halved compiled throughput. The op runs
-# the three copies eagerly on rows [:n] only.
+# its three writes eagerly on rows [:n] only.
 _LIBRARY = torch.library.Library("moepath", "FRAGMENT")
 _LIBRARY.define("copy_routing(Tensor(a!) expert_ids, Tensor(b!) gate_weights, "
                 "Tensor(c!) router_scores, int slot, bool sigmoid, Tensor topk_ids, "
