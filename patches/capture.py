@@ -278,6 +278,11 @@ def _ranges(starts: np.ndarray, ends: np.ndarray, offsets: np.ndarray) -> np.nda
     return np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
 
 
+def _extra_args(sampling_params) -> dict:
+    """A request's ``SamplingParams.extra_args`` (where its moepath tags are), or {}."""
+    return (sampling_params.extra_args or {}) if sampling_params else {}
+
+
 def _parse_meta(value) -> dict:
     if value is None:
         return {}
@@ -317,11 +322,11 @@ class StepRecorder:
         if req_id in self.active:
             return self.active[req_id]
         state = runner.requests[req_id]
-        extra = (state.sampling_params.extra_args or {}) if state.sampling_params else {}
-        sample_id = extra.get(REQUEST_ID_KEY)
-        if sample_id is None and not self.settings.trace_all:
+        if not self._traces(state.sampling_params):
             self.active[req_id] = None
             return None
+        extra = _extra_args(state.sampling_params)
+        sample_id = extra.get(REQUEST_ID_KEY)
         completion, parent = 0, req_id
         match = _CHILD_ID.match(req_id)
         if match and (extra.get("moepath_n", 1) > 1 or self.settings.trace_all):
@@ -334,6 +339,26 @@ class StepRecorder:
             meta=_parse_meta(extra.get(REQUEST_META_KEY)))
         self.active[req_id] = accumulator
         return accumulator
+
+    def _traces(self, sampling_params) -> bool:
+        """Whether a request with these sampling params is traced: tagged, or all are."""
+        if self.settings.trace_all:
+            return True
+        return _extra_args(sampling_params).get(REQUEST_ID_KEY) is not None
+
+    def _schedules_traced(self, scheduler_output) -> bool:
+        """Whether the step about to run has a traced request. A request is judged by
+        its sampling params when new, by the recorder's record of it otherwise; one
+        the recorder has not seen counts as traced."""
+        if self.settings.trace_all:
+            return True
+        new = {request.req_id: request.sampling_params
+               for request in scheduler_output.scheduled_new_reqs}
+        for req_id in scheduler_output.num_scheduled_tokens:
+            if (self._traces(new[req_id]) if req_id in new
+                    else self.active.get(req_id, True) is not None):
+                return True
+        return False
 
     # -- per step ------------------------------------------------------------
 
@@ -364,9 +389,11 @@ class StepRecorder:
         return self._batch
 
     def wants_scores(self, scheduler_output) -> bool:
-        """Whether the step about to run needs the router distributions scored (False
-        only for a step that can do nothing but continue the current decode run: the
-        run's requests, one token each, and no ``--store-probs``).
+        """Whether the step about to run needs the router distributions scored. False
+        for a step that can do nothing but continue the current decode run (the
+        run's requests, one token each, and no ``--store-probs``), and for a step
+        without a traced request (an engine serving untraced requests pays no
+        scoring).
 
         The run's traced requests were decoding when it began; one of them that is
         preempted leaves the batch for a step, which ends the run, so the same
@@ -374,11 +401,12 @@ class StepRecorder:
         :meth:`after_forward` checks that no such step has prompt rows.
         """
         run = self._run
-        if run is None or run.full or self.stores_probs:
-            return True
-        scheduled = scheduler_output.num_scheduled_tokens
-        return not (scheduler_output.total_num_scheduled_tokens == len(scheduled)
-                    and scheduled.keys() == run.batch.req_id_set)
+        if run is not None and not run.full and not self.stores_probs:
+            scheduled = scheduler_output.num_scheduled_tokens
+            if (scheduler_output.total_num_scheduled_tokens == len(scheduled)
+                    and scheduled.keys() == run.batch.req_id_set):
+                return False
+        return self._schedules_traced(scheduler_output)
 
     def after_forward(self, runner, total_tokens: int, scores_written: bool = True) -> None:
         """Append this step's rows of traced requests to their accumulators.
@@ -392,12 +420,16 @@ class StepRecorder:
 
         ``total_tokens``: the step's scheduled tokens (buffer rows). ``scores_written``:
         False when :meth:`wants_scores` let the hook skip scoring this step; a step
-        with prompt rows then raises.
+        with prompt rows of traced requests, or with traced rows under
+        ``--store-probs``, then raises.
         """
         num_reqs = runner.input_batch.num_reqs
         traced = self._traced_batch(runner)
         if not traced.accumulators:
             return
+        if not scores_written and self.stores_probs:
+            raise RuntimeError("a step predicted to have no traced request had traced "
+                               "requests, and their router distributions were not scored")
         if total_tokens == num_reqs and self._continue_run(runner, traced):
             return
         self._end_run()

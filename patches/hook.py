@@ -77,8 +77,9 @@ def _layer_rows(expert_ids: torch.Tensor, gate_weights: torch.Tensor,
 
 BUFFERS: CaptureBuffers | None = None
 # Cleared by the recorder for the forward of a step none of whose rows it will score
-# (a decode step that continues its run); set again after that forward, so forwards
-# outside ``execute_model`` (warm-up, CUDA graph capture) always score.
+# (a decode step that continues its run, a step of untraced requests); set again
+# after that forward, so forwards outside ``execute_model`` (warm-up, CUDA graph
+# capture) always score.
 SCORES_WANTED = True
 
 

@@ -362,14 +362,20 @@ def test_a_decode_step_whose_positions_do_not_continue_the_run_is_recorded_apart
     assert recorder.requests_recomputed == 1
 
 
-def scheduled(tokens: dict[str, int]) -> SimpleNamespace:
-    """The part of vLLM's SchedulerOutput the recorder reads before a forward."""
-    return SimpleNamespace(num_scheduled_tokens=tokens,
+def scheduled(tokens: dict[str, int], new: dict[str, str | None] | None = None
+              ) -> SimpleNamespace:
+    """The part of vLLM's SchedulerOutput the recorder reads before a forward;
+    ``new``: requests scheduled for the first time, with their sample tag or None."""
+    from moepath.patches.settings import REQUEST_ID_KEY
+
+    new_requests = [SimpleNamespace(req_id=req_id, sampling_params=SimpleNamespace(
+        extra_args={REQUEST_ID_KEY: tag} if tag else {})) for req_id, tag in (new or {}).items()]
+    return SimpleNamespace(num_scheduled_tokens=tokens, scheduled_new_reqs=new_requests,
                            total_num_scheduled_tokens=sum(tokens.values()))
 
 
 @pytest.mark.parametrize("store_probs", [False, True])
-def test_scoring_is_skipped_only_for_steps_that_continue_a_decode_run(store_probs):
+def test_scoring_is_skipped_for_steps_that_continue_a_decode_run(store_probs):
     from moepath.patches import hook
 
     hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
@@ -385,6 +391,39 @@ def test_scoring_is_skipped_only_for_steps_that_continue_a_decode_run(store_prob
     assert recorder.wants_scores(scheduled({"a": 1, "b": 1, "c": 1}))  # c's prompt
     assert recorder.wants_scores(scheduled({"a": 1}))  # b left: the batch changes
     assert recorder.wants_scores(scheduled({"a": 1, "b": 3}))  # b recomputes
+
+
+@pytest.mark.parametrize("store_probs", [False, True])
+def test_steps_without_a_traced_request_skip_scoring_and_record_nothing(store_probs):
+    """An engine serving untraced requests beside traced ones pays no scoring for them."""
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    sink = ListSink()
+    recorder = StepRecorder(CaptureSettings(dir="x", store_probs=store_probs),
+                            routing=ROUTING, sink=sink)
+    runner = ScriptedRunner({"a": ("A", 2), "b": (None, 2), "c": (None, 1), "d": ("D", 1)})
+    assert not recorder.wants_scores(scheduled({"b": 2}, new={"b": None}))
+    runner.step(recorder, {"b": [0, 1]}, scores_written=False)
+    assert not recorder.wants_scores(scheduled({"b": 1, "c": 1}, new={"c": None}))
+    runner.step(recorder, {"b": [2], "c": [0]}, scores_written=False)
+    assert recorder.wants_scores(scheduled({"b": 1, "a": 2}, new={"a": "A"}))  # a is tagged
+    assert recorder.wants_scores(scheduled({"b": 1, "d": 1}))  # d unseen: counted as traced
+    recorder.flush(requests_done=True)
+    assert sink.records == []
+    everything = StepRecorder(CaptureSettings(dir="x", trace_all=True), routing=ROUTING,
+                              sink=ListSink())
+    assert everything.wants_scores(scheduled({"b": 2}, new={"b": None}))
+
+
+def test_a_traced_step_whose_scoring_was_skipped_under_store_probs_is_an_error():
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    recorder = StepRecorder(CaptureSettings(dir="x", store_probs=True), routing=ROUTING,
+                            sink=ListSink())
+    with pytest.raises(RuntimeError, match="predicted to have no traced request had traced"):
+        ScriptedRunner({"a": ("A", 2)}).step(recorder, {"a": [0, 1]}, scores_written=False)
 
 
 def test_a_step_with_prompt_rows_whose_scoring_was_skipped_is_an_error_not_a_wrong_mean():
