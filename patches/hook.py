@@ -88,7 +88,7 @@ def score_into(logits: torch.Tensor, out: torch.Tensor, sigmoid: bool) -> None:
     into ``out`` (float32 [n, E]): softmax over the E experts, or per-expert sigmoid,
     computed in float32 as transformers' routers do."""
     if sigmoid:
-        torch.sigmoid(logits.float(), out=out)
+        out.copy_(logits).sigmoid_()  # in place: no float32 temporary
     else:
         torch.softmax(logits, -1, dtype=torch.float32, out=out)
 
