@@ -225,23 +225,15 @@ class _HashingWriter:
     """A binary file that hashes (sha256) what is written through it, so a checksum
     costs no second read of the file."""
 
+    closed = False  # pyarrow checks it before writing; write() is all it calls
+
     def __init__(self, handle):
         self._handle = handle
         self.digest = hashlib.sha256()
-        self.closed = False
 
     def write(self, data) -> int:
         self.digest.update(data)
         return self._handle.write(data)
-
-    def tell(self) -> int:
-        return self._handle.tell()
-
-    def flush(self) -> None:
-        self._handle.flush()
-
-    def writable(self) -> bool:
-        return True
 
 
 def write_atomic(path: Path, write) -> str:
