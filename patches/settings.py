@@ -30,8 +30,10 @@ class CaptureSettings:
             requests whose ``extra_args`` carry ``moepath_id``.
         store_probs: also store per-token full router distributions (float16
             [T, L, E] per request; large, for small runs only).
-        shard_tokens: buffered tokens that trigger writing a routing shard
-            (bounds worker memory; ~ shard_tokens * L * k * 6 bytes).
+        shard_tokens: buffered tokens that trigger writing a routing shard. Bounds
+            worker memory: records of at most 1 + ``sink.MAX_WRITES_IN_FLIGHT``
+            shards are held, each ~ shard_tokens * L * k * 3 bytes (uint8 ids,
+            float16 weights; more with ``store_probs``).
         run: name prefix of this engine's shard files (unique per engine start).
         commit: the worker also commits the manifest itself (server mode: no
             driver process owns the trace); commits every ``flush_interval_s``.

@@ -2,9 +2,11 @@
 
 Records are buffered until ``shard_tokens`` tokens are pending, then written
 as one routing shard by a background thread (Parquet encoding overlaps the
-next forward). ``flush()`` writes what is pending, waits, and returns the new
-shards: the owner of the manifest (the driver, or the worker itself in server
-mode) commits them.
+next forward). At most ``MAX_WRITES_IN_FLIGHT`` shards are written or queued at
+once: an engine that produces routing faster than the disk takes it waits for
+the oldest write rather than holding ever more records in memory. ``flush()``
+writes what is pending, waits, and returns the new shards: the owner of the
+manifest (the driver, or the worker itself in server mode) commits them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moepath.tracer import store
+
+MAX_WRITES_IN_FLIGHT = 2  # shards being written or queued (each ~shard_tokens tokens)
 
 
 class RoutingSink:
@@ -48,6 +52,9 @@ class RoutingSink:
         self._seq += 1
         self._writes.append(self._executor.submit(
             store.write_routing_shard, self.trace_dir, name, records, *self.shape))
+        if len(self._writes) > MAX_WRITES_IN_FLIGHT:
+            # wait for the oldest write still counted; its error, if any, is raised by flush()
+            self._writes[-MAX_WRITES_IN_FLIGHT - 1].exception()
 
     def flush(self) -> list[dict]:
         """Write pending records; wait for all writes; return the new shards (as dicts).
