@@ -30,10 +30,12 @@ class CaptureSettings:
             requests whose ``extra_args`` carry ``moepath_id``.
         store_probs: also store per-token full router distributions (float16
             [T, L, E] per request; large, for small runs only).
-        shard_tokens: buffered tokens that trigger writing a routing shard. Bounds
-            worker memory: records of at most 1 + ``sink.MAX_WRITES_IN_FLIGHT``
-            shards are held, each ~ shard_tokens * L * k * 3 bytes (uint8 ids,
-            float16 weights; more with ``store_probs``).
+        shard_tokens: buffered tokens that trigger writing a routing shard. A
+            flush waits for the last, partial shard (the engine idles meanwhile),
+            so smaller shards shorten that wait; each shard costs one file and an
+            fsync. Bounds worker memory: records of at most 1 +
+            ``sink.MAX_WRITES_IN_FLIGHT`` shards are held, each ~ shard_tokens * L
+            * k * 3 bytes (uint8 ids, float16 weights; more with ``store_probs``).
         run: name prefix of this engine's shard files (unique per engine start).
         commit: the worker also commits the manifest itself (server mode: no
             driver process owns the trace); commits every ``flush_interval_s``.
@@ -43,7 +45,7 @@ class CaptureSettings:
     dir: str
     trace_all: bool = False
     store_probs: bool = False
-    shard_tokens: int = 262_144
+    shard_tokens: int = 65_536
     run: str = ""
     commit: bool = False
     flush_interval_s: float = 5.0

@@ -144,7 +144,7 @@ def test_capture_settings_are_validated_where_the_engine_reads_them():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['dirr'\]"):
         CaptureSettings.parse({"dirr": "x"})
     settings = CaptureSettings.parse({"dir": "x"})
-    assert len(settings.run) == 8 and settings.shard_tokens == 262_144
+    assert len(settings.run) == 8 and settings.shard_tokens == 65_536
 
 
 class FakeRunner:
