@@ -9,10 +9,13 @@ Run (from the repository root, inside .venv):
     python bench/bench_overhead.py --mode compiled --interleave --decode --control  # A/A
     python bench/bench_overhead.py --mode compiled --interleave --store-probs  # full distributions
     python bench/bench_overhead.py --mode compiled --interleave --traced-fraction 0.5
+    python bench/bench_overhead.py --mode compiled --interleave --decode --traced-fraction 0
 
 Two engines of the same configuration: untraced (A: a plain ``vllm.LLM``) and
 traced (B: ``TracedEngine``, every request tagged, or the first
-``--traced-fraction`` of each batch). Two layouts:
+``--traced-fraction`` of each batch; 0 tags none, so B runs the routing hook on
+every token but records nothing: the cost of a traced engine's forward alone).
+Two layouts:
 
 - phases (default): A B A B ... phases, one engine alive at a time (two live
   multiprocess CPU engines oversubscribe the cores with spinning OpenMP
@@ -182,10 +185,11 @@ def main() -> None:
     parser.add_argument("--store-probs", action="store_true",
                         help="the traced engine also stores every token's router distribution")
     parser.add_argument("--traced-fraction", type=float, default=1.0,
-                        help="share of each batch's requests that are tagged (traced)")
+                        help="share of each batch's requests that are tagged (traced); 0: "
+                             "none, the traced engine's hook and per-step checks alone")
     args = parser.parse_args()
-    if not 0 < args.traced_fraction <= 1:
-        parser.error("--traced-fraction must be in (0, 1]")
+    if not 0 <= args.traced_fraction <= 1:
+        parser.error("--traced-fraction must be in [0, 1]")
     if args.interleave:  # engine cores in this process, sharing one OpenMP thread pool
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
