@@ -14,7 +14,10 @@ float32) on a started engine after a warm-up trace of 32 samples, timed from
 the first batch to the committed trace (engine start reported apart), with
 vLLM's engine core placed as ``--engine-core`` says (default auto, what
 ``moepath trace`` does; the choice holds for the whole process, so compare
-placements in separate runs).
+placements in separate runs). The same batch through a plain untraced
+``vllm.LLM`` of the same options (``max_tokens=1``, timed after a warm-up call)
+gives vLLM's own speed in the same run, so the capture's share of a miss can be
+read off (``moepath_<dtype>_vs_untraced_vllm``).
 Prints and saves bench/results/vs-hf-<engine core>.json.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -70,6 +74,27 @@ def moepath_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str,
     return rate, start_s
 
 
+def untraced_vllm_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str,
+                               engine_core: str) -> float:
+    """tokens/s of one ``generate`` over ``batch`` (``max_tokens=1``) on a plain
+    ``vllm.LLM`` started with the options the traced engine gets, after a warm-up call."""
+    from bench_overhead import stop, timed_call
+    from vllm import LLM
+
+    from moepath.patches.engine import EngineOptions
+
+    options = EngineOptions(max_model_len=512, dtype=dtype, engine_core=engine_core)
+    if options.engine_core_inline():  # as TracedEngine places it (read once per process)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+    llm = LLM(**options.llm_kwargs(str(model_path), None))
+    try:
+        timed_call(llm, None, [{"prompt_token_ids": ids} for ids in batch[:32]], "warmup", 1)
+        return timed_call(llm, None, [{"prompt_token_ids": ids} for ids in batch], "timed", 1)
+    finally:
+        stop(llm, None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=200)
@@ -90,6 +115,9 @@ def main() -> None:
         result[f"moepath_{dtype}_tokens_per_s"] = rate
         result[f"moepath_{dtype}_engine_start_s"] = start_s
         result[f"moepath_{dtype}_vs_best_hf"] = rate / best_hf
+        untraced = untraced_vllm_tokens_per_s(model, batch, dtype, args.engine_core)
+        result[f"untraced_vllm_{dtype}_tokens_per_s"] = untraced
+        result[f"moepath_{dtype}_vs_untraced_vllm"] = rate / untraced
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"vs-hf-{args.engine_core}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
