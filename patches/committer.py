@@ -67,8 +67,16 @@ class ManifestCommitter:
             self.commit()
 
     def commit(self, final: bool = False) -> None:
-        """Flush finished requests, record their shards, rewrite the manifest."""
+        """Flush finished requests, record their shards, rewrite the manifest.
+
+        A periodic commit that finds nothing new writes nothing: an idle server
+        does not rewrite (and fsync) every second a manifest that grows with its
+        shard list.
+        """
         report = self.recorder.flush(requests_done=final)
+        new_error = report["error"] not in (None, self.manifest.get("capture_error"))
+        if not (final or report["shards"] or new_error):
+            return
         store.add_shards(self.manifest, store.ROUTING_DIR,
                          [store.ShardInfo(**shard) for shard in report["shards"]])
         routing = self.manifest["shards"][store.ROUTING_DIR]

@@ -1,0 +1,79 @@
+"""Server mode's manifest committer: commits what a flush found, and nothing when idle."""
+
+from __future__ import annotations
+
+from moepath.patches.committer import ManifestCommitter
+from moepath.patches.settings import CaptureSettings
+from moepath.tracer import checkpoints, store
+
+
+class ScriptedRecorder:
+    """Stands in for the worker's StepRecorder: each flush returns the next report,
+    the last one again once they run out (a recorder's error stays set)."""
+
+    def __init__(self, *reports: dict):
+        self.reports = list(reports)
+
+    def flush(self, requests_done: bool = False) -> dict:
+        report = self.reports.pop(0) if len(self.reports) > 1 else self.reports[0]
+        return {"error": None, "requests_recorded": 0, "requests_recomputed": 0, **report}
+
+
+def routing_of(model) -> dict:
+    shape = checkpoints.moe_shape(model)
+    return {"num_layers": shape.num_hidden_layers,
+            "layer_ids": list(range(shape.num_hidden_layers)),
+            "num_experts": shape.num_experts, "top_k": shape.top_k, "routing": {}}
+
+
+def manifest_stamp(trace_dir):
+    stat = (trace_dir / store.MANIFEST).stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def test_idle_commits_leave_the_manifest_alone_and_new_shards_are_committed(toy_olmoe,
+                                                                             tmp_path):
+    shard = {"file": "routing/run-000001.parquet", "sha256": "ab" * 32, "rows": 3,
+             "tokens": 40}
+    recorder = ScriptedRecorder({"shards": []}, {"shards": [shard]}, {"shards": []})
+    settings = CaptureSettings(dir=str(tmp_path / "trace"), commit=True,
+                               flush_interval_s=3600)  # commits below are called by hand
+    committer = ManifestCommitter(settings, recorder, routing_of(toy_olmoe), str(toy_olmoe),
+                                  "float32")
+    trace_dir = tmp_path / "trace"
+    started = manifest_stamp(trace_dir)
+
+    committer.commit()  # nothing finished: no rewrite
+    assert manifest_stamp(trace_dir) == started
+
+    committer.commit()  # one shard: committed
+    manifest = store.read_manifest(trace_dir)
+    assert manifest["shards"][store.ROUTING_DIR] == [shard]
+    assert manifest["counts"] == {"routing_records": 3, "tokens": 40}
+    assert manifest["status"] == "running"
+    after_shard = manifest_stamp(trace_dir)
+
+    committer.commit()  # idle again
+    assert manifest_stamp(trace_dir) == after_shard
+
+    committer.close()  # shutdown always commits, and completes the trace
+    assert store.read_manifest(trace_dir)["status"] == "complete"
+
+
+def test_a_capture_error_is_committed_once(toy_olmoe, tmp_path):
+    failed = {"shards": [], "error": "routing shard write failed: disk full"}
+    recorder = ScriptedRecorder(failed, failed)
+    settings = CaptureSettings(dir=str(tmp_path / "trace"), commit=True, flush_interval_s=3600)
+    committer = ManifestCommitter(settings, recorder, routing_of(toy_olmoe), str(toy_olmoe),
+                                  "float32")
+    trace_dir = tmp_path / "trace"
+
+    committer.commit()
+    manifest = store.read_manifest(trace_dir)
+    assert manifest["status"] == "failed"
+    assert manifest["capture_error"] == "routing shard write failed: disk full"
+    stamp = manifest_stamp(trace_dir)
+    committer.commit()  # the same error again: already on disk
+    assert manifest_stamp(trace_dir) == stamp
+    committer.close()  # shutdown keeps the failure
+    assert store.read_manifest(trace_dir)["status"] == "failed"
