@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -78,16 +77,13 @@ def untraced_vllm_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: 
                                engine_core: str) -> float:
     """tokens/s of one ``generate`` over ``batch`` (``max_tokens=1``) on a plain
     ``vllm.LLM`` started with the options the traced engine gets, after a warm-up call."""
-    from bench_overhead import stop, timed_call
-    from vllm import LLM
+    from bench_overhead import start_engines, stop, timed_call
 
     from moepath.patches.engine import EngineOptions
 
     options = EngineOptions(max_model_len=512, dtype=dtype, engine_core=engine_core)
-    if options.engine_core_inline():  # as TracedEngine places it (read once per process)
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
-    llm = LLM(**options.llm_kwargs(str(model_path), None))
+    options.place_engine_core()  # as the traced engine was placed
+    llm, _ = start_engines(["untraced"], model_path, options)["untraced"]
     try:
         timed_call(llm, None, [{"prompt_token_ids": ids} for ids in batch[:32]], "warmup", 1)
         return timed_call(llm, None, [{"prompt_token_ids": ids} for ids in batch], "timed", 1)

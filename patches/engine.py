@@ -71,6 +71,12 @@ class EngineOptions:
 
         return not torch.cuda.is_available()
 
+    def place_engine_core(self) -> None:
+        """Put vLLM's engine core where :meth:`engine_core_inline` says, for every engine
+        this process starts from now on (vLLM reads the variable once per process)."""
+        if self.engine_core_inline():
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
     def llm_kwargs(self, model: str, settings: CaptureSettings | None) -> dict:
         """``vllm.LLM`` keyword arguments; ``settings=None`` gives the untraced twin."""
         kwargs = {
@@ -139,8 +145,7 @@ class TracedEngine:
 
         options = options or EngineOptions()
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # capture wraps the V1 runner
-        if options.engine_core_inline():  # read once per process: vLLM caches its env
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        options.place_engine_core()
         _bind_cpu_threads(options.tensor_parallel_size)
         self.settings = CaptureSettings(dir=str(trace_dir), trace_all=trace_all,
                                         store_probs=options.store_probs, commit=commit,
