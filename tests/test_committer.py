@@ -19,11 +19,15 @@ class ScriptedRecorder:
         return {"error": None, "requests_recorded": 0, "requests_recomputed": 0, **report}
 
 
-def routing_of(model) -> dict:
+def start_committer(model, trace_dir, recorder) -> ManifestCommitter:
+    """A committer of ``model``'s trace whose periodic loop never fires in a test:
+    the tests call ``commit()`` by hand."""
     shape = checkpoints.moe_shape(model)
-    return {"num_layers": shape.num_hidden_layers,
-            "layer_ids": list(range(shape.num_hidden_layers)),
-            "num_experts": shape.num_experts, "top_k": shape.top_k, "routing": {}}
+    routing = {"num_layers": shape.num_hidden_layers,
+               "layer_ids": list(range(shape.num_hidden_layers)),
+               "num_experts": shape.num_experts, "top_k": shape.top_k, "routing": {}}
+    settings = CaptureSettings(dir=str(trace_dir), commit=True, flush_interval_s=3600)
+    return ManifestCommitter(settings, recorder, routing, str(model), "float32")
 
 
 def manifest_stamp(trace_dir):
@@ -36,11 +40,8 @@ def test_idle_commits_leave_the_manifest_alone_and_new_shards_are_committed(toy_
     shard = {"file": "routing/run-000001.parquet", "sha256": "ab" * 32, "rows": 3,
              "tokens": 40}
     recorder = ScriptedRecorder({"shards": []}, {"shards": [shard]}, {"shards": []})
-    settings = CaptureSettings(dir=str(tmp_path / "trace"), commit=True,
-                               flush_interval_s=3600)  # commits below are called by hand
-    committer = ManifestCommitter(settings, recorder, routing_of(toy_olmoe), str(toy_olmoe),
-                                  "float32")
     trace_dir = tmp_path / "trace"
+    committer = start_committer(toy_olmoe, trace_dir, recorder)
     started = manifest_stamp(trace_dir)
 
     committer.commit()  # nothing finished: no rewrite
@@ -63,10 +64,8 @@ def test_idle_commits_leave_the_manifest_alone_and_new_shards_are_committed(toy_
 def test_a_capture_error_is_committed_once(toy_olmoe, tmp_path):
     failed = {"shards": [], "error": "routing shard write failed: disk full"}
     recorder = ScriptedRecorder(failed, failed)
-    settings = CaptureSettings(dir=str(tmp_path / "trace"), commit=True, flush_interval_s=3600)
-    committer = ManifestCommitter(settings, recorder, routing_of(toy_olmoe), str(toy_olmoe),
-                                  "float32")
     trace_dir = tmp_path / "trace"
+    committer = start_committer(toy_olmoe, trace_dir, recorder)
 
     committer.commit()
     manifest = store.read_manifest(trace_dir)
