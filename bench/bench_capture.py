@@ -15,10 +15,11 @@ machine barely moves it. Per call of ``--requests`` requests, each a
 ``--prompt``-token prefill step then ``--generate - 1`` decode steps:
 
 - hook: one MoE layer's record of a step (eager: two buffer copies and, when
-  the step is scored, a softmax; compiled: the same behind the opaque op),
-  timed for a decode step (which skips scoring, as one that continues its
-  decode run does) and for the prefill step; per call: layers x (prefill +
-  decode steps);
+  the step is scored, a softmax, timed for a decode step, which skips scoring
+  as one that continues its decode run does; compiled: what the hook adds to a
+  compiled router, whose kernels inductor fuses its writes and scoring into),
+  timed for a decode step and for the prefill step; per call: layers x
+  (prefill + decode steps) of the compiled hook;
 - rows: ``StepRecorder.after_forward`` over every step (row mapping, host
   copies, prompt sums);
 - finish: every request's record assembled from its chunks;
@@ -33,6 +34,7 @@ bench/results/capture-<prompt>x<generate>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -114,31 +116,51 @@ def one_call(args, steps: int) -> dict[str, float]:
     return {"rows": rows, "finish": finish, "write": write}
 
 
-def hook_seconds(args, rows: int, compiled_op: bool, scores: bool) -> float:
-    """CPU seconds of one layer's record for a step of ``rows`` tokens; ``scores``:
-    whether the step scores the router logits (decode steps of a run do not)."""
+@functools.cache
+def compiled_router(top_k: int, hooked: bool):
+    """A router as vLLM's CPU MoE layer runs it (top-k of the float32 softmax of
+    the logits), with or without ``hook.record`` after it, compiled as vLLM
+    compiles it (``fullgraph=True``, dynamic token count)."""
+
+    def route(logits):
+        weights, ids = torch.topk(torch.softmax(logits, -1, dtype=torch.float32), top_k)
+        ids = ids.to(torch.int32)
+        if hooked:
+            hook.record(1, logits.shape[-1], logits, weights, ids)
+        return weights, ids
+
+    return torch.compile(route, fullgraph=True, dynamic=True)
+
+
+def hook_seconds(args, rows: int, compiled: bool, scores: bool) -> float:
+    """CPU seconds of one layer's record for a step of ``rows`` tokens.
+
+    Eager: ``hook.record`` itself; ``scores``: whether the step scores the router
+    logits (decode steps of a run do not). Compiled: a compiled router with the
+    hook minus one without, as inductor fuses the hook's writes into the
+    router's kernels; a graph always scores.
+    """
     generator = torch.Generator().manual_seed(0)
     # as vLLM's CPU router hands them over: bf16 logits, float32 weights, int32 ids
     logits = torch.randn((rows, args.experts), generator=generator).bfloat16()
     weights, ids = logits.float().softmax(-1).topk(args.top_k)
     ids = ids.to(torch.int32)
-    buffers = hook.BUFFERS
     calls = max(20, 128_000 // rows)
 
-    def record():
-        if compiled_op:
-            torch.ops.moepath.copy_routing(*buffers.buffers(), 1, False, ids, weights, logits)
-        else:
-            hook.record(1, args.experts, logits, weights, ids)
+    def per_call(function) -> float:
+        def many():
+            for _ in range(calls):
+                function()
 
-    def many():
-        for _ in range(calls):
-            record()
+        many()  # warm-up (and, compiled, the compilation)
+        return thread_seconds(many) / calls
 
+    if compiled:
+        return (per_call(lambda: compiled_router(args.top_k, True)(logits))
+                - per_call(lambda: compiled_router(args.top_k, False)(logits)))
     hook.SCORES_WANTED = scores
     try:
-        many()  # warm-up
-        return thread_seconds(many) / calls
+        return per_call(lambda: hook.record(1, args.experts, logits, weights, ids))
     finally:
         hook.SCORES_WANTED = True
 
@@ -170,7 +192,7 @@ def main() -> None:
         for mode, seconds in decode.items():
             seconds.append(hook_seconds(args, args.requests, mode == "compiled",
                                         scores=False))
-        prefill.append(hook_seconds(args, args.requests * args.prompt, compiled_op=True,
+        prefill.append(hook_seconds(args, args.requests * args.prompt, compiled=True,
                                     scores=True))
     hook_per_call = [args.layers * (p + d * (steps - 1))
                      for p, d in zip(prefill, decode["compiled"], strict=True)]

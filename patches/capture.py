@@ -392,8 +392,8 @@ class StepRecorder:
         """Whether the step about to run needs the router distributions scored. False
         for a step that can do nothing but continue the current decode run (the
         run's requests, one token each, and no ``--store-probs``), and for a step
-        without a traced request (an engine serving untraced requests pays no
-        scoring).
+        without a traced request (an eager engine serving untraced requests pays
+        no scoring; a compiled graph scores every step, see ``hook.record``).
 
         The run's traced requests were decoding when it began; one of them that is
         preempted leaves the batch for a step, which ends the run, so the same

@@ -3,8 +3,8 @@
 On CPU vLLM compiles the MoE layer with this hook inside the inductor graph
 (``fullgraph=True``), and on CUDA it is replayed inside CUDA graphs. So the
 hook only writes into buffers preallocated before compilation: no I/O, no
-host sync, no branching on tensor values. Under torch.compile its writes run
-as the opaque op ``moepath::copy_routing`` (see :func:`record`).
+host sync, no branching on tensor values. Under torch.compile its writes are
+graph code that inductor fuses into the router's kernels (see :func:`record`).
 
 The hook also scores each layer's router distribution (softmax or sigmoid)
 while the logits are still in cache: scoring them after the step from a
@@ -30,8 +30,9 @@ class CaptureBuffers:
         expert_ids: int32 [T, L, k], logical ids (EPLB is refused, so ids are logical).
         gate_weights: float32 [T, L, k], weights the model used.
         router_scores: float32 [L, T, E], layer-major: the router's full
-            distribution over the E routed experts (:func:`score_into`), written
-            only for steps whose distributions are read (:data:`SCORES_WANTED`).
+            distribution over the E routed experts (:func:`score_into`); eagerly
+            written only for steps whose distributions are read
+            (:data:`SCORES_WANTED`), by a compiled graph for every step.
             Layer-major so that a layer's rows [:n] are contiguous and the
             softmax writes them directly.
         sigmoid: the model scores experts with a sigmoid (else softmax).
@@ -41,10 +42,19 @@ class CaptureBuffers:
     gate_weights: torch.Tensor
     router_scores: torch.Tensor
     sigmoid: bool = False
+    _layers: list = field(init=False, repr=False)
     _views: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        self._layers = [(self.expert_ids[:, slot], self.gate_weights[:, slot],
+                         self.router_scores[slot]) for slot in range(self.expert_ids.shape[1])]
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.expert_ids, self.gate_weights, self.router_scores
+
+    def layer(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer slot ``slot``'s own views of the buffers: [T, k], [T, k], [T, E]."""
+        return self._layers[slot]
 
     def rows(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views of rows [:n] of layer slot ``slot``: [n, k], [n, k], [n, E].
@@ -57,7 +67,7 @@ class CaptureBuffers:
         if views is None:
             if len(self._views) >= MAX_CACHED_VIEWS:
                 self._views.clear()
-            views = self._views[(slot, n)] = _layer_rows(*self.buffers(), slot, n)
+            views = self._views[(slot, n)] = tuple(view[:n] for view in self.layer(slot))
         return views
 
     @classmethod
@@ -70,16 +80,11 @@ class CaptureBuffers:
                    zeros(layers, rows, experts), sigmoid)
 
 
-def _layer_rows(expert_ids: torch.Tensor, gate_weights: torch.Tensor,
-                router_scores: torch.Tensor, slot: int, n: int):
-    return expert_ids[:n, slot], gate_weights[:n, slot], router_scores[slot, :n]
-
-
 BUFFERS: CaptureBuffers | None = None
 # Cleared by the recorder for the forward of a step none of whose rows it will score
 # (a decode step that continues its run, a step of untraced requests); set again
 # after that forward, so forwards outside ``execute_model`` (warm-up, CUDA graph
-# capture) always score.
+# capture) always score. Read by the eager hook only (see :func:`record`).
 SCORES_WANTED = True
 
 
@@ -93,49 +98,30 @@ def score_into(logits: torch.Tensor, out: torch.Tensor, sigmoid: bool) -> None:
         torch.softmax(logits, -1, dtype=torch.float32, out=out)
 
 
-def _copy_routing(expert_ids: torch.Tensor, gate_weights: torch.Tensor,
-                  router_scores: torch.Tensor, slot: int, sigmoid: bool,
-                  topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                  logits: torch.Tensor) -> None:
-    """Write one layer's routing of this step's n tokens into rows [:n] of slot ``slot``."""
-    n = topk_ids.shape[0]
-    ours = BUFFERS
-    if (ours is not None and expert_ids is ours.expert_ids and gate_weights is ours.gate_weights
-            and router_scores is ours.router_scores):
-        ids_rows, weight_rows, score_rows = ours.rows(slot, n)
-    else:  # a compiler may hand the buffers over as other tensor objects
-        ids_rows, weight_rows, score_rows = _layer_rows(
-            expert_ids, gate_weights, router_scores, slot, n)
-    ids_rows.copy_(topk_ids)
-    weight_rows.copy_(topk_weights)
-    if SCORES_WANTED:
-        score_into(logits, score_rows, sigmoid)
-
-
-# The copy as an opaque op that mutates the buffers in place. Traced by inductor
-# (vLLM compiles the router on CPU), three slice writes into a global buffer are
-# functionalised into a rewrite of the whole buffer, every row of every layer,
-# whatever the step's token count: that halved compiled throughput. The op runs
-# its three writes eagerly on rows [:n] only.
-_LIBRARY = torch.library.Library("moepath", "FRAGMENT")
-_LIBRARY.define("copy_routing(Tensor(a!) expert_ids, Tensor(b!) gate_weights, "
-                "Tensor(c!) router_scores, int slot, bool sigmoid, Tensor topk_ids, "
-                "Tensor topk_weights, Tensor logits) -> ()")
-_LIBRARY.impl("copy_routing", _copy_routing, "CompositeExplicitAutograd")
-_LIBRARY._register_fake("copy_routing", lambda *args: None)
-
-
 def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids):
-    """Write one layer's routing of this step's tokens into row range [:n] of slot ``slot``:
-    two copies (ids, weights) and, when :data:`SCORES_WANTED`, one scoring of the
-    logits. Under torch.compile through the opaque op; eagerly, where its dispatch
-    is pure overhead, directly.
+    """Write one layer's routing of this step's n tokens into rows [:n] of slot ``slot``:
+    two copies (ids, weights) and one scoring of the logits.
+
+    Eagerly the scoring runs only when :data:`SCORES_WANTED`. Traced by
+    torch.compile, the writes are graph code into the slot's own views of the
+    buffers (:meth:`CaptureBuffers.layer`): inductor fuses them into the router's
+    kernels and writes rows [:n] in place (writes through one view of the whole
+    buffer per layer were functionalised into rewrites of every row of every
+    layer). A graph cannot branch on the flag, so compiled steps always score.
     """
-    copy = (torch.ops.moepath.copy_routing if torch.compiler.is_compiling()
-            else _copy_routing)
     if router_logits.shape[-1] != num_experts:
         router_logits = router_logits[:, :num_experts]  # drop fused shared-expert columns
-    copy(*BUFFERS.buffers(), slot, BUFFERS.sigmoid, topk_ids, topk_weights, router_logits)
+    n = topk_ids.shape[0]
+    if torch.compiler.is_compiling():
+        ids_rows, weight_rows, score_rows = (view[:n] for view in BUFFERS.layer(slot))
+        scored = True
+    else:
+        ids_rows, weight_rows, score_rows = BUFFERS.rows(slot, n)
+        scored = SCORES_WANTED
+    ids_rows.copy_(topk_ids)
+    weight_rows.copy_(topk_weights)
+    if scored:
+        score_into(router_logits, score_rows, BUFFERS.sigmoid)
 
 
 def wrap_select_experts(original):

@@ -464,9 +464,8 @@ def test_a_moe_kernel_that_routes_internally_is_refused_naming_the_layer_and_the
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_hook_writes_rows_of_this_step_only_eager_and_under_torch_compile(compiled):
-    """vLLM compiles the router on CPU with fullgraph=True; the hook's copies then run
-    as one opaque op that writes rows [:n] in place (traced slice writes would be
-    rewritten into a whole-buffer copy per layer)."""
+    """vLLM compiles the router on CPU with fullgraph=True; the hook's writes then are
+    graph code on the layer's own views of the buffers, rows [:n] only."""
     import torch
 
     from moepath.patches import hook
@@ -540,20 +539,34 @@ def test_steps_of_changing_size_write_their_own_rows_through_the_cached_views(mo
     assert (hook.BUFFERS.expert_ids[5:] == 0).all()
 
 
-def test_the_copy_op_writes_into_the_buffers_it_is_given():
+def test_a_compiled_hook_writes_the_rows_the_eager_hook_writes(monkeypatch):
+    """vLLM compiles the CPU router with the hook inside (``fullgraph=True``, dynamic
+    token count): the hook is then graph code writing each layer's own rows [:n],
+    and a graph scores every step, whatever the flag."""
     import torch
 
     from moepath.patches import hook
 
-    hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
-    given = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
-    logits = torch.randn((4, E))
-    weights, ids = torch.topk(logits.softmax(-1), K)
-    torch.ops.moepath.copy_routing(*given.buffers(), 1, False, ids.to(torch.int32), weights,
-                                   logits)
-    assert torch.equal(given.expert_ids[:4, 1], ids.to(torch.int32))
-    torch.testing.assert_close(given.router_scores[1, :4], logits.softmax(-1))
-    assert not hook.BUFFERS.router_scores.any()
+    def route(logits):  # each layer's router, then the hook, as vLLM's MoE layers run
+        for slot in range(L):
+            weights, ids = torch.topk((logits + slot).softmax(-1), K)
+            hook.record(slot, E, logits + slot, weights, ids.to(torch.int32))
+        return logits
+
+    compiled = torch.compile(route, fullgraph=True, dynamic=True)
+    expected, written = (hook.CaptureBuffers.allocate(8, L, K, E, "cpu") for _ in range(2))
+    generator = torch.Generator().manual_seed(4)
+    for n in (5, 3):  # the second step is shorter: rows [3:5] keep the first step's
+        logits = torch.randn((n, E), generator=generator)
+        hook.BUFFERS = expected
+        route(logits)
+        hook.BUFFERS = written
+        monkeypatch.setattr(hook, "SCORES_WANTED", False)
+        compiled(logits)
+        monkeypatch.setattr(hook, "SCORES_WANTED", True)
+        for got, want in zip(written.buffers(), expected.buffers(), strict=True):
+            torch.testing.assert_close(got, want)
+    assert written.router_scores[:, 3:5].any() and not written.router_scores[:, 5:].any()
 
 
 def test_store_probs_keeps_every_traced_tokens_distribution_copied_in_blocks(monkeypatch):
