@@ -116,33 +116,50 @@ def one_call(args, steps: int) -> dict[str, float]:
     return {"rows": rows, "finish": finish, "write": write}
 
 
-@functools.cache
-def compiled_router(top_k: int, hooked: bool):
-    """A router as vLLM's CPU MoE layer runs it (top-k of the float32 softmax of
-    the logits), with or without ``hook.record`` after it, compiled as vLLM
-    compiles it (``fullgraph=True``, dynamic token count)."""
-
-    def route(logits):
+def route(logits, layers: int, top_k: int, hooked: bool):
+    """Every layer's router as vLLM's CPU MoE layer runs it (top-k of the float32
+    softmax of the logits), with or without ``hook.record`` after each. Each
+    layer's logits depend on the layer before, so that inductor cannot merge
+    the layers."""
+    for slot in range(layers):
         weights, ids = torch.topk(torch.softmax(logits, -1, dtype=torch.float32), top_k)
         ids = ids.to(torch.int32)
         if hooked:
-            hook.record(1, logits.shape[-1], logits, weights, ids)
-        return weights, ids
+            hook.record(slot, logits.shape[-1], logits, weights, ids)
+        logits = logits + weights[:, :1].to(logits.dtype)
+    return logits
 
-    return torch.compile(route, fullgraph=True, dynamic=True)
+
+@functools.cache
+def compiled_routers(layers: int, top_k: int, hooked: bool):
+    """:func:`route` in one graph, compiled and called as vLLM does
+    (``fullgraph=True``, dynamic token count, no guard checks)."""
+
+    # two code objects: dynamo caches compiled code per code object, and without
+    # guards the second compilation of one would run the first's graph
+    def hooked_route(logits):
+        return route(logits, layers, top_k, hooked=True)
+
+    def bare_route(logits):
+        return route(logits, layers, top_k, hooked=False)
+
+    return torch.compile(hooked_route if hooked else bare_route, fullgraph=True, dynamic=True,
+                         options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
 
 def hook_seconds(args, rows: int, compiled: bool, scores: bool) -> float:
     """CPU seconds of one layer's record for a step of ``rows`` tokens.
 
     Eager: ``hook.record`` itself; ``scores``: whether the step scores the router
-    logits (decode steps of a run do not). Compiled: a compiled router with the
-    hook minus one without, as inductor fuses the hook's writes into the
-    router's kernels; a graph always scores.
+    logits (decode steps of a run do not). Compiled: compiled routers of every
+    layer with the hook minus without, per layer, as inductor fuses the hook's
+    writes into the router's kernels; a graph always scores.
     """
     generator = torch.Generator().manual_seed(0)
     # as vLLM's CPU router hands them over: bf16 logits, float32 weights, int32 ids
     logits = torch.randn((rows, args.experts), generator=generator).bfloat16()
+    torch._dynamo.mark_dynamic(logits, 0)  # the token count varies, as in vLLM's graph
+    torch._dynamo.mark_static(logits, 1)
     weights, ids = logits.float().softmax(-1).topk(args.top_k)
     ids = ids.to(torch.int32)
     calls = max(20, 128_000 // rows)
@@ -156,8 +173,10 @@ def hook_seconds(args, rows: int, compiled: bool, scores: bool) -> float:
         return thread_seconds(many) / calls
 
     if compiled:
-        return (per_call(lambda: compiled_router(args.top_k, True)(logits))
-                - per_call(lambda: compiled_router(args.top_k, False)(logits)))
+        def routers(hooked: bool):
+            return per_call(lambda: compiled_routers(args.layers, args.top_k, hooked)(logits))
+
+        return (routers(True) - routers(False)) / args.layers
     hook.SCORES_WANTED = scores
     try:
         return per_call(lambda: hook.record(1, args.experts, logits, weights, ids))
