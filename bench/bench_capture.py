@@ -147,41 +147,51 @@ def compiled_routers(layers: int, top_k: int, hooked: bool):
                          options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
 
-def hook_seconds(args, rows: int, compiled: bool, scores: bool) -> float:
-    """CPU seconds of one layer's record for a step of ``rows`` tokens.
-
-    Eager: ``hook.record`` itself; ``scores``: whether the step scores the router
-    logits (decode steps of a run do not). Compiled: compiled routers of every
-    layer with the hook minus without, per layer, as inductor fuses the hook's
-    writes into the router's kernels; a graph always scores.
-    """
+def router_logits(args, rows: int) -> torch.Tensor:
+    """A step's router logits [rows, E] as vLLM's CPU router hands them over (bf16)."""
     generator = torch.Generator().manual_seed(0)
-    # as vLLM's CPU router hands them over: bf16 logits, float32 weights, int32 ids
-    logits = torch.randn((rows, args.experts), generator=generator).bfloat16()
-    torch._dynamo.mark_dynamic(logits, 0)  # the token count varies, as in vLLM's graph
-    torch._dynamo.mark_static(logits, 1)
-    weights, ids = logits.float().softmax(-1).topk(args.top_k)
-    ids = ids.to(torch.int32)
+    return torch.randn((rows, args.experts), generator=generator).bfloat16()
+
+
+def seconds_per_call(function, rows: int) -> float:
+    """CPU seconds of one call of ``function`` for a step of ``rows`` tokens, after a
+    warm-up (and, compiled, the compilation)."""
     calls = max(20, 128_000 // rows)
 
-    def per_call(function) -> float:
-        def many():
-            for _ in range(calls):
-                function()
+    def many():
+        for _ in range(calls):
+            function()
 
-        many()  # warm-up (and, compiled, the compilation)
-        return thread_seconds(many) / calls
+    many()
+    return thread_seconds(many) / calls
 
-    if compiled:
-        def routers(hooked: bool):
-            return per_call(lambda: compiled_routers(args.layers, args.top_k, hooked)(logits))
 
-        return (routers(True) - routers(False)) / args.layers
+def eager_hook_seconds(args, rows: int, scores: bool) -> float:
+    """CPU seconds of one layer's eager ``hook.record`` for a step of ``rows`` tokens;
+    ``scores``: whether the step scores the router logits (decode steps of a run
+    do not)."""
+    logits = router_logits(args, rows)
+    weights, ids = logits.float().softmax(-1).topk(args.top_k)  # float32, int32 as vLLM's
+    ids = ids.to(torch.int32)
     hook.SCORES_WANTED = scores
     try:
-        return per_call(lambda: hook.record(1, args.experts, logits, weights, ids))
+        return seconds_per_call(lambda: hook.record(1, args.experts, logits, weights, ids), rows)
     finally:
         hook.SCORES_WANTED = True
+
+
+def compiled_hook_seconds(args, rows: int) -> float:
+    """CPU seconds one layer's hook adds to compiled routers (:func:`compiled_routers`:
+    every layer with the hook minus without, per layer) for a step of ``rows``
+    tokens; inductor fuses the hook's writes into the routers' kernels, and a
+    graph always scores."""
+    logits = router_logits(args, rows)
+    torch._dynamo.mark_dynamic(logits, 0)  # the token count varies, as in vLLM's graph
+    torch._dynamo.mark_static(logits, 1)
+    hooked, bare = (compiled_routers(args.layers, args.top_k, with_hook)
+                    for with_hook in (True, False))
+    return (seconds_per_call(lambda: hooked(logits), rows)
+            - seconds_per_call(lambda: bare(logits), rows)) / args.layers
 
 
 def summary(values: list[float], scale: float) -> dict:
@@ -208,11 +218,9 @@ def main() -> None:
     calls, decode, prefill = [], {"eager": [], "compiled": []}, []
     for _ in range(args.repeats):  # pieces interleaved, so a slow minute hits all of them
         calls.append(one_call(args, steps))
-        for mode, seconds in decode.items():
-            seconds.append(hook_seconds(args, args.requests, mode == "compiled",
-                                        scores=False))
-        prefill.append(hook_seconds(args, args.requests * args.prompt, compiled=True,
-                                    scores=True))
+        decode["eager"].append(eager_hook_seconds(args, args.requests, scores=False))
+        decode["compiled"].append(compiled_hook_seconds(args, args.requests))
+        prefill.append(compiled_hook_seconds(args, args.requests * args.prompt))
     hook_per_call = [args.layers * (p + d * (steps - 1))
                      for p, d in zip(prefill, decode["compiled"], strict=True)]
     results = {

@@ -105,8 +105,8 @@ def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids):
     Eagerly the scoring runs only when :data:`SCORES_WANTED`. Traced by
     torch.compile, the writes are graph code into the slot's own views of the
     buffers (:meth:`CaptureBuffers.layer`): inductor fuses them into the router's
-    kernels and writes rows [:n] in place (writes through one view of the whole
-    buffer per layer were functionalised into rewrites of every row of every
+    kernels and writes rows [:n] in place (slice writes of every layer into the
+    whole buffer were functionalised into rewrites of every row of every
     layer). A graph cannot branch on the flag, so compiled steps always score.
     """
     if router_logits.shape[-1] != num_experts:
