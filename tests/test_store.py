@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -189,6 +192,42 @@ def test_a_shards_checksum_is_that_of_the_file_on_disk(tmp_path):
     info = store.write_routing_shard(tmp_path, "run-r0-000000", [make_record("a", 5, 1)], L, K, E)
     assert info.sha256 == store.file_sha256(tmp_path / info.file)
     assert info.rows == 1 and info.tokens == 5
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of file ``path`` held in the kernel's page cache (mincore(2) of a mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY)
+        start = ctypes.c_char.from_buffer(mapping)
+        flags = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+        failed = libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size),
+                              flags)
+        del start
+        mapping.close()
+    assert not failed, os.strerror(ctypes.get_errno())
+    return sum(flag & 1 for flag in flags)
+
+
+def filesystem_type(path: Path) -> str:
+    """The type (ext4, tmpfs, ...) of the file system holding ``path``, from /proc/mounts."""
+    mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    inside = [(point, kind) for point, kind in mounts
+              if path.resolve().is_relative_to(point)]
+    return max(inside, key=lambda mount: len(mount[0]))[1]
+
+
+def test_a_written_shard_leaves_the_page_cache(tmp_path):
+    """A trace is written once and read later: its pages are released once on disk."""
+    if filesystem_type(tmp_path) == "tmpfs":
+        pytest.skip("tmpfs keeps every file in the page cache")
+    info = store.write_routing_shard(tmp_path, "run-r0-000000", [make_record("a", 2048, 1)],
+                                     L, K, E)
+    shard = tmp_path / info.file
+    assert resident_pages(shard) == 0
+    store.file_sha256(shard)  # reading the shard caches it: what the probe sees when not dropped
+    assert resident_pages(shard) == -(-shard.stat().st_size // mmap.PAGESIZE)
 
 
 def test_failed_write_leaves_no_file_under_the_final_name(tmp_path):
