@@ -1,8 +1,8 @@
 """The grokking testbed: SMOKE trains, writes its files, and its checkpoints load as OLMoE.
 
-The SMOKE run is shared by the module (about 5 s); a second run checks that the
-same seed gives the same weights. No vLLM here: the other engine tests serve
-these folders.
+The SMOKE run is shared by the module (about 10 s, most of it the training
+process's imports); a second run checks that the same seed gives the same
+weights. No vLLM here: the other engine tests serve these folders.
 """
 
 from __future__ import annotations
@@ -116,10 +116,31 @@ def test_same_seed_gives_identical_weights_other_seed_differs(smoke, tmp_path):
     assert not torch.equal(router(smoke.checkpoints[1]), router(other_run.checkpoints[0]))
 
 
+def test_training_runs_apart_with_avx2_kernels_whatever_this_process_uses(smoke):
+    """The kernels that set the run's float rounding are chosen before torch loads in
+    the training process, so the curve does not depend on the CPU's widest vectors."""
+    native = torch.backends.cpu.get_cpu_capability()
+    manifest = json.loads((smoke.out_dir / "testbed.json").read_text())
+    assert manifest["cpu_kernels"] == ("AVX2" if native in ("AVX2", "AVX512") else native)
+    assert torch.backends.cpu.get_cpu_capability() == native  # this process: untouched
+
+
+def test_a_failed_training_process_is_an_error_and_leaves_nothing_built(tmp_path, monkeypatch):
+    short = replace(testbed.SMOKE, steps=1, checkpoint_steps=(0, 1))
+    monkeypatch.setattr(testbed.sys, "executable", "false")  # a process that exits with 1
+    with pytest.raises(RuntimeError, match=r"testbed training failed \(exit status 1\)"):
+        testbed.train(short, tmp_path, log=lambda message: None)
+    assert not testbed.is_built(short, tmp_path)
+
+
 def test_rerun_replaces_step_folders_and_refuses_foreign_content(tmp_path):
     short = replace(testbed.SMOKE, steps=1, checkpoint_steps=(0, 1))
     (tmp_path / "checkpoints" / "step09999").mkdir(parents=True)
-    testbed.train(short, tmp_path, log=lambda message: None)
+    lines = []
+    testbed.train(short, tmp_path, log=lines.append)
+    assert [line.split()[:2] for line in lines[:2]] == [
+        ["checkpoint", "step00000"], ["checkpoint", "step00001"]]
+    assert lines[-1].startswith("testbed: 1 steps in ")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "step00000", "step00001"]
     (tmp_path / "scores.csv").unlink()

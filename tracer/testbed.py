@@ -4,13 +4,14 @@
 training set is memorised, built here on a 2-core CPU in about ten minutes, so
 that the pathway metrics (METHOD.md) can be compared against a known
 generalisation curve. :func:`train` trains deterministically (one seed, full
-batch AdamW) and writes::
+batch AdamW, pinned CPU kernels, in a child process) and writes::
 
     out_dir/checkpoints/step00000/ ...  HF folders (float32 OlmoeForCausalLM + tokenizer)
     out_dir/scores.csv                  checkpoint, step, score, train_accuracy, train_loss,
                                         heldout_accuracy, heldout_loss  (score = held-out acc)
     out_dir/samples.jsonl               the training split, one line per example
-    out_dir/testbed.json                config, its hash, file sizes and sha256, the curve
+    out_dir/testbed.json                config, its hash, versions, CPU kernels, files
+                                        (size, sha256), the curve
 
 Task and text format. A sample is the text ``"a + b = c"`` (``c = a op b mod p``)
 with a word-level vocabulary: token id n is the number n (0..p-1), then the
@@ -58,16 +59,16 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trained with ATen's AVX2 kernels on AVX2+ CPUs
 OPERATIONS = ("+", "-", "*", "/")
 EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 MAX_POSITIONS = 32  # samples are 5 tokens; small keeps vLLM's KV cache tiny
@@ -80,8 +81,10 @@ _FILES = ("scores.csv", "samples.jsonl")
 class TestbedConfig:
     """Every setting of a testbed run; the same config gives the same checkpoints.
 
-    (Bit-identical on the same machine type and library versions; the seed
-    fixes the split and the initialisation, and nothing else is random.)
+    (Bit-identical for the same library versions and CPU kernels; with the
+    kernels :func:`train` pins, machines A and C of bench/README.md, an AVX2 and
+    an AVX-512 AMD EPYC, log the same curve. The seed fixes the split and the
+    initialisation, and nothing else is random.)
 
     Steps count optimiser updates: checkpoint ``step00300`` holds the weights
     after 300 updates (``step00000`` is the initialisation). ``threads`` is part
@@ -289,71 +292,83 @@ def train(config: TestbedConfig, out_dir: str | Path,
           log: Callable[[str], None] = print) -> TestbedResult:
     """Train the testbed into ``out_dir`` and return the curve (see the module docstring).
 
-    Deterministic for a given config on a given machine and library versions
+    The training runs in a child Python process whose environment fixes, before
+    torch loads, what decides its float rounding and speed (:func:`_training_environment`),
+    whatever the calling process has imported or set; its log lines are passed to
+    ``log``. Deterministic for a given config, library versions and CPU kernels
     (seeded init and split, full batch, no dropout, deterministic algorithms).
     Existing ``checkpoints/stepNNNNN`` folders in ``out_dir`` are replaced;
     ``testbed.json`` is written last, so an interrupted run is never "built".
 
     Raises:
         InputError: ``out_dir/checkpoints`` holds something other than step folders.
+        RuntimeError: the training process failed (its traceback is on stderr).
     """
     out = Path(out_dir)
     _prepare(out)
-    with _torch_settings(config.threads, log):
-        result = _Run(config, out, log).run()
+    command = [sys.executable, "-m", __name__, json.dumps(asdict(config)), str(out)]
+    with subprocess.Popen(command, env=_training_environment(), stdout=subprocess.PIPE,
+                          text=True) as child:
+        try:
+            for line in child.stdout:
+                log(line.rstrip("\n"))
+        except BaseException:
+            child.kill()
+            raise
+    if child.returncode:
+        raise RuntimeError(f"testbed training failed (exit status {child.returncode}); "
+                           "its error is printed above")
+    return _read_result(config, out)
+
+
+def _training_environment() -> dict[str, str]:
+    """This process's environment plus the training settings; settings already set win.
+
+    - ``OMP_WAIT_POLICY=PASSIVE``: GNU OpenMP threads spin while they wait; with 2
+      threads on 2 cores that another process also uses (vLLM tests), a step
+      became 15-90x slower.
+    - ``ATEN_CPU_CAPABILITY=avx2`` on CPUs with AVX2 or more: ATen's vector width
+      sets the summation order of its reductions, and this run's trajectory is
+      chaotic enough that on an AVX-512 CPU the native kernels gave a curve that
+      stalled near 50% held-out accuracy, where AVX2 kernels reproduce the
+      documented one bit for bit (bench/grokking/README.md, "Across CPUs").
+    """
+    import torch
+
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        env.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+    return env
+
+
+def _train_here(config: TestbedConfig, out: Path) -> None:
+    """The child process of :func:`train`: the run, scores.csv, then testbed.json."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    hf_logging.disable_progress_bar()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    result = _Run(config, out, log).run()
     _write_scores(out / "scores.csv", result.scores)
     _write_manifest(out, result)
     _log_summary(result, log)
-    return result
 
 
-@contextmanager
-def _torch_settings(threads: int, log: Callable[[str], None]) -> Iterator[None]:
-    """Threads, deterministic algorithms and no progress bars for the run; restored after.
-
-    GNU OpenMP threads spin while they wait; with 2 threads on 2 cores that
-    another process also uses (vLLM tests), a step became 15-90x slower here.
-    ``OMP_WAIT_POLICY=PASSIVE`` avoids that, but OpenMP reads it when torch is
-    first imported, so it is set only for that import (then restored, so vLLM
-    workers started later do not inherit it).
-    """
-    torch = _import_torch()
-    if threads > 1 and not _passive_openmp:
-        log("note: torch was imported before the testbed; if training crawls on a busy "
-            "machine, start Python with OMP_WAIT_POLICY=PASSIVE")
-    from transformers.utils import logging as hf_logging
-
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-             hf_logging.is_progress_bar_enabled())
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
-        if saved[2]:
-            hf_logging.enable_progress_bar()
-
-
-_passive_openmp = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
-
-
-def _import_torch():
-    """``import torch`` with OMP_WAIT_POLICY=PASSIVE when this is the first import."""
-    global _passive_openmp
-    if "torch" in sys.modules:
-        return sys.modules["torch"]
-    previous = os.environ.get("OMP_WAIT_POLICY")
-    os.environ["OMP_WAIT_POLICY"] = previous or "PASSIVE"
-    try:
-        import torch
-    finally:
-        if previous is None:
-            del os.environ["OMP_WAIT_POLICY"]
-    _passive_openmp = (previous or "PASSIVE").upper() == "PASSIVE"
-    return torch
+def _read_result(config: TestbedConfig, out: Path) -> TestbedResult:
+    """The :class:`TestbedResult` of the run in ``out``, from its testbed.json."""
+    manifest = json.loads((out / "testbed.json").read_text())
+    summary = manifest["summary"]
+    return TestbedResult(
+        out, config, [_folder(out, step) for step in config.checkpoint_steps],
+        [CheckpointScore(**row) for row in manifest["curve"]], summary["memorised_step"],
+        summary["heldout_50_step"], summary["heldout_90_step"], summary["seconds"],
+        summary["steps_per_second"])
 
 
 def is_built(config: TestbedConfig, out_dir: str | Path, verify: bool = False) -> bool:
@@ -440,7 +455,7 @@ class _Run:
                     self._track_heldout(step, self._evaluate(self.heldout_x, self.heldout_y)[0])
         seconds = time.perf_counter() - start
         return TestbedResult(
-            self.out, self.config, [self._folder(s) for s in self.config.checkpoint_steps],
+            self.out, self.config, [_folder(self.out, s) for s in self.config.checkpoint_steps],
             self.scores, self.memorised, self.heldout_50, self.heldout_90, seconds,
             self.config.steps / seconds)
 
@@ -500,7 +515,7 @@ class _Run:
         if train_acc >= 0.99 and self.memorised is None:
             self.memorised = step
         self._track_heldout(step, heldout_acc)
-        folder = self._folder(step)
+        folder = _folder(self.out, step)
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         self.scores.append(CheckpointScore(folder.name, step, train_acc, train_loss,
@@ -508,8 +523,9 @@ class _Run:
         self.log(f"checkpoint {folder.name}  {seconds:6.1f} s  train acc {train_acc:.3f}  "
                  f"held-out acc {heldout_acc:.3f}  train loss {train_loss:.4f}")
 
-    def _folder(self, step: int) -> Path:
-        return self.out / _CHECKPOINT_DIR / f"step{step:05d}"
+
+def _folder(out: Path, step: int) -> Path:
+    return out / _CHECKPOINT_DIR / f"step{step:05d}"
 
 
 def _prepare(out: Path) -> None:
@@ -559,6 +575,7 @@ def _write_manifest(out: Path, result: TestbedResult) -> None:
         "config_hash": result.config.hash(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # ATen's vector ISA
         "summary": _summary(result),
         "curve": [asdict(s) for s in result.scores],
         "files": {name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
@@ -595,3 +612,8 @@ def _sha256(path: Path) -> str:
 
 __all__ = ["DEFAULT", "SMOKE", "CheckpointScore", "Example", "TestbedConfig", "TestbedResult",
            "build_tokenizer", "examples", "is_built", "model_config", "split", "train"]
+
+
+if __name__ == "__main__":  # the child process of train(): CONFIG_JSON OUT_DIR
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[1]).items()}
+    _train_here(TestbedConfig(**fields), Path(sys.argv[2]))
