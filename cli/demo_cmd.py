@@ -11,6 +11,11 @@ from . import options as o
 from . import render
 from .compare_cmd import run_compare
 
+# The testbed trains in float32. Traced in bfloat16, its pathway consistency
+# followed the rounding of each CPU's bf16 kernels (r with held-out accuracy
+# -0.54 on an AVX512-BF16 CPU, +0.19 in float32): bench/grokking/README.md.
+TESTBED_DTYPE = "float32"
+
 
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path(
@@ -19,7 +24,8 @@ def demo(
                      "of the pipeline, no grokking).")] = False,
     gpu_memory_utilization: o.GpuMemory = 0.3,
 ) -> None:
-    """Train the grokking testbed (cached), then compare its checkpoints with their scores."""
+    """Train the grokking testbed (cached), then compare its checkpoints (traced in
+    float32) with their scores."""
     from moepath.patches.engine import EngineOptions, TraceOptions
     from moepath.tracer import testbed
     from moepath.tracer.compare import CompareOptions
@@ -35,7 +41,8 @@ def demo(
         testbed.train(config, testbed_dir, log=render.stderr.print)
     run_compare([testbed_dir / "checkpoints"], testbed_dir / "samples.jsonl", out / "compare",
                 CompareOptions(scores=testbed_dir / "scores.csv"),
-                EngineOptions(gpu_memory_utilization=gpu_memory_utilization, engine_core="auto"),
+                EngineOptions(dtype=TESTBED_DTYPE, gpu_memory_utilization=gpu_memory_utilization,
+                              engine_core="auto"),
                 TraceOptions(), SampleReadOptions())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 from conftest import TEST_MEMORY
@@ -21,6 +23,8 @@ def test_demo_smoke_trains_compares_and_reports(tmp_path):
     assert {"distance", "consistency", "loss"} <= set(metrics["metric"])
     assert "Correlation with the scores" in (compare / "report.md").read_text()
     assert (compare / "distance.png").stat().st_size > 1000
+    manifest = json.loads((compare / "traces" / "step00006" / "manifest.json").read_text())
+    assert manifest["model"]["dtype"] == "float32"  # the testbed's own precision
     again = moepath(*args)  # cached: nothing retrained, nothing re-traced
     said = " ".join(again.stderr.split())  # Rich wraps lines at 80 columns
     assert "testbed checkpoints in" in said and "are up to date" in said
