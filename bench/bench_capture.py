@@ -66,7 +66,7 @@ class KeepRecords:
 class ScriptedCall:
     """Runner state of one generate call: all requests prefill in one step, then decode."""
 
-    def __init__(self, requests: int, prompt: int):
+    def __init__(self, requests: int, prompt: int, device="cpu"):
         self.req_ids = [f"{i}-abcdefgh" for i in range(requests)]
         self.requests = {
             req_id: SimpleNamespace(sampling_params=SimpleNamespace(
@@ -74,7 +74,7 @@ class ScriptedCall:
             for req_id in self.req_ids}
         self.input_batch = SimpleNamespace(num_reqs=requests, req_ids=self.req_ids)
         self.prompt = prompt
-        self.positions = torch.zeros(requests * prompt, dtype=torch.int64)
+        self.positions = torch.zeros(requests * prompt, dtype=torch.int64, device=device)
         self.input_ids = SimpleNamespace(cpu=torch.arange(requests * prompt, dtype=torch.int32))
 
     def schedule(self, step: int) -> None:
@@ -85,7 +85,7 @@ class ScriptedCall:
             np=np.arange(requests + 1, dtype=np.int32) * width)
         rows = self.total_tokens = requests * width
         if step == 0:
-            self.positions[:rows] = torch.arange(self.prompt).repeat(requests)
+            self.positions[:rows] = torch.arange(self.prompt).repeat(requests).to(self.positions)
         else:
             self.positions[:rows] = self.prompt + step - 1
 
@@ -96,13 +96,14 @@ def thread_seconds(function) -> float:
     return time.thread_time() - start
 
 
-def one_call(args, steps: int) -> dict[str, float]:
-    """CPU seconds of rows, finish and write for one scripted call."""
+def one_call(args, steps: int, device="cpu") -> dict[str, float]:
+    """CPU seconds of rows, finish and write for one scripted call; ``device``: where
+    the runner's positions are (and ``hook.BUFFERS`` must be)."""
     routing = SimpleNamespace(layers=[None] * args.layers, top_k=args.top_k,
                               num_experts=args.experts, config={"scoring_func": "softmax"})
     sink = KeepRecords()
     recorder = StepRecorder(CaptureSettings(dir="unused"), routing, sink)
-    call = ScriptedCall(args.requests, args.prompt)
+    call = ScriptedCall(args.requests, args.prompt, device)
     rows = 0.0
     for step in range(steps):
         call.schedule(step)
