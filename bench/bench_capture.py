@@ -75,7 +75,8 @@ class ScriptedCall:
         self.input_batch = SimpleNamespace(num_reqs=requests, req_ids=self.req_ids)
         self.prompt = prompt
         self.positions = torch.zeros(requests * prompt, dtype=torch.int64, device=device)
-        self.input_ids = SimpleNamespace(cpu=torch.arange(requests * prompt, dtype=torch.int32))
+        self.input_ids = SimpleNamespace(
+            gpu=torch.arange(requests * prompt, dtype=torch.int32, device=device))
 
     def schedule(self, step: int) -> None:
         """Step 0 prefills every prompt; step s > 0 decodes position prompt + s - 1."""

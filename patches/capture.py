@@ -7,7 +7,7 @@ with its MoE-layer ordinal and wraps the model runner's ``execute_model``.
 
 After each forward, :meth:`StepRecorder.after_forward` maps buffer rows to
 (request, position) from the runner's batch state (``input_batch.req_ids``,
-``query_start_loc``, ``positions``) and appends the rows of traced requests to
+``query_start_loc``, ``positions``, ``input_ids.gpu``) and appends the rows of traced requests to
 their accumulators; when vLLM reports a request finished, its record goes to
 the :class:`sink.RoutingSink`.
 """
@@ -498,7 +498,10 @@ class StepRecorder:
         """Copy buffer rows ``rows`` (None: all ``total``) into ``out``
         (:meth:`_copied_columns` of packed host rows [len(rows) or total, width])."""
         buffers = hook.BUFFERS
-        sources = {"positions": runner.positions, "token_ids": runner.input_ids.cpu,
+        # token ids from the device copy the model read: under async scheduling (vLLM's
+        # default on CUDA) a decode step's fed-back token is written there only, and the
+        # host copy holds a stale value; on CPU the two are one tensor
+        sources = {"positions": runner.positions, "token_ids": runner.input_ids.gpu,
                    "expert_ids": buffers.expert_ids, "gate_weights": buffers.gate_weights}
         for name, source in sources.items():
             source = source[:total]

@@ -87,10 +87,12 @@ class EngineClient:
     def __init__(self, engine, shape):
         self.engine = engine
         self.shape = shape  # (L, k, E)
+        self.generated: dict[str, list[int]] = {}
 
     def trace(self, prompts: dict[str, list[int]], untagged: list[list[int]] = (),
               max_tokens: int = 0) -> dict[str, store.RoutingRecord]:
-        """Run tagged ``prompts`` (sample id -> token ids) plus ``untagged`` ones together."""
+        """Run tagged ``prompts`` (sample id -> token ids) plus ``untagged`` ones together;
+        the tokens each tagged prompt generated are left in ``self.generated``."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -101,8 +103,12 @@ class EngineClient:
                       SamplingParams(max_tokens=max(1, max_tokens), temperature=0.0))
                      for ids in untagged]
         order = np.random.default_rng(len(requests)).permutation(len(requests))
-        self.engine.llm.generate([requests[i][0] for i in order],
-                                 [requests[i][1] for i in order], use_tqdm=False)
+        outputs = self.engine.llm.generate([requests[i][0] for i in order],
+                                           [requests[i][1] for i in order], use_tqdm=False)
+        sample_ids = list(prompts)
+        self.generated = {sample_ids[i]: list(output.outputs[0].token_ids)
+                          for i, output in zip(order, outputs, strict=True)
+                          if i < len(sample_ids)}
         records = {}
         for shard in self.engine.flush():
             for record in store.read_routing_shard(self.engine_dir / shard.file, *self.shape):

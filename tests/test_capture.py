@@ -170,3 +170,4 @@ def test_generated_tokens_are_traced_after_the_prompt(chunked_engine):
     np.testing.assert_array_equal(record.positions, np.arange(10))
     assert record.num_prompt_tokens == 5
     np.testing.assert_array_equal(record.token_ids[:5], [5, 6, 7, 8, 9])
+    np.testing.assert_array_equal(record.token_ids[5:], chunked_engine.generated["g"][:5])

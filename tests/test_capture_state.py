@@ -164,7 +164,7 @@ class FakeRunner:
         self.input_batch = NS(num_reqs=3, req_ids=["a-00000000", "b-00000000", "c-00000000"])
         self.query_start_loc = NS(np=np.array([0, 3, 5, 6], np.int32))
         self.positions = torch.tensor([2, 3, 4, 0, 1, 7])
-        self.input_ids = NS(cpu=torch.tensor([10, 11, 12, 20, 21, 30], dtype=torch.int32))
+        self.input_ids = NS(gpu=torch.tensor([10, 11, 12, 20, 21, 30], dtype=torch.int32))
 
         def state(sample_id, prompt):
             extra = {REQUEST_ID_KEY: sample_id} if sample_id else {}
@@ -210,7 +210,9 @@ class ScriptedRunner:
     """Runner state for steps given as {request id: positions computed this step}.
 
     Buffer row r of a step holds expert id ``10 * code + position + tag`` (code: the
-    request's index in ``prompts``) and token id ``100 + position``.
+    request's index in ``prompts``) and token id ``100 + position``. As under vLLM's
+    async scheduling on CUDA, the token ids are in the device copy of ``input_ids``
+    only; the host copy holds stale values (-1).
     """
 
     def __init__(self, prompts: dict[str, tuple[str | None, int]]):
@@ -237,7 +239,8 @@ class ScriptedRunner:
         self.query_start_loc = SimpleNamespace(
             np=np.cumsum([0] + [len(batch[r]) for r in req_ids]).astype(np.int32))
         self.positions = torch.tensor(positions)
-        self.input_ids = SimpleNamespace(cpu=torch.tensor(positions, dtype=torch.int32) + 100)
+        token_ids = torch.tensor(positions, dtype=torch.int32) + 100
+        self.input_ids = SimpleNamespace(gpu=token_ids, cpu=torch.full_like(token_ids, -1))
         ids = torch.tensor(positions) + 10 * torch.tensor(codes) + tag
         hook.BUFFERS.expert_ids[:len(positions)] = ids[:, None, None]
         recorder.after_forward(self, len(positions), scores_written)
