@@ -79,6 +79,10 @@ def inspect_model(model: torch.nn.Module, vllm_config) -> ModelRouting:
         raise UnsupportedModelError(
             "moepath: speculative decoding is not supported while tracing (rejected draft "
             "tokens would be recorded); start the engine without --speculative-config")
+    if vllm_config.parallel_config.use_ubatching:
+        raise UnsupportedModelError(
+            "moepath: micro-batching (dual-batch overlap) runs each step as separate forwards "
+            "whose routing the hook cannot place; start the engine without --enable-dbo")
     layers = [_moe_layer(name, runner) for name, runner in runners]
     layers.sort(key=lambda layer: layer.layer_id)
     first = layers[0].router
@@ -90,6 +94,12 @@ def _moe_layer(name: str, runner) -> MoELayer:
         raise UnsupportedModelError(
             f"moepath: MoE layer '{name}' uses a monolithic kernel that routes internally, so "
             f"its routing cannot be recorded; choose a modular kernel with --moe-backend")
+    if _routes_other_ranks_tokens(runner):
+        raise UnsupportedModelError(
+            f"moepath: MoE layer '{name}' gathers the tokens of all data-, sequence- or "
+            f"context-parallel ranks before routing (naive dispatch), so its routing rows "
+            f"are not this rank's requests; trace with one data-parallel rank and no context "
+            f"parallelism, or choose an all-to-all backend with --all2all-backend")
     router = runner.router
     kind = type(router).__name__
     if kind == "RoutingSimulatorRouter":
@@ -105,6 +115,15 @@ def _moe_layer(name: str, runner) -> MoELayer:
             f"moepath: '{name}' fuses shared experts into routing (top-k grows); disable "
             f"shared-expert fusion to trace it")
     return MoELayer(runner.layer_id, name, router)
+
+
+def _routes_other_ranks_tokens(runner) -> bool:
+    """Whether ``runner``'s router sees other ranks' tokens as well as this rank's: vLLM's
+    naive data-/sequence-parallel dispatch and its context-parallel all-gather run before
+    routing (``MoERunner._maybe_dispatch``); all-to-all kernels route local tokens."""
+    config = runner.moe_config
+    return bool(runner.do_naive_dispatch_combine or (
+        config.pcp_size > 1 and not config.moe_parallel_config.use_all2all_kernels))
 
 
 def _routing_config(router) -> dict:

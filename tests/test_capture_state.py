@@ -442,27 +442,66 @@ def test_a_step_with_prompt_rows_whose_scoring_was_skipped_is_an_error_not_a_wro
         runner.step(recorder, {"a": [0, 1, 2, 3, 4]}, scores_written=False)
 
 
-def test_a_moe_kernel_that_routes_internally_is_refused_naming_the_layer_and_the_fix():
-    """Monolithic kernels (e.g. TRT-LLM on CUDA, zentorch on CPU) never call the router
-    hook; tracing them would give an empty trace, so the engine refuses at load."""
+def inspect_one_layer(quant_method, moe_config=None, use_ubatching=False):
+    """``inspect_model`` of a model with one MoE layer: the real runner class with
+    ``quant_method`` and ``moe_config`` set and no kernel built."""
     from types import SimpleNamespace as NS
 
     import torch
 
     from moepath.patches import compat
-    from moepath.patches.capture import UnsupportedModelError, inspect_model
+    from moepath.patches.capture import inspect_model
 
     runner_cls = compat.moe_runner_class()
-    runner = runner_cls.__new__(runner_cls)  # the real class, no kernel set up
+    runner = runner_cls.__new__(runner_cls)
     torch.nn.Module.__init__(runner)
-    runner.routed_experts = NS(quant_method=NS(is_monolithic=True))
+    runner.routed_experts = NS(quant_method=quant_method)
+    runner.moe_config = moe_config
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([torch.nn.Module()])
     model.layers[0].experts = runner
+    return inspect_model(model, NS(speculative_config=None,
+                                   parallel_config=NS(use_ubatching=use_ubatching)))
+
+
+def test_a_moe_kernel_that_routes_internally_is_refused_naming_the_layer_and_the_fix():
+    """Monolithic kernels (e.g. TRT-LLM on CUDA, zentorch on CPU) never call the router
+    hook; tracing them would give an empty trace, so the engine refuses at load."""
+    from types import SimpleNamespace as NS
+
+    from moepath.patches.capture import UnsupportedModelError
+
     with pytest.raises(UnsupportedModelError, match=(
             r"MoE layer 'layers.0.experts' uses a monolithic kernel that routes internally.*"
             r"choose a modular kernel with --moe-backend")):
-        inspect_model(model, NS(speculative_config=None))
+        inspect_one_layer(NS(is_monolithic=True))
+
+
+@pytest.mark.parametrize("parallel", ["data", "sequence", "context"])
+def test_a_router_that_sees_other_ranks_tokens_is_refused(parallel):
+    """vLLM's naive dispatch gathers every data- or sequence-parallel rank's tokens, and
+    context parallelism all-gathers them, before the router: its rows would not be
+    this rank's requests, so the engine refuses at load."""
+    from types import SimpleNamespace as NS
+
+    from moepath.patches.capture import UnsupportedModelError
+
+    config = NS(dp_size=2 if parallel == "data" else 1, is_sequence_parallel=parallel == "sequence",
+                pcp_size=2 if parallel == "context" else 1,
+                moe_parallel_config=NS(use_all2all_kernels=False))
+    with pytest.raises(UnsupportedModelError, match=(
+            r"MoE layer 'layers.0.experts' gathers the tokens of all data-, sequence- or "
+            r"context-parallel ranks before routing.*--all2all-backend")):
+        inspect_one_layer(NS(is_monolithic=False, supports_internal_mk=False), config)
+
+
+def test_micro_batched_steps_are_refused():
+    from types import SimpleNamespace as NS
+
+    from moepath.patches.capture import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="without --enable-dbo"):
+        inspect_one_layer(NS(is_monolithic=False), use_ubatching=True)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
