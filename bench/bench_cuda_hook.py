@@ -31,7 +31,7 @@ here than in a model: the ratios are lower bounds on a model's.
 3. Host side: ``StepRecorder.after_forward`` on CUDA buffers and positions
    (bench_capture.py's scripted decode-heavy call), in CPU milliseconds.
 
-Prints and saves bench/results/cuda-hook.json.
+Prints and saves bench/results/cuda-hook.json (``--out``).
 """
 
 from __future__ import annotations
@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=RESULTS / "cuda-hook.json")
     args = parser.parse_args()
     device = torch.device(args.device)
     graphs = device.type == "cuda"
@@ -236,7 +237,9 @@ def main() -> None:
     modes = (("decode", args.decode, graphs), ("eager_decode", args.eager_decode, False),
              ("prefill", args.prefill, False))
     results = {"device": torch.cuda.get_device_name(device) if graphs else platform.processor(),
-               "torch": torch.__version__, "shape": vars(args), **{m[0]: {} for m in modes}}
+               "torch": torch.__version__,
+               "shape": {name: value for name, value in vars(args).items() if name != "out"},
+               **{mode: {} for mode, *_ in modes}}
     for mode, sizes, graph in modes:
         for n in sizes:
             x = hidden_states(args, n, device, seed=1)
@@ -250,8 +253,8 @@ def main() -> None:
     results["host_ms_per_call_64x(16+128)"] = host_side(args, device)
     results["passed"] = all(entry["check"]["passed"]
                             for mode, *_ in modes for entry in results[mode].values())
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cuda-hook.json").write_text(json.dumps(results, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 
