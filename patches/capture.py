@@ -7,9 +7,9 @@ with its MoE-layer ordinal and wraps the model runner's ``execute_model``.
 
 After each forward, :meth:`StepRecorder.after_forward` maps buffer rows to
 (request, position) from the runner's batch state (``input_batch.req_ids``,
-``query_start_loc``, ``positions``, ``input_ids.gpu``) and appends the rows of traced requests to
-their accumulators; when vLLM reports a request finished, its record goes to
-the :class:`sink.RoutingSink`.
+``query_start_loc``, ``positions``, ``input_ids.gpu``) and appends the rows of
+traced requests to their accumulators; when vLLM reports a request finished,
+its record goes to the :class:`sink.RoutingSink`.
 """
 
 from __future__ import annotations
