@@ -75,6 +75,7 @@ MAX_POSITIONS = 32  # samples are 5 tokens; small keeps vLLM's KV cache tiny
 PROMPT_LEN = 4  # "a op b =": the answer is predicted at position 3
 _CHECKPOINT_DIR = "checkpoints"
 _FILES = ("scores.csv", "samples.jsonl")
+_MANIFEST = "testbed.json"  # written last: its presence means the run is complete
 
 
 @dataclass(frozen=True)
@@ -362,13 +363,10 @@ def _train_here(config: TestbedConfig, out: Path) -> None:
 
 def _read_result(config: TestbedConfig, out: Path) -> TestbedResult:
     """The :class:`TestbedResult` of the run in ``out``, from its testbed.json."""
-    manifest = json.loads((out / "testbed.json").read_text())
-    summary = manifest["summary"]
+    manifest = json.loads((out / _MANIFEST).read_text())
     return TestbedResult(
         out, config, [_folder(out, step) for step in config.checkpoint_steps],
-        [CheckpointScore(**row) for row in manifest["curve"]], summary["memorised_step"],
-        summary["heldout_50_step"], summary["heldout_90_step"], summary["seconds"],
-        summary["steps_per_second"])
+        [CheckpointScore(**row) for row in manifest["curve"]], **manifest["summary"])
 
 
 def is_built(config: TestbedConfig, out_dir: str | Path, verify: bool = False) -> bool:
@@ -379,7 +377,7 @@ def is_built(config: TestbedConfig, out_dir: str | Path, verify: bool = False) -
     """
     out = Path(out_dir)
     try:
-        manifest = json.loads((out / "testbed.json").read_text())
+        manifest = json.loads((out / _MANIFEST).read_text())
     except (OSError, ValueError):
         return False
     if manifest.get("config_hash") != config.hash():
@@ -538,7 +536,7 @@ def _prepare(out: Path) -> None:
             raise InputError(f"'{checkpoints}' holds {foreign[:3]}, not testbed step folders; "
                              "pass an empty or earlier testbed output folder")
         shutil.rmtree(checkpoints)
-    (out / "testbed.json").unlink(missing_ok=True)
+    (out / _MANIFEST).unlink(missing_ok=True)
     checkpoints.mkdir(parents=True)
 
 
@@ -581,12 +579,14 @@ def _write_manifest(out: Path, result: TestbedResult) -> None:
         "files": {name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
                   for name in files},
     }
-    tmp = out / "testbed.json.tmp"
+    tmp = out / f"{_MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / "testbed.json")
+    tmp.replace(out / _MANIFEST)
 
 
 def _summary(result: TestbedResult) -> dict:
+    """The run's thresholds and speed, keyed by their :class:`TestbedResult` field names
+    (:func:`_read_result` passes them back)."""
     return {"memorised_step": result.memorised_step, "heldout_50_step": result.heldout_50_step,
             "heldout_90_step": result.heldout_90_step, "seconds": round(result.seconds, 1),
             "steps_per_second": round(result.steps_per_second, 2)}
