@@ -134,7 +134,7 @@ class Step:
         return self.out
 
 
-def check_routing(stack: MoEStack, step: Step, bare: Step, x_new: torch.Tensor) -> dict:
+def check_routing(step: Step, bare: Step, x_new: torch.Tensor) -> dict:
     """Run ``step`` (hooked) and ``bare`` on ``x_new``; compare the buffers with an
     eager pass's routing and the two outputs with each other."""
     n = x_new.shape[0]
@@ -145,7 +145,7 @@ def check_routing(stack: MoEStack, step: Step, bare: Step, x_new: torch.Tensor) 
     hooked_out = step().clone()
     same_output = bool(torch.equal(hooked_out, bare()))
     routes = []
-    stack.forward(x_new, hooked=False, routes=routes)
+    step.stack.forward(x_new, hooked=False, routes=routes)
     ids_equal = weights_equal = True
     score_error = 0.0
     for slot, (logits, weights, ids) in enumerate(routes):
@@ -178,7 +178,7 @@ def timed_ms(function, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def compare(hooked: Step, bare: Step, args, layers: int) -> dict:
+def compare(hooked: Step, bare: Step, args) -> dict:
     """Alternate the two steps; medians (min-max) over repeats and their ratio."""
     times = {"hooked": [], "hookless": []}
     for step in (hooked, bare):
@@ -187,11 +187,12 @@ def compare(hooked: Step, bare: Step, args, layers: int) -> dict:
         times["hooked"].append(timed_ms(hooked, args.iters))
         times["hookless"].append(timed_ms(bare, args.iters))
     median = {name: statistics.median(values) for name, values in times.items()}
+    hook_ms = median["hooked"] - median["hookless"]
     return {
         "ms_per_step": {name: {"median": round(median[name], 4), "min": round(min(v), 4),
                                "max": round(max(v), 4)} for name, v in times.items()},
         "throughput_ratio": round(median["hookless"] / median["hooked"], 4),
-        "hook_us_per_layer": round((median["hooked"] - median["hookless"]) * 1e3 / layers, 2),
+        "hook_us_per_layer": round(hook_ms * 1e3 / args.layers, 2),
     }
 
 
@@ -245,9 +246,9 @@ def main() -> None:
             x = hidden_states(args, n, device, seed=1)
             hooked, bare = (Step(stack, x.clone(), with_hook, graph)
                             for with_hook in (True, False))
-            check = check_routing(stack, hooked, bare, hidden_states(args, n, device, seed=2))
+            check = check_routing(hooked, bare, hidden_states(args, n, device, seed=2))
             results[mode][n] = {"cuda_graph": graph, "check": check,
-                                **compare(hooked, bare, args, args.layers)}
+                                **compare(hooked, bare, args)}
             print(mode, n, json.dumps(results[mode][n]), flush=True)
             del hooked, bare
     results["host_ms_per_call_64x(16+128)"] = host_side(args, device)
