@@ -27,9 +27,14 @@ def compare(
     epsilon: Annotated[float | None, typer.Option(help="Memorisation loss threshold.")] = None,
     epsilon_quantile: Annotated[float | None, typer.Option(
         help="Epsilon as this quantile of final losses (default 0.25).")] = None,
+    epsilon_per_group: Annotated[bool, typer.Option(
+        "--epsilon-per-group/--epsilon-global",
+        help="With --group-by, take the epsilon quantile over each group's final losses "
+             "(the paper: per domain) or over all samples.")] = True,
     delta: Annotated[float, typer.Option(help="Allowed distance to the final loss.")] = 0.05,
     from_step: Annotated[int | None, typer.Option(help="Correlate from this step on.")] = None,
     tau: o.Tau = 0.7,
+    source: o.Source = "full",
     unit: o.Unit = "char",
     pairs: o.Pairs = "auto",
     seed: o.Seed = 0,
@@ -59,9 +64,11 @@ def compare(
     run_compare(
         checkpoints, samples, out,
         CompareOptions(
-            metrics=MetricOptions(tau=tau, unit=unit, pairs=o.parse_pairs(pairs), seed=seed),
+            metrics=MetricOptions(tau=tau, unit=unit, source=source,
+                                  pairs=o.parse_pairs(pairs), seed=seed),
             group_by=group_by, memorised_only=memorised_only, epsilon=epsilon,
-            epsilon_quantile=epsilon_quantile, delta=delta, scores=scores,
+            epsilon_quantile=epsilon_quantile, epsilon_per_group=epsilon_per_group,
+            delta=delta, scores=scores,
             from_step=from_step),
         o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
                          gpu_memory_utilization, max_num_batched_tokens, trust_remote_code,

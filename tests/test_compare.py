@@ -15,10 +15,12 @@ import pandas as pd
 import pytest
 from conftest import TEST_MEMORY, write_jsonl
 from test_cli_trace import assert_one_line_error, moepath
+from test_metrics import SAMPLES, write_synthetic_trace
 
 from moepath.tracer import Trace, store
 from moepath.tracer import compare as cmp
 from moepath.tracer.errors import InputError, ModelError
+from moepath.tracer.metrics import MetricOptions, trace_metrics
 
 
 def fake_checkpoint(path, **config):
@@ -186,3 +188,72 @@ def test_compare_killed_between_and_within_checkpoints_resumes_to_the_uninterrup
         ["checkpoint", "sample_id"], ignore_index=True)
     assert (killed_samples["pathway"] == whole_samples["pathway"]).all()
     np.testing.assert_allclose(killed_samples["loss"], whole_samples["loss"], atol=2e-2)
+
+
+# --- analysis of the checkpoints' traces (no engine) ---------------------------------------
+
+# b0 has no domain label; final losses: math 0.1-0.4, code 2.0-2.3, b0 1.0 (all 3.0 at step 100)
+UNLABELLED = {**SAMPLES, "b0": (None, *SAMPLES["b0"][1:])}
+FINAL_LOSS = {"m0": 0.1, "m1": 0.2, "m2": 0.3, "m3": 0.4, "c0": 2.0, "c1": 2.1, "c2": 2.2,
+              "c3": 2.3, "b0": 1.0}
+
+
+def synthetic_run(root, layers: int = 4) -> list[cmp.Checkpoint]:
+    """Traces of three checkpoints under root/traces (routing differs by checkpoint); every
+    sample's loss is 3.0 at step 100 and its FINAL_LOSS from step 200 on."""
+    found = []
+    for seed, step in enumerate((100, 200, 300)):
+        nll = [3.0 if step == 100 else FINAL_LOSS[sid] for sid in UNLABELLED]
+        write_synthetic_trace(root / "traces" / f"step{step}", layers, UNLABELLED, seed,
+                              columns={"nll": nll})
+        found.append(cmp.Checkpoint(f"step{step}", root / f"step{step}", step))
+    return found
+
+
+def analyse(root, layers: int = 4, **options) -> cmp.CompareResult:
+    return cmp.analyse(synthetic_run(root, layers), root / "traces", root / "out",
+                       cmp.CompareOptions(**options))
+
+
+def memorised(result: cmp.CompareResult) -> list[str]:
+    return sorted(result.memorisation.t_star.dropna().index)
+
+
+def test_epsilon_is_a_quantile_of_each_domain_s_final_losses(tmp_path):
+    # per domain, the 0.25 quantile memorises the lowest quarter of each: m0, c0 and b0
+    result = analyse(tmp_path, group_by="domain")
+    assert memorised(result) == ["b0", "c0", "m0"]
+    assert result.memorisation.epsilon_by_domain == pytest.approx(
+        {"(missing)": 1.0, "code": 2.075, "math": 0.175})
+    assert ("epsilon per domain (quantile 0.25 of each domain's final losses): (missing) 1, "
+            "code 2.075, math 0.175, delta 0.05") in result.notes[0]
+    groups = set(result.metrics["group"])
+    assert {"all", "code", "math", "(missing)", "t*=200/code", "t*=200/math",
+            "t*=200/(missing)"} == groups
+    # one epsilon over all nine final losses memorises only math samples
+    pooled = analyse(tmp_path / "pooled", group_by="domain", epsilon_per_group=False)
+    assert memorised(pooled) == ["m0", "m1", "m2"]
+    assert pooled.memorisation.thresholds() == (
+        "epsilon 0.3 (quantile 0.25 of the final losses), delta 0.05")
+
+
+def test_compare_reads_the_distributions_of_the_source_option(tmp_path):
+    result = analyse(tmp_path, metrics=MetricOptions(source="topk"))
+    rows = result.metrics[(result.metrics.checkpoint == "step300")
+                          & (result.metrics.group == "all")].set_index("metric")["value"]
+    trace = Trace.open(tmp_path / "traces" / "step300")
+    [topk] = trace_metrics(trace, MetricOptions(source="topk"))
+    [full] = trace_metrics(trace)
+    assert rows["distance"] == pytest.approx(topk.distance_mean, rel=1e-12)
+    assert rows["consistency"] == pytest.approx(topk.consistency_mean, rel=1e-12)
+    assert topk.distance_mean != pytest.approx(full.distance_mean)
+
+
+def test_with_two_moe_layers_consistency_is_left_out_and_the_note_says_why(tmp_path):
+    result = analyse(tmp_path, layers=2, scores=None)
+    assert not {"consistency", "complexity"} & set(result.metrics["metric"])
+    assert {"distance", "normalized_distance", "loss"} <= set(result.metrics["metric"])
+    assert result.samples[["consistency", "complexity"]].isna().all().all()
+    [note] = [n for n in result.notes if "fewer than 3" in n]
+    assert "2 MoE layer(s)" in note and "left out of the tables, plots and correlations" in note
+    assert "| 0.0000 |" not in (tmp_path / "out" / "report.md").read_text()

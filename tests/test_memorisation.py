@@ -184,6 +184,39 @@ def test_memorise_explicit_and_quantile():
     assert as_list(by_quantile.t_star) == [1000, 3000, None, 0]
 
 
+def test_memorise_per_domain_takes_the_quantile_of_each_domain():
+    # final losses: a 0.8 and c 1.2 (domain x), b 0.7 and d 0.5 (domain y); the median of
+    # each domain memorises a and d (one median over all, 0.75, memorises b and d)
+    domains = pd.Series({"a": "x", "b": "y", "c": "x", "d": "y"})
+    result = memorise(LOSSES, quantile=0.5, domains=domains)
+    assert result.epsilon is None
+    assert result.epsilon_by_domain == pytest.approx({"x": 1.0, "y": 0.6})
+    assert as_list(result.t_star) == [2000, None, None, 0]
+    # each sample is judged by its own domain's epsilon, as by the naive reference
+    for domain, epsilon in result.epsilon_by_domain.items():
+        rows = LOSSES[domains.reindex(LOSSES.index) == domain]
+        expected = naive_memorised_from(rows, epsilon, 0.05)
+        assert as_list(result.t_star[rows.index]) == expected
+    assert as_list(memorise(LOSSES, quantile=0.5).t_star) == [None, 3000, None, 0]
+
+
+def test_memorise_per_domain_with_an_explicit_epsilon_or_unlabelled_samples():
+    domains = pd.Series({"a": "x", "b": "x"})  # c and d have no label
+    assert memorise(LOSSES, epsilon=1.0, domains=domains).epsilon_by_domain is None
+    losses = LOSSES.copy()
+    losses.loc["c", 4000] = np.nan  # the "(missing)" domain keeps d's final loss only
+    result = memorise(losses, domains=domains)
+    assert result.epsilon_by_domain == pytest.approx({"(missing)": 0.5, "x": 0.725})
+    assert as_list(result.t_star) == [None, 3000, None, 2000]  # d's 0.52 at 1000 > 0.5
+
+
+def test_memorised_from_takes_one_epsilon_per_sample():
+    t_star = memorised_from(LOSSES, np.array([0.7, 0.7, 1.0, np.nan]))
+    assert as_list(t_star) == [None, 3000, None, None]  # NaN: never memorised
+    with pytest.raises(InputError, match="got 2 epsilons for 4 samples"):
+        memorised_from(LOSSES, np.array([1.0, 1.0]))
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -172,14 +172,15 @@ def routing_record(sample_id: str, layers: int, tokens: int, prompt: int, seed: 
         router_mean=probs[:prompt].mean(0))
 
 
-def write_synthetic_trace(trace_dir: Path, layers: int = 4, samples: dict = SAMPLES) -> Path:
-    """A committed trace without vLLM: routing, router weights and a samples table
-    carrying ``domain`` and ``step``."""
+def write_synthetic_trace(trace_dir: Path, layers: int = 4, samples: dict = SAMPLES,
+                          seed: int = 0, columns: dict | None = None) -> Path:
+    """A committed trace without vLLM: routing (drawn from ``seed``), router weights and a
+    samples table carrying ``domain``, ``step`` and ``columns`` ({name: value per sample})."""
     store.prepare_directory(trace_dir, resume=False, force=False)
     manifest = store.new_manifest(model={"num_layers": layers, "num_experts": E, "top_k": K,
                                          "architecture": "Synthetic"})
-    records = [routing_record(sid, layers, tokens, prompt, seed)
-               for seed, (sid, (_, _, tokens, prompt)) in enumerate(samples.items())]
+    records = [routing_record(sid, layers, tokens, prompt, seed * len(samples) + i)
+               for i, (sid, (_, _, tokens, prompt)) in enumerate(samples.items())]
     routing = store.write_routing_shard(trace_dir, "run-r0-000000", records, layers, K, E)
     rng = np.random.default_rng(99)
     weights = [rng.normal(size=(E, HIDDEN)).astype(np.float32) for _ in range(layers)]
@@ -187,7 +188,7 @@ def write_synthetic_trace(trace_dir: Path, layers: int = 4, samples: dict = SAMP
     frame = pd.DataFrame({"sample_id": list(samples),
                           "domain": [v[0] for v in samples.values()],
                           "step": [v[1] for v in samples.values()],
-                          "num_tokens": [v[2] for v in samples.values()]})
+                          "num_tokens": [v[2] for v in samples.values()], **(columns or {})})
     table = store.write_parquet_shard(trace_dir, "samples/000000.parquet",
                                       pa.Table.from_pandas(frame, preserve_index=False))
     store.add_shards(manifest, store.ROUTING_DIR, [routing])

@@ -66,7 +66,7 @@ def test_report_has_command_versions_and_checkpoint_tables(report):
 
 
 def test_report_has_memorisation_correlation_paper_plots_and_notes(report):
-    assert ("epsilon = 1.0000 (explicit), delta = 0.6: 1 of 2 samples memorised (50.0%)"
+    assert ("epsilon 1 (explicit), delta 0.6: 1 of 2 samples memorised (50.0%)"
             in report)
     assert "| t*=2000 | 1 |" in report
     assert "| metric | all | math | t*=2000 |" in report

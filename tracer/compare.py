@@ -21,7 +21,14 @@ from . import report
 from .correlation import correlate, read_scores, table1
 from .errors import InputError, ModelError
 from .memorisation import MemorisationResult, loss_matrix, memorisation_groups, memorise
-from .metrics import MetricOptions, group_metrics, per_sample_frame
+from .metrics import (
+    MetricOptions,
+    degenerate_warning,
+    group_metrics,
+    label_names,
+    per_sample_frame,
+    trace_distributions,
+)
 from .trace import Trace
 
 ALL = "all"
@@ -108,7 +115,8 @@ def losses(traces: dict[str, Trace], step_of: dict[str, int]) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class CheckpointData:
-    """One checkpoint's inputs to the metrics: sample ids, [N, L, E] means, W_l, losses."""
+    """One checkpoint's inputs to the metrics: sample ids, [N, L, E] distributions
+    (``MetricOptions.source``), W_l, losses."""
 
     sample_ids: list[str]
     distributions: np.ndarray
@@ -116,10 +124,10 @@ class CheckpointData:
     loss: pd.Series  # by sample_id
 
 
-def load_checkpoint_data(trace: Trace) -> CheckpointData:
-    ids, means = trace.router_means()
+def load_checkpoint_data(trace: Trace, source: str = "full") -> CheckpointData:
+    ids, distributions = trace_distributions(trace, source)
     loss = trace.samples.set_index("sample_id")["nll"]
-    return CheckpointData(ids, means, trace.router_weights(), loss.reindex(ids))
+    return CheckpointData(ids, distributions, trace.router_weights(), loss.reindex(ids))
 
 
 def sample_groups(sample_ids: list[str], memorisation: MemorisationResult,
@@ -128,7 +136,7 @@ def sample_groups(sample_ids: list[str], memorisation: MemorisationResult,
     groups: dict[str, list[int]] = {ALL: list(range(len(sample_ids)))}
     labels = {}
     if field is not None:
-        labels = field.reindex(sample_ids).astype(str).to_dict()
+        labels = label_names(field.reindex(sample_ids)).to_dict()
         for value in sorted(set(labels.values())):
             groups[value] = [i for i, s in enumerate(sample_ids) if labels[s] == value]
     memorised = memorisation_groups(memorisation.t_star, field).reindex(sample_ids)
@@ -146,7 +154,11 @@ def _group_order(name: str):
 
 def checkpoint_metrics(name: str, step: int, data: CheckpointData,
                        groups: dict[str, list[int]], options: MetricOptions) -> list[dict]:
-    """Long-format rows (checkpoint, step, group, metric, value) for one checkpoint."""
+    """Long-format rows (checkpoint, step, group, metric, value) for one checkpoint.
+
+    A group of one sample has no distance; with fewer than 3 MoE layers consistency and
+    complexity are constants (METHOD.md, degenerate case), so they have no rows either.
+    """
     rows = []
     for group, index in groups.items():
         values = {"n_samples": len(index), "loss": float(np.nanmean(data.loss.iloc[index]))}
@@ -156,9 +168,10 @@ def checkpoint_metrics(name: str, step: int, data: CheckpointData,
             values.update(distance=metrics.distance_mean,
                           distance_stderr=metrics.distance_stderr,
                           normalized_distance=metrics.normalized_distance_mean,
-                          pathway_length=metrics.mean_pathway_length,
-                          consistency=metrics.consistency_mean,
-                          complexity=metrics.complexity_mean)
+                          pathway_length=metrics.mean_pathway_length)
+            if not metrics.degenerate:
+                values.update(consistency=metrics.consistency_mean,
+                              complexity=metrics.complexity_mean)
         rows += [{"checkpoint": name, "step": step, "group": group, "metric": metric,
                   "value": value} for metric, value in values.items()]
     return rows
@@ -166,8 +179,11 @@ def checkpoint_metrics(name: str, step: int, data: CheckpointData,
 
 def checkpoint_samples(name: str, step: int, data: CheckpointData,
                        memorisation: MemorisationResult, options: MetricOptions) -> pd.DataFrame:
-    """Per-sample rows of one checkpoint: loss, pathway, consistency, memorised, t*."""
+    """Per-sample rows of one checkpoint: loss, pathway, consistency, memorised, t*
+    (consistency and complexity NaN with fewer than 3 MoE layers: degenerate)."""
     frame = per_sample_frame(data.sample_ids, data.distributions, data.router_weights, options)
+    if len(data.router_weights) < 3:
+        frame[["consistency", "complexity"]] = np.nan
     t_star = memorisation.t_star.reindex(data.sample_ids).to_numpy()
     return frame.assign(checkpoint=name, step=step, loss=data.loss.to_numpy(),
                         memorised=~pd.isna(t_star), t_star=t_star)
@@ -178,7 +194,9 @@ class CompareOptions:
     """What ``moepath compare`` computes from the checkpoints' traces (METHOD.md protocol).
 
     ``epsilon`` / ``epsilon_quantile`` / ``delta``: memorisation thresholds (default:
-    epsilon = 0.25 quantile of final losses, delta 0.05). ``memorised_only``: report
+    epsilon = 0.25 quantile of final losses, delta 0.05). ``epsilon_per_group``: with
+    ``group_by``, a quantile is taken per value of that field (METHOD.md: epsilon per
+    domain), else over all samples. ``memorised_only``: report
     memorised groups only (the paper's protocol), else ``all``, the ``group_by``
     values and the memorised groups. ``from_step``: correlate from this step on.
     """
@@ -188,6 +206,7 @@ class CompareOptions:
     memorised_only: bool = False
     epsilon: float | None = None
     epsilon_quantile: float | None = None
+    epsilon_per_group: bool = True
     delta: float = 0.05
     scores: Path | None = None
     from_step: int | None = None
@@ -213,12 +232,13 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
     """
     step_of = steps(found)
     traces = {c.name: Trace.open(traces_dir / c.name) for c in found}
-    memorisation = memorise(loss_matrix(losses(traces, step_of)), options.epsilon,
-                            options.epsilon_quantile, options.delta)
     field = _group_field(next(iter(traces.values())), options.group_by)
+    memorisation = memorise(loss_matrix(losses(traces, step_of)), options.epsilon,
+                            options.epsilon_quantile, options.delta,
+                            domains=field if options.epsilon_per_group else None)
     rows, sample_frames = [], []
     for name, trace in traces.items():
-        data = load_checkpoint_data(trace)
+        data = load_checkpoint_data(trace, options.metrics.source)
         groups = sample_groups(data.sample_ids, memorisation, field)
         if options.memorised_only:
             groups = {g: rows_ for g, rows_ in groups.items() if g.startswith("t*=")}
@@ -252,14 +272,14 @@ def _group_field(trace: Trace, column: str | None) -> pd.Series | None:
 
 
 def _notes(found, memorisation: MemorisationResult, traces: dict, options) -> list[str]:
-    notes = [f"memorised: {memorisation.fraction_memorised:.0%} of samples (epsilon "
-             f"{memorisation.epsilon:.4g} from {memorisation.epsilon_source}, delta "
-             f"{memorisation.delta:g})"]
+    notes = [f"memorised: {memorisation.fraction_memorised:.0%} of samples "
+             f"({memorisation.thresholds()})"]
     if options.scores is not None and len(found) < 2:
         notes.append("fewer than 2 checkpoints: correlations skipped")
-    if next(iter(traces.values())).num_layers < 3:
-        notes.append("fewer than 3 MoE layers: consistency is degenerate (0 for every "
-                     "sample whatever the routing; METHOD.md)")
+    num_layers = next(iter(traces.values())).num_layers
+    if num_layers < 3:
+        notes.append(f"{degenerate_warning(num_layers)}; consistency and complexity are "
+                     f"left out of the tables, plots and correlations")
     return notes
 
 

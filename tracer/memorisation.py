@@ -12,11 +12,13 @@ boundary). Groups are the samples sharing a t* (and a label, with ``--group-by``
 
 Choosing epsilon (:func:`memorise`): an explicit value, or the ``q`` quantile
 of the final losses, by default q = :data:`DEFAULT_QUANTILE` = 0.25, the upper
-end of the paper's "20-25% of samples qualify". The final checkpoint always
-meets the delta condition, so the fraction memorised is the fraction of final
-losses <= epsilon (about q, less for ties or missing losses); delta decides
-only how early t* is, and samples first settled at the final checkpoint form
-the group ``t*=<last step>``.
+end of the paper's "20-25% of samples qualify". The paper chooses epsilon per
+domain: given a domain label per sample, the quantile is taken over each
+domain's final losses, so a domain of harder text (higher losses) still has
+its quarter memorised. The final checkpoint always meets the delta condition,
+so the fraction memorised is the fraction of final losses <= epsilon (about q,
+less for ties or missing losses); delta decides only how early t* is, and
+samples first settled at the final checkpoint form the group ``t*=<last step>``.
 
 Example: steps 0, 10, 20, 30; sample b dips below epsilon at step 10, rises, and settles::
 
@@ -39,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, MetricError
-from .metrics import MISSING_GROUP
+from .metrics import label_names
 
 DEFAULT_DELTA = 0.05
 DEFAULT_QUANTILE = 0.25
@@ -55,17 +57,35 @@ class MemorisationResult:
     Attributes:
         t_star: Int64 Series indexed by sample_id (every sample of the loss matrix):
             the step from which the sample is memorised, ``<NA>`` when never.
-        epsilon: the loss threshold used.
+        epsilon: the loss threshold of every sample; None when chosen per domain.
         delta: the allowed distance to the final loss.
         epsilon_source: ``"explicit"`` or ``"quantile 0.25"`` (the quantile of final losses).
         fraction_memorised: share of all samples with a t*, in [0, 1].
+        epsilon_by_domain: the threshold of each domain label when epsilon was chosen per
+            domain (NaN for a domain without a final loss), else None.
     """
 
     t_star: pd.Series
-    epsilon: float
+    epsilon: float | None
     delta: float
     epsilon_source: str
     fraction_memorised: float
+    epsilon_by_domain: dict[str, float] | None = None
+
+    def thresholds(self) -> str:
+        """The thresholds in words: ``epsilon 0.65 (quantile 0.25 of the final losses),
+        delta 0.05``, or with ``epsilon per domain (...): code 1.2, math 0.65``."""
+        if self.epsilon_by_domain is None:
+            source = self.epsilon_source
+            if source != "explicit":
+                source += " of the final losses"
+            epsilon = f"epsilon {self.epsilon:.4g} ({source})"
+        else:
+            values = ", ".join(f"{domain} {value:.4g}"
+                               for domain, value in self.epsilon_by_domain.items())
+            epsilon = f"epsilon per domain ({self.epsilon_source} of each domain's final " \
+                      f"losses): {values}"
+        return f"{epsilon}, delta {self.delta:g}"
 
 
 def loss_matrix(frame: pd.DataFrame) -> pd.DataFrame:
@@ -120,7 +140,7 @@ def _check_one_step_each(frame: pd.DataFrame) -> None:
                               f"{column} ({shown}); name checkpoints by their step")
 
 
-def memorised_from(losses: pd.DataFrame, epsilon: float,
+def memorised_from(losses: pd.DataFrame, epsilon: float | np.ndarray,
                    delta: float = DEFAULT_DELTA) -> pd.Series:
     """Step t* from which each sample stays memorised (METHOD.md), ``<NA>`` when never.
 
@@ -128,17 +148,26 @@ def memorised_from(losses: pd.DataFrame, epsilon: float,
         losses: float [N samples, T checkpoints], columns the checkpoints' integer
             steps in training order (``loss_matrix``'s output). NaN fails both conditions
             (a NaN final loss means never memorised).
-        epsilon: a loss at most this is low.
+        epsilon: a loss at most this is low: one number, or float [N] one per sample
+            (a NaN there: that sample is never memorised).
         delta: a loss at most this far from the final loss is settled.
 
     Returns:
         Int64 Series indexed like ``losses`` (name ``t_star``).
     """
     steps = _check_steps(losses.columns)
-    _check_thresholds(epsilon, delta)
+    _check_delta(delta)
+    if np.ndim(epsilon) == 0:
+        _check_number("epsilon", epsilon)
+        threshold = float(epsilon)
+    else:
+        threshold = np.asarray(epsilon, dtype=float)[:, None]  # [N, 1]
+        if len(threshold) != len(losses):
+            raise InputError(f"got {len(threshold)} epsilons for {len(losses)} samples; pass "
+                             f"one number or one per sample")
     values = losses.to_numpy(dtype=float)  # [N, T]
     with np.errstate(invalid="ignore"):
-        settled = (values <= epsilon + TOLERANCE) & (
+        settled = (values <= threshold + TOLERANCE) & (
             np.abs(values - values[:, -1:]) <= delta + TOLERANCE)
     # stays[i, t]: settled at t and at every later checkpoint (an all() over each suffix)
     stays = np.logical_and.accumulate(settled[:, ::-1], axis=1)[:, ::-1]
@@ -158,10 +187,13 @@ def _check_steps(columns: pd.Index) -> np.ndarray:
     return columns.to_numpy(dtype=np.int64)
 
 
-def _check_thresholds(epsilon: float, delta: float) -> None:
-    for name, value in (("epsilon", epsilon), ("delta", delta)):
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-            raise InputError(f"{name} {value!r} is not a finite number; pass a loss in nats")
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise InputError(f"{name} {value!r} is not a finite number; pass a loss in nats")
+
+
+def _check_delta(delta: float) -> None:
+    _check_number("delta", delta)
     if delta < 0:
         raise InputError(f"delta {delta} is negative; pass a distance to the final loss >= 0 "
                          f"(the paper uses {DEFAULT_DELTA})")
@@ -185,12 +217,19 @@ def epsilon_from_quantile(final_losses: pd.Series, q: float) -> float:
 
 
 def memorise(losses: pd.DataFrame, epsilon: float | None = None, quantile: float | None = None,
-             delta: float = DEFAULT_DELTA) -> MemorisationResult:
+             delta: float = DEFAULT_DELTA, domains: pd.Series | None = None
+             ) -> MemorisationResult:
     """:func:`memorised_from` with epsilon explicit, from ``quantile``, or the default policy.
 
     With neither ``epsilon`` nor ``quantile``, epsilon is the :data:`DEFAULT_QUANTILE`
     quantile of the final losses (``losses``' last column), so about a quarter of
     the samples qualify, as in the paper.
+
+    Args:
+        domains: a label per sample_id (e.g. the ``--group-by`` field), or None. With
+            it, a quantile is taken over each domain's final losses (METHOD.md: epsilon
+            per domain); samples without a label form the domain ``"(missing)"``.
+            An explicit ``epsilon`` serves every domain.
 
     Raises:
         InputError: both ``epsilon`` and ``quantile`` given, or a bad value.
@@ -200,14 +239,31 @@ def memorise(losses: pd.DataFrame, epsilon: float | None = None, quantile: float
         raise InputError(f"got epsilon {epsilon} and quantile {quantile}; pass one of them "
                          "(an explicit loss threshold or a share of samples)")
     _check_steps(losses.columns)
-    if epsilon is None:
-        q = DEFAULT_QUANTILE if quantile is None else quantile
-        epsilon, source = epsilon_from_quantile(losses.iloc[:, -1], q), f"quantile {q:g}"
+    final = losses.iloc[:, -1]
+    by_domain = None
+    if epsilon is not None:
+        source, threshold = "explicit", epsilon
     else:
-        source = "explicit"
-    t_star = memorised_from(losses, epsilon, delta)
+        q = DEFAULT_QUANTILE if quantile is None else quantile
+        source = f"quantile {q:g}"
+        if domains is None:
+            epsilon = threshold = epsilon_from_quantile(final, q)
+        else:
+            labels = label_names(domains.reindex(losses.index))
+            by_domain = _epsilon_by_domain(final, labels, q)
+            threshold = labels.map(by_domain).to_numpy(dtype=float)
+    t_star = memorised_from(losses, threshold, delta)
     fraction = float(t_star.notna().mean()) if len(t_star) else 0.0
-    return MemorisationResult(t_star, float(epsilon), float(delta), source, fraction)
+    return MemorisationResult(t_star, None if epsilon is None else float(epsilon),
+                              float(delta), source, fraction, by_domain)
+
+
+def _epsilon_by_domain(final: pd.Series, labels: pd.Series, q: float) -> dict[str, float]:
+    """{domain: the ``q`` quantile of its final losses} (NaN: none of its samples has one;
+    they are never memorised). MetricError when no sample at all has a final loss."""
+    epsilon_from_quantile(final, q)  # checks q, and that some sample has a final loss
+    return {domain: (float(losses.quantile(q)) if losses.notna().any() else math.nan)
+            for domain, losses in final.groupby(labels, sort=True)}
 
 
 def memorisation_groups(t_star: pd.Series, extra: pd.Series | None = None) -> pd.Series:
@@ -222,15 +278,8 @@ def memorisation_groups(t_star: pd.Series, extra: pd.Series | None = None) -> pd
         object Series indexed like ``t_star`` (name ``group``): the group name, None
         for samples never memorised.
     """
-    labels = [None] * len(t_star) if extra is None else extra.reindex(t_star.index).tolist()
-    names = [_group_name(step, label, extra is not None)
-             for step, label in zip(t_star, labels, strict=True)]
+    labels = ([None] * len(t_star) if extra is None
+              else label_names(extra.reindex(t_star.index)).tolist())
+    names = [None if pd.isna(step) else f"t*={int(step)}" if label is None
+             else f"t*={int(step)}/{label}" for step, label in zip(t_star, labels, strict=True)]
     return pd.Series(names, index=t_star.index, name="group", dtype=object)
-
-
-def _group_name(step, label, labelled: bool) -> str | None:
-    if pd.isna(step):
-        return None
-    if not labelled:
-        return f"t*={int(step)}"
-    return f"t*={int(step)}/{MISSING_GROUP if pd.isna(label) else label}"

@@ -340,6 +340,11 @@ def _groups(trace: Trace, ids: list[str], group_by: str | None) -> list[tuple[st
     return sorted(groups, key=lambda group: group[0] != ALL_GROUP)  # stable: keeps value order
 
 
+def label_names(labels: pd.Series) -> pd.Series:
+    """The group name of each label: ``str(value)``, :data:`MISSING_GROUP` for a missing one."""
+    return labels.map(lambda value: MISSING_GROUP if pd.isna(value) else str(value))
+
+
 def degenerate_warning(num_layers: int) -> str:
     """The warning of METHOD.md "Degenerate case" for a trace of ``num_layers`` MoE layers."""
     return (

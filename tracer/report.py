@@ -141,12 +141,9 @@ def _checkpoint_row(name: str, step: int, row: pd.Series) -> list[str]:
 def _memorisation_section(result: MemorisationResult) -> list[str]:
     counts = result.t_star.dropna().astype(int).value_counts().sort_index()
     total, memorised = len(result.t_star), int(result.t_star.notna().sum())
-    source = result.epsilon_source
-    if source != "explicit":
-        source += " of the final losses"
     rows = [[f"t*={step}", str(count)] for step, count in counts.items()]
     return ["## Memorisation", "",
-            f"epsilon = {result.epsilon:.4f} ({source}), delta = {result.delta:g}: "
+            f"{result.thresholds()}: "
             f"{memorised} of {total} samples memorised ({result.fraction_memorised:.1%}). "
             "A sample is memorised from t* when at every checkpoint from t* on its loss is at "
             "most epsilon and within delta of its final loss.", "",
