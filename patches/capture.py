@@ -79,14 +79,35 @@ def inspect_model(model: torch.nn.Module, vllm_config) -> ModelRouting:
         raise UnsupportedModelError(
             "moepath: speculative decoding is not supported while tracing (rejected draft "
             "tokens would be recorded); start the engine without --speculative-config")
-    if vllm_config.parallel_config.use_ubatching:
-        raise UnsupportedModelError(
-            "moepath: micro-batching (dual-batch overlap) runs each step as separate forwards "
-            "whose routing the hook cannot place; start the engine without --enable-dbo")
+    _check_engine(vllm_config)
     layers = [_moe_layer(name, runner) for name, runner in runners]
     layers.sort(key=lambda layer: layer.layer_id)
     first = layers[0].router
     return ModelRouting(layers, first.global_num_experts, first.top_k, _routing_config(first))
+
+
+def _check_engine(vllm_config) -> None:
+    """Refuse engine set-ups whose steps the recorder cannot map to requests exactly."""
+    parallel = vllm_config.parallel_config
+    if parallel.use_ubatching:
+        raise UnsupportedModelError(
+            "moepath: micro-batching (dual-batch overlap) runs each step as separate forwards "
+            "whose routing the hook cannot place; start the engine without --enable-dbo")
+    if parallel.pipeline_parallel_size > 1:
+        raise UnsupportedModelError(
+            "moepath: pipeline parallelism splits the MoE layers over stages that would each "
+            "write a part of every record; trace with --pipeline-parallel-size 1 (tensor "
+            "parallelism is supported)")
+    if vllm_config.scheduler_config.async_scheduling:
+        raise UnsupportedModelError(
+            "moepath: async scheduling runs one more decode step of a request that sampled "
+            "its stop token, and that step's routing would be recorded; start the engine "
+            "with --no-async-scheduling (moepath's own engines do)")
+    transfer = vllm_config.ec_transfer_config
+    if transfer is not None and transfer.is_encode_only:
+        raise UnsupportedModelError(
+            "moepath: this instance only encodes multimodal inputs for another one and runs "
+            "no language-model forward; trace on the instance that consumes its encodings")
 
 
 def _moe_layer(name: str, runner) -> MoELayer:
@@ -100,6 +121,12 @@ def _moe_layer(name: str, runner) -> MoELayer:
             f"context-parallel ranks before routing (naive dispatch), so its routing rows "
             f"are not this rank's requests; trace with one data-parallel rank and no context "
             f"parallelism, or choose an all-to-all backend with --all2all-backend")
+    if runner.moe_config.is_sequence_parallel:
+        raise UnsupportedModelError(
+            f"moepath: MoE layer '{name}' is sequence parallel (expert parallelism with "
+            f"tensor- and data-parallel sizes above 1): each tensor-parallel rank routes "
+            f"only its share of a step's tokens; trace with --tensor-parallel-size 1 or "
+            f"without --enable-expert-parallel")
     router = runner.router
     kind = type(router).__name__
     if kind == "RoutingSimulatorRouter":

@@ -90,6 +90,9 @@ class EngineOptions:
         }
         if settings is not None:
             kwargs["additional_config"] = {CONFIG_KEY: settings.as_dict()}
+            # async scheduling (vLLM's default on CUDA) decodes a request once more after
+            # it sampled its stop token; the capture refuses it (off on CPU anyway)
+            kwargs["async_scheduling"] = False
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
         if self.max_num_batched_tokens:

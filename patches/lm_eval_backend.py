@@ -165,6 +165,7 @@ class MoepathVLLM(_upstream.VLLM):
         self._traced_ids: set[str] = set()
         self._tag_source: Iterator[RequestTag] | None = None
         self._pending: dict[tuple[int, ...], deque[RequestTag]] = {}
+        kwargs.setdefault("async_scheduling", False)  # the capture refuses it (see capture.py)
         super().__init__(pretrained, additional_config=additional, enable_prefix_caching=False,
                          **kwargs)
         atexit.register(self.close)

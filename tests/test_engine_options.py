@@ -47,3 +47,16 @@ def test_cli_names_the_bad_engine_core_value(tmp_path):
                                   "not 'thread'")
     assert not (tmp_path / "o").exists()
 
+
+
+def test_traced_engines_turn_async_scheduling_off_and_their_untraced_twins_keep_vllm_s_default():
+    """vLLM's async scheduling (its default on CUDA) decodes a request once more after it
+    sampled its stop token; the capture refuses it, so moepath's engines switch it off."""
+    from moepath.patches.settings import CaptureSettings
+
+    options = EngineOptions(dtype="float32")
+    traced = options.llm_kwargs("toy", CaptureSettings(dir="t"))
+    assert traced["async_scheduling"] is False
+    assert traced["additional_config"]["moepath"]["dir"] == "t"
+    untraced = options.llm_kwargs("toy", None)
+    assert "async_scheduling" not in untraced and "additional_config" not in untraced

@@ -55,7 +55,7 @@ def server(toy_olmoe, tmp_path_factory):
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(toy_olmoe),
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization", str(TEST_MEMORY),
-         "--no-enable-prefix-caching", "--shutdown-timeout", "60",
+         "--no-enable-prefix-caching", "--no-async-scheduling", "--shutdown-timeout", "60",
          "--additional-config", json.dumps(config)],
         stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"VLLM_USE_V2_MODEL_RUNNER": "0"},
         start_new_session=True)  # its own process group: teardown reaps engine and worker too
