@@ -12,7 +12,8 @@ from . import render
 
 def toy_model(
     out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
-    arch: Annotated[str, typer.Option(help="olmoe, mixtral or qwen2moe.")] = "olmoe",
+    arch: Annotated[str, typer.Option(help="olmoe, mixtral, qwen2moe or glm4moe (sigmoid routing "
+                                     "with a selection bias, DeepSeek-V3 style).")] = "olmoe",
     preset: Annotated[str, typer.Option(help="tiny (tests) or olmoe-shaped (16 layers, "
                       "64 experts, top-8).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed of the weights (one tokenizer for all "

@@ -30,7 +30,8 @@ class CaptureBuffers:
         expert_ids: int32 [T, L, k], logical ids (EPLB is refused, so ids are logical).
         gate_weights: float32 [T, L, k], weights the model used.
         router_scores: float32 [L, T, E], layer-major: the router's full
-            distribution over the E routed experts (:func:`score_into`); eagerly
+            distribution over the E routed experts (:func:`score_into`), plus
+            the router's selection bias if it has one (:func:`record`); eagerly
             written only for steps whose distributions are read
             (:data:`SCORES_WANTED`), by a compiled graph for every step.
             Layer-major so that a layer's rows [:n] are contiguous and the
@@ -98,9 +99,15 @@ def score_into(logits: torch.Tensor, out: torch.Tensor, sigmoid: bool) -> None:
         torch.softmax(logits, -1, dtype=torch.float32, out=out)
 
 
-def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids):
+def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids,
+           bias: torch.Tensor | None = None):
     """Write one layer's routing of this step's n tokens into rows [:n] of slot ``slot``:
     two copies (ids, weights) and one scoring of the logits.
+
+    ``bias``: the router's ``e_score_correction_bias`` [E] (DeepSeek-V3-style routers
+    choose experts by sigmoid score plus this load-balancing bias), added to the
+    scores so that they are what the router ranks experts by (METHOD.md:
+    "sigmoid(+bias)"); None for routers without one.
 
     Eagerly the scoring runs only when :data:`SCORES_WANTED`. Traced by
     torch.compile, the writes are graph code into the slot's own views of the
@@ -122,6 +129,8 @@ def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids):
     weight_rows.copy_(topk_weights)
     if scored:
         score_into(router_logits, score_rows, BUFFERS.sigmoid)
+        if bias is not None:
+            score_rows.add_(bias)
 
 
 def wrap_select_experts(original):
@@ -136,7 +145,8 @@ def wrap_select_experts(original):
         topk_weights, topk_ids = original(self, hidden_states, router_logits, *args, **kwargs)
         slot = getattr(self, "_moepath_slot", None)
         if slot is not None:
-            record(slot, self.global_num_experts, router_logits, topk_weights, topk_ids)
+            record(slot, self.global_num_experts, router_logits, topk_weights, topk_ids,
+                   getattr(self, "e_score_correction_bias", None))
         return topk_weights, topk_ids
 
     select_experts.__moepath_wrapped__ = True

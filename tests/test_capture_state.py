@@ -565,17 +565,23 @@ def test_the_hook_writes_rows_of_this_step_only_eager_and_under_torch_compile(co
 
 @pytest.mark.parametrize("sigmoid", [False, True])
 def test_the_hook_scores_bfloat16_logits_in_float32_with_the_models_scoring(sigmoid):
-    """vLLM's CPU router hands bf16 logits over; transformers scores them in float32."""
+    """vLLM's CPU router hands bf16 logits over; transformers scores them in float32.
+    A sigmoid router's selection bias (DeepSeek-V3 style) is part of its scores."""
     import torch
 
     from moepath.patches import hook
 
     hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu", sigmoid=sigmoid)
-    logits = torch.randn((3, E), generator=torch.Generator().manual_seed(3)).bfloat16()
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn((3, E), generator=generator).bfloat16()
     weights, ids = torch.topk(logits.float().softmax(-1), K)
     hook.record(0, E, logits, weights, ids.to(torch.int32))
     wanted = logits.float().sigmoid() if sigmoid else logits.float().softmax(-1)
     assert torch.equal(hook.BUFFERS.router_scores[0, :3], wanted)
+    if sigmoid:
+        bias = torch.randn(E, generator=generator) * 0.1
+        hook.record(1, E, logits, weights, ids.to(torch.int32), bias)
+        assert torch.equal(hook.BUFFERS.router_scores[1, :3], wanted + bias)
 
 
 def test_a_step_that_wants_no_scores_still_records_ids_and_weights(monkeypatch):
@@ -618,10 +624,13 @@ def test_a_compiled_hook_writes_the_rows_the_eager_hook_writes(monkeypatch):
 
     from moepath.patches import hook
 
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(5))  # the last layer's
+
     def route(logits):  # each layer's router, then the hook, as vLLM's MoE layers run
         for slot in range(L):
             weights, ids = torch.topk((logits + slot).softmax(-1), K)
-            hook.record(slot, E, logits + slot, weights, ids.to(torch.int32))
+            hook.record(slot, E, logits + slot, weights, ids.to(torch.int32),
+                        bias if slot == L - 1 else None)
         return logits
 
     compiled = torch.compile(route, fullgraph=True, dynamic=True)

@@ -24,7 +24,7 @@ def naive_select(distribution, tau: float) -> Pathway:
     """METHOD.md step 3 with plain loops: rank, then add experts until the share exceeds tau."""
     layers = []
     for row in distribution:
-        weights = [float(w) for w in row]
+        weights = [max(float(w), 0.0) for w in row]  # negative scores count as zero
         ranked = sorted(range(len(weights)), key=lambda k: (-weights[k], k))
         total = 0.0
         for k in ranked:
@@ -85,6 +85,10 @@ taus = st.one_of(st.sampled_from([0.5, 0.6, 0.7, 0.75, 0.8, 1.0]), st.floats(0.0
         ([0.6, 0.0, 0.4, 0.0], 1.0, (0, 2)),  # tau 1: every nonzero expert, never a zero one
         ([0.3, 0.3, 0.4], 1.0, (2, 0, 1)),
         ([2.0, 1.0, 1.0], 0.5, (0, 1)),  # unnormalised rows are cut at a share of their total
+        # sigmoid + selection bias can dip below zero: a negative score weighs nothing (total
+        # 1.0, so 0.6 + 0.3 crosses 0.7; counted, the total 0.8 would stop at 0.6 > 0.56)
+        ([0.6, -0.2, 0.3, 0.1], 0.7, (0, 2)),
+        ([0.5, -0.1, -0.3], 1.0, (0,)),
     ],
 )
 def test_select_experts_hand_computed(weights, tau, kept):
@@ -123,9 +127,10 @@ def test_tau_outside_unit_interval_is_refused(tau):
     [
         (np.full((2, 3), 0.5), r"shape \(2, 3\); expected \[samples, layers, experts\]"),
         (np.full((1, 0, 3), 0.5), r"at least one layer and expert"),
-        ([[[0.5, -0.1]]], "negative, NaN or infinite"),
-        ([[[0.5, float("nan")]]], "negative, NaN or infinite"),
+        ([[[0.5, float("inf")]]], "NaN or infinite"),
+        ([[[0.5, float("nan")]]], "NaN or infinite"),
         ([[[0.5, 0.5]], [[0.0, 0.0]]], "sample 1 has zero routing weight in layer 0"),
+        ([[[0.5, 0.5]], [[-0.1, 0.0]]], "sample 1 has zero routing weight in layer 0"),
     ],
 )
 def test_bad_distributions_are_refused(distributions, message):

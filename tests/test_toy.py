@@ -11,8 +11,11 @@ from moepath.tracer.errors import InputError
 from moepath.tracer.hf_reference import hf_routing, load_model
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "qwen2moe"])
-def test_each_toy_architecture_loads_in_transformers_and_routes(arch, toy_factory):
+@pytest.mark.parametrize(("arch", "moe_layers"), [
+    ("olmoe", [0, 1, 2, 3]), ("mixtral", [0, 1, 2, 3]), ("qwen2moe", [0, 1, 2, 3]),
+    ("glm4moe", [1, 2, 3]),  # layer 0 is dense, as in GLM-4.5
+])
+def test_each_toy_architecture_loads_in_transformers_and_routes(arch, moe_layers, toy_factory):
     from transformers import AutoTokenizer
 
     path = toy_factory(arch)
@@ -22,12 +25,29 @@ def test_each_toy_architecture_loads_in_transformers_and_routes(arch, toy_factor
     logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), len(tokenizer))
     routing = hf_routing(model, ids, top_k=4)
-    assert routing.probs.shape == (len(ids), 4, 16)
+    assert routing.probs.shape == (len(ids), len(moe_layers), 16)
     # router weights are rescaled so the top expert gets far more than 1/16
     assert routing.probs.max(-1).mean() > 0.25
     shape = moe_shape(path)
     assert (shape.num_hidden_layers, shape.num_experts, shape.top_k) == (4, 16, 4)
-    assert sorted(router_weights(path, 16)) == [0, 1, 2, 3]
+    assert sorted(router_weights(path, 16)) == moe_layers
+
+
+def test_a_bias_router_toy_has_a_random_selection_bias_that_changes_the_choice(toy_factory):
+    """glm4moe routers rank experts by sigmoid score plus a load-balancing bias, which
+    transformers initialises to zero; the toy draws it, so the bias matters."""
+    from moepath.tracer.toy import CORRECTION_BIAS_STD, correction_biases
+
+    model = load_model(toy_factory("glm4moe"))
+    biases = torch.stack(correction_biases(model))
+    assert biases.shape == (3, 16)
+    assert 0.5 * CORRECTION_BIAS_STD < biases.std() < 2 * CORRECTION_BIAS_STD
+    ids = list(range(5, 45))
+    routing = hf_routing(model, ids, top_k=4)
+    out = model(torch.tensor([ids]), output_router_logits=True)
+    unbiased = torch.stack(out.router_logits, 1).sigmoid().topk(4, -1).indices.sort(-1).values
+    biased = torch.from_numpy(routing.expert_ids).sort(-1).values
+    assert (unbiased != biased).any(-1).float().mean() > 0.1  # the bias changes some choices
 
 
 def test_same_seed_same_weights_other_seed_other_weights(toy_factory, tmp_path):

@@ -422,7 +422,7 @@ def trace_sample_detail(
         pathway=pathway,
         weights=[[float(g[layer, e]) for e in kept] for layer, kept in enumerate(pathway.layers)],
         layer_share=[
-            float(g[layer, list(kept)].sum() / g[layer].sum())
+            float(g[layer, list(kept)].sum() / np.maximum(g[layer], 0).sum())
             for layer, kept in enumerate(pathway.layers)
         ],
         num_experts=trace.num_experts,

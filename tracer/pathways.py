@@ -105,7 +105,9 @@ def as_distributions(distributions) -> np.ndarray:
 
     Float input is not copied (other dtypes become float64).
 
-    Raises :class:`MetricError` unless it is 3-D with L, E >= 1, finite and non-negative.
+    Raises :class:`MetricError` unless it is 3-D with L, E >= 1 and finite. Weights may
+    be negative: a DeepSeek-V3-style router's selection scores (sigmoid plus its
+    load-balancing bias) dip below zero for experts it disfavours.
     """
     array = np.asarray(distributions)
     if not np.issubdtype(array.dtype, np.floating):
@@ -115,10 +117,10 @@ def as_distributions(distributions) -> np.ndarray:
             f"distributions have shape {array.shape}; expected [samples, layers, experts] "
             "with at least one layer and expert (stack one [layers, experts] array per sample)"
         )
-    if array.size and not (array.min() >= 0 and np.isfinite(array.max())):
+    if array.size and not np.isfinite(array).all():
         raise MetricError(
-            "distributions hold negative, NaN or infinite weights; pass per-layer means of "
-            "router probabilities (softmax or sigmoid scores) or of top-k gate weights"
+            "distributions hold NaN or infinite weights; pass per-layer means of router "
+            "probabilities (softmax or sigmoid scores) or of top-k gate weights"
         )
     return array
 
@@ -181,7 +183,9 @@ def pathways(distributions, tau: float = DEFAULT_TAU) -> list[Pathway]:
     1) this is the paper's literal cut, and a ``topk`` or sigmoid source, whose
     rows do not sum to 1, is cut at the same share of its mass. Experts of zero
     weight are never kept, which makes ``tau=1.0`` keep exactly the experts of
-    nonzero weight, whatever the float rounding of the sums.
+    nonzero weight, whatever the float rounding of the sums. A negative weight
+    (sigmoid plus a router's selection bias) counts as zero: it ranks last and
+    takes nothing from the layer's total.
 
     Equivalently, the expert at rank r is kept iff its weight is nonzero and the
     weight ranked before it sums to at most ``tau * total``. Sums are float64
@@ -212,6 +216,7 @@ def _cut(chunk: np.ndarray, tau: float, first_sample: int) -> list[Pathway]:
     # Rank in the input dtype (casting to float64 preserves order), sum in float64.
     order = np.argsort(-chunk, axis=-1, kind="stable")  # [n, L, E] rank -> expert
     ranked = np.take_along_axis(chunk, order, axis=-1).astype(np.float64)
+    np.maximum(ranked, 0.0, out=ranked)  # negative selection scores weigh nothing
     cumulative = np.cumsum(ranked, axis=-1)
     total = cumulative[..., -1:]  # [n, L, 1]
     _check_nonzero(total[..., 0], first_sample)

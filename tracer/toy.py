@@ -10,8 +10,11 @@ which on a hidden state of unit RMS gives logits of std ~0.02*sqrt(hidden):
 almost uniform gates and meaningless pathways. :func:`build_toy_model` redraws
 every router matrix with std ``ROUTER_LOGIT_STD / sqrt(hidden)``, so router
 logits have a standard deviation of about ``ROUTER_LOGIT_STD`` (2.0): routing
-is peaked but not one-hot, like a trained model's. Everything is deterministic
-for a given seed.
+is peaked but not one-hot, like a trained model's. Routers that select by
+sigmoid scores plus a load-balancing bias (``glm4moe``, DeepSeek-V3 style) get
+a random bias of std ``CORRECTION_BIAS_STD`` (transformers initialises it to 0),
+so the bias changes which experts are chosen. Everything is deterministic for a
+given seed.
 
 Example::
 
@@ -27,9 +30,10 @@ from pathlib import Path
 from .errors import InputError
 
 ROUTER_LOGIT_STD = 2.0
+CORRECTION_BIAS_STD = 0.1  # sigmoid scores of logits with std 2 differ by ~0.1-0.2
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
-ARCHITECTURES = ("olmoe", "mixtral", "qwen2moe")
+ARCHITECTURES = ("olmoe", "mixtral", "qwen2moe", "glm4moe")
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,21 @@ def toy_config(arch: str, shape: ToyShape, vocab_size: int):
             decoder_sparse_step=1,
             mlp_only_layers=[],
         )
+    if arch == "glm4moe":  # DeepSeek-V3-style routing: sigmoid scores plus a selection bias
+        from transformers import Glm4MoeConfig
+
+        return Glm4MoeConfig(
+            **common,
+            n_routed_experts=shape.experts,
+            head_dim=shape.hidden // shape.heads,  # vLLM reads it; GLM-4.5's configs have it
+            intermediate_size=shape.intermediate,
+            moe_intermediate_size=shape.intermediate,
+            n_shared_experts=1,
+            first_k_dense_replace=1,  # layer 0 dense, as GLM-4.5's first layers
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+        )
     raise InputError(f"unknown toy architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
@@ -147,6 +166,12 @@ def router_parameters(model, num_experts: int) -> list:
         for name, p in model.named_parameters()
         if name.endswith("gate.weight") and p.ndim == 2 and p.shape[0] == num_experts
     ]
+
+
+def correction_biases(model) -> list:
+    """The selection bias (``e_score_correction_bias``, float32 [E]) of every MoE layer of
+    a DeepSeek-V3-style router, in layer order; [] for other routers."""
+    return [b for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")]
 
 
 def build_toy_model(
@@ -174,6 +199,8 @@ def build_toy_model(
         for weight in router_parameters(model, shape.experts):
             weight.copy_(torch.randn(weight.shape, generator=generator))
             weight.mul_(ROUTER_LOGIT_STD / shape.hidden**0.5)
+        for bias in correction_biases(model):
+            bias.copy_(torch.randn(bias.shape, generator=generator) * CORRECTION_BIAS_STD)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
