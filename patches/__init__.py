@@ -90,7 +90,7 @@ def _enable_capture(worker, settings) -> None:
     worker.moepath_flush = (functools.partial(recorder.flush, requests_done=True)
                             if recorder is not None
                             else lambda: {"shards": [], "error": None, "requests_recorded": 0,
-                                         "requests_recomputed": 0})
+                                         "requests_recomputed": 0, "requests_incomplete": 0})
 
     def switch(trace_dir: str, run: str, weights_path: str | None = None) -> None:
         if weights_path:
@@ -113,6 +113,11 @@ def _commit_from_worker(worker, settings, recorder, routing) -> None:
         raise capture.UnsupportedModelError(
             "moepath: server-mode tracing needs every prompt token computed; start the server "
             "with --no-enable-prefix-caching")
+    if config.parallel_config.data_parallel_size > 1:
+        raise capture.UnsupportedModelError(
+            "moepath: with data parallelism every data-parallel rank would commit its own "
+            "manifest into one trace directory, each dropping the others' shards; serve "
+            "traced with --data-parallel-size 1 (one server per trace directory)")
     committer = ManifestCommitter(settings, recorder, routing.describe(),
                                   config.model_config.model, str(config.model_config.dtype))
     original_shutdown = worker.shutdown

@@ -351,6 +351,7 @@ class StepRecorder:
         self.lock = threading.Lock()
         self.requests_recorded = 0
         self.requests_recomputed = 0
+        self.requests_incomplete = 0  # ended before their whole prompt was computed
         self.layout = step_layout(len(routing.layers), routing.top_k, routing.num_experts,
                                   settings.store_probs)
         self._batch: _TracedBatch | None = None
@@ -375,7 +376,7 @@ class StepRecorder:
         sample_id = extra.get(REQUEST_ID_KEY)
         completion, parent = 0, req_id
         match = _CHILD_ID.match(req_id)
-        if match and (extra.get("moepath_n", 1) > 1 or self.settings.trace_all):
+        if match and self._may_be_child(extra):
             completion, parent = int(match.group(1)), match.group(2)
         if sample_id is None:
             sample_id = _INTERNAL_SUFFIX.sub("", parent)
@@ -385,6 +386,14 @@ class StepRecorder:
             meta=_parse_meta(extra.get(REQUEST_META_KEY)))
         self.active[req_id] = accumulator
         return accumulator
+
+    def _may_be_child(self, extra_args: dict) -> bool:
+        """Whether a request id of the child form ``<index>_<parent id>`` names one of a
+        parent's ``n > 1`` completions. ``tag`` records the parent's n (``moepath_n``),
+        which vLLM sets to 1 in the children's params; requests tagged through
+        ``vllm_xargs`` have no ``moepath_n``, so the id's form decides."""
+        n = extra_args.get("moepath_n")
+        return n is None or n > 1 or self.settings.trace_all
 
     def _traces(self, sampling_params) -> bool:
         """Whether a request with these sampling params is traced: tagged, or all are."""
@@ -414,10 +423,24 @@ class StepRecorder:
             self._batch = None  # its accumulators may be gone
         for req_id in finished_req_ids:
             accumulator = self.active.pop(req_id, None)
-            if accumulator is not None and accumulator.chunks:
-                self.sink.add(accumulator.finish(self.layout))
-                self.requests_recorded += 1
-                self.requests_recomputed += accumulator.recomputed
+            if accumulator is None or not accumulator.chunks:
+                continue
+            if accumulator.next_position < accumulator.num_prompt_tokens:
+                self._drop_incomplete(accumulator)
+                continue
+            self.sink.add(accumulator.finish(self.layout))
+            self.requests_recorded += 1
+            self.requests_recomputed += accumulator.recomputed
+
+    def _drop_incomplete(self, accumulator: RequestAccumulator) -> None:
+        """A request that ended before its prompt was computed (aborted: a client
+        disconnected, a ``generate`` call interrupted) is not recorded: its prompt
+        mean and pathway would describe part of the sample."""
+        self.requests_incomplete += 1
+        compat.logger.warning(
+            "%s request '%s' (sample '%s') ended after %d of its %d prompt tokens (aborted?); "
+            "it is not recorded", compat.LOG_PREFIX, accumulator.request_id,
+            accumulator.sample_id, accumulator.next_position, accumulator.num_prompt_tokens)
 
     def _traced_batch(self, runner) -> _TracedBatch:
         """The traced requests of the runner's batch; recomputed only when the batch changes
@@ -622,7 +645,8 @@ class StepRecorder:
                 self.fail(exc)
             return {"shards": shards, "error": self.error,
                     "requests_recorded": self.requests_recorded,
-                    "requests_recomputed": self.requests_recomputed}
+                    "requests_recomputed": self.requests_recomputed,
+                    "requests_incomplete": self.requests_incomplete}
 
 
 def wrap_execute_model(runner, recorder: StepRecorder):

@@ -272,6 +272,44 @@ def test_rows_follow_their_requests_while_the_batch_changes_between_decode_steps
     np.testing.assert_array_equal(records["D"].expert_ids[:, 0, 0], [30])
 
 
+def test_a_request_that_ends_before_its_prompt_is_computed_is_not_recorded():
+    """A client that disconnects mid-prefill aborts its request; vLLM then reports it
+    finished. Its rows cover part of the prompt, so it leaves no record."""
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    sink = ListSink()
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=sink)
+    runner = ScriptedRunner({"a": ("A", 6), "b": ("B", 2)})
+    runner.step(recorder, {"a": [0, 1, 2], "b": [0, 1]})  # a's first prefill chunk
+    recorder.on_finished(["a", "b"])  # a aborted before its second chunk
+    report = recorder.flush()
+
+    assert [record.sample_id for record in sink.records] == ["B"]
+    assert report["requests_recorded"] == 1 and report["requests_incomplete"] == 1
+
+
+def test_completions_of_an_n_2_request_tagged_through_vllm_xargs_get_their_index():
+    """vLLM runs the n completions of a request as children ``<index>_<parent id>`` with
+    n = 1 in their params; a server client's tag carries no ``moepath_n``, so the id's
+    form gives the completion. ``tag`` records n, so an id that only looks like a
+    child's (``3_x``) stays completion 0 when n is 1."""
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    sink = ListSink()
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=sink)
+    runner = ScriptedRunner({"0_cmpl-7-1a2b3c4d": ("q", 2), "1_cmpl-7-1a2b3c4d": ("q", 2),
+                             "3_x-9z8y7x6w": ("own", 2)})
+    runner.requests["3_x-9z8y7x6w"].sampling_params.extra_args["moepath_n"] = 1
+    runner.step(recorder, {"0_cmpl-7-1a2b3c4d": [0, 1], "1_cmpl-7-1a2b3c4d": [0, 1],
+                           "3_x-9z8y7x6w": [0, 1]})
+    recorder.flush(requests_done=True)
+
+    assert sorted((r.sample_id, r.completion) for r in sink.records) == [
+        ("own", 0), ("q", 0), ("q", 1)]
+
+
 def test_a_request_preempted_mid_decode_keeps_the_rows_of_its_recomputation():
     from moepath.patches import hook
 

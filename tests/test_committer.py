@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from moepath.patches.committer import ManifestCommitter
 from moepath.patches.settings import CaptureSettings
 from moepath.tracer import checkpoints, store
@@ -76,3 +78,19 @@ def test_a_capture_error_is_committed_once(toy_olmoe, tmp_path):
     assert manifest_stamp(trace_dir) == stamp
     committer.close()  # shutdown keeps the failure
     assert store.read_manifest(trace_dir)["status"] == "failed"
+
+
+def test_a_data_parallel_server_is_refused_before_any_rank_commits(tmp_path):
+    """Each data-parallel rank has its own writer worker; server-mode commits from several
+    would overwrite one manifest, so the worker refuses at load."""
+    from types import SimpleNamespace as NS
+
+    from moepath.patches import _commit_from_worker
+    from moepath.patches.capture import UnsupportedModelError
+
+    worker = NS(vllm_config=NS(cache_config=NS(enable_prefix_caching=False),
+                               parallel_config=NS(data_parallel_size=2)))
+    settings = CaptureSettings(dir=str(tmp_path / "t"), commit=True)
+    with pytest.raises(UnsupportedModelError, match="--data-parallel-size 1"):
+        _commit_from_worker(worker, settings, recorder=None, routing=None)
+    assert not (tmp_path / "t").exists()

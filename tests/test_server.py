@@ -72,13 +72,13 @@ def server(toy_olmoe, tmp_path_factory):
         log.close()
 
 
-def complete(url: str, model: str, prompt: list[int], tag: dict | None):
+def complete(url: str, model: str, prompt: list[int], tag: dict | None, **sampling):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
     extra = {"vllm_xargs": tag} if tag else None
-    return client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0,
-                                     extra_body=extra)
+    sampling = {"max_tokens": 1, "temperature": 0} | sampling
+    return client.completions.create(model=model, prompt=prompt, extra_body=extra, **sampling)
 
 
 def test_tagged_requests_are_traced_live_and_match_an_hf_forward(server, toy_olmoe):
@@ -90,10 +90,18 @@ def test_tagged_requests_are_traced_live_and_match_an_hf_forward(server, toy_olm
     with ThreadPoolExecutor(8) as pool:  # tagged and untagged requests, concurrently
         list(pool.map(lambda args: complete(url, str(toy_olmoe), *args),
                       zip(prompts, tags, strict=True)))
+    # n = 2: each completion under its own index (vLLM runs them as child requests)
+    pair = complete(url, str(toy_olmoe), prompts[0], {"moepath_id": "pair"}, n=2,
+                    max_tokens=3, temperature=1.0, seed=3)
+    assert len(pair.choices) == 2
     time.sleep(3)  # > flush interval: completed requests are committed while serving
     live = Trace.open(trace_dir)
     assert live.manifest["status"] == "running"
-    assert sorted(live.sample_ids()) == sorted(f"q{i}" for i in range(0, 12, 2))
+    assert sorted(live.sample_ids()) == sorted([f"q{i}" for i in range(0, 12, 2)] + ["pair"])
+    first, second = live.token_ids("pair", 0), live.token_ids("pair", 1)
+    assert len(first) == len(second) == len(prompts[0]) + 2  # 2 generated tokens fed back
+    np.testing.assert_array_equal(first[:len(prompts[0])], prompts[0])
+    np.testing.assert_array_equal(second[:len(prompts[0])], prompts[0])
     samples = live.samples.set_index("sample_id")
     assert samples.loc["q4", "task"] == "t" and samples.loc["q4", "i"] == 4
     model = load_model(toy_olmoe)
@@ -108,4 +116,4 @@ def test_tagged_requests_are_traced_live_and_match_an_hf_forward(server, toy_olm
     process.wait(timeout=120)
     final = Trace.open(trace_dir)
     assert final.manifest["status"] == "complete"
-    assert len(final.sample_ids()) == 6
+    assert len(final.sample_ids()) == 7
