@@ -63,6 +63,16 @@ def test_existing_output_directory_needs_resume_or_force(tmp_path, toy_olmoe, sm
     assert (tmp_path / "o" / "keep.txt").read_text() == "precious"
 
 
+def test_force_does_not_wipe_a_directory_that_is_not_a_trace(tmp_path, toy_olmoe,
+                                                              small_samples):
+    result = moepath("trace", toy_olmoe, "--samples", small_samples, "--out", ".", "--force",
+                     cwd=tmp_path)
+    assert_one_line_error(result, "--force would delete '.', which is not a moepath trace")
+    assert small_samples.is_file()
+    result = moepath("trace", toy_olmoe, "--samples", small_samples, "--out", small_samples)
+    assert_one_line_error(result, f"output directory '{small_samples}' is a file")
+
+
 def test_over_long_sample_is_named_unless_truncating(tmp_path, toy_olmoe):
     samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "short", "text": "a b"},
                                                   {"id": "essay", "text": "word " * 300}])

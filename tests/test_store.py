@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moepath.tracer import Trace, store
-from moepath.tracer.errors import TraceFormatError
+from moepath.tracer.errors import InputError, TraceFormatError
 
 L, K, E = 3, 2, 8
 DATA = Path(__file__).parent / "data"
@@ -176,6 +176,35 @@ def test_existing_output_directory_needs_resume_or_force(tmp_path):
         store.prepare_directory(tmp_path / "t", resume=False, force=False)
     assert store.prepare_directory(tmp_path / "t", resume=False, force=True) is None
     assert not any((tmp_path / "t").iterdir())
+
+
+@pytest.mark.parametrize("layout", [
+    {"notes.txt": b"mine"},
+    {"samples/data.jsonl": b"{}"},  # a folder named like a trace's, holding other files
+    {"manifest.json": b'{"name": "a web app"}', "routing/x.parquet": b""},
+])
+def test_force_refuses_to_delete_a_directory_that_is_not_a_trace(tmp_path, layout):
+    for name, data in layout.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(InputError, match=f"--force would delete '{tmp_path}', which is not a "
+                                         f"moepath trace .*; pass a new or empty directory"):
+        store.prepare_directory(tmp_path, resume=False, force=True)
+    assert all((tmp_path / name).read_bytes() == data for name, data in layout.items())
+
+
+def test_force_empties_a_trace_stopped_before_its_first_manifest(tmp_path):
+    store.write_router_weights(tmp_path / "t", [np.zeros((E, 4), np.float32)])
+    store.write_routing_shard(tmp_path / "t", "run-r0-000000", [make_record("a", 4, 1)], L, K, E)
+    (tmp_path / "t" / ".tmp-1234-manifest.json").write_bytes(b"{")
+    assert store.prepare_directory(tmp_path / "t", resume=False, force=True) is None
+    assert not any((tmp_path / "t").iterdir())
+
+
+def test_an_output_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(InputError, match=f"output directory '{tmp_path / 'out'}' is a file"):
+        store.prepare_directory(tmp_path / "out", resume=False, force=True)
 
 
 def test_resume_removes_uncommitted_shards_and_keeps_committed_ones(tmp_path):
