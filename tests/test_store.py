@@ -68,6 +68,14 @@ def test_routing_round_trip(tmp_path):
     assert sample_ids == ["a", "b"] and means.shape == (2, L, E)
 
 
+def test_a_sample_id_in_request_metadata_does_not_replace_the_records_id(tmp_path):
+    record = make_record("a", 5, 1)
+    record.meta = {"sample_id": "client-7", "num_tokens": 99, "domain": "code"}
+    write_trace(tmp_path / "t", [record])
+    assert Trace.open(tmp_path / "t").samples.to_dict("records") == [
+        {"sample_id": "a", "domain": "code", "num_tokens": 5}]
+
+
 def test_routing_shard_schema_is_the_documented_one(tmp_path):
     """Golden test of docs/trace-format.md: column names, Arrow types, blob metadata."""
     write_trace(tmp_path / "t", [make_record("a", 4, 1)])

@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 from . import store
 from .errors import TraceFormatError
 
+_RECORD_COLUMNS = ("sample_id", "num_tokens")  # samples columns a routing record sets itself
+
 
 @dataclass(frozen=True)
 class _Location:
@@ -94,7 +96,7 @@ class Trace:
             for sid, completion, meta, prompt in zip(*(table[c].to_pylist() for c in (
                     "sample_id", "completion", "meta", "num_prompt_tokens")), strict=True):
                 if completion == 0:
-                    rows.append({"sample_id": sid, **json.loads(meta), "num_tokens": prompt})
+                    rows.append(_sample_row(sid, json.loads(meta), prompt))
         return pd.DataFrame(rows, columns=None if rows else ["sample_id", "num_tokens"])
 
     # -- one sample -----------------------------------------------------------
@@ -190,3 +192,10 @@ class Trace:
         model = self.manifest["model"]
         return (f"Trace('{self.path}', {len(self)} samples, {model.get('architecture')}, "
                 f"L={self.num_layers}, E={self.num_experts}, k={self.top_k})")
+
+
+def _sample_row(sample_id: str, meta: dict, num_prompt_tokens: int) -> dict:
+    """A samples-table row from a routing record: the record's ``sample_id`` and
+    ``num_tokens``, and its metadata but for keys of those names (the record wins)."""
+    carried = {key: value for key, value in meta.items() if key not in _RECORD_COLUMNS}
+    return {"sample_id": sample_id, **carried, "num_tokens": num_prompt_tokens}
