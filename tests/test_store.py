@@ -76,6 +76,16 @@ def test_a_sample_id_in_request_metadata_does_not_replace_the_records_id(tmp_pat
         {"sample_id": "a", "domain": "code", "num_tokens": 5}]
 
 
+def test_a_trace_with_two_records_of_one_sample_is_refused_by_every_reader(tmp_path):
+    write_trace(tmp_path / "t", [make_record("a", 5, 1), make_record("b", 4, 2),
+                                 make_record("a", 6, 3)])
+    message = (r"holds more than one record of 1 sample id\(s\) \('a'\): the same id was "
+               r"traced twice, .*; give every traced request its own sample id")
+    for read in (Trace.sample_ids, Trace.router_means, lambda t: t.samples, lambda t: t.topk("b")):
+        with pytest.raises(TraceFormatError, match=message):
+            read(Trace.open(tmp_path / "t"))
+
+
 def test_routing_shard_schema_is_the_documented_one(tmp_path):
     """Golden test of docs/trace-format.md: column names, Arrow types, blob metadata."""
     write_trace(tmp_path / "t", [make_record("a", 4, 1)])

@@ -68,14 +68,35 @@ class Trace:
 
     @cached_property
     def _index(self) -> dict[tuple[str, int], _Location]:
-        index = {}
+        """(sample id, completion) -> where its record is.
+
+        Raises TraceFormatError when a key has several records: readers would
+        disagree on which one (or how many) the sample has.
+        """
+        index, repeated = {}, []
         for shard, file in enumerate(self._routing_files):
             keys = pq.read_table(self.path / file, columns=["sample_id", "completion"])
-            for row, (sid, completion) in enumerate(
+            for row, key in enumerate(
                 zip(keys["sample_id"].to_pylist(), keys["completion"].to_pylist(), strict=True)
             ):
-                index[(sid, completion)] = _Location(shard, row)
+                if key in index:
+                    repeated.append(key)
+                index[key] = _Location(shard, row)
+        if repeated:
+            raise self._repeated_records_error(repeated)
         return index
+
+    def _repeated_records_error(self, repeated: list[tuple[str, int]]) -> TraceFormatError:
+        ids = list(dict.fromkeys(sid for sid, _ in repeated))
+        named = ", ".join(f"'{sid}'" for sid in ids[:5]) + (", ..." if len(ids) > 5 else "")
+        return TraceFormatError(
+            f"trace '{self.path}' holds more than one record of {len(ids)} sample id(s) "
+            f"({named}): the same id was traced twice, e.g. by a client of `vllm serve` that "
+            f"reused it; give every traced request its own sample id and trace again")
+
+    def _require_unique_records(self) -> None:
+        """Refuse a trace with repeated records (checked once, by building the index)."""
+        _ = self._index
 
     @cached_property
     def samples(self) -> pd.DataFrame:
@@ -89,6 +110,7 @@ class Trace:
         return self._samples_from_routing()
 
     def _samples_from_routing(self) -> pd.DataFrame:
+        self._require_unique_records()
         rows = []
         for file in self._routing_files:
             table = pq.read_table(self.path / file, columns=["sample_id", "completion", "meta",
@@ -161,6 +183,7 @@ class Trace:
 
     def iter_router_means(self, batch_size: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
         """Yield (sample ids, float32 [B, L, E]) over all samples, shard by shard."""
+        self._require_unique_records()
         shape = (self.num_layers, self.num_experts)
         for file in self._routing_files:
             table = pq.read_table(self.path / file, columns=["sample_id", "completion",
