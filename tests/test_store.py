@@ -86,6 +86,18 @@ def test_a_trace_with_two_records_of_one_sample_is_refused_by_every_reader(tmp_p
             read(Trace.open(tmp_path / "t"))
 
 
+def test_an_incomplete_trace_is_read_and_says_so(tmp_path):
+    manifest = write_trace(tmp_path / "t", [make_record("a", 5, 1), make_record("b", 4, 2)])
+    trace = Trace.open(tmp_path / "t")  # as a running server's trace is read, live
+    assert (trace.status, trace.capture_error) == ("running", None)
+    assert trace.incomplete_warning() == (
+        f"trace '{tmp_path / 't'}' is running, not complete; results cover its 2 committed "
+        f"sample(s) only: finish it with `moepath trace ... --resume`")
+    manifest["status"] = "complete"
+    store.write_manifest(tmp_path / "t", manifest)
+    assert Trace.open(tmp_path / "t").incomplete_warning() is None
+
+
 def test_routing_shard_schema_is_the_documented_one(tmp_path):
     """Golden test of docs/trace-format.md: column names, Arrow types, blob metadata."""
     write_trace(tmp_path / "t", [make_record("a", 4, 1)])

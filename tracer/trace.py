@@ -51,10 +51,35 @@ class Trace:
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> Trace:
+        """Open the trace at ``path`` whatever its :attr:`status`: a running server's
+        trace is read live, up to its last commit."""
         manifest = store.read_manifest(Path(path))
         if verify:
             store.verify_checksums(Path(path), manifest)
         return cls(Path(path), manifest)
+
+    # -- status ---------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """``complete``; ``running`` (being written, or its run was interrupted);
+        ``failed`` (capture stopped the run: :attr:`capture_error` says why)."""
+        return self.manifest["status"]
+
+    @property
+    def capture_error(self) -> str | None:
+        """The capture failure that stopped the run when :attr:`status` is ``failed``."""
+        return self.manifest.get("capture_error")
+
+    def incomplete_warning(self) -> str | None:
+        """One line for a trace that is not complete, naming its status, its committed
+        samples (all any result covers) and how to finish it; None when complete."""
+        if self.status == "complete":
+            return None
+        error = f" (capture error: {self.capture_error})" if self.capture_error else ""
+        return (f"trace '{self.path}' is {self.status}, not complete{error}; results cover "
+                f"its {len(self.sample_ids())} committed sample(s) only: finish it with "
+                f"`moepath trace ... --resume`")
 
     # -- tables -------------------------------------------------------------
 
