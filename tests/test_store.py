@@ -184,12 +184,21 @@ def test_duckdb_reads_a_trace_without_moepath(tmp_path):
                     for r in records for t in range(len(r.positions))]
 
 
-def test_corrupted_shard_is_reported_by_name(tmp_path):
+@pytest.mark.parametrize(("damage", "report"), [
+    (lambda shard: shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789"),
+     r"is corrupted \(sha256 differs from the manifest\)"),
+    (lambda shard: shard.unlink(), "is missing from '.*t'"),
+])
+def test_a_damaged_shard_is_named_and_the_advice_works(tmp_path, damage, report):
     write_trace(tmp_path / "t", [make_record("a", 4, 1)])
-    shard = tmp_path / "t" / "routing" / "run-r0-000000.parquet"
-    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(TraceFormatError, match="routing/run-r0-000000.parquet' is corrupted"):
+    damage(tmp_path / "t" / "routing" / "run-r0-000000.parquet")
+    message = (f"trace file 'routing/run-r0-000000.parquet' {report}; restore it from a copy, "
+               r"or trace again with --force \(--resume keeps committed files")
+    with pytest.raises(TraceFormatError, match=message):
         Trace.open(tmp_path / "t")
+    with pytest.raises(TraceFormatError, match=message):
+        store.prepare_directory(tmp_path / "t", resume=True, force=False)
+    assert store.prepare_directory(tmp_path / "t", resume=False, force=True) is None
 
 
 def test_trace_from_a_newer_format_version_is_refused(tmp_path):

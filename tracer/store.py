@@ -363,16 +363,23 @@ def committed_files(manifest: dict) -> list[dict]:
 
 
 def verify_checksums(trace_dir: Path, manifest: dict) -> None:
-    """Raise TraceFormatError naming the first missing or corrupted file."""
+    """Raise TraceFormatError naming the first missing or corrupted file.
+
+    Such a trace can be neither read nor resumed (resume keeps every committed
+    file, it does not recompute one): the message says to restore the file or to
+    trace again with --force.
+    """
     for entry in committed_files(manifest):
         path = Path(trace_dir) / entry["file"]
         if not path.is_file():
-            raise TraceFormatError(f"trace file '{entry['file']}' is missing from '{trace_dir}'")
-        if file_sha256(path) != entry["sha256"]:
-            raise TraceFormatError(
-                f"trace file '{entry['file']}' is corrupted (sha256 differs from the manifest); "
-                f"delete it and re-run with --resume to recompute its samples"
-            )
+            damage = f"is missing from '{trace_dir}'"
+        elif file_sha256(path) != entry["sha256"]:
+            damage = "is corrupted (sha256 differs from the manifest)"
+        else:
+            continue
+        raise TraceFormatError(
+            f"trace file '{entry['file']}' {damage}; restore it from a copy, or trace "
+            f"again with --force (--resume keeps committed files, it cannot recompute one)")
 
 
 def remove_uncommitted(trace_dir: Path, manifest: dict) -> list[str]:
