@@ -76,3 +76,17 @@ def test_a_capture_error_is_committed_once(toy_olmoe, tmp_path):
     assert manifest_stamp(trace_dir) == stamp
     committer.close()  # shutdown keeps the failure
     assert store.read_manifest(trace_dir)["status"] == "failed"
+
+
+def test_a_restarted_server_clears_the_earlier_failure_and_completes(toy_olmoe, tmp_path):
+    trace_dir = tmp_path / "trace"
+    failed = {"shards": [], "error": "routing shard write failed: disk full"}
+    start_committer(toy_olmoe, trace_dir, ScriptedRecorder(failed)).close()
+    assert store.read_manifest(trace_dir)["status"] == "failed"
+
+    committer = start_committer(toy_olmoe, trace_dir, ScriptedRecorder({"shards": []}))
+    manifest = store.read_manifest(trace_dir)
+    assert (manifest["status"], manifest["capture_error"]) == ("running", None)
+    committer.close()
+    manifest = store.read_manifest(trace_dir)
+    assert (manifest["status"], manifest["capture_error"]) == ("complete", None)

@@ -48,7 +48,7 @@ def merge_traces(parts: list[Path], out: Path, force: bool = False) -> dict:
     merged["counts"] = {key: sum(m["counts"][key] for m in manifests)
                         for key in first["counts"]}
     merged["counts"]["skipped_lines"] = first["counts"]["skipped_lines"]  # of the whole file
-    merged["status"] = "complete"
+    store.set_status(merged, "complete")
     store.verify_checksums(out, merged)
     store.write_manifest(out, merged)
     return merged

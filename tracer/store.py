@@ -410,6 +410,13 @@ def new_manifest(**sections) -> dict:
     return manifest
 
 
+def set_status(manifest: dict, status: str, capture_error: str | None = None) -> None:
+    """Set the manifest's ``status`` and its ``capture_error`` together: the failure that
+    stopped the run when ``failed``, None otherwise, so that a failed trace resumed to
+    completion does not keep the old failure."""
+    manifest["status"], manifest["capture_error"] = status, capture_error
+
+
 def add_shards(manifest: dict, kind: str, infos: list[ShardInfo]) -> None:
     """Record committed shards of ``kind`` (routing or samples) in the manifest."""
     manifest["shards"][kind].extend(asdict(info) for info in infos)
