@@ -324,3 +324,34 @@ def test_per_token_router_distributions_round_trip_after_router_mean(tmp_path):
     assert str(schema.field("router_probs").type) == "list<element: fixed_size_binary[48]>"
     np.testing.assert_array_equal(Trace.open(tmp_path / "t").router_probs("a"),
                                   probs.astype(np.float16).astype(np.float32))
+
+
+def test_a_trace_reads_only_the_columns_a_reader_asks_for_and_holds_two_shards(
+        tmp_path, monkeypatch):
+    """topk never loads router_probs (GBs per shard with --store-probs); a Trace keeps
+    what it read of its two most recently used shards."""
+    records = [make_record(sid, 4, seed) for seed, sid in enumerate("abc")]
+    for record in records:
+        record.router_probs = np.full((4, L, E), 1 / E, np.float32)
+    manifest = write_trace(tmp_path / "t", records[:1])
+    for seq, record in enumerate(records[1:], 1):
+        store.add_shards(manifest, store.ROUTING_DIR, [store.write_routing_shard(
+            tmp_path / "t", f"run-r0-{seq:06d}", [record], L, K, E)])
+    store.write_manifest(tmp_path / "t", manifest)
+    trace = Trace.open(tmp_path / "t")
+    assert trace.sample_ids() == ["a", "b", "c"]  # the index: sample_id and completion
+    reads, read_table = [], pq.read_table
+
+    def spy(path, columns=None, **kwargs):
+        reads.append((Path(path).stem[-6:], *(columns or ["every column"])))
+        return read_table(path, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", spy)
+    for sid in "aabca":
+        np.testing.assert_array_equal(trace.topk(sid)[0], records["abc".index(sid)].expert_ids)
+    trace.token_ids("a")
+    assert reads == [("000000", "expert_ids"), ("000000", "gate_weights"),
+                     ("000001", "expert_ids"), ("000001", "gate_weights"),
+                     ("000002", "expert_ids"), ("000002", "gate_weights"),  # shard 0 let go
+                     ("000000", "expert_ids"), ("000000", "gate_weights"),
+                     ("000000", "token_ids")]

@@ -12,9 +12,10 @@ Example::
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from . import store
 from .errors import TraceFormatError
 
 _RECORD_COLUMNS = ("sample_id", "num_tokens")  # samples columns a routing record sets itself
+_HELD_SHARDS = 2  # routing shards whose read columns a Trace keeps for the next sample
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Trace:
         self.num_layers: int = model["num_layers"]
         self.num_experts: int = model["num_experts"]
         self.top_k: int = model["top_k"]
+        self._held: OrderedDict[int, dict[str, pa.Table]] = OrderedDict()
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> Trace:
@@ -87,9 +90,21 @@ class Trace:
     def _routing_files(self) -> list[str]:
         return [entry["file"] for entry in self.manifest["shards"][store.ROUTING_DIR]]
 
-    @lru_cache(maxsize=2)  # noqa: B019 (one Trace, few shards held at a time)
-    def _routing_shard(self, shard: int) -> pa.Table:
-        return pq.read_table(self.path / self._routing_files[shard])
+    def _column(self, shard: int, name: str) -> pa.Table:
+        """Column ``name`` of routing shard ``shard``, as a one-column table (its field
+        metadata kept), read on first use.
+
+        Each Trace keeps the columns it read from its ``_HELD_SHARDS`` most recently
+        used shards, and only those: ``topk`` never loads ``router_probs`` (GBs of a
+        shard with --store-probs).
+        """
+        held = self._held.pop(shard, {})
+        self._held[shard] = held  # most recently used last
+        if len(self._held) > _HELD_SHARDS:
+            self._held.popitem(last=False)
+        if name not in held:
+            held[name] = pq.read_table(self.path / self._routing_files[shard], columns=[name])
+        return held[name]
 
     @cached_property
     def _index(self) -> dict[tuple[str, int], _Location]:
@@ -148,40 +163,46 @@ class Trace:
 
     # -- one sample -----------------------------------------------------------
 
-    def _locate(self, sample_id: str, completion: int) -> tuple[pa.Table, int]:
+    def _locate(self, sample_id: str, completion: int) -> _Location:
         location = self._index.get((str(sample_id), completion))
         if location is None:
             raise TraceFormatError(
                 f"sample '{sample_id}' (completion {completion}) is not in trace '{self.path}'"
             )
-        return self._routing_shard(location.shard), location.row
+        return location
+
+    def _scalar(self, sample_id: str, completion: int, name: str) -> pa.Scalar:
+        """The record's value in column ``name`` (one per record)."""
+        location = self._locate(sample_id, completion)
+        return self._column(location.shard, name)[name][location.row]
+
+    def _token_values(self, sample_id: str, completion: int, name: str,
+                      inner: tuple[int, ...]) -> np.ndarray:
+        """The record's per-token column ``name`` as an array [T, *inner]."""
+        location = self._locate(sample_id, completion)
+        return store.token_values(self._column(location.shard, name), name, location.row, inner)
 
     def positions(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """int32 [T]: token positions, prompt tokens first."""
-        table, row = self._locate(sample_id, completion)
-        return store.token_values(table, "positions", row, ())
+        return self._token_values(sample_id, completion, "positions", ())
 
     def token_ids(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """int32 [T]: the token ids, prompt tokens first."""
-        table, row = self._locate(sample_id, completion)
-        return store.token_values(table, "token_ids", row, ())
+        return self._token_values(sample_id, completion, "token_ids", ())
 
     def num_prompt_tokens(self, sample_id: str, completion: int = 0) -> int:
-        table, row = self._locate(sample_id, completion)
-        return table["num_prompt_tokens"][row].as_py()
+        return self._scalar(sample_id, completion, "num_prompt_tokens").as_py()
 
     def topk(self, sample_id: str, completion: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(expert ids int64 [T, L, k], gate weights float32 [T, L, k]), prompt tokens first."""
-        table, row = self._locate(sample_id, completion)
         shape = (self.num_layers, self.top_k)
-        ids = store.token_values(table, "expert_ids", row, shape).astype(np.int64)
-        weights = store.token_values(table, "gate_weights", row, shape).astype(np.float32)
-        return ids, weights
+        ids = self._token_values(sample_id, completion, "expert_ids", shape).astype(np.int64)
+        weights = self._token_values(sample_id, completion, "gate_weights", shape)
+        return ids, weights.astype(np.float32)
 
     def router_mean(self, sample_id: str) -> np.ndarray:
         """float32 [L, E]: mean over prompt tokens of the full router distribution."""
-        table, row = self._locate(sample_id, 0)
-        value = table["router_mean"][row]
+        value = self._scalar(sample_id, 0, "router_mean")
         if not value.is_valid:
             raise TraceFormatError(f"sample '{sample_id}' has no router mean (no prompt tokens)")
         return np.asarray(value.values.flatten(), np.float32).reshape(
@@ -190,13 +211,13 @@ class Trace:
 
     def router_probs(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """float32 [T, L, E]: per-token full distributions (only with --store-probs)."""
-        table, row = self._locate(sample_id, completion)
-        if "router_probs" not in table.column_names:
+        shard = self._routing_files[self._locate(sample_id, completion).shard]
+        if "router_probs" not in pq.read_schema(self.path / shard).names:
             raise TraceFormatError(
                 "this trace has no per-token router distributions; trace with --store-probs"
             )
         shape = (self.num_layers, self.num_experts)
-        return store.token_values(table, "router_probs", row, shape).astype(np.float32)
+        return self._token_values(sample_id, completion, "router_probs", shape).astype(np.float32)
 
     def router_weights(self) -> list[np.ndarray]:
         """The router matrices W_l of the traced checkpoint: L float32 arrays [E, hidden]."""
