@@ -44,6 +44,9 @@ def metrics(
                             pairs=o.parse_pairs(pairs), seed=seed)
     _check_per_sample_path(per_sample)
     trace = Trace.open(trace_dir)
+    if warning := trace.incomplete_warning():
+        render.stderr.print(f"warning: {warning}", markup=False, highlight=False,
+                            soft_wrap=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         groups = trace_metrics(trace, options, group_by)

@@ -19,7 +19,11 @@ def show(trace_dir: o.TraceDir, sample_id: SampleId, tau: o.Tau = 0.7, tokens: T
     from moepath.tracer import Trace
     from moepath.tracer.metrics import MetricOptions, degenerate_warning, trace_sample_detail
 
-    detail = trace_sample_detail(Trace.open(trace_dir), sample_id, MetricOptions(tau=tau))
+    trace = Trace.open(trace_dir)
+    if warning := trace.incomplete_warning():
+        render.stderr.print(f"warning: {warning}", markup=False, highlight=False,
+                            soft_wrap=True)
+    detail = trace_sample_detail(trace, sample_id, MetricOptions(tau=tau))
     render.stdout.print(_header(detail, tau), markup=False, highlight=False, soft_wrap=True)
     render.stdout.print(_pathway_table(detail))
     render.stdout.print(_consistency_table(detail))

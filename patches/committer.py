@@ -56,7 +56,7 @@ class ManifestCommitter:
         weights = checkpoints.router_weights(model, routing["num_experts"])
         self.manifest["router_weights"] = asdict(store.write_router_weights(
             self.trace_dir, [weights[i] for i in routing["layer_ids"]]))
-        self.manifest["status"] = "running"
+        store.set_status(self.manifest, "running")  # a restart clears an earlier failure
         store.write_manifest(self.trace_dir, self.manifest)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="moepath-commit", daemon=True)
@@ -83,9 +83,9 @@ class ManifestCommitter:
         self.manifest["counts"] = {"routing_records": sum(s["rows"] for s in routing),
                                    "tokens": sum(s["tokens"] for s in routing)}
         if report["error"]:
-            self.manifest["status"], self.manifest["capture_error"] = "failed", report["error"]
+            store.set_status(self.manifest, "failed", report["error"])
         elif final:
-            self.manifest["status"] = "complete"
+            store.set_status(self.manifest, "complete")
         store.write_manifest(self.trace_dir, self.manifest)
 
     def close(self) -> None:

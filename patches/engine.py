@@ -518,6 +518,6 @@ def _finalize(out: Path, manifest: dict, summary: TraceSummary) -> None:
         "truncated": summary.truncated,
         "skipped_lines": summary.skipped_lines,
     }
-    manifest["status"] = "complete"
+    store.set_status(manifest, "complete")
     store.write_manifest(out, manifest)
     summary.bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

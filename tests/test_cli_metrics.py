@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 from test_metrics import SAMPLES, write_synthetic_trace
 
-from moepath.tracer import Trace
+from moepath.tracer import Trace, store
 from moepath.tracer.metrics import MetricOptions, group_metrics, per_sample_frame
 from moepath.tracer.pathways import select_experts
 
@@ -140,6 +141,26 @@ def test_show_prints_the_pathway_and_tokens(trace_dir, trace):
     assert str(first_token) in token_rows[0]
     assert " ".join(",".join(map(str, layer)) for layer in trace.topk("c3")[0][0]) \
         in token_rows[0]
+
+
+@pytest.fixture
+def failed_trace_dir(trace_dir, tmp_path):
+    """The synthetic trace as a run that capture stopped."""
+    shutil.copytree(trace_dir, tmp_path / "failed")
+    manifest = store.read_manifest(tmp_path / "failed")
+    manifest.update(status="failed", capture_error="routing shard write failed: disk full")
+    store.write_manifest(tmp_path / "failed", manifest)
+    return tmp_path / "failed"
+
+
+@pytest.mark.parametrize("command", [("metrics", "--json"), ("show", "c3")])
+def test_metrics_and_show_warn_about_a_trace_that_is_not_complete(failed_trace_dir, command):
+    result = moepath(command[0], failed_trace_dir, *command[1:])
+    assert result.returncode == 0, result.stderr
+    warning = (f"warning: trace '{failed_trace_dir}' is failed, not complete (capture error: "
+               f"routing shard write failed: disk full); results cover its {len(SAMPLES)} "
+               f"committed sample(s) only: finish it with `moepath trace ... --resume`")
+    assert warning in result.stderr.splitlines()
 
 
 def test_show_unknown_sample(trace_dir):

@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 from conftest import TEST_MEMORY, write_jsonl
+from test_store import make_record, write_trace
 
-from moepath.tracer import Trace
+from moepath.tracer import Trace, store
 
 
 def moepath(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -61,6 +63,37 @@ def test_existing_output_directory_needs_resume_or_force(tmp_path, toy_olmoe, sm
     result = moepath("trace", toy_olmoe, "--samples", small_samples, "--out", tmp_path / "o")
     assert_one_line_error(result, "already exists; pass --resume")
     assert (tmp_path / "o" / "keep.txt").read_text() == "precious"
+
+
+def test_force_does_not_wipe_a_directory_that_is_not_a_trace(tmp_path, toy_olmoe,
+                                                              small_samples):
+    result = moepath("trace", toy_olmoe, "--samples", small_samples, "--out", ".", "--force",
+                     cwd=tmp_path)
+    assert_one_line_error(result, "--force would delete '.', which is not a moepath trace")
+    assert small_samples.is_file()
+    result = moepath("trace", toy_olmoe, "--samples", small_samples, "--out", small_samples)
+    assert_one_line_error(result, f"output directory '{small_samples}' is a file")
+
+
+def test_resuming_a_failed_trace_to_completion_clears_its_capture_error(tmp_path, toy_olmoe,
+                                                                        small_samples):
+    """Every sample was committed before capture failed: resume finishes without an engine."""
+    from moepath.patches.engine import input_section
+    from moepath.tracer.samples import read_samples
+
+    out = tmp_path / "o"
+    manifest = write_trace(out, [make_record(sid, 4, i) for i, sid in enumerate("ab")])
+    frame = pa.table({"sample_id": ["a", "b"], "num_tokens": [4, 4]})
+    store.add_shards(manifest, store.SAMPLES_DIR,
+                     [store.write_parquet_shard(out, "samples/000000.parquet", frame)])
+    manifest.update(input=input_section(read_samples(small_samples)), status="failed",
+                    capture_error="routing shard write failed: disk full")
+    store.write_manifest(out, manifest)
+
+    result = moepath("trace", toy_olmoe, "--samples", small_samples, "--out", out, "--resume")
+    assert result.returncode == 0, result.stderr
+    manifest = store.read_manifest(out)
+    assert (manifest["status"], manifest["capture_error"]) == ("complete", None)
 
 
 def test_over_long_sample_is_named_unless_truncating(tmp_path, toy_olmoe):

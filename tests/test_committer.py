@@ -80,6 +80,20 @@ def test_a_capture_error_is_committed_once(toy_olmoe, tmp_path):
     assert store.read_manifest(trace_dir)["status"] == "failed"
 
 
+def test_a_restarted_server_clears_the_earlier_failure_and_completes(toy_olmoe, tmp_path):
+    trace_dir = tmp_path / "trace"
+    failed = {"shards": [], "error": "routing shard write failed: disk full"}
+    start_committer(toy_olmoe, trace_dir, ScriptedRecorder(failed)).close()
+    assert store.read_manifest(trace_dir)["status"] == "failed"
+
+    committer = start_committer(toy_olmoe, trace_dir, ScriptedRecorder({"shards": []}))
+    manifest = store.read_manifest(trace_dir)
+    assert (manifest["status"], manifest["capture_error"]) == ("running", None)
+    committer.close()
+    manifest = store.read_manifest(trace_dir)
+    assert (manifest["status"], manifest["capture_error"]) == ("complete", None)
+
+
 def test_a_data_parallel_server_is_refused_before_any_rank_commits(tmp_path):
     """Each data-parallel rank has its own writer worker; server-mode commits from several
     would overwrite one manifest, so the worker refuses at load."""

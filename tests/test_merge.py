@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 from conftest import TEST_MEMORY
 from test_cli_trace import assert_one_line_error, moepath
+from test_store import make_record, write_trace
 
 from moepath.tracer import Trace, store
+from moepath.tracer.errors import InputError
+from moepath.tracer.merge import merge_traces
 
 
 def trace_part(model, samples, out, part: str) -> subprocess.Popen:
@@ -103,3 +106,39 @@ def test_resuming_with_another_part_or_file_is_refused_before_any_engine_starts(
     with pytest.raises(InputError, match="different samples file"):
         trace_samples(toy_olmoe, read_samples(changed), parts[0], resume=True)
     assert Trace.open(parts[0]).manifest["status"] == "complete"  # nothing lost
+
+
+def write_part(trace_dir, index: int, count: int = 2):
+    """A complete part trace without vLLM: sample 'p<index>', part index/count of one file."""
+    manifest = write_trace(trace_dir, [make_record(f"p{index}", 4, index)])
+    manifest.update(
+        status="complete", created="2025-01-01T00:00:00+0000", versions={}, options={},
+        input={"path": "s.jsonl", "sha256": "ab" * 32, "format": "jsonl", "part": [index, count]},
+        counts={"samples": 1, "routing_records": 1, "tokens": 4, "skipped_lines": 0})
+    store.write_manifest(trace_dir, manifest)
+    return trace_dir
+
+
+@pytest.fixture
+def synthetic_parts(tmp_path):
+    return [write_part(tmp_path / "parts" / f"p{i}", i) for i in range(2)]
+
+
+def test_synthetic_parts_merge(synthetic_parts, tmp_path):
+    merge_traces(synthetic_parts, tmp_path / "merged")
+    merged = Trace.open(tmp_path / "merged")
+    assert merged.sample_ids() == ["p0", "p1"]
+    assert merged.manifest["counts"]["samples"] == 2
+
+
+@pytest.mark.parametrize(("out", "relation"), [
+    ("parts/p0", "is part"),
+    ("parts", "contains part"),
+    ("parts/p0/merged", "is inside part"),
+])
+def test_an_out_that_overlaps_a_part_is_refused_before_anything_is_deleted(
+        synthetic_parts, tmp_path, out, relation):
+    with pytest.raises(InputError, match=f"--out '.*{out}' {relation} '.*p0'; choose an --out"):
+        merge_traces(synthetic_parts, tmp_path / out, force=True)
+    assert [Trace.open(p).sample_ids() for p in synthetic_parts] == [["p0"], ["p1"]]
+    assert not (tmp_path / "parts" / "p0" / "merged").exists()

@@ -177,8 +177,8 @@ def write_synthetic_trace(trace_dir: Path, layers: int = 4, samples: dict = SAMP
     """A committed trace without vLLM: routing (drawn from ``seed``), router weights and a
     samples table carrying ``domain``, ``step`` and ``columns`` ({name: value per sample})."""
     store.prepare_directory(trace_dir, resume=False, force=False)
-    manifest = store.new_manifest(model={"num_layers": layers, "num_experts": E, "top_k": K,
-                                         "architecture": "Synthetic"})
+    manifest = store.new_manifest(status="complete", model={
+        "num_layers": layers, "num_experts": E, "top_k": K, "architecture": "Synthetic"})
     records = [routing_record(sid, layers, tokens, prompt, seed * len(samples) + i)
                for i, (sid, (_, _, tokens, prompt)) in enumerate(samples.items())]
     routing = store.write_routing_shard(trace_dir, "run-r0-000000", records, layers, K, E)

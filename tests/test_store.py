@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moepath.tracer import Trace, store
-from moepath.tracer.errors import TraceFormatError
+from moepath.tracer.errors import InputError, TraceFormatError
 
 L, K, E = 3, 2, 8
 DATA = Path(__file__).parent / "data"
@@ -66,6 +66,36 @@ def test_routing_round_trip(tmp_path):
         {"sample_id": "b", "domain": "math", "n": 2, "num_tokens": 6}]
     sample_ids, means = trace.router_means()
     assert sample_ids == ["a", "b"] and means.shape == (2, L, E)
+
+
+def test_a_sample_id_in_request_metadata_does_not_replace_the_records_id(tmp_path):
+    record = make_record("a", 5, 1)
+    record.meta = {"sample_id": "client-7", "num_tokens": 99, "domain": "code"}
+    write_trace(tmp_path / "t", [record])
+    assert Trace.open(tmp_path / "t").samples.to_dict("records") == [
+        {"sample_id": "a", "domain": "code", "num_tokens": 5}]
+
+
+def test_a_trace_with_two_records_of_one_sample_is_refused_by_every_reader(tmp_path):
+    write_trace(tmp_path / "t", [make_record("a", 5, 1), make_record("b", 4, 2),
+                                 make_record("a", 6, 3)])
+    message = (r"holds more than one record of 1 sample id\(s\) \('a'\): the same id was "
+               r"traced twice, .*; give every traced request its own sample id")
+    for read in (Trace.sample_ids, Trace.router_means, lambda t: t.samples, lambda t: t.topk("b")):
+        with pytest.raises(TraceFormatError, match=message):
+            read(Trace.open(tmp_path / "t"))
+
+
+def test_an_incomplete_trace_is_read_and_says_so(tmp_path):
+    manifest = write_trace(tmp_path / "t", [make_record("a", 5, 1), make_record("b", 4, 2)])
+    trace = Trace.open(tmp_path / "t")  # as a running server's trace is read, live
+    assert (trace.status, trace.capture_error) == ("running", None)
+    assert trace.incomplete_warning() == (
+        f"trace '{tmp_path / 't'}' is running, not complete; results cover its 2 committed "
+        f"sample(s) only: finish it with `moepath trace ... --resume`")
+    manifest["status"] = "complete"
+    store.write_manifest(tmp_path / "t", manifest)
+    assert Trace.open(tmp_path / "t").incomplete_warning() is None
 
 
 def test_routing_shard_schema_is_the_documented_one(tmp_path):
@@ -154,12 +184,21 @@ def test_duckdb_reads_a_trace_without_moepath(tmp_path):
                     for r in records for t in range(len(r.positions))]
 
 
-def test_corrupted_shard_is_reported_by_name(tmp_path):
+@pytest.mark.parametrize(("damage", "report"), [
+    (lambda shard: shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789"),
+     r"is corrupted \(sha256 differs from the manifest\)"),
+    (lambda shard: shard.unlink(), "is missing from '.*t'"),
+])
+def test_a_damaged_shard_is_named_and_the_advice_works(tmp_path, damage, report):
     write_trace(tmp_path / "t", [make_record("a", 4, 1)])
-    shard = tmp_path / "t" / "routing" / "run-r0-000000.parquet"
-    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(TraceFormatError, match="routing/run-r0-000000.parquet' is corrupted"):
+    damage(tmp_path / "t" / "routing" / "run-r0-000000.parquet")
+    message = (f"trace file 'routing/run-r0-000000.parquet' {report}; restore it from a copy, "
+               r"or trace again with --force \(--resume keeps committed files")
+    with pytest.raises(TraceFormatError, match=message):
         Trace.open(tmp_path / "t")
+    with pytest.raises(TraceFormatError, match=message):
+        store.prepare_directory(tmp_path / "t", resume=True, force=False)
+    assert store.prepare_directory(tmp_path / "t", resume=False, force=True) is None
 
 
 def test_trace_from_a_newer_format_version_is_refused(tmp_path):
@@ -176,6 +215,35 @@ def test_existing_output_directory_needs_resume_or_force(tmp_path):
         store.prepare_directory(tmp_path / "t", resume=False, force=False)
     assert store.prepare_directory(tmp_path / "t", resume=False, force=True) is None
     assert not any((tmp_path / "t").iterdir())
+
+
+@pytest.mark.parametrize("layout", [
+    {"notes.txt": b"mine"},
+    {"samples/data.jsonl": b"{}"},  # a folder named like a trace's, holding other files
+    {"manifest.json": b'{"name": "a web app"}', "routing/x.parquet": b""},
+])
+def test_force_refuses_to_delete_a_directory_that_is_not_a_trace(tmp_path, layout):
+    for name, data in layout.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(InputError, match=f"--force would delete '{tmp_path}', which is not a "
+                                         f"moepath trace .*; pass a new or empty directory"):
+        store.prepare_directory(tmp_path, resume=False, force=True)
+    assert all((tmp_path / name).read_bytes() == data for name, data in layout.items())
+
+
+def test_force_empties_a_trace_stopped_before_its_first_manifest(tmp_path):
+    store.write_router_weights(tmp_path / "t", [np.zeros((E, 4), np.float32)])
+    store.write_routing_shard(tmp_path / "t", "run-r0-000000", [make_record("a", 4, 1)], L, K, E)
+    (tmp_path / "t" / ".tmp-1234-manifest.json").write_bytes(b"{")
+    assert store.prepare_directory(tmp_path / "t", resume=False, force=True) is None
+    assert not any((tmp_path / "t").iterdir())
+
+
+def test_an_output_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(InputError, match=f"output directory '{tmp_path / 'out'}' is a file"):
+        store.prepare_directory(tmp_path / "out", resume=False, force=True)
 
 
 def test_resume_removes_uncommitted_shards_and_keeps_committed_ones(tmp_path):
@@ -256,3 +324,34 @@ def test_per_token_router_distributions_round_trip_after_router_mean(tmp_path):
     assert str(schema.field("router_probs").type) == "list<element: fixed_size_binary[48]>"
     np.testing.assert_array_equal(Trace.open(tmp_path / "t").router_probs("a"),
                                   probs.astype(np.float16).astype(np.float32))
+
+
+def test_a_trace_reads_only_the_columns_a_reader_asks_for_and_holds_two_shards(
+        tmp_path, monkeypatch):
+    """topk never loads router_probs (GBs per shard with --store-probs); a Trace keeps
+    what it read of its two most recently used shards."""
+    records = [make_record(sid, 4, seed) for seed, sid in enumerate("abc")]
+    for record in records:
+        record.router_probs = np.full((4, L, E), 1 / E, np.float32)
+    manifest = write_trace(tmp_path / "t", records[:1])
+    for seq, record in enumerate(records[1:], 1):
+        store.add_shards(manifest, store.ROUTING_DIR, [store.write_routing_shard(
+            tmp_path / "t", f"run-r0-{seq:06d}", [record], L, K, E)])
+    store.write_manifest(tmp_path / "t", manifest)
+    trace = Trace.open(tmp_path / "t")
+    assert trace.sample_ids() == ["a", "b", "c"]  # the index: sample_id and completion
+    reads, read_table = [], pq.read_table
+
+    def spy(path, columns=None, **kwargs):
+        reads.append((Path(path).stem[-6:], *(columns or ["every column"])))
+        return read_table(path, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", spy)
+    for sid in "aabca":
+        np.testing.assert_array_equal(trace.topk(sid)[0], records["abc".index(sid)].expert_ids)
+    trace.token_ids("a")
+    assert reads == [("000000", "expert_ids"), ("000000", "gate_weights"),
+                     ("000001", "expert_ids"), ("000001", "gate_weights"),
+                     ("000002", "expert_ids"), ("000002", "gate_weights"),  # shard 0 let go
+                     ("000000", "expert_ids"), ("000000", "gate_weights"),
+                     ("000000", "token_ids")]

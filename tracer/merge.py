@@ -5,7 +5,9 @@ engines, on one machine or many) cover the file once. :func:`merge_traces`
 checks that the parts belong together (same samples file, same model config
 and routing, same options, every part 0..N-1 exactly once, all complete) and
 writes a normal trace directory: the parts' shard files copied under unique
-names, checksums kept, counts summed. The parts are left untouched.
+names, checksums kept, counts summed. The parts are left untouched: an output
+directory that is a part, holds one or lies inside one is refused before anything
+is read or deleted.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ def merge_traces(parts: list[Path], out: Path, force: bool = False) -> dict:
     """Merge the complete part traces ``parts`` into the trace directory ``out``.
 
     Returns the merged manifest. Raises InputError when the parts do not form
-    one whole, TraceFormatError when a part is damaged or incomplete.
+    one whole or ``out`` overlaps a part, TraceFormatError when a part is
+    damaged or incomplete.
     """
+    _check_out(parts, Path(out))
     manifests = [_read_part(Path(part)) for part in parts]
     _check_parts(parts, manifests)
     store.prepare_directory(out, resume=False, force=force)
@@ -44,10 +48,23 @@ def merge_traces(parts: list[Path], out: Path, force: bool = False) -> dict:
     merged["counts"] = {key: sum(m["counts"][key] for m in manifests)
                         for key in first["counts"]}
     merged["counts"]["skipped_lines"] = first["counts"]["skipped_lines"]  # of the whole file
-    merged["status"] = "complete"
+    store.set_status(merged, "complete")
     store.verify_checksums(out, merged)
     store.write_manifest(out, merged)
     return merged
+
+
+def _check_out(parts: list[Path], out: Path) -> None:
+    """Refuse an ``out`` that is, holds or lies inside a part: --force would delete it."""
+    target = out.resolve()
+    for part in parts:
+        source = Path(part).resolve()
+        relation = ("is part" if target == source else "is inside part"
+                    if target.is_relative_to(source) else "contains part"
+                    if source.is_relative_to(target) else None)
+        if relation:
+            raise InputError(f"--out '{out}' {relation} '{part}'; choose an --out directory "
+                             f"outside every part (the parts are left untouched)")
 
 
 def _read_part(part: Path) -> dict:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import TraceFormatError
+from .errors import InputError, TraceFormatError
 
 FORMAT_NAME = "moepath-trace"
 FORMAT_VERSION = 2  # 2: per-token routing as blobs (1: nested lists, still read)
@@ -363,16 +363,23 @@ def committed_files(manifest: dict) -> list[dict]:
 
 
 def verify_checksums(trace_dir: Path, manifest: dict) -> None:
-    """Raise TraceFormatError naming the first missing or corrupted file."""
+    """Raise TraceFormatError naming the first missing or corrupted file.
+
+    Such a trace can be neither read nor resumed (resume keeps every committed
+    file, it does not recompute one): the message says to restore the file or to
+    trace again with --force.
+    """
     for entry in committed_files(manifest):
         path = Path(trace_dir) / entry["file"]
         if not path.is_file():
-            raise TraceFormatError(f"trace file '{entry['file']}' is missing from '{trace_dir}'")
-        if file_sha256(path) != entry["sha256"]:
-            raise TraceFormatError(
-                f"trace file '{entry['file']}' is corrupted (sha256 differs from the manifest); "
-                f"delete it and re-run with --resume to recompute its samples"
-            )
+            damage = f"is missing from '{trace_dir}'"
+        elif file_sha256(path) != entry["sha256"]:
+            damage = "is corrupted (sha256 differs from the manifest)"
+        else:
+            continue
+        raise TraceFormatError(
+            f"trace file '{entry['file']}' {damage}; restore it from a copy, or trace "
+            f"again with --force (--resume keeps committed files, it cannot recompute one)")
 
 
 def remove_uncommitted(trace_dir: Path, manifest: dict) -> list[str]:
@@ -403,6 +410,13 @@ def new_manifest(**sections) -> dict:
     return manifest
 
 
+def set_status(manifest: dict, status: str, capture_error: str | None = None) -> None:
+    """Set the manifest's ``status`` and its ``capture_error`` together: the failure that
+    stopped the run when ``failed``, None otherwise, so that a failed trace resumed to
+    completion does not keep the old failure."""
+    manifest["status"], manifest["capture_error"] = status, capture_error
+
+
 def add_shards(manifest: dict, kind: str, infos: list[ShardInfo]) -> None:
     """Record committed shards of ``kind`` (routing or samples) in the manifest."""
     manifest["shards"][kind].extend(asdict(info) for info in infos)
@@ -412,12 +426,16 @@ def prepare_directory(trace_dir: Path, resume: bool, force: bool) -> dict | None
     """Make ``trace_dir`` ready for writing; return the manifest to resume from, or None.
 
     An existing non-empty directory needs ``resume`` (continue the trace in it)
-    or ``force`` (delete it and start over).
+    or ``force`` (empty it and start over). ``force`` empties only a moepath
+    trace (see :func:`_is_trace_directory`): any other directory is refused, so
+    ``--out . --force`` cannot wipe a working directory.
     """
     trace_dir = Path(trace_dir)
+    if trace_dir.exists() and not trace_dir.is_dir():
+        raise InputError(f"output directory '{trace_dir}' is a file; pass a directory path")
     if trace_dir.exists() and any(trace_dir.iterdir()):
         if force:
-            shutil.rmtree(trace_dir)
+            _clear_trace_directory(trace_dir)
         elif resume:
             manifest = read_manifest(trace_dir)
             verify_checksums(trace_dir, manifest)
@@ -431,3 +449,36 @@ def prepare_directory(trace_dir: Path, resume: bool, force: bool) -> dict | None
             )
     trace_dir.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def _is_trace_directory(trace_dir: Path) -> bool:
+    """True when ``trace_dir`` is a moepath trace: its manifest.json names the format, or
+    it holds only files moepath writes (a run stopped before its first manifest)."""
+    try:
+        return json.loads((trace_dir / MANIFEST).read_text()).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return all(_is_trace_file(path, trace_dir) for path in trace_dir.rglob("*"))
+
+
+def _is_trace_file(path: Path, trace_dir: Path) -> bool:
+    """A name moepath writes: manifest, router weights, the shard folders, shards in
+    them, temporary files (``.tmp-*``)."""
+    parts = path.relative_to(trace_dir).parts
+    if len(parts) == 1:
+        return parts[0] in (MANIFEST, ROUTER_WEIGHTS, ROUTING_DIR, SAMPLES_DIR) or (
+            parts[0].startswith(".tmp-"))
+    return (len(parts) == 2 and parts[0] in (ROUTING_DIR, SAMPLES_DIR) and path.is_file()
+            and (parts[1].endswith(".parquet") or parts[1].startswith(".tmp-")))
+
+
+def _clear_trace_directory(trace_dir: Path) -> None:
+    """Delete what a trace directory holds (the directory itself stays)."""
+    if not _is_trace_directory(trace_dir):
+        raise InputError(
+            f"--force would delete '{trace_dir}', which is not a moepath trace (it holds "
+            f"other files); pass a new or empty directory, or delete it yourself")
+    for path in trace_dir.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()

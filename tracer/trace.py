@@ -12,9 +12,10 @@ Example::
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,9 @@ import pyarrow.parquet as pq
 
 from . import store
 from .errors import TraceFormatError
+
+_RECORD_COLUMNS = ("sample_id", "num_tokens")  # samples columns a routing record sets itself
+_HELD_SHARDS = 2  # routing shards whose read columns a Trace keeps for the next sample
 
 
 @dataclass(frozen=True)
@@ -46,13 +50,39 @@ class Trace:
         self.num_layers: int = model["num_layers"]
         self.num_experts: int = model["num_experts"]
         self.top_k: int = model["top_k"]
+        self._held: OrderedDict[int, dict[str, pa.Table]] = OrderedDict()
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> Trace:
+        """Open the trace at ``path`` whatever its :attr:`status`: a running server's
+        trace is read live, up to its last commit."""
         manifest = store.read_manifest(Path(path))
         if verify:
             store.verify_checksums(Path(path), manifest)
         return cls(Path(path), manifest)
+
+    # -- status ---------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """``complete``; ``running`` (being written, or its run was interrupted);
+        ``failed`` (capture stopped the run: :attr:`capture_error` says why)."""
+        return self.manifest["status"]
+
+    @property
+    def capture_error(self) -> str | None:
+        """The capture failure that stopped the run when :attr:`status` is ``failed``."""
+        return self.manifest.get("capture_error")
+
+    def incomplete_warning(self) -> str | None:
+        """One line for a trace that is not complete, naming its status, its committed
+        samples (all any result covers) and how to finish it; None when complete."""
+        if self.status == "complete":
+            return None
+        error = f" (capture error: {self.capture_error})" if self.capture_error else ""
+        return (f"trace '{self.path}' is {self.status}, not complete{error}; results cover "
+                f"its {len(self.sample_ids())} committed sample(s) only: finish it with "
+                f"`moepath trace ... --resume`")
 
     # -- tables -------------------------------------------------------------
 
@@ -60,20 +90,53 @@ class Trace:
     def _routing_files(self) -> list[str]:
         return [entry["file"] for entry in self.manifest["shards"][store.ROUTING_DIR]]
 
-    @lru_cache(maxsize=2)  # noqa: B019 (one Trace, few shards held at a time)
-    def _routing_shard(self, shard: int) -> pa.Table:
-        return pq.read_table(self.path / self._routing_files[shard])
+    def _column(self, shard: int, name: str) -> pa.Table:
+        """Column ``name`` of routing shard ``shard``, as a one-column table (its field
+        metadata kept), read on first use.
+
+        Each Trace keeps the columns it read from its ``_HELD_SHARDS`` most recently
+        used shards, and only those: ``topk`` never loads ``router_probs`` (GBs of a
+        shard with --store-probs).
+        """
+        held = self._held.pop(shard, {})
+        self._held[shard] = held  # most recently used last
+        if len(self._held) > _HELD_SHARDS:
+            self._held.popitem(last=False)
+        if name not in held:
+            held[name] = pq.read_table(self.path / self._routing_files[shard], columns=[name])
+        return held[name]
 
     @cached_property
     def _index(self) -> dict[tuple[str, int], _Location]:
-        index = {}
+        """(sample id, completion) -> where its record is.
+
+        Raises TraceFormatError when a key has several records: readers would
+        disagree on which one (or how many) the sample has.
+        """
+        index, repeated = {}, []
         for shard, file in enumerate(self._routing_files):
             keys = pq.read_table(self.path / file, columns=["sample_id", "completion"])
-            for row, (sid, completion) in enumerate(
+            for row, key in enumerate(
                 zip(keys["sample_id"].to_pylist(), keys["completion"].to_pylist(), strict=True)
             ):
-                index[(sid, completion)] = _Location(shard, row)
+                if key in index:
+                    repeated.append(key)
+                index[key] = _Location(shard, row)
+        if repeated:
+            raise self._repeated_records_error(repeated)
         return index
+
+    def _repeated_records_error(self, repeated: list[tuple[str, int]]) -> TraceFormatError:
+        ids = list(dict.fromkeys(sid for sid, _ in repeated))
+        named = ", ".join(f"'{sid}'" for sid in ids[:5]) + (", ..." if len(ids) > 5 else "")
+        return TraceFormatError(
+            f"trace '{self.path}' holds more than one record of {len(ids)} sample id(s) "
+            f"({named}): the same id was traced twice, e.g. by a client of `vllm serve` that "
+            f"reused it; give every traced request its own sample id and trace again")
+
+    def _require_unique_records(self) -> None:
+        """Refuse a trace with repeated records (checked once, by building the index)."""
+        _ = self._index
 
     @cached_property
     def samples(self) -> pd.DataFrame:
@@ -87,6 +150,7 @@ class Trace:
         return self._samples_from_routing()
 
     def _samples_from_routing(self) -> pd.DataFrame:
+        self._require_unique_records()
         rows = []
         for file in self._routing_files:
             table = pq.read_table(self.path / file, columns=["sample_id", "completion", "meta",
@@ -94,45 +158,51 @@ class Trace:
             for sid, completion, meta, prompt in zip(*(table[c].to_pylist() for c in (
                     "sample_id", "completion", "meta", "num_prompt_tokens")), strict=True):
                 if completion == 0:
-                    rows.append({"sample_id": sid, **json.loads(meta), "num_tokens": prompt})
+                    rows.append(_sample_row(sid, json.loads(meta), prompt))
         return pd.DataFrame(rows, columns=None if rows else ["sample_id", "num_tokens"])
 
     # -- one sample -----------------------------------------------------------
 
-    def _locate(self, sample_id: str, completion: int) -> tuple[pa.Table, int]:
+    def _locate(self, sample_id: str, completion: int) -> _Location:
         location = self._index.get((str(sample_id), completion))
         if location is None:
             raise TraceFormatError(
                 f"sample '{sample_id}' (completion {completion}) is not in trace '{self.path}'"
             )
-        return self._routing_shard(location.shard), location.row
+        return location
+
+    def _scalar(self, sample_id: str, completion: int, name: str) -> pa.Scalar:
+        """The record's value in column ``name`` (one per record)."""
+        location = self._locate(sample_id, completion)
+        return self._column(location.shard, name)[name][location.row]
+
+    def _token_values(self, sample_id: str, completion: int, name: str,
+                      inner: tuple[int, ...]) -> np.ndarray:
+        """The record's per-token column ``name`` as an array [T, *inner]."""
+        location = self._locate(sample_id, completion)
+        return store.token_values(self._column(location.shard, name), name, location.row, inner)
 
     def positions(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """int32 [T]: token positions, prompt tokens first."""
-        table, row = self._locate(sample_id, completion)
-        return store.token_values(table, "positions", row, ())
+        return self._token_values(sample_id, completion, "positions", ())
 
     def token_ids(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """int32 [T]: the token ids, prompt tokens first."""
-        table, row = self._locate(sample_id, completion)
-        return store.token_values(table, "token_ids", row, ())
+        return self._token_values(sample_id, completion, "token_ids", ())
 
     def num_prompt_tokens(self, sample_id: str, completion: int = 0) -> int:
-        table, row = self._locate(sample_id, completion)
-        return table["num_prompt_tokens"][row].as_py()
+        return self._scalar(sample_id, completion, "num_prompt_tokens").as_py()
 
     def topk(self, sample_id: str, completion: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(expert ids int64 [T, L, k], gate weights float32 [T, L, k]), prompt tokens first."""
-        table, row = self._locate(sample_id, completion)
         shape = (self.num_layers, self.top_k)
-        ids = store.token_values(table, "expert_ids", row, shape).astype(np.int64)
-        weights = store.token_values(table, "gate_weights", row, shape).astype(np.float32)
-        return ids, weights
+        ids = self._token_values(sample_id, completion, "expert_ids", shape).astype(np.int64)
+        weights = self._token_values(sample_id, completion, "gate_weights", shape)
+        return ids, weights.astype(np.float32)
 
     def router_mean(self, sample_id: str) -> np.ndarray:
         """float32 [L, E]: mean over prompt tokens of the full router distribution."""
-        table, row = self._locate(sample_id, 0)
-        value = table["router_mean"][row]
+        value = self._scalar(sample_id, 0, "router_mean")
         if not value.is_valid:
             raise TraceFormatError(f"sample '{sample_id}' has no router mean (no prompt tokens)")
         return np.asarray(value.values.flatten(), np.float32).reshape(
@@ -141,13 +211,13 @@ class Trace:
 
     def router_probs(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """float32 [T, L, E]: per-token full distributions (only with --store-probs)."""
-        table, row = self._locate(sample_id, completion)
-        if "router_probs" not in table.column_names:
+        shard = self._routing_files[self._locate(sample_id, completion).shard]
+        if "router_probs" not in pq.read_schema(self.path / shard).names:
             raise TraceFormatError(
                 "this trace has no per-token router distributions; trace with --store-probs"
             )
         shape = (self.num_layers, self.num_experts)
-        return store.token_values(table, "router_probs", row, shape).astype(np.float32)
+        return self._token_values(sample_id, completion, "router_probs", shape).astype(np.float32)
 
     def router_weights(self) -> list[np.ndarray]:
         """The router matrices W_l of the traced checkpoint: L float32 arrays [E, hidden]."""
@@ -159,6 +229,7 @@ class Trace:
 
     def iter_router_means(self, batch_size: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
         """Yield (sample ids, float32 [B, L, E]) over all samples, shard by shard."""
+        self._require_unique_records()
         shape = (self.num_layers, self.num_experts)
         for file in self._routing_files:
             table = pq.read_table(self.path / file, columns=["sample_id", "completion",
@@ -190,3 +261,10 @@ class Trace:
         model = self.manifest["model"]
         return (f"Trace('{self.path}', {len(self)} samples, {model.get('architecture')}, "
                 f"L={self.num_layers}, E={self.num_experts}, k={self.top_k})")
+
+
+def _sample_row(sample_id: str, meta: dict, num_prompt_tokens: int) -> dict:
+    """A samples-table row from a routing record: the record's ``sample_id`` and
+    ``num_tokens``, and its metadata but for keys of those names (the record wins)."""
+    carried = {key: value for key, value in meta.items() if key not in _RECORD_COLUMNS}
+    return {"sample_id": sample_id, **carried, "num_tokens": num_prompt_tokens}
