@@ -49,6 +49,7 @@ import gc
 import importlib
 import json
 import os
+import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -66,6 +67,7 @@ from .engine import EngineOptions, tag
 from .settings import CONFIG_KEY, CaptureSettings
 
 BACKEND = "moepath-vllm"
+TRACE_DIR, LM_EVAL_DIR = "trace", "lm_eval"  # the two folders of ``moepath eval --out``
 _TAG_KEY = "moepath_lm_eval"  # extra_args key carrying a generation request's tag to vLLM
 
 
@@ -309,8 +311,8 @@ def run_eval(model: str | Path, out: str | Path, options: EvalOptions,
     checkpoints.moe_shape(model)  # fails fast for dense models / bad paths
     task_manager = _task_manager(options)
     out = Path(out)
-    _prepare(out, force)
-    summary = EvalSummary(out, out / "trace", out / "lm_eval")
+    summary = EvalSummary(out, out / TRACE_DIR, out / LM_EVAL_DIR)
+    _prepare(summary, force)
     started = time.perf_counter()
     backend = MoepathVLLM(trace_dir=str(summary.trace_dir), batch_size=options.batch_size,
                           **_backend_kwargs(model, engine_options or EngineOptions()))
@@ -346,10 +348,23 @@ def _task_manager(options: EvalOptions):
     return manager
 
 
-def _prepare(out: Path, force: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not force:
-        raise InputError(f"output directory '{out}' already exists; pass --force to overwrite it")
-    store.prepare_directory(out, resume=False, force=force)
+def _prepare(summary: EvalSummary, force: bool) -> None:
+    """Make ``summary.out`` ready: new or empty, or with ``force`` an earlier eval output
+    (its trace and lm_eval folders and nothing else), which is emptied."""
+    out = summary.out
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output directory '{out}' is a file; pass a directory path")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise InputError(f"output directory '{out}' already exists; pass --force to "
+                             f"overwrite it")
+        others = sorted(p.name for p in out.iterdir() if p.name not in (TRACE_DIR, LM_EVAL_DIR))
+        if others:
+            raise InputError(f"--force would delete '{out}', which is not a moepath eval output "
+                             f"(it holds {', '.join(others[:3])}); pass a new or empty directory")
+        store.prepare_directory(summary.trace_dir, resume=False, force=True)
+        shutil.rmtree(summary.lm_eval_dir, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _backend_kwargs(model: str | Path, engine_options: EngineOptions) -> dict:

@@ -160,3 +160,25 @@ def test_unknown_task_is_refused_before_an_engine_starts(toy_olmoe, tmp_path):
     assert result.returncode == 1
     assert "unknown lm-eval task(s) ['no_such_task']" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o").exists()
+
+
+def test_force_empties_an_earlier_eval_output_and_refuses_any_other_directory(tmp_path):
+    from moepath.patches.lm_eval_backend import EvalSummary, _prepare
+    from moepath.tracer.errors import InputError
+    from moepath.tracer.store import FORMAT_NAME
+
+    out = tmp_path / "out"
+    (out / "trace").mkdir(parents=True)
+    (out / "trace" / "manifest.json").write_text(json.dumps({"format": FORMAT_NAME}))
+    (out / "lm_eval").mkdir()
+    (out / "lm_eval" / "results.json").write_text("{}")
+    summary = EvalSummary(out, out / "trace", out / "lm_eval")
+    with pytest.raises(InputError, match="already exists; pass --force"):
+        _prepare(summary, force=False)
+    _prepare(summary, force=True)
+    assert [p.name for p in out.iterdir()] == ["trace"] and not any((out / "trace").iterdir())
+
+    (out / "thesis.tex").write_text("months of work")
+    with pytest.raises(InputError, match="not a moepath eval output .*thesis.tex"):
+        _prepare(summary, force=True)
+    assert (out / "thesis.tex").read_text() == "months of work"
