@@ -24,8 +24,9 @@ def topk_agreement(ids_a: np.ndarray, ids_b: np.ndarray) -> np.ndarray:
 
 
 def kth_gap(probs: np.ndarray, k: int) -> np.ndarray:
-    """float [T, L]: log p of the k-th minus the (k+1)-th expert: the decision margin."""
-    ordered = np.sort(np.log(probs), -1)[..., ::-1]
+    """float [T, L]: log p of the k-th minus the (k+1)-th expert: the decision margin
+    (in score, not log, for selection scores that dip below zero: sigmoid plus bias)."""
+    ordered = np.sort(np.log(probs) if (probs > 0).all() else probs, -1)[..., ::-1]
     return ordered[..., k - 1] - ordered[..., k]
 
 
