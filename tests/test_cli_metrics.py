@@ -154,6 +154,12 @@ def test_unknown_group_column(trace_dir):
                                   "num_tokens")
 
 
+def test_grouping_by_the_id_column_is_refused(trace_dir):
+    result = moepath("metrics", trace_dir, "--group-by", "sample_id")
+    assert_one_line_error(result, "cannot group by 'sample_id': every sample would be a group "
+                                  "of its own; group by one of: domain, step, num_tokens")
+
+
 def test_missing_trace_dir(tmp_path):
     result = moepath("metrics", tmp_path / "nope", "--json")
     assert_one_line_error(result, f"trace directory '{tmp_path / 'nope'}' does not exist")

@@ -19,7 +19,7 @@ from test_metrics import SAMPLES, write_synthetic_trace
 
 from moepath.tracer import Trace, store
 from moepath.tracer import compare as cmp
-from moepath.tracer.errors import InputError, ModelError
+from moepath.tracer.errors import InputError, MetricError, ModelError
 from moepath.tracer.metrics import MetricOptions, trace_metrics
 
 
@@ -257,3 +257,9 @@ def test_with_two_moe_layers_consistency_is_left_out_and_the_note_says_why(tmp_p
     [note] = [n for n in result.notes if "fewer than 3" in n]
     assert "2 MoE layer(s)" in note and "left out of the tables, plots and correlations" in note
     assert "| 0.0000 |" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_grouping_by_the_id_column_is_refused(tmp_path):
+    with pytest.raises(MetricError, match="cannot group by 'sample_id': every sample would be "
+                                          "a group of its own; group by one of: domain, step"):
+        analyse(tmp_path, group_by="sample_id")

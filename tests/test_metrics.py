@@ -254,6 +254,19 @@ def test_unknown_group_column_lists_the_columns(synthetic):
         trace_metrics(synthetic, group_by="topic")
 
 
+@pytest.mark.parametrize(("column", "message"), [
+    ("sample_id", "cannot group by 'sample_id': every sample would be a group of its own; "
+                  "group by one of: domain, step, num_tokens, tags$"),
+    ("tags", r"column 'tags' of the samples table of trace '.*' holds lists \(sample 'm0'\); "
+             "group by a column of single values$"),
+])
+def test_columns_without_one_label_per_sample_are_refused(tmp_path, column, message):
+    tags = [["x"], ["x", "y"], [], ["y"], None, ["x"], ["y"], ["x"], ["y"]]
+    trace = Trace.open(write_synthetic_trace(tmp_path / "t", columns={"tags": tags}))
+    with pytest.raises(MetricError, match=message):
+        trace_metrics(trace, group_by=column)
+
+
 def test_topk_source_averages_gate_weights_over_prompt_tokens_only(synthetic):
     # Reference from the records as written: gate weights pass through float16 on disk.
     records = {sid: routing_record(sid, 4, tokens, prompt, seed)

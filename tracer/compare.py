@@ -24,6 +24,7 @@ from .memorisation import MemorisationResult, loss_matrix, memorisation_groups, 
 from .metrics import (
     MetricOptions,
     degenerate_warning,
+    group_labels,
     group_metrics,
     label_names,
     per_sample_frame,
@@ -265,10 +266,7 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
 def _group_field(trace: Trace, column: str | None) -> pd.Series | None:
     if column is None:
         return None
-    if column not in trace.samples.columns:
-        raise InputError(f"--group-by column '{column}' is not in the samples table; "
-                         f"available: {', '.join(map(str, trace.samples.columns))}")
-    return trace.samples.set_index("sample_id")[column]
+    return group_labels(trace.samples, column, f"samples table of trace '{trace.path}'")
 
 
 def _notes(found, memorisation: MemorisationResult, traces: dict, options) -> list[str]:

@@ -244,8 +244,9 @@ def trace_metrics(
     error. Fewer than 3 MoE layers emit a ``UserWarning`` (and set ``degenerate``).
 
     Raises:
-        MetricError: ``group_by`` is not a samples-table column (the message lists
-            them), the trace has no samples or no router weights, or bad routing.
+        MetricError: ``group_by`` is not a samples-table column of one label per sample
+            (see :func:`group_labels`), the trace has no samples or no router weights, or
+            bad routing.
     """
     ids, distributions = trace_distributions(trace, options.source)
     weights = _router_weights(trace)
@@ -324,20 +325,39 @@ def _groups(trace: Trace, ids: list[str], group_by: str | None) -> list[tuple[st
     """(group name, positions in ``ids``) per group, in display order (``all`` first)."""
     if group_by is None:
         return [(ALL_GROUP, np.arange(len(ids)))]
-    samples = trace.samples
-    if group_by not in samples.columns:
-        columns = ", ".join(str(c) for c in samples.columns if c != "sample_id") or "(none)"
-        raise MetricError(
-            f"samples table of trace '{trace.path}' has no column {group_by!r}; "
-            f"group by one of: {columns}"
-        )
-    labels = samples.set_index("sample_id")[group_by].reindex(ids).to_numpy()
+    labels = group_labels(trace.samples, group_by, f"samples table of trace '{trace.path}'")
     positions = pd.Series(np.arange(len(ids)))
     groups = [
         (MISSING_GROUP if pd.isna(value) else str(value), rows.to_numpy())
-        for value, rows in positions.groupby(labels, sort=True, dropna=False)
+        for value, rows in positions.groupby(
+            labels.reindex(ids).to_numpy(), sort=True, dropna=False
+        )
     ]
     return sorted(groups, key=lambda group: group[0] != ALL_GROUP)  # stable: keeps value order
+
+
+def group_labels(samples: pd.DataFrame, column: str, where: str) -> pd.Series:
+    """The labels ``--group-by column`` groups by: that column of a samples table, by sample_id.
+
+    ``where`` names the table in messages, e.g. ``"samples table of trace 'out'"``.
+
+    Raises:
+        MetricError: ``column`` is not a column of ``samples`` (the message lists them), is
+            ``sample_id`` (every sample would be a group of its own), or holds lists (a
+            sample in several groups; pandas cannot group by them).
+    """
+    columns = ", ".join(str(c) for c in samples.columns if c != "sample_id") or "(none)"
+    if column == "sample_id":
+        raise MetricError(f"cannot group by 'sample_id': every sample would be a group of its "
+                          f"own; group by one of: {columns}")
+    if column not in samples.columns:
+        raise MetricError(f"{where} has no column {column!r}; group by one of: {columns}")
+    labels = samples.set_index("sample_id")[column]
+    listed = labels[labels.map(pd.api.types.is_list_like)]
+    if len(listed):
+        raise MetricError(f"column {column!r} of the {where} holds lists (sample "
+                          f"{listed.index[0]!r}); group by a column of single values")
+    return labels
 
 
 def label_names(labels: pd.Series) -> pd.Series:
