@@ -248,6 +248,24 @@ def test_samples_without_a_label_form_the_last_group(tmp_path):
     assert [(group.name, group.n_samples) for group in groups] == [("x", 2), ("(missing)", 2)]
 
 
+def test_integer_labels_keep_integer_names_when_a_null_makes_the_column_float(tmp_path):
+    epochs = [1, None, 2, 1, 2, 1, 2, 1, 2]  # read back as float64: 1.0, NaN, 2.0, ...
+    trace = Trace.open(write_synthetic_trace(tmp_path / "t", columns={"epoch": epochs}))
+    assert trace.samples["epoch"].dtype == np.float64
+    groups = trace_metrics(trace, group_by="epoch")
+    assert [(group.name, group.n_samples) for group in groups] == [
+        ("1", 4), ("2", 4), ("(missing)", 1)]
+
+
+@pytest.mark.parametrize(("labels", "names"), [
+    ([1.0, None, 2.5, np.float32(3.0)], ["1", "(missing)", "2.5", "3"]),
+    (["math", np.nan, "1.0"], ["math", "(missing)", "1.0"]),
+    ([True, 7, -0.0], ["True", "7", "0"]),
+])
+def test_label_names(labels, names):
+    assert metrics_module.label_names(pd.Series(labels, dtype=object)).tolist() == names
+
+
 def test_unknown_group_column_lists_the_columns(synthetic):
     with pytest.raises(MetricError, match="has no column 'topic'; group by one of: domain, "
                                           "step, num_tokens$"):

@@ -328,7 +328,7 @@ def _groups(trace: Trace, ids: list[str], group_by: str | None) -> list[tuple[st
     labels = group_labels(trace.samples, group_by, f"samples table of trace '{trace.path}'")
     positions = pd.Series(np.arange(len(ids)))
     groups = [
-        (MISSING_GROUP if pd.isna(value) else str(value), rows.to_numpy())
+        (_label_name(value), rows.to_numpy())
         for value, rows in positions.groupby(
             labels.reindex(ids).to_numpy(), sort=True, dropna=False
         )
@@ -361,8 +361,23 @@ def group_labels(samples: pd.DataFrame, column: str, where: str) -> pd.Series:
 
 
 def label_names(labels: pd.Series) -> pd.Series:
-    """The group name of each label: ``str(value)``, :data:`MISSING_GROUP` for a missing one."""
-    return labels.map(lambda value: MISSING_GROUP if pd.isna(value) else str(value))
+    """The group name of each label (the ``--group-by`` value it names, see :func:`_label_name`).
+
+    ``label_names(pd.Series([1.0, None, 2.5, "math"])).tolist() == ["1", "(missing)", "2.5",
+    "math"]``
+    """
+    return labels.map(_label_name)
+
+
+def _label_name(value: object) -> str:
+    """``str(value)``, :data:`MISSING_GROUP` for a missing value, and an integral float as an
+    integer: an integer column with a null reads back as float, and its groups must still be
+    named "1", "2" as in the samples file (and in a scores file's group column)."""
+    if pd.isna(value):
+        return MISSING_GROUP
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def degenerate_warning(num_layers: int) -> str:
