@@ -135,6 +135,22 @@ def test_csv_error_names_the_line_a_record_starts_on(tmp_path):
     )
 
 
+@pytest.mark.parametrize(("content", "problem"), [
+    # without strict parsing, the unclosed quote made lines 3-4 part of sample a's text
+    ('id,text\nz,fine\na,"unterminated\nb,y\nc,z\n',
+     'line 3: a quoted cell starts in this record and is never closed; add its closing quote '
+     '(a quote inside a quoted cell is written "")'),
+    ('id,text\na,"quoted"tail\n',
+     """line 2: not valid CSV (',' expected after '"'); fix the file or use JSONL"""),
+])
+def test_csv_quotes_must_be_closed(tmp_path, content, problem):
+    path = write(tmp_path / "s.csv", content)
+    for options in (SampleReadOptions(), SKIP):
+        with pytest.raises(InputError) as caught:
+            read_samples(path, options)
+        assert str(caught.value) == f"{path} {problem}"
+
+
 def test_txt_is_one_sample_per_nonblank_line(tmp_path):
     path = write(tmp_path / "s.txt", b"\xef\xbb\xbfhello\r\n\n   \n  spaced  \nlast")
     result = read_samples(path)

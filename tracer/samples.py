@@ -12,8 +12,11 @@ Formats, chosen by extension (case-insensitive):
 - ``.parquet``: one row per sample, read batch by batch.
 - ``.csv``: a header row, then one record per row. CSV has no types: every
   cell is a string, an empty cell is null, an ``input_ids`` cell holds a JSON
-  list such as ``[1, 2, 3]``. Python's csv module caps a cell at 131072
-  characters; use JSONL for longer prompts.
+  list such as ``[1, 2, 3]``. Quoting is strict: a quoted cell (it may span
+  lines) must be closed, a quote inside it is doubled (``""``), and only a comma
+  or the line end may follow the closing quote; anything else is an error
+  naming the line the record starts on. Python's csv module caps a cell at
+  131072 characters; use JSONL for longer prompts.
 - ``.txt``: one sample per non-blank line; the line without its line ending
   is the text. There are no other fields.
 
@@ -316,7 +319,7 @@ def _csv_records(path: Path, options: SampleReadOptions) -> Iterator[tuple[int, 
                 undecodable[number] = str(bad)
                 yield raw.decode("utf-8", "surrogateescape")
 
-    rows = csv.reader(text_lines())
+    rows = csv.reader(text_lines(), strict=True)  # not strict: an unclosed quote eats the file
     try:
         header = next(rows, None)
         if header is None:
@@ -335,9 +338,15 @@ def _csv_records(path: Path, options: SampleReadOptions) -> Iterator[tuple[int, 
                 yield number, _BadLine(bad[0]) if bad else _csv_record(header, row)
     except csv.Error as exc:
         line = consumed[0] if consumed else 1
-        raise InputError(
-            f"{path} line {line}: not valid CSV ({exc}); fix the file or use JSONL"
-        ) from None
+        raise InputError(f"{path} line {line}: {_csv_problem(exc)}") from None
+
+
+def _csv_problem(error: csv.Error) -> str:
+    """The csv module's complaint and its fix; at the end of the file it is an unclosed quote."""
+    if str(error) == "unexpected end of data":
+        return ('a quoted cell starts in this record and is never closed; add its closing '
+                'quote (a quote inside a quoted cell is written "")')
+    return f"not valid CSV ({error}); fix the file or use JSONL"
 
 
 def _check_header(path: Path, header: list[str], options: SampleReadOptions) -> None:
