@@ -12,7 +12,8 @@ from moepath.patches.engine import EngineOptions
 Model = Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder of an MoE model.")]
 Samples = Annotated[Path, typer.Option("--samples", "-s",
                     help="Samples file: .jsonl, .parquet, .csv or .txt (one sample per line).")]
-IdField = Annotated[str, typer.Option(help="JSONL/CSV/Parquet field holding the sample id.")]
+IdField = Annotated[str, typer.Option(help="JSONL/CSV/Parquet field holding the sample id "
+                    "(optional as 'id'; a field named otherwise must exist).")]
 TextField = Annotated[str, typer.Option(help="Field holding the text (or use 'input_ids').")]
 SkipBadLines = Annotated[bool, typer.Option(help="Skip malformed lines and report how many.")]
 Limit = Annotated[int | None, typer.Option(help="Use only the first N samples.")]

@@ -403,6 +403,31 @@ def test_tabular_file_without_text_column(tmp_path):
     assert read_samples(path, SampleReadOptions(text_field="prompt")).samples[0].text == "hi"
 
 
+def _id_typo_files(tmp_path) -> list[Path]:
+    """The same two samples with an 'id' field, as JSONL, CSV and Parquet."""
+    parquet = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), parquet)
+    return [jsonl(tmp_path / "s.jsonl", {"id": "a", "text": "x"}, {"id": "b", "text": "y"}),
+            write(tmp_path / "s.csv", "id,text\na,x\nb,y\n"), parquet]
+
+
+def test_a_mistyped_id_field_is_refused_naming_the_fields(tmp_path):
+    for path in _id_typo_files(tmp_path):
+        with pytest.raises(InputError) as caught:
+            read_samples(path, SampleReadOptions(id_field="uid", skip_bad_lines=True))
+        assert str(caught.value) == (
+            f"samples file '{path}' has no 'uid' field (fields: 'id', 'text'); pass the id "
+            "field's name to --id-field, or leave it out to generate ids")
+        ids = [s.sample_id for s in read_samples(path, SampleReadOptions(id_field="id")).samples]
+        assert ids == ["a", "b"]
+
+
+def test_a_named_id_field_may_be_missing_from_some_jsonl_records(tmp_path):
+    path = jsonl(tmp_path / "s.jsonl", {"text": "hello"}, {"uid": "q2", "text": "y"})
+    samples = read_samples(path, SampleReadOptions(id_field="uid")).samples
+    assert [s.sample_id for s in samples] == ["s-aaf4c61ddcc5", "q2"]
+
+
 def test_corrupt_parquet(tmp_path):
     path = write(tmp_path / "s.parquet", b"not parquet at all")
     with pytest.raises(InputError, match="is not a readable Parquet file"):

@@ -23,8 +23,11 @@ Formats, chosen by extension (case-insensitive):
 A record gives its prompt either as a non-empty string in the text field
 (``--text-field``, default ``text``) or, for pre-tokenised data, as a
 non-empty list of non-negative token ids in ``input_ids``; exactly one of the
-two. The id field (``--id-field``, default ``id``) is optional. Every other
-field goes into ``Sample.meta`` and from there into the trace's samples table.
+two. The id field (``--id-field``, default ``id``) is optional in each record;
+a field named with ``--id-field`` other than ``id`` must be a CSV/Parquet
+column, or in JSONL be in at least one record read, else a mistyped name would
+silently generate ids and carry the real id column as meta. Every other field
+goes into ``Sample.meta`` and from there into the trace's samples table.
 
 Sample ids:
 
@@ -78,6 +81,7 @@ if TYPE_CHECKING:
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".txt": "txt"}
 INPUT_IDS_FIELD = "input_ids"
+DEFAULT_ID_FIELD = "id"  # optional; an id field named otherwise must exist
 SAMPLE_ID_COLUMN = "sample_id"  # the id column of sample_table(); no meta field may take it
 MAX_ID_LENGTH = 256
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -108,9 +112,10 @@ class Sample:
 @dataclass(frozen=True)
 class SampleReadOptions:
     """How to read a samples file; built from the ``--id-field``, ``--text-field``,
-    ``--skip-bad-lines`` and ``--limit`` flags. ``limit`` keeps the first N valid samples."""
+    ``--skip-bad-lines`` and ``--limit`` flags. ``limit`` keeps the first N valid samples.
+    An ``id_field`` other than :data:`DEFAULT_ID_FIELD` must exist in the file."""
 
-    id_field: str = "id"
+    id_field: str = DEFAULT_ID_FIELD
     text_field: str = "text"
     skip_bad_lines: bool = False
     limit: int | None = None
@@ -176,9 +181,10 @@ def read_samples(path: str | Path, options: SampleReadOptions | None = None) -> 
     path = Path(path)
     fmt = _format_of(path)
     unit = "row" if fmt == "parquet" else "line"
+    fields: dict[str, None] = {}  # the field names of the records read, in first-seen order
     try:
         with contextlib.closing(_READERS[fmt](path, options)) as records:
-            samples, skipped = _collect(records, str(path), unit, options)
+            samples, skipped = _collect(_noting_fields(records, fields), str(path), unit, options)
         with path.open("rb") as file:
             digest = hashlib.file_digest(file, "sha256").hexdigest()
     except OSError as exc:
@@ -186,6 +192,7 @@ def read_samples(path: str | Path, options: SampleReadOptions | None = None) -> 
     if not samples:
         why = f" ({len(skipped)} bad {unit}s skipped)" if skipped else ""
         raise InputError(f"samples file '{path}' has no samples{why}")
+    _check_named_id(path, list(fields), options)
     return SampleSet(samples=samples, skipped_lines=skipped, source_sha256=digest, format=fmt,
                      path=str(path))
 
@@ -264,6 +271,16 @@ def _collect(
         if options.limit is not None and len(samples) >= options.limit:
             break
     return samples, skipped
+
+
+def _noting_fields(
+    records: Iterator[tuple[int, dict | _BadLine]], fields: dict[str, None]
+) -> Iterator[tuple[int, dict | _BadLine]]:
+    """``records`` unchanged, adding each record's field names to ``fields`` as it passes."""
+    for number, record in records:
+        if isinstance(record, dict):
+            fields.update(dict.fromkeys(record))
+        yield number, record
 
 
 def _duplicate_message(sample: Sample, first: int, number: int, unit: str) -> str:
@@ -394,14 +411,31 @@ def _parquet_records(
 
 
 def _check_columns(path: Path, names: Sequence[str], options: SampleReadOptions) -> None:
-    """Tabular formats name their columns once: a missing text column is one file-level error."""
-    if options.text_field in names or INPUT_IDS_FIELD in names:
+    """Tabular formats name their columns once: a missing text column or named id column is
+    one file-level error, raised before any row is read."""
+    if options.text_field not in names and INPUT_IDS_FIELD not in names:
+        raise InputError(
+            f"samples file '{path}' has no '{options.text_field}' column (columns: "
+            f"{_listed(names)}); use --text-field to name the text column, or give "
+            f"'{INPUT_IDS_FIELD}'"
+        )
+    _check_named_id(path, names, options)
+
+
+def _check_named_id(path: Path, names: Sequence[str], options: SampleReadOptions) -> None:
+    """Refuse an id field named other than the default that is not among ``names`` (the
+    columns, or the fields of the JSONL records read): it is a typo, not missing ids."""
+    if options.id_field == DEFAULT_ID_FIELD or options.id_field in names:
         return
-    shown = ", ".join(_quoted(name) for name in names[:10]) + (", ..." if len(names) > 10 else "")
     raise InputError(
-        f"samples file '{path}' has no '{options.text_field}' column (columns: {shown}); "
-        f"use --text-field to name the text column, or give '{INPUT_IDS_FIELD}'"
+        f"samples file '{path}' has no '{options.id_field}' field (fields: {_listed(names)}); "
+        "pass the id field's name to --id-field, or leave it out to generate ids"
     )
+
+
+def _listed(names: Sequence[str]) -> str:
+    """The first 10 names, quoted, for a one-line message."""
+    return ", ".join(_quoted(name) for name in names[:10]) + (", ..." if len(names) > 10 else "")
 
 
 _READERS = {
