@@ -252,6 +252,15 @@ BAD_LINES = [
         "field 'sample_id' is reserved for the id column (rename it, or pass --id-field sample_id)",
     ),
     (
+        '{"text": "x", "nll": 2.5}',
+        "field 'nll' is reserved for a column tracing adds to the samples table (rename it)",
+    ),
+    (
+        '{"text": "x", "num_tokens": 3}',
+        "field 'num_tokens' is reserved for a column tracing adds to the samples table "
+        "(rename it)",
+    ),
+    (
         '{"text": "x", "m": {"k": 1}}',
         "field 'm' holds an object; meta values must be JSON scalars "
         "or flat lists (flatten it or encode it as a string)",
@@ -392,6 +401,15 @@ def test_parquet_duplicates_and_errors_count_rows(tmp_path):
         read_samples(path)
 
 
+def test_csv_columns_tracing_adds_are_reserved(tmp_path):
+    path = write(tmp_path / "s.csv", "id,text,truncated\na,x,no\n")
+    with pytest.raises(InputError) as caught:
+        read_samples(path)
+    assert str(caught.value) == (
+        f"{path} line 2: field 'truncated' is reserved for a column tracing adds to the samples "
+        "table (rename it); fix the line or pass --skip-bad-lines")
+
+
 def test_tabular_file_without_text_column(tmp_path):
     path = write(tmp_path / "s.csv", "id,prompt\n1,hi\n")
     with pytest.raises(InputError) as caught:
@@ -512,7 +530,7 @@ _SCALARS = {
     "string": st.text(),
 }
 _FIELD_NAMES = st.text(max_size=8).filter(
-    lambda k: k not in {"id", "text", "input_ids", "sample_id"}
+    lambda k: k not in {"id", "text", "input_ids", "sample_id", "num_tokens", "truncated", "nll"}
 )
 
 

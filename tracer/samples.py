@@ -42,12 +42,13 @@ Sample ids:
 - Ids are unique within a file. A repeated id is an error naming both lines,
   even with ``skip_bad_lines``: dropping either sample would change the data.
 
-Meta values are JSON scalars (null, boolean, number, string) or flat lists of
-them, and a field keeps one type across the file (integers and floats may mix
-unless an integer exceeds 2**53), so that the samples table can be written as
-Parquet before any expensive tracing starts. Objects, nested lists, NaN or
-Infinity, integers outside int64 and unpaired surrogate escapes (``"\\ud800"``)
-are bad lines.
+Meta field names ``sample_id`` and :data:`TRACE_COLUMNS` are reserved for the
+columns of the trace's samples table. Meta values are JSON scalars (null,
+boolean, number, string) or flat lists of them, and a field keeps one type
+across the file (integers and floats may mix unless an integer exceeds 2**53),
+so that the samples table can be written as Parquet before any expensive
+tracing starts. Objects, nested lists, NaN or Infinity, integers outside int64
+and unpaired surrogate escapes (``"\\ud800"``) are bad lines.
 
 Bad lines (not UTF-8, not JSON, no prompt, bad id or meta value) raise
 ``InputError``; with ``skip_bad_lines`` they are skipped and their 1-based
@@ -83,6 +84,13 @@ FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "
 INPUT_IDS_FIELD = "input_ids"
 DEFAULT_ID_FIELD = "id"  # optional; an id field named otherwise must exist
 SAMPLE_ID_COLUMN = "sample_id"  # the id column of sample_table(); no meta field may take it
+# The columns tracing adds to the samples table (the prompt's token count, whether it was cut,
+# its mean NLL): a meta field of one of these names would be overwritten, so none may take them.
+TRACE_COLUMNS = ("num_tokens", "truncated", "nll")
+_RESERVED = {
+    SAMPLE_ID_COLUMN: "the id column (rename it, or pass --id-field sample_id)",
+    **dict.fromkeys(TRACE_COLUMNS, "a column tracing adds to the samples table (rename it)"),
+}
 MAX_ID_LENGTH = 256
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _FLOAT64_EXACT = 2**53  # larger integers do not survive a float64 column
@@ -588,10 +596,8 @@ def _compatible(known: str, kind: str) -> bool:
 
 def _kinds(key: str, value: object) -> set[str]:
     """The types in ``value`` (several only for a list of mixed numbers; none for null)."""
-    if key == SAMPLE_ID_COLUMN:
-        raise _BadLine(
-            f"{_field(key)} is reserved for the id column (rename it, or pass --id-field {key})"
-        )
+    if key in _RESERVED:
+        raise _BadLine(f"{_field(key)} is reserved for {_RESERVED[key]}")
     _check_unicode(key, "a field name")
     if not isinstance(value, list):
         kind = _scalar_kind(key, value)
