@@ -44,8 +44,10 @@ Resume = Annotated[bool, typer.Option(help="Continue an interrupted trace in --o
 Force = Annotated[bool, typer.Option(help="Overwrite --out if it exists.")]
 Tau = Annotated[float, typer.Option(help="Cumulative router-weight threshold of a pathway.")]
 Unit = Annotated[str, typer.Option(help="Edit-distance unit: char (paper) or expert.")]
-Normalize = Annotated[str, typer.Option(help="none (paper) or max: divide by the longer "
-                      "pathway's length.")]
+Normalize = Annotated[str, typer.Option(help="Per-layer distances (--layers, and "
+                      "per_layer_distance in --json): none (paper) or max (each pair divided by "
+                      "the longer segment's length). Whole-pathway distances are always shown "
+                      "both raw and divided by the longer pathway's length.")]
 Source = Annotated[str, typer.Option(help="full: mean router distribution; topk: mean top-k "
                    "gate weights.")]
 Pairs = Annotated[str, typer.Option(help="auto (exact up to 1,000 samples a group, else "

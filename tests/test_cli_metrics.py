@@ -154,6 +154,17 @@ def test_unknown_group_column(trace_dir):
                                   "num_tokens")
 
 
+def test_normalize_changes_only_the_per_layer_distances_as_its_help_says(trace_dir):
+    raw, divided = (json.loads(moepath("metrics", trace_dir, "--json", "--normalize", how).stdout)
+                    ["groups"][0] for how in ("none", "max"))
+    assert [key for key in raw if raw[key] != divided[key]] == ["per_layer_distance"]
+    assert divided["normalized_distance_mean"] == raw["normalized_distance_mean"] < 1
+    text = " ".join(moepath("metrics", "--help").stdout.replace("│", " ").split())
+    assert ("Per-layer distances (--layers, and per_layer_distance in --json): none (paper) or "
+            "max (each pair divided by the longer segment's length). Whole-pathway distances "
+            "are always shown both raw and divided by the longer pathway's length.") in text
+
+
 def test_grouping_by_the_id_column_is_refused(trace_dir):
     result = moepath("metrics", trace_dir, "--group-by", "sample_id")
     assert_one_line_error(result, "cannot group by 'sample_id': every sample would be a group "
