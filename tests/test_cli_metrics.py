@@ -181,6 +181,14 @@ def test_per_sample_extension_is_checked_first(trace_dir, tmp_path):
     assert_one_line_error(result, "has extension '.txt'; use one of .csv, .parquet")
 
 
+def test_a_path_that_cannot_be_written_is_one_line_not_a_traceback(trace_dir, tmp_path):
+    (tmp_path / "ids.csv").mkdir()
+    result = moepath("metrics", trace_dir, "--json", "--per-sample", tmp_path / "ids.csv")
+    assert result.returncode == 1
+    assert result.stderr == (f"moepath: error: '{tmp_path / 'ids.csv'}': Is a directory; check "
+                             "the path, and that it may be read or written\n")
+
+
 def test_two_layer_trace_is_flagged_degenerate(tmp_path):
     trace_dir = write_synthetic_trace(tmp_path / "t", layers=2)
     result = moepath("metrics", trace_dir, "--json")
