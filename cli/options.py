@@ -73,7 +73,7 @@ def parse_part(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
     index, _, count = value.partition("/")
-    if not (index.isdigit() and count.isdigit()):
+    if not (index.isdecimal() and count.isdecimal()):  # not isdigit: int("²") fails
         raise typer.BadParameter(f"--part takes I/N such as 0/2, not {value!r}")
     return int(index), int(count)
 
@@ -84,6 +84,6 @@ def parse_pairs(value: str) -> int | None:
 
     if value in ("auto", "all"):
         return None if value == "auto" else ALL_PAIRS
-    if value.isdigit() and int(value) >= 2:
+    if value.isdecimal() and int(value) >= 2:
         return int(value)
     raise typer.BadParameter(f"--pairs takes auto, all or a number >= 2, not {value!r}")
