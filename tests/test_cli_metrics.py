@@ -171,6 +171,11 @@ def test_grouping_by_the_id_column_is_refused(trace_dir):
                                   "of its own; group by one of: domain, step, num_tokens")
 
 
+def test_negative_seed_is_refused(trace_dir):
+    result = moepath("metrics", trace_dir, "--pairs", "3", "--seed", "-1")
+    assert_one_line_error(result, "seed -1 is not an integer >= 0; pass a seed such as 0")
+
+
 def test_missing_trace_dir(tmp_path):
     result = moepath("metrics", tmp_path / "nope", "--json")
     assert_one_line_error(result, f"trace directory '{tmp_path / 'nope'}' does not exist")

@@ -109,6 +109,8 @@ def test_group_of_one_is_refused_by_name():
         ({"normalize": "mean"}, "normalize 'mean' is not supported; choose one of: none, max"),
         ({"source": "logits"}, "source 'logits' is not supported; choose one of: full, topk"),
         ({"pairs": 0}, "pairs 0 is too few"),
+        ({"seed": -1}, "seed -1 is not an integer >= 0; pass a seed such as 0"),
+        ({"seed": 1.5}, "seed 1.5 is not an integer >= 0"),
     ],
 )
 def test_options_are_validated_on_construction(options, message):

@@ -34,6 +34,7 @@ from .distance import (
     UNITS,
     check_choice,
     check_pairs,
+    check_seed,
     distance_summary,
     per_layer_distance,
 )
@@ -70,7 +71,7 @@ class MetricOptions:
             Readers of traces use it to pick the array; the metrics do not.
         pairs: None for the default exact/sampled policy, or pairs to sample
             (``distance.plan_pairs``).
-        seed: seeds pair sampling.
+        seed: seeds pair sampling, an int >= 0.
     """
 
     tau: float = DEFAULT_TAU
@@ -86,6 +87,7 @@ class MetricOptions:
         check_choice("normalize", self.normalize, NORMALIZATIONS)
         check_choice("source", self.source, SOURCES)
         check_pairs(self.pairs)
+        check_seed(self.seed)
 
 
 DEFAULT_OPTIONS = MetricOptions()
