@@ -375,12 +375,13 @@ def test_duplicate_ids_name_both_lines_even_when_skipping(tmp_path):
     for options in (SampleReadOptions(), SKIP):
         with pytest.raises(InputError) as caught:
             read_samples(path, options)
-        assert str(caught.value) == "duplicate sample id 'a17' on lines 3 and 9; ids must be unique"
+        assert str(caught.value) == (
+            f"{path} lines 3 and 9: duplicate sample id 'a17'; ids must be unique")
 
 
 def test_int_and_string_ids_that_print_alike_are_duplicates(tmp_path):
     path = jsonl(tmp_path / "s.jsonl", {"id": 5, "text": "x"}, {"id": "5", "text": "y"})
-    with pytest.raises(InputError, match="duplicate sample id '5' on lines 1 and 2"):
+    with pytest.raises(InputError, match="s.jsonl lines 1 and 2: duplicate sample id '5'"):
         read_samples(path)
 
 
@@ -389,7 +390,7 @@ def test_identical_content_without_ids_is_a_duplicate(tmp_path):
     with pytest.raises(InputError) as caught:
         read_samples(path)
     assert str(caught.value) == (
-        f"duplicate sample id '{content_id('same', None)}' on lines 1 and 3 "
+        f"{path} lines 1 and 3: duplicate sample id '{content_id('same', None)}' "
         "(generated from the content: the two samples are identical); ids must be unique"
     )
 
@@ -397,7 +398,7 @@ def test_identical_content_without_ids_is_a_duplicate(tmp_path):
 def test_parquet_duplicates_and_errors_count_rows(tmp_path):
     path = tmp_path / "s.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "a"], "text": ["x", "y", "z"]}), path)
-    with pytest.raises(InputError, match="duplicate sample id 'a' on rows 1 and 3"):
+    with pytest.raises(InputError, match="s.parquet rows 1 and 3: duplicate sample id 'a'"):
         read_samples(path)
 
 

@@ -274,7 +274,7 @@ def _collect(
             continue
         first = first_seen.setdefault(sample.sample_id, number)
         if first != number:
-            raise InputError(_duplicate_message(sample, first, number, unit))
+            raise InputError(_duplicate_message(sample, src, unit, first, number))
         samples.append(sample)
         if options.limit is not None and len(samples) >= options.limit:
             break
@@ -291,12 +291,12 @@ def _noting_fields(
         yield number, record
 
 
-def _duplicate_message(sample: Sample, first: int, number: int, unit: str) -> str:
+def _duplicate_message(sample: Sample, src: str, unit: str, first: int, number: int) -> str:
     generated = sample.sample_id == content_id(sample.text, sample.input_ids)
     why = " (generated from the content: the two samples are identical)" if generated else ""
     return (
-        f"duplicate sample id '{sample.sample_id}' on {unit}s {first} and {number}{why}; "
-        "ids must be unique"
+        f"{src} {unit}s {first} and {number}: duplicate sample id {_quoted(sample.sample_id)}"
+        f"{why}; ids must be unique"
     )
 
 
