@@ -126,6 +126,15 @@ def test_csv_cells_are_strings_empty_is_none_and_records_may_span_lines(tmp_path
     assert result.format == "csv"
 
 
+def test_csv_text_of_only_whitespace_is_empty(tmp_path):
+    path = write(tmp_path / "s.csv", 'id,text\na,x\nb,"  \n "\nc,y\n')
+    with pytest.raises(InputError) as caught:
+        read_samples(path)
+    assert str(caught.value) == (
+        f"{path} line 3: 'text' is empty (only whitespace); fix the line or pass --skip-bad-lines")
+    assert [s.sample_id for s in read_samples(path, SKIP).samples] == ["a", "c"]
+
+
 def test_csv_error_names_the_line_a_record_starts_on(tmp_path):
     path = write(tmp_path / "s.csv", 'id,text\na,"multi\nline"\nb\n')
     with pytest.raises(InputError) as caught:
@@ -211,6 +220,7 @@ BAD_LINES = [
     ('{"id": "b"}', "no 'text' field (use --text-field to name it)"),
     ('{"text": null}', "'text' is empty"),
     ('{"text": ""}', "'text' is empty"),
+    ('{"text": " \\t\\u3000\\n"}', "'text' is empty (only whitespace)"),
     ('{"text": 3}', "'text' is an integer, not a string"),
     ('{"text": ["a"]}', "'text' is a list, not a string"),
     ('{"text": "\\ud800"}', "'text' has an unpaired surrogate \\ud800"),
@@ -546,7 +556,7 @@ def _records(draw):
         sample_id = draw(st.none() | st.integers(-(2**63), 2**63) | st.text(_PRINTABLE, min_size=1))
         if sample_id is not None or draw(st.booleans()):
             record["id"] = sample_id
-        record["text"] = draw(st.text(min_size=1))
+        record["text"] = draw(st.text(min_size=1).filter(str.strip))  # blank text is refused
         for key, kind in schema.items():
             value = _SCALARS[scalar_kind[key]]
             if kind == "list":

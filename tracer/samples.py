@@ -20,14 +20,15 @@ Formats, chosen by extension (case-insensitive):
 - ``.txt``: one sample per non-blank line; the line without its line ending
   is the text. There are no other fields.
 
-A record gives its prompt either as a non-empty string in the text field
-(``--text-field``, default ``text``) or, for pre-tokenised data, as a
-non-empty list of non-negative token ids in ``input_ids``; exactly one of the
-two. The id field (``--id-field``, default ``id``) is optional in each record;
-a field named with ``--id-field`` other than ``id`` must be a CSV/Parquet
-column, or in JSONL be in at least one record read, else a mistyped name would
-silently generate ids and carry the real id column as meta. Every other field
-goes into ``Sample.meta`` and from there into the trace's samples table.
+A record gives its prompt either as a string with a non-whitespace character
+in the text field (``--text-field``, default ``text``) or, for pre-tokenised
+data, as a non-empty list of non-negative token ids in ``input_ids``; exactly
+one of the two. The id field (``--id-field``, default ``id``) is optional in
+each record; a field named with ``--id-field`` other than ``id`` must be a
+CSV/Parquet column, or in JSONL be in at least one record read, else a
+mistyped name would silently generate ids and carry the real id column as
+meta. Every other field goes into ``Sample.meta`` and from there into the
+trace's samples table.
 
 Sample ids:
 
@@ -514,10 +515,10 @@ def _prompt(record: dict, text_field: str) -> tuple[str | None, tuple[int, ...] 
         return None, _token_ids(ids)
     if text_field not in record:
         raise _BadLine(f"no '{text_field}' field (use --text-field to name it)")
-    if text is None or text == "":
-        raise _BadLine(f"'{text_field}' is empty")
-    if not isinstance(text, str):
+    if text is not None and not isinstance(text, str):
         raise _BadLine(f"'{text_field}' is {_typed(text)}, not a string")
+    if not (text or "").strip():  # a prompt of only whitespace is as empty as none
+        raise _BadLine(f"'{text_field}' is empty" + (" (only whitespace)" if text else ""))
     _check_unicode(text, f"'{text_field}'")
     return text, None
 
