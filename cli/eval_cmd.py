@@ -44,7 +44,7 @@ def eval_(
     names = tuple(name.strip() for name in tasks.split(",") if name.strip())
     if not names:
         raise typer.BadParameter("--tasks needs at least one task name")
-    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+    if batch_size != "auto" and not (batch_size.isdecimal() and int(batch_size) > 0):
         raise typer.BadParameter(f"--batch-size takes auto or a positive number, "
                                  f"not {batch_size!r}")
     engine = o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,

@@ -12,7 +12,8 @@ from moepath.patches.engine import EngineOptions
 Model = Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder of an MoE model.")]
 Samples = Annotated[Path, typer.Option("--samples", "-s",
                     help="Samples file: .jsonl, .parquet, .csv or .txt (one sample per line).")]
-IdField = Annotated[str, typer.Option(help="JSONL/CSV/Parquet field holding the sample id.")]
+IdField = Annotated[str, typer.Option(help="JSONL/CSV/Parquet field holding the sample id "
+                    "(optional as 'id'; a field named otherwise must exist).")]
 TextField = Annotated[str, typer.Option(help="Field holding the text (or use 'input_ids').")]
 SkipBadLines = Annotated[bool, typer.Option(help="Skip malformed lines and report how many.")]
 Limit = Annotated[int | None, typer.Option(help="Use only the first N samples.")]
@@ -43,8 +44,10 @@ Resume = Annotated[bool, typer.Option(help="Continue an interrupted trace in --o
 Force = Annotated[bool, typer.Option(help="Overwrite --out if it exists.")]
 Tau = Annotated[float, typer.Option(help="Cumulative router-weight threshold of a pathway.")]
 Unit = Annotated[str, typer.Option(help="Edit-distance unit: char (paper) or expert.")]
-Normalize = Annotated[str, typer.Option(help="none (paper) or max: divide by the longer "
-                      "pathway's length.")]
+Normalize = Annotated[str, typer.Option(help="Per-layer distances (--layers, and "
+                      "per_layer_distance in --json): none (paper) or max (each pair divided by "
+                      "the longer segment's length). Whole-pathway distances are always shown "
+                      "both raw and divided by the longer pathway's length.")]
 Source = Annotated[str, typer.Option(help="full: mean router distribution; topk: mean top-k "
                    "gate weights.")]
 Pairs = Annotated[str, typer.Option(help="auto (exact up to 1,000 samples a group, else "
@@ -70,7 +73,7 @@ def parse_part(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
     index, _, count = value.partition("/")
-    if not (index.isdigit() and count.isdigit()):
+    if not (index.isdecimal() and count.isdecimal()):  # not isdigit: int("²") fails
         raise typer.BadParameter(f"--part takes I/N such as 0/2, not {value!r}")
     return int(index), int(count)
 
@@ -81,6 +84,6 @@ def parse_pairs(value: str) -> int | None:
 
     if value in ("auto", "all"):
         return None if value == "auto" else ALL_PAIRS
-    if value.isdigit() and int(value) >= 2:
+    if value.isdecimal() and int(value) >= 2:
         return int(value)
     raise typer.BadParameter(f"--pairs takes auto, all or a number >= 2, not {value!r}")

@@ -175,6 +175,28 @@ def test_unknown_group_column(trace_dir):
                                   "num_tokens")
 
 
+def test_normalize_changes_only_the_per_layer_distances_as_its_help_says(trace_dir):
+    raw, divided = (json.loads(moepath("metrics", trace_dir, "--json", "--normalize", how).stdout)
+                    ["groups"][0] for how in ("none", "max"))
+    assert [key for key in raw if raw[key] != divided[key]] == ["per_layer_distance"]
+    assert divided["normalized_distance_mean"] == raw["normalized_distance_mean"] < 1
+    text = " ".join(moepath("metrics", "--help").stdout.replace("│", " ").split())
+    assert ("Per-layer distances (--layers, and per_layer_distance in --json): none (paper) or "
+            "max (each pair divided by the longer segment's length). Whole-pathway distances "
+            "are always shown both raw and divided by the longer pathway's length.") in text
+
+
+def test_grouping_by_the_id_column_is_refused(trace_dir):
+    result = moepath("metrics", trace_dir, "--group-by", "sample_id")
+    assert_one_line_error(result, "cannot group by 'sample_id': every sample would be a group "
+                                  "of its own; group by one of: domain, step, num_tokens")
+
+
+def test_negative_seed_is_refused(trace_dir):
+    result = moepath("metrics", trace_dir, "--pairs", "3", "--seed", "-1")
+    assert_one_line_error(result, "seed -1 is not an integer >= 0; pass a seed such as 0")
+
+
 def test_missing_trace_dir(tmp_path):
     result = moepath("metrics", tmp_path / "nope", "--json")
     assert_one_line_error(result, f"trace directory '{tmp_path / 'nope'}' does not exist")
@@ -183,6 +205,14 @@ def test_missing_trace_dir(tmp_path):
 def test_per_sample_extension_is_checked_first(trace_dir, tmp_path):
     result = moepath("metrics", trace_dir, "--per-sample", tmp_path / "out.txt")
     assert_one_line_error(result, "has extension '.txt'; use one of .csv, .parquet")
+
+
+def test_a_path_that_cannot_be_written_is_one_line_not_a_traceback(trace_dir, tmp_path):
+    (tmp_path / "ids.csv").mkdir()
+    result = moepath("metrics", trace_dir, "--json", "--per-sample", tmp_path / "ids.csv")
+    assert result.returncode == 1
+    assert result.stderr == (f"moepath: error: '{tmp_path / 'ids.csv'}': Is a directory; check "
+                             "the path, and that it may be read or written\n")
 
 
 def test_two_layer_trace_is_flagged_degenerate(tmp_path):

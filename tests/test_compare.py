@@ -19,8 +19,9 @@ from test_metrics import SAMPLES, write_synthetic_trace
 
 from moepath.tracer import Trace, store
 from moepath.tracer import compare as cmp
-from moepath.tracer.errors import InputError, ModelError
+from moepath.tracer.errors import InputError, MetricError, ModelError
 from moepath.tracer.metrics import MetricOptions, trace_metrics
+from moepath.tracer.samples import read_samples
 
 
 def fake_checkpoint(path, **config):
@@ -74,6 +75,63 @@ def test_cli_refuses_mismatched_checkpoints_before_serving(tmp_path):
                      fake_checkpoint(tmp_path / "step2", num_experts_per_tok=2),
                      "--samples", samples, "--out", tmp_path / "out")
     assert_one_line_error(result, "differ in top_k 4 vs 2")
+    assert not (tmp_path / "out").exists()
+
+
+# --- options refused before any checkpoint is traced ----------------------------------------
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"epsilon_quantile": 1.5}, r"quantile 1.5 is outside \(0, 1\)"),
+    ({"epsilon": 0.5, "epsilon_quantile": 0.2}, "got epsilon 0.5 and quantile 0.2; pass one"),
+    ({"epsilon": float("inf")}, "epsilon inf is not a finite number"),
+    ({"delta": -0.1}, "delta -0.1 is negative"),
+])
+def test_compare_options_are_validated_on_construction(options, message):
+    with pytest.raises(InputError, match=message):
+        cmp.CompareOptions(**options)
+
+
+def two_checkpoints_and_samples(tmp_path):
+    found = [cmp.Checkpoint("step100", tmp_path / "step100", 100),
+             cmp.Checkpoint("step200", tmp_path / "step200", 200)]
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "text": "x", "domain": "math"},
+                                                 {"id": "b", "text": "y", "tags": ["t"]}])
+    return found, read_samples(samples)
+
+
+def test_group_by_is_checked_against_the_samples_fields_and_trace_columns(tmp_path):
+    found, sample_set = two_checkpoints_and_samples(tmp_path)
+    for column in ("domain", "truncated"):  # a carried field, a column tracing adds
+        cmp.check_before_tracing(found, sample_set, cmp.CompareOptions(group_by=column))
+    with pytest.raises(MetricError) as error:
+        cmp.check_before_tracing(found, sample_set, cmp.CompareOptions(group_by="domian"))
+    assert str(error.value) == (f"samples file '{sample_set.path}' has no column 'domian'; "
+                                "group by one of: domain, tags, num_tokens, truncated, nll")
+    with pytest.raises(MetricError, match="column 'tags' of the samples file .* holds lists"):
+        cmp.check_before_tracing(found, sample_set, cmp.CompareOptions(group_by="tags"))
+
+
+def test_scores_are_read_before_tracing(tmp_path):
+    found, sample_set = two_checkpoints_and_samples(tmp_path)
+    scores = tmp_path / "scores.csv"
+    scores.write_text("checkpoint,score\nstep100,0.1\nstep300,0.2\n")
+    with pytest.raises(InputError, match="names checkpoint\\(s\\) that were not compared: "
+                                         "'step300'; use a name or step of: step100 \\(100\\)"):
+        cmp.check_before_tracing(found, sample_set, cmp.CompareOptions(scores=scores))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--scores", "missing.csv"), "scores file 'missing.csv' does not exist"),
+    (("--group-by", "domian"), "has no column 'domian'; group by one of: domain, num_tokens"),
+    (("--epsilon-quantile", "2"), "quantile 2.0 is outside (0, 1)"),
+])
+def test_cli_refuses_bad_analysis_options_before_serving(tmp_path, extra, message):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "text": "x", "domain": "d"}])
+    result = moepath("compare", fake_checkpoint(tmp_path / "step1"),
+                     fake_checkpoint(tmp_path / "step2"), "--samples", samples,
+                     "--out", tmp_path / "out", *extra)
+    assert_one_line_error(result, message)
     assert not (tmp_path / "out").exists()
 
 
@@ -257,3 +315,9 @@ def test_with_two_moe_layers_consistency_is_left_out_and_the_note_says_why(tmp_p
     [note] = [n for n in result.notes if "fewer than 3" in n]
     assert "2 MoE layer(s)" in note and "left out of the tables, plots and correlations" in note
     assert "| 0.0000 |" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_grouping_by_the_id_column_is_refused(tmp_path):
+    with pytest.raises(MetricError, match="cannot group by 'sample_id': every sample would be "
+                                          "a group of its own; group by one of: domain, step"):
+        analyse(tmp_path, group_by="sample_id")

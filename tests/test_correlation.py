@@ -147,6 +147,12 @@ def test_score_groups_that_match_no_metrics_group_are_refused():
         correlate(metrics_frame(), scores_frame(group="maths"))
 
 
+def test_infinite_scores_are_refused_rather_than_correlated_to_nan():
+    scores = scores_frame().assign(score=[0.1, np.inf, 0.3, 0.28, 0.45])
+    with pytest.raises(InputError, match=r"infinite score on line\(s\) \[3\]"):
+        correlate(metrics_frame(), scores)
+
+
 def test_metrics_frame_is_validated():
     with pytest.raises(MetricError, match=r"lacks columns \['value'\]"):
         correlate(metrics_frame().drop(columns="value"), scores_frame())
@@ -204,7 +210,16 @@ def test_read_scores_names_unknown_checkpoints_and_lists_known_ones(tmp_path):
         ("checkpoint,score\n", "has no rows"),
         ("", "is not a CSV"),
         ("checkpoint,score\nstep0,high\nstep100,\n",
-         r"empty or non-numeric score on line\(s\) \[2, 3\]"),
+         r"empty, non-numeric or infinite score on line\(s\) \[2, 3\]; pass a finite number"),
+        # inf (also 1e400) would make every coefficient NaN without a note
+        ("checkpoint,score\nstep0,0.5\nstep100,inf\nstep200,1e400\nstep300,-inf\n",
+         r"empty, non-numeric or infinite score on line\(s\) \[3, 4, 5\]"),
+        # an extra field in the first row made pandas index by checkpoint and shift the values
+        ("checkpoint,score\nstep0,0.1,extra\nstep100,0.2\n",
+         "its first row has more fields than the header; pass columns checkpoint, score and "
+         "optionally group, one value each per row$"),
+        ("checkpoint,score\nstep0,0.1\nstep100,0.2,extra\n",
+         r"is not a CSV \(Error tokenizing data. C error: Expected 2 fields in line 3, saw 3\); "),
         ("checkpoint,score\nstep0,0.1\n0,0.2\n", "has several scores for step0"),
     ],
 )

@@ -109,6 +109,8 @@ def test_group_of_one_is_refused_by_name():
         ({"normalize": "mean"}, "normalize 'mean' is not supported; choose one of: none, max"),
         ({"source": "logits"}, "source 'logits' is not supported; choose one of: full, topk"),
         ({"pairs": 0}, "pairs 0 is too few"),
+        ({"seed": -1}, "seed -1 is not an integer >= 0; pass a seed such as 0"),
+        ({"seed": 1.5}, "seed 1.5 is not an integer >= 0"),
     ],
 )
 def test_options_are_validated_on_construction(options, message):
@@ -248,10 +250,41 @@ def test_samples_without_a_label_form_the_last_group(tmp_path):
     assert [(group.name, group.n_samples) for group in groups] == [("x", 2), ("(missing)", 2)]
 
 
+def test_integer_labels_keep_integer_names_when_a_null_makes_the_column_float(tmp_path):
+    epochs = [1, None, 2, 1, 2, 1, 2, 1, 2]  # read back as float64: 1.0, NaN, 2.0, ...
+    trace = Trace.open(write_synthetic_trace(tmp_path / "t", columns={"epoch": epochs}))
+    assert trace.samples["epoch"].dtype == np.float64
+    groups = trace_metrics(trace, group_by="epoch")
+    assert [(group.name, group.n_samples) for group in groups] == [
+        ("1", 4), ("2", 4), ("(missing)", 1)]
+
+
+@pytest.mark.parametrize(("labels", "names"), [
+    ([1.0, None, 2.5, np.float32(3.0)], ["1", "(missing)", "2.5", "3"]),
+    (["math", np.nan, "1.0"], ["math", "(missing)", "1.0"]),
+    ([True, 7, -0.0], ["True", "7", "0"]),
+])
+def test_label_names(labels, names):
+    assert metrics_module.label_names(pd.Series(labels, dtype=object)).tolist() == names
+
+
 def test_unknown_group_column_lists_the_columns(synthetic):
     with pytest.raises(MetricError, match="has no column 'topic'; group by one of: domain, "
                                           "step, num_tokens$"):
         trace_metrics(synthetic, group_by="topic")
+
+
+@pytest.mark.parametrize(("column", "message"), [
+    ("sample_id", "cannot group by 'sample_id': every sample would be a group of its own; "
+                  "group by one of: domain, step, num_tokens, tags$"),
+    ("tags", r"column 'tags' of the samples table of trace '.*' holds lists \(sample 'm0'\); "
+             "group by a column of single values$"),
+])
+def test_columns_without_one_label_per_sample_are_refused(tmp_path, column, message):
+    tags = [["x"], ["x", "y"], [], ["y"], None, ["x"], ["y"], ["x"], ["y"]]
+    trace = Trace.open(write_synthetic_trace(tmp_path / "t", columns={"tags": tags}))
+    with pytest.raises(MetricError, match=message):
+        trace_metrics(trace, group_by=column)
 
 
 def test_topk_source_averages_gate_weights_over_prompt_tokens_only(synthetic):

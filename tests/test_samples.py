@@ -126,6 +126,15 @@ def test_csv_cells_are_strings_empty_is_none_and_records_may_span_lines(tmp_path
     assert result.format == "csv"
 
 
+def test_csv_text_of_only_whitespace_is_empty(tmp_path):
+    path = write(tmp_path / "s.csv", 'id,text\na,x\nb,"  \n "\nc,y\n')
+    with pytest.raises(InputError) as caught:
+        read_samples(path)
+    assert str(caught.value) == (
+        f"{path} line 3: 'text' is empty (only whitespace); fix the line or pass --skip-bad-lines")
+    assert [s.sample_id for s in read_samples(path, SKIP).samples] == ["a", "c"]
+
+
 def test_csv_error_names_the_line_a_record_starts_on(tmp_path):
     path = write(tmp_path / "s.csv", 'id,text\na,"multi\nline"\nb\n')
     with pytest.raises(InputError) as caught:
@@ -133,6 +142,22 @@ def test_csv_error_names_the_line_a_record_starts_on(tmp_path):
     assert str(caught.value) == (
         f"{path} line 4: has 1 fields but the header has 2; fix the line or pass --skip-bad-lines"
     )
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    # without strict parsing, the unclosed quote made lines 3-4 part of sample a's text
+    ('id,text\nz,fine\na,"unterminated\nb,y\nc,z\n',
+     'line 3: a quoted cell starts in this record and is never closed; add its closing quote '
+     '(a quote inside a quoted cell is written "")'),
+    ('id,text\na,"quoted"tail\n',
+     """line 2: not valid CSV (',' expected after '"'); fix the file or use JSONL"""),
+])
+def test_csv_quotes_must_be_closed(tmp_path, content, problem):
+    path = write(tmp_path / "s.csv", content)
+    for options in (SampleReadOptions(), SKIP):
+        with pytest.raises(InputError) as caught:
+            read_samples(path, options)
+        assert str(caught.value) == f"{path} {problem}"
 
 
 def test_txt_is_one_sample_per_nonblank_line(tmp_path):
@@ -195,6 +220,7 @@ BAD_LINES = [
     ('{"id": "b"}', "no 'text' field (use --text-field to name it)"),
     ('{"text": null}', "'text' is empty"),
     ('{"text": ""}', "'text' is empty"),
+    ('{"text": " \\t\\u3000\\n"}', "'text' is empty (only whitespace)"),
     ('{"text": 3}', "'text' is an integer, not a string"),
     ('{"text": ["a"]}', "'text' is a list, not a string"),
     ('{"text": "\\ud800"}', "'text' has an unpaired surrogate \\ud800"),
@@ -234,6 +260,15 @@ BAD_LINES = [
     (
         '{"text": "x", "sample_id": 1}',
         "field 'sample_id' is reserved for the id column (rename it, or pass --id-field sample_id)",
+    ),
+    (
+        '{"text": "x", "nll": 2.5}',
+        "field 'nll' is reserved for a column tracing adds to the samples table (rename it)",
+    ),
+    (
+        '{"text": "x", "num_tokens": 3}',
+        "field 'num_tokens' is reserved for a column tracing adds to the samples table "
+        "(rename it)",
     ),
     (
         '{"text": "x", "m": {"k": 1}}',
@@ -350,12 +385,13 @@ def test_duplicate_ids_name_both_lines_even_when_skipping(tmp_path):
     for options in (SampleReadOptions(), SKIP):
         with pytest.raises(InputError) as caught:
             read_samples(path, options)
-        assert str(caught.value) == "duplicate sample id 'a17' on lines 3 and 9; ids must be unique"
+        assert str(caught.value) == (
+            f"{path} lines 3 and 9: duplicate sample id 'a17'; ids must be unique")
 
 
 def test_int_and_string_ids_that_print_alike_are_duplicates(tmp_path):
     path = jsonl(tmp_path / "s.jsonl", {"id": 5, "text": "x"}, {"id": "5", "text": "y"})
-    with pytest.raises(InputError, match="duplicate sample id '5' on lines 1 and 2"):
+    with pytest.raises(InputError, match="s.jsonl lines 1 and 2: duplicate sample id '5'"):
         read_samples(path)
 
 
@@ -364,7 +400,7 @@ def test_identical_content_without_ids_is_a_duplicate(tmp_path):
     with pytest.raises(InputError) as caught:
         read_samples(path)
     assert str(caught.value) == (
-        f"duplicate sample id '{content_id('same', None)}' on lines 1 and 3 "
+        f"{path} lines 1 and 3: duplicate sample id '{content_id('same', None)}' "
         "(generated from the content: the two samples are identical); ids must be unique"
     )
 
@@ -372,8 +408,17 @@ def test_identical_content_without_ids_is_a_duplicate(tmp_path):
 def test_parquet_duplicates_and_errors_count_rows(tmp_path):
     path = tmp_path / "s.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "a"], "text": ["x", "y", "z"]}), path)
-    with pytest.raises(InputError, match="duplicate sample id 'a' on rows 1 and 3"):
+    with pytest.raises(InputError, match="s.parquet rows 1 and 3: duplicate sample id 'a'"):
         read_samples(path)
+
+
+def test_csv_columns_tracing_adds_are_reserved(tmp_path):
+    path = write(tmp_path / "s.csv", "id,text,truncated\na,x,no\n")
+    with pytest.raises(InputError) as caught:
+        read_samples(path)
+    assert str(caught.value) == (
+        f"{path} line 2: field 'truncated' is reserved for a column tracing adds to the samples "
+        "table (rename it); fix the line or pass --skip-bad-lines")
 
 
 def test_tabular_file_without_text_column(tmp_path):
@@ -385,6 +430,31 @@ def test_tabular_file_without_text_column(tmp_path):
         "use --text-field to name the text column, or give 'input_ids'"
     )
     assert read_samples(path, SampleReadOptions(text_field="prompt")).samples[0].text == "hi"
+
+
+def _id_typo_files(tmp_path) -> list[Path]:
+    """The same two samples with an 'id' field, as JSONL, CSV and Parquet."""
+    parquet = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), parquet)
+    return [jsonl(tmp_path / "s.jsonl", {"id": "a", "text": "x"}, {"id": "b", "text": "y"}),
+            write(tmp_path / "s.csv", "id,text\na,x\nb,y\n"), parquet]
+
+
+def test_a_mistyped_id_field_is_refused_naming_the_fields(tmp_path):
+    for path in _id_typo_files(tmp_path):
+        with pytest.raises(InputError) as caught:
+            read_samples(path, SampleReadOptions(id_field="uid", skip_bad_lines=True))
+        assert str(caught.value) == (
+            f"samples file '{path}' has no 'uid' field (fields: 'id', 'text'); pass the id "
+            "field's name to --id-field, or leave it out to generate ids")
+        ids = [s.sample_id for s in read_samples(path, SampleReadOptions(id_field="id")).samples]
+        assert ids == ["a", "b"]
+
+
+def test_a_named_id_field_may_be_missing_from_some_jsonl_records(tmp_path):
+    path = jsonl(tmp_path / "s.jsonl", {"text": "hello"}, {"uid": "q2", "text": "y"})
+    samples = read_samples(path, SampleReadOptions(id_field="uid")).samples
+    assert [s.sample_id for s in samples] == ["s-aaf4c61ddcc5", "q2"]
 
 
 def test_corrupt_parquet(tmp_path):
@@ -471,7 +541,7 @@ _SCALARS = {
     "string": st.text(),
 }
 _FIELD_NAMES = st.text(max_size=8).filter(
-    lambda k: k not in {"id", "text", "input_ids", "sample_id"}
+    lambda k: k not in {"id", "text", "input_ids", "sample_id", "num_tokens", "truncated", "nll"}
 )
 
 
@@ -486,7 +556,7 @@ def _records(draw):
         sample_id = draw(st.none() | st.integers(-(2**63), 2**63) | st.text(_PRINTABLE, min_size=1))
         if sample_id is not None or draw(st.booleans()):
             record["id"] = sample_id
-        record["text"] = draw(st.text(min_size=1))
+        record["text"] = draw(st.text(min_size=1).filter(str.strip))  # blank text is refused
         for key, kind in schema.items():
             value = _SCALARS[scalar_kind[key]]
             if kind == "list":

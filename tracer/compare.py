@@ -20,15 +20,23 @@ from . import checkpoints as ckpt
 from . import report
 from .correlation import correlate, read_scores, table1
 from .errors import InputError, ModelError
-from .memorisation import MemorisationResult, loss_matrix, memorisation_groups, memorise
+from .memorisation import (
+    MemorisationResult,
+    check_thresholds,
+    loss_matrix,
+    memorisation_groups,
+    memorise,
+)
 from .metrics import (
     MetricOptions,
     degenerate_warning,
+    group_labels,
     group_metrics,
     label_names,
     per_sample_frame,
     trace_distributions,
 )
+from .samples import TRACE_COLUMNS, SampleSet, sample_table
 from .trace import Trace
 
 ALL = "all"
@@ -199,6 +207,9 @@ class CompareOptions:
     domain), else over all samples. ``memorised_only``: report
     memorised groups only (the paper's protocol), else ``all``, the ``group_by``
     values and the memorised groups. ``from_step``: correlate from this step on.
+
+    Validated on construction (InputError for bad thresholds), so that ``moepath
+    compare`` refuses them before tracing; :func:`check_before_tracing` checks the rest.
     """
 
     metrics: MetricOptions = MetricOptions()
@@ -210,6 +221,28 @@ class CompareOptions:
     delta: float = 0.05
     scores: Path | None = None
     from_step: int | None = None
+
+    def __post_init__(self) -> None:
+        check_thresholds(self.epsilon, self.epsilon_quantile, self.delta)
+
+
+def check_before_tracing(found: list[Checkpoint], sample_set: SampleSet,
+                         options: CompareOptions) -> None:
+    """Refuse, before the hours of tracing, what :func:`analyse` would refuse after them.
+
+    ``group_by`` must name a field of the samples or a column tracing adds
+    (:data:`~moepath.tracer.samples.TRACE_COLUMNS`), of one value per sample; the scores
+    file must be valid for these checkpoints (:func:`~moepath.tracer.correlation.read_scores`).
+
+    Raises:
+        MetricError: a bad ``group_by`` (:func:`~moepath.tracer.metrics.group_labels`).
+        InputError: a bad scores file.
+    """
+    if options.group_by is not None:
+        table = sample_table(sample_set.samples).assign(**dict.fromkeys(TRACE_COLUMNS))
+        group_labels(table, options.group_by, f"samples file '{sample_set.path}'")
+    if options.scores is not None:
+        read_scores(options.scores, steps(found))
 
 
 @dataclass
@@ -265,10 +298,7 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
 def _group_field(trace: Trace, column: str | None) -> pd.Series | None:
     if column is None:
         return None
-    if column not in trace.samples.columns:
-        raise InputError(f"--group-by column '{column}' is not in the samples table; "
-                         f"available: {', '.join(map(str, trace.samples.columns))}")
-    return trace.samples.set_index("sample_id")[column]
+    return group_labels(trace.samples, column, f"samples table of trace '{trace.path}'")
 
 
 def _notes(found, memorisation: MemorisationResult, traces: dict, options) -> list[str]:

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,20 +60,37 @@ def read_scores(path: str | Path, known_checkpoints: dict[str, int]) -> pd.DataF
     name), step, group (None for rows that apply to every group), score (float).
 
     Raises:
-        InputError: the file is missing or not CSV, a column is missing, a score is
-            not a number, a checkpoint is unknown (the message lists the known ones),
-            or a checkpoint and group appear twice.
+        InputError: the file is missing or not CSV, a row has more fields than the
+            header, a column is missing, a score is not a finite number, a checkpoint is
+            unknown (the message lists the known ones), or a checkpoint and group appear
+            twice.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"scores file '{path}' does not exist; pass a CSV with columns "
                          "checkpoint, score and optionally group")
+    return resolve_scores(_read_cells(path), known_checkpoints, f"scores file '{path}'")
+
+
+def _read_cells(path: Path) -> pd.DataFrame:
+    """The scores CSV's cells as strings, one column per header name.
+
+    ``index_col=False``: when the first row has more fields than the header, pandas
+    would otherwise make the first column the index and shift every value one column
+    left; with it pandas only warns and drops the extra field, so the warning is an error.
+    """
+    fix = "pass columns checkpoint, score and optionally group, one value each per row"
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True,
+                               index_col=False)
+    except pd.errors.ParserWarning:
+        raise InputError(f"scores file '{path}': its first row has more fields than the "
+                         f"header; {fix}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"scores file '{path}' is not a CSV ({exc}); pass columns checkpoint, "
-                         "score and optionally group") from exc
-    return resolve_scores(raw, known_checkpoints, f"scores file '{path}'")
+        raise InputError(f"scores file '{path}' is not a CSV ({str(exc).strip()}); "
+                         f"{fix}") from None
 
 
 def resolve_scores(scores: pd.DataFrame, known_checkpoints: dict[str, int],
@@ -87,10 +105,11 @@ def resolve_scores(scores: pd.DataFrame, known_checkpoints: dict[str, int],
         raise InputError(f"{what} has no rows; pass one score per checkpoint")
     names = _checkpoint_names(scores["checkpoint"], known_checkpoints, what)
     score = pd.to_numeric(scores["score"].replace("", np.nan), errors="coerce")
-    if score.isna().any():
-        lines = (np.flatnonzero(score.isna()) + 2).tolist()[:5]  # +2: header, 1-based
-        raise InputError(f"{what} has an empty or non-numeric score on line(s) {lines}; "
-                         "pass a number per row")
+    bad = ~np.isfinite(score.astype(float))  # empty, not a number, NaN or +-inf (1e400 too)
+    if bad.any():
+        lines = (np.flatnonzero(bad) + 2).tolist()[:5]  # +2: header, 1-based
+        raise InputError(f"{what} has an empty, non-numeric or infinite score on line(s) "
+                         f"{lines}; pass a finite number per row")
     groups = scores["group"] if "group" in scores.columns else pd.Series(None, scores.index)
     resolved = pd.DataFrame({"checkpoint": names,
                              "step": [known_checkpoints[n] for n in names],

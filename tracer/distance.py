@@ -86,6 +86,12 @@ def check_pairs(pairs: int | None) -> None:
         )
 
 
+def check_seed(seed: int) -> None:
+    """Raise :class:`MetricError` unless ``seed`` is an int >= 0 (numpy refuses negative seeds)."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise MetricError(f"seed {seed!r} is not an integer >= 0; pass a seed such as 0")
+
+
 ALL_PAIRS = 2**62  # as ``pairs``: more than any group has, so the exact mean is used
 
 

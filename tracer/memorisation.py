@@ -199,6 +199,30 @@ def _check_delta(delta: float) -> None:
                          f"(the paper uses {DEFAULT_DELTA})")
 
 
+def _check_quantile(q: float) -> None:
+    if isinstance(q, bool) or not isinstance(q, Real) or not 0 < q < 1:
+        raise InputError(f"quantile {q!r} is outside (0, 1); pass the share of samples to "
+                         f"call memorised, e.g. {DEFAULT_QUANTILE}")
+
+
+def check_thresholds(epsilon: float | None, quantile: float | None,
+                     delta: float = DEFAULT_DELTA) -> None:
+    """InputError unless :func:`memorise` can use these thresholds: at most one of
+    ``epsilon`` (a finite number) and ``quantile`` (in (0, 1)), and a finite ``delta`` >= 0.
+
+    ``compare.CompareOptions`` checks its options with it, so that a bad value fails
+    before any checkpoint is traced rather than after all of them.
+    """
+    if epsilon is not None and quantile is not None:
+        raise InputError(f"got epsilon {epsilon} and quantile {quantile}; pass one of them "
+                         "(an explicit loss threshold or a share of samples)")
+    if epsilon is not None:
+        _check_number("epsilon", epsilon)
+    if quantile is not None:
+        _check_quantile(quantile)
+    _check_delta(delta)
+
+
 def epsilon_from_quantile(final_losses: pd.Series, q: float) -> float:
     """The ``q`` quantile of the final losses (linear interpolation, NaN ignored).
 
@@ -206,9 +230,7 @@ def epsilon_from_quantile(final_losses: pd.Series, q: float) -> float:
         InputError: ``q`` is outside (0, 1).
         MetricError: no final loss is a number.
     """
-    if isinstance(q, bool) or not isinstance(q, Real) or not 0 < q < 1:
-        raise InputError(f"quantile {q!r} is outside (0, 1); pass the share of samples to "
-                         f"call memorised, e.g. {DEFAULT_QUANTILE}")
+    _check_quantile(q)
     values = pd.to_numeric(pd.Series(final_losses), errors="coerce").dropna()
     if values.empty:
         raise MetricError("no sample has a final loss; cannot choose epsilon from a quantile, "
@@ -232,12 +254,11 @@ def memorise(losses: pd.DataFrame, epsilon: float | None = None, quantile: float
             An explicit ``epsilon`` serves every domain.
 
     Raises:
-        InputError: both ``epsilon`` and ``quantile`` given, or a bad value.
+        InputError: both ``epsilon`` and ``quantile`` given, or a bad value
+            (:func:`check_thresholds`).
         MetricError: a bad loss matrix.
     """
-    if epsilon is not None and quantile is not None:
-        raise InputError(f"got epsilon {epsilon} and quantile {quantile}; pass one of them "
-                         "(an explicit loss threshold or a share of samples)")
+    check_thresholds(epsilon, quantile, delta)
     _check_steps(losses.columns)
     final = losses.iloc[:, -1]
     by_domain = None

@@ -34,6 +34,7 @@ from .distance import (
     UNITS,
     check_choice,
     check_pairs,
+    check_seed,
     distance_summary,
     per_layer_distance,
 )
@@ -70,7 +71,7 @@ class MetricOptions:
             Readers of traces use it to pick the array; the metrics do not.
         pairs: None for the default exact/sampled policy, or pairs to sample
             (``distance.plan_pairs``).
-        seed: seeds pair sampling.
+        seed: seeds pair sampling, an int >= 0.
     """
 
     tau: float = DEFAULT_TAU
@@ -86,6 +87,7 @@ class MetricOptions:
         check_choice("normalize", self.normalize, NORMALIZATIONS)
         check_choice("source", self.source, SOURCES)
         check_pairs(self.pairs)
+        check_seed(self.seed)
 
 
 DEFAULT_OPTIONS = MetricOptions()
@@ -244,8 +246,9 @@ def trace_metrics(
     error. Fewer than 3 MoE layers emit a ``UserWarning`` (and set ``degenerate``).
 
     Raises:
-        MetricError: ``group_by`` is not a samples-table column (the message lists
-            them), the trace has no samples or no router weights, or bad routing.
+        MetricError: ``group_by`` is not a samples-table column of one label per sample
+            (see :func:`group_labels`), the trace has no samples or no router weights, or
+            bad routing.
     """
     ids, distributions = trace_distributions(trace, options.source)
     weights = _router_weights(trace)
@@ -324,25 +327,59 @@ def _groups(trace: Trace, ids: list[str], group_by: str | None) -> list[tuple[st
     """(group name, positions in ``ids``) per group, in display order (``all`` first)."""
     if group_by is None:
         return [(ALL_GROUP, np.arange(len(ids)))]
-    samples = trace.samples
-    if group_by not in samples.columns:
-        columns = ", ".join(str(c) for c in samples.columns if c != "sample_id") or "(none)"
-        raise MetricError(
-            f"samples table of trace '{trace.path}' has no column {group_by!r}; "
-            f"group by one of: {columns}"
-        )
-    labels = samples.set_index("sample_id")[group_by].reindex(ids).to_numpy()
+    labels = group_labels(trace.samples, group_by, f"samples table of trace '{trace.path}'")
     positions = pd.Series(np.arange(len(ids)))
     groups = [
-        (MISSING_GROUP if pd.isna(value) else str(value), rows.to_numpy())
-        for value, rows in positions.groupby(labels, sort=True, dropna=False)
+        (_label_name(value), rows.to_numpy())
+        for value, rows in positions.groupby(
+            labels.reindex(ids).to_numpy(), sort=True, dropna=False
+        )
     ]
     return sorted(groups, key=lambda group: group[0] != ALL_GROUP)  # stable: keeps value order
 
 
+def group_labels(samples: pd.DataFrame, column: str, where: str) -> pd.Series:
+    """The labels ``--group-by column`` groups by: that column of a samples table, by sample_id.
+
+    ``where`` names the table in messages, e.g. ``"samples table of trace 'out'"``.
+
+    Raises:
+        MetricError: ``column`` is not a column of ``samples`` (the message lists them), is
+            ``sample_id`` (every sample would be a group of its own), or holds lists (a
+            sample in several groups; pandas cannot group by them).
+    """
+    columns = ", ".join(str(c) for c in samples.columns if c != "sample_id") or "(none)"
+    if column == "sample_id":
+        raise MetricError(f"cannot group by 'sample_id': every sample would be a group of its "
+                          f"own; group by one of: {columns}")
+    if column not in samples.columns:
+        raise MetricError(f"{where} has no column {column!r}; group by one of: {columns}")
+    labels = samples.set_index("sample_id")[column]
+    listed = labels[labels.map(pd.api.types.is_list_like)]
+    if len(listed):
+        raise MetricError(f"column {column!r} of the {where} holds lists (sample "
+                          f"{listed.index[0]!r}); group by a column of single values")
+    return labels
+
+
 def label_names(labels: pd.Series) -> pd.Series:
-    """The group name of each label: ``str(value)``, :data:`MISSING_GROUP` for a missing one."""
-    return labels.map(lambda value: MISSING_GROUP if pd.isna(value) else str(value))
+    """The group name of each label (the ``--group-by`` value it names, see :func:`_label_name`).
+
+    ``label_names(pd.Series([1.0, None, 2.5, "math"])).tolist() == ["1", "(missing)", "2.5",
+    "math"]``
+    """
+    return labels.map(_label_name)
+
+
+def _label_name(value: object) -> str:
+    """``str(value)``, :data:`MISSING_GROUP` for a missing value, and an integral float as an
+    integer: an integer column with a null reads back as float, and its groups must still be
+    named "1", "2" as in the samples file (and in a scores file's group column)."""
+    if pd.isna(value):
+        return MISSING_GROUP
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def degenerate_warning(num_layers: int) -> str:

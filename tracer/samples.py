@@ -12,16 +12,23 @@ Formats, chosen by extension (case-insensitive):
 - ``.parquet``: one row per sample, read batch by batch.
 - ``.csv``: a header row, then one record per row. CSV has no types: every
   cell is a string, an empty cell is null, an ``input_ids`` cell holds a JSON
-  list such as ``[1, 2, 3]``. Python's csv module caps a cell at 131072
-  characters; use JSONL for longer prompts.
+  list such as ``[1, 2, 3]``. Quoting is strict: a quoted cell (it may span
+  lines) must be closed, a quote inside it is doubled (``""``), and only a comma
+  or the line end may follow the closing quote; anything else is an error
+  naming the line the record starts on. Python's csv module caps a cell at
+  131072 characters; use JSONL for longer prompts.
 - ``.txt``: one sample per non-blank line; the line without its line ending
   is the text. There are no other fields.
 
-A record gives its prompt either as a non-empty string in the text field
-(``--text-field``, default ``text``) or, for pre-tokenised data, as a
-non-empty list of non-negative token ids in ``input_ids``; exactly one of the
-two. The id field (``--id-field``, default ``id``) is optional. Every other
-field goes into ``Sample.meta`` and from there into the trace's samples table.
+A record gives its prompt either as a string with a non-whitespace character
+in the text field (``--text-field``, default ``text``) or, for pre-tokenised
+data, as a non-empty list of non-negative token ids in ``input_ids``; exactly
+one of the two. The id field (``--id-field``, default ``id``) is optional in
+each record; a field named with ``--id-field`` other than ``id`` must be a
+CSV/Parquet column, or in JSONL be in at least one record read, else a
+mistyped name would silently generate ids and carry the real id column as
+meta. Every other field goes into ``Sample.meta`` and from there into the
+trace's samples table.
 
 Sample ids:
 
@@ -36,12 +43,13 @@ Sample ids:
 - Ids are unique within a file. A repeated id is an error naming both lines,
   even with ``skip_bad_lines``: dropping either sample would change the data.
 
-Meta values are JSON scalars (null, boolean, number, string) or flat lists of
-them, and a field keeps one type across the file (integers and floats may mix
-unless an integer exceeds 2**53), so that the samples table can be written as
-Parquet before any expensive tracing starts. Objects, nested lists, NaN or
-Infinity, integers outside int64 and unpaired surrogate escapes (``"\\ud800"``)
-are bad lines.
+Meta field names ``sample_id`` and :data:`TRACE_COLUMNS` are reserved for the
+columns of the trace's samples table. Meta values are JSON scalars (null,
+boolean, number, string) or flat lists of them, and a field keeps one type
+across the file (integers and floats may mix unless an integer exceeds 2**53),
+so that the samples table can be written as Parquet before any expensive
+tracing starts. Objects, nested lists, NaN or Infinity, integers outside int64
+and unpaired surrogate escapes (``"\\ud800"``) are bad lines.
 
 Bad lines (not UTF-8, not JSON, no prompt, bad id or meta value) raise
 ``InputError``; with ``skip_bad_lines`` they are skipped and their 1-based
@@ -75,7 +83,15 @@ if TYPE_CHECKING:
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".txt": "txt"}
 INPUT_IDS_FIELD = "input_ids"
+DEFAULT_ID_FIELD = "id"  # optional; an id field named otherwise must exist
 SAMPLE_ID_COLUMN = "sample_id"  # the id column of sample_table(); no meta field may take it
+# The columns tracing adds to the samples table (the prompt's token count, whether it was cut,
+# its mean NLL): a meta field of one of these names would be overwritten, so none may take them.
+TRACE_COLUMNS = ("num_tokens", "truncated", "nll")
+_RESERVED = {
+    SAMPLE_ID_COLUMN: "the id column (rename it, or pass --id-field sample_id)",
+    **dict.fromkeys(TRACE_COLUMNS, "a column tracing adds to the samples table (rename it)"),
+}
 MAX_ID_LENGTH = 256
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _FLOAT64_EXACT = 2**53  # larger integers do not survive a float64 column
@@ -105,9 +121,10 @@ class Sample:
 @dataclass(frozen=True)
 class SampleReadOptions:
     """How to read a samples file; built from the ``--id-field``, ``--text-field``,
-    ``--skip-bad-lines`` and ``--limit`` flags. ``limit`` keeps the first N valid samples."""
+    ``--skip-bad-lines`` and ``--limit`` flags. ``limit`` keeps the first N valid samples.
+    An ``id_field`` other than :data:`DEFAULT_ID_FIELD` must exist in the file."""
 
-    id_field: str = "id"
+    id_field: str = DEFAULT_ID_FIELD
     text_field: str = "text"
     skip_bad_lines: bool = False
     limit: int | None = None
@@ -173,9 +190,10 @@ def read_samples(path: str | Path, options: SampleReadOptions | None = None) -> 
     path = Path(path)
     fmt = _format_of(path)
     unit = "row" if fmt == "parquet" else "line"
+    fields: dict[str, None] = {}  # the field names of the records read, in first-seen order
     try:
         with contextlib.closing(_READERS[fmt](path, options)) as records:
-            samples, skipped = _collect(records, str(path), unit, options)
+            samples, skipped = _collect(_noting_fields(records, fields), str(path), unit, options)
         with path.open("rb") as file:
             digest = hashlib.file_digest(file, "sha256").hexdigest()
     except OSError as exc:
@@ -183,6 +201,7 @@ def read_samples(path: str | Path, options: SampleReadOptions | None = None) -> 
     if not samples:
         why = f" ({len(skipped)} bad {unit}s skipped)" if skipped else ""
         raise InputError(f"samples file '{path}' has no samples{why}")
+    _check_named_id(path, list(fields), options)
     return SampleSet(samples=samples, skipped_lines=skipped, source_sha256=digest, format=fmt,
                      path=str(path))
 
@@ -256,19 +275,29 @@ def _collect(
             continue
         first = first_seen.setdefault(sample.sample_id, number)
         if first != number:
-            raise InputError(_duplicate_message(sample, first, number, unit))
+            raise InputError(_duplicate_message(sample, src, unit, first, number))
         samples.append(sample)
         if options.limit is not None and len(samples) >= options.limit:
             break
     return samples, skipped
 
 
-def _duplicate_message(sample: Sample, first: int, number: int, unit: str) -> str:
+def _noting_fields(
+    records: Iterator[tuple[int, dict | _BadLine]], fields: dict[str, None]
+) -> Iterator[tuple[int, dict | _BadLine]]:
+    """``records`` unchanged, adding each record's field names to ``fields`` as it passes."""
+    for number, record in records:
+        if isinstance(record, dict):
+            fields.update(dict.fromkeys(record))
+        yield number, record
+
+
+def _duplicate_message(sample: Sample, src: str, unit: str, first: int, number: int) -> str:
     generated = sample.sample_id == content_id(sample.text, sample.input_ids)
     why = " (generated from the content: the two samples are identical)" if generated else ""
     return (
-        f"duplicate sample id '{sample.sample_id}' on {unit}s {first} and {number}{why}; "
-        "ids must be unique"
+        f"{src} {unit}s {first} and {number}: duplicate sample id {_quoted(sample.sample_id)}"
+        f"{why}; ids must be unique"
     )
 
 
@@ -316,7 +345,7 @@ def _csv_records(path: Path, options: SampleReadOptions) -> Iterator[tuple[int, 
                 undecodable[number] = str(bad)
                 yield raw.decode("utf-8", "surrogateescape")
 
-    rows = csv.reader(text_lines())
+    rows = csv.reader(text_lines(), strict=True)  # not strict: an unclosed quote eats the file
     try:
         header = next(rows, None)
         if header is None:
@@ -335,9 +364,15 @@ def _csv_records(path: Path, options: SampleReadOptions) -> Iterator[tuple[int, 
                 yield number, _BadLine(bad[0]) if bad else _csv_record(header, row)
     except csv.Error as exc:
         line = consumed[0] if consumed else 1
-        raise InputError(
-            f"{path} line {line}: not valid CSV ({exc}); fix the file or use JSONL"
-        ) from None
+        raise InputError(f"{path} line {line}: {_csv_problem(exc)}") from None
+
+
+def _csv_problem(error: csv.Error) -> str:
+    """The csv module's complaint and its fix; at the end of the file it is an unclosed quote."""
+    if str(error) == "unexpected end of data":
+        return ('a quoted cell starts in this record and is never closed; add its closing '
+                'quote (a quote inside a quoted cell is written "")')
+    return f"not valid CSV ({error}); fix the file or use JSONL"
 
 
 def _check_header(path: Path, header: list[str], options: SampleReadOptions) -> None:
@@ -385,14 +420,31 @@ def _parquet_records(
 
 
 def _check_columns(path: Path, names: Sequence[str], options: SampleReadOptions) -> None:
-    """Tabular formats name their columns once: a missing text column is one file-level error."""
-    if options.text_field in names or INPUT_IDS_FIELD in names:
+    """Tabular formats name their columns once: a missing text column or named id column is
+    one file-level error, raised before any row is read."""
+    if options.text_field not in names and INPUT_IDS_FIELD not in names:
+        raise InputError(
+            f"samples file '{path}' has no '{options.text_field}' column (columns: "
+            f"{_listed(names)}); use --text-field to name the text column, or give "
+            f"'{INPUT_IDS_FIELD}'"
+        )
+    _check_named_id(path, names, options)
+
+
+def _check_named_id(path: Path, names: Sequence[str], options: SampleReadOptions) -> None:
+    """Refuse an id field named other than the default that is not among ``names`` (the
+    columns, or the fields of the JSONL records read): it is a typo, not missing ids."""
+    if options.id_field == DEFAULT_ID_FIELD or options.id_field in names:
         return
-    shown = ", ".join(_quoted(name) for name in names[:10]) + (", ..." if len(names) > 10 else "")
     raise InputError(
-        f"samples file '{path}' has no '{options.text_field}' column (columns: {shown}); "
-        f"use --text-field to name the text column, or give '{INPUT_IDS_FIELD}'"
+        f"samples file '{path}' has no '{options.id_field}' field (fields: {_listed(names)}); "
+        "pass the id field's name to --id-field, or leave it out to generate ids"
     )
+
+
+def _listed(names: Sequence[str]) -> str:
+    """The first 10 names, quoted, for a one-line message."""
+    return ", ".join(_quoted(name) for name in names[:10]) + (", ..." if len(names) > 10 else "")
 
 
 _READERS = {
@@ -463,10 +515,10 @@ def _prompt(record: dict, text_field: str) -> tuple[str | None, tuple[int, ...] 
         return None, _token_ids(ids)
     if text_field not in record:
         raise _BadLine(f"no '{text_field}' field (use --text-field to name it)")
-    if text is None or text == "":
-        raise _BadLine(f"'{text_field}' is empty")
-    if not isinstance(text, str):
+    if text is not None and not isinstance(text, str):
         raise _BadLine(f"'{text_field}' is {_typed(text)}, not a string")
+    if not (text or "").strip():  # a prompt of only whitespace is as empty as none
+        raise _BadLine(f"'{text_field}' is empty" + (" (only whitespace)" if text else ""))
     _check_unicode(text, f"'{text_field}'")
     return text, None
 
@@ -545,10 +597,8 @@ def _compatible(known: str, kind: str) -> bool:
 
 def _kinds(key: str, value: object) -> set[str]:
     """The types in ``value`` (several only for a list of mixed numbers; none for null)."""
-    if key == SAMPLE_ID_COLUMN:
-        raise _BadLine(
-            f"{_field(key)} is reserved for the id column (rename it, or pass --id-field {key})"
-        )
+    if key in _RESERVED:
+        raise _BadLine(f"{_field(key)} is reserved for {_RESERVED[key]}")
     _check_unicode(key, "a field name")
     if not isinstance(value, list):
         kind = _scalar_kind(key, value)
