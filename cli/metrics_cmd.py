@@ -45,8 +45,7 @@ def metrics(
     _check_per_sample_path(per_sample)
     trace = Trace.open(trace_dir)
     if warning := trace.incomplete_warning():
-        render.stderr.print(f"warning: {warning}", markup=False, highlight=False,
-                            soft_wrap=True)
+        render.warn(warning)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         groups = trace_metrics(trace, options, group_by)
@@ -135,7 +134,7 @@ def _estimate(mean: float | None, stderr: float | None, exact: bool) -> str:
 def _notices(groups, warned: list[str], seed: int) -> None:
     """Library warnings (e.g. degenerate), group notes and sampled estimates, on stderr."""
     for message in dict.fromkeys(warned):
-        render.stderr.print(f"warning: {message}", markup=False, highlight=False)
+        render.warn(message)
     for group in groups:
         if group.note:
             render.stderr.print(f"note: {group.note}", markup=False, highlight=False)

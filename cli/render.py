@@ -21,6 +21,11 @@ stdout = Console()
 stderr = Console(stderr=True)
 
 
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr, printed as is (no markup, no wrapping)."""
+    stderr.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 def print_json(data) -> None:
     """Exactly one JSON object on stdout (pipe-friendly)."""
     sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")

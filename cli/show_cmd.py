@@ -21,8 +21,7 @@ def show(trace_dir: o.TraceDir, sample_id: SampleId, tau: o.Tau = 0.7, tokens: T
 
     trace = Trace.open(trace_dir)
     if warning := trace.incomplete_warning():
-        render.stderr.print(f"warning: {warning}", markup=False, highlight=False,
-                            soft_wrap=True)
+        render.warn(warning)
     detail = trace_sample_detail(trace, sample_id, MetricOptions(tau=tau))
     render.stdout.print(_header(detail, tau), markup=False, highlight=False, soft_wrap=True)
     render.stdout.print(_pathway_table(detail))
