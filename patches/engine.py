@@ -109,7 +109,11 @@ class TraceOptions:
     truncate: bool = False
     nll: bool = True
     max_tokens: int = 0
-    batch_size: int = 256
+    batch_size: int = 256  # samples per committed batch, >= 1
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, not {self.batch_size}")
 
 
 def tag(params, sample_id: str, meta: dict | None = None):
