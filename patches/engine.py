@@ -337,11 +337,11 @@ def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
     ``on_progress(samples, tokens)`` after each committed batch.
     """
     checkpoints.moe_shape(model)  # fails fast for dense models / bad paths
+    max_len = max_prompt_len(model, engine_options, options)
     out = Path(out)
     previous = store.prepare_directory(out, resume=resume, force=force)
     if previous is not None:
         _check_same_input(out, previous, sample_set)
-    max_len = max_prompt_len(model, engine_options, options)
     tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
                                  engine_options.trust_remote_code)
     job = TraceJob(sample_set, tokenized, engine_options, options)
@@ -403,9 +403,18 @@ class TraceJob:
 
 
 def max_prompt_len(model, engine_options: EngineOptions, options: TraceOptions) -> int:
+    """Prompt tokens a sample may have: the context (--max-model-len, else the model's)
+    minus the generated tokens (at least 1: vLLM samples one even for prefill only).
+
+    InputError when that leaves no room for a prompt.
+    """
     config = checkpoints.read_config(model)
-    context = engine_options.max_model_len or config.get("max_position_embeddings") or 2048
-    return int(context) - max(1, options.max_tokens)
+    context = int(engine_options.max_model_len or config.get("max_position_embeddings") or 2048)
+    if context <= max(1, options.max_tokens):
+        raise InputError(
+            f"--max-model-len must exceed --max-tokens (at least 1 generated token), got "
+            f"{context} and {options.max_tokens}; raise --max-model-len or lower --max-tokens")
+    return context - max(1, options.max_tokens)
 
 
 def with_max_len(engine_options: EngineOptions, max_len: int, options: TraceOptions):
