@@ -280,23 +280,25 @@ def tokenize_samples(model: str | Path, sample_set: SampleSet, max_len: int, tru
                      trust_remote_code: bool = False) -> list[Tokenized]:
     """Token ids of every sample, at most ``max_len`` tokens each.
 
-    A longer sample is cut to ``max_len`` when ``truncate``, else InputError names it.
+    A longer sample is cut to ``max_len`` when ``truncate``, else InputError names
+    it and its file. Writes nothing: callers tokenise before touching a trace directory.
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    source = f" of '{sample_set.path}'" if sample_set.path else ""
     result = []
     for sample in sample_set.samples:
         ids = list(sample.input_ids) if sample.input_ids is not None else tokenizer(
             sample.text).input_ids
         if not ids:
-            raise InputError(f"sample '{sample.sample_id}' has no tokens; remove it")
+            raise InputError(f"sample '{sample.sample_id}'{source} has no tokens; remove it")
         too_long = len(ids) > max_len
         if too_long and not truncate:
             raise InputError(
-                f"sample '{sample.sample_id}' is {len(ids)} tokens, longer than the limit "
-                f"{max_len} (max_model_len minus generated tokens); pass --truncate or raise "
-                f"--max-model-len")
+                f"sample '{sample.sample_id}'{source} is {len(ids)} tokens, longer than the "
+                f"limit {max_len} (max_model_len minus generated tokens); pass --truncate or "
+                f"raise --max-model-len")
         result.append(Tokenized(sample.sample_id, ids[:max_len], too_long))
     return result
 
@@ -338,12 +340,12 @@ def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
     """
     checkpoints.moe_shape(model)  # fails fast for dense models / bad paths
     max_len = max_prompt_len(model, engine_options, options)
+    tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
+                                 engine_options.trust_remote_code)
     out = Path(out)
     previous = store.prepare_directory(out, resume=resume, force=force)
     if previous is not None:
         _check_same_input(out, previous, sample_set)
-    tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
-                                 engine_options.trust_remote_code)
     job = TraceJob(sample_set, tokenized, engine_options, options)
     if previous is not None and not job.todo(out, previous):  # nothing left: no engine needed
         if on_start:
