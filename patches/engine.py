@@ -141,8 +141,9 @@ class TracedEngine:
             engine.llm.generate(["The cat"], params)
         Trace.open("out/trace")  # complete, samples table with sample_id, task
 
-    ``commit=False`` leaves committing to the caller (``flush()`` returns the new
-    shards); ``moepath trace`` and ``compare`` drive it that way.
+    ``commit=False`` leaves committing to the caller: after each ``generate``,
+    ``flush()`` returns the new shards to commit; ``moepath trace`` and ``compare``
+    drive it that way.
     """
 
     def __init__(self, model: str | Path, trace_dir: str | Path,
@@ -169,38 +170,40 @@ class TracedEngine:
         """Why checkpoints cannot be switched in place (None: they can)."""
         return self.routing.get("reload_blocker")
 
-    def switch_checkpoint(self, model: str | Path, trace_dir: str | Path) -> None:
+    def switch_checkpoint(self, model: str | Path, trace_dir: str | Path) -> list[store.ShardInfo]:
         """Load ``model``'s weights in place and trace into ``trace_dir`` from now on.
 
         Exact on CPU thanks to the re-prepack in ``reload.py`` (proven by
         tests/test_compare_engine.py); resets the prefix cache so no KV computed
         with the old weights is reused. Same architecture and config only.
+        Returns what :meth:`retarget` returns.
         """
         if self.reload_blocker:
             raise CaptureError(f"this engine cannot reload checkpoints: {self.reload_blocker}")
-        self._switch(trace_dir, model)
+        shards = self._switch(trace_dir, model)
         self.llm.reset_prefix_cache()
         self.model = Path(model)
+        return shards
 
-    def retarget(self, trace_dir: str | Path) -> None:
+    def retarget(self, trace_dir: str | Path) -> list[store.ShardInfo]:
         """Write the routing of further requests into ``trace_dir`` (same weights).
 
-        Pending routing is flushed into the current directory first. With
-        ``commit=False`` the caller commits the shards of the new directory.
+        Pending routing is flushed into the current directory first: the returned
+        shards belong there, for the caller to commit (none when it flushed after
+        its last ``generate``). ``commit=False`` engines only.
         """
-        self._switch(trace_dir, None)
+        return self._switch(trace_dir, None)
 
-    def _switch(self, trace_dir: str | Path, model: str | Path | None) -> None:
-        if self.settings.commit:
-            raise CaptureError("this engine's worker commits its own trace directory; "
-                               "start it with commit=False to switch directories")
-        self.flush()
+    def _switch(self, trace_dir: str | Path, model: str | Path | None) -> list[store.ShardInfo]:
+        self._refuse_if_worker_commits("switch directories")
+        shards = self.flush()
         run = CaptureSettings(dir=str(trace_dir)).with_run().run
         self.llm.collective_rpc("moepath_switch", kwargs={
             "trace_dir": str(trace_dir), "run": run,
             "weights_path": str(model) if model else None})
         self.settings = CaptureSettings(
             **{**self.settings.as_dict(), "dir": str(trace_dir), "run": run})
+        return shards
 
     @property
     def max_model_len(self) -> int:
@@ -220,19 +223,29 @@ class TracedEngine:
             prompt_logprobs=0 if nll else None, flat_logprobs=True, **extra), sample_id)
 
     def flush(self) -> list[store.ShardInfo]:
-        """Write all finished requests' routing; raise CaptureError if capture failed.
+        """Write all finished requests' routing and return the new shards, for the caller
+        to commit; raise CaptureError if capture failed.
 
-        Call it between ``generate`` calls: every traced request recorded so far is
-        then taken as finished (vLLM would tell the worker only with a later step).
-        ``self.requests_recomputed`` then counts traced requests that vLLM preempted
-        and recomputed (their recomputed rows replaced the first ones).
+        ``commit=False`` engines only: with ``commit=True`` the worker's committer
+        thread owns the shards, and shards taken from it would never be committed
+        (a later run on the directory deletes them). Call it between ``generate``
+        calls: every traced request recorded so far is then taken as finished (vLLM
+        would tell the worker only with a later step). ``self.requests_recomputed``
+        then counts traced requests that vLLM preempted and recomputed (their
+        recomputed rows replaced the first ones).
         """
+        self._refuse_if_worker_commits("flush and commit routing yourself")
         replies = self.llm.collective_rpc("moepath_flush")
         self.requests_recomputed = sum(reply["requests_recomputed"] for reply in replies)
         errors = [reply["error"] for reply in replies if reply["error"]]
         if errors:
             raise CaptureError(f"routing capture failed in the engine: {errors[0]}")
         return [store.ShardInfo(**shard) for reply in replies for shard in reply["shards"]]
+
+    def _refuse_if_worker_commits(self, action: str) -> None:
+        if self.settings.commit:
+            raise CaptureError(f"this engine's worker commits its own trace directory "
+                               f"(commit=True); start it with commit=False to {action}")
 
     def close(self) -> None:
         llm, self.llm = self.llm, None

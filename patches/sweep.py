@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moepath.tracer import checkpoints, store
-from moepath.tracer.errors import TraceFormatError
+from moepath.tracer.errors import CaptureError, TraceFormatError
 from moepath.tracer.samples import SampleSet
 
 from .engine import (
@@ -95,7 +95,10 @@ def _engine_for(engine: TracedEngine | None, model: Path, out: Path, options: En
     """The running engine switched to ``model`` if allowed, else a freshly started one."""
     if engine is not None and reuse and engine.reload_blocker is None and (
             checkpoints.config_sha256(engine.model) == checkpoints.config_sha256(model)):
-        engine.switch_checkpoint(model, out)
+        finished = engine.settings.dir
+        if engine.switch_checkpoint(model, out):  # TraceJob.run flushed after its last batch
+            raise CaptureError(f"routing reached the finished trace '{finished}' while "
+                               f"switching checkpoints; rerun with --no-reuse-engine")
         return engine, "reload"
     if engine is not None:
         engine.close()
