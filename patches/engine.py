@@ -355,17 +355,18 @@ def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
     max_len = max_prompt_len(model, engine_options, options)
     tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
                                  engine_options.trust_remote_code)
+    started = with_max_len(engine_options, max_len, options)
     out = Path(out)
     previous = store.prepare_directory(out, resume=resume, force=force)
     if previous is not None:
-        _check_same_input(out, previous, sample_set)
+        check_resumable(out, previous, model, sample_set,
+                        recorded_options(engine_options, options, started.max_model_len))
     job = TraceJob(sample_set, tokenized, engine_options, options)
     if previous is not None and not job.todo(out, previous):  # nothing left: no engine needed
         if on_start:
             on_start(len(tokenized), len(tokenized))
         return job.finish(out, previous, TraceSummary(out))
-    with TracedEngine(model, out, with_max_len(engine_options, max_len, options),
-                      commit=False) as engine:
+    with TracedEngine(model, out, started, commit=False) as engine:
         return job.run(engine, out, previous, on_start, on_progress)
 
 
@@ -509,7 +510,13 @@ def _new_manifest(engine: TracedEngine, sample_set: SampleSet, engine_options: E
 
     return engine_manifest(
         engine.model, engine_options.dtype, engine.routing, input_section(sample_set),
-        {**asdict(engine_options), **asdict(options), "max_model_len": engine.max_model_len})
+        recorded_options(engine_options, options, engine.max_model_len))
+
+
+def recorded_options(engine_options: EngineOptions, options: TraceOptions,
+                     max_model_len: int) -> dict:
+    """The manifest's ``options``: what the run was asked to do, with the engine's context."""
+    return {**asdict(engine_options), **asdict(options), "max_model_len": max_model_len}
 
 
 def input_section(sample_set: SampleSet) -> dict:
@@ -521,15 +528,70 @@ def input_section(sample_set: SampleSet) -> dict:
     return section
 
 
-def _check_same_input(out: Path, previous: dict, sample_set: SampleSet) -> None:
-    """Resuming must continue the same samples (file content and part)."""
+# Options that change what a trace records; a resumed run must keep them. The context
+# (max_model_len) matters only with truncate: it is where samples are cut (without
+# truncate, a sample that does not fit is refused).
+RESULT_OPTIONS = ("dtype", "max_tokens", "nll", "store_probs", "truncate")
+
+
+def check_resumable(out: Path, previous: dict, model: str | Path, sample_set: SampleSet,
+                    options: dict, start_over: str = "--force or another --out") -> None:
+    """Refuse to continue the trace in ``out`` (manifest ``previous``) with other samples,
+    another model or other result-affecting ``options`` (as :func:`recorded_options`
+    gives them): the trace would mix both runs' records. Starts no engine.
+
+    Fields an older trace does not record are not compared. ``start_over`` names
+    how the caller's user starts a new trace instead. Cheap checks first: the
+    model's router weights are read only when samples and settings match.
+    """
+    for same, difference in (("samples", lambda: _input_difference(previous, sample_set)),
+                             ("settings", lambda: _options_difference(previous, options)),
+                             ("model", lambda: _model_difference(out, previous, model))):
+        if text := difference():
+            raise InputError(f"cannot resume '{out}': {text}; pass the same {same} to "
+                             f"resume, or {start_over} to start over")
+
+
+def _input_difference(previous: dict, sample_set: SampleSet) -> str | None:
     before, now = previous["input"], input_section(sample_set)
-    if before["sha256"] != now["sha256"] or before.get("part") != now.get("part"):
-        what = "part" if before["sha256"] == now["sha256"] else "samples file"
-        raise InputError(
-            f"cannot resume '{out}': it was traced from a different {what} "
-            f"('{before['path']}'{_part_text(before)}, now '{now['path']}'{_part_text(now)}); "
-            f"pass the same samples to resume, or --force to start over")
+    if before["sha256"] == now["sha256"] and before.get("part") == now.get("part"):
+        return None
+    what = "part" if before["sha256"] == now["sha256"] else "samples file"
+    return (f"it was traced from a different {what} "
+            f"('{before['path']}'{_part_text(before)}, now '{now['path']}'{_part_text(now)})")
+
+
+def _options_difference(previous: dict, options: dict) -> str | None:
+    before = previous.get("options", {})
+    keys = RESULT_OPTIONS + (("max_model_len",) if options["truncate"] else ())
+    changed = [f"--{key.replace('_', '-')} {before[key]}, now {options[key]}"
+               for key in keys if key in before and before[key] != options[key]]
+    return f"it was traced with other settings ({'; '.join(changed)})" if changed else None
+
+
+def _model_difference(out: Path, previous: dict, model: str | Path) -> str | None:
+    """Why ``model`` is not the checkpoint the trace was made with (None: it is).
+
+    Compares the sha256 of config.json, then the router weights with the trace's
+    router.safetensors: routers change at every training step, so checkpoints of
+    one run differ there. Expert weights are not read (gigabytes).
+    """
+    recorded = previous["model"]
+    if recorded.get("config_sha256") not in (None, checkpoints.config_sha256(model)):
+        why = "its config.json differs"
+    elif previous.get("router_weights") and not _same_router_weights(out, recorded, model):
+        why = "its router weights differ"
+    else:
+        return None
+    return (f"it was traced with another model ({why}: '{recorded['path']}', "
+            f"now '{Path(model).resolve()}')")
+
+
+def _same_router_weights(out: Path, recorded: dict, model: str | Path) -> bool:
+    by_layer = checkpoints.router_weights(model, recorded["num_experts"])
+    now = [by_layer.get(layer) for layer in recorded["layer_ids"]]
+    return all(weights is not None and np.array_equal(weights, before)
+               for weights, before in zip(now, store.read_router_weights(out), strict=True))
 
 
 def _part_text(section: dict) -> str:
