@@ -109,7 +109,11 @@ class TraceOptions:
     truncate: bool = False
     nll: bool = True
     max_tokens: int = 0
-    batch_size: int = 256
+    batch_size: int = 256  # samples per committed batch, >= 1
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, not {self.batch_size}")
 
 
 def tag(params, sample_id: str, meta: dict | None = None):
@@ -137,8 +141,9 @@ class TracedEngine:
             engine.llm.generate(["The cat"], params)
         Trace.open("out/trace")  # complete, samples table with sample_id, task
 
-    ``commit=False`` leaves committing to the caller (``flush()`` returns the new
-    shards); ``moepath trace`` and ``compare`` drive it that way.
+    ``commit=False`` leaves committing to the caller: after each ``generate``,
+    ``flush()`` returns the new shards to commit; ``moepath trace`` and ``compare``
+    drive it that way.
     """
 
     def __init__(self, model: str | Path, trace_dir: str | Path,
@@ -165,38 +170,40 @@ class TracedEngine:
         """Why checkpoints cannot be switched in place (None: they can)."""
         return self.routing.get("reload_blocker")
 
-    def switch_checkpoint(self, model: str | Path, trace_dir: str | Path) -> None:
+    def switch_checkpoint(self, model: str | Path, trace_dir: str | Path) -> list[store.ShardInfo]:
         """Load ``model``'s weights in place and trace into ``trace_dir`` from now on.
 
         Exact on CPU thanks to the re-prepack in ``reload.py`` (proven by
         tests/test_compare_engine.py); resets the prefix cache so no KV computed
         with the old weights is reused. Same architecture and config only.
+        Returns what :meth:`retarget` returns.
         """
         if self.reload_blocker:
             raise CaptureError(f"this engine cannot reload checkpoints: {self.reload_blocker}")
-        self._switch(trace_dir, model)
+        shards = self._switch(trace_dir, model)
         self.llm.reset_prefix_cache()
         self.model = Path(model)
+        return shards
 
-    def retarget(self, trace_dir: str | Path) -> None:
+    def retarget(self, trace_dir: str | Path) -> list[store.ShardInfo]:
         """Write the routing of further requests into ``trace_dir`` (same weights).
 
-        Pending routing is flushed into the current directory first. With
-        ``commit=False`` the caller commits the shards of the new directory.
+        Pending routing is flushed into the current directory first: the returned
+        shards belong there, for the caller to commit (none when it flushed after
+        its last ``generate``). ``commit=False`` engines only.
         """
-        self._switch(trace_dir, None)
+        return self._switch(trace_dir, None)
 
-    def _switch(self, trace_dir: str | Path, model: str | Path | None) -> None:
-        if self.settings.commit:
-            raise CaptureError("this engine's worker commits its own trace directory; "
-                               "start it with commit=False to switch directories")
-        self.flush()
+    def _switch(self, trace_dir: str | Path, model: str | Path | None) -> list[store.ShardInfo]:
+        self._refuse_if_worker_commits("switch directories")
+        shards = self.flush()
         run = CaptureSettings(dir=str(trace_dir)).with_run().run
         self.llm.collective_rpc("moepath_switch", kwargs={
             "trace_dir": str(trace_dir), "run": run,
             "weights_path": str(model) if model else None})
         self.settings = CaptureSettings(
             **{**self.settings.as_dict(), "dir": str(trace_dir), "run": run})
+        return shards
 
     @property
     def max_model_len(self) -> int:
@@ -216,19 +223,29 @@ class TracedEngine:
             prompt_logprobs=0 if nll else None, flat_logprobs=True, **extra), sample_id)
 
     def flush(self) -> list[store.ShardInfo]:
-        """Write all finished requests' routing; raise CaptureError if capture failed.
+        """Write all finished requests' routing and return the new shards, for the caller
+        to commit; raise CaptureError if capture failed.
 
-        Call it between ``generate`` calls: every traced request recorded so far is
-        then taken as finished (vLLM would tell the worker only with a later step).
-        ``self.requests_recomputed`` then counts traced requests that vLLM preempted
-        and recomputed (their recomputed rows replaced the first ones).
+        ``commit=False`` engines only: with ``commit=True`` the worker's committer
+        thread owns the shards, and shards taken from it would never be committed
+        (a later run on the directory deletes them). Call it between ``generate``
+        calls: every traced request recorded so far is then taken as finished (vLLM
+        would tell the worker only with a later step). ``self.requests_recomputed``
+        then counts traced requests that vLLM preempted and recomputed (their
+        recomputed rows replaced the first ones).
         """
+        self._refuse_if_worker_commits("flush and commit routing yourself")
         replies = self.llm.collective_rpc("moepath_flush")
         self.requests_recomputed = sum(reply["requests_recomputed"] for reply in replies)
         errors = [reply["error"] for reply in replies if reply["error"]]
         if errors:
             raise CaptureError(f"routing capture failed in the engine: {errors[0]}")
         return [store.ShardInfo(**shard) for reply in replies for shard in reply["shards"]]
+
+    def _refuse_if_worker_commits(self, action: str) -> None:
+        if self.settings.commit:
+            raise CaptureError(f"this engine's worker commits its own trace directory "
+                               f"(commit=True); start it with commit=False to {action}")
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
@@ -276,23 +293,25 @@ def tokenize_samples(model: str | Path, sample_set: SampleSet, max_len: int, tru
                      trust_remote_code: bool = False) -> list[Tokenized]:
     """Token ids of every sample, at most ``max_len`` tokens each.
 
-    A longer sample is cut to ``max_len`` when ``truncate``, else InputError names it.
+    A longer sample is cut to ``max_len`` when ``truncate``, else InputError names
+    it and its file. Writes nothing: callers tokenise before touching a trace directory.
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    source = f" of '{sample_set.path}'" if sample_set.path else ""
     result = []
     for sample in sample_set.samples:
         ids = list(sample.input_ids) if sample.input_ids is not None else tokenizer(
             sample.text).input_ids
         if not ids:
-            raise InputError(f"sample '{sample.sample_id}' has no tokens; remove it")
+            raise InputError(f"sample '{sample.sample_id}'{source} has no tokens; remove it")
         too_long = len(ids) > max_len
         if too_long and not truncate:
             raise InputError(
-                f"sample '{sample.sample_id}' is {len(ids)} tokens, longer than the limit "
-                f"{max_len} (max_model_len minus generated tokens); pass --truncate or raise "
-                f"--max-model-len")
+                f"sample '{sample.sample_id}'{source} is {len(ids)} tokens, longer than the "
+                f"limit {max_len} (max_model_len minus generated tokens); pass --truncate or "
+                f"raise --max-model-len")
         result.append(Tokenized(sample.sample_id, ids[:max_len], too_long))
     return result
 
@@ -333,20 +352,21 @@ def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
     ``on_progress(samples, tokens)`` after each committed batch.
     """
     checkpoints.moe_shape(model)  # fails fast for dense models / bad paths
-    out = Path(out)
-    previous = store.prepare_directory(out, resume=resume, force=force)
-    if previous is not None:
-        _check_same_input(out, previous, sample_set)
     max_len = max_prompt_len(model, engine_options, options)
     tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
                                  engine_options.trust_remote_code)
+    started = with_max_len(engine_options, max_len, options)
+    out = Path(out)
+    previous = store.prepare_directory(out, resume=resume, force=force)
+    if previous is not None:
+        check_resumable(out, previous, model, sample_set,
+                        recorded_options(engine_options, options, started.max_model_len))
     job = TraceJob(sample_set, tokenized, engine_options, options)
     if previous is not None and not job.todo(out, previous):  # nothing left: no engine needed
         if on_start:
             on_start(len(tokenized), len(tokenized))
         return job.finish(out, previous, TraceSummary(out))
-    with TracedEngine(model, out, with_max_len(engine_options, max_len, options),
-                      commit=False) as engine:
+    with TracedEngine(model, out, started, commit=False) as engine:
         return job.run(engine, out, previous, on_start, on_progress)
 
 
@@ -399,9 +419,18 @@ class TraceJob:
 
 
 def max_prompt_len(model, engine_options: EngineOptions, options: TraceOptions) -> int:
+    """Prompt tokens a sample may have: the context (--max-model-len, else the model's)
+    minus the generated tokens (at least 1: vLLM samples one even for prefill only).
+
+    InputError when that leaves no room for a prompt.
+    """
     config = checkpoints.read_config(model)
-    context = engine_options.max_model_len or config.get("max_position_embeddings") or 2048
-    return int(context) - max(1, options.max_tokens)
+    context = int(engine_options.max_model_len or config.get("max_position_embeddings") or 2048)
+    if context <= max(1, options.max_tokens):
+        raise InputError(
+            f"--max-model-len must exceed --max-tokens (at least 1 generated token), got "
+            f"{context} and {options.max_tokens}; raise --max-model-len or lower --max-tokens")
+    return context - max(1, options.max_tokens)
 
 
 def with_max_len(engine_options: EngineOptions, max_len: int, options: TraceOptions):
@@ -481,7 +510,13 @@ def _new_manifest(engine: TracedEngine, sample_set: SampleSet, engine_options: E
 
     return engine_manifest(
         engine.model, engine_options.dtype, engine.routing, input_section(sample_set),
-        {**asdict(engine_options), **asdict(options), "max_model_len": engine.max_model_len})
+        recorded_options(engine_options, options, engine.max_model_len))
+
+
+def recorded_options(engine_options: EngineOptions, options: TraceOptions,
+                     max_model_len: int) -> dict:
+    """The manifest's ``options``: what the run was asked to do, with the engine's context."""
+    return {**asdict(engine_options), **asdict(options), "max_model_len": max_model_len}
 
 
 def input_section(sample_set: SampleSet) -> dict:
@@ -493,15 +528,70 @@ def input_section(sample_set: SampleSet) -> dict:
     return section
 
 
-def _check_same_input(out: Path, previous: dict, sample_set: SampleSet) -> None:
-    """Resuming must continue the same samples (file content and part)."""
+# Options that change what a trace records; a resumed run must keep them. The context
+# (max_model_len) matters only with truncate: it is where samples are cut (without
+# truncate, a sample that does not fit is refused).
+RESULT_OPTIONS = ("dtype", "max_tokens", "nll", "store_probs", "truncate")
+
+
+def check_resumable(out: Path, previous: dict, model: str | Path, sample_set: SampleSet,
+                    options: dict, start_over: str = "--force or another --out") -> None:
+    """Refuse to continue the trace in ``out`` (manifest ``previous``) with other samples,
+    another model or other result-affecting ``options`` (as :func:`recorded_options`
+    gives them): the trace would mix both runs' records. Starts no engine.
+
+    Fields an older trace does not record are not compared. ``start_over`` names
+    how the caller's user starts a new trace instead. Cheap checks first: the
+    model's router weights are read only when samples and settings match.
+    """
+    for same, difference in (("samples", lambda: _input_difference(previous, sample_set)),
+                             ("settings", lambda: _options_difference(previous, options)),
+                             ("model", lambda: _model_difference(out, previous, model))):
+        if text := difference():
+            raise InputError(f"cannot resume '{out}': {text}; pass the same {same} to "
+                             f"resume, or {start_over} to start over")
+
+
+def _input_difference(previous: dict, sample_set: SampleSet) -> str | None:
     before, now = previous["input"], input_section(sample_set)
-    if before["sha256"] != now["sha256"] or before.get("part") != now.get("part"):
-        what = "part" if before["sha256"] == now["sha256"] else "samples file"
-        raise InputError(
-            f"cannot resume '{out}': it was traced from a different {what} "
-            f"('{before['path']}'{_part_text(before)}, now '{now['path']}'{_part_text(now)}); "
-            f"pass the same samples to resume, or --force to start over")
+    if before["sha256"] == now["sha256"] and before.get("part") == now.get("part"):
+        return None
+    what = "part" if before["sha256"] == now["sha256"] else "samples file"
+    return (f"it was traced from a different {what} "
+            f"('{before['path']}'{_part_text(before)}, now '{now['path']}'{_part_text(now)})")
+
+
+def _options_difference(previous: dict, options: dict) -> str | None:
+    before = previous.get("options", {})
+    keys = RESULT_OPTIONS + (("max_model_len",) if options["truncate"] else ())
+    changed = [f"--{key.replace('_', '-')} {before[key]}, now {options[key]}"
+               for key in keys if key in before and before[key] != options[key]]
+    return f"it was traced with other settings ({'; '.join(changed)})" if changed else None
+
+
+def _model_difference(out: Path, previous: dict, model: str | Path) -> str | None:
+    """Why ``model`` is not the checkpoint the trace was made with (None: it is).
+
+    Compares the sha256 of config.json, then the router weights with the trace's
+    router.safetensors: routers change at every training step, so checkpoints of
+    one run differ there. Expert weights are not read (gigabytes).
+    """
+    recorded = previous["model"]
+    if recorded.get("config_sha256") not in (None, checkpoints.config_sha256(model)):
+        why = "its config.json differs"
+    elif previous.get("router_weights") and not _same_router_weights(out, recorded, model):
+        why = "its router weights differ"
+    else:
+        return None
+    return (f"it was traced with another model ({why}: '{recorded['path']}', "
+            f"now '{Path(model).resolve()}')")
+
+
+def _same_router_weights(out: Path, recorded: dict, model: str | Path) -> bool:
+    by_layer = checkpoints.router_weights(model, recorded["num_experts"])
+    now = [by_layer.get(layer) for layer in recorded["layer_ids"]]
+    return all(weights is not None and np.array_equal(weights, before)
+               for weights, before in zip(now, store.read_router_weights(out), strict=True))
 
 
 def _part_text(section: dict) -> str:

@@ -3,10 +3,12 @@
 Every checkpoint sees exactly the same token ids (tokenised once, with the first
 checkpoint's tokenizer, same truncation). Each checkpoint's trace is a normal
 trace directory ``traces/<name>/``; a complete one is skipped, a partial one
-resumed. Consecutive checkpoints reuse the running engine through an in-place
-weight reload (``TracedEngine.switch_checkpoint``; exact, see ``reload.py``)
-when their config.json is identical and the engine allows it; otherwise the
-engine is shut down and the next one started.
+resumed, and one made from other samples, another checkpoint or other settings
+is refused before any engine starts (``compare`` deletes no trace). Consecutive
+checkpoints reuse the running engine through an in-place weight reload
+(``TracedEngine.switch_checkpoint``; exact, see ``reload.py``) when their
+config.json is identical and the engine allows it; otherwise the engine is shut
+down and the next one started.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moepath.tracer import checkpoints, store
-from moepath.tracer.errors import TraceFormatError
+from moepath.tracer.errors import CaptureError, TraceFormatError
 from moepath.tracer.samples import SampleSet
 
 from .engine import (
@@ -25,7 +27,9 @@ from .engine import (
     TraceJob,
     TraceOptions,
     TraceSummary,
+    check_resumable,
     max_prompt_len,
+    recorded_options,
     tokenize_samples,
     with_max_len,
 )
@@ -42,13 +46,26 @@ class SweepEvent:
     action: str
 
 
-def is_complete(trace_dir: Path, input_sha256: str) -> bool:
-    """A finished trace of the same samples file."""
+def is_complete(trace_dir: Path) -> bool:
+    """A finished trace (whether it fits this sweep is :func:`_check_existing`'s concern)."""
     try:
         manifest = store.read_manifest(trace_dir)
     except TraceFormatError:
         return False
-    return manifest.get("status") == "complete" and manifest["input"]["sha256"] == input_sha256
+    return manifest.get("status") == "complete"
+
+
+def _check_existing(models: list[tuple[str, Path]], sample_set: SampleSet, traces_dir: Path,
+                   options: dict) -> None:
+    """Refuse, before any engine starts, to skip or resume a checkpoint's trace made from
+    other samples, another checkpoint or other settings (``options`` as
+    :func:`~.engine.recorded_options` gives them): the comparison would mix them.
+    """
+    for name, path in models:
+        out = traces_dir / name
+        if (out / store.MANIFEST).is_file():
+            check_resumable(out, store.read_manifest(out), path, sample_set, options,
+                            start_over=f"another --out (or delete '{out}')")
 
 
 def trace_checkpoints(
@@ -68,20 +85,22 @@ def trace_checkpoints(
     job = TraceJob(sample_set, tokenize_samples(first, sample_set, max_len, options.truncate,
                                                 engine_options.trust_remote_code),
                    engine_options, options)
-    engine_options = with_max_len(engine_options, max_len, options)
+    started = with_max_len(engine_options, max_len, options)
+    _check_existing(models, sample_set, traces_dir,
+                   recorded_options(engine_options, options, started.max_model_len))
     engine: TracedEngine | None = None
     summaries: list[TraceSummary | None] = []
     try:
         for index, (name, path) in enumerate(models):
             out = traces_dir / name
-            if is_complete(out, sample_set.source_sha256):
+            if is_complete(out):
                 _notify(on_checkpoint, SweepEvent(index, len(models), name, "skip"))
                 summaries.append(None)
                 continue
             # a directory without manifest died before its first commit: start it over
             resumable = (out / store.MANIFEST).is_file()
             previous = store.prepare_directory(out, resume=resumable, force=not resumable)
-            engine, action = _engine_for(engine, path, out, engine_options, reuse_engine)
+            engine, action = _engine_for(engine, path, out, started, reuse_engine)
             _notify(on_checkpoint, SweepEvent(index, len(models), name, action))
             summaries.append(job.run(engine, out, previous, on_start, on_progress))
     finally:
@@ -95,7 +114,10 @@ def _engine_for(engine: TracedEngine | None, model: Path, out: Path, options: En
     """The running engine switched to ``model`` if allowed, else a freshly started one."""
     if engine is not None and reuse and engine.reload_blocker is None and (
             checkpoints.config_sha256(engine.model) == checkpoints.config_sha256(model)):
-        engine.switch_checkpoint(model, out)
+        finished = engine.settings.dir
+        if engine.switch_checkpoint(model, out):  # TraceJob.run flushed after its last batch
+            raise CaptureError(f"routing reached the finished trace '{finished}' while "
+                               f"switching checkpoints; rerun with --no-reuse-engine")
         return engine, "reload"
     if engine is not None:
         engine.close()

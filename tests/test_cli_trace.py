@@ -101,9 +101,19 @@ def test_over_long_sample_is_named_unless_truncating(tmp_path, toy_olmoe):
                                                   {"id": "essay", "text": "word " * 300}])
     result = moepath("trace", toy_olmoe, "--samples", samples, "--out", tmp_path / "o",
                      "--max-model-len", "64")
-    assert_one_line_error(result, "sample 'essay' is ")
+    assert_one_line_error(result, f"sample 'essay' of '{samples}' is ")
     assert "tokens, longer than the limit 63" in result.stderr
     assert "--truncate" in result.stderr
+
+
+def test_an_over_long_sample_is_refused_before_force_deletes_the_old_trace(tmp_path, toy_olmoe):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "essay", "text": "word " * 300}])
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("last week's trace")
+    result = moepath("trace", toy_olmoe, "--samples", samples, "--out", tmp_path / "o",
+                     "--max-model-len", "64", "--force")
+    assert_one_line_error(result, "sample 'essay' of ")
+    assert (tmp_path / "o" / "keep.txt").read_text() == "last week's trace"
 
 
 @pytest.mark.vllm

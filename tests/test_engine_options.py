@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_cli_trace import assert_one_line_error, moepath
 
-from moepath.patches.engine import EngineOptions
+from moepath.patches.engine import EngineOptions, TraceOptions, max_prompt_len
 from moepath.tracer.errors import InputError
 
 
@@ -60,3 +60,42 @@ def test_traced_engines_turn_async_scheduling_off_and_their_untraced_twins_keep_
     assert traced["additional_config"]["moepath"]["dir"] == "t"
     untraced = options.llm_kwargs("toy", None)
     assert "async_scheduling" not in untraced and "additional_config" not in untraced
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_a_batch_size_below_one_is_refused(batch_size):
+    with pytest.raises(InputError, match=f"--batch-size must be at least 1, not {batch_size}"):
+        TraceOptions(batch_size=batch_size)
+
+
+def test_cli_refuses_a_batch_size_below_one_before_writing_anything(tmp_path, toy_olmoe):
+    samples = tmp_path / "s.jsonl"
+    samples.write_text('{"id": "a", "text": "one"}\n')
+    result = moepath("trace", toy_olmoe, "--samples", samples, "--out", tmp_path / "o",
+                     "--batch-size", "-1")
+    assert_one_line_error(result, "--batch-size must be at least 1, not -1")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("max_model_len, max_tokens", [(4, 4), (4, 8), (1, 0)])
+def test_a_context_with_no_room_for_a_prompt_is_refused(toy_olmoe, max_model_len, max_tokens):
+    with pytest.raises(InputError, match=f"--max-model-len must exceed --max-tokens .*, got "
+                                         f"{max_model_len} and {max_tokens}; raise"):
+        max_prompt_len(toy_olmoe, EngineOptions(max_model_len=max_model_len),
+                       TraceOptions(max_tokens=max_tokens))
+
+
+def test_the_prompt_limit_is_the_context_minus_the_generated_tokens(toy_olmoe):
+    assert max_prompt_len(toy_olmoe, EngineOptions(max_model_len=64), TraceOptions()) == 63
+    assert max_prompt_len(toy_olmoe, EngineOptions(max_model_len=64),
+                          TraceOptions(max_tokens=8)) == 56
+
+
+def test_cli_refuses_max_model_len_at_max_tokens_before_writing_anything(tmp_path, toy_olmoe):
+    samples = tmp_path / "s.jsonl"
+    samples.write_text('{"id": "a", "text": "one"}\n')
+    result = moepath("trace", toy_olmoe, "--samples", samples, "--out", tmp_path / "o",
+                     "--max-model-len", "16", "--max-tokens", "16")
+    assert_one_line_error(result, "--max-model-len must exceed --max-tokens (at least 1 "
+                                  "generated token), got 16 and 16")
+    assert not (tmp_path / "o").exists()

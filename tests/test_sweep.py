@@ -1,16 +1,20 @@
-"""Serving checkpoints in turn: in-place reload is exact, complete traces are skipped."""
+"""Serving checkpoints in turn: in-place reload is exact, complete traces are skipped,
+traces that do not fit the sweep are refused before any engine starts."""
 
 from __future__ import annotations
 
+import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import TEST_MEMORY
+from conftest import TEST_MEMORY, write_jsonl
 
 from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
 from moepath.patches.sweep import trace_checkpoints
 from moepath.tracer import Trace
+from moepath.tracer.errors import InputError
 from moepath.tracer.samples import SampleReadOptions, read_samples
 
 pytestmark = pytest.mark.vllm
@@ -52,3 +56,34 @@ def test_reloaded_engine_equals_a_freshly_started_one(toy_factory, samples_file,
                       TraceOptions(), on_checkpoint=events.append)
     assert [(e.name, e.action) for e in events] == [("a", "skip"), ("b", "start")]
     assert_same_trace(Trace.open(tmp_path / "traces" / "b"), Trace.open(tmp_path / "fresh"))
+
+
+def test_a_trace_of_other_samples_is_refused_before_any_checkpoint_is_traced(
+        olmoe_trace, toy_factory, tmp_path):
+    traces = tmp_path / "traces"
+    shutil.copytree(olmoe_trace, traces / "b")  # the standard samples, toy OLMoE seed 0
+    other = read_samples(write_jsonl(tmp_path / "other.jsonl", [{"id": "x", "text": "a b c"}]))
+    models = [("a", toy_factory("olmoe", seed=3)), ("b", toy_factory("olmoe"))]
+    with pytest.raises(InputError, match=(
+            re.escape(f"cannot resume '{traces / 'b'}': it was traced from a different samples "
+                      f"file") + r".*; pass the same samples to resume, or another --out "
+                                 r"\(or delete '.*'\) to start over")):
+        trace_checkpoints(models, other, traces, EAGER, TraceOptions())
+    assert not (traces / "a").exists()  # refused before checkpoint a was traced
+    assert Trace.open(traces / "b").manifest["status"] == "complete"
+
+
+def test_a_complete_trace_is_skipped_only_with_the_same_settings_and_checkpoint(
+        olmoe_trace, toy_factory, samples_file, tmp_path):
+    traces = tmp_path / "traces"
+    shutil.copytree(olmoe_trace, traces / "a")
+    samples, events = read_samples(samples_file), []
+    assert trace_checkpoints([("a", toy_factory("olmoe"))], samples, traces, EAGER,
+                             TraceOptions(), on_checkpoint=events.append) == [None]
+    assert [(e.name, e.action) for e in events] == [("a", "skip")]
+    with pytest.raises(InputError, match=r"other settings \(--dtype bfloat16, now float32\)"):
+        trace_checkpoints([("a", toy_factory("olmoe"))], samples, traces,
+                          replace(EAGER, dtype="float32"), TraceOptions())
+    with pytest.raises(InputError, match=r"another model \(its router weights differ"):
+        trace_checkpoints([("a", toy_factory("olmoe", seed=3))], samples, traces, EAGER,
+                          TraceOptions())
