@@ -17,6 +17,7 @@ from pathlib import Path
 
 import moepath
 from moepath.tracer import checkpoints, store
+from moepath.tracer.errors import InputError
 
 from . import compat
 from .settings import CaptureSettings
@@ -50,6 +51,10 @@ class ManifestCommitter:
         self.interval = settings.flush_interval_s
         previous = store.prepare_directory(self.trace_dir, resume=(
             self.trace_dir / store.MANIFEST).is_file(), force=False)
+        if previous is not None and (why := checkpoints.trace_model_difference(
+                self.trace_dir, previous, model)):
+            raise InputError(f"moepath: cannot append to the trace in '{self.trace_dir}': "
+                             f"{why}; serve this model into another trace directory")
         self.manifest = previous or engine_manifest(
             model, dtype, routing, {"path": "", "sha256": "", "format": "server"},
             settings.as_dict())

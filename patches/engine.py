@@ -544,9 +544,10 @@ def check_resumable(out: Path, previous: dict, model: str | Path, sample_set: Sa
     how the caller's user starts a new trace instead. Cheap checks first: the
     model's router weights are read only when samples and settings match.
     """
-    for same, difference in (("samples", lambda: _input_difference(previous, sample_set)),
-                             ("settings", lambda: _options_difference(previous, options)),
-                             ("model", lambda: _model_difference(out, previous, model))):
+    differences = (("samples", lambda: _input_difference(previous, sample_set)),
+                   ("settings", lambda: _options_difference(previous, options)),
+                   ("model", lambda: checkpoints.trace_model_difference(out, previous, model)))
+    for same, difference in differences:
         if text := difference():
             raise InputError(f"cannot resume '{out}': {text}; pass the same {same} to "
                              f"resume, or {start_over} to start over")
@@ -567,31 +568,6 @@ def _options_difference(previous: dict, options: dict) -> str | None:
     changed = [f"--{key.replace('_', '-')} {before[key]}, now {options[key]}"
                for key in keys if key in before and before[key] != options[key]]
     return f"it was traced with other settings ({'; '.join(changed)})" if changed else None
-
-
-def _model_difference(out: Path, previous: dict, model: str | Path) -> str | None:
-    """Why ``model`` is not the checkpoint the trace was made with (None: it is).
-
-    Compares the sha256 of config.json, then the router weights with the trace's
-    router.safetensors: routers change at every training step, so checkpoints of
-    one run differ there. Expert weights are not read (gigabytes).
-    """
-    recorded = previous["model"]
-    if recorded.get("config_sha256") not in (None, checkpoints.config_sha256(model)):
-        why = "its config.json differs"
-    elif previous.get("router_weights") and not _same_router_weights(out, recorded, model):
-        why = "its router weights differ"
-    else:
-        return None
-    return (f"it was traced with another model ({why}: '{recorded['path']}', "
-            f"now '{Path(model).resolve()}')")
-
-
-def _same_router_weights(out: Path, recorded: dict, model: str | Path) -> bool:
-    by_layer = checkpoints.router_weights(model, recorded["num_experts"])
-    now = [by_layer.get(layer) for layer in recorded["layer_ids"]]
-    return all(weights is not None and np.array_equal(weights, before)
-               for weights, before in zip(now, store.read_router_weights(out), strict=True))
 
 
 def _part_text(section: dict) -> str:

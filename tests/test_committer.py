@@ -108,3 +108,19 @@ def test_a_data_parallel_server_is_refused_before_any_rank_commits(tmp_path):
     with pytest.raises(UnsupportedModelError, match="--data-parallel-size 1"):
         _commit_from_worker(worker, settings, recorder=None, routing=None)
     assert not (tmp_path / "t").exists()
+
+
+def test_a_server_restarted_with_another_checkpoint_does_not_append_to_the_trace(
+        toy_olmoe, toy_factory, tmp_path):
+    """Restarting a server on its trace directory appends to the trace, but only with the
+    same checkpoint: another one's routing would mix with the first's."""
+    from moepath.tracer.errors import InputError
+
+    trace_dir = tmp_path / "trace"
+    start_committer(toy_olmoe, trace_dir, ScriptedRecorder({"shards": []})).close()
+    weights = (trace_dir / store.ROUTER_WEIGHTS).read_bytes()
+    with pytest.raises(InputError, match="cannot append to the trace.*router weights differ"):
+        start_committer(toy_factory("olmoe", seed=1), trace_dir, ScriptedRecorder({"shards": []}))
+    assert (trace_dir / store.ROUTER_WEIGHTS).read_bytes() == weights
+    start_committer(toy_olmoe, trace_dir, ScriptedRecorder({"shards": []})).close()
+    assert store.read_manifest(trace_dir)["status"] == "complete"
