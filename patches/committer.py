@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import moepath
-from moepath.tracer import checkpoints, store
+from moepath.tracer import checkpoints, provenance, store
 from moepath.tracer.errors import InputError
 
 from . import compat
@@ -51,7 +51,7 @@ class ManifestCommitter:
         self.interval = settings.flush_interval_s
         previous = store.prepare_directory(self.trace_dir, resume=(
             self.trace_dir / store.MANIFEST).is_file(), force=False)
-        if previous is not None and (why := checkpoints.trace_model_difference(
+        if previous is not None and (why := provenance.model_difference(
                 self.trace_dir, previous, model)):
             raise InputError(f"moepath: cannot append to the trace in '{self.trace_dir}': "
                              f"{why}; serve this model into another trace directory")

@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moepath.tracer import checkpoints, store
+from moepath.tracer import checkpoints, provenance, store
 from moepath.tracer.errors import CaptureError, InputError
+from moepath.tracer.provenance import input_section
 from moepath.tracer.samples import SampleSet, sample_table
 
 from .settings import CONFIG_KEY, REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
@@ -519,59 +520,27 @@ def recorded_options(engine_options: EngineOptions, options: TraceOptions,
     return {**asdict(engine_options), **asdict(options), "max_model_len": max_model_len}
 
 
-def input_section(sample_set: SampleSet) -> dict:
-    """The manifest's ``input``: which file (and which part of it) the trace covers."""
-    section = {"path": sample_set.path, "sha256": sample_set.source_sha256,
-               "format": sample_set.format}
-    if sample_set.part is not None:
-        section["part"] = list(sample_set.part)
-    return section
-
-
-# Options that change what a trace records; a resumed run must keep them. The context
-# (max_model_len) matters only with truncate: it is where samples are cut (without
-# truncate, a sample that does not fit is refused).
-RESULT_OPTIONS = ("dtype", "max_tokens", "nll", "store_probs", "truncate")
-
-
 def check_resumable(out: Path, previous: dict, model: str | Path, sample_set: SampleSet,
                     options: dict, start_over: str = "--force or another --out") -> None:
     """Refuse to continue the trace in ``out`` (manifest ``previous``) with other samples,
     another model or other result-affecting ``options`` (as :func:`recorded_options`
     gives them): the trace would mix both runs' records. Starts no engine.
 
-    Fields an older trace does not record are not compared. ``start_over`` names
-    how the caller's user starts a new trace instead. Cheap checks first: the
-    model's router weights are read only when samples and settings match.
+    Fields an older trace does not record are not compared (see
+    :mod:`moepath.tracer.provenance`). ``start_over`` names how the caller's user
+    starts a new trace instead. Cheap checks first: the model's router weights are
+    read only when samples and settings match.
     """
-    differences = (("samples", lambda: _input_difference(previous, sample_set)),
-                   ("settings", lambda: _options_difference(previous, options)),
-                   ("model", lambda: checkpoints.trace_model_difference(out, previous, model)))
+    differences = (
+        ("samples", lambda: provenance.input_difference(previous["input"],
+                                                        input_section(sample_set))),
+        ("settings", lambda: provenance.options_difference(previous.get("options", {}),
+                                                           options)),
+        ("model", lambda: provenance.model_difference(out, previous, model)))
     for same, difference in differences:
         if text := difference():
             raise InputError(f"cannot resume '{out}': {text}; pass the same {same} to "
                              f"resume, or {start_over} to start over")
-
-
-def _input_difference(previous: dict, sample_set: SampleSet) -> str | None:
-    before, now = previous["input"], input_section(sample_set)
-    if before["sha256"] == now["sha256"] and before.get("part") == now.get("part"):
-        return None
-    what = "part" if before["sha256"] == now["sha256"] else "samples file"
-    return (f"it was traced from a different {what} "
-            f"('{before['path']}'{_part_text(before)}, now '{now['path']}'{_part_text(now)})")
-
-
-def _options_difference(previous: dict, options: dict) -> str | None:
-    before = previous.get("options", {})
-    keys = RESULT_OPTIONS + (("max_model_len",) if options["truncate"] else ())
-    changed = [f"--{key.replace('_', '-')} {before[key]}, now {options[key]}"
-               for key in keys if key in before and before[key] != options[key]]
-    return f"it was traced with other settings ({'; '.join(changed)})" if changed else None
-
-
-def _part_text(section: dict) -> str:
-    return f" part {section['part'][0]}/{section['part'][1]}" if "part" in section else ""
 
 
 def _finalize(out: Path, manifest: dict, summary: TraceSummary) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pyarrow as pa
 import pytest
 from conftest import TEST_MEMORY, write_jsonl
 from test_store import make_record, write_trace
 
-from moepath.tracer import Trace, store
+from moepath.tracer import Trace, checkpoints, store
 
 
 def moepath(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -75,10 +76,21 @@ def test_force_does_not_wipe_a_directory_that_is_not_a_trace(tmp_path, toy_olmoe
     assert_one_line_error(result, f"output directory '{small_samples}' is a file")
 
 
+def name_as_model(trace_dir, manifest: dict, model) -> None:
+    """Record ``model`` (its config and router weights) as the model of a synthetic trace."""
+    by_layer = checkpoints.router_weights(model, checkpoints.moe_shape(model).num_experts)
+    layer_ids = sorted(by_layer)
+    manifest["model"].update(path=str(model), layer_ids=layer_ids,
+                             num_experts=checkpoints.moe_shape(model).num_experts,
+                             config_sha256=checkpoints.config_sha256(model))
+    manifest["router_weights"] = asdict(store.write_router_weights(
+        trace_dir, [by_layer[i] for i in layer_ids]))
+
+
 def test_resuming_a_failed_trace_to_completion_clears_its_capture_error(tmp_path, toy_olmoe,
                                                                         small_samples):
     """Every sample was committed before capture failed: resume finishes without an engine."""
-    from moepath.patches.engine import input_section
+    from moepath.tracer.provenance import input_section
     from moepath.tracer.samples import read_samples
 
     out = tmp_path / "o"
@@ -88,6 +100,7 @@ def test_resuming_a_failed_trace_to_completion_clears_its_capture_error(tmp_path
                      [store.write_parquet_shard(out, "samples/000000.parquet", frame)])
     manifest.update(input=input_section(read_samples(small_samples)), status="failed",
                     capture_error="routing shard write failed: disk full")
+    name_as_model(out, manifest, toy_olmoe)  # resume checks it continues the same model
     store.write_manifest(out, manifest)
 
     result = moepath("trace", toy_olmoe, "--samples", small_samples, "--out", out, "--resume")

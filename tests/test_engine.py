@@ -150,3 +150,15 @@ def test_a_trace_that_predates_the_recorded_fields_still_resumes(
     store.write_manifest(trace_copy, manifest)
     summary = resume(toy_olmoe, samples_file, trace_copy)
     assert (summary.samples, summary.resumed_samples) == (0, 43)
+
+
+@pytest.mark.vllm
+def test_resuming_with_samples_read_under_other_ids_is_refused(trace_copy, toy_olmoe,
+                                                              samples_file):
+    manifest = store.read_manifest(trace_copy)
+    assert manifest["input"]["read"]["id_field"] == "id"
+    manifest["input"]["read"]["id_field"] = "uid"  # as if traced with --id-field uid
+    store.write_manifest(trace_copy, manifest)
+    with pytest.raises(InputError, match=r"its samples were read otherwise \(--id-field uid, "
+                                         r"now id\); pass the same samples to resume"):
+        resume(toy_olmoe, samples_file, trace_copy)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def test_merge_refuses_parts_that_do_not_form_one_whole(parts, olmoe_trace, tmp_
     manifest["options"]["dtype"] = "float32"
     store.write_manifest(other, manifest)
     assert_one_line_error(moepath("merge", parts[0], other, "--out", tmp_path / "m4"),
-                          "differ in their options")
+                          "other settings (--dtype bfloat16, now float32)")
     manifest["options"]["dtype"], manifest["status"] = "bfloat16", "running"
     store.write_manifest(other, manifest)
     assert_one_line_error(moepath("merge", parts[0], other, "--out", tmp_path / "m5"),
@@ -142,3 +143,39 @@ def test_an_out_that_overlaps_a_part_is_refused_before_anything_is_deleted(
         merge_traces(synthetic_parts, tmp_path / out, force=True)
     assert [Trace.open(p).sample_ids() for p in synthetic_parts] == [["p0"], ["p1"]]
     assert not (tmp_path / "parts" / "p0" / "merged").exists()
+
+
+def rewrite(trace_dir, **sections) -> None:
+    """Replace manifest sections of a part (only where a test needs the parts to differ)."""
+    manifest = store.read_manifest(trace_dir)
+    for key, values in sections.items():
+        manifest[key] = {**manifest[key], **values}
+    store.write_manifest(trace_dir, manifest)
+
+
+def test_parts_that_differ_only_in_engine_resources_merge(synthetic_parts, tmp_path):
+    # batch size and memory share change how fast a part runs, not what it records
+    rewrite(synthetic_parts[0], options={"dtype": "bfloat16", "batch_size": 64,
+                                         "gpu_memory_utilization": 0.3})
+    rewrite(synthetic_parts[1], options={"dtype": "bfloat16", "batch_size": 256,
+                                         "gpu_memory_utilization": 0.5})
+    merge_traces(synthetic_parts, tmp_path / "merged")
+    assert Trace.open(tmp_path / "merged").sample_ids() == ["p0", "p1"]
+
+
+@pytest.mark.parametrize(("sections", "difference"), [
+    ({"options": {"dtype": "float32"}}, "other settings (--dtype bfloat16, now float32)"),
+    ({"input": {"read": {"id_field": "uid", "text_field": "text", "skip_bad_lines": False,
+                         "limit": None}}}, "read otherwise (--id-field id, now uid)"),
+    ({"input": {"read": {"id_field": "id", "text_field": "text", "skip_bad_lines": False,
+                         "limit": 100}}}, "read otherwise (--limit None, now 100)"),
+])
+def test_parts_that_record_differently_or_cover_other_samples_are_refused(
+        synthetic_parts, tmp_path, sections, difference):
+    read = {"id_field": "id", "text_field": "text", "skip_bad_lines": False, "limit": None}
+    rewrite(synthetic_parts[0], options={"dtype": "bfloat16"}, input={"read": read})
+    rewrite(synthetic_parts[1], options={"dtype": "bfloat16"}, input={"read": read})
+    rewrite(synthetic_parts[1], **sections)
+    with pytest.raises(InputError, match=rf"belong with '.*p0': .*{re.escape(difference)}"):
+        merge_traces(synthetic_parts, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
 from .errors import ModelError
 
 # config keys naming the routed-expert count and top-k, across MoE families
@@ -106,29 +105,3 @@ def router_weights(path: str | Path, num_experts: int) -> dict[int, np.ndarray]:
                          f"found in '{path}'")
     return found
 
-
-def trace_model_difference(trace_dir: str | Path, manifest: dict, model: str | Path) -> str | None:
-    """Why ``model`` is not the checkpoint the trace in ``trace_dir`` (``manifest``) was made
-    with, in words for an error message; None when it is.
-
-    Compares the sha256 of config.json, then the router weights with the trace's
-    router.safetensors: routers change at every training step, so checkpoints of
-    one run differ there. Expert weights are not read (gigabytes). Fields an older
-    trace does not record are not compared.
-    """
-    recorded = manifest["model"]
-    if recorded.get("config_sha256") not in (None, config_sha256(model)):
-        why = "its config.json differs"
-    elif manifest.get("router_weights") and not _same_router_weights(trace_dir, recorded, model):
-        why = "its router weights differ"
-    else:
-        return None
-    return (f"it was traced with another model ({why}: '{recorded['path']}', "
-            f"now '{Path(model).resolve()}')")
-
-
-def _same_router_weights(trace_dir: str | Path, recorded: dict, model: str | Path) -> bool:
-    by_layer = router_weights(model, recorded["num_experts"])
-    now = [by_layer.get(layer) for layer in recorded["layer_ids"]]
-    return all(weights is not None and np.array_equal(weights, before)
-               for weights, before in zip(now, store.read_router_weights(trace_dir), strict=True))

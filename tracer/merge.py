@@ -2,8 +2,9 @@
 
 ``moepath trace --part I/N`` traces every N-th sample from I; N such runs (N
 engines, on one machine or many) cover the file once. :func:`merge_traces`
-checks that the parts belong together (same samples file, same model config
-and routing, same options, every part 0..N-1 exactly once, all complete) and
+checks that the parts belong together (same samples file read the same way,
+same model config and routing, the same options where they change the records
+(:mod:`.provenance`), every part 0..N-1 exactly once, all complete) and
 writes a normal trace directory: the parts' shard files copied under unique
 names, checksums kept, counts summed. The parts are left untouched: an output
 directory that is a part, holds one or lies inside one is refused before anything
@@ -15,11 +16,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import store
+from . import provenance, store
 from .errors import InputError, TraceFormatError
 
-# Manifest sections that must be identical across parts (the part itself apart).
-_SAME = ("model", "options", "router_weights")
+# Manifest sections that must be identical across parts (their paths apart).
+_SAME = ("model", "router_weights")
+# Every field of how the samples file was read: parts must cover one list of samples.
+_READ_OPTIONS = ("id_field", "text_field", "skip_bad_lines", "limit")
 
 
 def merge_traces(parts: list[Path], out: Path, force: bool = False) -> dict:
@@ -88,12 +91,14 @@ def _check_parts(parts: list[Path], manifests: list[dict]) -> None:
             f"merge needs each part 0/{count} .. {count - 1}/{count} exactly once")
     first, name = manifests[0], parts[0]
     for part, manifest in zip(parts[1:], manifests[1:], strict=True):
-        if manifest["input"]["sha256"] != first["input"]["sha256"]:
-            raise InputError(f"'{part}' and '{name}' traced different samples files")
-        for key in _SAME:
-            if _comparable(manifest[key]) != _comparable(first[key]):
-                raise InputError(f"'{part}' and '{name}' differ in their {key}; parts must come "
-                                 f"from the same command with a different --part")
+        difference = (provenance.input_difference(first["input"], manifest["input"],
+                                                  _READ_OPTIONS, compare_part=False)
+                      or provenance.options_difference(first["options"], manifest["options"])
+                      or next((f"it differs in its {key}" for key in _SAME
+                               if _comparable(manifest[key]) != _comparable(first[key])), None))
+        if difference:
+            raise InputError(f"'{part}' does not belong with '{name}': {difference}; parts "
+                             f"must come from the same command with a different --part")
 
 
 def _comparable(section):

@@ -163,6 +163,7 @@ class SampleSet:
     format: str
     path: str = ""
     part: tuple[int, int] | None = None  # (index, count) after take_part
+    read_options: SampleReadOptions = field(default_factory=SampleReadOptions)
 
     def take_part(self, index: int, count: int) -> SampleSet:
         """Part ``index`` of ``count`` (0-based): samples index, index + count, ... in file order.
@@ -203,7 +204,7 @@ def read_samples(path: str | Path, options: SampleReadOptions | None = None) -> 
         raise InputError(f"samples file '{path}' has no samples{why}")
     _check_named_id(path, list(fields), options)
     return SampleSet(samples=samples, skipped_lines=skipped, source_sha256=digest, format=fmt,
-                     path=str(path))
+                     path=str(path), read_options=options)
 
 
 def content_id(text: str | None, input_ids: Sequence[int] | None) -> str:
