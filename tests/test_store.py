@@ -250,10 +250,13 @@ def test_resume_removes_uncommitted_shards_and_keeps_committed_ones(tmp_path):
     write_trace(tmp_path / "t", [make_record("a", 4, 1)])
     store.write_routing_shard(tmp_path / "t", "run-r0-000001", [make_record("b", 4, 2)], L, K, E)
     (tmp_path / "t" / "routing" / ".tmp-1234-half.parquet").write_bytes(b"partial")
+    (tmp_path / "t" / ".tmp-5678-manifest.json").write_bytes(b"{partial")  # a cut commit
     manifest = store.prepare_directory(tmp_path / "t", resume=True, force=False)
     assert [s["file"] for s in manifest["shards"]["routing"]] == ["routing/run-r0-000000.parquet"]
     assert sorted(p.name for p in (tmp_path / "t" / "routing").iterdir()) == [
         "run-r0-000000.parquet"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
+        "manifest.json", "router.safetensors", "routing"]
 
 
 def test_a_shards_checksum_is_that_of_the_file_on_disk(tmp_path):

@@ -242,7 +242,9 @@ def write_atomic(path: Path, write) -> str:
     written.
 
     A crash leaves either the old file or the complete new one, never a partial
-    file under the final name (temporary names start with ``.tmp-``).
+    file under the final name (temporary names start with ``.tmp-``). The directory
+    is fsynced after the rename, so a file that a later manifest lists survives a
+    power loss with it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
@@ -254,9 +256,18 @@ def write_atomic(path: Path, write) -> str:
             os.fsync(handle.fileno())
             _drop_from_page_cache(handle.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return hashing.digest.hexdigest()
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _drop_from_page_cache(fd: int) -> None:
@@ -383,15 +394,18 @@ def verify_checksums(trace_dir: Path, manifest: dict) -> None:
 
 
 def remove_uncommitted(trace_dir: Path, manifest: dict) -> list[str]:
-    """Delete shard and temporary files the manifest does not list; return their names."""
+    """Delete shard and temporary files the manifest does not list (temporary files of the
+    manifest and router weights too); return their names relative to ``trace_dir``."""
+    trace_dir = Path(trace_dir)
     keep = {entry["file"] for entry in committed_files(manifest)}
+    shards = [path for sub in (ROUTING_DIR, SAMPLES_DIR) for path in (trace_dir / sub).glob("*")]
+    candidates = [*trace_dir.glob(".tmp-*"), *shards]
     removed = []
-    for sub in (ROUTING_DIR, SAMPLES_DIR):
-        for path in sorted((Path(trace_dir) / sub).glob("*")):
-            relative = f"{sub}/{path.name}"
-            if relative not in keep:
-                path.unlink()
-                removed.append(relative)
+    for path in sorted(candidates):
+        relative = path.relative_to(trace_dir).as_posix()
+        if relative not in keep:
+            path.unlink()
+            removed.append(relative)
     return removed
 
 
