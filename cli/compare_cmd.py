@@ -89,6 +89,7 @@ def run_compare(checkpoints: list[Path], samples: Path, out: Path, options, engi
     found = cmp.discover(checkpoints)
     shape = cmp.check_compatible(found)
     sample_set = read_samples(samples, read_options)
+    render.skipped_lines(sample_set)
     cmp.check_before_tracing(found, sample_set, options)
     steps = cmp.steps(found)
     render.stderr.print(render.table(

@@ -11,7 +11,8 @@ from moepath.patches.engine import EngineOptions
 
 Model = Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder of an MoE model.")]
 Samples = Annotated[Path, typer.Option("--samples", "-s",
-                    help="Samples file: .jsonl, .parquet, .csv or .txt (one sample per line).")]
+                    help="Samples file: .jsonl (or .json: one JSON object per line), .parquet, "
+                         ".csv or .txt (one sample per line).")]
 IdField = Annotated[str, typer.Option(help="JSONL/CSV/Parquet field holding the sample id "
                     "(optional as 'id'; a field named otherwise must exist).")]
 TextField = Annotated[str, typer.Option(help="Field holding the text (or use 'input_ids').")]

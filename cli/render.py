@@ -26,6 +26,15 @@ def warn(message: str) -> None:
     stderr.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
+def skipped_lines(sample_set) -> None:
+    """With ``--skip-bad-lines``: how many lines (Parquet: rows) of the samples file were
+    skipped, and the first, on stderr."""
+    if sample_set.skipped_lines:
+        unit = "row" if sample_set.format == "parquet" else "line"
+        stderr.print(f"skipped {len(sample_set.skipped_lines)} bad {unit}(s) "
+                     f"(first: {unit} {sample_set.skipped_lines[0]})")
+
+
 def print_json(data) -> None:
     """Exactly one JSON object on stdout (pipe-friendly)."""
     sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")

@@ -44,9 +44,7 @@ def trace(
         id_field=id_field, text_field=text_field, skip_bad_lines=skip_bad_lines, limit=limit))
     if (selected := o.parse_part(part)) is not None:
         sample_set = sample_set.take_part(*selected)
-    if sample_set.skipped_lines:
-        render.stderr.print(f"skipped {len(sample_set.skipped_lines)} bad line(s) "
-                            f"(first: line {sample_set.skipped_lines[0]})")
+    render.skipped_lines(sample_set)
     engine = o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
                               gpu_memory_utilization, max_num_batched_tokens,
                               trust_remote_code, store_probs, engine_core)

@@ -32,3 +32,13 @@ def test_parse_part_refuses_what_is_not_i_of_n(value):
     with pytest.raises(typer.BadParameter) as error:
         parse_part(value)
     assert error.value.message == f"--part takes I/N such as 0/2, not {value!r}"
+
+
+def test_skipped_bad_lines_are_counted_on_stderr_in_the_file_s_own_unit(tmp_path, capsys):
+    from moepath.cli import render
+    from moepath.tracer.samples import SampleReadOptions, read_samples
+
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\nnot json\n{"id": "b", "text": "y"}\n{"id": 3\n')
+    render.skipped_lines(read_samples(path, SampleReadOptions(skip_bad_lines=True)))
+    assert capsys.readouterr().err.strip() == "skipped 2 bad line(s) (first: line 2)"
