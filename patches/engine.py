@@ -155,7 +155,7 @@ class TracedEngine:
         options = options or EngineOptions()
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # capture wraps the V1 runner
         options.place_engine_core()
-        _bind_cpu_threads(options.tensor_parallel_size)
+        bind_cpu_threads(options.tensor_parallel_size)
         self.settings = CaptureSettings(dir=str(trace_dir), trace_all=trace_all,
                                         store_probs=options.store_probs, commit=commit,
                                         flush_interval_s=1.0).with_run()
@@ -262,7 +262,7 @@ class TracedEngine:
         self.close()
 
 
-def _bind_cpu_threads(tensor_parallel_size: int) -> None:
+def bind_cpu_threads(tensor_parallel_size: int) -> None:
     """CPU tensor parallelism: give each rank its own cores unless the user chose.
 
     vLLM's automatic binding asserts on a single-NUMA-node host ("Not enough

@@ -63,7 +63,7 @@ from lm_eval.api.registry import register_model
 from moepath.tracer import checkpoints, scores, store
 from moepath.tracer.errors import CaptureError, InputError
 
-from .engine import EngineOptions, tag
+from .engine import EngineOptions, bind_cpu_threads, tag
 from .settings import CONFIG_KEY, CaptureSettings
 
 BACKEND = "moepath-vllm"
@@ -141,7 +141,8 @@ _upstream = _upstream_module()
 class MoepathVLLM(_upstream.VLLM):
     """lm-eval's vLLM backend with every request traced into ``trace_dir``.
 
-    Model args: those of lm-eval's ``vllm`` backend plus ``trace_dir`` (required).
+    Model args: those of lm-eval's ``vllm`` backend plus ``trace_dir`` (required, a
+    new or empty directory: another run's requests would repeat its sample ids).
     Prefix caching is off (every prompt token must be computed to be recorded);
     data parallelism is refused (its replicas would write one trace each).
     Call :meth:`close` when done; an ``atexit`` hook closes a forgotten backend.
@@ -151,12 +152,16 @@ class MoepathVLLM(_upstream.VLLM):
         if not trace_dir:
             raise InputError(f"the {BACKEND} backend needs the model arg trace_dir=DIR "
                              "(where the routing trace is written)")
-        if kwargs.get("enable_prefix_caching"):
+        if kwargs.pop("enable_prefix_caching", False):
             raise InputError(f"{BACKEND} traces every prompt token; drop "
                              "enable_prefix_caching=True from the model args")
         if int(kwargs.get("data_parallel_size", 1)) > 1:
             raise InputError(f"{BACKEND} runs one engine; use tensor_parallel_size instead of "
                              "data_parallel_size")
+        if (Path(trace_dir) / store.MANIFEST).is_file():
+            raise InputError(f"trace_dir '{trace_dir}' already holds a trace; pass a new or "
+                             f"empty directory (this run's sample ids would repeat its own)")
+        bind_cpu_threads(int(kwargs.get("tensor_parallel_size", 1)))
         settings = CaptureSettings(dir=str(trace_dir), commit=True,
                                    flush_interval_s=1.0).with_run()
         additional = {**(kwargs.pop("additional_config", None) or {}),
@@ -309,7 +314,7 @@ def run_eval(model: str | Path, out: str | Path, options: EvalOptions,
     from lm_eval import simple_evaluate
 
     checkpoints.moe_shape(model)  # fails fast for dense models / bad paths
-    task_manager = _task_manager(options)
+    task_manager = _task_manager(options, model)
     out = Path(out)
     summary = EvalSummary(out, out / TRACE_DIR, out / LM_EVAL_DIR)
     _prepare(summary, force)
@@ -332,15 +337,17 @@ def run_eval(model: str | Path, out: str | Path, options: EvalOptions,
     return summary
 
 
-def _task_manager(options: EvalOptions):
-    """lm-eval's TaskManager, once every task name is known (before an engine starts)."""
+def _task_manager(options: EvalOptions, model: str | Path):
+    """lm-eval's TaskManager, once every task name is known (before an engine starts).
+    Its metadata names the model, as lm-eval's CLI does (tasks such as RULER read it)."""
     from lm_eval.tasks import TaskManager
 
     include = options.include_path
     if include is not None and not Path(include).is_dir():
         raise InputError(f"--include-path '{include}' is not a folder; pass the folder that "
                          "holds your task YAML files")
-    manager = TaskManager(include_path=str(include) if include else None)
+    manager = TaskManager(include_path=str(include) if include else None,
+                          metadata={"pretrained": str(model)})
     unknown = [t for t in options.tasks if t not in manager.all_tasks and not Path(t).is_file()]
     if unknown:
         raise InputError(f"unknown lm-eval task(s) {unknown}; check the names (`lm-eval ls "

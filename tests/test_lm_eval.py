@@ -182,3 +182,51 @@ def test_force_empties_an_earlier_eval_output_and_refuses_any_other_directory(tm
     with pytest.raises(InputError, match="not a moepath eval output .*thesis.tex"):
         _prepare(summary, force=True)
     assert (out / "thesis.tex").read_text() == "months of work"
+
+
+class EngineStarted(Exception):
+    """Raised by the stand-in for lm-eval's vLLM constructor: no engine starts in the test."""
+
+
+@pytest.fixture
+def upstream_kwargs(monkeypatch):
+    """What MoepathVLLM hands lm-eval's vLLM backend, which would start the engine."""
+    from moepath.patches import lm_eval_backend
+
+    seen = {}
+
+    def start(self, pretrained, **kwargs):
+        seen.update(kwargs, pretrained=pretrained)
+        raise EngineStarted
+
+    monkeypatch.setattr(lm_eval_backend._upstream.VLLM, "__init__", start)
+    # unset during the test and as before after it (the backend may set it)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    return seen
+
+
+def test_the_backend_starts_its_engine_with_what_tracing_needs(upstream_kwargs, tmp_path,
+                                                              monkeypatch):
+    from moepath.patches.lm_eval_backend import MoepathVLLM
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
+    with pytest.raises(EngineStarted):  # prefix caching off given explicitly is fine
+        MoepathVLLM("toy", trace_dir=str(tmp_path / "t"), enable_prefix_caching=False,
+                     tensor_parallel_size=2)
+    assert upstream_kwargs["enable_prefix_caching"] is False
+    assert upstream_kwargs["async_scheduling"] is False
+    assert upstream_kwargs["additional_config"]["moepath"]["dir"] == str(tmp_path / "t")
+    # CPU tensor parallelism: each rank on its own core (vLLM's own binding fails there)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+
+
+def test_the_backend_refuses_a_trace_dir_that_holds_a_trace(upstream_kwargs, tmp_path):
+    from moepath.patches.lm_eval_backend import MoepathVLLM
+    from moepath.tracer.errors import InputError
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "manifest.json").write_text("{}")
+    with pytest.raises(InputError, match="trace_dir '.*' already holds a trace; pass a new"):
+        MoepathVLLM("toy", trace_dir=str(tmp_path / "t"))
+    assert upstream_kwargs == {}
