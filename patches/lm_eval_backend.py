@@ -20,8 +20,10 @@ How ids reach vLLM (lm-eval batches requests and drops the ``Instance``):
   request's tag is queued under its exact input tokens (upstream's truncation to
   the last ``max_length - 1`` tokens, repeated here) and taken back in
   ``_model_generate``; identical inputs keep their order (lm-eval sorts stably).
-- ``loglikelihood_rolling``: one document at a time; window ``j`` of a document
-  is traced as ``"<sample id>/<j>"``.
+- ``loglikelihood_rolling``: window ``j`` of a document is traced as
+  ``"<sample id>/<j>"``. Upstream cuts every document into windows and scores
+  them all, in document order; each document's windows are counted the way
+  upstream cuts them, and their tags queued in that order.
 
 A request that reaches ``_model_generate`` without a tag raises CaptureError:
 this backend never runs an untraced request.
@@ -36,9 +38,9 @@ Patch register (lm-eval 0.4.13 with vLLM 0.32; revisit on any lm-eval upgrade):
   one is restored). Remove when lm-eval reads ``vllm.__version__``.
 - ``VLLM.loglikelihood``, ``loglikelihood_rolling``, ``_loglikelihood_tokens``,
   ``generate_until``, ``_model_generate``. Why: carry (task, doc_id, idx, type)
-  to vLLM. How: subclass overrides that wrap ``super()``; the one upstream detail
-  repeated is the loglikelihood input truncation (a change there raises, never
-  traces wrongly).
+  to vLLM. How: subclass overrides that wrap ``super()``; the upstream details
+  repeated are the loglikelihood input truncation and the rolling windows' cut
+  (a change in either raises, never traces wrongly).
 """
 
 from __future__ import annotations
@@ -199,13 +201,23 @@ class MoepathVLLM(_upstream.VLLM):
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        """One document at a time: upstream batches windows of several documents without
-        saying whose they are."""
-        results = []
-        for instance, request_tag in zip(requests, request_tags(requests), strict=True):
-            with self._tagging(request_tag.windows()):
-                results += super().loglikelihood_rolling([instance], disable_tqdm=True)
+        """Every document's windows in one upstream pass, each window tagged (see module)."""
+        windows = (window for instance, request_tag in zip(requests, request_tags(requests),
+                                                           strict=True)
+                   for window in islice(request_tag.windows(), self._window_count(instance)))
+        with self._tagging(windows):
+            results = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            if next(self._tag_source, None) is not None:
+                raise CaptureError(f"{BACKEND}: fewer rolling windows were scored than "
+                                   "counted; lm-eval's request path differs from 0.4.13's")
         return results
+
+    def _window_count(self, instance) -> int:
+        """Windows upstream cuts the document of a rolling request into (its own call)."""
+        (text,) = instance.args
+        return sum(1 for _ in _upstream.get_rolling_token_windows(
+            token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+            max_seq_len=self.max_length - 2, context_len=1))
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         carried = [_carry(instance, request_tag)

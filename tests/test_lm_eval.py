@@ -26,6 +26,9 @@ pytestmark = pytest.mark.vllm
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval"
 REQUEST_TYPES = {"moepath_mc": "loglikelihood", "moepath_gen": "generate_until",
                  "moepath_ppl": "loglikelihood_rolling"}
+# moepath_ppl's documents in windows of the 256-token context: two short texts, and one of
+# 606 tokens that lm-eval scores in three windows (at most 254 new tokens each)
+PPL_WINDOWS = {0: 1, 1: 1, 2: 3}
 
 
 def moepath(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
@@ -56,10 +59,24 @@ def logged(out: Path, task: str) -> list[dict]:
 
 
 def request_ids(out: Path, task: str) -> list[tuple[str, dict, int]]:
-    """(sample id, logged document, request index) of every request lm-eval logged."""
-    suffix = "/0" if REQUEST_TYPES[task] == "loglikelihood_rolling" else ""  # window 0
+    """(sample id, logged document, request index) of every request lm-eval logged (of
+    every window of a perplexity request)."""
+    def suffixes(doc) -> list[str]:
+        if REQUEST_TYPES[task] != "loglikelihood_rolling":
+            return [""]
+        return [f"/{window}" for window in range(PPL_WINDOWS[doc["doc_id"]])]
+
     return [(f"{task}/{doc['doc_id']}/{i}/{REQUEST_TYPES[task]}{suffix}", doc, i)
-            for doc in logged(out, task) for i in range(len(doc["arguments"]))]
+            for doc in logged(out, task) for i in range(len(doc["arguments"]))
+            for suffix in suffixes(doc)]
+
+
+def slice_of(text: list[int], window: list[int]) -> tuple[int, int]:
+    """(start, end) of ``window`` in ``text``, the last place it occurs."""
+    ends = [end for end in range(len(window), len(text) + 1)
+            if text[end - len(window):end] == window]
+    assert ends, "the window is not a slice of the document"
+    return ends[-1] - len(window), ends[-1]
 
 
 def lm_eval_scored_tokens(tokenizer, context: str, continuation: str) -> list[int]:
@@ -76,13 +93,13 @@ def test_lm_eval_results_and_samples_are_written(evaluated):
     assert set(results["results"]) == set(REQUEST_TYPES)
     assert "acc,none" in results["results"]["moepath_mc"]
     assert "exact_match,none" in results["results"]["moepath_gen"]
-    assert [len(logged(evaluated, task)) for task in REQUEST_TYPES] == [7, 4, 2]
+    assert [len(logged(evaluated, task)) for task in REQUEST_TYPES] == [7, 4, 3]
 
 
 def test_one_traced_sample_per_request(evaluated):
     trace = Trace.open(evaluated / "trace")
     expected = [sid for task in REQUEST_TYPES for sid, _, _ in request_ids(evaluated, task)]
-    assert len(expected) == 21 + 4 + 2  # 21 answer choices, 4 questions, 2 texts of one window
+    assert len(expected) == 21 + 4 + 5  # 21 answer choices, 4 questions, 3 texts in 5 windows
     assert trace.manifest["status"] == "complete"
     assert sorted(trace.sample_ids()) == sorted(expected)
     assert sorted(trace.samples["sample_id"]) == sorted(expected)
@@ -99,8 +116,8 @@ def test_samples_carry_request_and_document_scores(evaluated):
             assert row[metric] == doc[metric]
     assert np.isnan(samples.loc["moepath_mc/0/0/loglikelihood", "exact_match"])  # other task
     ppl = samples[samples["task"] == "moepath_ppl"]
-    assert (ppl["window"] == 0).all()  # per-document perplexity terms are pairs: not joined
-    assert "word_perplexity" not in samples.columns
+    assert sorted(ppl["window"]) == [0, 0, 0, 1, 2]
+    assert "word_perplexity" not in samples.columns  # per-document terms are pairs: not joined
 
 
 def test_every_prompt_token_of_a_scoring_request_is_traced(evaluated, toy_olmoe):
@@ -118,9 +135,17 @@ def test_every_prompt_token_of_a_scoring_request_is_traced(evaluated, toy_olmoe)
     # documents 0 and 6 are identical: same tokens, each request traced under its own id
     np.testing.assert_array_equal(trace.token_ids("moepath_mc/0/1/loglikelihood"),
                                   trace.token_ids("moepath_mc/6/1/loglikelihood"))
-    for sid, doc, _ in request_ids(evaluated, "moepath_ppl"):
-        text = tokenizer(doc["arguments"][0][0]).input_ids
-        np.testing.assert_array_equal(trace.token_ids(sid)[1:], text)  # after the prefix token
+    for doc in logged(evaluated, "moepath_ppl"):
+        # the windows are slices of the document after its prefix token, at most a context
+        # long, each ending further on, together covering it to its end
+        windows = [trace.token_ids(f"moepath_ppl/{doc['doc_id']}/0/loglikelihood_rolling/{j}")
+                   for j in range(PPL_WINDOWS[doc["doc_id"]])]
+        text = [int(windows[0][0])] + tokenizer(doc["arguments"][0][0]).input_ids
+        spans = [slice_of(text, window.tolist()) for window in windows]
+        assert spans[0][0] == 0 and spans[-1][1] == len(text)
+        assert all(end - start <= 255 for start, end in spans)
+        assert all(a_end < b_end and b_start <= a_end
+                   for (_, a_end), (b_start, b_end) in zip(spans, spans[1:], strict=False))
 
 
 def test_generation_is_traced_from_the_prompt_on(evaluated, toy_olmoe):
@@ -136,8 +161,8 @@ def test_generation_is_traced_from_the_prompt_on(evaluated, toy_olmoe):
 
 
 @pytest.mark.parametrize("column, groups", [
-    ("task", {"moepath_mc": 21, "moepath_gen": 4, "moepath_ppl": 2}),
-    ("request_type", {"loglikelihood": 21, "generate_until": 4, "loglikelihood_rolling": 2}),
+    ("task", {"moepath_mc": 21, "moepath_gen": 4, "moepath_ppl": 5}),
+    ("request_type", {"loglikelihood": 21, "generate_until": 4, "loglikelihood_rolling": 5}),
 ])
 def test_metrics_group_by_eval_columns(evaluated, column, groups):
     result = moepath("metrics", evaluated / "trace", "--group-by", column, "--json")
@@ -150,7 +175,7 @@ def test_metrics_group_by_accuracy(evaluated):
     result = moepath("metrics", evaluated / "trace", "--group-by", "acc", "--json")
     assert result.returncode == 0, result.stderr
     groups = {g["name"]: g["n_samples"] for g in json.loads(result.stdout)["groups"]}
-    assert groups.pop("(missing)") == 6  # generation and perplexity requests have no acc
+    assert groups.pop("(missing)") == 9  # generation and perplexity requests have no acc
     assert set(groups) <= {"0", "1"} and sum(groups.values()) == 21  # acc 0.0 and 1.0
 
 
