@@ -46,7 +46,7 @@ def input_difference(before: dict, now: dict, read_options=IDENTITY_READ_OPTIONS
                 f"now '{now['path']}')")
     if compare_part and before.get("part") != now.get("part"):
         return (f"it was traced from a different part ('{before['path']}'{_part_text(before)}, "
-                f"now{_part_text(now) or ' the whole file'})")
+                f"now '{now['path']}'{_part_text(now)})")
     read_before, read_now = before.get("read", {}), now.get("read", {})
     changed = [f"--{key.replace('_', '-')} {read_before[key]}, now {read_now[key]}"
                for key in read_options if key in read_before and read_before[key] != read_now[key]]
