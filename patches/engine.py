@@ -360,8 +360,9 @@ def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
     out = Path(out)
     previous = store.prepare_directory(out, resume=resume, force=force)
     if previous is not None:
-        check_resumable(out, previous, model, sample_set,
-                        recorded_options(engine_options, options, started.max_model_len))
+        provenance.check_resumable(
+            out, previous, model, sample_set,
+            recorded_options(engine_options, options, started.max_model_len))
     job = TraceJob(sample_set, tokenized, engine_options, options)
     if previous is not None and not job.todo(out, previous):  # nothing left: no engine needed
         if on_start:
@@ -518,29 +519,6 @@ def recorded_options(engine_options: EngineOptions, options: TraceOptions,
                      max_model_len: int) -> dict:
     """The manifest's ``options``: what the run was asked to do, with the engine's context."""
     return {**asdict(engine_options), **asdict(options), "max_model_len": max_model_len}
-
-
-def check_resumable(out: Path, previous: dict, model: str | Path, sample_set: SampleSet,
-                    options: dict, start_over: str = "--force or another --out") -> None:
-    """Refuse to continue the trace in ``out`` (manifest ``previous``) with other samples,
-    another model or other result-affecting ``options`` (as :func:`recorded_options`
-    gives them): the trace would mix both runs' records. Starts no engine.
-
-    Fields an older trace does not record are not compared (see
-    :mod:`moepath.tracer.provenance`). ``start_over`` names how the caller's user
-    starts a new trace instead. Cheap checks first: the model's router weights are
-    read only when samples and settings match.
-    """
-    differences = (
-        ("samples", lambda: provenance.input_difference(previous["input"],
-                                                        input_section(sample_set))),
-        ("settings", lambda: provenance.options_difference(previous.get("options", {}),
-                                                           options)),
-        ("model", lambda: provenance.model_difference(out, previous, model)))
-    for same, difference in differences:
-        if text := difference():
-            raise InputError(f"cannot resume '{out}': {text}; pass the same {same} to "
-                             f"resume, or {start_over} to start over")
 
 
 def _finalize(out: Path, manifest: dict, summary: TraceSummary) -> None:

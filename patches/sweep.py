@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moepath.tracer import checkpoints, store
+from moepath.tracer import checkpoints, provenance, store
 from moepath.tracer.errors import CaptureError, TraceFormatError
 from moepath.tracer.samples import SampleSet
 
@@ -27,7 +27,6 @@ from .engine import (
     TraceJob,
     TraceOptions,
     TraceSummary,
-    check_resumable,
     max_prompt_len,
     recorded_options,
     tokenize_samples,
@@ -64,8 +63,8 @@ def _check_existing(models: list[tuple[str, Path]], sample_set: SampleSet, trace
     for name, path in models:
         out = traces_dir / name
         if (out / store.MANIFEST).is_file():
-            check_resumable(out, store.read_manifest(out), path, sample_set, options,
-                            start_over=f"another --out (or delete '{out}')")
+            provenance.check_resumable(out, store.read_manifest(out), path, sample_set,
+                                       options, start_over=f"another --out (or delete '{out}')")
 
 
 def trace_checkpoints(

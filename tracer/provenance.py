@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoints, store
+from .errors import InputError
 from .samples import SampleSet
 
 # Options that change what a trace records. The context (max_model_len) matters only
@@ -79,6 +80,26 @@ def model_difference(trace_dir: str | Path, manifest: dict, model: str | Path) -
         return None
     return (f"it was traced with another model ({why}: '{recorded['path']}', "
             f"now '{Path(model).resolve()}')")
+
+
+def check_resumable(out: Path, previous: dict, model: str | Path, sample_set: SampleSet,
+                    options: dict, start_over: str = "--force or another --out") -> None:
+    """Refuse to continue the trace in ``out`` (manifest ``previous``) with other samples,
+    another model or other result-affecting ``options`` (the manifest's ``options`` of
+    the new run): the trace would mix both runs' records. Starts no engine.
+
+    Fields an older trace does not record are not compared. ``start_over`` names
+    how the caller's user starts a new trace instead. Cheap checks first: the
+    model's router weights are read only when samples and settings match.
+    """
+    differences = (
+        ("samples", lambda: input_difference(previous["input"], input_section(sample_set))),
+        ("settings", lambda: options_difference(previous.get("options", {}), options)),
+        ("model", lambda: model_difference(out, previous, model)))
+    for same, difference in differences:
+        if text := difference():
+            raise InputError(f"cannot resume '{out}': {text}; pass the same {same} to "
+                             f"resume, or {start_over} to start over")
 
 
 def _same_router_weights(trace_dir: str | Path, recorded: dict, model: str | Path) -> bool:
