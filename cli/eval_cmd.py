@@ -18,6 +18,8 @@ DocLimit = Annotated[int | None, typer.Option(help="Evaluate only the first N do
                      "each task.")]
 IncludePath = Annotated[Path | None, typer.Option(help="Folder of your own task YAMLs.")]
 NumFewshot = Annotated[int | None, typer.Option(help="Few-shot examples (default: the task's).")]
+ConfirmUnsafe = Annotated[bool, typer.Option(help="Run tasks that execute model-generated "
+                         "code (lm-eval marks them unsafe, e.g. humaneval).")]
 BatchSize = Annotated[str, typer.Option(help="Requests per vLLM call: auto (all) or a number.")]
 
 
@@ -29,6 +31,7 @@ def eval_(
     include_path: IncludePath = None,
     num_fewshot: NumFewshot = None,
     batch_size: BatchSize = "auto",
+    confirm_run_unsafe_code: ConfirmUnsafe = False,
     max_model_len: o.MaxModelLen = None,
     dtype: o.Dtype = "bfloat16",
     tensor_parallel_size: o.TensorParallel = 1,
@@ -51,7 +54,8 @@ def eval_(
                               gpu_memory_utilization, max_num_batched_tokens, trust_remote_code)
     options = EvalOptions(tasks=names, limit=limit, num_fewshot=num_fewshot,
                           batch_size=batch_size if batch_size == "auto" else int(batch_size),
-                          include_path=include_path)
+                          include_path=include_path,
+                          confirm_run_unsafe_code=confirm_run_unsafe_code)
     render.stderr.print(f"evaluating [bold]{model}[/] (a vLLM engine starts in 20-60 s)")
     summary = run_eval(model, out, options, engine, force=force)
     rows = [[task, metric, value] for task, metrics in summary.metrics.items()

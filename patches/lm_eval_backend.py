@@ -61,6 +61,7 @@ from itertools import count, islice
 from pathlib import Path
 
 from lm_eval.api.registry import register_model
+from lm_eval.tasks import TaskManager
 
 from moepath.tracer import checkpoints, scores, store
 from moepath.tracer.errors import CaptureError, InputError
@@ -302,6 +303,7 @@ class EvalOptions:
     num_fewshot: int | None = None
     batch_size: int | str = "auto"
     include_path: Path | None = None
+    confirm_run_unsafe_code: bool = False  # run tasks that execute model-generated code
 
 
 @dataclass
@@ -336,7 +338,8 @@ def run_eval(model: str | Path, out: str | Path, options: EvalOptions,
     try:
         results = simple_evaluate(model=backend, tasks=list(options.tasks),
                                   num_fewshot=options.num_fewshot, limit=options.limit,
-                                  log_samples=True, task_manager=task_manager)
+                                  log_samples=True, task_manager=task_manager,
+                                  confirm_run_unsafe_code=options.confirm_run_unsafe_code)
     finally:
         backend.close()
     logged = results.pop("samples")
@@ -349,22 +352,51 @@ def run_eval(model: str | Path, out: str | Path, options: EvalOptions,
     return summary
 
 
-def _task_manager(options: EvalOptions, model: str | Path):
-    """lm-eval's TaskManager, once every task name is known (before an engine starts).
-    Its metadata names the model, as lm-eval's CLI does (tasks such as RULER read it)."""
-    from lm_eval.tasks import TaskManager
+class _TasksBuiltOnce(TaskManager):
+    """lm-eval's TaskManager, building each task list once: the tasks ``moepath eval`` checks
+    before its engine starts are the ones ``simple_evaluate`` then runs (building a task
+    downloads its dataset)."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._built: dict[tuple[str, ...], dict] = {}
+
+    def load(self, task_list):
+        key = tuple(task_list)
+        if key not in self._built:
+            self._built[key] = super().load(list(key))
+        return self._built[key]
+
+
+def _task_manager(options: EvalOptions, model: str | Path) -> TaskManager:
+    """lm-eval's TaskManager with the tasks of ``options`` built and checked, before an engine
+    starts. Its metadata names the model, as lm-eval's CLI does (tasks such as RULER read it)."""
     include = options.include_path
     if include is not None and not Path(include).is_dir():
         raise InputError(f"--include-path '{include}' is not a folder; pass the folder that "
                          "holds your task YAML files")
-    manager = TaskManager(include_path=str(include) if include else None,
-                          metadata={"pretrained": str(model)})
+    manager = _TasksBuiltOnce(include_path=str(include) if include else None,
+                              metadata={"pretrained": str(model)})
     unknown = [t for t in options.tasks if t not in manager.all_tasks and not Path(t).is_file()]
     if unknown:
         raise InputError(f"unknown lm-eval task(s) {unknown}; check the names (`lm-eval ls "
                          "tasks`) or pass --include-path with the folder of your task YAMLs")
+    _check_runnable(manager.load(options.tasks)["tasks"], options)
     return manager
+
+
+def _check_runnable(tasks: dict, options: EvalOptions) -> None:
+    """Refuse what lm-eval would refuse only after the engine started: tasks that run
+    model-generated code (unless confirmed) and tasks with image or audio input."""
+    unsafe = sorted(name for name, task in tasks.items() if getattr(task, "UNSAFE_CODE", False))
+    if unsafe and not options.confirm_run_unsafe_code:
+        raise InputError(f"task(s) {unsafe} execute model-generated code (lm-eval marks them "
+                         "unsafe); pass --confirm-run-unsafe-code to run them")
+    multimodal = sorted(name for name, task in tasks.items()
+                        if getattr(task, "MULTIMODAL", False))
+    if multimodal:
+        raise InputError(f"task(s) {multimodal} need image or audio input; moepath eval runs "
+                         "text-only requests (lm-eval's vllm backend)")
 
 
 def _prepare(summary: EvalSummary, force: bool) -> None:

@@ -187,6 +187,49 @@ def test_unknown_task_is_refused_before_an_engine_starts(toy_olmoe, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def task_yaml(folder: Path, name: str, extra: str) -> Path:
+    """moepath_mc as task ``name`` in ``folder``, with the YAML lines ``extra`` added."""
+    folder.mkdir(parents=True, exist_ok=True)
+    yaml = (TASK_DIR / "moepath_mc.yaml").read_text().replace("task: moepath_mc", f"task: {name}")
+    yaml = yaml.replace("tests/data/lm_eval/moepath_mc.jsonl", str(TASK_DIR / "moepath_mc.jsonl"))
+    yaml = yaml.replace("dataset_kwargs:", f"dataset_kwargs:\n  cache_dir: {folder / 'cache'}")
+    (folder / f"{name}.yaml").write_text(yaml + extra)
+    return folder
+
+
+def test_a_task_running_model_code_needs_confirmation_before_an_engine_starts(toy_olmoe,
+                                                                             tmp_path):
+    tasks = task_yaml(tmp_path / "tasks", "runs_code", "unsafe_code: true\n")
+    result = moepath("eval", toy_olmoe, "--tasks", "runs_code", "--include-path", tasks,
+                     "--out", tmp_path / "o", env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "moepath: error: task(s) ['runs_code'] execute model-generated code (lm-eval marks "
+        "them unsafe); pass --confirm-run-unsafe-code to run them")
+    assert not (tmp_path / "o").exists()
+
+
+def test_confirmed_tasks_are_built_once_for_the_check_and_the_run(tmp_path):
+    from moepath.patches.lm_eval_backend import EvalOptions, _task_manager
+
+    tasks = task_yaml(tmp_path / "tasks", "runs_code", "unsafe_code: true\n")
+    options = EvalOptions(tasks=("runs_code",), include_path=tasks, confirm_run_unsafe_code=True)
+    manager = _task_manager(options, "toy")
+    loaded = manager.load(["runs_code"])  # what simple_evaluate asks for
+    assert loaded is manager.load(["runs_code"])
+    assert loaded["tasks"]["runs_code"].UNSAFE_CODE
+    assert len(loaded["tasks"]["runs_code"].eval_docs) == 7
+
+
+def test_a_task_with_image_input_is_refused_before_an_engine_starts(tmp_path):
+    from moepath.patches.lm_eval_backend import EvalOptions, _task_manager
+    from moepath.tracer.errors import InputError
+
+    tasks = task_yaml(tmp_path / "tasks", "with_image", "doc_to_image: [image]\n")
+    with pytest.raises(InputError, match=r"task\(s\) \['with_image'\] need image or audio input"):
+        _task_manager(EvalOptions(tasks=("with_image",), include_path=tasks), "toy")
+
+
 def test_force_empties_an_earlier_eval_output_and_refuses_any_other_directory(tmp_path):
     from moepath.patches.lm_eval_backend import EvalSummary, _prepare
     from moepath.tracer.errors import InputError
