@@ -44,9 +44,13 @@ class UnsupportedModelError(RuntimeError):
 
 @dataclass
 class MoELayer:
+    """One fused-MoE layer. ``output_scale``: the ``routed_scaling_factor`` its runner
+    multiplies the routed experts' output by (1.0 where the router scales the weights)."""
+
     layer_id: int
     name: str
     router: object
+    output_scale: float = 1.0
 
 
 @dataclass
@@ -82,8 +86,9 @@ def inspect_model(model: torch.nn.Module, vllm_config) -> ModelRouting:
     _check_engine(vllm_config)
     layers = [_moe_layer(name, runner) for name, runner in runners]
     layers.sort(key=lambda layer: layer.layer_id)
-    first = layers[0].router
-    return ModelRouting(layers, first.global_num_experts, first.top_k, _routing_config(first))
+    first = layers[0]
+    return ModelRouting(layers, first.router.global_num_experts, first.router.top_k,
+                        _routing_config(first))
 
 
 def _check_engine(vllm_config) -> None:
@@ -141,7 +146,8 @@ def _moe_layer(name: str, runner) -> MoELayer:
         raise UnsupportedModelError(
             f"moepath: '{name}' fuses shared experts into routing (top-k grows); disable "
             f"shared-expert fusion to trace it")
-    return MoELayer(runner.layer_id, name, router)
+    return MoELayer(runner.layer_id, name, router,
+                    float(getattr(runner, "routed_scaling_factor", 1.0)))
 
 
 def _routes_other_ranks_tokens(runner) -> bool:
@@ -153,7 +159,8 @@ def _routes_other_ranks_tokens(runner) -> bool:
         config.pcp_size > 1 and not config.moe_parallel_config.use_all2all_kernels))
 
 
-def _routing_config(router) -> dict:
+def _routing_config(layer: MoELayer) -> dict:
+    router = layer.router
     scoring = getattr(router, "scoring_func", "softmax")
     if scoring not in ("softmax", "sigmoid"):
         raise UnsupportedModelError(
@@ -162,7 +169,8 @@ def _routing_config(router) -> dict:
         "router": type(router).__name__,
         "scoring_func": scoring,
         "renormalize": bool(getattr(router, "renormalize", False)),
-        "routed_scaling_factor": float(getattr(router, "routed_scaling_factor", 1.0)),
+        "routed_scaling_factor": float(getattr(router, "routed_scaling_factor", 1.0))
+        * layer.output_scale,
         "grouped_topk": bool(getattr(router, "use_grouped_topk", False)),
         "correction_bias": getattr(router, "e_score_correction_bias", None) is not None,
     }
@@ -700,6 +708,7 @@ def install(worker, settings: CaptureSettings) -> tuple[ModelRouting, StepRecord
         sigmoid=routing.config["scoring_func"] == "sigmoid")
     for slot, layer in enumerate(layers):
         layer.router._moepath_slot = slot
+        layer.router._moepath_weight_scale = layer.output_scale
     router_cls = compat.router_base_class()
     if not getattr(router_cls.select_experts, "__moepath_wrapped__", False):
         router_cls.select_experts = hook.wrap_select_experts(router_cls.select_experts)

@@ -28,7 +28,8 @@ class CaptureBuffers:
 
     Attributes:
         expert_ids: int32 [T, L, k], logical ids (EPLB is refused, so ids are logical).
-        gate_weights: float32 [T, L, k], weights the model used.
+        gate_weights: float32 [T, L, k], weights the model multiplied the experts'
+            outputs by (after renormalisation and ``routed_scaling_factor``).
         router_scores: float32 [L, T, E], layer-major: the router's full
             distribution over the E routed experts (:func:`score_into`), plus
             the router's selection bias if it has one (:func:`record`); eagerly
@@ -100,9 +101,13 @@ def score_into(logits: torch.Tensor, out: torch.Tensor, sigmoid: bool) -> None:
 
 
 def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids,
-           bias: torch.Tensor | None = None):
+           bias: torch.Tensor | None = None, weight_scale: float = 1.0):
     """Write one layer's routing of this step's n tokens into rows [:n] of slot ``slot``:
     two copies (ids, weights) and one scoring of the logits.
+
+    ``weight_scale``: the ``routed_scaling_factor`` vLLM applies to the layer's output
+    rather than to ``topk_weights`` (GLM-4.5, DeepSeek-V3); the recorded weights include
+    it, so they are the weights the model used whichever side vLLM scales.
 
     ``bias``: the router's ``e_score_correction_bias`` [E] (DeepSeek-V3-style routers
     choose experts by sigmoid score plus this load-balancing bias), added to the
@@ -127,6 +132,8 @@ def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids,
         scored = SCORES_WANTED
     ids_rows.copy_(topk_ids)
     weight_rows.copy_(topk_weights)
+    if weight_scale != 1.0:
+        weight_rows.mul_(weight_scale)
     if scored:
         score_into(router_logits, score_rows, BUFFERS.sigmoid)
         if bias is not None:
@@ -137,7 +144,8 @@ def wrap_select_experts(original):
     """``FusedMoERouter.select_experts`` that also records routing of traced layers.
 
     Routers of layers moepath found at load carry ``_moepath_slot`` (MoE layer
-    ordinal); others (none in a traced engine) pass through untouched.
+    ordinal) and ``_moepath_weight_scale``; others (none in a traced engine) pass
+    through untouched.
     """
 
     @functools.wraps(original)
@@ -146,7 +154,7 @@ def wrap_select_experts(original):
         slot = getattr(self, "_moepath_slot", None)
         if slot is not None:
             record(slot, self.global_num_experts, router_logits, topk_weights, topk_ids,
-                   getattr(self, "e_score_correction_bias", None))
+                   getattr(self, "e_score_correction_bias", None), self._moepath_weight_scale)
         return topk_weights, topk_ids
 
     select_experts.__moepath_wrapped__ = True

@@ -24,7 +24,7 @@ def test_each_toy_architecture_loads_in_transformers_and_routes(arch, moe_layers
     model = load_model(path)
     logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), len(tokenizer))
-    routing = hf_routing(model, ids, top_k=4)
+    routing = hf_routing(model, ids)
     assert routing.probs.shape == (len(ids), len(moe_layers), 16)
     # router weights are rescaled so the top expert gets far more than 1/16
     assert routing.probs.max(-1).mean() > 0.25
@@ -43,7 +43,7 @@ def test_a_bias_router_toy_has_a_random_selection_bias_that_changes_the_choice(t
     assert biases.shape == (3, 16)
     assert 0.5 * CORRECTION_BIAS_STD < biases.std() < 2 * CORRECTION_BIAS_STD
     ids = list(range(5, 45))
-    routing = hf_routing(model, ids, top_k=4)
+    routing = hf_routing(model, ids)
     out = model(torch.tensor([ids]), output_router_logits=True)
     unbiased = torch.stack(out.router_logits, 1).sigmoid().topk(4, -1).indices.sort(-1).values
     biased = torch.from_numpy(routing.expert_ids).sort(-1).values

@@ -151,6 +151,7 @@ def toy_config(arch: str, shape: ToyShape, vocab_size: int):
             n_group=1,
             topk_group=1,
             norm_topk_prob=True,
+            routed_scaling_factor=2.5,  # GLM-4.5's: gate weights sum to 2.5
         )
     raise InputError(f"unknown toy architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
