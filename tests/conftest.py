@@ -31,6 +31,13 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def files_of(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory``, relative path -> bytes: equal before and after a
+    refused command shows that the command left the directory untouched."""
+    return {str(path.relative_to(directory)): path.read_bytes()
+            for path in sorted(Path(directory).rglob("*")) if path.is_file()}
+
+
 def standard_records(n: int = 40) -> list[dict]:
     """Short pseudo-English samples plus three long ones (> 3 prefill chunks of 64)."""
     lines = corpus(n, seed=11)

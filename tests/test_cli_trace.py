@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import pyarrow as pa
 import pytest
-from conftest import TEST_MEMORY, write_jsonl
+from conftest import TEST_MEMORY, files_of, write_jsonl
 from test_store import make_record, write_trace
 
 from moepath.tracer import Trace, checkpoints, store
@@ -47,6 +47,13 @@ def test_dense_model_is_refused_before_loading_weights(tmp_path, small_samples):
         {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 64}))
     result = moepath("trace", dense, "--samples", small_samples, "--out", tmp_path / "o")
     assert_one_line_error(result, "(LlamaForCausalLM) has no MoE layers")
+    assert not (tmp_path / "o").exists()
+    write_trace(tmp_path / "old", [make_record("a", 4, 1)])
+    before = files_of(tmp_path / "old")
+    result = moepath("trace", dense, "--samples", small_samples, "--out", tmp_path / "old",
+                     "--force")
+    assert_one_line_error(result, "(LlamaForCausalLM) has no MoE layers")
+    assert files_of(tmp_path / "old") == before
 
 
 def test_malformed_line_is_named_and_nothing_is_written(tmp_path, toy_olmoe):
@@ -121,12 +128,12 @@ def test_over_long_sample_is_named_unless_truncating(tmp_path, toy_olmoe):
 
 def test_an_over_long_sample_is_refused_before_force_deletes_the_old_trace(tmp_path, toy_olmoe):
     samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "essay", "text": "word " * 300}])
-    (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "keep.txt").write_text("last week's trace")
+    write_trace(tmp_path / "o", [make_record("a", 4, 1)])  # a trace: --force would empty it
+    before = files_of(tmp_path / "o")
     result = moepath("trace", toy_olmoe, "--samples", samples, "--out", tmp_path / "o",
                      "--max-model-len", "64", "--force")
     assert_one_line_error(result, "sample 'essay' of ")
-    assert (tmp_path / "o" / "keep.txt").read_text() == "last week's trace"
+    assert files_of(tmp_path / "o") == before  # manifest, router weights and shard
 
 
 @pytest.mark.vllm
