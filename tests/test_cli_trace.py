@@ -40,11 +40,16 @@ def test_missing_model_path(tmp_path, small_samples):
     assert not (tmp_path / "o").exists()
 
 
-def test_dense_model_is_refused_before_loading_weights(tmp_path, small_samples):
-    dense = tmp_path / "dense"
-    dense.mkdir()
-    (dense / "config.json").write_text(json.dumps(
+def dense_checkpoint(path):
+    """A folder with the config.json of a dense (no MoE) model."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(
         {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 64}))
+    return path
+
+
+def test_dense_model_is_refused_before_loading_weights(tmp_path, small_samples):
+    dense = dense_checkpoint(tmp_path / "dense")
     result = moepath("trace", dense, "--samples", small_samples, "--out", tmp_path / "o")
     assert_one_line_error(result, "(LlamaForCausalLM) has no MoE layers")
     assert not (tmp_path / "o").exists()

@@ -13,9 +13,10 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TEST_MEMORY, write_jsonl
-from test_cli_trace import assert_one_line_error, moepath
+from conftest import TEST_MEMORY, files_of, write_jsonl
+from test_cli_trace import assert_one_line_error, dense_checkpoint, moepath
 from test_metrics import SAMPLES, write_synthetic_trace
+from test_store import make_record, write_trace
 
 from moepath.tracer import Trace, store
 from moepath.tracer import compare as cmp
@@ -121,18 +122,51 @@ def test_scores_are_read_before_tracing(tmp_path):
         cmp.check_before_tracing(found, sample_set, cmp.CompareOptions(scores=scores))
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (("--scores", "missing.csv"), "scores file 'missing.csv' does not exist"),
-    (("--group-by", "domian"), "has no column 'domian'; group by one of: domain, num_tokens"),
-    (("--epsilon-quantile", "2"), "quantile 2.0 is outside (0, 1)"),
-])
-def test_cli_refuses_bad_analysis_options_before_serving(tmp_path, extra, message):
-    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "text": "x", "domain": "d"}])
-    result = moepath("compare", fake_checkpoint(tmp_path / "step1"),
-                     fake_checkpoint(tmp_path / "step2"), "--samples", samples,
-                     "--out", tmp_path / "out", *extra)
+def two_checkpoints(kind: str, step100, step200, request) -> None:
+    """Checkpoint folders step100 and step200 of ``kind``: ``fake`` (config.json only),
+    ``missing`` (no step200), ``dense`` (step200 has no MoE layers), ``toy`` (both the toy
+    OLMoE, with its tokenizer)."""
+    if kind == "toy":
+        toy = request.getfixturevalue("toy_olmoe")
+        step100.symlink_to(toy)
+        step200.symlink_to(toy)
+        return
+    fake_checkpoint(step100)
+    if kind == "fake":
+        fake_checkpoint(step200)
+    elif kind == "dense":
+        dense_checkpoint(step200)
+
+
+LINE = '{"id": "a", "text": "x", "domain": "d"}\n'
+
+
+@pytest.mark.parametrize(("kind", "lines", "extra", "message"), [
+    ("fake", LINE, ("--scores", "missing.csv"), "scores file 'missing.csv' does not exist"),
+    ("fake", LINE, ("--group-by", "domian"),
+     "has no column 'domian'; group by one of: domain, num_tokens"),
+    ("fake", LINE, ("--epsilon-quantile", "2"), "quantile 2.0 is outside (0, 1)"),
+    ("missing", LINE, (), "step200' does not exist"),
+    ("dense", LINE, (), "(LlamaForCausalLM) has no MoE layers"),
+    ("fake", LINE + '{"id": "b", "text": oops}\n', (), "s.jsonl line 2: not valid JSON"),
+    ("toy", '{"id": "essay", "text": "' + "word " * 40 + '"}\n', ("--max-model-len", "16"),
+     "sample 'essay' of "),
+], ids=["scores", "group-by", "epsilon-quantile", "missing-checkpoint", "dense-checkpoint",
+        "malformed-line", "over-long-sample"])
+def test_cli_refuses_bad_input_before_serving_and_keeps_earlier_traces(
+        tmp_path, request, kind, lines, extra, message):
+    """One line, before any engine starts; the traces of an earlier run into the same --out
+    stay as they were."""
+    step100, step200 = tmp_path / "step100", tmp_path / "step200"
+    two_checkpoints(kind, step100, step200, request)
+    (tmp_path / "s.jsonl").write_text(lines)
+    out = tmp_path / "out"
+    write_trace(out / "traces" / "step100", [make_record("a", 4, 1)])
+    before = files_of(out)
+    result = moepath("compare", step100, step200, "--samples", tmp_path / "s.jsonl",
+                     "--out", out, *extra)
     assert_one_line_error(result, message)
-    assert not (tmp_path / "out").exists()
+    assert files_of(out) == before
 
 
 @pytest.fixture(scope="module")
