@@ -8,12 +8,16 @@ starts, on a copy of the session's trace (``olmoe_trace``).
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
-from conftest import TEST_MEMORY
+from conftest import TEST_MEMORY, write_jsonl
 
 from moepath.patches.engine import EngineOptions, TracedEngine, TraceOptions, trace_samples
-from moepath.tracer import Trace, store
+from moepath.tracer import Trace, checkpoints, store
 from moepath.tracer.errors import CaptureError, InputError
 from moepath.tracer.samples import read_samples
 from moepath.tracer.store import ShardInfo
@@ -73,6 +77,75 @@ def test_switching_checkpoints_returns_the_shards_flushed_into_the_previous_dire
     # a caller that flushed after its last generate gets nothing back
     assert engine.retarget(tmp_path / "c") == []
     assert engine.settings.dir == str(tmp_path / "c")
+
+
+class RecordingLLM(FakeLLM):
+    """A FakeLLM that records the routing of every tagged prompt as moepath's worker does
+    (one routing shard per flush, into the engine's trace directory), until its
+    ``failing_flush``-th flush (1-based), which goes wrong as ``failure`` says: ``error``,
+    the worker's write failed; ``empty``, nothing was recorded."""
+
+    def __init__(self, failing_flush: int, failure: str, **kwargs):
+        super().__init__()
+        shape = checkpoints.moe_shape(kwargs["model"])
+        self.shape = (shape.num_hidden_layers, shape.top_k, shape.num_experts)
+        self.trace_dir = Path(kwargs["additional_config"]["moepath"]["dir"])
+        self.failing_flush, self.failure = failing_flush, failure
+        self.llm_engine = SimpleNamespace(
+            model_config=SimpleNamespace(max_model_len=kwargs["max_model_len"]),
+            engine_core=SimpleNamespace(shutdown=lambda: None))
+
+    def collective_rpc(self, method: str, kwargs: dict | None = None) -> list:
+        if method == "moepath_describe":
+            layers, top_k, experts = self.shape
+            return [{"num_layers": layers, "layer_ids": list(range(layers)),
+                     "num_experts": experts, "top_k": top_k, "reload_blocker": None}]
+        replies = super().collective_rpc(method, kwargs)
+        if method == "moepath_flush" and self.calls.count(method) == self.failing_flush:
+            replies[0]["shards"] = []
+            if self.failure == "error":
+                replies[0]["error"] = "routing shard write failed: No space left on device"
+        return replies
+
+    def generate(self, prompts, params, use_tqdm=False) -> list:
+        layers, top_k, experts = self.shape
+        records = [store.RoutingRecord(
+            sample_id=p.extra_args["moepath_id"], request_id=str(i), completion=0,
+            num_prompt_tokens=len(prompt["prompt_token_ids"]),
+            positions=np.arange(len(prompt["prompt_token_ids"]), dtype=np.int32),
+            token_ids=np.int32(prompt["prompt_token_ids"]),
+            expert_ids=np.zeros((len(prompt["prompt_token_ids"]), layers, top_k), np.uint8),
+            gate_weights=np.full((len(prompt["prompt_token_ids"]), layers, top_k), 1 / top_k,
+                                 np.float32),
+            router_mean=np.full((layers, experts), 1 / experts, np.float32))
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))]
+        run = f"run-fake-{self.calls.count('moepath_flush'):06d}"
+        self.pending.append(asdict(store.write_routing_shard(self.trace_dir, run, records,
+                                                             *self.shape)))
+        return [SimpleNamespace(prompt_logprobs=None) for _ in prompts]
+
+
+@pytest.mark.parametrize("failure, message", [
+    ("error", "routing capture failed in the engine: routing shard write failed: No space "
+              "left on device"),
+    ("empty", "1 traced sample(s) recorded no routing (first: 'b'); the trace is marked failed"),
+], ids=["write-failed", "nothing-recorded"])
+def test_a_failed_write_or_an_empty_capture_fails_the_trace_and_keeps_committed_batches(
+        monkeypatch, toy_olmoe, tmp_path, failure, message):
+    import vllm
+
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: RecordingLLM(2, failure, **kwargs))
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "text": "one two three"},
+                                                 {"id": "b", "text": "four five"}])
+    with pytest.raises(CaptureError) as error:
+        trace_samples(toy_olmoe, read_samples(samples), tmp_path / "t",
+                      EngineOptions(max_model_len=64), TraceOptions(batch_size=1))
+    assert str(error.value) == message
+    trace = Trace.open(tmp_path / "t")  # every committed checksum verified
+    assert (trace.status, trace.capture_error) == ("failed", message)
+    assert trace.sample_ids() == ["a"] and list(trace.samples["sample_id"]) == ["a"]
+    assert len(trace.token_ids("a")) == trace.samples["num_tokens"][0]
 
 
 # what the session's olmoe_trace was traced with (conftest.py)
