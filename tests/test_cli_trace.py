@@ -27,7 +27,11 @@ def small_samples(tmp_path):
 
 
 def assert_one_line_error(result, expected: str):
-    assert result.returncode == 1
+    """Exit code 1, nothing on stdout, no traceback, and the error as the last stderr line
+    (progress lines such as "tracing with ..." may come before it)."""
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("moepath: error: ")
     assert expected in lines[-1], lines[-1]
