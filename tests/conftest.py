@@ -49,6 +49,17 @@ def standard_records(n: int = 40) -> list[dict]:
     return records
 
 
+@pytest.fixture
+def no_engine(monkeypatch):
+    """Starting a vLLM engine fails the test: for refusals that must come before one."""
+    import vllm
+
+    def refuse(**kwargs):
+        raise AssertionError(f"a vLLM engine was started for {kwargs.get('model')}")
+
+    monkeypatch.setattr(vllm, "LLM", refuse)
+
+
 @pytest.fixture(scope="session")
 def toy_factory(tmp_path_factory):
     """build(arch, preset="tiny", seed=0) -> folder, cached per session."""

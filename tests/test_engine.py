@@ -180,7 +180,7 @@ def assert_untouched(trace_dir) -> None:
     ({}, {"truncate": True}, "--truncate False, now True"),
 ], ids=["dtype", "max-tokens", "nll", "store-probs", "truncate"])
 def test_resuming_with_settings_that_change_the_records_is_refused(
-        trace_copy, toy_olmoe, samples_file, engine, trace, named):
+        trace_copy, toy_olmoe, samples_file, no_engine, engine, trace, named):
     with pytest.raises(InputError, match=rf"cannot resume '.*': it was traced with other "
                                          rf"settings \({named}\); pass the same settings to "
                                          rf"resume, or --force or another --out to start over"):
@@ -190,7 +190,7 @@ def test_resuming_with_settings_that_change_the_records_is_refused(
 
 @pytest.mark.vllm
 def test_the_context_must_match_only_when_samples_are_truncated(
-        trace_copy, toy_olmoe, samples_file):
+        trace_copy, toy_olmoe, samples_file, no_engine):
     summary = resume(toy_olmoe, samples_file, trace_copy, {"max_model_len": 1024},
                      {"batch_size": 4})  # nothing is cut: a longer context changes nothing
     assert (summary.samples, summary.resumed_samples) == (0, 43)
@@ -199,6 +199,7 @@ def test_the_context_must_match_only_when_samples_are_truncated(
     store.write_manifest(trace_copy, manifest)
     with pytest.raises(InputError, match=r"other settings \(--max-model-len 512, now 1024\)"):
         resume(toy_olmoe, samples_file, trace_copy, {"max_model_len": 1024}, {"truncate": True})
+    assert_untouched(trace_copy)
 
 
 @pytest.mark.vllm
@@ -207,7 +208,7 @@ def test_the_context_must_match_only_when_samples_are_truncated(
     ("mixtral", 0, "its config.json differs"),
 ], ids=["other-checkpoint", "other-config"])
 def test_resuming_with_another_model_is_refused(
-        trace_copy, toy_factory, samples_file, arch, seed, why):
+        trace_copy, toy_factory, samples_file, no_engine, arch, seed, why):
     other = toy_factory(arch, seed=seed)
     with pytest.raises(InputError, match=rf"it was traced with another model \({why}: '.*', "
                                          rf"now '{other.resolve()}'\); pass the same model"):
@@ -217,7 +218,7 @@ def test_resuming_with_another_model_is_refused(
 
 @pytest.mark.vllm
 def test_a_trace_that_predates_the_recorded_fields_still_resumes(
-        trace_copy, toy_olmoe, samples_file):
+        trace_copy, toy_olmoe, samples_file, no_engine):
     manifest = store.read_manifest(trace_copy)
     del manifest["model"]["config_sha256"], manifest["options"]["dtype"]
     store.write_manifest(trace_copy, manifest)
@@ -226,12 +227,17 @@ def test_a_trace_that_predates_the_recorded_fields_still_resumes(
 
 
 @pytest.mark.vllm
-def test_resuming_with_samples_read_under_other_ids_is_refused(trace_copy, toy_olmoe,
-                                                              samples_file):
+@pytest.mark.parametrize("field, traced_with, named", [
+    ("id_field", "uid", "--id-field uid, now id"),
+    ("text_field", "body", "--text-field body, now text"),
+], ids=["id-field", "text-field"])
+def test_resuming_with_samples_read_under_other_fields_is_refused(
+        trace_copy, toy_olmoe, samples_file, no_engine, field, traced_with, named):
     manifest = store.read_manifest(trace_copy)
-    assert manifest["input"]["read"]["id_field"] == "id"
-    manifest["input"]["read"]["id_field"] = "uid"  # as if traced with --id-field uid
+    assert manifest["input"]["read"][field] == named.split()[-1]
+    manifest["input"]["read"][field] = traced_with  # as if traced with --id-field uid, ...
     store.write_manifest(trace_copy, manifest)
-    with pytest.raises(InputError, match=r"its samples were read otherwise \(--id-field uid, "
-                                         r"now id\); pass the same samples to resume"):
+    with pytest.raises(InputError, match=rf"its samples were read otherwise \({named}\); "
+                                         rf"pass the same samples to resume"):
         resume(toy_olmoe, samples_file, trace_copy)
+    assert_untouched(trace_copy)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import TEST_MEMORY, write_jsonl
+from conftest import TEST_MEMORY, files_of, write_jsonl
 
 from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
 from moepath.patches.sweep import trace_checkpoints
@@ -59,9 +59,10 @@ def test_reloaded_engine_equals_a_freshly_started_one(toy_factory, samples_file,
 
 
 def test_a_trace_of_other_samples_is_refused_before_any_checkpoint_is_traced(
-        olmoe_trace, toy_factory, tmp_path):
+        olmoe_trace, toy_factory, tmp_path, no_engine):
     traces = tmp_path / "traces"
     shutil.copytree(olmoe_trace, traces / "b")  # the standard samples, toy OLMoE seed 0
+    before = files_of(traces / "b")
     other = read_samples(write_jsonl(tmp_path / "other.jsonl", [{"id": "x", "text": "a b c"}]))
     models = [("a", toy_factory("olmoe", seed=3)), ("b", toy_factory("olmoe"))]
     with pytest.raises(InputError, match=(
@@ -70,13 +71,14 @@ def test_a_trace_of_other_samples_is_refused_before_any_checkpoint_is_traced(
                                  r"\(or delete '.*'\) to start over")):
         trace_checkpoints(models, other, traces, EAGER, TraceOptions())
     assert not (traces / "a").exists()  # refused before checkpoint a was traced
-    assert Trace.open(traces / "b").manifest["status"] == "complete"
+    assert files_of(traces / "b") == before
 
 
 def test_a_complete_trace_is_skipped_only_with_the_same_settings_and_checkpoint(
-        olmoe_trace, toy_factory, samples_file, tmp_path):
+        olmoe_trace, toy_factory, samples_file, tmp_path, no_engine):
     traces = tmp_path / "traces"
     shutil.copytree(olmoe_trace, traces / "a")
+    before = files_of(traces / "a")
     samples, events = read_samples(samples_file), []
     assert trace_checkpoints([("a", toy_factory("olmoe"))], samples, traces, EAGER,
                              TraceOptions(), on_checkpoint=events.append) == [None]
@@ -87,3 +89,4 @@ def test_a_complete_trace_is_skipped_only_with_the_same_settings_and_checkpoint(
     with pytest.raises(InputError, match=r"another model \(its router weights differ"):
         trace_checkpoints([("a", toy_factory("olmoe", seed=3))], samples, traces, EAGER,
                           TraceOptions())
+    assert files_of(traces / "a") == before
