@@ -180,3 +180,29 @@ def test_parts_that_record_differently_or_cover_other_samples_are_refused(
     with pytest.raises(InputError, match=rf"belong with '.*p0': .*{re.escape(difference)}"):
         merge_traces(synthetic_parts, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def corrupt_shard(part) -> None:
+    shard = part / "routing" / "run-r0-000000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda parts: shutil.rmtree(parts[1]),
+     "trace directory '{p1}' does not exist; run `moepath trace` first"),
+    (lambda parts: corrupt_shard(parts[1]),
+     "trace file 'routing/run-r0-000000.parquet' is corrupted (sha256 differs"),
+    (lambda parts: rewrite(parts[1], input={"sha256": "cd" * 32, "path": "other.jsonl"}),
+     "'{p1}' does not belong with '{p0}': it was traced from a different samples file "
+     "('s.jsonl', now 'other.jsonl')"),
+    (lambda parts: rewrite(parts[1], model={"architecture": "OtherMoE"}),
+     "'{p1}' does not belong with '{p0}': it differs in its model"),
+], ids=["missing-part", "corrupted-shard", "other-samples-file", "other-model"])
+def test_a_missing_damaged_or_foreign_part_is_refused_and_nothing_is_written(
+        synthetic_parts, tmp_path, damage, message):
+    damage(synthetic_parts)
+    before = [files_of(part) for part in synthetic_parts]
+    result = moepath("merge", *synthetic_parts, "--out", tmp_path / "merged")
+    assert_one_line_error(result, message.format(p0=synthetic_parts[0], p1=synthetic_parts[1]))
+    assert not (tmp_path / "merged").exists()
+    assert [files_of(part) for part in synthetic_parts] == before
