@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TEST_MEMORY
+from test_cli_trace import assert_one_line_error, dense_checkpoint
 
 from moepath.tracer import Trace
 
@@ -179,11 +180,19 @@ def test_metrics_group_by_accuracy(evaluated):
     assert set(groups) <= {"0", "1"} and sum(groups.values()) == 21  # acc 0.0 and 1.0
 
 
-def test_unknown_task_is_refused_before_an_engine_starts(toy_olmoe, tmp_path):
-    result = moepath("eval", toy_olmoe, "--tasks", "no_such_task", "--out", tmp_path / "o",
+@pytest.mark.parametrize("kind, message", [
+    ("toy", "unknown lm-eval task(s) ['no_such_task']"),
+    ("missing", "model path '{model}' does not exist"),
+    ("dense", "model '{model}' (LlamaForCausalLM) has no MoE layers"),
+], ids=["unknown-task", "missing-model", "dense-model"])
+def test_an_unknown_task_or_a_missing_or_dense_model_is_refused_before_an_engine_starts(
+        request, tmp_path, kind, message):
+    model = {"toy": lambda: request.getfixturevalue("toy_olmoe"),
+             "missing": lambda: tmp_path / "nope",
+             "dense": lambda: dense_checkpoint(tmp_path / "dense")}[kind]()
+    result = moepath("eval", model, "--tasks", "no_such_task", "--out", tmp_path / "o",
                      env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    assert result.returncode == 1
-    assert "unknown lm-eval task(s) ['no_such_task']" in result.stderr.strip().splitlines()[-1]
+    assert_one_line_error(result, message.format(model=model))
     assert not (tmp_path / "o").exists()
 
 
@@ -202,10 +211,9 @@ def test_a_task_running_model_code_needs_confirmation_before_an_engine_starts(to
     tasks = task_yaml(tmp_path / "tasks", "runs_code", "unsafe_code: true\n")
     result = moepath("eval", toy_olmoe, "--tasks", "runs_code", "--include-path", tasks,
                      "--out", tmp_path / "o", env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        "moepath: error: task(s) ['runs_code'] execute model-generated code (lm-eval marks "
-        "them unsafe); pass --confirm-run-unsafe-code to run them")
+    assert_one_line_error(result, "moepath: error: task(s) ['runs_code'] execute model-generated "
+                                  "code (lm-eval marks them unsafe); pass "
+                                  "--confirm-run-unsafe-code to run them")
     assert not (tmp_path / "o").exists()
 
 
