@@ -127,11 +127,9 @@ def test_a_token_blob_is_its_little_endian_layer_by_k_array(tmp_path):
                                   record.gate_weights[2].astype(np.float16))
 
 
-def test_format_1_traces_are_still_read():
-    """tests/data/trace-v1 was written by moepath's format-1 writer (nested lists)."""
+def assert_holds_the_format_1_samples(trace: Trace) -> None:
+    """``trace`` reads the samples of tests/data/trace-v1 as its expected.json lists them."""
     expected = json.loads((DATA / "trace-v1.expected.json").read_text())
-    trace = Trace.open(DATA / "trace-v1")
-    assert trace.manifest["format_version"] == 1
     for sample_id, values in expected.items():
         ids, weights = trace.topk(sample_id)
         assert ids.tolist() == values["expert_ids"]
@@ -139,6 +137,13 @@ def test_format_1_traces_are_still_read():
         assert trace.token_ids(sample_id).tolist() == values["token_ids"]
         np.testing.assert_array_equal(trace.router_mean(sample_id),
                                       np.float32(values["router_mean"]))
+
+
+def test_format_1_traces_are_still_read():
+    """tests/data/trace-v1 was written by moepath's format-1 writer (nested lists)."""
+    trace = Trace.open(DATA / "trace-v1")
+    assert trace.manifest["format_version"] == 1
+    assert_holds_the_format_1_samples(trace)
 
 
 def test_resuming_a_format_1_trace_writes_format_2(tmp_path):
@@ -150,7 +155,8 @@ def test_resuming_a_format_1_trace_writes_format_2(tmp_path):
     store.add_shards(manifest, store.ROUTING_DIR, [shard])
     store.write_manifest(tmp_path / "t", manifest)
     trace = Trace.open(tmp_path / "t")  # one shard of each layout
-    assert trace.topk("a")[0].shape == trace.topk("c")[0].shape == (4, L, K)
+    assert_holds_the_format_1_samples(trace)
+    np.testing.assert_array_equal(trace.topk("c")[0], make_record("c", 4, 3).expert_ids)
 
 
 def test_expert_ids_widen_to_uint16_beyond_256_experts():
