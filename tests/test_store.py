@@ -10,6 +10,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -177,7 +178,6 @@ def test_manifest_golden_header(tmp_path):
 
 def test_duckdb_reads_a_trace_without_moepath(tmp_path):
     """The DuckDB query of docs/trace-format.md: top-1 expert of layer 1, token by token."""
-    duckdb = pytest.importorskip("duckdb")
     records = [make_record("a", 4, 1), make_record("b", 7, 2)]
     write_trace(tmp_path / "t", records)
     k = K
