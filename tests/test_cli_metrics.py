@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import files_of
 from test_metrics import SAMPLES, write_synthetic_trace
 
 from moepath.tracer import Trace, store
@@ -197,9 +198,23 @@ def test_negative_seed_is_refused(trace_dir):
     assert_one_line_error(result, "seed -1 is not an integer >= 0; pass a seed such as 0")
 
 
-def test_missing_trace_dir(tmp_path):
-    result = moepath("metrics", tmp_path / "nope", "--json")
+@pytest.mark.parametrize("command", [("metrics", "--json"), ("show", "c3")])
+def test_missing_trace_dir(tmp_path, command):
+    result = moepath(command[0], tmp_path / "nope", *command[1:])
     assert_one_line_error(result, f"trace directory '{tmp_path / 'nope'}' does not exist")
+
+
+@pytest.mark.parametrize("command", [("metrics", "--json"), ("show", "c3")])
+@pytest.mark.parametrize("shard", ["routing/run-r0-000000.parquet", "samples/000000.parquet"])
+def test_a_corrupted_shard_is_named_and_the_trace_left_as_it_is(trace_dir, tmp_path, command,
+                                                               shard):
+    damaged = shutil.copytree(trace_dir, tmp_path / "damaged")
+    (damaged / shard).write_bytes((damaged / shard).read_bytes()[:-10] + b"0123456789")
+    before = files_of(damaged)
+    result = moepath(command[0], damaged, *command[1:])
+    assert_one_line_error(result, f"trace file '{shard}' is corrupted (sha256 differs from the "
+                                  "manifest); restore it from a copy")
+    assert files_of(damaged) == before
 
 
 def test_per_sample_extension_is_checked_first(trace_dir, tmp_path):
