@@ -272,7 +272,7 @@ def test_rows_follow_their_requests_while_the_batch_changes_between_decode_steps
     np.testing.assert_array_equal(records["D"].expert_ids[:, 0, 0], [30])
 
 
-def test_a_request_that_ends_before_its_prompt_is_computed_is_not_recorded():
+def test_a_request_that_ends_before_its_prompt_is_computed_is_not_recorded(caplog):
     """A client that disconnects mid-prefill aborts its request; vLLM then reports it
     finished. Its rows cover part of the prompt, so it leaves no record."""
     from moepath.patches import hook
@@ -287,6 +287,9 @@ def test_a_request_that_ends_before_its_prompt_is_computed_is_not_recorded():
 
     assert [record.sample_id for record in sink.records] == ["B"]
     assert report["requests_recorded"] == 1 and report["requests_incomplete"] == 1
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "moepath"] == [
+        ("WARNING", "moepath: request 'a' (sample 'A') ended after 3 of its 6 prompt tokens "
+                    "(aborted?); it is not recorded")]
 
 
 def test_completions_of_an_n_2_request_tagged_through_vllm_xargs_get_their_index():
