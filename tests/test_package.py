@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -42,9 +43,13 @@ def test_tracer_imports_without_vllm_typer_or_rich():
 
 def test_cli_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "moepath.cli.main", "--help"],
-                         capture_output=True, text=True, check=True).stdout
-    for command in ("trace", "toy-model"):
-        assert command in out
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "COLUMNS": "80"}).stdout
+    panel = out[out.index("─ Commands ─"):].splitlines()
+    listed = [line.split()[1] for line in panel  # "│ name  help", "│       more help"
+              if line.startswith("│ ") and line[2] != " "]
+    assert listed == ["trace", "merge", "metrics", "show", "compare", "eval", "demo",
+                      "toy-model"]
 
 
 def test_traced_and_untraced_engines_never_share_a_compile_cache_entry():
