@@ -104,8 +104,12 @@ def name_as_model(trace_dir, manifest: dict, model) -> None:
 
 
 def test_resuming_a_failed_trace_to_completion_clears_its_capture_error(tmp_path, toy_olmoe,
-                                                                        small_samples):
-    """Every sample was committed before capture failed: resume finishes without an engine."""
+                                                                        small_samples, no_engine):
+    """Every sample was committed before capture failed: resume finishes without an engine
+    (the command runs in this process, where starting one fails the test)."""
+    from typer.testing import CliRunner
+
+    from moepath.cli.main import app
     from moepath.tracer.provenance import input_section
     from moepath.tracer.samples import read_samples
 
@@ -119,13 +123,15 @@ def test_resuming_a_failed_trace_to_completion_clears_its_capture_error(tmp_path
     name_as_model(out, manifest, toy_olmoe)  # resume checks it continues the same model
     store.write_manifest(out, manifest)
 
-    result = moepath("trace", toy_olmoe, "--samples", small_samples, "--out", out, "--resume")
-    assert result.returncode == 0, result.stderr
-    manifest = store.read_manifest(out)
-    assert (manifest["status"], manifest["capture_error"]) == ("complete", None)
+    result = CliRunner().invoke(app, ["trace", str(toy_olmoe), "--samples", str(small_samples),
+                                      "--out", str(out), "--resume"])
+    assert result.exit_code == 0, repr(result.exception)
+    resumed = store.read_manifest(out)
+    assert (resumed["status"], resumed["capture_error"]) == ("complete", None)
+    assert resumed["shards"] == manifest["shards"]
 
 
-def test_over_long_sample_is_named_unless_truncating(tmp_path, toy_olmoe):
+def test_an_over_long_sample_is_named_with_the_fix(tmp_path, toy_olmoe):
     samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "short", "text": "a b"},
                                                   {"id": "essay", "text": "word " * 300}])
     result = moepath("trace", toy_olmoe, "--samples", samples, "--out", tmp_path / "o",
@@ -165,9 +171,14 @@ def test_trace_writes_a_complete_trace_and_resume_is_a_no_op(tmp_path, toy_olmoe
     assert bool(samples_table.loc["essay", "truncated"])
     assert samples_table["nll"].between(0, 20).all()
     assert len(trace.positions("x0")) == samples_table.loc["x0", "num_tokens"]
+    committed = files_of(out)
     again = moepath("trace", toy_olmoe, "--samples", samples, "--out", out, "--enforce-eager",
                     "--gpu-memory-utilization", str(TEST_MEMORY),
                     "--max-model-len", "64", "--truncate", "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "7 sample(s) already traced" in again.stderr
     assert len(Trace.open(out).samples) == 7
+    del committed["manifest.json"]  # rewritten by the resume, with the same shards
+    assert {name: data for name, data in files_of(out).items()
+            if name != "manifest.json"} == committed
+    assert store.read_manifest(out)["shards"] == trace.manifest["shards"]
