@@ -81,6 +81,14 @@ def toy_olmoe(toy_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_olmoe(toy_olmoe):
+    """The toy OLMoE in transformers, float32: the reference that tells near-ties apart."""
+    from moepath.tracer.hf_reference import load_model
+
+    return load_model(toy_olmoe)
+
+
+@pytest.fixture(scope="session")
 def samples_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("samples") / "samples.jsonl",
                        standard_records())

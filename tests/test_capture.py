@@ -30,11 +30,6 @@ def kth_gap(probs: np.ndarray, k: int) -> np.ndarray:
     return ordered[..., k - 1] - ordered[..., k]
 
 
-@pytest.fixture(scope="module")
-def hf_olmoe(toy_olmoe):
-    return load_model(toy_olmoe)
-
-
 def agree_outside_near_ties(hf_model, token_ids, ids_a, ids_b) -> tuple[float, float]:
     """(overall top-k set agreement, agreement where the fp32 margin is clear)."""
     agree = topk_agreement(ids_a, ids_b)
@@ -145,13 +140,19 @@ def test_compiled_equals_eager_with_chunked_prefill_except_near_ties(olmoe_trace
     assert np.mean(overall) >= 0.97
 
 
-def test_long_prompt_split_over_steps_is_stitched_by_position(chunked_engine):
+def test_long_prompt_split_over_steps_is_stitched_by_position(chunked_engine, hf_olmoe):
     prompt = np.random.default_rng(0).integers(3, 500, size=200).tolist()
     record = chunked_engine.trace({"long": prompt})["long"]
     np.testing.assert_array_equal(record.positions, np.arange(200))
     np.testing.assert_array_equal(record.token_ids, prompt)
     assert record.expert_ids.shape == (200, 4, 4)
     assert record.router_mean.sum(-1) == pytest.approx(np.ones(4), abs=1e-4)
+    # each of the four 64-token chunks routed where one whole-prompt forward does
+    reference = hf_routing(hf_olmoe, prompt).expert_ids
+    overall, decided = agree_outside_near_ties(hf_olmoe, prompt, record.expert_ids, reference)
+    print(f"200-token prompt in 64-token chunks vs HF fp32: agreement {overall:.4%} "
+          f"({decided:.4%} outside near-ties)")
+    assert decided == 1.0
 
 
 def test_samples_alone_equal_the_same_samples_in_a_crowd_of_500(chunked_engine, hf_olmoe):

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 from conftest import TEST_MEMORY, write_jsonl
+from test_capture import agree_outside_near_ties
 
 from moepath.tracer import Trace, store
 from moepath.tracer.toy import corpus
@@ -66,8 +67,10 @@ def test_sigkill_then_resume_gives_every_sample_once_equal_to_an_uninterrupted_r
         np.testing.assert_allclose(a.router_mean(sid), b.router_mean(sid), atol=1e-2)
 
 
-def test_tensor_parallel_2_writes_one_trace_equal_to_tp1(olmoe_trace, toy_olmoe, tmp_path):
-    """CPU TP=2 (one core per rank): only rank 0 writes; routing equals TP=1."""
+def test_tensor_parallel_2_writes_one_trace_equal_to_tp1(olmoe_trace, toy_olmoe, hf_olmoe,
+                                                         tmp_path):
+    """CPU TP=2 (one core per rank): only rank 0 writes; routing equals TP=1 (compiled), bf16
+    near-ties aside."""
     from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
     from moepath.tracer.samples import SampleReadOptions, read_samples
 
@@ -80,13 +83,16 @@ def test_tensor_parallel_2_writes_one_trace_equal_to_tp1(olmoe_trace, toy_olmoe,
     tp2 = Trace.open(tmp_path / "tp2")
     assert sorted(tp2.sample_ids()) == sorted(s.sample_id for s in samples.samples)
     assert len(tp2.manifest["shards"]["routing"]) == 1  # written once, by rank 0
-    agree = [(np.sort(tp2.topk(sid)[0], -1) == np.sort(source.topk(sid)[0], -1)).all(-1).mean()
-             for sid in tp2.sample_ids()]
-    print(f"TP=2 vs TP=1 (bf16): top-k agreement {np.mean(agree):.4%}")
-    assert np.mean(agree) >= 0.97
+    overall, decided = zip(*(agree_outside_near_ties(hf_olmoe, tp2.token_ids(sid).tolist(),
+                                                     tp2.topk(sid)[0], source.topk(sid)[0])
+                             for sid in tp2.sample_ids()), strict=True)
+    print(f"TP=2 vs TP=1 (bf16): top-k agreement {np.mean(overall):.4%} "
+          f"({np.mean(decided):.4%} outside near-ties)")
+    assert np.mean(decided) == 1.0
 
 
-def test_preempted_and_recomputed_requests_equal_the_same_requests_alone(toy_olmoe, tmp_path):
+def test_preempted_and_recomputed_requests_equal_the_same_requests_alone(toy_olmoe, hf_olmoe,
+                                                                        tmp_path):
     """A KV cache of 6 blocks for 12 growing requests: vLLM preempts and recomputes."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -113,14 +119,16 @@ def test_preempted_and_recomputed_requests_equal_the_same_requests_alone(toy_olm
         for sid, ids in prompts.items():
             alone.update(run(engine, {sid: ids}))
     assert preemptions > 0, "the test must force preemption"
-    agree = []
+    overall, decided = [], []
     for sid in prompts:
         np.testing.assert_array_equal(crowded[sid].positions, np.arange(159))
         np.testing.assert_array_equal(crowded[sid].token_ids, alone[sid].token_ids)
-        agree.append((np.sort(crowded[sid].expert_ids, -1)
-                      == np.sort(alone[sid].expert_ids, -1)).all(-1).mean())
+        rates = agree_outside_near_ties(hf_olmoe, crowded[sid].token_ids.tolist(),
+                                        crowded[sid].expert_ids, alone[sid].expert_ids)
+        overall.append(rates[0])
+        decided.append(rates[1])
     # recomputed positions run through prefill kernels instead of decode kernels:
     # bf16 near-ties may flip, nothing else
     print(f"preempted vs alone: {preemptions} recomputed requests, agreement "
-          f"{np.mean(agree):.4%}")
-    assert np.mean(agree) >= 0.98
+          f"{np.mean(overall):.4%} ({np.mean(decided):.4%} outside near-ties)")
+    assert np.mean(decided) == 1.0
