@@ -47,6 +47,28 @@ def test_explicit_folders_keep_the_given_order(tmp_path):
     assert cmp.steps(cmp.discover([b, a])) == {"b": 0, "a": 1}
 
 
+def test_a_final_folder_without_a_step_orders_every_checkpoint_by_position(tmp_path):
+    found = cmp.discover([fake_checkpoint(tmp_path / "step1000"),
+                          fake_checkpoint(tmp_path / "final")])
+    assert cmp.steps(found) == {"step1000": 0, "final": 1}
+
+
+def test_explicit_folders_out_of_step_order_or_sharing_a_step_are_refused(tmp_path):
+    step1000, step2000 = fake_checkpoint(tmp_path / "step1000"), fake_checkpoint(
+        tmp_path / "step2000")
+    with pytest.raises(InputError, match="^'step2000' is given before 'step1000'; pass "
+                                         "checkpoints in training order$"):
+        cmp.discover([step2000, step1000])
+    ema = fake_checkpoint(tmp_path / "step1000-ema")
+    with pytest.raises(InputError, match="^checkpoints 'step1000' and 'step1000-ema' share "
+                                         "step 1000; pass one$"):
+        cmp.discover([step1000, ema])
+    fake_checkpoint(tmp_path / "run" / "step1000")
+    fake_checkpoint(tmp_path / "run" / "step1000-ema")
+    with pytest.raises(InputError, match="share step 1000"):
+        cmp.discover([tmp_path / "run"])
+
+
 def test_checkpoints_with_different_routing_shapes_are_refused_naming_the_difference(tmp_path):
     found = cmp.discover([fake_checkpoint(tmp_path / "step1"),
                           fake_checkpoint(tmp_path / "step2", num_experts=32)])

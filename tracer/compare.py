@@ -57,6 +57,11 @@ def discover(paths: list[Path]) -> list[Checkpoint]:
     A single path without config.json is a parent: its subfolders holding a
     config.json are the checkpoints, ordered by the step number in their names
     (``step1000``, ``checkpoint-2000``, ``step5000-tokens21B``).
+
+    Raises:
+        ModelError: a folder is missing or is not a model.
+        InputError: two folders share a name or a step, explicit folders named by step
+            are not in increasing step order, or a parent's subfolder has no step number.
     """
     paths = [Path(p) for p in paths]
     for path in paths:
@@ -68,6 +73,10 @@ def discover(paths: list[Path]) -> list[Checkpoint]:
     for checkpoint in found:
         ckpt.read_config(checkpoint.path)  # a folder that is not a model fails here
     _check_unique_names(found)
+    if any(c.step is None for c in found):  # ordered by position (see steps)
+        return found
+    _check_unique_steps(found)
+    _check_training_order(found)
     return found
 
 
@@ -82,7 +91,26 @@ def _from_parent(parent: Path) -> list[Checkpoint]:
         raise InputError(
             f"checkpoint folders without a step number in their name: {unnumbered}; name them "
             f"like 'step1000' or pass the folders explicitly in order")
+    _check_unique_steps(found)
     return sorted(found, key=lambda c: c.step)
+
+
+def _check_unique_steps(found: list[Checkpoint]) -> None:
+    """InputError when two checkpoints' names give the same step (memorisation orders by step)."""
+    first_at: dict[int, str] = {}
+    for checkpoint in found:
+        if checkpoint.step in first_at:
+            raise InputError(f"checkpoints '{first_at[checkpoint.step]}' and '{checkpoint.name}' "
+                             f"share step {checkpoint.step}; pass one")
+        first_at[checkpoint.step] = checkpoint.name
+
+
+def _check_training_order(found: list[Checkpoint]) -> None:
+    """InputError when explicit folders are not given in increasing step order."""
+    for before, after in zip(found, found[1:], strict=False):
+        if before.step > after.step:
+            raise InputError(f"'{before.name}' is given before '{after.name}'; pass checkpoints "
+                             f"in training order")
 
 
 def _check_unique_names(found: list[Checkpoint]) -> None:
@@ -108,8 +136,11 @@ def check_compatible(found: list[Checkpoint]) -> ckpt.MoEShape:
 
 
 def steps(found: list[Checkpoint]) -> dict[str, int]:
-    """Step of each checkpoint: from its name, else its position (0, 1, ...)."""
-    return {c.name: c.step if c.step is not None else i for i, c in enumerate(found)}
+    """Step of each checkpoint: from the names when every name has one, else the positions
+    (0, 1, ...) of all of them, so that ``step1000, final`` keeps its given order."""
+    if any(c.step is None for c in found):
+        return {c.name: i for i, c in enumerate(found)}
+    return {c.name: c.step for c in found}
 
 
 def losses(traces: dict[str, Trace], step_of: dict[str, int]) -> pd.DataFrame:
