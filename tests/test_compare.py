@@ -317,6 +317,18 @@ def test_epsilon_is_a_quantile_of_each_domain_s_final_losses(tmp_path):
         "epsilon 0.3 (quantile 0.25 of the final losses), delta 0.05")
 
 
+def test_a_group_of_one_sample_keeps_its_consistency_as_moepath_metrics_does(tmp_path):
+    result = analyse(tmp_path, group_by="domain")  # b0 alone has no domain: "(missing)"
+    rows = result.metrics[(result.metrics.checkpoint == "step300")
+                          & (result.metrics.group == "(missing)")].set_index("metric")["value"]
+    assert set(rows.index) == {"n_samples", "loss", "pathway_length", "consistency",
+                               "complexity"}  # no distance: it needs two samples
+    [lone] = [g for g in trace_metrics(Trace.open(tmp_path / "traces" / "step300"),
+                                       group_by="domain") if g.name == "(missing)"]
+    assert rows["consistency"] == pytest.approx(lone.consistency_mean, rel=1e-12)
+    assert rows["pathway_length"] == pytest.approx(lone.mean_pathway_length, rel=1e-12)
+
+
 def test_compare_reads_the_distributions_of_the_source_option(tmp_path):
     result = analyse(tmp_path, metrics=MetricOptions(source="topk"))
     rows = result.metrics[(result.metrics.checkpoint == "step300")

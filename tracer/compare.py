@@ -18,6 +18,7 @@ import pandas as pd
 
 from . import checkpoints as ckpt
 from . import report
+from .consistency import is_degenerate
 from .correlation import correlate, read_scores, table1
 from .errors import InputError, ModelError
 from .memorisation import (
@@ -28,18 +29,20 @@ from .memorisation import (
     memorise,
 )
 from .metrics import (
+    ALL_GROUP,
     MetricOptions,
     degenerate_warning,
     group_labels,
     group_metrics,
     label_names,
+    lone_sample_metrics,
     per_sample_frame,
     trace_distributions,
 )
 from .samples import TRACE_COLUMNS, SampleSet, sample_table
 from .trace import Trace
 
-ALL = "all"
+ALL = ALL_GROUP  # the group of every sample
 
 
 @dataclass(frozen=True)
@@ -195,24 +198,23 @@ def checkpoint_metrics(name: str, step: int, data: CheckpointData,
                        groups: dict[str, list[int]], options: MetricOptions) -> list[dict]:
     """Long-format rows (checkpoint, step, group, metric, value) for one checkpoint.
 
-    A group of one sample has no distance; with fewer than 3 MoE layers consistency and
-    complexity are constants (METHOD.md, degenerate case), so they have no rows either.
+    A group of one sample has no distance rows (as in ``moepath metrics``); with fewer
+    than 3 MoE layers consistency and complexity are constants (METHOD.md, degenerate
+    case), so they have no rows either.
     """
     rows = []
     for group, index in groups.items():
-        values = {"n_samples": len(index), "loss": float(np.nanmean(data.loss.iloc[index]))}
-        if len(index) >= 2:  # a group of one has no pairwise distance: metrics missing
-            metrics = group_metrics(group, data.distributions[index],
-                                    data.router_weights, options)
-            values.update(distance=metrics.distance_mean,
-                          distance_stderr=metrics.distance_stderr,
-                          normalized_distance=metrics.normalized_distance_mean,
-                          pathway_length=metrics.mean_pathway_length)
-            if not metrics.degenerate:
-                values.update(consistency=metrics.consistency_mean,
-                              complexity=metrics.complexity_mean)
+        summary = (group_metrics if len(index) >= 2 else lone_sample_metrics)(
+            group, data.distributions[index], data.router_weights, options)
+        values = {"n_samples": len(index), "loss": float(np.nanmean(data.loss.iloc[index])),
+                  "distance": summary.distance_mean, "distance_stderr": summary.distance_stderr,
+                  "normalized_distance": summary.normalized_distance_mean,
+                  "pathway_length": summary.mean_pathway_length}
+        if not summary.degenerate:
+            values.update(consistency=summary.consistency_mean,
+                          complexity=summary.complexity_mean)
         rows += [{"checkpoint": name, "step": step, "group": group, "metric": metric,
-                  "value": value} for metric, value in values.items()]
+                  "value": value} for metric, value in values.items() if value is not None]
     return rows
 
 
@@ -221,7 +223,7 @@ def checkpoint_samples(name: str, step: int, data: CheckpointData,
     """Per-sample rows of one checkpoint: loss, pathway, consistency, memorised, t*
     (consistency and complexity NaN with fewer than 3 MoE layers: degenerate)."""
     frame = per_sample_frame(data.sample_ids, data.distributions, data.router_weights, options)
-    if len(data.router_weights) < 3:
+    if is_degenerate(len(data.router_weights)):
         frame[["consistency", "complexity"]] = np.nan
     t_star = memorisation.t_star.reindex(data.sample_ids).to_numpy()
     return frame.assign(checkpoint=name, step=step, loss=data.loss.to_numpy(),
@@ -338,7 +340,7 @@ def _notes(found, memorisation: MemorisationResult, traces: dict, options) -> li
     if options.scores is not None and len(found) < 2:
         notes.append("fewer than 2 checkpoints: correlations skipped")
     num_layers = next(iter(traces.values())).num_layers
-    if num_layers < 3:
+    if is_degenerate(num_layers):
         notes.append(f"{degenerate_warning(num_layers)}; consistency and complexity are "
                      f"left out of the tables, plots and correlations")
     return notes
