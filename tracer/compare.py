@@ -27,6 +27,7 @@ from .memorisation import (
     loss_matrix,
     memorisation_groups,
     memorise,
+    parse_memorised_group,
 )
 from .metrics import (
     ALL_GROUP,
@@ -187,11 +188,10 @@ def sample_groups(sample_ids: list[str], memorisation: MemorisationResult,
     return groups
 
 
-def _group_order(name: str):
+def _group_order(name: str) -> tuple[int, str]:
     """Memorised groups ordered by t* then field value (``t*=1000/math``)."""
-    head, _, tail = name.partition("/")
-    digits = "".join(ch for ch in head if ch.isdigit())
-    return (int(digits) if digits else 0, tail)
+    t_star, label = parse_memorised_group(name)
+    return t_star, label or ""
 
 
 def checkpoint_metrics(name: str, step: int, data: CheckpointData,
@@ -307,7 +307,7 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
         data = load_checkpoint_data(trace, options.metrics.source)
         groups = sample_groups(data.sample_ids, memorisation, field)
         if options.memorised_only:
-            groups = {g: rows_ for g, rows_ in groups.items() if g.startswith("t*=")}
+            groups = {g: rows_ for g, rows_ in groups.items() if parse_memorised_group(g)}
         rows += checkpoint_metrics(name, step_of[name], data, groups, options.metrics)
         sample_frames.append(checkpoint_samples(name, step_of[name], data, memorisation,
                                                 options.metrics))

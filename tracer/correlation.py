@@ -37,6 +37,7 @@ import pandas as pd
 from scipy import stats
 
 from .errors import InputError, MetricError
+from .memorisation import parse_memorised_group
 
 MIN_POINTS = 3  # two points always correlate +-1: no evidence
 # Table 1 rows: long-frame metric name -> the paper's label (report.METRIC_NAMES has them all).
@@ -162,16 +163,20 @@ def scores_for_group(scores: pd.DataFrame, group: str) -> pd.Series:
     Lookup order: rows of the group itself, rows of its label (``t*=1000/math`` ->
     ``math``), rows without a group.
     """
-    keys = [group]
-    if group.startswith("t*=") and "/" in group:
-        keys.append(group.partition("/")[2])
-    for key in keys:
+    label = _memorised_label(group)
+    for key in [group] if label is None else [group, label]:
         rows = scores[scores["group"] == key]
         if len(rows):
             break
     else:
         rows = scores[scores["group"].isna()]
     return rows.set_index("step")["score"].sort_index()
+
+
+def _memorised_label(group: str) -> str | None:
+    """The label of a memorised group (``t*=1000/math`` -> ``math``), else None."""
+    parsed = parse_memorised_group(group)
+    return None if parsed is None else parsed[1]
 
 
 def correlate(metrics: pd.DataFrame, scores: pd.DataFrame,
@@ -232,7 +237,7 @@ def check_metrics_frame(metrics: pd.DataFrame) -> None:
 
 def _check_score_groups(scores: pd.DataFrame, groups) -> None:
     """InputError for score groups that apply to no metrics group (a typo, or no --group-by)."""
-    usable = set(groups) | {g.partition("/")[2] for g in groups if g.startswith("t*=")}
+    usable = set(groups) | {_memorised_label(g) for g in groups} - {None}
     unused = [g for g in dict.fromkeys(scores["group"].dropna()) if g not in usable]
     if unused:
         raise InputError(f"scores name group(s) {', '.join(map(repr, unused))} that no metrics "

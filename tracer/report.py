@@ -17,7 +17,7 @@ import pandas as pd
 
 from .correlation import check_metrics_frame, resolve_scores, table1
 from .errors import MetricError
-from .memorisation import MemorisationResult
+from .memorisation import MemorisationResult, memorised_group_name
 
 # The metric names of the long frame (compare.checkpoint_metrics writes exactly these).
 DISTANCE = "distance"
@@ -141,7 +141,7 @@ def _checkpoint_row(name: str, step: int, row: pd.Series) -> list[str]:
 def _memorisation_section(result: MemorisationResult) -> list[str]:
     counts = result.t_star.dropna().astype(int).value_counts().sort_index()
     total, memorised = len(result.t_star), int(result.t_star.notna().sum())
-    rows = [[f"t*={step}", str(count)] for step, count in counts.items()]
+    rows = [[memorised_group_name(step), str(count)] for step, count in counts.items()]
     return ["## Memorisation", "",
             f"{result.thresholds()}: "
             f"{memorised} of {total} samples memorised ({result.fraction_memorised:.1%}). "
