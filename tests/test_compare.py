@@ -143,6 +143,50 @@ def test_scores_are_read_before_tracing(tmp_path):
         cmp.check_before_tracing(found, sample_set, cmp.CompareOptions(scores=scores))
 
 
+def three_checkpoints(tmp_path):
+    return [cmp.Checkpoint(f"step{step}", tmp_path / f"step{step}", step)
+            for step in (100, 200, 300)]
+
+
+@pytest.mark.parametrize(("scores", "options", "message"), [
+    ("step100,0.1\nstep200,0.2\n", {}, "^2 checkpoints: correlation needs at least 3; "
+                                         "compare more checkpoints or drop --scores$"),
+    ("step100,0.1\nstep200,0.2\nstep300,0.3\n", {"from_step": 250},
+     "^--from-step 250 leaves 1 of 3 checkpoints; correlation needs 3; pass an earlier "
+     "--from-step$"),
+])
+def test_scores_over_too_few_checkpoints_are_refused_before_tracing(tmp_path, scores, options,
+                                                                    message):
+    _, sample_set = two_checkpoints_and_samples(tmp_path)
+    (tmp_path / "scores.csv").write_text("checkpoint,score\n" + scores)
+    found = three_checkpoints(tmp_path)[:scores.count("\n")]
+    with pytest.raises(InputError, match=message):
+        cmp.check_before_tracing(found, sample_set, cmp.CompareOptions(
+            scores=tmp_path / "scores.csv", **options))
+
+
+def test_score_groups_are_checked_against_the_group_by_values_before_tracing(tmp_path):
+    _, sample_set = two_checkpoints_and_samples(tmp_path)  # domains: math, (missing)
+    scores = tmp_path / "scores.csv"
+    rows = "".join(f"step{s},0.{s // 100},{{group}}\n" for s in (100, 200, 300))
+    options = cmp.CompareOptions(scores=scores, group_by="domain")
+    for group in ("math", "all", "t*=200/math"):  # a value, every sample, a memorised group
+        scores.write_text("checkpoint,score,group\n" + rows.format(group=group))
+        cmp.check_before_tracing(three_checkpoints(tmp_path), sample_set, options)
+    scores.write_text("checkpoint,score,group\n" + rows.format(group="maths"))
+    with pytest.raises(InputError, match=r"^scores name group\(s\) 'maths' that no group of "
+                                         r"this run has \(groups: \(missing\), all, math and"):
+        cmp.check_before_tracing(three_checkpoints(tmp_path), sample_set, options)
+
+
+def test_a_group_by_value_named_all_is_refused(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "text": "x", "domain": "all"}])
+    with pytest.raises(InputError, match="--group-by domain: a sample has the value 'all', the "
+                                         "name of the group of every sample; rename"):
+        cmp.check_before_tracing(three_checkpoints(tmp_path), read_samples(samples),
+                                 cmp.CompareOptions(group_by="domain"))
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (("--scores", "missing.csv"), "scores file 'missing.csv' does not exist"),
     (("--group-by", "domian"), "has no column 'domian'; group by one of: domain, num_tokens"),
@@ -349,6 +393,36 @@ def test_with_two_moe_layers_consistency_is_left_out_and_the_note_says_why(tmp_p
     [note] = [n for n in result.notes if "fewer than 3" in n]
     assert "2 MoE layer(s)" in note and "left out of the tables, plots and correlations" in note
     assert "| 0.0000 |" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_memorised_only_with_no_memorised_sample_is_an_error_naming_the_thresholds(tmp_path):
+    with pytest.raises(InputError, match=r"^no sample is memorised \(epsilon 0.05 \(explicit\), "
+                                         r"delta 0.05\); raise --epsilon or drop "
+                                         r"--memorised-only$"):
+        analyse(tmp_path, epsilon=0.05, memorised_only=True)
+
+
+def test_scores_of_a_label_with_no_memorised_sample_are_noted_not_refused(tmp_path):
+    scores = tmp_path / "scores.csv"
+    scores.write_text("checkpoint,score,group\n" + "".join(
+        f"step{s},0.{s // 100},{g}\n" for s in (100, 200, 300) for g in ("math", "code")))
+    # explicit epsilon 0.5: only math samples (final losses 0.1-0.4) are memorised
+    result = analyse(tmp_path, group_by="domain", memorised_only=True, epsilon=0.5,
+                     scores=scores)
+    assert set(result.metrics["group"]) == {"t*=200/math"}
+    assert ("the scores of group(s) 'code' match no group of this run (e.g. no sample of that "
+            "label is memorised), so they were not used") in result.notes
+
+
+def test_too_few_checkpoints_for_a_correlation_is_said_in_the_report(tmp_path):
+    scores = tmp_path / "scores.csv"
+    scores.write_text("checkpoint,score\nstep100,0.1\nstep200,0.2\nstep300,0.3\n")
+    result = analyse(tmp_path, scores=scores, from_step=200)
+    assert result.correlations is None
+    reason = "--from-step 200 leaves 2 of 3 checkpoints; correlation needs 3"
+    assert f"correlations skipped: {reason}" in result.notes
+    assert (f"No correlation was computed: {reason}."
+            in (tmp_path / "out" / "report.md").read_text())
 
 
 def test_grouping_by_the_id_column_is_refused(tmp_path):

@@ -19,7 +19,13 @@ import pandas as pd
 from . import checkpoints as ckpt
 from . import report
 from .consistency import is_degenerate
-from .correlation import correlate, read_scores, table1
+from .correlation import (
+    correlate,
+    read_scores,
+    table1,
+    too_few_checkpoints,
+    unused_score_groups,
+)
 from .errors import InputError, ModelError
 from .memorisation import (
     MemorisationResult,
@@ -264,18 +270,52 @@ def check_before_tracing(found: list[Checkpoint], sample_set: SampleSet,
     """Refuse, before the hours of tracing, what :func:`analyse` would refuse after them.
 
     ``group_by`` must name a field of the samples or a column tracing adds
-    (:data:`~moepath.tracer.samples.TRACE_COLUMNS`), of one value per sample; the scores
-    file must be valid for these checkpoints (:func:`~moepath.tracer.correlation.read_scores`).
+    (:data:`~moepath.tracer.samples.TRACE_COLUMNS`), of one value per sample, none of them
+    ``all``; the scores file must be valid for these checkpoints
+    (:func:`~moepath.tracer.correlation.read_scores`), leave at least
+    :data:`~moepath.tracer.correlation.MIN_POINTS` checkpoints from ``from_step`` on, and
+    name only groups this run can have (``all``, a ``group_by`` value, a memorised group).
 
     Raises:
         MetricError: a bad ``group_by`` (:func:`~moepath.tracer.metrics.group_labels`).
-        InputError: a bad scores file.
+        InputError: a ``group_by`` value ``all``, a bad scores file, too few checkpoints.
     """
+    labels = None
     if options.group_by is not None:
         table = sample_table(sample_set.samples).assign(**dict.fromkeys(TRACE_COLUMNS))
-        group_labels(table, options.group_by, f"samples file '{sample_set.path}'")
+        field = _field_labels(table, options.group_by, f"samples file '{sample_set.path}'")
+        if options.group_by not in TRACE_COLUMNS:  # those values exist only after tracing
+            labels = set(label_names(field))
     if options.scores is not None:
-        read_scores(options.scores, steps(found))
+        scores = read_scores(options.scores, steps(found))
+        problem = too_few_checkpoints(steps(found).values(), options.from_step)
+        if problem is not None:
+            fix = ("pass an earlier --from-step" if options.from_step is not None
+                   else "compare more checkpoints or drop --scores")
+            raise InputError(f"{problem}; {fix}")
+        if options.group_by is None or labels is not None:
+            _check_score_groups(scores, {ALL} | (labels or set()))
+
+
+def _field_labels(samples: pd.DataFrame, column: str, where: str) -> pd.Series:
+    """:func:`~moepath.tracer.metrics.group_labels`, refusing a value named like the group of
+    every sample (it would silently replace that group)."""
+    labels = group_labels(samples, column, where)
+    if (label_names(labels) == ALL).any():
+        raise InputError(f"--group-by {column}: a sample has the value '{ALL}', the name of "
+                         f"the group of every sample; rename that value in the {where}")
+    return labels
+
+
+def _check_score_groups(scores: pd.DataFrame, groups: set[str]) -> None:
+    """InputError for score groups that are neither in ``groups`` nor a memorised group."""
+    unknown = [g for g in unused_score_groups(scores, groups)
+               if parse_memorised_group(g) is None]
+    if unknown:
+        raise InputError(f"scores name group(s) {', '.join(map(repr, unknown))} that no group "
+                         f"of this run has (groups: {', '.join(sorted(groups))} and the "
+                         f"memorised t*=N groups); fix the names or --group-by the field "
+                         f"that holds them")
 
 
 @dataclass
@@ -302,6 +342,9 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
     memorisation = memorise(loss_matrix(losses(traces, step_of)), options.epsilon,
                             options.epsilon_quantile, options.delta,
                             domains=field if options.epsilon_per_group else None)
+    if options.memorised_only and memorisation.fraction_memorised == 0:
+        raise InputError(f"no sample is memorised ({memorisation.thresholds()}); raise "
+                         f"--epsilon or drop --memorised-only")
     rows, sample_frames = [], []
     for name, trace in traces.items():
         data = load_checkpoint_data(trace, options.metrics.source)
@@ -312,18 +355,22 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
         sample_frames.append(checkpoint_samples(name, step_of[name], data, memorisation,
                                                 options.metrics))
     metrics = pd.DataFrame(rows, columns=["checkpoint", "step", "group", "metric", "value"])
-    notes = _notes(found, memorisation, traces, options)
-    correlations = scores = None
+    notes = _notes(memorisation, traces)
+    correlations = scores = no_correlation = None
     if options.scores is not None:
         scores = read_scores(options.scores, step_of)
-        if len(found) >= 2:
+        no_correlation = too_few_checkpoints(step_of.values(), options.from_step)
+        if no_correlation is None:
             correlations = correlate(metrics, scores, options.from_step)
+        else:
+            notes.append(f"correlations skipped: {no_correlation}")
+        notes += _unused_scores_notes(scores, metrics)
     samples = pd.concat(sample_frames, ignore_index=True)
     files = _write_outputs(out, metrics, samples)
     files += report.plot_metrics(out, metrics, scores)
     versions = versions or next(iter(traces.values())).manifest.get("versions", {})
     files.append(report.write_report(out, metrics, correlations, scores, command, versions,
-                                     notes, memorisation))
+                                     notes, memorisation, no_correlation))
     summary = table1(correlations) if correlations is not None else None
     return CompareResult(metrics, samples, memorisation, correlations, summary, notes, files)
 
@@ -331,19 +378,25 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
 def _group_field(trace: Trace, column: str | None) -> pd.Series | None:
     if column is None:
         return None
-    return group_labels(trace.samples, column, f"samples table of trace '{trace.path}'")
+    return _field_labels(trace.samples, column, f"samples table of trace '{trace.path}'")
 
 
-def _notes(found, memorisation: MemorisationResult, traces: dict, options) -> list[str]:
+def _notes(memorisation: MemorisationResult, traces: dict) -> list[str]:
     notes = [f"memorised: {memorisation.fraction_memorised:.0%} of samples "
              f"({memorisation.thresholds()})"]
-    if options.scores is not None and len(found) < 2:
-        notes.append("fewer than 2 checkpoints: correlations skipped")
     num_layers = next(iter(traces.values())).num_layers
     if is_degenerate(num_layers):
         notes.append(f"{degenerate_warning(num_layers)}; consistency and complexity are "
                      f"left out of the tables, plots and correlations")
     return notes
+
+
+def _unused_scores_notes(scores: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:
+    unused = unused_score_groups(scores, set(metrics["group"]))
+    if not unused:
+        return []
+    return [f"the scores of group(s) {', '.join(map(repr, unused))} match no group of this "
+            f"run (e.g. no sample of that label is memorised), so they were not used"]
 
 
 def _write_outputs(out: Path, metrics: pd.DataFrame, samples: pd.DataFrame) -> list[Path]:

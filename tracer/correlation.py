@@ -40,6 +40,8 @@ from .errors import InputError, MetricError
 from .memorisation import parse_memorised_group
 
 MIN_POINTS = 3  # two points always correlate +-1: no evidence
+# A series whose range is at most this times its largest magnitude (or 1) counts as constant.
+CONSTANT_RTOL = 1e-12
 # Table 1 rows: long-frame metric name -> the paper's label (report.METRIC_NAMES has them all).
 TABLE1_ROWS = {
     "distance": "pathway distance",
@@ -200,12 +202,12 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame,
     Raises:
         MetricError: ``metrics`` lacks a column or repeats a (step, group, metric).
         InputError: bad scores (see :func:`read_scores`).
+
+    Score groups that apply to no metrics group are not used (see
+    :func:`unused_score_groups`); the metrics groups left without a score get a note.
     """
     check_metrics_frame(metrics)
-    known = dict(zip(metrics["checkpoint"].astype(str), metrics["step"].astype(int),
-                     strict=True))
-    scores = resolve_scores(scores, known)  # idempotent on read_scores' output
-    _check_score_groups(scores, metrics["group"].astype(str).unique())
+    scores = resolve_scores(scores, checkpoint_steps(metrics))  # idempotent on read_scores'
     values = metrics.assign(value=pd.to_numeric(metrics["value"], errors="coerce"))
     if from_step is not None:
         values = values[values["step"] >= from_step]
@@ -235,14 +237,34 @@ def check_metrics_frame(metrics: pd.DataFrame) -> None:
                           "per checkpoint, group and metric")
 
 
-def _check_score_groups(scores: pd.DataFrame, groups) -> None:
-    """InputError for score groups that apply to no metrics group (a typo, or no --group-by)."""
+def checkpoint_steps(metrics: pd.DataFrame) -> dict[str, int]:
+    """{checkpoint name: step} of a long metrics frame, in order of appearance."""
+    return dict(zip(metrics["checkpoint"].astype(str), metrics["step"].astype(int),
+                    strict=True))
+
+
+def unused_score_groups(scores: pd.DataFrame, groups) -> list[str]:
+    """The resolved ``scores``' groups that apply to none of the metrics ``groups`` (by
+    the group's own name or, for a memorised group, its label): a typo, no --group-by, or
+    a label none of whose samples is memorised. Rows without a group apply to all."""
     usable = set(groups) | {_memorised_label(g) for g in groups} - {None}
-    unused = [g for g in dict.fromkeys(scores["group"].dropna()) if g not in usable]
-    if unused:
-        raise InputError(f"scores name group(s) {', '.join(map(repr, unused))} that no metrics "
-                         f"group has (groups: {', '.join(groups)}); fix the names or group "
-                         "the samples by the field that holds them")
+    return [g for g in dict.fromkeys(scores["group"].dropna()) if g not in usable]
+
+
+def too_few_checkpoints(steps, from_step: int | None = None) -> str | None:
+    """Why checkpoints at ``steps`` cannot be correlated with scores, or None when they can.
+
+    ``too_few_checkpoints([0, 100]) == "2 checkpoints: correlation needs at least 3"``
+    """
+    steps = list(steps)
+    kept = [s for s in steps if from_step is None or s >= from_step]
+    if len(kept) >= MIN_POINTS:
+        return None
+    if from_step is None:
+        counted = "1 checkpoint" if len(steps) == 1 else f"{len(steps)} checkpoints"
+        return f"{counted}: correlation needs at least {MIN_POINTS}"
+    return (f"--from-step {from_step} leaves {len(kept)} of {len(steps)} checkpoints; "
+            f"correlation needs {MIN_POINTS}")
 
 
 def _correlation(group: str, metric: str, trajectory: pd.Series, score: pd.Series,
@@ -275,11 +297,17 @@ def _why_not(metric: str, x: np.ndarray, y: np.ndarray, has_values: bool, has_sc
         counted = "1 checkpoint has" if len(x) == 1 else f"{len(x)} checkpoints have"
         return (f"only {counted} both a value and a score{since}; correlation needs at "
                 f"least {MIN_POINTS}")
-    if np.ptp(x) == 0:
+    if _is_constant(x):
         return f"{metric} is constant over the {len(x)} checkpoints; correlation is undefined"
-    if np.ptp(y) == 0:
+    if _is_constant(y):
         return f"the score is constant over the {len(x)} checkpoints; correlation is undefined"
     return None
+
+
+def _is_constant(values: np.ndarray) -> bool:
+    """True when ``values`` vary by no more than float rounding (:data:`CONSTANT_RTOL`):
+    Pearson of such a series is a correlation with rounding noise."""
+    return bool(np.ptp(values) <= CONSTANT_RTOL * max(1.0, float(np.abs(values).max())))
 
 
 def table1(correlations: pd.DataFrame) -> pd.DataFrame:
