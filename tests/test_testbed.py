@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from moepath.tracer import testbed
-from moepath.tracer.errors import InputError
+from moepath.tracer.errors import InputError, TrainingError
 
 ROUTER = "model.layers.0.mlp.gate.weight"
 
@@ -128,7 +128,10 @@ def test_training_runs_apart_with_avx2_kernels_whatever_this_process_uses(smoke)
 def test_a_failed_training_process_is_an_error_and_leaves_nothing_built(tmp_path, monkeypatch):
     short = replace(testbed.SMOKE, steps=1, checkpoint_steps=(0, 1))
     monkeypatch.setattr(testbed.sys, "executable", "false")  # a process that exits with 1
-    with pytest.raises(RuntimeError, match=r"testbed training failed \(exit status 1\)"):
+    with pytest.raises(TrainingError, match=r"^testbed training failed \(exit status 1; its "
+                                            r"traceback is printed above\); fix what it names "
+                                            r"and rerun \(the partial checkpoints in '.*"
+                                            r"checkpoints' are replaced\)$"):
         testbed.train(short, tmp_path, log=lambda message: None)
     assert not testbed.is_built(short, tmp_path)
 

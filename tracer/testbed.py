@@ -66,7 +66,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, TrainingError
 
 FORMAT_VERSION = 2  # 2: trained with ATen's AVX2 kernels on AVX2+ CPUs
 OPERATIONS = ("+", "-", "*", "/")
@@ -303,7 +303,7 @@ def train(config: TestbedConfig, out_dir: str | Path,
 
     Raises:
         InputError: ``out_dir/checkpoints`` holds something other than step folders.
-        RuntimeError: the training process failed (its traceback is on stderr).
+        TrainingError: the training process failed (its traceback is on stderr).
     """
     out = Path(out_dir)
     _prepare(out)
@@ -317,8 +317,9 @@ def train(config: TestbedConfig, out_dir: str | Path,
             child.kill()
             raise
     if child.returncode:
-        raise RuntimeError(f"testbed training failed (exit status {child.returncode}); "
-                           "its error is printed above")
+        raise TrainingError(f"testbed training failed (exit status {child.returncode}; its "
+                            f"traceback is printed above); fix what it names and rerun (the "
+                            f"partial checkpoints in '{out / _CHECKPOINT_DIR}' are replaced)")
     return _read_result(config, out)
 
 
