@@ -162,6 +162,8 @@ def test_rerun_replaces_step_folders_and_refuses_foreign_content(tmp_path):
     (dict(checkpoint_steps=(0, 7)), r"checkpoint_steps \(0, 7\) must be increasing"),
     (dict(checkpoint_steps=(3, 3)), "must be increasing, unique"),
     (dict(train_fraction=1.0), "train_fraction"),
+    (dict(p=3, train_fraction=0.01), "train_fraction 0.01 of the 9 facts of p = 3 must leave "
+                                     "at least one training and one held-out fact"),
 ])
 def test_invalid_configs_are_named(change, message):
     with pytest.raises(InputError, match=message):
@@ -178,3 +180,9 @@ def test_invalid_configs_are_named(change, message):
 def test_examples_of_p_3_are_hand_checked(operation, texts):
     config = replace(testbed.SMOKE, p=3, operation=operation)
     assert [e.text for e in testbed.examples(config)] == texts
+
+
+def test_every_config_problem_is_named_at_once():
+    with pytest.raises(InputError, match="^invalid testbed config: p = 12 must be a prime >= 3; "
+                                         "top_k 9 must be in 1..experts"):
+        replace(testbed.SMOKE, p=12, top_k=9)

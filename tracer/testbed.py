@@ -72,7 +72,8 @@ FORMAT_VERSION = 2  # 2: trained with ATen's AVX2 kernels on AVX2+ CPUs
 OPERATIONS = ("+", "-", "*", "/")
 EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 MAX_POSITIONS = 32  # samples are 5 tokens; small keeps vLLM's KV cache tiny
-PROMPT_LEN = 4  # "a op b =": the answer is predicted at position 3
+PROMPT_LEN = 4  # "a op b =": the ids the model reads
+ANSWER_POSITION = PROMPT_LEN - 1  # the answer is predicted at "=", the last prompt id
 _CHECKPOINT_DIR = "checkpoints"
 _FILES = ("scores.csv", "samples.jsonl")
 _MANIFEST = "testbed.json"  # written last: its presence means the run is complete
@@ -117,8 +118,9 @@ class TestbedConfig:
     __test__ = False  # not a pytest test class despite its name
 
     def __post_init__(self) -> None:
-        for problem in _config_problems(self):
-            raise InputError(f"invalid testbed config: {problem}")
+        problems = _config_problems(self)
+        if problems:
+            raise InputError(f"invalid testbed config: {'; '.join(problems)}")
 
     @property
     def head_dim(self) -> int:
@@ -136,6 +138,9 @@ def _config_problems(c: TestbedConfig) -> list[str]:
         (c.operation in OPERATIONS, f"operation {c.operation!r} is not one of {OPERATIONS}"),
         (c.p >= 3 and _is_prime(c.p), f"p = {c.p} must be a prime >= 3"),
         (0 < c.train_fraction < 1, f"train_fraction {c.train_fraction} must be in (0, 1)"),
+        (1 <= round(c.train_fraction * _fact_count(c)) < _fact_count(c),
+         f"train_fraction {c.train_fraction} of the {_fact_count(c)} facts of p = {c.p} must "
+         f"leave at least one training and one held-out fact"),
         (c.layers >= 4, f"layers = {c.layers}: use >= 4 (with fewer MoE layers the "
                         "consistency metric is degenerate)"),
         (c.heads > 0 and c.hidden % c.heads == 0 and c.hidden // c.heads >= 64,
@@ -147,6 +152,11 @@ def _config_problems(c: TestbedConfig) -> list[str]:
          f"checkpoint_steps {c.checkpoint_steps} must be increasing, unique, in 0..{c.steps}"),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def _fact_count(c: TestbedConfig) -> int:
+    """How many facts :func:`examples` gives: p x p, less b = 0 for division."""
+    return c.p * c.p - (c.p if c.operation == "/" else 0)
 
 
 def _increasing_within(steps: tuple[int, ...], last: int) -> bool:
@@ -222,7 +232,7 @@ class Example:
         """The samples.jsonl line (``wraps`` only for + and -)."""
         line = {"id": self.sample_id, "text": self.text, "a": self.a, "b": self.b,
                 "answer": self.answer}
-        return {**line, "wraps": self.wraps} if operation in "+-" else line
+        return {**line, "wraps": self.wraps} if operation in ("+", "-") else line
 
 
 def examples(config: TestbedConfig) -> list[Example]:
@@ -471,18 +481,19 @@ class _Run:
         c = self.config
         out = self.model(input_ids=self.train_x, output_router_logits=c.router_aux_loss_coef > 0)
         logp = F.log_softmax(out.logits, dim=-1)  # [N, 4, V]
-        answer_loss = F.nll_loss(logp[:, 3], self.train_y)
+        answer_loss = F.nll_loss(logp[:, ANSWER_POSITION], self.train_y)
         loss = answer_loss + c.prompt_loss_coef * self._prompt_loss(logp)
         if c.router_aux_loss_coef > 0:
             loss = loss + c.router_aux_loss_coef * out.aux_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return (out.logits[:, 3, : c.p].argmax(-1) == self.train_y).float().mean().item()
+        answers = out.logits[:, ANSWER_POSITION, : c.p]
+        return (answers.argmax(-1) == self.train_y).float().mean().item()
 
     def _prompt_loss(self, logp):
         """NLL of '+' after a and '=' after b, and cross-entropy to uniform at the operand."""
-        operator, equals = self.train_x[0, 1], self.train_x[0, 3]
+        operator, equals = self.train_x[0, 1], self.train_x[0, ANSWER_POSITION]
         return (-logp[:, 0, operator].mean() - logp[:, 2, equals].mean()
                 - (logp[:, 1] * self.uniform).sum(-1).mean())
 
@@ -490,7 +501,7 @@ class _Run:
         """(accuracy, cross-entropy) at the answer position over the p number logits."""
         import torch.nn.functional as F
 
-        logits = self.model(input_ids=x).logits[:, 3, : self.config.p]
+        logits = self.model(input_ids=x).logits[:, ANSWER_POSITION, : self.config.p]
         accuracy = (logits.argmax(-1) == y).float().mean().item()
         return accuracy, F.cross_entropy(logits, y).item()
 
@@ -575,7 +586,7 @@ def _write_manifest(out: Path, result: TestbedResult) -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
         "cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # ATen's vector ISA
-        "summary": _summary(result),
+        "summary": summary(result),
         "curve": [asdict(s) for s in result.scores],
         "files": {name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
                   for name in files},
@@ -585,7 +596,7 @@ def _write_manifest(out: Path, result: TestbedResult) -> None:
     tmp.replace(out / _MANIFEST)
 
 
-def _summary(result: TestbedResult) -> dict:
+def summary(result: TestbedResult) -> dict:
     """The run's thresholds and speed, keyed by their :class:`TestbedResult` field names
     (:func:`_read_result` passes them back)."""
     return {"memorised_step": result.memorised_step, "heldout_50_step": result.heldout_50_step,
@@ -612,7 +623,7 @@ def _sha256(path: Path) -> str:
 
 
 __all__ = ["DEFAULT", "SMOKE", "CheckpointScore", "Example", "TestbedConfig", "TestbedResult",
-           "build_tokenizer", "examples", "is_built", "model_config", "split", "train"]
+           "build_tokenizer", "examples", "is_built", "model_config", "split", "summary", "train"]
 
 
 if __name__ == "__main__":  # the child process of train(): CONFIG_JSON OUT_DIR
