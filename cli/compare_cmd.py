@@ -33,6 +33,10 @@ def compare(
              "(the paper: per domain) or over all samples.")] = True,
     delta: Annotated[float, typer.Option(help="Allowed distance to the final loss.")] = 0.05,
     from_step: Annotated[int | None, typer.Option(help="Correlate from this step on.")] = None,
+    from_t_star: Annotated[bool, typer.Option(
+        "--from-t-star/--all-checkpoints",
+        help="Correlate each t*=N group from step N on (after its samples are memorised), "
+             "or over every checkpoint.")] = True,
     tau: o.Tau = 0.7,
     source: o.Source = "full",
     unit: o.Unit = "char",
@@ -68,8 +72,7 @@ def compare(
                                   pairs=o.parse_pairs(pairs), seed=seed),
             group_by=group_by, memorised_only=memorised_only, epsilon=epsilon,
             epsilon_quantile=epsilon_quantile, epsilon_per_group=epsilon_per_group,
-            delta=delta, scores=scores,
-            from_step=from_step),
+            delta=delta, scores=scores, from_step=from_step, from_t_star=from_t_star),
         o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
                          gpu_memory_utilization, max_num_batched_tokens, trust_remote_code,
                          engine_core=engine_core),

@@ -139,6 +139,21 @@ def test_memorised_groups_take_their_label_s_scores():
     assert row(result, "all", "loss")["note"].startswith("the score is constant")
 
 
+def test_memorised_groups_are_correlated_from_their_t_star_on():
+    trajectories = {"t*=100/math": TRAJECTORIES["math"], "code": TRAJECTORIES["code"]}
+    result = correlate(metrics_frame(trajectories), scores_frame(), from_t_star=True)
+    got = row(result, "t*=100/math", "distance")
+    assert (got["n"], got["first_step"], got["last_step"]) == (4, 100, 400)
+    assert got["pearson"] == pytest.approx(
+        stats.pearsonr(TRAJECTORIES["math"]["distance"][1:], SCORE[1:]).statistic)
+    assert row(result, "code", "distance")["n"] == 5  # not a memorised group: every checkpoint
+    later = correlate(metrics_frame(trajectories), scores_frame(), from_step=200,
+                      from_t_star=True)
+    assert row(later, "t*=100/math", "distance")["first_step"] == 200  # the later of the two
+    every = correlate(metrics_frame(trajectories), scores_frame())
+    assert row(every, "t*=100/math", "distance")["n"] == 5
+
+
 def test_a_group_without_scores_is_noted():
     result = correlate(metrics_frame(), scores_frame(group="math"))
     assert row(result, "code", "loss")["note"].startswith("no score applies to this group")

@@ -246,6 +246,8 @@ class CompareOptions:
     domain), else over all samples. ``memorised_only``: report
     memorised groups only (the paper's protocol), else ``all``, the ``group_by``
     values and the memorised groups. ``from_step``: correlate from this step on.
+    ``from_t_star``: correlate each memorised group ``t*=N`` from step N on (or from
+    ``from_step`` if later), not over the checkpoints before its samples were memorised.
 
     Validated on construction (InputError for bad thresholds), so that ``moepath
     compare`` refuses them before tracing; :func:`check_before_tracing` checks the rest.
@@ -260,6 +262,7 @@ class CompareOptions:
     delta: float = 0.05
     scores: Path | None = None
     from_step: int | None = None
+    from_t_star: bool = True
 
     def __post_init__(self) -> None:
         check_thresholds(self.epsilon, self.epsilon_quantile, self.delta)
@@ -361,7 +364,10 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
         scores = read_scores(options.scores, step_of)
         no_correlation = too_few_checkpoints(step_of.values(), options.from_step)
         if no_correlation is None:
-            correlations = correlate(metrics, scores, options.from_step)
+            correlations = correlate(metrics, scores, options.from_step, options.from_t_star)
+            if options.from_t_star and any(map(parse_memorised_group, metrics["group"])):
+                notes.append("each t*=N group is correlated from step N on, after its samples "
+                             "are memorised (--all-checkpoints: over every checkpoint)")
         else:
             notes.append(f"correlations skipped: {no_correlation}")
         notes += _unused_scores_notes(scores, metrics)

@@ -181,9 +181,12 @@ def _memorised_label(group: str) -> str | None:
     return None if parsed is None else parsed[1]
 
 
-def correlate(metrics: pd.DataFrame, scores: pd.DataFrame,
-              from_step: int | None = None) -> pd.DataFrame:
+def correlate(metrics: pd.DataFrame, scores: pd.DataFrame, from_step: int | None = None,
+              from_t_star: bool = False) -> pd.DataFrame:
     """Pearson and Spearman of every (group, metric) trajectory against the scores.
+
+    Score groups that apply to no metrics group are not used (see
+    :func:`unused_score_groups`); the metrics groups left without a score get a note.
 
     Args:
         metrics: long frame with columns checkpoint, step, group, metric, value.
@@ -191,6 +194,8 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame,
             :func:`read_scores`'s output.
         from_step: keep only checkpoints at or after this step (the start of the
             sustained rise of accuracy); None keeps all.
+        from_t_star: correlate a memorised group ``t*=N`` only from step N on (the
+            checkpoints after its samples are memorised), or from ``from_step`` if later.
 
     Returns:
         One row per (group, metric) in the metrics' order (bookkeeping metrics
@@ -202,25 +207,31 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame,
     Raises:
         MetricError: ``metrics`` lacks a column or repeats a (step, group, metric).
         InputError: bad scores (see :func:`read_scores`).
-
-    Score groups that apply to no metrics group are not used (see
-    :func:`unused_score_groups`); the metrics groups left without a score get a note.
     """
     check_metrics_frame(metrics)
     scores = resolve_scores(scores, checkpoint_steps(metrics))  # idempotent on read_scores'
     values = metrics.assign(value=pd.to_numeric(metrics["value"], errors="coerce"))
-    if from_step is not None:
-        values = values[values["step"] >= from_step]
     names = [m for m in dict.fromkeys(metrics["metric"]) if m not in NOT_CORRELATED]
     rows = []
-    for group in dict.fromkeys(metrics["group"]):
+    for group in map(str, dict.fromkeys(metrics["group"])):
+        start = _first_step(group, from_step, from_t_star)
         mine = values[values["group"] == group]
+        if start is not None:
+            mine = mine[mine["step"] >= start]
         for metric in names:  # every metric for every group: a missing one gets a note
             trajectory = mine.loc[mine["metric"] == metric].set_index("step")["value"]
-            rows.append(_correlation(str(group), str(metric), trajectory,
-                                     scores_for_group(scores, str(group)), from_step))
+            rows.append(_correlation(group, str(metric), trajectory,
+                                     scores_for_group(scores, group), start))
     frame = pd.DataFrame(rows, columns=list(CORRELATION_COLUMNS))
     return frame.astype({"n": "int64", "first_step": "Int64", "last_step": "Int64"})
+
+
+def _first_step(group: str, from_step: int | None, from_t_star: bool) -> int | None:
+    """The first step ``group`` is correlated from (None: every checkpoint)."""
+    parsed = parse_memorised_group(group) if from_t_star else None
+    if parsed is None:
+        return from_step
+    return parsed[0] if from_step is None else max(from_step, parsed[0])
 
 
 def check_metrics_frame(metrics: pd.DataFrame) -> None:
