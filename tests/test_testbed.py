@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from moepath.tracer import testbed
+from moepath.tracer.compare import CompareOptions
 from moepath.tracer.errors import InputError, TrainingError
 
 ROUTER = "model.layers.0.mlp.gate.weight"
@@ -186,3 +187,22 @@ def test_every_config_problem_is_named_at_once():
     with pytest.raises(InputError, match="^invalid testbed config: p = 12 must be a prime >= 3; "
                                          "top_k 9 must be in 1..experts"):
         replace(testbed.SMOKE, p=12, top_k=9)
+
+
+def test_a_sample_is_memorised_within_a_margin_of_the_operand_floor():
+    # of the four predicted tokens (+, b, =, answer) only b is unpredictable: log(37) / 4
+    assert testbed.loss_floor(testbed.DEFAULT) == pytest.approx(0.902729, abs=1e-6)
+    assert testbed.memorised_loss(testbed.DEFAULT) == pytest.approx(0.952729, abs=1e-6)
+
+
+def test_the_demo_compares_memorised_samples_from_the_first_checkpoint_after_memorisation(
+        tmp_path):
+    result = testbed.TestbedResult(tmp_path, testbed.DEFAULT, [], [], memorised_step=70,
+                                   heldout_50_step=1025, heldout_90_step=1650, seconds=400.0,
+                                   steps_per_second=4.6)
+    options = testbed.compare_options(result)
+    assert (options.memorised_only, options.from_step, options.from_t_star) == (True, 100, True)
+    assert options.epsilon == testbed.memorised_loss(testbed.DEFAULT)
+    assert options.scores == tmp_path / "scores.csv"
+    never = testbed.compare_options(replace(result, memorised_step=None))  # e.g. the smoke run
+    assert never == CompareOptions(scores=tmp_path / "scores.csv")

@@ -74,6 +74,8 @@ EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 MAX_POSITIONS = 32  # samples are 5 tokens; small keeps vLLM's KV cache tiny
 PROMPT_LEN = 4  # "a op b =": the ids the model reads
 ANSWER_POSITION = PROMPT_LEN - 1  # the answer is predicted at "=", the last prompt id
+# Nats above the loss floor within which a testbed sample counts as memorised (memorised_loss).
+MEMORISED_LOSS_MARGIN = 0.05
 _CHECKPOINT_DIR = "checkpoints"
 _FILES = ("scores.csv", "samples.jsonl")
 _MANIFEST = "testbed.json"  # written last: its presence means the run is complete
@@ -330,7 +332,7 @@ def train(config: TestbedConfig, out_dir: str | Path,
         raise TrainingError(f"testbed training failed (exit status {child.returncode}; its "
                             f"traceback is printed above); fix what it names and rerun (the "
                             f"partial checkpoints in '{out / _CHECKPOINT_DIR}' are replaced)")
-    return _read_result(config, out)
+    return read_result(config, out)
 
 
 def _training_environment() -> dict[str, str]:
@@ -372,12 +374,56 @@ def _train_here(config: TestbedConfig, out: Path) -> None:
     _log_summary(result, log)
 
 
-def _read_result(config: TestbedConfig, out: Path) -> TestbedResult:
-    """The :class:`TestbedResult` of the run in ``out``, from its testbed.json."""
+def read_result(config: TestbedConfig, out_dir: str | Path) -> TestbedResult:
+    """The :class:`TestbedResult` of the run in ``out_dir``, from its testbed.json (check
+    :func:`is_built` first)."""
+    out = Path(out_dir)
     manifest = json.loads((out / _MANIFEST).read_text())
     return TestbedResult(
         out, config, [_folder(out, step) for step in config.checkpoint_steps],
         [CheckpointScore(**row) for row in manifest["curve"]], **manifest["summary"])
+
+
+def loss_floor(config: TestbedConfig) -> float:
+    """The lowest per-sample loss ``moepath compare`` can measure on the testbed (nats).
+
+    compare's loss is the mean NLL over the :data:`PROMPT_LEN` predicted tokens (``+``,
+    ``b``, ``=``, the answer); a model that has memorised a sample predicts all of them
+    except the operand ``b``, which is unpredictable (uniform over the p numbers, NLL
+    log p): the floor is ``log(p) / PROMPT_LEN``, 0.903 for p = 37.
+    """
+    return math.log(config.p) / PROMPT_LEN
+
+
+def memorised_loss(config: TestbedConfig) -> float:
+    """The memorisation threshold epsilon for the testbed's samples (nats):
+    :func:`loss_floor` + :data:`MEMORISED_LOSS_MARGIN` (0.953 for p = 37).
+
+    METHOD.md's quantile default (the paper: 20-25% of pretraining samples qualify)
+    does not fit here: every training sample reaches the floor, and a quantile of the
+    final losses would split them by noise around it.
+    """
+    return loss_floor(config) + MEMORISED_LOSS_MARGIN
+
+
+def compare_options(result: TestbedResult):
+    """How ``moepath demo`` compares the run's checkpoints: METHOD.md's protocol.
+
+    Metrics on memorised samples only (epsilon :func:`memorised_loss`), correlated with
+    the held-out accuracy (scores.csv) from the first checkpoint at or after the
+    run's memorisation step (``memorised_step``: train accuracy >= 99%), each ``t*=N``
+    group from step N. A run that never memorised (the smoke run) is compared over all
+    samples and every checkpoint. Returns a :class:`~moepath.tracer.compare.CompareOptions`.
+    """
+    from .compare import CompareOptions
+
+    scores = result.out_dir / "scores.csv"
+    steps = result.config.checkpoint_steps
+    if result.memorised_step is None or result.memorised_step > steps[-1]:
+        return CompareOptions(scores=scores)
+    from_step = min(step for step in steps if step >= result.memorised_step)
+    return CompareOptions(scores=scores, memorised_only=True,
+                          epsilon=memorised_loss(result.config), from_step=from_step)
 
 
 def is_built(config: TestbedConfig, out_dir: str | Path, verify: bool = False) -> bool:
@@ -598,7 +644,7 @@ def _write_manifest(out: Path, result: TestbedResult) -> None:
 
 def summary(result: TestbedResult) -> dict:
     """The run's thresholds and speed, keyed by their :class:`TestbedResult` field names
-    (:func:`_read_result` passes them back)."""
+    (:func:`read_result` passes them back)."""
     return {"memorised_step": result.memorised_step, "heldout_50_step": result.heldout_50_step,
             "heldout_90_step": result.heldout_90_step, "seconds": round(result.seconds, 1),
             "steps_per_second": round(result.steps_per_second, 2)}
@@ -623,7 +669,8 @@ def _sha256(path: Path) -> str:
 
 
 __all__ = ["DEFAULT", "SMOKE", "CheckpointScore", "Example", "TestbedConfig", "TestbedResult",
-           "build_tokenizer", "examples", "is_built", "model_config", "split", "summary", "train"]
+           "build_tokenizer", "compare_options", "examples", "is_built", "loss_floor",
+           "memorised_loss", "model_config", "read_result", "split", "summary", "train"]
 
 
 if __name__ == "__main__":  # the child process of train(): CONFIG_JSON OUT_DIR
