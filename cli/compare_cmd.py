@@ -33,6 +33,10 @@ def compare(
              "(the paper: per domain) or over all samples.")] = True,
     delta: Annotated[float, typer.Option(help="Allowed distance to the final loss.")] = 0.05,
     from_step: Annotated[int | None, typer.Option(help="Correlate from this step on.")] = None,
+    from_t_star: Annotated[bool, typer.Option(
+        "--from-t-star/--all-checkpoints",
+        help="Correlate each t*=N group from step N on (after its samples are memorised), "
+             "or over every checkpoint.")] = True,
     tau: o.Tau = 0.7,
     source: o.Source = "full",
     unit: o.Unit = "char",
@@ -68,8 +72,7 @@ def compare(
                                   pairs=o.parse_pairs(pairs), seed=seed),
             group_by=group_by, memorised_only=memorised_only, epsilon=epsilon,
             epsilon_quantile=epsilon_quantile, epsilon_per_group=epsilon_per_group,
-            delta=delta, scores=scores,
-            from_step=from_step),
+            delta=delta, scores=scores, from_step=from_step, from_t_star=from_t_star),
         o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
                          gpu_memory_utilization, max_num_batched_tokens, trust_remote_code,
                          engine_core=engine_core),
@@ -119,14 +122,16 @@ def _trace_all(trace_checkpoints, models, sample_set, out, engine, trace_options
 def _render(result, out: Path) -> None:
     """Terminal summary: the trajectory of the first group (``all`` unless --memorised-only)
     and the correlations, one row per group; every group's table is in report.md."""
-    wide = result.metrics.pivot_table(index=["group", "step"], columns="metric",
-                                      values="value", aggfunc="first").reset_index()
-    group = "all" if "all" in set(wide["group"]) else wide["group"].iloc[0]
-    columns = [c for c in ("n_samples", "distance", "normalized_distance", "consistency",
-                           "loss") if c in wide.columns]
-    rows = wide[wide["group"] == group][["step", *columns]].values.tolist()
+    from moepath.tracer.compare import ALL
+    from moepath.tracer.correlation import TABLE1_ROWS
+
+    metrics = result.metrics
+    group = ALL if (metrics["group"] == ALL).any() else metrics["group"].iloc[0]
+    wide = metrics[metrics["group"] == group].pivot(index="step", columns="metric",
+                                                    values="value").reset_index()
+    columns = [c for c in ("n_samples", *TABLE1_ROWS) if c in wide.columns]
     render.stdout.print(render.table(f"metrics of group '{group}' by checkpoint",
-                                     ["step", *columns], rows))
+                                     ["step", *columns], wide[["step", *columns]].values.tolist()))
     if result.table1 is not None:
         by_group = result.table1.T  # rows: groups; columns: metrics
         render.stdout.print(render.table(
@@ -135,8 +140,8 @@ def _render(result, out: Path) -> None:
                                                         strict=True)]))
     for note in result.notes:
         render.stderr.print(f"note: {note}")
-    render.stderr.print(f"wrote {out}/report.md (every group), metrics.csv, metrics.parquet, "
-                        f"samples.parquet, distance.png, consistency.png, loss.png")
+    render.stderr.print(f"wrote into {out}: {', '.join(path.name for path in result.files)} "
+                        f"(report.md has every group)")
 
 
 def _command_line() -> str:

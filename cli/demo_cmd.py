@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -25,25 +26,37 @@ def demo(
     gpu_memory_utilization: o.GpuMemory = 0.3,
 ) -> None:
     """Train the grokking testbed (cached), then compare its checkpoints (traced in
-    float32) with their scores."""
+    float32) with their scores, on memorised samples from the memorisation step on."""
     from moepath.patches.engine import EngineOptions, TraceOptions
     from moepath.tracer import testbed
-    from moepath.tracer.compare import CompareOptions
     from moepath.tracer.samples import SampleReadOptions
 
     config = testbed.SMOKE if smoke else testbed.DEFAULT
-    testbed_dir = out / "testbed"
-    if testbed.is_built(config, testbed_dir):
-        render.stderr.print(f"testbed checkpoints in {testbed_dir} are up to date")
-    else:
-        render.stderr.print(f"training the grokking testbed into {testbed_dir} "
-                            f"({'smoke run' if smoke else 'about 10 minutes on 2 CPU cores'})")
-        testbed.train(config, testbed_dir, log=render.stderr.print)
-    run_compare([testbed_dir / "checkpoints"], testbed_dir / "samples.jsonl", out / "compare",
-                CompareOptions(scores=testbed_dir / "scores.csv"),
+    suffix = "-smoke" if smoke else ""  # a smoke run never replaces the 10-minute testbed
+    testbed_dir, compare_dir = out / f"testbed{suffix}", out / f"compare{suffix}"
+    duration = "smoke run" if smoke else "about 10 minutes on 2 CPU cores"
+    result = _testbed(config, testbed_dir, compare_dir / "traces", duration)
+    run_compare([testbed_dir / "checkpoints"], testbed_dir / "samples.jsonl", compare_dir,
+                testbed.compare_options(result),
                 EngineOptions(dtype=TESTBED_DTYPE, gpu_memory_utilization=gpu_memory_utilization,
                               engine_core="auto"),
                 TraceOptions(), SampleReadOptions())
+
+
+def _testbed(config, testbed_dir: Path, traces: Path, duration: str):
+    """The testbed run in ``testbed_dir``: cached, or trained (dropping the ``traces`` of
+    earlier checkpoints, which no longer match)."""
+    from moepath.tracer import testbed
+
+    if testbed.is_built(config, testbed_dir):
+        render.stderr.print(f"testbed checkpoints in {testbed_dir} are up to date")
+        return testbed.read_result(config, testbed_dir)
+    render.stderr.print(f"training the grokking testbed into {testbed_dir} ({duration})")
+    result = testbed.train(config, testbed_dir, log=render.stderr.print)
+    if traces.exists():
+        render.stderr.print(f"removing {traces}: traces of the checkpoints just replaced")
+        shutil.rmtree(traces)
+    return result
 
 
 def register(app: typer.Typer) -> None:

@@ -48,6 +48,28 @@ def test_explicit_folders_keep_the_given_order(tmp_path):
     assert cmp.steps(cmp.discover([b, a])) == {"b": 0, "a": 1}
 
 
+def test_a_final_folder_without_a_step_orders_every_checkpoint_by_position(tmp_path):
+    found = cmp.discover([fake_checkpoint(tmp_path / "step1000"),
+                          fake_checkpoint(tmp_path / "final")])
+    assert cmp.steps(found) == {"step1000": 0, "final": 1}
+
+
+def test_explicit_folders_out_of_step_order_or_sharing_a_step_are_refused(tmp_path):
+    step1000, step2000 = fake_checkpoint(tmp_path / "step1000"), fake_checkpoint(
+        tmp_path / "step2000")
+    with pytest.raises(InputError, match="^'step2000' is given before 'step1000'; pass "
+                                         "checkpoints in training order$"):
+        cmp.discover([step2000, step1000])
+    ema = fake_checkpoint(tmp_path / "step1000-ema")
+    with pytest.raises(InputError, match="^checkpoints 'step1000' and 'step1000-ema' share "
+                                         "step 1000; pass one$"):
+        cmp.discover([step1000, ema])
+    fake_checkpoint(tmp_path / "run" / "step1000")
+    fake_checkpoint(tmp_path / "run" / "step1000-ema")
+    with pytest.raises(InputError, match="share step 1000"):
+        cmp.discover([tmp_path / "run"])
+
+
 def test_checkpoints_with_different_routing_shapes_are_refused_naming_the_difference(tmp_path):
     found = cmp.discover([fake_checkpoint(tmp_path / "step1"),
                           fake_checkpoint(tmp_path / "step2", num_experts=32)])
@@ -120,6 +142,50 @@ def test_scores_are_read_before_tracing(tmp_path):
     with pytest.raises(InputError, match="names checkpoint\\(s\\) that were not compared: "
                                          "'step300'; use a name or step of: step100 \\(100\\)"):
         cmp.check_before_tracing(found, sample_set, cmp.CompareOptions(scores=scores))
+
+
+def three_checkpoints(tmp_path):
+    return [cmp.Checkpoint(f"step{step}", tmp_path / f"step{step}", step)
+            for step in (100, 200, 300)]
+
+
+@pytest.mark.parametrize(("scores", "options", "message"), [
+    ("step100,0.1\nstep200,0.2\n", {}, "^2 checkpoints: correlation needs at least 3; "
+                                         "compare more checkpoints or drop --scores$"),
+    ("step100,0.1\nstep200,0.2\nstep300,0.3\n", {"from_step": 250},
+     "^--from-step 250 leaves 1 of 3 checkpoints; correlation needs 3; pass an earlier "
+     "--from-step$"),
+])
+def test_scores_over_too_few_checkpoints_are_refused_before_tracing(tmp_path, scores, options,
+                                                                    message):
+    _, sample_set = two_checkpoints_and_samples(tmp_path)
+    (tmp_path / "scores.csv").write_text("checkpoint,score\n" + scores)
+    found = three_checkpoints(tmp_path)[:scores.count("\n")]
+    with pytest.raises(InputError, match=message):
+        cmp.check_before_tracing(found, sample_set, cmp.CompareOptions(
+            scores=tmp_path / "scores.csv", **options))
+
+
+def test_score_groups_are_checked_against_the_group_by_values_before_tracing(tmp_path):
+    _, sample_set = two_checkpoints_and_samples(tmp_path)  # domains: math, (missing)
+    scores = tmp_path / "scores.csv"
+    rows = "".join(f"step{s},0.{s // 100},{{group}}\n" for s in (100, 200, 300))
+    options = cmp.CompareOptions(scores=scores, group_by="domain")
+    for group in ("math", "all", "t*=200/math"):  # a value, every sample, a memorised group
+        scores.write_text("checkpoint,score,group\n" + rows.format(group=group))
+        cmp.check_before_tracing(three_checkpoints(tmp_path), sample_set, options)
+    scores.write_text("checkpoint,score,group\n" + rows.format(group="maths"))
+    with pytest.raises(InputError, match=r"^scores name group\(s\) 'maths' that no group of "
+                                         r"this run has \(groups: \(missing\), all, math and"):
+        cmp.check_before_tracing(three_checkpoints(tmp_path), sample_set, options)
+
+
+def test_a_group_by_value_named_all_is_refused(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "text": "x", "domain": "all"}])
+    with pytest.raises(InputError, match="--group-by domain: a sample has the value 'all', the "
+                                         "name of the group of every sample; rename"):
+        cmp.check_before_tracing(three_checkpoints(tmp_path), read_samples(samples),
+                                 cmp.CompareOptions(group_by="domain"))
 
 
 def two_checkpoints(kind: str, step100, step200, request) -> None:
@@ -329,6 +395,18 @@ def test_epsilon_is_a_quantile_of_each_domain_s_final_losses(tmp_path):
         "epsilon 0.3 (quantile 0.25 of the final losses), delta 0.05")
 
 
+def test_a_group_of_one_sample_keeps_its_consistency_as_moepath_metrics_does(tmp_path):
+    result = analyse(tmp_path, group_by="domain")  # b0 alone has no domain: "(missing)"
+    rows = result.metrics[(result.metrics.checkpoint == "step300")
+                          & (result.metrics.group == "(missing)")].set_index("metric")["value"]
+    assert set(rows.index) == {"n_samples", "loss", "pathway_length", "consistency",
+                               "complexity"}  # no distance: it needs two samples
+    [lone] = [g for g in trace_metrics(Trace.open(tmp_path / "traces" / "step300"),
+                                       group_by="domain") if g.name == "(missing)"]
+    assert rows["consistency"] == pytest.approx(lone.consistency_mean, rel=1e-12)
+    assert rows["pathway_length"] == pytest.approx(lone.mean_pathway_length, rel=1e-12)
+
+
 def test_compare_reads_the_distributions_of_the_source_option(tmp_path):
     result = analyse(tmp_path, metrics=MetricOptions(source="topk"))
     rows = result.metrics[(result.metrics.checkpoint == "step300")
@@ -349,6 +427,36 @@ def test_with_two_moe_layers_consistency_is_left_out_and_the_note_says_why(tmp_p
     [note] = [n for n in result.notes if "fewer than 3" in n]
     assert "2 MoE layer(s)" in note and "left out of the tables, plots and correlations" in note
     assert "| 0.0000 |" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_memorised_only_with_no_memorised_sample_is_an_error_naming_the_thresholds(tmp_path):
+    with pytest.raises(InputError, match=r"^no sample is memorised \(epsilon 0.05 \(explicit\), "
+                                         r"delta 0.05\); raise --epsilon or drop "
+                                         r"--memorised-only$"):
+        analyse(tmp_path, epsilon=0.05, memorised_only=True)
+
+
+def test_scores_of_a_label_with_no_memorised_sample_are_noted_not_refused(tmp_path):
+    scores = tmp_path / "scores.csv"
+    scores.write_text("checkpoint,score,group\n" + "".join(
+        f"step{s},0.{s // 100},{g}\n" for s in (100, 200, 300) for g in ("math", "code")))
+    # explicit epsilon 0.5: only math samples (final losses 0.1-0.4) are memorised
+    result = analyse(tmp_path, group_by="domain", memorised_only=True, epsilon=0.5,
+                     scores=scores)
+    assert set(result.metrics["group"]) == {"t*=200/math"}
+    assert ("the scores of group(s) 'code' match no group of this run (e.g. no sample of that "
+            "label is memorised), so they were not used") in result.notes
+
+
+def test_too_few_checkpoints_for_a_correlation_is_said_in_the_report(tmp_path):
+    scores = tmp_path / "scores.csv"
+    scores.write_text("checkpoint,score\nstep100,0.1\nstep200,0.2\nstep300,0.3\n")
+    result = analyse(tmp_path, scores=scores, from_step=200)
+    assert result.correlations is None
+    reason = "--from-step 200 leaves 2 of 3 checkpoints; correlation needs 3"
+    assert f"correlations skipped: {reason}" in result.notes
+    assert (f"No correlation was computed: {reason}."
+            in (tmp_path / "out" / "report.md").read_text())
 
 
 def test_grouping_by_the_id_column_is_refused(tmp_path):

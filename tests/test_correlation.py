@@ -16,6 +16,8 @@ from moepath.tracer.correlation import (
     correlate,
     read_scores,
     table1,
+    too_few_checkpoints,
+    unused_score_groups,
 )
 from moepath.tracer.errors import InputError, MetricError
 from moepath.tracer.report import METRIC_NAMES
@@ -137,14 +139,51 @@ def test_memorised_groups_take_their_label_s_scores():
     assert row(result, "all", "loss")["note"].startswith("the score is constant")
 
 
+def test_memorised_groups_are_correlated_from_their_t_star_on():
+    trajectories = {"t*=100/math": TRAJECTORIES["math"], "code": TRAJECTORIES["code"]}
+    result = correlate(metrics_frame(trajectories), scores_frame(), from_t_star=True)
+    got = row(result, "t*=100/math", "distance")
+    assert (got["n"], got["first_step"], got["last_step"]) == (4, 100, 400)
+    assert got["pearson"] == pytest.approx(
+        stats.pearsonr(TRAJECTORIES["math"]["distance"][1:], SCORE[1:]).statistic)
+    assert row(result, "code", "distance")["n"] == 5  # not a memorised group: every checkpoint
+    later = correlate(metrics_frame(trajectories), scores_frame(), from_step=200,
+                      from_t_star=True)
+    assert row(later, "t*=100/math", "distance")["first_step"] == 200  # the later of the two
+    every = correlate(metrics_frame(trajectories), scores_frame())
+    assert row(every, "t*=100/math", "distance")["n"] == 5
+
+
 def test_a_group_without_scores_is_noted():
     result = correlate(metrics_frame(), scores_frame(group="math"))
     assert row(result, "code", "loss")["note"].startswith("no score applies to this group")
 
 
-def test_score_groups_that_match_no_metrics_group_are_refused():
-    with pytest.raises(InputError, match=r"scores name group\(s\) 'maths' that no metrics group"):
-        correlate(metrics_frame(), scores_frame(group="maths"))
+def test_score_groups_that_match_no_metrics_group_are_unused_and_each_group_is_noted():
+    scores = scores_frame(group="maths")
+    assert unused_score_groups(scores, ["math", "code"]) == ["maths"]
+    assert unused_score_groups(scores_frame(group="math"), ["t*=200/math"]) == []
+    result = correlate(metrics_frame(), scores)
+    assert result["pearson"].isna().all()
+    assert result["note"].str.startswith("no score applies to this group").all()
+
+
+@pytest.mark.parametrize(("steps", "from_step", "reason"), [
+    ([0, 100, 200], None, None),
+    ([0], None, "1 checkpoint: correlation needs at least 3"),
+    ([0, 100], None, "2 checkpoints: correlation needs at least 3"),
+    ([0, 100, 200], 100, "--from-step 100 leaves 2 of 3 checkpoints; correlation needs 3"),
+])
+def test_too_few_checkpoints_says_why(steps, from_step, reason):
+    assert too_few_checkpoints(steps, from_step) == reason
+
+
+def test_nearly_constant_series_are_constant_to_float_rounding():
+    frame = metrics_frame()
+    near = frame["metric"] == "loss"
+    frame.loc[near, "value"] = 0.9 + np.array([0, 1, 0, 1, 0] * 2) * 1e-15  # rounding noise
+    assert row(correlate(frame, scores_frame()), "math", "loss")["note"] == (
+        "loss is constant over the 5 checkpoints; correlation is undefined")
 
 
 def test_infinite_scores_are_refused_rather_than_correlated_to_nan():

@@ -17,7 +17,9 @@ def test_demo_smoke_trains_compares_and_reports(tmp_path):
             "--gpu-memory-utilization", str(TEST_MEMORY))
     result = moepath(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    compare = tmp_path / "demo" / "compare"
+    compare = tmp_path / "demo" / "compare-smoke"  # beside, never over, the full run's
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
+        "compare-smoke", "testbed-smoke"]
     metrics = pd.read_csv(compare / "metrics.csv")
     assert sorted(set(metrics["step"])) == [0, 3, 6]
     assert {"distance", "consistency", "loss"} <= set(metrics["metric"])

@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from moepath.tracer import testbed
-from moepath.tracer.errors import InputError
+from moepath.tracer.compare import CompareOptions
+from moepath.tracer.errors import InputError, TrainingError
 
 ROUTER = "model.layers.0.mlp.gate.weight"
 
@@ -128,7 +129,10 @@ def test_training_runs_apart_with_avx2_kernels_whatever_this_process_uses(smoke)
 def test_a_failed_training_process_is_an_error_and_leaves_nothing_built(tmp_path, monkeypatch):
     short = replace(testbed.SMOKE, steps=1, checkpoint_steps=(0, 1))
     monkeypatch.setattr(testbed.sys, "executable", "false")  # a process that exits with 1
-    with pytest.raises(RuntimeError, match=r"testbed training failed \(exit status 1\)"):
+    with pytest.raises(TrainingError, match=r"^testbed training failed \(exit status 1; its "
+                                            r"traceback is printed above\); fix what it names "
+                                            r"and rerun \(the partial checkpoints in '.*"
+                                            r"checkpoints' are replaced\)$"):
         testbed.train(short, tmp_path, log=lambda message: None)
     assert not testbed.is_built(short, tmp_path)
 
@@ -159,6 +163,8 @@ def test_rerun_replaces_step_folders_and_refuses_foreign_content(tmp_path):
     (dict(checkpoint_steps=(0, 7)), r"checkpoint_steps \(0, 7\) must be increasing"),
     (dict(checkpoint_steps=(3, 3)), "must be increasing, unique"),
     (dict(train_fraction=1.0), "train_fraction"),
+    (dict(p=3, train_fraction=0.01), "train_fraction 0.01 of the 9 facts of p = 3 must leave "
+                                     "at least one training and one held-out fact"),
 ])
 def test_invalid_configs_are_named(change, message):
     with pytest.raises(InputError, match=message):
@@ -175,3 +181,28 @@ def test_invalid_configs_are_named(change, message):
 def test_examples_of_p_3_are_hand_checked(operation, texts):
     config = replace(testbed.SMOKE, p=3, operation=operation)
     assert [e.text for e in testbed.examples(config)] == texts
+
+
+def test_every_config_problem_is_named_at_once():
+    with pytest.raises(InputError, match="^invalid testbed config: p = 12 must be a prime >= 3; "
+                                         "top_k 9 must be in 1..experts"):
+        replace(testbed.SMOKE, p=12, top_k=9)
+
+
+def test_a_sample_is_memorised_within_a_margin_of_the_operand_floor():
+    # of the four predicted tokens (+, b, =, answer) only b is unpredictable: log(37) / 4
+    assert testbed.loss_floor(testbed.DEFAULT) == pytest.approx(0.902729, abs=1e-6)
+    assert testbed.memorised_loss(testbed.DEFAULT) == pytest.approx(0.952729, abs=1e-6)
+
+
+def test_the_demo_compares_memorised_samples_from_the_first_checkpoint_after_memorisation(
+        tmp_path):
+    result = testbed.TestbedResult(tmp_path, testbed.DEFAULT, [], [], memorised_step=70,
+                                   heldout_50_step=1025, heldout_90_step=1650, seconds=400.0,
+                                   steps_per_second=4.6)
+    options = testbed.compare_options(result)
+    assert (options.memorised_only, options.from_step, options.from_t_star) == (True, 100, True)
+    assert options.epsilon == testbed.memorised_loss(testbed.DEFAULT)
+    assert options.scores == tmp_path / "scores.csv"
+    never = testbed.compare_options(replace(result, memorised_step=None))  # e.g. the smoke run
+    assert never == CompareOptions(scores=tmp_path / "scores.csv")

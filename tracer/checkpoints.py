@@ -1,7 +1,9 @@
-"""Model folders: validation and MoE shape from ``config.json``, before any weight loads.
+"""Model folders: validation and MoE shape from ``config.json``; router matrices.
 
-Reads the Hugging Face ``config.json`` as plain JSON (no code from the folder
-runs), so a dense model or a missing folder is reported in milliseconds.
+Validation and the MoE shape read the Hugging Face ``config.json`` as plain JSON
+before any weight loads (no code from the folder runs), so a dense model or a
+missing folder is reported in milliseconds. :func:`router_weights` then reads
+only the router tensors from the ``*.safetensors`` files.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def step_number(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-_ROUTER_KEY = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe|moe|feed_forward)\.gate\.weight$")
+_ROUTER_BLOCKS = ("mlp", "block_sparse_moe", "moe", "feed_forward")
+_ROUTER_KEY = re.compile(rf"layers\.(\d+)\.(?:{'|'.join(_ROUTER_BLOCKS)})\.gate\.weight$")
 
 
 def router_weights(path: str | Path, num_experts: int) -> dict[int, np.ndarray]:
@@ -101,7 +104,9 @@ def router_weights(path: str | Path, num_experts: int) -> dict[int, np.ndarray]:
                     if tensor.ndim == 2 and tensor.shape[0] == num_experts:
                         found[int(match.group(1))] = tensor.float().numpy()
     if not found:
-        raise ModelError(f"no router weights ('layers.N.mlp.gate.weight' with {num_experts} rows) "
-                         f"found in '{path}'")
+        blocks = "|".join(_ROUTER_BLOCKS)
+        raise ModelError(f"no router weights found in '{path}': no 'layers.N.{{{blocks}}}.gate."
+                         f"weight' tensor with {num_experts} rows; pass a checkpoint saved by "
+                         f"transformers' save_pretrained, whose routers carry these names")
     return found
 

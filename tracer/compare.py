@@ -18,7 +18,14 @@ import pandas as pd
 
 from . import checkpoints as ckpt
 from . import report
-from .correlation import correlate, read_scores, table1
+from .consistency import is_degenerate
+from .correlation import (
+    correlate,
+    read_scores,
+    table1,
+    too_few_checkpoints,
+    unused_score_groups,
+)
 from .errors import InputError, ModelError
 from .memorisation import (
     MemorisationResult,
@@ -26,20 +33,23 @@ from .memorisation import (
     loss_matrix,
     memorisation_groups,
     memorise,
+    parse_memorised_group,
 )
 from .metrics import (
+    ALL_GROUP,
     MetricOptions,
     degenerate_warning,
     group_labels,
     group_metrics,
     label_names,
+    lone_sample_metrics,
     per_sample_frame,
     trace_distributions,
 )
 from .samples import TRACE_COLUMNS, SampleSet, sample_table
 from .trace import Trace
 
-ALL = "all"
+ALL = ALL_GROUP  # the group of every sample
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,11 @@ def discover(paths: list[Path]) -> list[Checkpoint]:
     A single path without config.json is a parent: its subfolders holding a
     config.json are the checkpoints, ordered by the step number in their names
     (``step1000``, ``checkpoint-2000``, ``step5000-tokens21B``).
+
+    Raises:
+        ModelError: a folder is missing or is not a model.
+        InputError: two folders share a name or a step, explicit folders named by step
+            are not in increasing step order, or a parent's subfolder has no step number.
     """
     paths = [Path(p) for p in paths]
     for path in paths:
@@ -68,6 +83,10 @@ def discover(paths: list[Path]) -> list[Checkpoint]:
     for checkpoint in found:
         ckpt.read_config(checkpoint.path)  # a folder that is not a model fails here
     _check_unique_names(found)
+    if any(c.step is None for c in found):  # ordered by position (see steps)
+        return found
+    _check_unique_steps(found)
+    _check_training_order(found)
     return found
 
 
@@ -82,7 +101,26 @@ def _from_parent(parent: Path) -> list[Checkpoint]:
         raise InputError(
             f"checkpoint folders without a step number in their name: {unnumbered}; name them "
             f"like 'step1000' or pass the folders explicitly in order")
+    _check_unique_steps(found)
     return sorted(found, key=lambda c: c.step)
+
+
+def _check_unique_steps(found: list[Checkpoint]) -> None:
+    """InputError when two checkpoints' names give the same step (memorisation orders by step)."""
+    first_at: dict[int, str] = {}
+    for checkpoint in found:
+        if checkpoint.step in first_at:
+            raise InputError(f"checkpoints '{first_at[checkpoint.step]}' and '{checkpoint.name}' "
+                             f"share step {checkpoint.step}; pass one")
+        first_at[checkpoint.step] = checkpoint.name
+
+
+def _check_training_order(found: list[Checkpoint]) -> None:
+    """InputError when explicit folders are not given in increasing step order."""
+    for before, after in zip(found, found[1:], strict=False):
+        if before.step > after.step:
+            raise InputError(f"'{before.name}' is given before '{after.name}'; pass checkpoints "
+                             f"in training order")
 
 
 def _check_unique_names(found: list[Checkpoint]) -> None:
@@ -108,8 +146,11 @@ def check_compatible(found: list[Checkpoint]) -> ckpt.MoEShape:
 
 
 def steps(found: list[Checkpoint]) -> dict[str, int]:
-    """Step of each checkpoint: from its name, else its position (0, 1, ...)."""
-    return {c.name: c.step if c.step is not None else i for i, c in enumerate(found)}
+    """Step of each checkpoint: from the names when every name has one, else the positions
+    (0, 1, ...) of all of them, so that ``step1000, final`` keeps its given order."""
+    if any(c.step is None for c in found):
+        return {c.name: i for i, c in enumerate(found)}
+    return {c.name: c.step for c in found}
 
 
 def losses(traces: dict[str, Trace], step_of: dict[str, int]) -> pd.DataFrame:
@@ -153,35 +194,33 @@ def sample_groups(sample_ids: list[str], memorisation: MemorisationResult,
     return groups
 
 
-def _group_order(name: str):
+def _group_order(name: str) -> tuple[int, str]:
     """Memorised groups ordered by t* then field value (``t*=1000/math``)."""
-    head, _, tail = name.partition("/")
-    digits = "".join(ch for ch in head if ch.isdigit())
-    return (int(digits) if digits else 0, tail)
+    t_star, label = parse_memorised_group(name)
+    return t_star, label or ""
 
 
 def checkpoint_metrics(name: str, step: int, data: CheckpointData,
                        groups: dict[str, list[int]], options: MetricOptions) -> list[dict]:
     """Long-format rows (checkpoint, step, group, metric, value) for one checkpoint.
 
-    A group of one sample has no distance; with fewer than 3 MoE layers consistency and
-    complexity are constants (METHOD.md, degenerate case), so they have no rows either.
+    A group of one sample has no distance rows (as in ``moepath metrics``); with fewer
+    than 3 MoE layers consistency and complexity are constants (METHOD.md, degenerate
+    case), so they have no rows either.
     """
     rows = []
     for group, index in groups.items():
-        values = {"n_samples": len(index), "loss": float(np.nanmean(data.loss.iloc[index]))}
-        if len(index) >= 2:  # a group of one has no pairwise distance: metrics missing
-            metrics = group_metrics(group, data.distributions[index],
-                                    data.router_weights, options)
-            values.update(distance=metrics.distance_mean,
-                          distance_stderr=metrics.distance_stderr,
-                          normalized_distance=metrics.normalized_distance_mean,
-                          pathway_length=metrics.mean_pathway_length)
-            if not metrics.degenerate:
-                values.update(consistency=metrics.consistency_mean,
-                              complexity=metrics.complexity_mean)
+        summary = (group_metrics if len(index) >= 2 else lone_sample_metrics)(
+            group, data.distributions[index], data.router_weights, options)
+        values = {"n_samples": len(index), "loss": float(np.nanmean(data.loss.iloc[index])),
+                  "distance": summary.distance_mean, "distance_stderr": summary.distance_stderr,
+                  "normalized_distance": summary.normalized_distance_mean,
+                  "pathway_length": summary.mean_pathway_length}
+        if not summary.degenerate:
+            values.update(consistency=summary.consistency_mean,
+                          complexity=summary.complexity_mean)
         rows += [{"checkpoint": name, "step": step, "group": group, "metric": metric,
-                  "value": value} for metric, value in values.items()]
+                  "value": value} for metric, value in values.items() if value is not None]
     return rows
 
 
@@ -190,7 +229,7 @@ def checkpoint_samples(name: str, step: int, data: CheckpointData,
     """Per-sample rows of one checkpoint: loss, pathway, consistency, memorised, t*
     (consistency and complexity NaN with fewer than 3 MoE layers: degenerate)."""
     frame = per_sample_frame(data.sample_ids, data.distributions, data.router_weights, options)
-    if len(data.router_weights) < 3:
+    if is_degenerate(len(data.router_weights)):
         frame[["consistency", "complexity"]] = np.nan
     t_star = memorisation.t_star.reindex(data.sample_ids).to_numpy()
     return frame.assign(checkpoint=name, step=step, loss=data.loss.to_numpy(),
@@ -207,6 +246,8 @@ class CompareOptions:
     domain), else over all samples. ``memorised_only``: report
     memorised groups only (the paper's protocol), else ``all``, the ``group_by``
     values and the memorised groups. ``from_step``: correlate from this step on.
+    ``from_t_star``: correlate each memorised group ``t*=N`` from step N on (or from
+    ``from_step`` if later), not over the checkpoints before its samples were memorised.
 
     Validated on construction (InputError for bad thresholds), so that ``moepath
     compare`` refuses them before tracing; :func:`check_before_tracing` checks the rest.
@@ -221,6 +262,7 @@ class CompareOptions:
     delta: float = 0.05
     scores: Path | None = None
     from_step: int | None = None
+    from_t_star: bool = True
 
     def __post_init__(self) -> None:
         check_thresholds(self.epsilon, self.epsilon_quantile, self.delta)
@@ -231,18 +273,52 @@ def check_before_tracing(found: list[Checkpoint], sample_set: SampleSet,
     """Refuse, before the hours of tracing, what :func:`analyse` would refuse after them.
 
     ``group_by`` must name a field of the samples or a column tracing adds
-    (:data:`~moepath.tracer.samples.TRACE_COLUMNS`), of one value per sample; the scores
-    file must be valid for these checkpoints (:func:`~moepath.tracer.correlation.read_scores`).
+    (:data:`~moepath.tracer.samples.TRACE_COLUMNS`), of one value per sample, none of them
+    ``all``; the scores file must be valid for these checkpoints
+    (:func:`~moepath.tracer.correlation.read_scores`), leave at least
+    :data:`~moepath.tracer.correlation.MIN_POINTS` checkpoints from ``from_step`` on, and
+    name only groups this run can have (``all``, a ``group_by`` value, a memorised group).
 
     Raises:
         MetricError: a bad ``group_by`` (:func:`~moepath.tracer.metrics.group_labels`).
-        InputError: a bad scores file.
+        InputError: a ``group_by`` value ``all``, a bad scores file, too few checkpoints.
     """
+    labels = None
     if options.group_by is not None:
         table = sample_table(sample_set.samples).assign(**dict.fromkeys(TRACE_COLUMNS))
-        group_labels(table, options.group_by, f"samples file '{sample_set.path}'")
+        field = _field_labels(table, options.group_by, f"samples file '{sample_set.path}'")
+        if options.group_by not in TRACE_COLUMNS:  # those values exist only after tracing
+            labels = set(label_names(field))
     if options.scores is not None:
-        read_scores(options.scores, steps(found))
+        scores = read_scores(options.scores, steps(found))
+        problem = too_few_checkpoints(steps(found).values(), options.from_step)
+        if problem is not None:
+            fix = ("pass an earlier --from-step" if options.from_step is not None
+                   else "compare more checkpoints or drop --scores")
+            raise InputError(f"{problem}; {fix}")
+        if options.group_by is None or labels is not None:
+            _check_score_groups(scores, {ALL} | (labels or set()))
+
+
+def _field_labels(samples: pd.DataFrame, column: str, where: str) -> pd.Series:
+    """:func:`~moepath.tracer.metrics.group_labels`, refusing a value named like the group of
+    every sample (it would silently replace that group)."""
+    labels = group_labels(samples, column, where)
+    if (label_names(labels) == ALL).any():
+        raise InputError(f"--group-by {column}: a sample has the value '{ALL}', the name of "
+                         f"the group of every sample; rename that value in the {where}")
+    return labels
+
+
+def _check_score_groups(scores: pd.DataFrame, groups: set[str]) -> None:
+    """InputError for score groups that are neither in ``groups`` nor a memorised group."""
+    unknown = [g for g in unused_score_groups(scores, groups)
+               if parse_memorised_group(g) is None]
+    if unknown:
+        raise InputError(f"scores name group(s) {', '.join(map(repr, unknown))} that no group "
+                         f"of this run has (groups: {', '.join(sorted(groups))} and the "
+                         f"memorised t*=N groups); fix the names or --group-by the field "
+                         f"that holds them")
 
 
 @dataclass
@@ -269,28 +345,38 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
     memorisation = memorise(loss_matrix(losses(traces, step_of)), options.epsilon,
                             options.epsilon_quantile, options.delta,
                             domains=field if options.epsilon_per_group else None)
+    if options.memorised_only and memorisation.fraction_memorised == 0:
+        raise InputError(f"no sample is memorised ({memorisation.thresholds()}); raise "
+                         f"--epsilon or drop --memorised-only")
     rows, sample_frames = [], []
     for name, trace in traces.items():
         data = load_checkpoint_data(trace, options.metrics.source)
         groups = sample_groups(data.sample_ids, memorisation, field)
         if options.memorised_only:
-            groups = {g: rows_ for g, rows_ in groups.items() if g.startswith("t*=")}
+            groups = {g: rows_ for g, rows_ in groups.items() if parse_memorised_group(g)}
         rows += checkpoint_metrics(name, step_of[name], data, groups, options.metrics)
         sample_frames.append(checkpoint_samples(name, step_of[name], data, memorisation,
                                                 options.metrics))
     metrics = pd.DataFrame(rows, columns=["checkpoint", "step", "group", "metric", "value"])
-    notes = _notes(found, memorisation, traces, options)
-    correlations = scores = None
+    notes = _notes(memorisation, traces)
+    correlations = scores = no_correlation = None
     if options.scores is not None:
         scores = read_scores(options.scores, step_of)
-        if len(found) >= 2:
-            correlations = correlate(metrics, scores, options.from_step)
+        no_correlation = too_few_checkpoints(step_of.values(), options.from_step)
+        if no_correlation is None:
+            correlations = correlate(metrics, scores, options.from_step, options.from_t_star)
+            if options.from_t_star and any(map(parse_memorised_group, metrics["group"])):
+                notes.append("each t*=N group is correlated from step N on, after its samples "
+                             "are memorised (--all-checkpoints: over every checkpoint)")
+        else:
+            notes.append(f"correlations skipped: {no_correlation}")
+        notes += _unused_scores_notes(scores, metrics)
     samples = pd.concat(sample_frames, ignore_index=True)
     files = _write_outputs(out, metrics, samples)
     files += report.plot_metrics(out, metrics, scores)
     versions = versions or next(iter(traces.values())).manifest.get("versions", {})
     files.append(report.write_report(out, metrics, correlations, scores, command, versions,
-                                     notes, memorisation))
+                                     notes, memorisation, no_correlation))
     summary = table1(correlations) if correlations is not None else None
     return CompareResult(metrics, samples, memorisation, correlations, summary, notes, files)
 
@@ -298,19 +384,25 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
 def _group_field(trace: Trace, column: str | None) -> pd.Series | None:
     if column is None:
         return None
-    return group_labels(trace.samples, column, f"samples table of trace '{trace.path}'")
+    return _field_labels(trace.samples, column, f"samples table of trace '{trace.path}'")
 
 
-def _notes(found, memorisation: MemorisationResult, traces: dict, options) -> list[str]:
+def _notes(memorisation: MemorisationResult, traces: dict) -> list[str]:
     notes = [f"memorised: {memorisation.fraction_memorised:.0%} of samples "
              f"({memorisation.thresholds()})"]
-    if options.scores is not None and len(found) < 2:
-        notes.append("fewer than 2 checkpoints: correlations skipped")
     num_layers = next(iter(traces.values())).num_layers
-    if num_layers < 3:
+    if is_degenerate(num_layers):
         notes.append(f"{degenerate_warning(num_layers)}; consistency and complexity are "
                      f"left out of the tables, plots and correlations")
     return notes
+
+
+def _unused_scores_notes(scores: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:
+    unused = unused_score_groups(scores, set(metrics["group"]))
+    if not unused:
+        return []
+    return [f"the scores of group(s) {', '.join(map(repr, unused))} match no group of this "
+            f"run (e.g. no sample of that label is memorised), so they were not used"]
 
 
 def _write_outputs(out: Path, metrics: pd.DataFrame, samples: pd.DataFrame) -> list[Path]:

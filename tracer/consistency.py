@@ -39,6 +39,12 @@ EPSILON = 1e-8
 _CHUNK_VALUES = 1 << 22
 
 
+def is_degenerate(num_layers: int) -> bool:
+    """True when ``num_layers`` MoE layers are too few for Metric 2 to measure routing
+    (fewer than 3: METHOD.md "Degenerate case")."""
+    return num_layers < 3
+
+
 @dataclass(frozen=True)
 class ConsistencyResult:
     """Per-sample pathway consistency of N samples through L MoE layers.
@@ -74,7 +80,8 @@ def routing_consistency(distributions, router_weights) -> ConsistencyResult:
     weights = _router_matrices(router_weights, g.shape[1:])
     cosines = _layer_cosines(g, weights)
     complexity = _complexity(cosines)
-    return ConsistencyResult(cosines, complexity, 1.0 - complexity, degenerate=g.shape[1] < 3)
+    return ConsistencyResult(cosines, complexity, 1.0 - complexity,
+                             degenerate=is_degenerate(g.shape[1]))
 
 
 def _router_matrices(router_weights, layers_experts: tuple[int, int]) -> list[np.ndarray]:

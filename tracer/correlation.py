@@ -37,8 +37,11 @@ import pandas as pd
 from scipy import stats
 
 from .errors import InputError, MetricError
+from .memorisation import parse_memorised_group
 
 MIN_POINTS = 3  # two points always correlate +-1: no evidence
+# A series whose range is at most this times its largest magnitude (or 1) counts as constant.
+CONSTANT_RTOL = 1e-12
 # Table 1 rows: long-frame metric name -> the paper's label (report.METRIC_NAMES has them all).
 TABLE1_ROWS = {
     "distance": "pathway distance",
@@ -162,10 +165,8 @@ def scores_for_group(scores: pd.DataFrame, group: str) -> pd.Series:
     Lookup order: rows of the group itself, rows of its label (``t*=1000/math`` ->
     ``math``), rows without a group.
     """
-    keys = [group]
-    if group.startswith("t*=") and "/" in group:
-        keys.append(group.partition("/")[2])
-    for key in keys:
+    label = _memorised_label(group)
+    for key in [group] if label is None else [group, label]:
         rows = scores[scores["group"] == key]
         if len(rows):
             break
@@ -174,9 +175,18 @@ def scores_for_group(scores: pd.DataFrame, group: str) -> pd.Series:
     return rows.set_index("step")["score"].sort_index()
 
 
-def correlate(metrics: pd.DataFrame, scores: pd.DataFrame,
-              from_step: int | None = None) -> pd.DataFrame:
+def _memorised_label(group: str) -> str | None:
+    """The label of a memorised group (``t*=1000/math`` -> ``math``), else None."""
+    parsed = parse_memorised_group(group)
+    return None if parsed is None else parsed[1]
+
+
+def correlate(metrics: pd.DataFrame, scores: pd.DataFrame, from_step: int | None = None,
+              from_t_star: bool = False) -> pd.DataFrame:
     """Pearson and Spearman of every (group, metric) trajectory against the scores.
+
+    Score groups that apply to no metrics group are not used (see
+    :func:`unused_score_groups`); the metrics groups left without a score get a note.
 
     Args:
         metrics: long frame with columns checkpoint, step, group, metric, value.
@@ -184,6 +194,8 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame,
             :func:`read_scores`'s output.
         from_step: keep only checkpoints at or after this step (the start of the
             sustained rise of accuracy); None keeps all.
+        from_t_star: correlate a memorised group ``t*=N`` only from step N on (the
+            checkpoints after its samples are memorised), or from ``from_step`` if later.
 
     Returns:
         One row per (group, metric) in the metrics' order (bookkeeping metrics
@@ -197,23 +209,29 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame,
         InputError: bad scores (see :func:`read_scores`).
     """
     check_metrics_frame(metrics)
-    known = dict(zip(metrics["checkpoint"].astype(str), metrics["step"].astype(int),
-                     strict=True))
-    scores = resolve_scores(scores, known)  # idempotent on read_scores' output
-    _check_score_groups(scores, metrics["group"].astype(str).unique())
+    scores = resolve_scores(scores, checkpoint_steps(metrics))  # idempotent on read_scores'
     values = metrics.assign(value=pd.to_numeric(metrics["value"], errors="coerce"))
-    if from_step is not None:
-        values = values[values["step"] >= from_step]
     names = [m for m in dict.fromkeys(metrics["metric"]) if m not in NOT_CORRELATED]
     rows = []
-    for group in dict.fromkeys(metrics["group"]):
+    for group in map(str, dict.fromkeys(metrics["group"])):
+        start = _first_step(group, from_step, from_t_star)
         mine = values[values["group"] == group]
+        if start is not None:
+            mine = mine[mine["step"] >= start]
         for metric in names:  # every metric for every group: a missing one gets a note
             trajectory = mine.loc[mine["metric"] == metric].set_index("step")["value"]
-            rows.append(_correlation(str(group), str(metric), trajectory,
-                                     scores_for_group(scores, str(group)), from_step))
+            rows.append(_correlation(group, str(metric), trajectory,
+                                     scores_for_group(scores, group), start))
     frame = pd.DataFrame(rows, columns=list(CORRELATION_COLUMNS))
     return frame.astype({"n": "int64", "first_step": "Int64", "last_step": "Int64"})
+
+
+def _first_step(group: str, from_step: int | None, from_t_star: bool) -> int | None:
+    """The first step ``group`` is correlated from (None: every checkpoint)."""
+    parsed = parse_memorised_group(group) if from_t_star else None
+    if parsed is None:
+        return from_step
+    return parsed[0] if from_step is None else max(from_step, parsed[0])
 
 
 def check_metrics_frame(metrics: pd.DataFrame) -> None:
@@ -230,14 +248,34 @@ def check_metrics_frame(metrics: pd.DataFrame) -> None:
                           "per checkpoint, group and metric")
 
 
-def _check_score_groups(scores: pd.DataFrame, groups) -> None:
-    """InputError for score groups that apply to no metrics group (a typo, or no --group-by)."""
-    usable = set(groups) | {g.partition("/")[2] for g in groups if g.startswith("t*=")}
-    unused = [g for g in dict.fromkeys(scores["group"].dropna()) if g not in usable]
-    if unused:
-        raise InputError(f"scores name group(s) {', '.join(map(repr, unused))} that no metrics "
-                         f"group has (groups: {', '.join(groups)}); fix the names or group "
-                         "the samples by the field that holds them")
+def checkpoint_steps(metrics: pd.DataFrame) -> dict[str, int]:
+    """{checkpoint name: step} of a long metrics frame, in order of appearance."""
+    return dict(zip(metrics["checkpoint"].astype(str), metrics["step"].astype(int),
+                    strict=True))
+
+
+def unused_score_groups(scores: pd.DataFrame, groups) -> list[str]:
+    """The resolved ``scores``' groups that apply to none of the metrics ``groups`` (by
+    the group's own name or, for a memorised group, its label): a typo, no --group-by, or
+    a label none of whose samples is memorised. Rows without a group apply to all."""
+    usable = set(groups) | {_memorised_label(g) for g in groups} - {None}
+    return [g for g in dict.fromkeys(scores["group"].dropna()) if g not in usable]
+
+
+def too_few_checkpoints(steps, from_step: int | None = None) -> str | None:
+    """Why checkpoints at ``steps`` cannot be correlated with scores, or None when they can.
+
+    ``too_few_checkpoints([0, 100]) == "2 checkpoints: correlation needs at least 3"``
+    """
+    steps = list(steps)
+    kept = [s for s in steps if from_step is None or s >= from_step]
+    if len(kept) >= MIN_POINTS:
+        return None
+    if from_step is None:
+        counted = "1 checkpoint" if len(steps) == 1 else f"{len(steps)} checkpoints"
+        return f"{counted}: correlation needs at least {MIN_POINTS}"
+    return (f"--from-step {from_step} leaves {len(kept)} of {len(steps)} checkpoints; "
+            f"correlation needs {MIN_POINTS}")
 
 
 def _correlation(group: str, metric: str, trajectory: pd.Series, score: pd.Series,
@@ -270,11 +308,17 @@ def _why_not(metric: str, x: np.ndarray, y: np.ndarray, has_values: bool, has_sc
         counted = "1 checkpoint has" if len(x) == 1 else f"{len(x)} checkpoints have"
         return (f"only {counted} both a value and a score{since}; correlation needs at "
                 f"least {MIN_POINTS}")
-    if np.ptp(x) == 0:
+    if _is_constant(x):
         return f"{metric} is constant over the {len(x)} checkpoints; correlation is undefined"
-    if np.ptp(y) == 0:
+    if _is_constant(y):
         return f"the score is constant over the {len(x)} checkpoints; correlation is undefined"
     return None
+
+
+def _is_constant(values: np.ndarray) -> bool:
+    """True when ``values`` vary by no more than float rounding (:data:`CONSTANT_RTOL`):
+    Pearson of such a series is a correlation with rounding noise."""
+    return bool(np.ptp(values) <= CONSTANT_RTOL * max(1.0, float(np.abs(values).max())))
 
 
 def table1(correlations: pd.DataFrame) -> pd.DataFrame:

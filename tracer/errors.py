@@ -28,3 +28,7 @@ class MetricError(MoepathError):
 
 class CaptureError(MoepathError):
     """Routing capture failed inside the engine or recorded nothing for a traced request."""
+
+
+class TrainingError(MoepathError):
+    """The grokking testbed's training process failed (``moepath demo``)."""

@@ -43,6 +43,8 @@ import pandas as pd
 from .errors import InputError, MetricError
 from .metrics import label_names
 
+# Memorised groups are named "t*=<step>" or "t*=<step>/<label>" (memorised_group_name).
+MEMORISED_PREFIX = "t*="
 DEFAULT_DELTA = 0.05
 DEFAULT_QUANTILE = 0.25
 # Slack of both comparisons, so a loss exactly on a decimal boundary counts as within it.
@@ -301,6 +303,31 @@ def memorisation_groups(t_star: pd.Series, extra: pd.Series | None = None) -> pd
     """
     labels = ([None] * len(t_star) if extra is None
               else label_names(extra.reindex(t_star.index)).tolist())
-    names = [None if pd.isna(step) else f"t*={int(step)}" if label is None
-             else f"t*={int(step)}/{label}" for step, label in zip(t_star, labels, strict=True)]
+    names = [None if pd.isna(step) else memorised_group_name(int(step), label)
+             for step, label in zip(t_star, labels, strict=True)]
     return pd.Series(names, index=t_star.index, name="group", dtype=object)
+
+
+def memorised_group_name(t_star: int, label: str | None = None) -> str:
+    """The group of samples memorised from step ``t_star`` (with ``label``, if given).
+
+    ``memorised_group_name(1000) == "t*=1000"``, ``memorised_group_name(1000, "math") ==
+    "t*=1000/math"``.
+    """
+    name = f"{MEMORISED_PREFIX}{t_star}"
+    return name if label is None else f"{name}/{label}"
+
+
+def parse_memorised_group(name: str) -> tuple[int, str | None] | None:
+    """(t*, label) of a :func:`memorised_group_name`, None for any other group name.
+
+    ``parse_memorised_group("t*=1000/math") == (1000, "math")``,
+    ``parse_memorised_group("t*=1000") == (1000, None)``, ``parse_memorised_group("math")``
+    is None.
+    """
+    if not name.startswith(MEMORISED_PREFIX):
+        return None
+    step, slash, label = name.removeprefix(MEMORISED_PREFIX).partition("/")
+    if not step.isdigit():
+        return None
+    return int(step), (label if slash else None)

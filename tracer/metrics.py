@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .consistency import routing_consistency
+from .consistency import is_degenerate, routing_consistency
 from .distance import (
     NORMALIZATIONS,
     UNITS,
@@ -165,7 +165,7 @@ def group_metrics(
     )
 
 
-def _lone_sample_metrics(
+def lone_sample_metrics(
     name: str, distributions, router_weights, options: MetricOptions
 ) -> GroupMetrics:
     """A group of one sample: Metric 2 of that sample, Metric 1 left empty with a note."""
@@ -255,7 +255,7 @@ def trace_metrics(
     groups = _groups(trace, ids, group_by)
     _warn_if_degenerate(trace)
     return [
-        (group_metrics if len(rows) > 1 else _lone_sample_metrics)(
+        (group_metrics if len(rows) > 1 else lone_sample_metrics)(
             name, distributions[rows], weights, options
         )
         for name, rows in groups
@@ -392,7 +392,7 @@ def degenerate_warning(num_layers: int) -> str:
 
 
 def _warn_if_degenerate(trace: Trace) -> None:
-    if trace.num_layers < 3:
+    if is_degenerate(trace.num_layers):
         warnings.warn(degenerate_warning(trace.num_layers), UserWarning, stacklevel=3)
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .correlation import check_metrics_frame, resolve_scores, table1
+from .correlation import check_metrics_frame, checkpoint_steps, resolve_scores, table1
 from .errors import MetricError
-from .memorisation import MemorisationResult
+from .memorisation import MemorisationResult, memorised_group_name
 
 # The metric names of the long frame (compare.checkpoint_metrics writes exactly these).
 DISTANCE = "distance"
@@ -57,12 +57,14 @@ PAPER_NOTE = ("Raw distances (tau 0.7) about 480-580; consistency-type values 0.
 
 def write_report(out_dir: str | Path, metrics: pd.DataFrame, correlations: pd.DataFrame | None,
                  scores: pd.DataFrame | None, command: str, versions: dict, notes: list[str],
-                 memorisation: MemorisationResult | None = None) -> Path:
+                 memorisation: MemorisationResult | None = None,
+                 no_correlation: str | None = None) -> Path:
     """Write ``out_dir/report.md`` atomically and return its path.
 
     Sections: command and versions; per group, a table of its checkpoints; the
     memorisation summary (when ``memorisation`` is given; else pass it in ``notes``);
-    the correlations in Table 1 layout with their details and the scores; the
+    the correlations in Table 1 layout with their details and the scores (or why there
+    are none: ``no_correlation``, e.g. "1 checkpoint: correlation needs at least 3"); the
     paper's reference numbers; the plots already in ``out_dir`` (call
     :func:`plot_metrics` first); ``notes`` (warnings), and how many correlations
     could not be computed (each row's note says why in the details table).
@@ -80,7 +82,7 @@ def write_report(out_dir: str | Path, metrics: pd.DataFrame, correlations: pd.Da
         _run_section(command, versions),
         _checkpoint_section(metrics),
         _memorisation_section(memorisation) if memorisation is not None else [],
-        _correlation_section(correlations, scores, metrics),
+        _correlation_section(correlations, scores, metrics, no_correlation),
         _paper_section(),
         _plot_section(out),
         _notes_section(notes, correlations),
@@ -141,7 +143,7 @@ def _checkpoint_row(name: str, step: int, row: pd.Series) -> list[str]:
 def _memorisation_section(result: MemorisationResult) -> list[str]:
     counts = result.t_star.dropna().astype(int).value_counts().sort_index()
     total, memorised = len(result.t_star), int(result.t_star.notna().sum())
-    rows = [[f"t*={step}", str(count)] for step, count in counts.items()]
+    rows = [[memorised_group_name(step), str(count)] for step, count in counts.items()]
     return ["## Memorisation", "",
             f"{result.thresholds()}: "
             f"{memorised} of {total} samples memorised ({result.fraction_memorised:.1%}). "
@@ -151,9 +153,11 @@ def _memorisation_section(result: MemorisationResult) -> list[str]:
 
 
 def _correlation_section(correlations: pd.DataFrame | None, scores: pd.DataFrame | None,
-                         metrics: pd.DataFrame) -> list[str]:
+                         metrics: pd.DataFrame, no_correlation: str | None) -> list[str]:
     lines = ["## Correlation with the scores", ""]
     if correlations is None:
+        if no_correlation is not None:
+            return lines + [f"No correlation was computed: {no_correlation}."]
         return lines + ["No scores were supplied, so no correlation was computed."]
     layout = table1(correlations)
     rows = [[metric, *cells] for metric, cells in zip(layout.index, layout.to_numpy().tolist(),
@@ -164,9 +168,8 @@ def _correlation_section(correlations: pd.DataFrame | None, scores: pd.DataFrame
               *_table(["group", "metric", "n", "steps", "pearson (p)", "spearman (p)", "note"],
                       [_correlation_row(row) for row in correlations.itertuples()])]
     if scores is not None:
-        known = dict(zip(metrics["checkpoint"].astype(str), metrics["step"].astype(int),
-                         strict=True))
-        resolved = resolve_scores(scores, known).sort_values(["step", "group"], na_position="first")
+        resolved = resolve_scores(scores, checkpoint_steps(metrics)).sort_values(
+            ["step", "group"], na_position="first")
         lines += ["", "### Scores", "", *_table(
             ["checkpoint", "step", "group", "score"],
             [[r.checkpoint, str(r.step), r.group or "(all)", f"{r.score:g}"]
@@ -232,8 +235,7 @@ def plot_metrics(out_dir: str | Path, metrics: pd.DataFrame,
     from matplotlib.figure import Figure
 
     check_metrics(metrics)
-    known = dict(zip(metrics["checkpoint"].astype(str), metrics["step"].astype(int), strict=True))
-    resolved = None if scores is None else resolve_scores(scores, known)
+    resolved = None if scores is None else resolve_scores(scores, checkpoint_steps(metrics))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -66,13 +66,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, TrainingError
 
 FORMAT_VERSION = 2  # 2: trained with ATen's AVX2 kernels on AVX2+ CPUs
 OPERATIONS = ("+", "-", "*", "/")
 EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 MAX_POSITIONS = 32  # samples are 5 tokens; small keeps vLLM's KV cache tiny
-PROMPT_LEN = 4  # "a op b =": the answer is predicted at position 3
+PROMPT_LEN = 4  # "a op b =": the ids the model reads
+ANSWER_POSITION = PROMPT_LEN - 1  # the answer is predicted at "=", the last prompt id
+# Nats above the loss floor within which a testbed sample counts as memorised (memorised_loss).
+MEMORISED_LOSS_MARGIN = 0.05
 _CHECKPOINT_DIR = "checkpoints"
 _FILES = ("scores.csv", "samples.jsonl")
 _MANIFEST = "testbed.json"  # written last: its presence means the run is complete
@@ -117,8 +120,9 @@ class TestbedConfig:
     __test__ = False  # not a pytest test class despite its name
 
     def __post_init__(self) -> None:
-        for problem in _config_problems(self):
-            raise InputError(f"invalid testbed config: {problem}")
+        problems = _config_problems(self)
+        if problems:
+            raise InputError(f"invalid testbed config: {'; '.join(problems)}")
 
     @property
     def head_dim(self) -> int:
@@ -136,6 +140,9 @@ def _config_problems(c: TestbedConfig) -> list[str]:
         (c.operation in OPERATIONS, f"operation {c.operation!r} is not one of {OPERATIONS}"),
         (c.p >= 3 and _is_prime(c.p), f"p = {c.p} must be a prime >= 3"),
         (0 < c.train_fraction < 1, f"train_fraction {c.train_fraction} must be in (0, 1)"),
+        (1 <= round(c.train_fraction * _fact_count(c)) < _fact_count(c),
+         f"train_fraction {c.train_fraction} of the {_fact_count(c)} facts of p = {c.p} must "
+         f"leave at least one training and one held-out fact"),
         (c.layers >= 4, f"layers = {c.layers}: use >= 4 (with fewer MoE layers the "
                         "consistency metric is degenerate)"),
         (c.heads > 0 and c.hidden % c.heads == 0 and c.hidden // c.heads >= 64,
@@ -147,6 +154,11 @@ def _config_problems(c: TestbedConfig) -> list[str]:
          f"checkpoint_steps {c.checkpoint_steps} must be increasing, unique, in 0..{c.steps}"),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def _fact_count(c: TestbedConfig) -> int:
+    """How many facts :func:`examples` gives: p x p, less b = 0 for division."""
+    return c.p * c.p - (c.p if c.operation == "/" else 0)
 
 
 def _increasing_within(steps: tuple[int, ...], last: int) -> bool:
@@ -222,7 +234,7 @@ class Example:
         """The samples.jsonl line (``wraps`` only for + and -)."""
         line = {"id": self.sample_id, "text": self.text, "a": self.a, "b": self.b,
                 "answer": self.answer}
-        return {**line, "wraps": self.wraps} if operation in "+-" else line
+        return {**line, "wraps": self.wraps} if operation in ("+", "-") else line
 
 
 def examples(config: TestbedConfig) -> list[Example]:
@@ -303,7 +315,7 @@ def train(config: TestbedConfig, out_dir: str | Path,
 
     Raises:
         InputError: ``out_dir/checkpoints`` holds something other than step folders.
-        RuntimeError: the training process failed (its traceback is on stderr).
+        TrainingError: the training process failed (its traceback is on stderr).
     """
     out = Path(out_dir)
     _prepare(out)
@@ -317,9 +329,10 @@ def train(config: TestbedConfig, out_dir: str | Path,
             child.kill()
             raise
     if child.returncode:
-        raise RuntimeError(f"testbed training failed (exit status {child.returncode}); "
-                           "its error is printed above")
-    return _read_result(config, out)
+        raise TrainingError(f"testbed training failed (exit status {child.returncode}; its "
+                            f"traceback is printed above); fix what it names and rerun (the "
+                            f"partial checkpoints in '{out / _CHECKPOINT_DIR}' are replaced)")
+    return read_result(config, out)
 
 
 def _training_environment() -> dict[str, str]:
@@ -361,12 +374,56 @@ def _train_here(config: TestbedConfig, out: Path) -> None:
     _log_summary(result, log)
 
 
-def _read_result(config: TestbedConfig, out: Path) -> TestbedResult:
-    """The :class:`TestbedResult` of the run in ``out``, from its testbed.json."""
+def read_result(config: TestbedConfig, out_dir: str | Path) -> TestbedResult:
+    """The :class:`TestbedResult` of the run in ``out_dir``, from its testbed.json (check
+    :func:`is_built` first)."""
+    out = Path(out_dir)
     manifest = json.loads((out / _MANIFEST).read_text())
     return TestbedResult(
         out, config, [_folder(out, step) for step in config.checkpoint_steps],
         [CheckpointScore(**row) for row in manifest["curve"]], **manifest["summary"])
+
+
+def loss_floor(config: TestbedConfig) -> float:
+    """The lowest per-sample loss ``moepath compare`` can measure on the testbed (nats).
+
+    compare's loss is the mean NLL over the :data:`PROMPT_LEN` predicted tokens (``+``,
+    ``b``, ``=``, the answer); a model that has memorised a sample predicts all of them
+    except the operand ``b``, which is unpredictable (uniform over the p numbers, NLL
+    log p): the floor is ``log(p) / PROMPT_LEN``, 0.903 for p = 37.
+    """
+    return math.log(config.p) / PROMPT_LEN
+
+
+def memorised_loss(config: TestbedConfig) -> float:
+    """The memorisation threshold epsilon for the testbed's samples (nats):
+    :func:`loss_floor` + :data:`MEMORISED_LOSS_MARGIN` (0.953 for p = 37).
+
+    METHOD.md's quantile default (the paper: 20-25% of pretraining samples qualify)
+    does not fit here: every training sample reaches the floor, and a quantile of the
+    final losses would split them by noise around it.
+    """
+    return loss_floor(config) + MEMORISED_LOSS_MARGIN
+
+
+def compare_options(result: TestbedResult):
+    """How ``moepath demo`` compares the run's checkpoints: METHOD.md's protocol.
+
+    Metrics on memorised samples only (epsilon :func:`memorised_loss`), correlated with
+    the held-out accuracy (scores.csv) from the first checkpoint at or after the
+    run's memorisation step (``memorised_step``: train accuracy >= 99%), each ``t*=N``
+    group from step N. A run that never memorised (the smoke run) is compared over all
+    samples and every checkpoint. Returns a :class:`~moepath.tracer.compare.CompareOptions`.
+    """
+    from .compare import CompareOptions
+
+    scores = result.out_dir / "scores.csv"
+    steps = result.config.checkpoint_steps
+    if result.memorised_step is None or result.memorised_step > steps[-1]:
+        return CompareOptions(scores=scores)
+    from_step = min(step for step in steps if step >= result.memorised_step)
+    return CompareOptions(scores=scores, memorised_only=True,
+                          epsilon=memorised_loss(result.config), from_step=from_step)
 
 
 def is_built(config: TestbedConfig, out_dir: str | Path, verify: bool = False) -> bool:
@@ -470,18 +527,19 @@ class _Run:
         c = self.config
         out = self.model(input_ids=self.train_x, output_router_logits=c.router_aux_loss_coef > 0)
         logp = F.log_softmax(out.logits, dim=-1)  # [N, 4, V]
-        answer_loss = F.nll_loss(logp[:, 3], self.train_y)
+        answer_loss = F.nll_loss(logp[:, ANSWER_POSITION], self.train_y)
         loss = answer_loss + c.prompt_loss_coef * self._prompt_loss(logp)
         if c.router_aux_loss_coef > 0:
             loss = loss + c.router_aux_loss_coef * out.aux_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return (out.logits[:, 3, : c.p].argmax(-1) == self.train_y).float().mean().item()
+        answers = out.logits[:, ANSWER_POSITION, : c.p]
+        return (answers.argmax(-1) == self.train_y).float().mean().item()
 
     def _prompt_loss(self, logp):
         """NLL of '+' after a and '=' after b, and cross-entropy to uniform at the operand."""
-        operator, equals = self.train_x[0, 1], self.train_x[0, 3]
+        operator, equals = self.train_x[0, 1], self.train_x[0, ANSWER_POSITION]
         return (-logp[:, 0, operator].mean() - logp[:, 2, equals].mean()
                 - (logp[:, 1] * self.uniform).sum(-1).mean())
 
@@ -489,7 +547,7 @@ class _Run:
         """(accuracy, cross-entropy) at the answer position over the p number logits."""
         import torch.nn.functional as F
 
-        logits = self.model(input_ids=x).logits[:, 3, : self.config.p]
+        logits = self.model(input_ids=x).logits[:, ANSWER_POSITION, : self.config.p]
         accuracy = (logits.argmax(-1) == y).float().mean().item()
         return accuracy, F.cross_entropy(logits, y).item()
 
@@ -574,7 +632,7 @@ def _write_manifest(out: Path, result: TestbedResult) -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
         "cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # ATen's vector ISA
-        "summary": _summary(result),
+        "summary": summary(result),
         "curve": [asdict(s) for s in result.scores],
         "files": {name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
                   for name in files},
@@ -584,9 +642,9 @@ def _write_manifest(out: Path, result: TestbedResult) -> None:
     tmp.replace(out / _MANIFEST)
 
 
-def _summary(result: TestbedResult) -> dict:
+def summary(result: TestbedResult) -> dict:
     """The run's thresholds and speed, keyed by their :class:`TestbedResult` field names
-    (:func:`_read_result` passes them back)."""
+    (:func:`read_result` passes them back)."""
     return {"memorised_step": result.memorised_step, "heldout_50_step": result.heldout_50_step,
             "heldout_90_step": result.heldout_90_step, "seconds": round(result.seconds, 1),
             "steps_per_second": round(result.steps_per_second, 2)}
@@ -611,7 +669,8 @@ def _sha256(path: Path) -> str:
 
 
 __all__ = ["DEFAULT", "SMOKE", "CheckpointScore", "Example", "TestbedConfig", "TestbedResult",
-           "build_tokenizer", "examples", "is_built", "model_config", "split", "train"]
+           "build_tokenizer", "compare_options", "examples", "is_built", "loss_floor",
+           "memorised_loss", "model_config", "read_result", "split", "summary", "train"]
 
 
 if __name__ == "__main__":  # the child process of train(): CONFIG_JSON OUT_DIR

@@ -29,9 +29,7 @@ def main(out: Path) -> None:
         print(f"| {s.step} | {s.seconds:.0f} | {s.train_accuracy:.3f} | "
               f"{s.heldout_accuracy:.3f} |")
     print(json.dumps({
-        "memorised_step": result.memorised_step, "heldout_50_step": result.heldout_50_step,
-        "heldout_90_step": result.heldout_90_step, "seconds": round(result.seconds, 1),
-        "steps_per_second": round(result.steps_per_second, 2),
+        **testbed.summary(result),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "cpus": os.cpu_count(), "out": str(out)}, indent=2))
 
