@@ -49,8 +49,10 @@ class ManifestCommitter:
         self.trace_dir = Path(settings.dir)
         self.recorder = recorder
         self.interval = settings.flush_interval_s
-        previous = store.prepare_directory(self.trace_dir, resume=(
-            self.trace_dir / store.MANIFEST).is_file(), force=False)
+        previous = store.prepare_directory(
+            self.trace_dir, resume=(self.trace_dir / store.MANIFEST).is_file(), force=False,
+            fix="it holds no trace to append to (no manifest.json); trace into a new or "
+                "empty directory")
         if previous is not None and (why := provenance.model_difference(
                 self.trace_dir, previous, model)):
             raise InputError(f"moepath: cannot append to the trace in '{self.trace_dir}': "

@@ -436,13 +436,19 @@ def add_shards(manifest: dict, kind: str, infos: list[ShardInfo]) -> None:
     manifest["shards"][kind].extend(asdict(info) for info in infos)
 
 
-def prepare_directory(trace_dir: Path, resume: bool, force: bool) -> dict | None:
+# prepare_directory's advice for an existing directory, as ``moepath trace`` offers both
+_RESUME_OR_FORCE = "pass --resume to continue the trace in it or --force to overwrite it"
+
+
+def prepare_directory(trace_dir: Path, resume: bool, force: bool,
+                      fix: str = _RESUME_OR_FORCE) -> dict | None:
     """Make ``trace_dir`` ready for writing; return the manifest to resume from, or None.
 
     An existing non-empty directory needs ``resume`` (continue the trace in it)
     or ``force`` (empty it and start over). ``force`` empties only a moepath
     trace (see :func:`_is_trace_directory`): any other directory is refused, so
-    ``--out . --force`` cannot wipe a working directory.
+    ``--out . --force`` cannot wipe a working directory. ``fix`` ends the error
+    for an existing directory with neither: what the caller's user can do about it.
     """
     trace_dir = Path(trace_dir)
     if trace_dir.exists() and not trace_dir.is_dir():
@@ -457,10 +463,7 @@ def prepare_directory(trace_dir: Path, resume: bool, force: bool) -> dict | None
             manifest["format_version"] = FORMAT_VERSION  # new shards are; readers take both
             return manifest
         else:
-            raise TraceFormatError(
-                f"output directory '{trace_dir}' already exists; pass --resume to continue "
-                f"the trace in it or --force to overwrite it"
-            )
+            raise TraceFormatError(f"output directory '{trace_dir}' already exists; {fix}")
     trace_dir.mkdir(parents=True, exist_ok=True)
     return None
 
