@@ -58,7 +58,7 @@ class ManifestCommitter:
             raise InputError(f"moepath: cannot append to the trace in '{self.trace_dir}': "
                              f"{why}; serve this model into another trace directory")
         self.manifest = previous or engine_manifest(
-            model, dtype, routing, {"path": "", "sha256": "", "format": "server"},
+            model, dtype, routing, {"path": "", "sha256": "", "format": store.SERVER_INPUT_FORMAT},
             settings.as_dict())
         weights = checkpoints.router_weights(model, routing["num_experts"])
         self.manifest["router_weights"] = asdict(store.write_router_weights(

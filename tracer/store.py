@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTING_DIR = "routing"
 SAMPLES_DIR = "samples"
+SERVER_INPUT_FORMAT = "server"  # manifest input.format of a trace its engine's worker commits
 
 
 @dataclass

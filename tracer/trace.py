@@ -81,8 +81,17 @@ class Trace:
             return None
         error = f" (capture error: {self.capture_error})" if self.capture_error else ""
         return (f"trace '{self.path}' is {self.status}, not complete{error}; results cover "
-                f"its {len(self.sample_ids())} committed sample(s) only: finish it with "
-                f"`moepath trace ... --resume`")
+                f"its {len(self.sample_ids())} committed sample(s) only: {self._how_to_finish()}")
+
+    def _how_to_finish(self) -> str:
+        """A driver's trace (moepath trace, compare) is resumed; one its engine's worker
+        committed (input format ``server``) is finished only by that engine's shutdown."""
+        if self.manifest.get("input", {}).get("format") == store.SERVER_INPUT_FORMAT:
+            return ("the engine writing it (`vllm serve`, `moepath eval`, a `TracedEngine`) "
+                    "is still running or stopped before its final commit; `moepath trace "
+                    "--resume` does not continue it")
+        return ("finish it with `moepath trace ... --resume`, or re-run the `moepath compare` "
+                "that wrote it")
 
     # -- tables -------------------------------------------------------------
 
