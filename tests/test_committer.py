@@ -106,7 +106,7 @@ def test_a_data_parallel_server_is_refused_before_any_rank_commits(tmp_path):
                                parallel_config=NS(data_parallel_size=2)))
     settings = CaptureSettings(dir=str(tmp_path / "t"), commit=True)
     with pytest.raises(UnsupportedModelError, match="--data-parallel-size 1"):
-        _commit_from_worker(worker, settings, recorder=None, routing=None)
+        _commit_from_worker(worker, settings, recorder=None, describe=None)
     assert not (tmp_path / "t").exists()
 
 
