@@ -3,10 +3,13 @@
 A trace is a directory (format documented in docs/trace-format.md, version
 :data:`FORMAT_VERSION`)::
 
-    manifest.json              what the trace is, and the commit point
-    router.safetensors         router weight matrix W_l [E, hidden] of every MoE layer
-    routing/<run>-<seq>.parquet  one row per traced request (routing of every token)
-    samples/<seq>.parquet        one row per sample (input columns, NLL, truncation)
+    manifest.json                      what the trace is, and the commit point
+    router.safetensors                 router weight matrix W_l [E, hidden] of every MoE layer
+    routing/<run>-r<dp>-<seq>.parquet  one row per traced request (routing of every token)
+    samples/<seq>.parquet              one row per sample (input columns, NLL, truncation)
+
+``<run>``: random hex per engine start, ``<dp>``: data-parallel rank, ``<seq>``: 6
+digits; ``moepath merge`` prefixes the files it copies with ``p<i>-`` (part i).
 
 Every file is written to a temporary name and renamed into place, and only
 files listed in the manifest (with their sha256) belong to the trace: a shard
@@ -51,13 +54,16 @@ class RoutingRecord:
         num_prompt_tokens: tokens of the prompt; positions below it are prompt tokens.
         positions: int32 [T], strictly increasing token positions.
         token_ids: int32 [T], the token fed at each position.
-        expert_ids: int [T, L, k], logical expert ids the model used, per MoE layer.
-        gate_weights: float32 [T, L, k], the gate weights the model used (after its
-            own renormalisation / scaling), same order as ``expert_ids``.
+        expert_ids: integer [T, L, k], logical expert ids the model used, per MoE
+            layer; stored uint8 (uint16 when E > 256), read back int64.
+        gate_weights: float [T, L, k], the gate weights the model used (after its
+            own renormalisation / scaling), same order as ``expert_ids``; stored
+            float16, read back float32.
         router_mean: float32 [L, E], mean over prompt tokens of the full router
             distribution (the model's scoring function over all experts); None
             when no prompt token was computed.
-        router_probs: optional float16 [T, L, E] per-token full distributions.
+        router_probs: optional float [T, L, E] per-token full distributions; stored
+            float16, read back float32.
         meta: JSON-serialisable metadata the caller attached to the request.
     """
 
@@ -323,6 +329,8 @@ def write_router_weights(trace_dir: Path, weights: list[np.ndarray]) -> ShardInf
 
 
 def read_router_weights(trace_dir: Path) -> list[np.ndarray]:
+    """The trace's router matrices: L float32 arrays [E, hidden], in trace layer order
+    (``model.layer_ids`` gives each one's decoder layer)."""
     from safetensors.numpy import load_file
 
     tensors = load_file(Path(trace_dir) / ROUTER_WEIGHTS)
