@@ -329,6 +329,15 @@ def mean_nll(output) -> float | None:
 
 @dataclass
 class TraceSummary:
+    """What one tracing run did.
+
+    ``samples``: samples traced by this run; ``tokens``: their prompt tokens (after
+    truncation; generated tokens are not counted); ``truncated``, ``skipped_lines``,
+    ``resumed_samples`` (already in the trace before this run): counts over the
+    whole samples set; ``seconds``: wall time of this run's batches (engine start
+    excluded); ``bytes``: size of the trace directory on disk.
+    """
+
     trace_dir: Path
     samples: int = 0
     tokens: int = 0
@@ -339,7 +348,7 @@ class TraceSummary:
     bytes: int = 0
 
 
-ProgressFn = Callable[[int, int], None]  # (samples done in this run, tokens done)
+ProgressFn = Callable[[int, int], None]  # (samples done in this run, their prompt tokens)
 
 
 def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
