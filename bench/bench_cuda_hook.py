@@ -10,7 +10,7 @@ On CUDA, vLLM runs the fused-MoE router as eager Python inside its opaque
 (shared/spec/VLLM_NOTES.md, "CUDA"): the hook's two copies and softmax are
 captured once and replayed every step into the preallocated buffers. This
 script rebuilds that situation without vLLM (whose CUDA wheel cannot reach the
-lent GPU machine, bench/README.md "GPU"): ``--layers`` MoE layers of
+lent GPU machine, bench/README.md "Not measured yet"): ``--layers`` MoE layers of
 OLMoE-1B-7B's shape (hidden 2048, 64 experts of intermediate 1024, top-8,
 softmax router as vLLM's ``fused_topk``, experts as two ``torch._grouped_mm``
 over the tokens sorted by expert), bf16, with or without ``hook.record`` after
