@@ -44,6 +44,14 @@ def engine_manifest(model: str | Path, dtype: str, routing: dict, source: dict,
 
 
 class ManifestCommitter:
+    """The worker-side owner of a trace's manifest (server mode, see the module).
+
+    Starting it prepares ``settings.dir``: a new trace, or the existing one appended
+    to when its model is the same (InputError otherwise), then commits every
+    ``settings.flush_interval_s`` from a background thread; :meth:`close` commits the
+    rest and marks the trace complete (failed after a capture error).
+    """
+
     def __init__(self, settings: CaptureSettings, recorder, routing: dict, model: str,
                  dtype: str):
         self.trace_dir = Path(settings.dir)

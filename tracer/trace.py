@@ -200,6 +200,7 @@ class Trace:
         return self._token_values(sample_id, completion, "token_ids", ())
 
     def num_prompt_tokens(self, sample_id: str, completion: int = 0) -> int:
+        """Prompt tokens of the record: positions below it are prompt, the rest generated."""
         return self._scalar(sample_id, completion, "num_prompt_tokens").as_py()
 
     def topk(self, sample_id: str, completion: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -261,6 +262,8 @@ class Trace:
         return ids, np.concatenate(means) if means else empty
 
     def sample_ids(self) -> list[str]:
+        """Every traced sample's id once (completion 0), in trace order (the shards as the
+        manifest lists them); TraceFormatError when an id has two records."""
         return [sid for (sid, completion) in self._index if completion == 0]
 
     def __len__(self) -> int:
