@@ -271,8 +271,9 @@ def bind_cpu_threads(tensor_parallel_size: int) -> None:
     """CPU tensor parallelism: give each rank its own cores unless the user chose.
 
     vLLM's automatic binding asserts on a single-NUMA-node host ("Not enough
-    allowed NUMA nodes to bind threads of 2 local CPUWorkers"); an explicit
-    ``VLLM_CPU_OMP_THREADS_BIND`` such as ``0|1`` works (VLLM_NOTES.md section 7).
+    allowed NUMA nodes to bind threads of 2 local CPUWorkers", vLLM 0.32's
+    ``utils/ompmultiprocessing.py``); an explicit ``VLLM_CPU_OMP_THREADS_BIND`` such as
+    ``0|1``, what this function sets, works (``tests/test_faults.py`` runs TP=2 with it).
     """
     if tensor_parallel_size <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return
