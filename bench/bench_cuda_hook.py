@@ -6,16 +6,17 @@ Run on a CUDA machine (from the repository root, moepath importable):
     python bench/bench_cuda_hook.py --device cpu --hidden 256 --intermediate 128  # dry run
 
 On CUDA, vLLM runs the fused-MoE router as eager Python inside its opaque
-``moe_forward`` op, and piecewise CUDA graphs capture that op
-(shared/spec/VLLM_NOTES.md, "CUDA"): the hook's two copies and softmax are
-captured once and replayed every step into the preallocated buffers. This
-script rebuilds that situation without vLLM (whose CUDA wheel cannot reach the
-lent GPU machine, bench/README.md "GPU"): ``--layers`` MoE layers of
-OLMoE-1B-7B's shape (hidden 2048, 64 experts of intermediate 1024, top-8,
-softmax router as vLLM's ``fused_topk``, experts as two ``torch._grouped_mm``
-over the tokens sorted by expert), bf16, with or without ``hook.record`` after
-each router. Attention is left out, so the hook's share of a step is larger
-here than in a model: the ratios are lower bounds on a model's.
+``moe_forward`` op, and piecewise CUDA graphs capture that op (vLLM 0.32's
+``moe_runner.py`` ``_select_forward``; ``moe_forward`` is not a splitting op):
+the hook's two copies and softmax are captured once and replayed every step
+into the preallocated buffers. This script rebuilds that situation without
+vLLM (whose CUDA wheel cannot reach the lent GPU machine, bench/README.md "Not
+measured yet"): ``--layers`` MoE layers of OLMoE-1B-7B's shape (hidden 2048,
+64 experts of intermediate 1024, top-8, softmax router as vLLM's
+``fused_topk``, experts as two ``torch._grouped_mm`` over the tokens sorted by
+expert), bf16, with or without ``hook.record`` after each router. Attention
+is left out, so the hook's share of a step is larger here than in a model: the
+ratios are lower bounds on a model's.
 
 1. Correctness: a CUDA graph captured with the hook is replayed on new
    hidden states; every layer's buffer rows must equal the routing an eager

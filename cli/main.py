@@ -3,7 +3,8 @@
 Every library error (``moepath.tracer.errors.MoepathError``) and every OSError (a
 path that cannot be read or written: a directory where a file goes, no
 permission, a full disk) becomes one line on stderr and exit code 1;
-``MOEPATH_DEBUG=1`` shows the traceback instead.
+``MOEPATH_DEBUG=1`` shows the traceback instead. Ctrl-C exits with code 130 and
+one line saying what the interrupted command kept and how to continue.
 """
 
 from __future__ import annotations
@@ -49,10 +50,43 @@ def main() -> None:
             raise
         print(f"moepath: error: {_message(exc)}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("moepath: interrupted; committed work is kept (re-run with --resume)",
-              file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if not _is_ctrl_c(exc):
+            raise
+        print(interrupted_message(sys.argv[1:]), file=sys.stderr)
         sys.exit(130)
+
+
+def _is_ctrl_c(exc: BaseException) -> bool:
+    """True for a KeyboardInterrupt, or an exit it caused: Typer turns Ctrl-C into a silent
+    ``SystemExit(130)`` raised while handling the KeyboardInterrupt."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+# What an interrupted command leaves, and how to continue it; commands that leave
+# nothing to continue from (metrics, show, toy-model) have no entry.
+_ON_INTERRUPT = {
+    "trace": "committed samples are kept; re-run with --resume to finish the trace",
+    "compare": "finished checkpoint traces and committed samples are kept; re-run the same "
+               "command to continue",
+    "demo": "a trained testbed, finished checkpoint traces and committed samples are kept; "
+            "re-run the same command to continue",
+    "eval": "an eval cannot be resumed; re-run with --force to start it over",
+    "merge": "the parts are untouched; re-run with --force to start the merge over",
+}
+
+
+def interrupted_message(args: list[str]) -> str:
+    """The line printed on Ctrl-C, for the command that ``args`` (argv without the program)
+    names: ``interrupted_message(["trace", "m", "--resume"])`` tells to re-run with --resume."""
+    command = next((arg for arg in args if not arg.startswith("-")), None)
+    hint = _ON_INTERRUPT.get(command)
+    return f"moepath: interrupted; {hint}" if hint else "moepath: interrupted"
 
 
 def _message(exc: MoepathError | OSError) -> str:

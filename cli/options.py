@@ -19,7 +19,8 @@ TextField = Annotated[str, typer.Option(help="Field holding the text (or use 'in
 SkipBadLines = Annotated[bool, typer.Option(help="Skip malformed lines and report how many.")]
 Limit = Annotated[int | None, typer.Option(help="Use only the first N samples.")]
 MaxModelLen = Annotated[int | None, typer.Option(help="Context length (default: the model's).")]
-Truncate = Annotated[bool, typer.Option(help="Cut samples longer than the context (counted).")]
+Truncate = Annotated[bool, typer.Option(help="Cut samples longer than the context "
+                     "(--max-model-len, else the model's) minus the generated tokens (counted).")]
 Nll = Annotated[bool, typer.Option(help="Record each sample's mean NLL (same prefill pass).")]
 MaxTokens = Annotated[int, typer.Option(help="Generated tokens to trace too (0: prefill only).")]
 Dtype = Annotated[str, typer.Option(help="Model dtype in vLLM (bfloat16, float32, ...).")]
@@ -42,7 +43,8 @@ Part = Annotated[str | None, typer.Option(
     help="Trace only part I/N of the samples (0-based: samples I, I+N, ...), to run N engines "
          "in parallel; join the parts with `moepath merge`.")]
 Resume = Annotated[bool, typer.Option(help="Continue an interrupted trace in --out.")]
-Force = Annotated[bool, typer.Option(help="Overwrite --out if it exists.")]
+Force = Annotated[bool, typer.Option(help="Overwrite --out if it holds moepath output (a "
+                  "trace, or an eval's); other directories are refused.")]
 Tau = Annotated[float, typer.Option(help="Cumulative router-weight threshold of a pathway.")]
 Unit = Annotated[str, typer.Option(help="Edit-distance unit: char (paper) or expert.")]
 Normalize = Annotated[str, typer.Option(help="Per-layer distances (--layers, and "

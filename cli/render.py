@@ -64,10 +64,10 @@ def fmt(value) -> str:
 
 
 class SampleProgress:
-    """A Rich progress bar of samples with samples/s, tokens/s and ETA, on stderr.
+    """A Rich progress bar of samples with samples/s, prompt tokens/s and ETA, on stderr.
 
     ``start(total, done)`` once the engine is up (``done``: resumed samples);
-    ``advance(samples, tokens)`` with the counts of this run so far.
+    ``advance(samples, tokens)`` with the counts of this run so far (prompt tokens).
     """
 
     def __init__(self, description: str = "tracing"):
@@ -93,7 +93,7 @@ class SampleProgress:
         seconds = max(time.perf_counter() - self._started, 1e-9)
         self._progress.update(
             self._task, completed=self._done_before + samples,
-            rate=f"{samples / seconds:.1f} samples/s {tokens / seconds:,.0f} tok/s")
+            rate=f"{samples / seconds:.1f} samples/s {tokens / seconds:,.0f} prompt tok/s")
 
     def __enter__(self) -> SampleProgress:
         self._progress.start()

@@ -59,11 +59,11 @@ def trace(
     render.stderr.print(render.table("trace", ["", "value"], [
         ["samples traced", summary.samples],
         ["already traced (resumed)", summary.resumed_samples],
-        ["tokens", summary.tokens],
+        ["prompt tokens", summary.tokens],
         ["truncated samples", summary.truncated],
         ["skipped lines", summary.skipped_lines],
         ["time (s)", round(summary.seconds, 1)],
-        ["tokens/s", round(rate)],
+        ["prompt tokens/s", round(rate)],
         ["output", f"{out} ({render.human_bytes(summary.bytes)})"],
     ]))
 

@@ -84,8 +84,14 @@ def _enable_capture(worker, settings) -> None:
     from . import reload
 
     routing, recorder = capture.install(worker, settings)
-    worker.moepath_describe = lambda: routing.describe() | {
-        "writer": recorder is not None, "reload_blocker": _reload_blocker(worker)}
+
+    def describe() -> dict:
+        """The manifest's model fields this worker knows (routing, whether it writes, why
+        checkpoints cannot be reloaded in place), alike for a driver and the committer."""
+        return routing.describe() | {"writer": recorder is not None,
+                                     "reload_blocker": _reload_blocker(worker)}
+
+    worker.moepath_describe = describe
     # the driver flushes between generate calls: its requests are done
     worker.moepath_flush = (functools.partial(recorder.flush, requests_done=True)
                             if recorder is not None
@@ -100,11 +106,15 @@ def _enable_capture(worker, settings) -> None:
 
     worker.moepath_switch = switch
     if settings.commit and recorder is not None:
-        _commit_from_worker(worker, settings, recorder, routing)
+        _commit_from_worker(worker, settings, recorder, describe)
 
 
-def _commit_from_worker(worker, settings, recorder, routing) -> None:
-    """Server mode: this worker commits the manifest periodically and at shutdown."""
+def _commit_from_worker(worker, settings, recorder, describe) -> None:
+    """Server mode: this worker commits the manifest periodically and at shutdown.
+
+    ``describe()`` gives the manifest's routing fields, as ``moepath_describe`` gives
+    them to a driver.
+    """
     from . import capture
     from .committer import ManifestCommitter
 
@@ -118,8 +128,8 @@ def _commit_from_worker(worker, settings, recorder, routing) -> None:
             "moepath: with data parallelism every data-parallel rank would commit its own "
             "manifest into one trace directory, each dropping the others' shards; serve "
             "traced with --data-parallel-size 1 (one server per trace directory)")
-    committer = ManifestCommitter(settings, recorder, routing.describe(),
-                                  config.model_config.model, str(config.model_config.dtype))
+    committer = ManifestCommitter(settings, recorder, describe(), config.model_config.model,
+                                  str(config.model_config.dtype).removeprefix("torch."))
     original_shutdown = worker.shutdown
 
     def shutdown(*args, **kwargs):

@@ -44,19 +44,29 @@ def engine_manifest(model: str | Path, dtype: str, routing: dict, source: dict,
 
 
 class ManifestCommitter:
+    """The worker-side owner of a trace's manifest (server mode, see the module).
+
+    Starting it prepares ``settings.dir``: a new trace, or the existing one appended
+    to when its model is the same (InputError otherwise), then commits every
+    ``settings.flush_interval_s`` from a background thread; :meth:`close` commits the
+    rest and marks the trace complete (failed after a capture error).
+    """
+
     def __init__(self, settings: CaptureSettings, recorder, routing: dict, model: str,
                  dtype: str):
         self.trace_dir = Path(settings.dir)
         self.recorder = recorder
         self.interval = settings.flush_interval_s
-        previous = store.prepare_directory(self.trace_dir, resume=(
-            self.trace_dir / store.MANIFEST).is_file(), force=False)
+        previous = store.prepare_directory(
+            self.trace_dir, resume=(self.trace_dir / store.MANIFEST).is_file(), force=False,
+            fix="it holds no trace to append to (no manifest.json); trace into a new or "
+                "empty directory")
         if previous is not None and (why := provenance.model_difference(
                 self.trace_dir, previous, model)):
             raise InputError(f"moepath: cannot append to the trace in '{self.trace_dir}': "
                              f"{why}; serve this model into another trace directory")
         self.manifest = previous or engine_manifest(
-            model, dtype, routing, {"path": "", "sha256": "", "format": "server"},
+            model, dtype, routing, {"path": "", "sha256": "", "format": store.SERVER_INPUT_FORMAT},
             settings.as_dict())
         weights = checkpoints.router_weights(model, routing["num_experts"])
         self.manifest["router_weights"] = asdict(store.write_router_weights(

@@ -34,7 +34,12 @@ ENGINE_CORE_CHOICES = ("process", "inline", "auto")
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How the traced vLLM engine is started (defaults suit the 2-core CPU box)."""
+    """How the traced vLLM engine is started.
+
+    ``engine_core`` defaults to vLLM's own process layout; ``"auto"`` (what
+    ``moepath trace``, ``compare`` and ``demo`` pass) runs the engine core inline
+    on a CPU host, which traces 1.5-1.8x faster on 2 cores (:meth:`engine_core_inline`).
+    """
 
     dtype: str = "bfloat16"
     max_model_len: int | None = None
@@ -266,8 +271,9 @@ def bind_cpu_threads(tensor_parallel_size: int) -> None:
     """CPU tensor parallelism: give each rank its own cores unless the user chose.
 
     vLLM's automatic binding asserts on a single-NUMA-node host ("Not enough
-    allowed NUMA nodes to bind threads of 2 local CPUWorkers"); an explicit
-    ``VLLM_CPU_OMP_THREADS_BIND`` such as ``0|1`` works (VLLM_NOTES.md section 7).
+    allowed NUMA nodes to bind threads of 2 local CPUWorkers", vLLM 0.32's
+    ``utils/ompmultiprocessing.py``); an explicit ``VLLM_CPU_OMP_THREADS_BIND`` such as
+    ``0|1``, what this function sets, works (``tests/test_faults.py`` runs TP=2 with it).
     """
     if tensor_parallel_size <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return
@@ -318,7 +324,9 @@ def tokenize_samples(model: str | Path, sample_set: SampleSet, max_len: int, tru
 
 
 def mean_nll(output) -> float | None:
-    """Mean next-token NLL of a prompt from vLLM's prompt log-probs (first token has none)."""
+    """Mean next-token negative log-likelihood of a prompt, in nats, from vLLM's prompt
+    log-probs: over prompt tokens 1..P-1 (the first has none). None without prompt
+    log-probs; NaN for a one-token prompt."""
     logprobs = output.prompt_logprobs
     if logprobs is None:
         return None
@@ -329,6 +337,15 @@ def mean_nll(output) -> float | None:
 
 @dataclass
 class TraceSummary:
+    """What one tracing run did.
+
+    ``samples``: samples traced by this run; ``tokens``: their prompt tokens (after
+    truncation; generated tokens are not counted); ``truncated``, ``skipped_lines``,
+    ``resumed_samples`` (already in the trace before this run): counts over the
+    whole samples set; ``seconds``: wall time of this run's batches (engine start
+    excluded); ``bytes``: size of the trace directory on disk.
+    """
+
     trace_dir: Path
     samples: int = 0
     tokens: int = 0
@@ -339,7 +356,7 @@ class TraceSummary:
     bytes: int = 0
 
 
-ProgressFn = Callable[[int, int], None]  # (samples done in this run, tokens done)
+ProgressFn = Callable[[int, int], None]  # (samples done in this run, their prompt tokens)
 
 
 def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,

@@ -111,7 +111,7 @@ def record(slot: int, num_experts: int, router_logits, topk_weights, topk_ids,
 
     ``bias``: the router's ``e_score_correction_bias`` [E] (DeepSeek-V3-style routers
     choose experts by sigmoid score plus this load-balancing bias), added to the
-    scores so that they are what the router ranks experts by (METHOD.md:
+    scores so that they are what the router ranks experts by (docs/method.md:
     "sigmoid(+bias)"); None for routers without one.
 
     Eagerly the scoring runs only when :data:`SCORES_WANTED`. Traced by

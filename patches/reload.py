@@ -1,10 +1,12 @@
 """In-place checkpoint switching for a running traced engine (``moepath compare``).
 
 vLLM 0.32's ``Worker.reload_weights`` streams a new checkpoint into the
-existing parameter storage, so compiled graphs stay valid. On CPU it has a bug
-(VLLM_NOTES.md section 5): bf16 expert weights are AMX/VNNI-prepacked only on
-the first load; a reload leaves them in checkpoint layout and silently changes
-routing and losses. :func:`reload_checkpoint` therefore re-prepacks every
+existing parameter storage, so compiled graphs stay valid. On CPU it has a bug:
+bf16 expert weights are AMX/VNNI-prepacked only on the first load
+(``CPUUnquantizedExperts.process_weights_after_loading``; on a reload
+``_setup_kernel`` finds its kernel set and skips the prepack), so a reload leaves
+them in checkpoint layout and silently changes routing and losses (reloading the
+same checkpoint kept 90.3% of top-k sets). :func:`reload_checkpoint` therefore re-prepacks every
 CPU-unquantized MoE layer into the same storage after the reload. Layers whose
 intermediate size needs padding (``cpu_moe.py``'s ``_pad_moe_intermediate``)
 or other kernels are refused, so the caller restarts the engine instead.

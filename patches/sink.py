@@ -21,6 +21,12 @@ MAX_WRITES_IN_FLIGHT = 2  # shards being written or queued (each ~shard_tokens t
 
 
 class RoutingSink:
+    """A worker's writer of routing shards into one trace directory (see the module).
+
+    Shards are named ``<run>-r<rank>-<seq>`` (``rank``: the data-parallel rank);
+    ``shape`` is (L, k, E) of the records it is given.
+    """
+
     def __init__(self, trace_dir: str, run: str, rank: int, shape: tuple[int, int, int],
                  shard_tokens: int):
         self.rank = rank

@@ -160,7 +160,8 @@ def test_metrics_and_show_warn_about_a_trace_that_is_not_complete(failed_trace_d
     assert result.returncode == 0, result.stderr
     warning = (f"warning: trace '{failed_trace_dir}' is failed, not complete (capture error: "
                f"routing shard write failed: disk full); results cover its {len(SAMPLES)} "
-               f"committed sample(s) only: finish it with `moepath trace ... --resume`")
+               f"committed sample(s) only: finish it with `moepath trace ... --resume`, or "
+               f"re-run the `moepath compare` that wrote it")
     assert warning in result.stderr.splitlines()
 
 

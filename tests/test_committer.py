@@ -106,7 +106,7 @@ def test_a_data_parallel_server_is_refused_before_any_rank_commits(tmp_path):
                                parallel_config=NS(data_parallel_size=2)))
     settings = CaptureSettings(dir=str(tmp_path / "t"), commit=True)
     with pytest.raises(UnsupportedModelError, match="--data-parallel-size 1"):
-        _commit_from_worker(worker, settings, recorder=None, routing=None)
+        _commit_from_worker(worker, settings, recorder=None, describe=None)
     assert not (tmp_path / "t").exists()
 
 
@@ -124,3 +124,19 @@ def test_a_server_restarted_with_another_checkpoint_does_not_append_to_the_trace
     assert (trace_dir / store.ROUTER_WEIGHTS).read_bytes() == weights
     start_committer(toy_olmoe, trace_dir, ScriptedRecorder({"shards": []})).close()
     assert store.read_manifest(trace_dir)["status"] == "complete"
+
+
+def test_a_server_pointed_at_a_directory_that_is_not_a_trace_says_to_use_another(
+        toy_olmoe, tmp_path):
+    """A server has neither --resume nor --force: the refusal names the one fix it has."""
+    from moepath.tracer.errors import TraceFormatError
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(TraceFormatError) as refused:
+        start_committer(toy_olmoe, notes, ScriptedRecorder({"shards": []}))
+    assert str(refused.value) == (
+        f"output directory '{notes}' already exists; it holds no trace to append to "
+        "(no manifest.json); trace into a new or empty directory")
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]

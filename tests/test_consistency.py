@@ -16,7 +16,7 @@ from moepath.tracer.errors import MetricError
 
 
 def naive_sample(g, router_weights) -> tuple[list[float], float]:
-    """METHOD.md Metric 2 for one sample [L, E]: (cosines, complexity), in plain Python."""
+    """docs/method.md Metric 2 for one sample [L, E]: (cosines, complexity), in plain Python."""
     embeddings = []
     for layer, w in enumerate(router_weights):
         experts, hidden = len(w), len(w[0])

@@ -136,6 +136,14 @@ def test_synthetic_parts_merge(synthetic_parts, tmp_path):
     assert merged.manifest["counts"]["samples"] == 2
 
 
+def test_merging_into_an_existing_trace_needs_force(synthetic_parts, tmp_path):
+    merge_traces(synthetic_parts, tmp_path / "merged")
+    result = moepath("merge", *synthetic_parts, "--out", tmp_path / "merged")
+    assert_one_line_error(result, "already exists; pass --force to overwrite it, or another "
+                                  "--out")
+    assert "--resume" not in result.stderr  # merge has no --resume
+
+
 @pytest.mark.parametrize(("out", "relation"), [
     ("parts/p0", "is part"),
     ("parts", "contains part"),

@@ -21,7 +21,7 @@ from moepath.tracer.pathways import (
 
 
 def naive_select(distribution, tau: float) -> Pathway:
-    """METHOD.md step 3 with plain loops: rank, then add experts until the share exceeds tau."""
+    """docs/method.md step 3 in plain loops: rank, add experts until the share exceeds tau."""
     layers = []
     for row in distribution:
         weights = [max(float(w), 0.0) for w in row]  # negative scores count as zero

@@ -93,10 +93,22 @@ def test_an_incomplete_trace_is_read_and_says_so(tmp_path):
     assert (trace.status, trace.capture_error) == ("running", None)
     assert trace.incomplete_warning() == (
         f"trace '{tmp_path / 't'}' is running, not complete; results cover its 2 committed "
-        f"sample(s) only: finish it with `moepath trace ... --resume`")
+        f"sample(s) only: finish it with `moepath trace ... --resume`, or re-run the "
+        f"`moepath compare` that wrote it")
     manifest["status"] = "complete"
     store.write_manifest(tmp_path / "t", manifest)
     assert Trace.open(tmp_path / "t").incomplete_warning() is None
+
+
+def test_an_incomplete_trace_committed_by_a_server_is_not_sent_to_resume(tmp_path):
+    manifest = write_trace(tmp_path / "t", [make_record("a", 5, 1)])
+    manifest["input"] = {"path": "", "sha256": "", "format": "server"}
+    store.write_manifest(tmp_path / "t", manifest)
+    assert Trace.open(tmp_path / "t").incomplete_warning() == (
+        f"trace '{tmp_path / 't'}' is running, not complete; results cover its 1 committed "
+        f"sample(s) only: the engine writing it (`vllm serve`, `moepath eval`, a "
+        f"`TracedEngine`) is still running or stopped before its final commit; "
+        f"`moepath trace --resume` does not continue it")
 
 
 def test_routing_shard_schema_is_the_documented_one(tmp_path):

@@ -86,7 +86,7 @@ def router_weights(path: str | Path, num_experts: int) -> dict[int, np.ndarray]:
     Read from the folder's ``*.safetensors`` files (never pickle). A router is a
     ``layers.<i>.<block>.gate.weight`` tensor with ``num_experts`` rows (Qwen2-MoE's
     one-row ``shared_expert_gate`` does not match). The consistency metric uses
-    these rows as expert embeddings (METHOD.md, Metric 2).
+    these rows as expert embeddings (docs/method.md, Metric 2).
     """
     from safetensors import safe_open
 

@@ -1,6 +1,6 @@
 """Pathway consistency: how smoothly a sample's routing moves from layer to layer.
 
-Implements METHOD.md, "Metric 2: pathway consistency". Layer l's routing
+Implements docs/method.md, "Metric 2: pathway consistency". Layer l's routing
 embedding is e_l = g_l @ W_l: the sample's expert distribution g_l [E] mixing
 the rows of the layer's router matrix W_l [E, hidden] (expert embeddings, read
 from the checkpoint). With c_l = cos(e_l, e_{l+1}) for l = 1..L-1:
@@ -55,7 +55,7 @@ class ConsistencyResult:
         complexity: float64 [N], the paper's C; NaN when L = 1 (no cosine exists).
         consistency: float64 [N], 1 - complexity.
         degenerate: True when L < 3. With one cosine, C = 1 - c / (c + 1e-8), about 0
-            whatever the routing (METHOD.md "Degenerate case"), and with L = 1 there is
+            whatever the routing (docs/method.md "Degenerate case"), and with L = 1 there is
             none: reports must warn instead of presenting these values as measurements.
     """
 
@@ -66,7 +66,7 @@ class ConsistencyResult:
 
 
 def routing_consistency(distributions, router_weights) -> ConsistencyResult:
-    """Pathway consistency and complexity of every sample (METHOD.md Metric 2).
+    """Pathway consistency and complexity of every sample (docs/method.md Metric 2).
 
     Args:
         distributions: [N, L, E] per-layer expert distributions g (any float dtype).

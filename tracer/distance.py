@@ -1,6 +1,6 @@
 """Pathway distance: Levenshtein distance between samples' pathways, averaged over a group.
 
-Implements METHOD.md, "Metric 1: pathway distance". D(i, j) is the edit
+Implements docs/method.md, "Metric 1: pathway distance". D(i, j) is the edit
 distance between two pathways, in one of two units (Decision A4):
 
 - ``unit="char"`` (default, the paper's): edits of the serialised string
@@ -124,7 +124,7 @@ def group_distance(
     workers: int = -1,
     name: str = "group",
 ) -> DistanceResult:
-    """Mean pathway distance of a group (METHOD.md Metric 1).
+    """Mean pathway distance of a group (docs/method.md Metric 1).
 
     Args:
         pathways: the group's pathways, at least 2.
@@ -171,7 +171,7 @@ def per_layer_distance(
     workers: int = -1,
     name: str = "group",
 ) -> np.ndarray:
-    """float64 [L]: :func:`group_distance` of each layer's segment alone (METHOD.md Metric 1).
+    """float64 [L]: :func:`group_distance` of each layer's segment alone (docs/method.md Metric 1).
 
     Layer l's segment is the one-layer pathway of its experts (``'3,1'`` in char
     units, the expert ids without separators in expert units). Sampled

@@ -29,7 +29,7 @@ class ReferenceRouting:
             order its router returns them).
         gate_weights: float32 [T, L, k], the weights it multiplied their outputs by
             (after its renormalisation and ``routed_scaling_factor``), same order.
-        nll: mean next-token negative log-likelihood over tokens 1..T-1.
+        nll: mean next-token negative log-likelihood in nats over tokens 1..T-1.
     """
 
     probs: np.ndarray
@@ -39,6 +39,8 @@ class ReferenceRouting:
 
 
 def load_model(path: str | Path, dtype: str = "float32"):
+    """The transformers model in the checkpoint folder ``path``, in eval mode, its
+    weights in ``dtype`` (a torch dtype name: ``"float32"``, ``"bfloat16"``)."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -1,6 +1,6 @@
 """Memorisation: from which checkpoint a sample's training loss is low and settled.
 
-Implements METHOD.md, "Memorisation and groups". Sample i is memorised from
+Implements docs/method.md, "Memorisation and groups". Sample i is memorised from
 checkpoint t* when, at every checkpoint t >= t*,
 
     loss_t <= epsilon   and   |loss_t - loss_final| <= delta   (paper: delta = 0.05)
@@ -144,7 +144,7 @@ def _check_one_step_each(frame: pd.DataFrame) -> None:
 
 def memorised_from(losses: pd.DataFrame, epsilon: float | np.ndarray,
                    delta: float = DEFAULT_DELTA) -> pd.Series:
-    """Step t* from which each sample stays memorised (METHOD.md), ``<NA>`` when never.
+    """Step t* from which each sample stays memorised (docs/method.md), ``<NA>`` when never.
 
     Args:
         losses: float [N samples, T checkpoints], columns the checkpoints' integer
@@ -251,7 +251,7 @@ def memorise(losses: pd.DataFrame, epsilon: float | None = None, quantile: float
 
     Args:
         domains: a label per sample_id (e.g. the ``--group-by`` field), or None. With
-            it, a quantile is taken over each domain's final losses (METHOD.md: epsilon
+            it, a quantile is taken over each domain's final losses (docs/method.md: epsilon
             per domain); samples without a label form the domain ``"(missing)"``.
             An explicit ``epsilon`` serves every domain.
 

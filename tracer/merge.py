@@ -35,7 +35,8 @@ def merge_traces(parts: list[Path], out: Path, force: bool = False) -> dict:
     _check_out(parts, Path(out))
     manifests = [_read_part(Path(part)) for part in parts]
     _check_parts(parts, manifests)
-    store.prepare_directory(out, resume=False, force=force)
+    store.prepare_directory(out, resume=False, force=force,
+                            fix="pass --force to overwrite it, or another --out")
     first = manifests[0]
     merged = store.new_manifest(**{key: first[key] for key in (
         "created", "versions", "model", "options", "router_weights")})

@@ -1,7 +1,7 @@
 """Group metrics: pathways, pathway distance and pathway consistency together.
 
 Composes :mod:`.pathways`, :mod:`.distance` and :mod:`.consistency` into the
-numbers METHOD.md reports per group of samples (Metric 1 and Metric 2), and a
+numbers docs/method.md reports per group of samples (Metric 1 and Metric 2), and a
 per-sample table. Options flow one way: :class:`MetricOptions` (validated on
 construction) -> these functions. The same numbers over a trace directory
 (:func:`trace_metrics`, :func:`trace_sample_frame`, :func:`trace_sample_detail`)
@@ -63,7 +63,7 @@ class MetricOptions:
 
     Attributes:
         tau: cumulative weight share a layer's kept experts must exceed, in (0, 1].
-        unit: distance unit, "char" (the paper's) or "expert" (METHOD.md Decision A4).
+        unit: distance unit, "char" (the paper's) or "expert" (docs/method.md Decision A4).
         normalize: normalisation of ``per_layer_distance``, "none" or "max"; the
             whole-pathway distance is always reported both ways.
         source: which per-sample distributions the caller passes (Decision A3): "full"
@@ -110,7 +110,7 @@ class GroupMetrics:
         mean_pathway_length: mean number of experts kept per sample, over all layers.
         per_layer_distance: mean distance of each layer's segment, ``options.normalize``d.
         degenerate: True when there are fewer than 3 MoE layers: consistency and complexity
-            are then constants, not measurements (METHOD.md "Degenerate case").
+            are then constants, not measurements (docs/method.md "Degenerate case").
         note: why fields are empty, else None. A group of one sample (only from
             :func:`trace_metrics`) has no pairs: its distance fields and
             ``per_layer_distance`` are None and ``n_pairs`` is 0.
@@ -284,7 +284,7 @@ def trace_distributions(trace: Trace, source: str = "full") -> tuple[list[str], 
     ``source="full"`` reads the trace's router means (the full router distribution
     averaged over prompt tokens); ``source="topk"`` averages each sample's top-k gate
     weights over its prompt tokens, the first ``trace.num_prompt_tokens(id)`` rows of
-    ``trace.topk(id)`` (``pathways.topk_to_distribution``; METHOD.md Decision A3).
+    ``trace.topk(id)`` (``pathways.topk_to_distribution``; docs/method.md Decision A3).
     Both ignore generated tokens, so both describe the same prefill.
 
     Raises:
@@ -317,7 +317,7 @@ def _router_weights(trace: Trace) -> list[np.ndarray]:
     if not trace.manifest.get("router_weights"):
         raise MetricError(
             f"trace '{trace.path}' has no router weights, which pathway consistency needs "
-            "(expert embeddings, METHOD.md Metric 2); re-trace the samples with `moepath "
+            "(expert embeddings, docs/method.md Metric 2); re-trace the samples with `moepath "
             "trace`, which saves them"
         )
     return trace.router_weights()
@@ -383,10 +383,10 @@ def _label_name(value: object) -> str:
 
 
 def degenerate_warning(num_layers: int) -> str:
-    """The warning of METHOD.md "Degenerate case" for a trace of ``num_layers`` MoE layers."""
+    """The warning of docs/method.md "Degenerate case" for a trace of ``num_layers`` MoE layers."""
     return (
         f"the trace has {num_layers} MoE layer(s), fewer than 3: pathway consistency and "
-        "complexity are then constants, not measurements of routing (METHOD.md, "
+        "complexity are then constants, not measurements of routing (docs/method.md, "
         "degenerate case); compare samples by pathway distance instead"
     )
 

@@ -1,6 +1,6 @@
 """Pathways of samples: the experts that carry each layer's routing weight.
 
-Implements METHOD.md, "Pathway of one sample". A sample's routing is summarised
+Implements docs/method.md, "Pathway of one sample". A sample's routing is summarised
 per layer by a distribution g_l over E experts (the mean over the sample's
 tokens, step 2); its pathway keeps, layer by layer, the strongest experts until
 their cumulative weight exceeds ``tau`` (step 3), and serialises them as
@@ -24,7 +24,7 @@ import numpy as np
 from .errors import MetricError
 
 DEFAULT_TAU = 0.7
-# Where the per-layer distributions come from (METHOD.md Decision A3): the model's full
+# Where the per-layer distributions come from (docs/method.md Decision A3): the model's full
 # router distribution (default) or the per-token top-k gate weights (topk_to_distribution).
 SOURCES = ("full", "topk")
 # Layer separator in Pathway.tokens(): no expert id is negative, so it never collides.
@@ -53,7 +53,7 @@ class Pathway:
 
     @classmethod
     def parse(cls, text: str) -> Pathway:
-        """The pathway serialised as ``text`` by :meth:`to_string` (METHOD.md step 4)."""
+        """The pathway serialised as ``text`` by :meth:`to_string` (docs/method.md step 4)."""
         try:
             return cls(tuple(tuple(int(e) for e in layer.split(",")) for layer in text.split("-")))
         except ValueError:
@@ -126,7 +126,7 @@ def as_distributions(distributions) -> np.ndarray:
 
 
 def topk_to_distribution(expert_ids, gate_weights, num_experts: int) -> np.ndarray:
-    """Source ``topk`` (METHOD.md step 2, Decision A3): top-k gate weights averaged per layer.
+    """Source ``topk`` (docs/method.md step 2, Decision A3): top-k gate weights averaged per layer.
 
     Args:
         expert_ids: (tokens T, layers L, top_k) ints in [0, num_experts), e.g. uint8.
@@ -163,7 +163,7 @@ def topk_to_distribution(expert_ids, gate_weights, num_experts: int) -> np.ndarr
 
 
 def select_experts(distribution, tau: float = DEFAULT_TAU) -> Pathway:
-    """The pathway of one sample from its per-layer distributions [L, E] (METHOD.md step 3).
+    """The pathway of one sample from its per-layer distributions [L, E] (docs/method.md step 3).
 
     See :func:`pathways` for the rule. Example::
 
@@ -174,7 +174,7 @@ def select_experts(distribution, tau: float = DEFAULT_TAU) -> Pathway:
 
 
 def pathways(distributions, tau: float = DEFAULT_TAU) -> list[Pathway]:
-    """Pathways of N samples from their distributions [N, L, E] (METHOD.md step 3).
+    """Pathways of N samples from their distributions [N, L, E] (docs/method.md step 3).
 
     Per sample and layer: rank experts by weight, descending, ties to the lower
     expert index; keep the shortest prefix whose cumulative weight exceeds

@@ -41,7 +41,7 @@ _MISSING = "—"
 _GROUP_COLUMNS = ("checkpoint", "step", "n", "distance (mean ± stderr)", "normalised distance",
                   "pathway length", "consistency", "complexity", "mean loss")
 
-# METHOD.md "The paper's headline numbers": Table 1, OLMoE, Pearson / Spearman vs test accuracy.
+# docs/method.md "The paper's headline numbers": Table 1 (OLMoE), Pearson / Spearman vs accuracy.
 PAPER_TABLE1 = pd.DataFrame(
     {
         "math": ["-0.947 / -0.949", "0.925 / 0.949", "-0.04 / -0.21"],

@@ -3,10 +3,13 @@
 A trace is a directory (format documented in docs/trace-format.md, version
 :data:`FORMAT_VERSION`)::
 
-    manifest.json              what the trace is, and the commit point
-    router.safetensors         router weight matrix W_l [E, hidden] of every MoE layer
-    routing/<run>-<seq>.parquet  one row per traced request (routing of every token)
-    samples/<seq>.parquet        one row per sample (input columns, NLL, truncation)
+    manifest.json                      what the trace is, and the commit point
+    router.safetensors                 router weight matrix W_l [E, hidden] of every MoE layer
+    routing/<run>-r<dp>-<seq>.parquet  one row per traced request (routing of every token)
+    samples/<seq>.parquet              one row per sample (input columns, NLL, truncation)
+
+``<run>``: random hex per engine start, ``<dp>``: data-parallel rank, ``<seq>``: 6
+digits; ``moepath merge`` prefixes the files it copies with ``p<i>-`` (part i).
 
 Every file is written to a temporary name and renamed into place, and only
 files listed in the manifest (with their sha256) belong to the trace: a shard
@@ -37,6 +40,7 @@ MANIFEST = "manifest.json"
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTING_DIR = "routing"
 SAMPLES_DIR = "samples"
+SERVER_INPUT_FORMAT = "server"  # manifest input.format of a trace its engine's worker commits
 
 
 @dataclass
@@ -50,13 +54,16 @@ class RoutingRecord:
         num_prompt_tokens: tokens of the prompt; positions below it are prompt tokens.
         positions: int32 [T], strictly increasing token positions.
         token_ids: int32 [T], the token fed at each position.
-        expert_ids: int [T, L, k], logical expert ids the model used, per MoE layer.
-        gate_weights: float32 [T, L, k], the gate weights the model used (after its
-            own renormalisation / scaling), same order as ``expert_ids``.
+        expert_ids: integer [T, L, k], logical expert ids the model used, per MoE
+            layer; stored uint8 (uint16 when E > 256), read back int64.
+        gate_weights: float [T, L, k], the gate weights the model used (after its
+            own renormalisation / scaling), same order as ``expert_ids``; stored
+            float16, read back float32.
         router_mean: float32 [L, E], mean over prompt tokens of the full router
             distribution (the model's scoring function over all experts); None
             when no prompt token was computed.
-        router_probs: optional float16 [T, L, E] per-token full distributions.
+        router_probs: optional float [T, L, E] per-token full distributions; stored
+            float16, read back float32.
         meta: JSON-serialisable metadata the caller attached to the request.
     """
 
@@ -322,6 +329,8 @@ def write_router_weights(trace_dir: Path, weights: list[np.ndarray]) -> ShardInf
 
 
 def read_router_weights(trace_dir: Path) -> list[np.ndarray]:
+    """The trace's router matrices: L float32 arrays [E, hidden], in trace layer order
+    (``model.layer_ids`` gives each one's decoder layer)."""
     from safetensors.numpy import load_file
 
     tensors = load_file(Path(trace_dir) / ROUTER_WEIGHTS)
@@ -436,13 +445,19 @@ def add_shards(manifest: dict, kind: str, infos: list[ShardInfo]) -> None:
     manifest["shards"][kind].extend(asdict(info) for info in infos)
 
 
-def prepare_directory(trace_dir: Path, resume: bool, force: bool) -> dict | None:
+# prepare_directory's advice for an existing directory, as ``moepath trace`` offers both
+_RESUME_OR_FORCE = "pass --resume to continue the trace in it or --force to overwrite it"
+
+
+def prepare_directory(trace_dir: Path, resume: bool, force: bool,
+                      fix: str = _RESUME_OR_FORCE) -> dict | None:
     """Make ``trace_dir`` ready for writing; return the manifest to resume from, or None.
 
     An existing non-empty directory needs ``resume`` (continue the trace in it)
     or ``force`` (empty it and start over). ``force`` empties only a moepath
     trace (see :func:`_is_trace_directory`): any other directory is refused, so
-    ``--out . --force`` cannot wipe a working directory.
+    ``--out . --force`` cannot wipe a working directory. ``fix`` ends the error
+    for an existing directory with neither: what the caller's user can do about it.
     """
     trace_dir = Path(trace_dir)
     if trace_dir.exists() and not trace_dir.is_dir():
@@ -457,10 +472,7 @@ def prepare_directory(trace_dir: Path, resume: bool, force: bool) -> dict | None
             manifest["format_version"] = FORMAT_VERSION  # new shards are; readers take both
             return manifest
         else:
-            raise TraceFormatError(
-                f"output directory '{trace_dir}' already exists; pass --resume to continue "
-                f"the trace in it or --force to overwrite it"
-            )
+            raise TraceFormatError(f"output directory '{trace_dir}' already exists; {fix}")
     trace_dir.mkdir(parents=True, exist_ok=True)
     return None
 

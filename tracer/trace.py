@@ -81,8 +81,17 @@ class Trace:
             return None
         error = f" (capture error: {self.capture_error})" if self.capture_error else ""
         return (f"trace '{self.path}' is {self.status}, not complete{error}; results cover "
-                f"its {len(self.sample_ids())} committed sample(s) only: finish it with "
-                f"`moepath trace ... --resume`")
+                f"its {len(self.sample_ids())} committed sample(s) only: {self._how_to_finish()}")
+
+    def _how_to_finish(self) -> str:
+        """A driver's trace (moepath trace, compare) is resumed; one its engine's worker
+        committed (input format ``server``) is finished only by that engine's shutdown."""
+        if self.manifest.get("input", {}).get("format") == store.SERVER_INPUT_FORMAT:
+            return ("the engine writing it (`vllm serve`, `moepath eval`, a `TracedEngine`) "
+                    "is still running or stopped before its final commit; `moepath trace "
+                    "--resume` does not continue it")
+        return ("finish it with `moepath trace ... --resume`, or re-run the `moepath compare` "
+                "that wrote it")
 
     # -- tables -------------------------------------------------------------
 
@@ -191,6 +200,7 @@ class Trace:
         return self._token_values(sample_id, completion, "token_ids", ())
 
     def num_prompt_tokens(self, sample_id: str, completion: int = 0) -> int:
+        """Prompt tokens of the record: positions below it are prompt, the rest generated."""
         return self._scalar(sample_id, completion, "num_prompt_tokens").as_py()
 
     def topk(self, sample_id: str, completion: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -252,6 +262,8 @@ class Trace:
         return ids, np.concatenate(means) if means else empty
 
     def sample_ids(self) -> list[str]:
+        """Every traced sample's id once (completion 0), in trace order (the shards as the
+        manifest lists them); TraceFormatError when an id has two records."""
         return [sid for (sid, completion) in self._index if completion == 0]
 
     def __len__(self) -> int:
