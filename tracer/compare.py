@@ -4,7 +4,7 @@ Engine-independent: the checkpoints' traces are produced elsewhere
 (``patches/sweep.py``); this module orders and validates checkpoints, and turns
 their traces into the long metrics table of ``moepath compare``:
 ``checkpoint, step, group, metric, value`` (one row per checkpoint x group x
-metric) plus a per-sample table, following METHOD.md's protocol (memorised
+metric) plus a per-sample table, following docs/method.md's protocol (memorised
 groups by t*, optionally crossed with a user field).
 """
 
@@ -164,8 +164,15 @@ def losses(traces: dict[str, Trace], step_of: dict[str, int]) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class CheckpointData:
-    """One checkpoint's inputs to the metrics: sample ids, [N, L, E] distributions
-    (``MetricOptions.source``), W_l, losses."""
+    """One checkpoint's inputs to the metrics.
+
+    Attributes:
+        sample_ids: the N samples, in trace order.
+        distributions: float32 [N, L, E], each sample's routing distribution per MoE
+            layer (``MetricOptions.source``: full router means or top-k weights).
+        router_weights: W_l of each MoE layer, float32 [E, hidden].
+        loss: each sample's mean next-token NLL (nats), indexed by sample id.
+    """
 
     sample_ids: list[str]
     distributions: np.ndarray
@@ -174,6 +181,7 @@ class CheckpointData:
 
 
 def load_checkpoint_data(trace: Trace, source: str = "full") -> CheckpointData:
+    """The metrics' inputs from one checkpoint's trace (``source``: "full" or "topk")."""
     ids, distributions = trace_distributions(trace, source)
     loss = trace.samples.set_index("sample_id")["nll"]
     return CheckpointData(ids, distributions, trace.router_weights(), loss.reindex(ids))
@@ -205,7 +213,7 @@ def checkpoint_metrics(name: str, step: int, data: CheckpointData,
     """Long-format rows (checkpoint, step, group, metric, value) for one checkpoint.
 
     A group of one sample has no distance rows (as in ``moepath metrics``); with fewer
-    than 3 MoE layers consistency and complexity are constants (METHOD.md, degenerate
+    than 3 MoE layers consistency and complexity are constants (docs/method.md, degenerate
     case), so they have no rows either.
     """
     rows = []
@@ -238,11 +246,11 @@ def checkpoint_samples(name: str, step: int, data: CheckpointData,
 
 @dataclass(frozen=True)
 class CompareOptions:
-    """What ``moepath compare`` computes from the checkpoints' traces (METHOD.md protocol).
+    """What ``moepath compare`` computes from the checkpoints' traces (docs/method.md protocol).
 
     ``epsilon`` / ``epsilon_quantile`` / ``delta``: memorisation thresholds (default:
     epsilon = 0.25 quantile of final losses, delta 0.05). ``epsilon_per_group``: with
-    ``group_by``, a quantile is taken per value of that field (METHOD.md: epsilon per
+    ``group_by``, a quantile is taken per value of that field (docs/method.md: epsilon per
     domain), else over all samples. ``memorised_only``: report
     memorised groups only (the paper's protocol), else ``all``, the ``group_by``
     values and the memorised groups. ``from_step``: correlate from this step on.

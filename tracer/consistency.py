@@ -41,7 +41,7 @@ _CHUNK_VALUES = 1 << 22
 
 def is_degenerate(num_layers: int) -> bool:
     """True when ``num_layers`` MoE layers are too few for Metric 2 to measure routing
-    (fewer than 3: METHOD.md "Degenerate case")."""
+    (fewer than 3: docs/method.md "Degenerate case")."""
     return num_layers < 3
 
 

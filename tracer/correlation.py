@@ -1,6 +1,6 @@
 """Correlation of metric trajectories with a supplied score (test accuracy) over checkpoints.
 
-Implements the last step of METHOD.md "Memorisation and groups": Pearson and
+Implements the last step of docs/method.md "Memorisation and groups": Pearson and
 Spearman (``scipy.stats``) between a group's metric and the score across
 checkpoints, optionally only from the step where accuracy starts its sustained
 rise, laid out like the paper's Table 1 by :func:`table1`.

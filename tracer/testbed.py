@@ -2,7 +2,7 @@
 
 ``moepath demo`` needs checkpoints whose held-out accuracy rises long after the
 training set is memorised, built here on a 2-core CPU in about ten minutes, so
-that the pathway metrics (METHOD.md) can be compared against a known
+that the pathway metrics (docs/method.md) can be compared against a known
 generalisation curve. :func:`train` trains deterministically (one seed, full
 batch AdamW, pinned CPU kernels, in a child process) and writes::
 
@@ -37,12 +37,12 @@ compare's per-sample loss is ``(log p + answer NLL) / 4`` plus small, nearly
 constant terms: it ranks samples by their answer loss, and a memorised sample
 sits near ``log(p) / 4`` (0.90 for p = 37). ``prompt_loss_coef`` is 0.1: at 1.0
 the two deterministic targets stalled the answer of a 4-layer model for
-hundreds of steps; 0 trains the answer only, as spec/TESTBED.md did (then three
+hundreds of steps; 0 trains the answer only, as docs/testbed-spec.md did (then three
 of compare's four terms are untrained and drift).
 
 Accuracy and the ``train_loss`` / ``heldout_loss`` columns are read at the last
 prompt position over the p number logits only (argmax and cross-entropy), as in
-spec/TESTBED.md.
+docs/testbed-spec.md.
 
 Example::
 
@@ -399,7 +399,7 @@ def memorised_loss(config: TestbedConfig) -> float:
     """The memorisation threshold epsilon for the testbed's samples (nats):
     :func:`loss_floor` + :data:`MEMORISED_LOSS_MARGIN` (0.953 for p = 37).
 
-    METHOD.md's quantile default (the paper: 20-25% of pretraining samples qualify)
+    docs/method.md's quantile default (the paper: 20-25% of pretraining samples qualify)
     does not fit here: every training sample reaches the floor, and a quantile of the
     final losses would split them by noise around it.
     """
@@ -407,7 +407,7 @@ def memorised_loss(config: TestbedConfig) -> float:
 
 
 def compare_options(result: TestbedResult):
-    """How ``moepath demo`` compares the run's checkpoints: METHOD.md's protocol.
+    """How ``moepath demo`` compares the run's checkpoints: docs/method.md's protocol.
 
     Metrics on memorised samples only (epsilon :func:`memorised_loss`), correlated with
     the held-out accuracy (scores.csv) from the first checkpoint at or after the
