@@ -13,11 +13,21 @@ or other kernels are refused, so the caller restarts the engine instead.
 
 Callers must reset the prefix cache afterwards (KV computed with the old
 weights must not be reused); ``TracedEngine.switch_checkpoint`` does.
+
+vLLM warns "RotaryEmbedding: Failed to load weights" on every reload: a rotary
+layer's only tensor is its cos/sin cache, computed from the config, which no
+checkpoint carries and which the reload puts back unchanged. The warning is
+dropped during :func:`reload_checkpoint` (any other layer's still shows).
 """
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+
 import torch
+
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
 class ReloadUnsupported(RuntimeError):
@@ -67,6 +77,23 @@ def reload_checkpoint(worker, weights_path: str) -> None:
     """Load ``weights_path`` into the worker's model in place (exact on CPU and CUDA)."""
     model = worker.model_runner.get_model()
     check_reloadable(model, worker.model_runner.device)
-    worker.reload_weights(weights_path=weights_path)
+    with _rotary_cache_warning_dropped():
+        worker.reload_weights(weights_path=weights_path)
     if worker.model_runner.device.type == "cpu":
         _reprepack(model)
+
+
+def _not_rotary_cache_warning(record: logging.LogRecord) -> bool:
+    """A logging filter: False for the rotary-cache warning (see module)."""
+    return not record.getMessage().endswith("RotaryEmbedding: Failed to load weights")
+
+
+@contextmanager
+def _rotary_cache_warning_dropped():
+    """vLLM's reload logger without the rotary-cache warning, for the block."""
+    logger = logging.getLogger(_RELOAD_LOGGER)
+    logger.addFilter(_not_rotary_cache_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_rotary_cache_warning)

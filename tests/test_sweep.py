@@ -3,6 +3,7 @@ traces that do not fit the sweep are refused before any engine starts."""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from dataclasses import replace
@@ -56,6 +57,33 @@ def test_reloaded_engine_equals_a_freshly_started_one(toy_factory, samples_file,
                       TraceOptions(), on_checkpoint=events.append)
     assert [(e.name, e.action) for e in events] == [("a", "skip"), ("b", "start")]
     assert_same_trace(Trace.open(tmp_path / "traces" / "b"), Trace.open(tmp_path / "fresh"))
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_reload_drops_vllms_rotary_cache_warning_and_no_other():
+    """vLLM warns on every in-place reload that rotary embeddings loaded no weights (their
+    cos/sin cache is computed, and put back as it was): moepath drops that line only."""
+    from moepath.patches import reload
+
+    logger, lines = logging.getLogger(reload._RELOAD_LOGGER), Lines()
+    logger.addHandler(lines)
+    try:
+        with reload._rotary_cache_warning_dropped():
+            for layer in ("RotaryEmbedding", "Llama3RotaryEmbedding", "QKVParallelLinear"):
+                logger.warning("%s: Failed to load weights", layer)
+        logger.warning("%s: Failed to load weights", "RotaryEmbedding")
+    finally:
+        logger.removeHandler(lines)
+    assert lines.lines == ["QKVParallelLinear: Failed to load weights",
+                           "RotaryEmbedding: Failed to load weights"]
 
 
 def test_a_trace_of_other_samples_is_refused_before_any_checkpoint_is_traced(
