@@ -213,8 +213,8 @@ def test_a_corrupted_shard_is_named_and_the_trace_left_as_it_is(trace_dir, tmp_p
     (damaged / shard).write_bytes((damaged / shard).read_bytes()[:-10] + b"0123456789")
     before = files_of(damaged)
     result = moepath(command[0], damaged, *command[1:])
-    assert_one_line_error(result, f"trace file '{shard}' is corrupted (sha256 differs from the "
-                                  "manifest); restore it from a copy")
+    assert_one_line_error(result, f"trace file '{shard}' in '{damaged}' is corrupted (sha256 "
+                                  "differs from the manifest); restore it from a copy")
     assert files_of(damaged) == before
 
 

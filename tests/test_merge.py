@@ -202,7 +202,7 @@ def corrupt_shard(part) -> None:
     (lambda parts: shutil.rmtree(parts[1]),
      "trace directory '{p1}' does not exist; run `moepath trace` first"),
     (lambda parts: corrupt_shard(parts[1]),
-     "trace file 'routing/run-r0-000000.parquet' is corrupted (sha256 differs"),
+     "trace file 'routing/run-r0-000000.parquet' in '{p1}' is corrupted (sha256 differs"),
     (lambda parts: rewrite(parts[1], input={"sha256": "cd" * 32, "path": "other.jsonl"}),
      "'{p1}' does not belong with '{p0}': it was traced from a different samples file "
      "('s.jsonl', now 'other.jsonl')"),

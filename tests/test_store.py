@@ -204,7 +204,7 @@ def test_duckdb_reads_a_trace_without_moepath(tmp_path):
 
 @pytest.mark.parametrize(("damage", "report"), [
     (lambda shard: shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789"),
-     r"is corrupted \(sha256 differs from the manifest\)"),
+     r"in '.*t' is corrupted \(sha256 differs from the manifest\)"),
     (lambda shard: shard.unlink(), "is missing from '.*t'"),
 ])
 def test_a_damaged_shard_is_named_and_the_advice_works(tmp_path, damage, report):

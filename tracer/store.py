@@ -394,7 +394,7 @@ def verify_checksums(trace_dir: Path, manifest: dict) -> None:
         if not path.is_file():
             damage = f"is missing from '{trace_dir}'"
         elif file_sha256(path) != entry["sha256"]:
-            damage = "is corrupted (sha256 differs from the manifest)"
+            damage = f"in '{trace_dir}' is corrupted (sha256 differs from the manifest)"
         else:
             continue
         raise TraceFormatError(
