@@ -25,8 +25,10 @@ def demo(
                      "of the pipeline, no grokking).")] = False,
     gpu_memory_utilization: o.GpuMemory = 0.3,
 ) -> None:
-    """Train the grokking testbed (cached), then compare its checkpoints (traced in
-    float32) with their scores, on memorised samples from the memorisation step on."""
+    """Train the grokking testbed (cached), then compare its checkpoints on memorised samples.
+
+    Checkpoints are traced in float32; metrics cover the memorised samples and are
+    correlated with held-out accuracy from the memorisation step on."""
     from moepath.patches.engine import EngineOptions, TraceOptions
     from moepath.tracer import testbed
     from moepath.tracer.samples import SampleReadOptions
