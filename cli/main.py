@@ -76,7 +76,8 @@ _ON_INTERRUPT = {
                "command to continue",
     "demo": "a trained testbed, finished checkpoint traces and committed samples are kept; "
             "re-run the same command to continue",
-    "eval": "an eval cannot be resumed; re-run with --force to start it over",
+    "eval": "the requests traced so far are kept in a trace marked failed (no scores); an "
+            "eval cannot be resumed: re-run with --force to start it over",
     "merge": "the parts are untouched; re-run with --force to start the merge over",
 }
 

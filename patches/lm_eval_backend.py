@@ -335,13 +335,17 @@ def run_eval(model: str | Path, out: str | Path, options: EvalOptions,
     started = time.perf_counter()
     backend = MoepathVLLM(trace_dir=str(summary.trace_dir), batch_size=options.batch_size,
                           **_backend_kwargs(model, engine_options or EngineOptions()))
+    finished = False
     try:
         results = simple_evaluate(model=backend, tasks=list(options.tasks),
                                   num_fewshot=options.num_fewshot, limit=options.limit,
                                   log_samples=True, task_manager=task_manager,
                                   confirm_run_unsafe_code=options.confirm_run_unsafe_code)
+        finished = True
     finally:
         backend.close()
+        if not finished:
+            _mark_stopped(summary.trace_dir)
     logged = results.pop("samples")
     _write_lm_eval(summary.lm_eval_dir, results, logged)
     table = scores.attach_scores(summary.trace_dir, scores.doc_scores(logged),
@@ -416,6 +420,19 @@ def _prepare(summary: EvalSummary, force: bool) -> None:
         store.prepare_directory(summary.trace_dir, resume=False, force=True)
         shutil.rmtree(summary.lm_eval_dir, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _mark_stopped(trace_dir: Path) -> None:
+    """Mark the trace of an eval that stopped before lm-eval finished (interrupted, or an
+    error) as failed: the engine's shutdown committed it as complete, but it holds only
+    the requests sent so far, and no scores."""
+    if not (trace_dir / store.MANIFEST).is_file():
+        return  # the engine stopped before its worker created the trace
+    manifest = store.read_manifest(trace_dir)
+    store.set_status(manifest, "failed", "moepath eval stopped before lm-eval finished: the "
+                     "requests traced so far are kept, without scores; re-run moepath eval "
+                     "with --force")
+    store.write_manifest(trace_dir, manifest)
 
 
 def _backend_kwargs(model: str | Path, engine_options: EngineOptions) -> dict:

@@ -21,8 +21,9 @@ from moepath.cli.main import interrupted_message
                               "samples are kept; re-run the same command to continue"),
     (["demo"], "moepath: interrupted; a trained testbed, finished checkpoint traces and "
                "committed samples are kept; re-run the same command to continue"),
-    (["eval", "model"], "moepath: interrupted; an eval cannot be resumed; re-run with --force "
-                        "to start it over"),
+    (["eval", "model"], "moepath: interrupted; the requests traced so far are kept in a trace "
+                        "marked failed (no scores); an eval cannot be resumed: re-run with "
+                        "--force to start it over"),
     (["merge", "p0", "p1"], "moepath: interrupted; the parts are untouched; re-run with --force "
                             "to start the merge over"),
     (["metrics", "t", "--json"], "moepath: interrupted"),

@@ -260,6 +260,41 @@ def test_force_empties_an_earlier_eval_output_and_refuses_any_other_directory(tm
     assert (out / "thesis.tex").read_text() == "months of work"
 
 
+def test_an_interrupted_eval_keeps_its_requests_in_a_trace_marked_failed(toy_olmoe, tmp_path,
+                                                                         monkeypatch):
+    """The engine's shutdown commits what was traced; the eval marks it as not finished."""
+    from test_store import make_record, write_trace
+
+    from moepath.patches import lm_eval_backend
+    from moepath.patches.lm_eval_backend import EvalOptions, run_eval
+    from moepath.tracer import store
+
+    class Backend:  # stands in for MoepathVLLM: its close() commits the requests sent
+        def __init__(self, trace_dir, **_):
+            self.trace_dir = Path(trace_dir)
+
+        def close(self):  # as the worker's final commit: the trace is complete
+            manifest = write_trace(self.trace_dir,
+                                   [make_record("moepath_mc/0/0/loglikelihood", 6, 1)])
+            store.set_status(manifest, "complete")
+            store.write_manifest(self.trace_dir, manifest)
+
+    def interrupted(**_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_eval_backend, "MoepathVLLM", Backend)
+    monkeypatch.setattr("lm_eval.simple_evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(toy_olmoe, tmp_path / "out", EvalOptions(tasks=("moepath_mc",),
+                                                           include_path=TASK_DIR))
+    trace = Trace.open(tmp_path / "out" / "trace")
+    assert trace.sample_ids() == ["moepath_mc/0/0/loglikelihood"]
+    assert trace.status == "failed"
+    assert "(capture error: moepath eval stopped before lm-eval finished: the requests " \
+           "traced so far are kept, without scores; re-run moepath eval with --force)" \
+           in trace.incomplete_warning()
+
+
 class EngineStarted(Exception):
     """Raised by the stand-in for lm-eval's vLLM constructor: no engine starts in the test."""
 
