@@ -298,8 +298,9 @@ def check_before_tracing(found: list[Checkpoint], sample_set: SampleSet,
         if options.group_by not in TRACE_COLUMNS:  # those values exist only after tracing
             labels = set(label_names(field))
     if options.scores is not None:
-        scores = read_scores(options.scores, steps(found))
-        problem = too_few_checkpoints(steps(found).values(), options.from_step)
+        step_of = steps(found)
+        scores = read_scores(options.scores, step_of)
+        problem = too_few_checkpoints(step_of.values(), options.from_step)
         if problem is not None:
             fix = ("pass an earlier --from-step" if options.from_step is not None
                    else "compare more checkpoints or drop --scores")
