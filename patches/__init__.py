@@ -12,12 +12,12 @@ Patch register (vLLM 0.32.0; versions checked in ``compat.py``):
 
 | symbol | file | why | how | removal |
 |---|---|---|---|---|
-| ``Worker.load_model`` | v1/worker/gpu_worker.py (CPUWorker inherits) | the only per-engine point after the model is built and before it is compiled; also the first point in every CPU worker to request AMX tile permission, which vLLM 0.32's bf16 AMX attention needs and never requests (SIGILL otherwise) | wrapper: requests AMX permission (CPU), calls the original, then ``capture.install`` if traced | post-load hook: when vLLM offers one; AMX: when vLLM requests the permission itself |
+| ``Worker.load_model`` | v1/worker/gpu_worker.py (CPUWorker inherits) | the only per-engine point after the model is built and before it is compiled; also the first point in every CPU worker to request AMX tile permission, which vLLM 0.32's bf16 AMX attention needs and never requests (SIGILL otherwise), and to track models under zentorch, whose process-wide weight cache must not meet a freed model's addresses (``zentorch_cache.py``) | wrapper: requests AMX permission (CPU), calls the original, tracks the model under zentorch, then ``capture.install`` if traced | post-load hook: when vLLM offers one; AMX: when vLLM requests the permission itself; zentorch: when its cache no longer outlives the buffers it names |
 | ``FusedMoERouter.select_experts`` | model_executor/layers/fused_moe/router/fused_moe_router.py | sole caller site of routing on every modular MoE path; sees logits, weights, logical ids (vLLM's ``set_capture_fn`` gives ids only) | class-level wrapper, installed only in traced workers: calls the original, then writes ids, weights and the scored logits into preallocated buffers (``hook.py``) | when a router capture callback passes logits and weights |
 | ``GPUModelRunner.execute_model`` (instance) | v1/worker/gpu_model_runner.py (CPUModelRunner inherits) | batch layout (req_ids, query_start_loc, positions, the device copy of input_ids) is final after the forward | instance-level wrapper on traced workers: finished ids on entry, row mapping after the forward | with the above |
 | ``Worker.shutdown`` (instance, server mode only) | v1/worker/gpu_worker.py | commit the last shards and mark the trace complete when the server stops | instance-level wrapper | — |
 | ``Worker.moepath_flush`` / ``moepath_describe`` / ``moepath_switch`` (added) | — | ``collective_rpc`` control: flush shards, report routing config, switch checkpoint and trace directory | instance attributes on traced workers | — |
-| ``Worker.reload_weights`` (called, then CPU experts re-prepacked) | v1/worker/gpu_worker.py, fused_moe/experts/cpu_moe.py | vLLM 0.32 skips the AMX/VNNI prepack on reload (silently wrong routing) | ``reload.py`` copies ``cpu_prepack_moe_weight`` output into the same storage | when vLLM re-prepacks on reload |
+| ``Worker.reload_weights`` (called, then CPU experts re-prepacked) | v1/worker/gpu_worker.py, fused_moe/experts/cpu_moe.py | vLLM 0.32 skips the AMX/VNNI prepack on reload (silently wrong routing); zentorch's experts would take the new weights as already reordered | ``reload.py`` copies ``cpu_prepack_moe_weight`` output into the same storage, or forgets zentorch's weight cache | when vLLM re-prepacks on reload |
 
 CUDA: vLLM 0.32 defaults to the V2 model runner there, which this capture does
 not wrap; traced engines are started with ``VLLM_USE_V2_MODEL_RUNNER=0`` (see
@@ -47,8 +47,12 @@ def register() -> None:
 def _wrap_load_model(original):
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
+        from . import zentorch_cache
+
         _request_amx_permission()
         original(self, *args, **kwargs)
+        if zentorch_cache.loaded():
+            zentorch_cache.track(self.model_runner.get_model())
         from .settings import from_vllm_config
 
         settings = from_vllm_config(self.vllm_config)

@@ -7,9 +7,13 @@ bf16 expert weights are AMX/VNNI-prepacked only on the first load
 ``_setup_kernel`` finds its kernel set and skips the prepack), so a reload leaves
 them in checkpoint layout and silently changes routing and losses (reloading the
 same checkpoint kept 90.3% of top-k sets). :func:`reload_checkpoint` therefore re-prepacks every
-CPU-unquantized MoE layer into the same storage after the reload. Layers whose
-intermediate size needs padding (``cpu_moe.py``'s ``_pad_moe_intermediate``)
-or other kernels are refused, so the caller restarts the engine instead.
+CPU-unquantized MoE layer into the same storage after the reload. On vLLM's Zen
+platform the experts run zentorch's kernel, which reorders weights in place on
+its first call and remembers them by address: after the reload its cache is
+forgotten, so the new weights are reordered afresh (``zentorch_cache.py``; refused
+while another model of the process is alive). Layers whose intermediate size
+needs padding (``cpu_moe.py``'s ``_pad_moe_intermediate``) or other kernels are
+refused, so the caller restarts the engine instead.
 
 Callers must reset the prefix cache afterwards (KV computed with the old
 weights must not be reused); ``TracedEngine.switch_checkpoint`` does.
@@ -26,6 +30,8 @@ import logging
 from contextlib import contextmanager
 
 import torch
+
+from . import zentorch_cache
 
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
@@ -57,7 +63,11 @@ def check_reloadable(model: torch.nn.Module, device: torch.device) -> None:
         if type(experts).__name__ not in ("CPUUnquantizedExperts", "X86CPUUnquantizedExperts"):
             raise ReloadUnsupported(f"{type(experts).__name__} has no verified re-prepack")
         if getattr(experts, "_use_zentorch", False):
-            raise ReloadUnsupported("zentorch MoE kernels have no verified re-prepack")
+            if not zentorch_cache.sole_model():
+                raise ReloadUnsupported(
+                    "another model in this process holds zentorch-reordered weights, whose "
+                    "cache a reload must forget")
+            continue  # zentorch pads nothing and reorders afresh once its cache is forgotten
         config = experts.moe_config
         if experts._padded_intermediate_size(config) != config.intermediate_size_per_partition:
             raise ReloadUnsupported("padded MoE intermediate size has no verified re-prepack")
@@ -68,6 +78,8 @@ def _reprepack(model: torch.nn.Module) -> None:
 
     with torch.no_grad():
         for layer, experts in _cpu_prepacked_layers(model):
+            if getattr(experts, "_use_zentorch", False):
+                continue
             for name in ("w13_weight", "w2_weight"):
                 weight = getattr(layer, name)
                 weight.data.copy_(cpu_prepack_moe_weight(weight.data.clone(), experts.isa))
@@ -81,6 +93,7 @@ def reload_checkpoint(worker, weights_path: str) -> None:
         worker.reload_weights(weights_path=weights_path)
     if worker.model_runner.device.type == "cpu":
         _reprepack(model)
+        zentorch_cache.forget_weight_caches()
 
 
 def _not_rotary_cache_warning(record: logging.LogRecord) -> bool:

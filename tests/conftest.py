@@ -50,6 +50,16 @@ def standard_records(n: int = 40) -> list[dict]:
 
 
 @pytest.fixture
+def zen_platform():
+    """Skip unless vLLM runs on its Zen platform here (AMD CPU with AVX-512, zentorch)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_zen_cpu():
+        pytest.skip("zentorch's kernels run only on vLLM's Zen platform (AMD CPU with "
+                    "AVX-512 and `pip install moepath[zen]`)")
+
+
+@pytest.fixture
 def no_engine(monkeypatch):
     """Starting a vLLM engine fails the test: for refusals that must come before one."""
     import vllm

@@ -17,6 +17,7 @@ from conftest import TEST_MEMORY, files_of, write_jsonl
 from test_cli_trace import assert_one_line_error, dense_checkpoint, moepath
 from test_metrics import SAMPLES, write_synthetic_trace
 from test_store import make_record, write_trace
+from test_sweep import assert_same_trace
 
 from moepath.tracer import Trace, store
 from moepath.tracer import compare as cmp
@@ -287,6 +288,27 @@ def test_compare_resumes_recomputing_only_the_deleted_checkpoint(compared):
     assert "checkpoint 1/3 step100: complete, skipped" in result.stderr
     assert "checkpoint 2/3 step200: starting engine" in result.stderr
     assert "checkpoint 3/3 step300: complete, skipped" in result.stderr
+
+
+@pytest.mark.vllm
+@pytest.mark.usefixtures("zen_platform")
+def test_under_zentorch_engines_started_in_turn_in_one_process_trace_one_checkpoint_alike(
+        toy_factory, samples_file, tmp_path):
+    """zentorch reorders expert weights in place and remembers them by address for the
+    whole process: an engine started after another one was closed could find its weights
+    taken for reordered ones (a failed forward, or silently wrong routing). Three copies of
+    one checkpoint, each served by a fresh engine in one process, trace alike."""
+    for step in (100, 200, 300):
+        shutil.copytree(toy_factory("olmoe"), tmp_path / "run" / f"step{step}")
+    result = moepath("compare", tmp_path / "run", "--samples", samples_file, "--out",
+                     tmp_path / "out", "--no-reuse-engine", "--enforce-eager",
+                     "--gpu-memory-utilization", str(TEST_MEMORY), "--max-model-len", "512")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint 3/3 step300: starting engine" in result.stderr
+    first, *others = (Trace.open(tmp_path / "out" / "traces" / f"step{step}")
+                      for step in (100, 200, 300))
+    for other in others:
+        assert_same_trace(first, other)
 
 
 def _trace_state(trace_dir) -> tuple[str | None, int]:
