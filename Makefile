@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moepath-installed
+# auto: zentorch on AMD CPUs with AVX-512, where vLLM 0.32 then runs its Zen platform; no: never
+ZENTORCH ?= auto
 
 .PHONY: setup test test-fast demo lint bench clean
 
@@ -12,7 +14,11 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@if nvidia-smi >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi; \
+	@if nvidia-smi >/dev/null 2>&1; then extra=gpu; \
+	  elif [ "$(ZENTORCH)" != no ] && grep -q AuthenticAMD /proc/cpuinfo 2>/dev/null \
+	      && grep -q avx512 /proc/cpuinfo; then \
+	    extra=cpu,zen; echo "moepath: AMD CPU with AVX-512: adding zentorch, vLLM's Zen kernels (ZENTORCH=no: without)"; \
+	  else extra=cpu; fi; \
 	  echo "moepath: installing -e .[$$extra,dev]"; \
 	  $(PY) -m pip install -q -e ".[$$extra,dev]"
 	@for m in torchvision torchaudio torchcodec; do \
