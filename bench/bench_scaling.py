@@ -27,9 +27,10 @@ from bench_overhead import RESULTS, prompts, toy
 
 
 def trace_point(engine, model: Path, batch: list[list[int]], out: Path, options,
-                batch_size: int = 1024) -> float:
+                batch_size: int = 1024, nll: bool = True) -> float:
     """Tokens/s of tracing ``batch`` (token-id prompts) into ``out`` on ``engine``: the
-    driver's whole path, ``batch_size`` samples per committed batch."""
+    driver's whole path, ``batch_size`` samples per committed batch, per-sample NLL
+    (prompt log-probs) when ``nll``."""
     from moepath.patches.engine import Tokenized, TraceJob, TraceOptions
     from moepath.tracer import store
     from moepath.tracer.samples import Sample, SampleSet
@@ -39,7 +40,7 @@ def trace_point(engine, model: Path, batch: list[list[int]], out: Path, options,
     tokenized = [Tokenized(f"s{i}", ids, False) for i, ids in enumerate(batch)]
     store.prepare_directory(out, resume=False, force=True)
     engine.retarget(out)
-    job = TraceJob(samples, tokenized, options, TraceOptions(batch_size=batch_size))
+    job = TraceJob(samples, tokenized, options, TraceOptions(nll=nll, batch_size=batch_size))
     started = time.perf_counter()
     summary = job.run(engine, out, None)
     return summary.tokens / (time.perf_counter() - started)

@@ -4,13 +4,14 @@ Run (from the repository root, inside .venv):
 
     python bench/bench_vs_hf.py --samples 200 --tokens 128
     python bench/bench_vs_hf.py --samples 200 --tokens 128 --engine-core process
+    python bench/bench_vs_hf.py --samples 200 --tokens 128 --no-nll   # without the loss column
 
 Same checkpoint (OLMoE-shaped toy), same token ids. The transformers baseline
 is what researchers write by hand: batched forward (batch 16) with
 ``output_router_logits=True``, softmax and top-k per layer, in float32 and
 bfloat16, timed after one warm-up batch. moepath runs the ``moepath trace``
-driver (compiled, NLL on, 256 samples per committed batch; bfloat16 and
-float32) on a started engine after a warm-up trace of 32 samples, timed from
+driver (compiled, NLL on unless ``--no-nll``, 256 samples per committed batch;
+bfloat16 and float32) on a started engine after a warm-up trace of 32 samples, timed from
 the first batch to the committed trace (engine start reported apart), with
 vLLM's engine core placed as ``--engine-core`` says (default auto, what
 ``moepath trace`` does; the choice holds for the whole process, so compare
@@ -54,7 +55,7 @@ def hf_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str, top_k:
 
 
 def moepath_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str,
-                         engine_core: str) -> tuple[float, float]:
+                         engine_core: str, nll: bool) -> tuple[float, float]:
     """(tokens/s of the trace driver's whole path after a warm-up trace, engine start in s)."""
     from bench_scaling import trace_point
 
@@ -67,9 +68,9 @@ def moepath_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str,
     started = time.perf_counter()
     with TracedEngine(model_path, root / "warmup", options, commit=False) as engine:
         start_s = time.perf_counter() - started
-        trace_point(engine, model_path, batch[:32], root / "warmup", options)
+        trace_point(engine, model_path, batch[:32], root / "warmup", options, nll=nll)
         rate = trace_point(engine, model_path, batch, root / "trace", options,
-                           TraceOptions().batch_size)
+                           TraceOptions().batch_size, nll)
     return rate, start_s
 
 
@@ -98,16 +99,19 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         help="moepath (vLLM) dtypes to measure")
     parser.add_argument("--engine-core", choices=["auto", "process", "inline"], default="auto")
+    parser.add_argument("--nll", action=argparse.BooleanOptionalAction, default=True,
+                        help="moepath computes each sample's NLL (prompt log-probs), as "
+                             "`moepath trace` does by default")
     args = parser.parse_args()
     model = toy("olmoe-shaped")
     batch = prompts(args.samples, args.tokens, seed=1)
     result = {"samples": args.samples, "prompt_tokens": args.tokens,
-              "engine_core": args.engine_core,
+              "engine_core": args.engine_core, "nll": args.nll,
               "hf_float32_tokens_per_s": hf_tokens_per_s(model, batch, "float32", 8),
               "hf_bfloat16_tokens_per_s": hf_tokens_per_s(model, batch, "bfloat16", 8)}
     best_hf = max(result["hf_float32_tokens_per_s"], result["hf_bfloat16_tokens_per_s"])
     for dtype in args.dtypes:
-        rate, start_s = moepath_tokens_per_s(model, batch, dtype, args.engine_core)
+        rate, start_s = moepath_tokens_per_s(model, batch, dtype, args.engine_core, args.nll)
         result[f"moepath_{dtype}_tokens_per_s"] = rate
         result[f"moepath_{dtype}_engine_start_s"] = start_s
         result[f"moepath_{dtype}_vs_best_hf"] = rate / best_hf
@@ -115,7 +119,8 @@ def main() -> None:
         result[f"untraced_vllm_{dtype}_tokens_per_s"] = untraced
         result[f"moepath_{dtype}_vs_untraced_vllm"] = rate / untraced
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"vs-hf-{args.engine_core}.json").write_text(json.dumps(result, indent=2))
+    suffix = "" if args.nll else "-no-nll"
+    (RESULTS / f"vs-hf-{args.engine_core}{suffix}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

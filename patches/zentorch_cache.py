@@ -45,7 +45,8 @@ def track(model: torch.nn.Module) -> None:
     while another tracked model is alive (see module)."""
     global _live_models
     _live_models += 1
-    weakref.finalize(model, _model_freed, list(model.parameters()))
+    freed = weakref.finalize(model, _model_freed, list(model.parameters()))
+    freed.atexit = False  # the process ends with its cache: no zentorch calls at shutdown
 
 
 def sole_model() -> bool:
