@@ -29,10 +29,10 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     args = parser.parse_args()
 
+    from moepath.fixtures.toy import build_toy_model, corpus
     from moepath.patches.engine import EngineOptions
     from moepath.patches.sweep import trace_checkpoints
     from moepath.tracer.samples import Sample, SampleSet
-    from moepath.tracer.toy import build_toy_model, corpus
 
     # the benchmark's files, removed when this function returns
     scratch = tempfile.TemporaryDirectory(prefix="moepath-bench-compare-")

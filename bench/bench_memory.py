@@ -59,7 +59,7 @@ def main() -> None:
 
     import psutil
 
-    from moepath.tracer.toy import corpus
+    from moepath.fixtures.toy import corpus
 
     # the benchmark's files, removed when this function returns
     scratch = tempfile.TemporaryDirectory(prefix="moepath-bench-memory-")

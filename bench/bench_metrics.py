@@ -107,7 +107,7 @@ def bench_distance(rng) -> dict:
 
 def bench_consistency(rng) -> dict:
     g = rng.dirichlet(np.full(EXPERTS, 0.3), (N_CONSISTENCY, LAYERS)).astype(np.float32)
-    scale = 2.0 / np.sqrt(HIDDEN)  # the toy models' router scale (tracer/toy.py)
+    scale = 2.0 / np.sqrt(HIDDEN)  # the toy models' router scale (fixtures/toy.py)
     weights = [
         (rng.normal(size=(EXPERTS, HIDDEN)) * scale).astype(np.float32) for _ in range(LAYERS)
     ]

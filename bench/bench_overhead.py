@@ -52,7 +52,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def toy(preset: str) -> Path:
-    from moepath.tracer.toy import build_toy_model
+    from moepath.fixtures.toy import build_toy_model
 
     path = RESULTS / f"toy-olmoe-{preset}"
     if not (path / "config.json").is_file():

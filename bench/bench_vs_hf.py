@@ -37,7 +37,7 @@ def hf_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str, top_k:
     """Batches of 16 through transformers with router logits, after one warm-up batch."""
     import torch
 
-    from moepath.tracer.hf_reference import load_model
+    from moepath.fixtures.hf_reference import load_model
 
     model = load_model(model_path, dtype)
 

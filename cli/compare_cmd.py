@@ -60,10 +60,10 @@ def compare(
     batch_size: o.BatchSize = 256,
 ) -> None:
     """Serve checkpoints in turn on the same samples; report metrics, memorisation, correlations."""
-    from moepath.patches.engine import TraceOptions
-    from moepath.tracer.compare import CompareOptions
-    from moepath.tracer.metrics import MetricOptions
-    from moepath.tracer.samples import SampleReadOptions
+    from ..patches.engine import TraceOptions
+    from ..tracer.compare import CompareOptions
+    from ..tracer.metrics import MetricOptions
+    from ..tracer.samples import SampleReadOptions
 
     run_compare(
         checkpoints, samples, out,
@@ -85,9 +85,9 @@ def compare(
 def run_compare(checkpoints: list[Path], samples: Path, out: Path, options, engine_options,
                 trace_options, read_options, reuse_engine: bool = True) -> None:
     """Validate, show the plan, trace every checkpoint, analyse, render (``compare``, ``demo``)."""
-    from moepath.patches.sweep import trace_checkpoints
-    from moepath.tracer import compare as cmp
-    from moepath.tracer.samples import read_samples
+    from ..patches.sweep import trace_checkpoints
+    from ..tracer import compare as cmp
+    from ..tracer.samples import read_samples
 
     found = cmp.discover(checkpoints)
     shape = cmp.check_compatible(found)
@@ -122,8 +122,8 @@ def _trace_all(trace_checkpoints, models, sample_set, out, engine, trace_options
 def _render(result, out: Path) -> None:
     """Terminal summary: the trajectory of the first group (``all`` unless --memorised-only)
     and the correlations, one row per group; every group's table is in report.md."""
-    from moepath.tracer.compare import ALL
-    from moepath.tracer.correlation import TABLE1_ROWS
+    from ..tracer.compare import ALL
+    from ..tracer.correlation import TABLE1_ROWS
 
     metrics = result.metrics
     group = ALL if (metrics["group"] == ALL).any() else metrics["group"].iloc[0]

@@ -29,9 +29,9 @@ def demo(
 
     Checkpoints are traced in float32; metrics cover the memorised samples and are
     correlated with held-out accuracy from the memorisation step on."""
-    from moepath.patches.engine import EngineOptions, TraceOptions
-    from moepath.tracer import testbed
-    from moepath.tracer.samples import SampleReadOptions
+    from ..fixtures import testbed
+    from ..patches.engine import EngineOptions, TraceOptions
+    from ..tracer.samples import SampleReadOptions
 
     config = testbed.SMOKE if smoke else testbed.DEFAULT
     suffix = "-smoke" if smoke else ""  # a smoke run never replaces the 10-minute testbed
@@ -48,7 +48,7 @@ def demo(
 def _testbed(config, testbed_dir: Path, traces: Path, duration: str):
     """The testbed run in ``testbed_dir``: cached, or trained (dropping the ``traces`` of
     earlier checkpoints, which no longer match)."""
-    from moepath.tracer import testbed
+    from ..fixtures import testbed
 
     if testbed.is_built(config, testbed_dir):
         render.stderr.print(f"testbed checkpoints in {testbed_dir} are up to date")

@@ -42,7 +42,7 @@ def eval_(
     force: o.Force = False,
 ) -> None:
     """Run lm-eval tasks on MODEL in a traced vLLM engine; per-document scores join the trace."""
-    from moepath.patches.lm_eval_backend import EvalOptions, run_eval
+    from ..patches.lm_eval_backend import EvalOptions, run_eval
 
     names = tuple(name.strip() for name in tasks.split(",") if name.strip())
     if not names:

@@ -14,8 +14,7 @@ import sys
 
 import typer
 
-from moepath.tracer.errors import MoepathError
-
+from ..tracer.errors import MoepathError
 from . import (
     compare_cmd,
     demo_cmd,

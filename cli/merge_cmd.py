@@ -18,7 +18,7 @@ def merge(
     force: o.Force = False,
 ) -> None:
     """Merge part traces (data-parallel runs over one samples file) into one trace."""
-    from moepath.tracer.merge import merge_traces
+    from ..tracer.merge import merge_traces
 
     manifest = merge_traces(parts, out, force=force)
     counts = manifest["counts"]

@@ -11,8 +11,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from moepath.tracer.errors import InputError
-
+from ..tracer.errors import InputError
 from . import options as o
 from . import render
 
@@ -37,8 +36,8 @@ def metrics(
     as_json: Json = False,
 ) -> None:
     """Pathway distance (Metric 1) and consistency (Metric 2) of each group of samples."""
-    from moepath.tracer import Trace
-    from moepath.tracer.metrics import MetricOptions, trace_metrics, trace_sample_frame
+    from ..tracer import Trace
+    from ..tracer.metrics import MetricOptions, trace_metrics, trace_sample_frame
 
     options = MetricOptions(tau=tau, unit=unit, normalize=normalize, source=source,
                             pairs=o.parse_pairs(pairs), seed=seed)

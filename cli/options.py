@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from moepath.patches.engine import EngineOptions
+from ..patches.engine import EngineOptions
 
 Model = Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder of an MoE model.")]
 Samples = Annotated[Path, typer.Option("--samples", "-s",
@@ -83,7 +83,7 @@ def parse_part(value: str | None) -> tuple[int, int] | None:
 
 def parse_pairs(value: str) -> int | None:
     """'auto' -> None (default policy); 'all' -> exact; a number >= 2 -> sampled pairs."""
-    from moepath.tracer.distance import ALL_PAIRS
+    from ..tracer.distance import ALL_PAIRS
 
     if value in ("auto", "all"):
         return None if value == "auto" else ALL_PAIRS

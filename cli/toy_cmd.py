@@ -20,7 +20,7 @@ def toy_model(
                     "seeds).")] = 0,
 ) -> None:
     """Build a random-weight MoE checkpoint of a real architecture, with a local tokenizer."""
-    from moepath.tracer.toy import PRESETS, build_toy_model
+    from ..fixtures.toy import PRESETS, build_toy_model
 
     path = build_toy_model(out, arch=arch, preset=preset, seed=seed)
     shape = PRESETS[preset]

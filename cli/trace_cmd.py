@@ -37,8 +37,8 @@ def trace(
     force: o.Force = False,
 ) -> None:
     """Trace the expert routing of every sample through MODEL into a trace directory."""
-    from moepath.patches.engine import TraceOptions, trace_samples
-    from moepath.tracer.samples import SampleReadOptions, read_samples
+    from ..patches.engine import TraceOptions, trace_samples
+    from ..tracer.samples import SampleReadOptions, read_samples
 
     sample_set = read_samples(samples, SampleReadOptions(
         id_field=id_field, text_field=text_field, skip_bad_lines=skip_bad_lines, limit=limit))

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moepath.tracer import store
-
+from ..tracer import store
 from . import compat, hook
 from .packed_rows import RowLayout
 from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings

@@ -15,10 +15,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import moepath
-from moepath.tracer import checkpoints, provenance, store
-from moepath.tracer.errors import InputError
-
+from .. import __version__
+from ..tracer import checkpoints, provenance, store
+from ..tracer.errors import InputError
 from . import compat
 from .settings import CaptureSettings
 
@@ -35,7 +34,7 @@ def engine_manifest(model: str | Path, dtype: str, routing: dict, source: dict,
 
     shape = checkpoints.moe_shape(model)
     return store.new_manifest(
-        versions={"moepath": moepath.__version__, "vllm": vllm.__version__,
+        versions={"moepath": __version__, "vllm": vllm.__version__,
                   "torch": torch.__version__},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         model={"path": str(Path(model).resolve()), "architecture": shape.architecture,

@@ -22,11 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moepath.tracer import checkpoints, provenance, store
-from moepath.tracer.errors import CaptureError, InputError
-from moepath.tracer.provenance import input_section
-from moepath.tracer.samples import SampleSet, sample_table
-
+from ..tracer import checkpoints, provenance, store
+from ..tracer.errors import CaptureError, InputError
+from ..tracer.provenance import input_section
+from ..tracer.samples import SampleSet, sample_table
 from .settings import CONFIG_KEY, REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
 
 ENGINE_CORE_CHOICES = ("process", "inline", "auto")

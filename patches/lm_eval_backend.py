@@ -63,9 +63,8 @@ from pathlib import Path
 from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 
-from moepath.tracer import checkpoints, scores, store
-from moepath.tracer.errors import CaptureError, InputError
-
+from ..tracer import checkpoints, scores, store
+from ..tracer.errors import CaptureError, InputError
 from .engine import EngineOptions, bind_cpu_threads, tag
 from .settings import CONFIG_KEY, CaptureSettings
 

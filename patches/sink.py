@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from moepath.tracer import store
+from ..tracer import store
 
 MAX_WRITES_IN_FLIGHT = 2  # shards being written or queued (each ~shard_tokens tokens)
 

@@ -17,10 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moepath.tracer import checkpoints, provenance, store
-from moepath.tracer.errors import CaptureError, TraceFormatError
-from moepath.tracer.samples import SampleSet
-
+from ..tracer import checkpoints, provenance, store
+from ..tracer.errors import CaptureError, TraceFormatError
+from ..tracer.samples import SampleSet
 from .engine import (
     EngineOptions,
     TracedEngine,

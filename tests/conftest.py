@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from moepath.fixtures.toy import build_toy_model, corpus
 from moepath.tracer import store
-from moepath.tracer.toy import build_toy_model, corpus
 
 # Several tiny engines may be alive at once (a session engine plus a CLI run):
 # each takes this fraction of the node's memory instead of the default 0.3.
@@ -93,7 +93,7 @@ def toy_olmoe(toy_factory) -> Path:
 @pytest.fixture(scope="session")
 def hf_olmoe(toy_olmoe):
     """The toy OLMoE in transformers, float32: the reference that tells near-ties apart."""
-    from moepath.tracer.hf_reference import load_model
+    from moepath.fixtures.hf_reference import load_model
 
     return load_model(toy_olmoe)
 

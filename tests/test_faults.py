@@ -12,8 +12,8 @@ import pytest
 from conftest import TEST_MEMORY, write_jsonl
 from test_capture import agree_outside_near_ties
 
+from moepath.fixtures.toy import corpus
 from moepath.tracer import Trace, store
-from moepath.tracer.toy import corpus
 
 pytestmark = pytest.mark.vllm
 

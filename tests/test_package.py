@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("tracer", "patches", "cli", "fixtures")
 
 
 def test_distribution_installs_only_the_moepath_package(tmp_path):
@@ -60,3 +67,27 @@ def test_traced_and_untraced_engines_never_share_a_compile_cache_entry():
     untraced = VllmConfig().compute_hash()
     traced = VllmConfig(additional_config={"moepath": {"dir": "t"}}).compute_hash()
     assert traced != untraced
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_modules_inside_the_package_import_each_other_relatively(package):
+    """``from ..tracer.store import ...`` names a folder of the tree; ``moepath.tracer`` is
+    the installed name, which readers and code navigation cannot resolve without an install."""
+    absolute = [f"{path.relative_to(ROOT)}:{node.lineno}"
+                for path in sorted((ROOT / package).glob("*.py"))
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                and (node.module or "").split(".")[0] == "moepath"
+                or isinstance(node, ast.Import)
+                and any(alias.name.split(".")[0] == "moepath" for alias in node.names)]
+    assert absolute == []
+
+
+def test_the_analysis_core_imports_no_fixture():
+    """tracer/ is the engine-independent analysis and storage core: toy models, the
+    testbed and the HF reference live in fixtures/, which may use tracer/, not the reverse."""
+    code = ("import sys, moepath.tracer, moepath.tracer.compare, moepath.tracer.metrics; "
+            "print(sorted(m for m in sys.modules if m.startswith('moepath.fixtures')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

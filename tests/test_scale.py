@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import TEST_MEMORY, write_jsonl
 
+from moepath.fixtures.toy import corpus
 from moepath.tracer import Trace
-from moepath.tracer.toy import corpus
 
 pytestmark = pytest.mark.vllm
 

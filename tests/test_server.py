@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import TEST_MEMORY
 
+from moepath.fixtures.hf_reference import hf_routing, load_model
 from moepath.tracer import Trace
-from moepath.tracer.hf_reference import hf_routing, load_model
 
 pytestmark = pytest.mark.vllm
 

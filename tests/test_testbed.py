@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moepath.tracer import testbed
+from moepath.fixtures import testbed
 from moepath.tracer.compare import CompareOptions
 from moepath.tracer.errors import InputError, TrainingError
 

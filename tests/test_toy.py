@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from moepath.fixtures.hf_reference import hf_routing, load_model
 from moepath.tracer.checkpoints import moe_shape, router_weights
 from moepath.tracer.errors import InputError
-from moepath.tracer.hf_reference import hf_routing, load_model
 
 
 @pytest.mark.parametrize(("arch", "moe_layers"), [
@@ -36,7 +36,7 @@ def test_each_toy_architecture_loads_in_transformers_and_routes(arch, moe_layers
 def test_a_bias_router_toy_has_a_random_selection_bias_that_changes_the_choice(toy_factory):
     """glm4moe routers rank experts by sigmoid score plus a load-balancing bias, which
     transformers initialises to zero; the toy draws it, so the bias matters."""
-    from moepath.tracer.toy import CORRECTION_BIAS_STD, correction_biases
+    from moepath.fixtures.toy import CORRECTION_BIAS_STD, correction_biases
 
     model = load_model(toy_factory("glm4moe"))
     biases = torch.stack(correction_biases(model))
@@ -51,7 +51,7 @@ def test_a_bias_router_toy_has_a_random_selection_bias_that_changes_the_choice(t
 
 
 def test_same_seed_same_weights_other_seed_other_weights(toy_factory, tmp_path):
-    from moepath.tracer.toy import build_toy_model
+    from moepath.fixtures.toy import build_toy_model
 
     again = build_toy_model(tmp_path / "again", "olmoe", "tiny", seed=0)
     other = build_toy_model(tmp_path / "other", "olmoe", "tiny", seed=1)
@@ -66,7 +66,7 @@ def test_same_seed_same_weights_other_seed_other_weights(toy_factory, tmp_path):
 
 
 def test_unknown_architecture_and_preset_are_named(tmp_path):
-    from moepath.tracer.toy import build_toy_model
+    from moepath.fixtures.toy import build_toy_model
 
     with pytest.raises(InputError, match="unknown preset 'huge'; choose one of tiny, olmoe"):
         build_toy_model(tmp_path, preset="huge")

@@ -5,7 +5,7 @@ Run from the repository root (about 10 minutes on 2 idle CPU cores):
     .venv/bin/python bench/grokking/train.py out/grokking
 
 Writes the checkpoints, scores.csv, samples.jsonl and testbed.json into the
-folder (see ``moepath.tracer.testbed``), logs progress to stderr, and prints to
+folder (see ``moepath.fixtures.testbed``), logs progress to stderr, and prints to
 stdout a Markdown table of the checkpoints (step, seconds, train and held-out
 accuracy) and a JSON summary with the load average before and after, since
 the wall time depends on what else the machine runs.
@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from moepath.tracer import testbed
+from moepath.fixtures import testbed
 
 
 def main(out: Path) -> None:
