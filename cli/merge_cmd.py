@@ -21,9 +21,9 @@ def merge(
     from ..tracer.merge import merge_traces
 
     manifest = merge_traces(parts, out, force=force)
-    counts = manifest["counts"]
-    render.stderr.print(f"merged {len(parts)} parts into {out}: {counts['samples']} samples, "
-                        f"{counts['tokens']} tokens")
+    counts = manifest.counts
+    render.stderr.print(f"merged {len(parts)} parts into {out}: {counts.samples} samples, "
+                        f"{counts.tokens} tokens")
 
 
 def register(app: typer.Typer) -> None:

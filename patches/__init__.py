@@ -119,6 +119,7 @@ def _commit_from_worker(worker, settings, recorder, describe) -> None:
     ``describe()`` gives the manifest's routing fields, as ``moepath_describe`` gives
     them to a driver.
     """
+    from ..tracer.manifest import ModelInfo
     from . import capture
     from .committer import ManifestCommitter
 
@@ -132,7 +133,8 @@ def _commit_from_worker(worker, settings, recorder, describe) -> None:
             "moepath: with data parallelism every data-parallel rank would commit its own "
             "manifest into one trace directory, each dropping the others' shards; serve "
             "traced with --data-parallel-size 1 (one server per trace directory)")
-    committer = ManifestCommitter(settings, recorder, describe(), config.model_config.model,
+    committer = ManifestCommitter(settings, recorder, ModelInfo.from_dict(describe()),
+                                  config.model_config.model,
                                   str(config.model_config.dtype).removeprefix("torch."))
     original_shutdown = worker.shutdown
 

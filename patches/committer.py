@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 from .. import __version__
 from ..tracer import checkpoints, provenance, store
 from ..tracer.errors import InputError
+from ..tracer.manifest import InputInfo, Manifest, ModelInfo
+from ..tracer.writer import TraceWriter
 from . import compat
 from .settings import CaptureSettings
 
 
-def engine_manifest(model: str | Path, dtype: str, routing: dict, source: dict,
-                    options: dict) -> dict:
+def engine_manifest(model: str | Path, dtype: str, routing: ModelInfo, source: InputInfo,
+                    options: dict) -> Manifest:
     """A new manifest for a trace of ``model`` served by this process's vLLM.
 
     ``routing``: the worker's ``moepath_describe`` reply; ``source``: the input
@@ -33,12 +35,11 @@ def engine_manifest(model: str | Path, dtype: str, routing: dict, source: dict,
     import vllm
 
     shape = checkpoints.moe_shape(model)
-    return store.new_manifest(
-        versions={"moepath": __version__, "vllm": vllm.__version__,
-                  "torch": torch.__version__},
+    return Manifest(
+        versions={"moepath": __version__, "vllm": vllm.__version__, "torch": torch.__version__},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        model={"path": str(Path(model).resolve()), "architecture": shape.architecture,
-               "config_sha256": checkpoints.config_sha256(model), "dtype": dtype, **routing},
+        model=replace(routing, path=str(Path(model).resolve()), architecture=shape.architecture,
+                      config_sha256=checkpoints.config_sha256(model), dtype=dtype),
         input=source, options=options)
 
 
@@ -51,27 +52,24 @@ class ManifestCommitter:
     rest and marks the trace complete (failed after a capture error).
     """
 
-    def __init__(self, settings: CaptureSettings, recorder, routing: dict, model: str,
+    def __init__(self, settings: CaptureSettings, recorder, routing: ModelInfo, model: str,
                  dtype: str):
-        self.trace_dir = Path(settings.dir)
         self.recorder = recorder
         self.interval = settings.flush_interval_s
-        previous = store.prepare_directory(
-            self.trace_dir, resume=(self.trace_dir / store.MANIFEST).is_file(), force=False,
-            fix="it holds no trace to append to (no manifest.json); trace into a new or "
-                "empty directory")
-        if previous is not None and (why := provenance.model_difference(
-                self.trace_dir, previous, model)):
+        self.writer = TraceWriter.append(
+            settings.dir, fix="it holds no trace to append to (no manifest.json); trace into "
+                              "a new or empty directory")
+        self.trace_dir = self.writer.trace_dir
+        if self.writer.resumed is not None and (why := provenance.model_difference(
+                self.trace_dir, self.writer.resumed, model)):
             raise InputError(f"moepath: cannot append to the trace in '{self.trace_dir}': "
                              f"{why}; serve this model into another trace directory")
-        self.manifest = previous or engine_manifest(
-            model, dtype, routing, {"path": "", "sha256": "", "format": store.SERVER_INPUT_FORMAT},
-            settings.as_dict())
-        weights = checkpoints.router_weights(model, routing["num_experts"])
-        self.manifest["router_weights"] = asdict(store.write_router_weights(
-            self.trace_dir, [weights[i] for i in routing["layer_ids"]]))
-        store.set_status(self.manifest, "running")  # a restart clears an earlier failure
-        store.write_manifest(self.trace_dir, self.manifest)
+        self.writer.begin(
+            lambda: engine_manifest(model, dtype, routing, InputInfo(
+                format=store.SERVER_INPUT_FORMAT), settings.as_dict()),
+            router_weights=checkpoints.layer_router_weights(
+                model, routing.num_experts, routing.layer_ids))
+        self._error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="moepath-commit", daemon=True)
         self._thread.start()
@@ -88,20 +86,15 @@ class ManifestCommitter:
         shard list.
         """
         report = self.recorder.flush(requests_done=final)
-        new_error = report["error"] not in (None, self.manifest.get("capture_error"))
-        if not (final or report["shards"] or new_error):
-            return
-        store.add_shards(self.manifest, store.ROUTING_DIR,
-                         [store.ShardInfo(**shard) for shard in report["shards"]])
-        routing = self.manifest["shards"][store.ROUTING_DIR]
-        self.manifest["counts"] = {"routing_records": sum(s["rows"] for s in routing),
-                                   "tokens": sum(s["tokens"] for s in routing)}
-        if report["error"]:
-            store.set_status(self.manifest, "failed", report["error"])
-        elif final:
-            store.set_status(self.manifest, "complete")
-        store.write_manifest(self.trace_dir, self.manifest)
-
+        error = report["error"]
+        shards = [store.ShardInfo(**shard) for shard in report["shards"]]
+        if shards or final:
+            self.writer.commit(routing=shards, count=True)
+        if error and error != self._error:
+            self.writer.fail(error)
+        elif final and not error:
+            self.writer.finish()
+        self._error = error
     def close(self) -> None:
         self._stop.set()
         self._thread.join()

@@ -1,9 +1,9 @@
 """Offline tracing: a traced vLLM engine, and the driver behind ``moepath trace``.
 
-The driver owns the trace directory's manifest. It feeds samples in batches;
-after each batch it asks the workers to flush (``collective_rpc``), checks that
-every sample of the batch was recorded, writes the batch's samples table and
-commits both in the manifest. A run killed at any point resumes from the last
+The driver writes the trace through a :class:`~..tracer.writer.TraceWriter`. It
+feeds samples in batches; after each batch it asks the workers to flush
+(``collective_rpc``), checks that every sample of the batch was recorded, and
+commits the batch's routing shards and samples rows together. A run killed at any point resumes from the last
 commit with ``resume=True``: committed samples are skipped, uncommitted shards
 removed, so every sample ends up in the trace exactly once.
 """
@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..tracer import checkpoints, provenance, store
 from ..tracer.errors import CaptureError, InputError
+from ..tracer.manifest import Manifest, ModelInfo
 from ..tracer.provenance import input_section
 from ..tracer.samples import SampleSet, sample_table
+from ..tracer.writer import TraceWriter
 from .settings import CONFIG_KEY, REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
 
 ENGINE_CORE_CHOICES = ("process", "inline", "auto")
@@ -168,12 +169,12 @@ class TracedEngine:
         if commit:  # vLLM cannot skip prefix-cache reads for requests we do not tag
             kwargs["enable_prefix_caching"] = False
         self.llm = LLM(**kwargs)
-        self.routing = self.llm.collective_rpc("moepath_describe")[0]
+        self.routing = ModelInfo.from_dict(self.llm.collective_rpc("moepath_describe")[0])
 
     @property
     def reload_blocker(self) -> str | None:
         """Why checkpoints cannot be switched in place (None: they can)."""
-        return self.routing.get("reload_blocker")
+        return self.routing.reload_blocker
 
     def switch_checkpoint(self, model: str | Path, trace_dir: str | Path) -> list[store.ShardInfo]:
         """Load ``model``'s weights in place and trace into ``trace_dir`` from now on.
@@ -373,19 +374,18 @@ def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
     tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
                                  engine_options.trust_remote_code)
     started = with_max_len(engine_options, max_len, options)
-    out = Path(out)
-    previous = store.prepare_directory(out, resume=resume, force=force)
-    if previous is not None:
+    writer = TraceWriter.open(out, resume=resume, force=force)
+    if writer.resumed is not None:
         provenance.check_resumable(
-            out, previous, model, sample_set,
+            writer.trace_dir, writer.resumed, model, sample_set,
             recorded_options(engine_options, options, started.max_model_len))
     job = TraceJob(sample_set, tokenized, engine_options, options)
-    if previous is not None and not job.todo(out, previous):  # nothing left: no engine needed
+    if writer.resumed is not None and not job.todo(writer):  # nothing left: no engine needed
         if on_start:
             on_start(len(tokenized), len(tokenized))
-        return job.finish(out, previous, TraceSummary(out))
-    with TracedEngine(model, out, started, commit=False) as engine:
-        return job.run(engine, out, previous, on_start, on_progress)
+        return job.finish(writer, TraceSummary(writer.trace_dir))
+    with TracedEngine(model, writer.trace_dir, started, commit=False) as engine:
+        return job.run(engine, writer, on_start, on_progress)
 
 
 @dataclass
@@ -400,39 +400,41 @@ class TraceJob:
     engine_options: EngineOptions
     options: TraceOptions
 
-    def todo(self, out: Path, manifest: dict | None) -> list[Tokenized]:
-        done = _committed_sample_ids(out, manifest)
+    def todo(self, writer: TraceWriter) -> list[Tokenized]:
+        done = writer.committed_sample_ids()
         return [t for t in self.tokenized if t.sample_id not in done]
 
-    def run(self, engine: TracedEngine, out: Path, previous: dict | None,
+    def run(self, engine: TracedEngine, writer: TraceWriter,
             on_start: Callable[[int, int], None] | None = None,
             on_progress: ProgressFn | None = None) -> TraceSummary:
-        """Trace the samples not yet committed in ``out`` (the engine writes there)."""
-        todo = self.todo(out, previous)
-        summary = TraceSummary(out)
-        manifest = previous or _new_manifest(engine, self.sample_set, self.engine_options,
-                                             self.options)
-        manifest["router_weights"] = asdict(_save_router_weights(engine.model, out,
-                                                                 engine.routing))
-        store.write_manifest(out, manifest)
+        """Trace the samples not yet committed by ``writer`` (the engine writes into its
+        directory)."""
+        todo = self.todo(writer)
+        summary = TraceSummary(writer.trace_dir)
+        writer.begin(lambda: _new_manifest(engine, self.sample_set, self.engine_options,
+                                           self.options),
+                     router_weights=checkpoints.layer_router_weights(
+                         engine.model, engine.routing.num_experts, engine.routing.layer_ids))
         if on_start:
             on_start(len(self.tokenized), len(self.tokenized) - len(todo))
         meta = {s.sample_id: s for s in self.sample_set.samples}
         started = time.perf_counter()
         for batch in _batches(todo, self.options.batch_size):
-            _trace_batch(engine, batch, meta, self.options, out, manifest)
+            _trace_batch(engine, batch, meta, self.options, writer)
             summary.samples += len(batch)
             summary.tokens += sum(len(t.token_ids) for t in batch)
             if on_progress:
                 on_progress(summary.samples, summary.tokens)
         summary.seconds = time.perf_counter() - started
-        return self.finish(out, manifest, summary)
+        return self.finish(writer, summary)
 
-    def finish(self, out: Path, manifest: dict, summary: TraceSummary) -> TraceSummary:
+    def finish(self, writer: TraceWriter, summary: TraceSummary) -> TraceSummary:
+        """Mark the trace complete with its counts; fill in ``summary``'s totals."""
         summary.resumed_samples = len(self.tokenized) - summary.samples
         summary.truncated = sum(t.truncated for t in self.tokenized)
         summary.skipped_lines = len(self.sample_set.skipped_lines)
-        _finalize(out, manifest, summary)
+        writer.finish(truncated=summary.truncated, skipped_lines=summary.skipped_lines)
+        summary.bytes = sum(p.stat().st_size for p in writer.trace_dir.rglob("*") if p.is_file())
         return summary
 
 
@@ -457,23 +459,14 @@ def with_max_len(engine_options: EngineOptions, max_len: int, options: TraceOpti
     return replace(engine_options, max_model_len=max_len + max(1, options.max_tokens))
 
 
-def _committed_sample_ids(out: Path, manifest: dict | None) -> set[str]:
-    if manifest is None:
-        return set()
-    ids = set()
-    for entry in manifest["shards"][store.SAMPLES_DIR]:
-        ids.update(pq.read_table(out / entry["file"], columns=["sample_id"])["sample_id"]
-                   .to_pylist())
-    return ids
-
-
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
 def _trace_batch(engine: TracedEngine, batch: list[Tokenized], meta: dict,
-                 options: TraceOptions, out: Path, manifest: dict) -> None:
+                 options: TraceOptions, writer: TraceWriter) -> None:
+    """Trace one batch and commit its routing shards and samples rows together."""
     from vllm.inputs import TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=t.token_ids) for t in batch]
@@ -482,30 +475,21 @@ def _trace_batch(engine: TracedEngine, batch: list[Tokenized], meta: dict,
     try:
         outputs = engine.llm.generate(prompts, params, use_tqdm=False)
         shards = engine.flush()
-        _check_recorded(out, shards, batch)
+        _check_recorded(writer, shards, batch)
     except CaptureError as exc:
-        manifest["status"], manifest["capture_error"] = "failed", str(exc)
-        store.write_manifest(out, manifest)
+        writer.fail(str(exc))
         raise
     frame = sample_table([meta[t.sample_id] for t in batch])
     frame["num_tokens"] = [len(t.token_ids) for t in batch]
     frame["truncated"] = [t.truncated for t in batch]
     frame["nll"] = [mean_nll(o) for o in outputs] if options.nll else np.nan
-    seq = len(manifest["shards"][store.SAMPLES_DIR])
-    samples_info = store.write_parquet_shard(
-        out, f"{store.SAMPLES_DIR}/{seq:06d}.parquet",
-        pa.Table.from_pandas(frame, preserve_index=False))
-    store.add_shards(manifest, store.ROUTING_DIR, shards)
-    store.add_shards(manifest, store.SAMPLES_DIR, [samples_info])
-    store.write_manifest(out, manifest)
+    writer.commit(routing=shards, samples=pa.Table.from_pandas(frame, preserve_index=False))
 
 
-def _check_recorded(out: Path, shards: list[store.ShardInfo], batch: list[Tokenized]) -> None:
+def _check_recorded(writer: TraceWriter, shards: list[store.ShardInfo],
+                    batch: list[Tokenized]) -> None:
     """Every sample of the batch must be in the new shards: a silent gap is an error."""
-    recorded = set()
-    for shard in shards:
-        recorded.update(pq.read_table(out / shard.file, columns=["sample_id"])["sample_id"]
-                        .to_pylist())
+    recorded = writer.recorded_sample_ids(shards)
     missing = [t.sample_id for t in batch if t.sample_id not in recorded]
     if missing:
         raise CaptureError(
@@ -513,17 +497,8 @@ def _check_recorded(out: Path, shards: list[store.ShardInfo], batch: list[Tokeni
             f"the trace is marked failed")
 
 
-def _save_router_weights(model, out: Path, routing: dict) -> store.ShardInfo:
-    """Save the checkpoint's router matrices of the traced MoE layers, in trace layer order."""
-    by_layer = checkpoints.router_weights(model, routing["num_experts"])
-    missing = [i for i in routing["layer_ids"] if i not in by_layer]
-    if missing:
-        raise CaptureError(f"checkpoint '{model}' has no router weights for MoE layers {missing}")
-    return store.write_router_weights(out, [by_layer[i] for i in routing["layer_ids"]])
-
-
 def _new_manifest(engine: TracedEngine, sample_set: SampleSet, engine_options: EngineOptions,
-                  options: TraceOptions) -> dict:
+                  options: TraceOptions) -> Manifest:
     from .committer import engine_manifest
 
     return engine_manifest(
@@ -535,18 +510,3 @@ def recorded_options(engine_options: EngineOptions, options: TraceOptions,
                      max_model_len: int) -> dict:
     """The manifest's ``options``: what the run was asked to do, with the engine's context."""
     return {**asdict(engine_options), **asdict(options), "max_model_len": max_model_len}
-
-
-def _finalize(out: Path, manifest: dict, summary: TraceSummary) -> None:
-    routing = manifest["shards"][store.ROUTING_DIR]
-    samples = manifest["shards"][store.SAMPLES_DIR]
-    manifest["counts"] = {
-        "samples": sum(s["rows"] for s in samples),
-        "routing_records": sum(s["rows"] for s in routing),
-        "tokens": sum(s["tokens"] for s in routing),
-        "truncated": summary.truncated,
-        "skipped_lines": summary.skipped_lines,
-    }
-    store.set_status(manifest, "complete")
-    store.write_manifest(out, manifest)
-    summary.bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -65,6 +65,7 @@ from lm_eval.tasks import TaskManager
 
 from ..tracer import checkpoints, scores, store
 from ..tracer.errors import CaptureError, InputError
+from ..tracer.writer import TraceWriter
 from .engine import EngineOptions, bind_cpu_threads, tag
 from .settings import CONFIG_KEY, CaptureSettings
 
@@ -160,7 +161,7 @@ class MoepathVLLM(_upstream.VLLM):
         if int(kwargs.get("data_parallel_size", 1)) > 1:
             raise InputError(f"{BACKEND} runs one engine; use tensor_parallel_size instead of "
                              "data_parallel_size")
-        if (Path(trace_dir) / store.MANIFEST).is_file():
+        if store.has_manifest(Path(trace_dir)):
             raise InputError(f"trace_dir '{trace_dir}' already holds a trace; pass a new or "
                              f"empty directory (this run's sample ids would repeat its own)")
         bind_cpu_threads(int(kwargs.get("tensor_parallel_size", 1)))
@@ -416,7 +417,7 @@ def _prepare(summary: EvalSummary, force: bool) -> None:
         if others:
             raise InputError(f"--force would delete '{out}', which is not a moepath eval output "
                              f"(it holds {', '.join(others[:3])}); pass a new or empty directory")
-        store.prepare_directory(summary.trace_dir, resume=False, force=True)
+        TraceWriter.open(summary.trace_dir, force=True)
         shutil.rmtree(summary.lm_eval_dir, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -425,13 +426,11 @@ def _mark_stopped(trace_dir: Path) -> None:
     """Mark the trace of an eval that stopped before lm-eval finished (interrupted, or an
     error) as failed: the engine's shutdown committed it as complete, but it holds only
     the requests sent so far, and no scores."""
-    if not (trace_dir / store.MANIFEST).is_file():
+    if not store.has_manifest(trace_dir):
         return  # the engine stopped before its worker created the trace
-    manifest = store.read_manifest(trace_dir)
-    store.set_status(manifest, "failed", "moepath eval stopped before lm-eval finished: the "
-                     "requests traced so far are kept, without scores; re-run moepath eval "
-                     "with --force")
-    store.write_manifest(trace_dir, manifest)
+    TraceWriter.reopen(trace_dir).fail(
+        "moepath eval stopped before lm-eval finished: the requests traced so far are kept, "
+        "without scores; re-run moepath eval with --force")
 
 
 def _backend_kwargs(model: str | Path, engine_options: EngineOptions) -> dict:

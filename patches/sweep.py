@@ -19,7 +19,9 @@ from pathlib import Path
 
 from ..tracer import checkpoints, provenance, store
 from ..tracer.errors import CaptureError, TraceFormatError
+from ..tracer.manifest import COMPLETE, Manifest
 from ..tracer.samples import SampleSet
+from ..tracer.writer import TraceWriter
 from .engine import (
     EngineOptions,
     TracedEngine,
@@ -47,10 +49,9 @@ class SweepEvent:
 def is_complete(trace_dir: Path) -> bool:
     """A finished trace (whether it fits this sweep is :func:`_check_existing`'s concern)."""
     try:
-        manifest = store.read_manifest(trace_dir)
+        return Manifest.read(trace_dir).status == COMPLETE
     except TraceFormatError:
         return False
-    return manifest.get("status") == "complete"
 
 
 def _check_existing(models: list[tuple[str, Path]], sample_set: SampleSet, traces_dir: Path,
@@ -61,8 +62,8 @@ def _check_existing(models: list[tuple[str, Path]], sample_set: SampleSet, trace
     """
     for name, path in models:
         out = traces_dir / name
-        if (out / store.MANIFEST).is_file():
-            provenance.check_resumable(out, store.read_manifest(out), path, sample_set,
+        if store.has_manifest(out):
+            provenance.check_resumable(out, Manifest.read(out), path, sample_set,
                                        options, start_over=f"another --out (or delete '{out}')")
 
 
@@ -96,11 +97,11 @@ def trace_checkpoints(
                 summaries.append(None)
                 continue
             # a directory without manifest died before its first commit: start it over
-            resumable = (out / store.MANIFEST).is_file()
-            previous = store.prepare_directory(out, resume=resumable, force=not resumable)
+            resumable = store.has_manifest(out)
+            writer = TraceWriter.open(out, resume=resumable, force=not resumable)
             engine, action = _engine_for(engine, path, out, started, reuse_engine)
             _notify(on_checkpoint, SweepEvent(index, len(models), name, action))
-            summaries.append(job.run(engine, out, previous, on_start, on_progress))
+            summaries.append(job.run(engine, writer, on_start, on_progress))
     finally:
         if engine is not None:
             engine.close()

@@ -166,8 +166,7 @@ def chunked_engine(toy_olmoe, tmp_path_factory):
                             gpu_memory_utilization=TEST_MEMORY)
     with TracedEngine(toy_olmoe, out, options, commit=False) as engine:
         routing = engine.routing
-        yield EngineClient(engine, (routing["num_layers"], routing["top_k"],
-                                    routing["num_experts"]))
+        yield EngineClient(engine, (routing.num_layers, routing.top_k, routing.num_experts))
 
 
 def routing_samples(trace_dir: Path) -> list[str]:

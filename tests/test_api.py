@@ -35,10 +35,11 @@ def test_generate_logprobs_n_sampling_and_untagged_requests(toy_olmoe, tmp_path)
         ], use_tqdm=False)
         raise StopHere
     trace = Trace.open(tmp_path / "t")
-    assert trace.manifest["status"] == "complete"
+    assert trace.manifest.status == "complete"
     # the worker describes the model as it does to a driver (moepath trace)
-    assert trace.manifest["model"]["dtype"] == "bfloat16"
-    assert trace.manifest["model"]["writer"] is True and "reload_blocker" in trace.manifest["model"]
+    assert trace.manifest.model.dtype == "bfloat16"
+    assert trace.manifest.model.writer is True
+    assert "reload_blocker" in trace.manifest.to_dict()["model"]
     assert sorted(trace.sample_ids()) == ["gen", "pair", "score"]
     # generate: 6 prompt tokens, then the 4 generated tokens that were fed back
     np.testing.assert_array_equal(trace.positions("gen"), np.arange(10))

@@ -114,12 +114,11 @@ def test_resuming_a_failed_trace_to_completion_clears_its_capture_error(tmp_path
     from moepath.tracer.samples import read_samples
 
     out = tmp_path / "o"
-    manifest = write_trace(out, [make_record(sid, 4, i) for i, sid in enumerate("ab")])
-    frame = pa.table({"sample_id": ["a", "b"], "num_tokens": [4, 4]})
-    store.add_shards(manifest, store.SAMPLES_DIR,
-                     [store.write_parquet_shard(out, "samples/000000.parquet", frame)])
-    manifest.update(input=input_section(read_samples(small_samples)), status="failed",
-                    capture_error="routing shard write failed: disk full")
+    writer = write_trace(out, [make_record(sid, 4, i) for i, sid in enumerate("ab")])
+    writer.commit(samples=pa.table({"sample_id": ["a", "b"], "num_tokens": [4, 4]}))
+    manifest = store.read_manifest(out)
+    manifest.update(input=input_section(read_samples(small_samples)).to_dict(),
+                    status="failed", capture_error="routing shard write failed: disk full")
     name_as_model(out, manifest, toy_olmoe)  # resume checks it continues the same model
     store.write_manifest(out, manifest)
 
@@ -163,9 +162,9 @@ def test_trace_writes_a_complete_trace_and_resume_is_a_no_op(tmp_path, toy_olmoe
     assert result.returncode == 0, result.stderr[-2000:]
     assert "truncated samples" in result.stderr
     trace = Trace.open(out)
-    assert trace.manifest["status"] == "complete"
-    assert trace.manifest["counts"]["samples"] == 7
-    assert trace.manifest["counts"]["truncated"] == 1
+    assert trace.manifest.status == "complete"
+    assert trace.manifest.counts.samples == 7
+    assert trace.manifest.counts.truncated == 1
     samples_table = trace.samples.set_index("sample_id")
     assert samples_table.loc["essay", "num_tokens"] == 63
     assert bool(samples_table.loc["essay", "truncated"])
@@ -181,4 +180,4 @@ def test_trace_writes_a_complete_trace_and_resume_is_a_no_op(tmp_path, toy_olmoe
     del committed["manifest.json"]  # rewritten by the resume, with the same shards
     assert {name: data for name, data in files_of(out).items()
             if name != "manifest.json"} == committed
-    assert store.read_manifest(out)["shards"] == trace.manifest["shards"]
+    assert store.read_manifest(out)["shards"] == trace.manifest.to_dict()["shards"]

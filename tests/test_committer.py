@@ -7,6 +7,7 @@ import pytest
 from moepath.patches.committer import ManifestCommitter
 from moepath.patches.settings import CaptureSettings
 from moepath.tracer import checkpoints, store
+from moepath.tracer.manifest import ModelInfo
 
 
 class ScriptedRecorder:
@@ -25,9 +26,9 @@ def start_committer(model, trace_dir, recorder) -> ManifestCommitter:
     """A committer of ``model``'s trace whose periodic loop never fires in a test:
     the tests call ``commit()`` by hand."""
     shape = checkpoints.moe_shape(model)
-    routing = {"num_layers": shape.num_hidden_layers,
-               "layer_ids": list(range(shape.num_hidden_layers)),
-               "num_experts": shape.num_experts, "top_k": shape.top_k, "routing": {}}
+    routing = ModelInfo(num_layers=shape.num_hidden_layers,
+                        layer_ids=list(range(shape.num_hidden_layers)),
+                        num_experts=shape.num_experts, top_k=shape.top_k, routing={})
     settings = CaptureSettings(dir=str(trace_dir), commit=True, flush_interval_s=3600)
     return ManifestCommitter(settings, recorder, routing, str(model), "float32")
 

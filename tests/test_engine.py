@@ -168,7 +168,7 @@ def resume(model, samples_file, out, engine: dict | None = None, trace: dict | N
 
 def assert_untouched(trace_dir) -> None:
     trace = Trace.open(trace_dir)  # verifies every checksum, router.safetensors included
-    assert trace.manifest["status"] == "complete" and len(trace.samples) == 43
+    assert trace.manifest.status == "complete" and len(trace.samples) == 43
 
 
 @pytest.mark.vllm

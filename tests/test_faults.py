@@ -57,7 +57,7 @@ def test_sigkill_then_resume_gives_every_sample_once_equal_to_an_uninterrupted_r
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     a, b = Trace.open(tmp_path / "killed"), Trace.open(tmp_path / "whole")
-    assert a.manifest["status"] == "complete"
+    assert a.manifest.status == "complete"
     ids = a.sample_ids()
     assert len(ids) == len(set(ids)) == 120 and len(a.samples) == 120
     assert sorted(ids) == sorted(b.sample_ids())
@@ -75,14 +75,14 @@ def test_tensor_parallel_2_writes_one_trace_equal_to_tp1(olmoe_trace, toy_olmoe,
     from moepath.tracer.samples import SampleReadOptions, read_samples
 
     source = Trace.open(olmoe_trace)
-    samples = read_samples(source.manifest["input"]["path"], SampleReadOptions(limit=10))
+    samples = read_samples(source.manifest.input.path, SampleReadOptions(limit=10))
     trace_samples(toy_olmoe, samples, tmp_path / "tp2",
                   EngineOptions(tensor_parallel_size=2, max_model_len=512, enforce_eager=True,
                                 gpu_memory_utilization=TEST_MEMORY),
                   TraceOptions())
     tp2 = Trace.open(tmp_path / "tp2")
     assert sorted(tp2.sample_ids()) == sorted(s.sample_id for s in samples.samples)
-    assert len(tp2.manifest["shards"]["routing"]) == 1  # written once, by rank 0
+    assert len(tp2.manifest.routing_shards) == 1  # written once, by rank 0
     overall, decided = zip(*(agree_outside_near_ties(hf_olmoe, tp2.token_ids(sid).tolist(),
                                                      tp2.topk(sid)[0], source.topk(sid)[0])
                              for sid in tp2.sample_ids()), strict=True)

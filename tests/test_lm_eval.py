@@ -101,10 +101,10 @@ def test_one_traced_sample_per_request(evaluated):
     trace = Trace.open(evaluated / "trace")
     expected = [sid for task in REQUEST_TYPES for sid, _, _ in request_ids(evaluated, task)]
     assert len(expected) == 21 + 4 + 5  # 21 answer choices, 4 questions, 3 texts in 5 windows
-    assert trace.manifest["status"] == "complete"
+    assert trace.manifest.status == "complete"
     assert sorted(trace.sample_ids()) == sorted(expected)
     assert sorted(trace.samples["sample_id"]) == sorted(expected)
-    assert trace.manifest["counts"]["samples"] == len(expected)
+    assert trace.manifest.counts.samples == len(expected)
 
 
 def test_samples_carry_request_and_document_scores(evaluated):
@@ -267,17 +267,14 @@ def test_an_interrupted_eval_keeps_its_requests_in_a_trace_marked_failed(toy_olm
 
     from moepath.patches import lm_eval_backend
     from moepath.patches.lm_eval_backend import EvalOptions, run_eval
-    from moepath.tracer import store
 
     class Backend:  # stands in for MoepathVLLM: its close() commits the requests sent
         def __init__(self, trace_dir, **_):
             self.trace_dir = Path(trace_dir)
 
         def close(self):  # as the worker's final commit: the trace is complete
-            manifest = write_trace(self.trace_dir,
-                                   [make_record("moepath_mc/0/0/loglikelihood", 6, 1)])
-            store.set_status(manifest, "complete")
-            store.write_manifest(self.trace_dir, manifest)
+            write_trace(self.trace_dir,
+                        [make_record("moepath_mc/0/0/loglikelihood", 6, 1)]).finish()
 
     def interrupted(**_):
         raise KeyboardInterrupt

@@ -36,7 +36,7 @@ def trace_part(model, samples, out, part: str) -> subprocess.Popen:
 def parts(olmoe_trace, toy_olmoe, tmp_path_factory):
     """The standard samples traced as parts 0/2 and 1/2 by two engines at once."""
     root = tmp_path_factory.mktemp("parts")
-    samples = Trace.open(olmoe_trace).manifest["input"]["path"]
+    samples = Trace.open(olmoe_trace).manifest.input.path
     runs = [trace_part(toy_olmoe, samples, root / f"part{i}", f"{i}/2") for i in range(2)]
     for run in runs:
         _, stderr = run.communicate()
@@ -48,18 +48,18 @@ def parts(olmoe_trace, toy_olmoe, tmp_path_factory):
 def test_two_engines_on_disjoint_parts_merge_into_the_trace_of_the_whole_file(
         parts, olmoe_trace, hf_olmoe, tmp_path):
     halves = [Trace.open(p) for p in parts]
-    assert [h.manifest["input"]["part"] for h in halves] == [[0, 2], [1, 2]]
+    assert [h.manifest.input.part for h in halves] == [(0, 2), (1, 2)]
     assert not set(halves[0].sample_ids()) & set(halves[1].sample_ids())
 
     result = moepath("merge", *parts, "--out", tmp_path / "merged")
     assert result.returncode == 0, result.stderr
     whole = Trace.open(olmoe_trace)
-    counts = whole.manifest["counts"]
+    counts = whole.manifest.counts
     assert (f"merged 2 parts into {tmp_path / 'merged'}: {counts['samples']} samples, "
             f"{counts['tokens']} tokens") in " ".join(result.stderr.split())  # Rich wraps lines
     merged = Trace.open(tmp_path / "merged")
-    assert "part" not in merged.manifest["input"]
-    assert merged.manifest["counts"] == whole.manifest["counts"]
+    assert merged.manifest.input.part is None
+    assert merged.manifest.counts == whole.manifest.counts
     assert sorted(merged.sample_ids()) == sorted(whole.sample_ids())
     a = merged.samples.set_index("sample_id").sort_index()
     b = whole.samples.set_index("sample_id").sort_index()
@@ -102,7 +102,7 @@ def test_resuming_with_another_part_or_file_is_refused_before_any_engine_starts(
     from moepath.tracer.errors import InputError
     from moepath.tracer.samples import read_samples
 
-    samples = Trace.open(parts[0]).manifest["input"]["path"]
+    samples = Trace.open(parts[0]).manifest.input.path
     before = files_of(parts[0])
     with pytest.raises(InputError, match=r"different part \('.*' part 0/2, now '.*' part 1/2\)"):
         trace_samples(toy_olmoe, read_samples(samples).take_part(1, 2), parts[0], resume=True)
@@ -115,7 +115,8 @@ def test_resuming_with_another_part_or_file_is_refused_before_any_engine_starts(
 
 def write_part(trace_dir, index: int, count: int = 2):
     """A complete part trace without vLLM: sample 'p<index>', part index/count of one file."""
-    manifest = write_trace(trace_dir, [make_record(f"p{index}", 4, index)])
+    write_trace(trace_dir, [make_record(f"p{index}", 4, index)])
+    manifest = store.read_manifest(trace_dir)
     manifest.update(
         status="complete", created="2025-01-01T00:00:00+0000", versions={}, options={},
         input={"path": "s.jsonl", "sha256": "ab" * 32, "format": "jsonl", "part": [index, count]},
@@ -133,7 +134,7 @@ def test_synthetic_parts_merge(synthetic_parts, tmp_path):
     merge_traces(synthetic_parts, tmp_path / "merged")
     merged = Trace.open(tmp_path / "merged")
     assert merged.sample_ids() == ["p0", "p1"]
-    assert merged.manifest["counts"]["samples"] == 2
+    assert merged.manifest.counts.samples == 2
 
 
 def test_merging_into_an_existing_trace_needs_force(synthetic_parts, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import doctest
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from moepath.tracer import metrics as metrics_module
 from moepath.tracer.consistency import routing_consistency
 from moepath.tracer.distance import distance_summary, per_layer_distance
 from moepath.tracer.errors import InputError, MetricError
+from moepath.tracer.manifest import Manifest, ModelInfo
 from moepath.tracer.metrics import (
     GroupMetrics,
     MetricOptions,
@@ -29,6 +29,7 @@ from moepath.tracer.metrics import (
     trace_sample_frame,
 )
 from moepath.tracer.pathways import pathways, select_experts, topk_to_distribution
+from moepath.tracer.writer import TraceWriter
 
 
 def two_samples() -> tuple[np.ndarray, list[np.ndarray]]:
@@ -178,24 +179,22 @@ def write_synthetic_trace(trace_dir: Path, layers: int = 4, samples: dict = SAMP
                           seed: int = 0, columns: dict | None = None) -> Path:
     """A committed trace without vLLM: routing (drawn from ``seed``), router weights and a
     samples table carrying ``domain``, ``step`` and ``columns`` ({name: value per sample})."""
-    store.prepare_directory(trace_dir, resume=False, force=False)
-    manifest = store.new_manifest(status="complete", model={
-        "num_layers": layers, "num_experts": E, "top_k": K, "architecture": "Synthetic"})
+    writer = TraceWriter.open(trace_dir)
     records = [routing_record(sid, layers, tokens, prompt, seed * len(samples) + i)
                for i, (sid, (_, _, tokens, prompt)) in enumerate(samples.items())]
-    routing = store.write_routing_shard(trace_dir, "run-r0-000000", records, layers, K, E)
     rng = np.random.default_rng(99)
-    weights = [rng.normal(size=(E, HIDDEN)).astype(np.float32) for _ in range(layers)]
-    manifest["router_weights"] = asdict(store.write_router_weights(trace_dir, weights))
+    writer.begin(Manifest(model=ModelInfo(num_layers=layers, num_experts=E, top_k=K,
+                                          architecture="Synthetic")),
+                 router_weights=[rng.normal(size=(E, HIDDEN)).astype(np.float32)
+                                 for _ in range(layers)])
     frame = pd.DataFrame({"sample_id": list(samples),
                           "domain": [v[0] for v in samples.values()],
                           "step": [v[1] for v in samples.values()],
                           "num_tokens": [v[2] for v in samples.values()], **(columns or {})})
-    table = store.write_parquet_shard(trace_dir, "samples/000000.parquet",
-                                      pa.Table.from_pandas(frame, preserve_index=False))
-    store.add_shards(manifest, store.ROUTING_DIR, [routing])
-    store.add_shards(manifest, store.SAMPLES_DIR, [table])
-    store.write_manifest(trace_dir, manifest)
+    writer.commit(routing=[store.write_routing_shard(trace_dir, "run-r0-000000", records,
+                                                     layers, K, E)],
+                  samples=pa.Table.from_pandas(frame, preserve_index=False))
+    writer.finish()
     return trace_dir
 
 

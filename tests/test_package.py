@@ -91,3 +91,49 @@ def test_the_analysis_core_imports_no_fixture():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+STORAGE = ("tracer/store.py", "tracer/manifest.py", "tracer/writer.py")
+# keys of manifest.json (docs/trace-format.md) that only the storage modules spell out; the
+# generic ones (also keys of worker replies, kwargs, samples columns) when read off a manifest
+MANIFEST_KEYS = {"format_version", "status", "capture_error", "router_weights", "counts",
+                 "versions", "created", "merged_from", "num_layers", "num_experts", "top_k",
+                 "layer_ids", "config_sha256", "reload_blocker", "routing_records",
+                 "skipped_lines"}
+GENERIC_KEYS = {"shards", "model", "input", "options", "truncated", "samples", "tokens"}
+
+
+def _manifest_key_reads(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, key) of every ``x["key"]`` and ``x.get("key", ...)`` with a manifest key."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript):
+            key, owner = node.slice, node.value
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("get", "pop", "setdefault") and node.args):
+            key, owner = node.args[0], node.func.value
+        else:
+            continue
+        if isinstance(key, ast.Constant) and (key.value in MANIFEST_KEYS or (
+                key.value in GENERIC_KEYS and "manifest" in ast.unparse(owner))):
+            found.append((node.lineno, key.value))
+    return found
+
+
+def test_only_the_storage_modules_read_manifest_keys_or_trace_parquet():
+    """The trace directory has one owner: drivers use TraceWriter and typed Manifest
+    fields, readers Trace; no other module spells a manifest key or opens a trace's
+    Parquet files (samples.py reads the user's samples file, which may be Parquet)."""
+    modules = [path for package in PACKAGES for path in sorted((ROOT / package).glob("*.py"))
+               if path.relative_to(ROOT).as_posix() not in STORAGE]
+    keys, parquet = [], []
+    for path in modules:
+        name = path.relative_to(ROOT).as_posix()
+        tree = ast.parse(path.read_text())
+        keys += [f"{name}:{line} {key!r}" for line, key in _manifest_key_reads(tree)]
+        imports = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for alias in node.names}
+        if "pyarrow.parquet" in imports and name != "tracer/samples.py":
+            parquet.append(name)
+    assert keys == []
+    assert parquet == []

@@ -33,23 +33,23 @@ def test_5000_samples_are_traced_completely_each_exactly_once(toy_olmoe, tmp_pat
         TraceOptions(batch_size=1000))
 
     trace = Trace.open(tmp_path / "trace")
-    assert summary.samples == N and trace.manifest["status"] == "complete"
-    assert trace.manifest["counts"]["samples"] == N
-    assert len(trace.manifest["shards"]["samples"]) == 5  # one commit per batch of 1,000
+    assert summary.samples == N and trace.manifest.status == "complete"
+    assert trace.manifest.counts.samples == N
+    assert len(trace.manifest.sample_shards) == 5  # one commit per batch of 1,000
     table = trace.samples.set_index("sample_id")
     assert sorted(table.index) == sorted(f"n{i}" for i in range(N))
     assert table["nll"].notna().all()
 
-    routing = [pq.read_table(tmp_path / "trace" / entry["file"],
+    routing = [pq.read_table(tmp_path / "trace" / entry.file,
                              columns=["sample_id", "positions", "expert_ids"])
-               for entry in trace.manifest["shards"]["routing"]]
+               for entry in trace.manifest.routing_shards]
     ids = [sid for shard in routing for sid in shard["sample_id"].to_pylist()]
     assert len(ids) == len(set(ids)) == N
     lengths = {sid: n for shard in routing for sid, n in zip(
         shard["sample_id"].to_pylist(), pc.list_value_length(shard["positions"]).to_pylist(),
         strict=True)}
     assert all(lengths[sid] == table.loc[sid, "num_tokens"] for sid in ids)
-    assert sum(lengths.values()) == trace.manifest["counts"]["tokens"]
+    assert sum(lengths.values()) == trace.manifest.counts.tokens
     # spot-check a few samples end to end: positions 0..n-1 and in-range expert ids
     for sid in ("n0", "n2500", f"n{N - 1}"):
         expert_ids, weights = trace.topk(sid)

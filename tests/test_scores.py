@@ -41,7 +41,8 @@ def eval_trace(trace_dir, status: str = "complete"):
                 "qa/1/0/loglikelihood": ("qa", 1), "gen/0/0/generate_until": ("gen", 0)}
     records = [dataclasses.replace(make_record(sid, 4, seed), meta={"task": task, "doc_id": doc})
                for seed, (sid, (task, doc)) in enumerate(requests.items())]
-    manifest = write_trace(trace_dir, records)
+    write_trace(trace_dir, records)
+    manifest = store.read_manifest(trace_dir)
     manifest["status"], manifest["counts"] = status, {"routing_records": len(records)}
     store.write_manifest(trace_dir, manifest)
     return list(requests)

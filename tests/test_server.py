@@ -96,7 +96,7 @@ def test_tagged_requests_are_traced_live_and_match_an_hf_forward(server, toy_olm
     assert len(pair.choices) == 2
     time.sleep(3)  # > flush interval: completed requests are committed while serving
     live = Trace.open(trace_dir)
-    assert live.manifest["status"] == "running"
+    assert live.manifest.status == "running"
     assert sorted(live.sample_ids()) == sorted([f"q{i}" for i in range(0, 12, 2)] + ["pair"])
     first, second = live.token_ids("pair", 0), live.token_ids("pair", 1)
     assert len(first) == len(second) == len(prompts[0]) + 2  # 2 generated tokens fed back
@@ -115,5 +115,5 @@ def test_tagged_requests_are_traced_live_and_match_an_hf_forward(server, toy_olm
     process.send_signal(signal.SIGINT)
     process.wait(timeout=120)
     final = Trace.open(trace_dir)
-    assert final.manifest["status"] == "complete"
+    assert final.manifest.status == "complete"
     assert len(final.sample_ids()) == 7

@@ -7,7 +7,6 @@ import json
 import mmap
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import duckdb
@@ -18,6 +17,8 @@ import pytest
 
 from moepath.tracer import Trace, store
 from moepath.tracer.errors import InputError, TraceFormatError
+from moepath.tracer.manifest import Manifest, ModelInfo
+from moepath.tracer.writer import TraceWriter
 
 L, K, E = 3, 2, 8
 DATA = Path(__file__).parent / "data"
@@ -36,17 +37,15 @@ def make_record(sample_id: str, tokens: int, seed: int, prompt: int | None = Non
         router_mean=probs.mean(0), meta={"domain": "math", "n": seed})
 
 
-def write_trace(trace_dir, records):
+def write_trace(trace_dir, records) -> TraceWriter:
     """A committed trace of ``records``: one routing shard, router weights, manifest."""
-    store.prepare_directory(trace_dir, resume=False, force=False)
-    manifest = store.new_manifest(model={"num_layers": L, "num_experts": E, "top_k": K,
-                                         "architecture": "Toy"})
-    shard = store.write_routing_shard(trace_dir, "run-r0-000000", records, L, K, E)
-    weights = [np.full((E, 4), i, np.float32) for i in range(L)]
-    manifest["router_weights"] = asdict(store.write_router_weights(trace_dir, weights))
-    store.add_shards(manifest, store.ROUTING_DIR, [shard])
-    store.write_manifest(trace_dir, manifest)
-    return manifest
+    writer = TraceWriter.open(trace_dir)
+    writer.begin(Manifest(model=ModelInfo(num_layers=L, num_experts=E, top_k=K,
+                                          architecture="Toy")),
+                 router_weights=[np.full((E, 4), i, np.float32) for i in range(L)])
+    writer.commit(routing=[store.write_routing_shard(trace_dir, "run-r0-000000", records,
+                                                     L, K, E)])
+    return writer
 
 
 def test_routing_round_trip(tmp_path):
@@ -88,7 +87,8 @@ def test_a_trace_with_two_records_of_one_sample_is_refused_by_every_reader(tmp_p
 
 
 def test_an_incomplete_trace_is_read_and_says_so(tmp_path):
-    manifest = write_trace(tmp_path / "t", [make_record("a", 5, 1), make_record("b", 4, 2)])
+    write_trace(tmp_path / "t", [make_record("a", 5, 1), make_record("b", 4, 2)])
+    manifest = store.read_manifest(tmp_path / "t")
     trace = Trace.open(tmp_path / "t")  # as a running server's trace is read, live
     assert (trace.status, trace.capture_error) == ("running", None)
     assert trace.incomplete_warning() == (
@@ -101,7 +101,8 @@ def test_an_incomplete_trace_is_read_and_says_so(tmp_path):
 
 
 def test_an_incomplete_trace_committed_by_a_server_is_not_sent_to_resume(tmp_path):
-    manifest = write_trace(tmp_path / "t", [make_record("a", 5, 1)])
+    write_trace(tmp_path / "t", [make_record("a", 5, 1)])
+    manifest = store.read_manifest(tmp_path / "t")
     manifest["input"] = {"path": "", "sha256": "", "format": "server"}
     store.write_manifest(tmp_path / "t", manifest)
     assert Trace.open(tmp_path / "t").incomplete_warning() == (
@@ -155,18 +156,17 @@ def assert_holds_the_format_1_samples(trace: Trace) -> None:
 def test_format_1_traces_are_still_read():
     """tests/data/trace-v1 was written by moepath's format-1 writer (nested lists)."""
     trace = Trace.open(DATA / "trace-v1")
-    assert trace.manifest["format_version"] == 1
+    assert trace.manifest.format_version == 1
     assert_holds_the_format_1_samples(trace)
 
 
 def test_resuming_a_format_1_trace_writes_format_2(tmp_path):
     shutil.copytree(DATA / "trace-v1", tmp_path / "t")
-    manifest = store.prepare_directory(tmp_path / "t", resume=True, force=False)
-    assert manifest["format_version"] == store.FORMAT_VERSION == 2
+    writer = TraceWriter.open(tmp_path / "t", resume=True)
+    assert writer.resumed.format_version == store.FORMAT_VERSION == 2
     shard = store.write_routing_shard(tmp_path / "t", "run-r0-000001",
                                       [make_record("c", 4, 3)], L, K, E)
-    store.add_shards(manifest, store.ROUTING_DIR, [shard])
-    store.write_manifest(tmp_path / "t", manifest)
+    writer.commit(routing=[shard])
     trace = Trace.open(tmp_path / "t")  # one shard of each layout
     assert_holds_the_format_1_samples(trace)
     np.testing.assert_array_equal(trace.topk("c")[0], make_record("c", 4, 3).expert_ids)
@@ -178,9 +178,10 @@ def test_expert_ids_widen_to_uint16_beyond_256_experts():
 
 
 def test_manifest_golden_header(tmp_path):
-    manifest = write_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    writer = write_trace(tmp_path / "t", [make_record("a", 4, 1)])
     on_disk = json.loads((tmp_path / "t" / "manifest.json").read_text())
-    assert on_disk == manifest
+    assert on_disk == writer.manifest.to_dict()
+    assert Manifest.from_dict(on_disk) == writer.manifest
     assert on_disk["format"] == "moepath-trace" and on_disk["format_version"] == 2
     assert on_disk["shards"]["routing"][0]["file"] == "routing/run-r0-000000.parquet"
     assert on_disk["shards"]["routing"][0]["rows"] == 1
@@ -215,12 +216,13 @@ def test_a_damaged_shard_is_named_and_the_advice_works(tmp_path, damage, report)
     with pytest.raises(TraceFormatError, match=message):
         Trace.open(tmp_path / "t")
     with pytest.raises(TraceFormatError, match=message):
-        store.prepare_directory(tmp_path / "t", resume=True, force=False)
-    assert store.prepare_directory(tmp_path / "t", resume=False, force=True) is None
+        TraceWriter.open(tmp_path / "t", resume=True)
+    assert TraceWriter.open(tmp_path / "t", force=True).resumed is None
 
 
 def test_trace_from_a_newer_format_version_is_refused(tmp_path):
-    manifest = write_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    write_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    manifest = store.read_manifest(tmp_path / "t")
     manifest["format_version"] = 99
     store.write_manifest(tmp_path / "t", manifest)
     with pytest.raises(TraceFormatError, match="format version 99, newer than this moepath"):
@@ -230,8 +232,8 @@ def test_trace_from_a_newer_format_version_is_refused(tmp_path):
 def test_existing_output_directory_needs_resume_or_force(tmp_path):
     write_trace(tmp_path / "t", [make_record("a", 4, 1)])
     with pytest.raises(TraceFormatError, match="pass --resume .* or --force"):
-        store.prepare_directory(tmp_path / "t", resume=False, force=False)
-    assert store.prepare_directory(tmp_path / "t", resume=False, force=True) is None
+        TraceWriter.open(tmp_path / "t")
+    assert TraceWriter.open(tmp_path / "t", force=True).resumed is None
     assert not any((tmp_path / "t").iterdir())
 
 
@@ -246,7 +248,7 @@ def test_force_refuses_to_delete_a_directory_that_is_not_a_trace(tmp_path, layou
         (tmp_path / name).write_bytes(data)
     with pytest.raises(InputError, match=f"--force would delete '{tmp_path}', which is not a "
                                          f"moepath trace .*; pass a new or empty directory"):
-        store.prepare_directory(tmp_path, resume=False, force=True)
+        TraceWriter.open(tmp_path, force=True)
     assert all((tmp_path / name).read_bytes() == data for name, data in layout.items())
 
 
@@ -254,14 +256,14 @@ def test_force_empties_a_trace_stopped_before_its_first_manifest(tmp_path):
     store.write_router_weights(tmp_path / "t", [np.zeros((E, 4), np.float32)])
     store.write_routing_shard(tmp_path / "t", "run-r0-000000", [make_record("a", 4, 1)], L, K, E)
     (tmp_path / "t" / ".tmp-1234-manifest.json").write_bytes(b"{")
-    assert store.prepare_directory(tmp_path / "t", resume=False, force=True) is None
+    assert TraceWriter.open(tmp_path / "t", force=True).resumed is None
     assert not any((tmp_path / "t").iterdir())
 
 
 def test_an_output_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "out").write_text("x")
     with pytest.raises(InputError, match=f"output directory '{tmp_path / 'out'}' is a file"):
-        store.prepare_directory(tmp_path / "out", resume=False, force=True)
+        TraceWriter.open(tmp_path / "out", force=True)
 
 
 def test_resume_removes_uncommitted_shards_and_keeps_committed_ones(tmp_path):
@@ -269,8 +271,8 @@ def test_resume_removes_uncommitted_shards_and_keeps_committed_ones(tmp_path):
     store.write_routing_shard(tmp_path / "t", "run-r0-000001", [make_record("b", 4, 2)], L, K, E)
     (tmp_path / "t" / "routing" / ".tmp-1234-half.parquet").write_bytes(b"partial")
     (tmp_path / "t" / ".tmp-5678-manifest.json").write_bytes(b"{partial")  # a cut commit
-    manifest = store.prepare_directory(tmp_path / "t", resume=True, force=False)
-    assert [s["file"] for s in manifest["shards"]["routing"]] == ["routing/run-r0-000000.parquet"]
+    manifest = TraceWriter.open(tmp_path / "t", resume=True).resumed
+    assert [s.file for s in manifest.routing_shards] == ["routing/run-r0-000000.parquet"]
     assert sorted(p.name for p in (tmp_path / "t" / "routing").iterdir()) == [
         "run-r0-000000.parquet"]
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
@@ -354,11 +356,10 @@ def test_a_trace_reads_only_the_columns_a_reader_asks_for_and_holds_two_shards(
     records = [make_record(sid, 4, seed) for seed, sid in enumerate("abc")]
     for record in records:
         record.router_probs = np.full((4, L, E), 1 / E, np.float32)
-    manifest = write_trace(tmp_path / "t", records[:1])
+    writer = write_trace(tmp_path / "t", records[:1])
     for seq, record in enumerate(records[1:], 1):
-        store.add_shards(manifest, store.ROUTING_DIR, [store.write_routing_shard(
+        writer.commit(routing=[store.write_routing_shard(
             tmp_path / "t", f"run-r0-{seq:06d}", [record], L, K, E)])
-    store.write_manifest(tmp_path / "t", manifest)
     trace = Trace.open(tmp_path / "t")
     assert trace.sample_ids() == ["a", "b", "c"]  # the index: sample_id and completion
     reads, read_table = [], pq.read_table

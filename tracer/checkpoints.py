@@ -110,3 +110,14 @@ def router_weights(path: str | Path, num_experts: int) -> dict[int, np.ndarray]:
                          f"transformers' save_pretrained, whose routers carry these names")
     return found
 
+
+def layer_router_weights(path: str | Path, num_experts: int,
+                         layer_ids: list[int]) -> list[np.ndarray]:
+    """The router matrices of decoder layers ``layer_ids`` (float32 [E, hidden] each), in
+    that order; ModelError naming the layers the checkpoint has none for."""
+    by_layer = router_weights(path, num_experts)
+    missing = [i for i in layer_ids if i not in by_layer]
+    if missing:
+        raise ModelError(f"checkpoint '{path}' has no router weights for MoE layers {missing}")
+    return [by_layer[i] for i in layer_ids]
+

@@ -383,7 +383,7 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
     samples = pd.concat(sample_frames, ignore_index=True)
     files = _write_outputs(out, metrics, samples)
     files += report.plot_metrics(out, metrics, scores)
-    versions = versions or next(iter(traces.values())).manifest.get("versions", {})
+    versions = versions or next(iter(traces.values())).manifest.versions or {}
     files.append(report.write_report(out, metrics, correlations, scores, command, versions,
                                      notes, memorisation, no_correlation))
     summary = table1(correlations) if correlations is not None else None

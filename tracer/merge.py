@@ -13,19 +13,19 @@ is read or deleted.
 
 from __future__ import annotations
 
-import shutil
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from . import provenance, store
 from .errors import InputError, TraceFormatError
+from .manifest import COMPLETE, Counts, Manifest
+from .writer import TraceWriter
 
-# Manifest sections that must be identical across parts (their paths apart).
-_SAME = ("model", "router_weights")
 # Every field of how the samples file was read: parts must cover one list of samples.
 _READ_OPTIONS = ("id_field", "text_field", "skip_bad_lines", "limit")
 
 
-def merge_traces(parts: list[Path], out: Path, force: bool = False) -> dict:
+def merge_traces(parts: list[Path], out: Path, force: bool = False) -> Manifest:
     """Merge the complete part traces ``parts`` into the trace directory ``out``.
 
     Returns the merged manifest. Raises InputError when the parts do not form
@@ -35,27 +35,28 @@ def merge_traces(parts: list[Path], out: Path, force: bool = False) -> dict:
     _check_out(parts, Path(out))
     manifests = [_read_part(Path(part)) for part in parts]
     _check_parts(parts, manifests)
-    store.prepare_directory(out, resume=False, force=force,
-                            fix="pass --force to overwrite it, or another --out")
+    writer = TraceWriter.open(out, force=force,
+                              fix="pass --force to overwrite it, or another --out")
     first = manifests[0]
-    merged = store.new_manifest(**{key: first[key] for key in (
-        "created", "versions", "model", "options", "router_weights")})
-    merged["input"] = {k: v for k, v in first["input"].items() if k != "part"}
-    merged["merged_from"] = [str(Path(part).resolve()) for part in parts]
-    _copy(Path(parts[0]), out, store.ROUTER_WEIGHTS)
+    writer.begin(Manifest(
+        model=first.model, options=first.options, versions=first.versions,
+        created=first.created, input=replace(first.input, part=None),
+        merged_from=[str(Path(part).resolve()) for part in parts]))
+    writer.copy_router_weights(Path(parts[0]), first.router_weights)
     for number, (part, manifest) in enumerate(zip(parts, manifests, strict=True)):
-        for kind in (store.ROUTING_DIR, store.SAMPLES_DIR):
-            for entry in manifest["shards"][kind]:
-                name = f"{kind}/p{number}-{Path(entry['file']).name}"
-                _copy(Path(part), out, entry["file"], name)
-                merged["shards"][kind].append({**entry, "file": name})
-    merged["counts"] = {key: sum(m["counts"][key] for m in manifests)
-                        for key in first["counts"]}
-    merged["counts"]["skipped_lines"] = first["counts"]["skipped_lines"]  # of the whole file
-    store.set_status(merged, "complete")
-    store.verify_checksums(out, merged)
-    store.write_manifest(out, merged)
-    return merged
+        writer.copy_in(Path(part), manifest.routing_shards, manifest.sample_shards,
+                       prefix=f"p{number}-")
+    return writer.finish(**asdict(_merged_counts(manifests)))
+
+
+def _merged_counts(manifests: list[Manifest]) -> Counts:
+    """Each count summed over the parts (None where a part lacks it), but ``skipped_lines``:
+    lines of the whole samples file, the same in every part."""
+    summed = {}
+    for name in (f.name for f in fields(Counts)):
+        values = [getattr(m.counts, name) for m in manifests]
+        summed[name] = None if None in values else sum(values)
+    return replace(Counts(**summed), skipped_lines=manifests[0].counts.skipped_lines)
 
 
 def _check_out(parts: list[Path], out: Path) -> None:
@@ -71,20 +72,20 @@ def _check_out(parts: list[Path], out: Path) -> None:
                              f"outside every part (the parts are left untouched)")
 
 
-def _read_part(part: Path) -> dict:
-    manifest = store.read_manifest(part)
-    if manifest["status"] != "complete":
+def _read_part(part: Path) -> Manifest:
+    manifest = Manifest.read(part)
+    if manifest.status != COMPLETE:
         raise TraceFormatError(
-            f"trace '{part}' is not complete (status '{manifest['status']}'); finish it with "
+            f"trace '{part}' is not complete (status '{manifest.status}'); finish it with "
             f"`moepath trace ... --resume` before merging")
-    store.verify_checksums(part, manifest)
+    store.verify_checksums(part, manifest.committed_files)
     return manifest
 
 
-def _check_parts(parts: list[Path], manifests: list[dict]) -> None:
+def _check_parts(parts: list[Path], manifests: list[Manifest]) -> None:
     if len(parts) < 2:
         raise InputError("merge needs at least two part traces")
-    found = [tuple(m["input"].get("part") or ()) for m in manifests]
+    found = [m.input.part or () for m in manifests]
     count = len(manifests)
     if sorted(found) != [(index, count) for index in range(count)]:
         raise InputError(
@@ -92,24 +93,18 @@ def _check_parts(parts: list[Path], manifests: list[dict]) -> None:
             f"merge needs each part 0/{count} .. {count - 1}/{count} exactly once")
     first, name = manifests[0], parts[0]
     for part, manifest in zip(parts[1:], manifests[1:], strict=True):
-        difference = (provenance.input_difference(first["input"], manifest["input"],
+        difference = (provenance.input_difference(first.input, manifest.input,
                                                   _READ_OPTIONS, compare_part=False)
-                      or provenance.options_difference(first["options"], manifest["options"])
-                      or next((f"it differs in its {key}" for key in _SAME
-                               if _comparable(manifest[key]) != _comparable(first[key])), None))
+                      or provenance.options_difference(first.options, manifest.options)
+                      or next((f"it differs in its {what}" for what, section in _same(manifest)
+                               if section != dict(_same(first))[what]), None))
         if difference:
             raise InputError(f"'{part}' does not belong with '{name}': {difference}; parts "
                              f"must come from the same command with a different --part")
 
 
-def _comparable(section):
-    """A manifest section without what legitimately differs between parts (paths)."""
-    if isinstance(section, dict):
-        return {k: v for k, v in section.items() if k not in ("path",)}
-    return section
-
-
-def _copy(part: Path, out: Path, relative: str, target: str | None = None) -> None:
-    destination = out / (target or relative)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(part / relative, destination)
+def _same(manifest: Manifest) -> list[tuple[str, object]]:
+    """What must be identical across parts: the model (but its checkpoint path) and the
+    router weights file."""
+    return [("model", replace(manifest.model, path=None)),
+            ("router_weights", manifest.router_weights)]

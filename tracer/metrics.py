@@ -314,7 +314,7 @@ def _topk_distribution(trace: Trace, sample_id: str) -> np.ndarray:
 
 
 def _router_weights(trace: Trace) -> list[np.ndarray]:
-    if not trace.manifest.get("router_weights"):
+    if not trace.manifest.router_weights:
         raise MetricError(
             f"trace '{trace.path}' has no router weights, which pathway consistency needs "
             "(expert embeddings, docs/method.md Metric 2); re-trace the samples with `moepath "

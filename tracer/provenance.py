@@ -18,6 +18,7 @@ import numpy as np
 
 from . import checkpoints, store
 from .errors import InputError
+from .manifest import InputInfo, Manifest, ModelInfo
 from .samples import SampleSet
 
 # Options that change what a trace records. The context (max_model_len) matters only
@@ -29,26 +30,24 @@ RESULT_OPTIONS = ("dtype", "max_tokens", "nll", "store_probs", "truncate")
 IDENTITY_READ_OPTIONS = ("id_field", "text_field")
 
 
-def input_section(sample_set: SampleSet) -> dict:
+def input_section(sample_set: SampleSet) -> InputInfo:
     """The manifest's ``input``: which file (and which part of it) the trace covers, read how."""
-    section = {"path": sample_set.path, "sha256": sample_set.source_sha256,
-               "format": sample_set.format, "read": asdict(sample_set.read_options)}
-    if sample_set.part is not None:
-        section["part"] = list(sample_set.part)
-    return section
+    return InputInfo(path=sample_set.path, sha256=sample_set.source_sha256,
+                     format=sample_set.format, read=asdict(sample_set.read_options),
+                     part=tuple(sample_set.part) if sample_set.part is not None else None)
 
 
-def input_difference(before: dict, now: dict, read_options=IDENTITY_READ_OPTIONS,
+def input_difference(before: InputInfo, now: InputInfo, read_options=IDENTITY_READ_OPTIONS,
                      compare_part: bool = True) -> str | None:
     """How the ``input`` sections ``before`` and ``now`` differ: samples file, part (with
     ``compare_part``) or the ``read_options`` fields of how the file was read."""
-    if before["sha256"] != now["sha256"]:
-        return (f"it was traced from a different samples file ('{before['path']}', "
-                f"now '{now['path']}')")
-    if compare_part and before.get("part") != now.get("part"):
-        return (f"it was traced from a different part ('{before['path']}'{_part_text(before)}, "
-                f"now '{now['path']}'{_part_text(now)})")
-    read_before, read_now = before.get("read", {}), now.get("read", {})
+    if before.sha256 != now.sha256:
+        return (f"it was traced from a different samples file ('{before.path}', "
+                f"now '{now.path}')")
+    if compare_part and before.part != now.part:
+        return (f"it was traced from a different part ('{before.path}'{_part_text(before)}, "
+                f"now '{now.path}'{_part_text(now)})")
+    read_before, read_now = before.read or {}, now.read or {}
     changed = [f"--{key.replace('_', '-')} {read_before[key]}, now {read_now[key]}"
                for key in read_options if key in read_before and read_before[key] != read_now[key]]
     return f"its samples were read otherwise ({'; '.join(changed)})" if changed else None
@@ -63,7 +62,8 @@ def options_difference(before: dict, now: dict) -> str | None:
     return f"it was traced with other settings ({'; '.join(changed)})" if changed else None
 
 
-def model_difference(trace_dir: str | Path, manifest: dict, model: str | Path) -> str | None:
+def model_difference(trace_dir: str | Path, manifest: Manifest,
+                     model: str | Path) -> str | None:
     """Why ``model`` is not the checkpoint the trace in ``trace_dir`` (``manifest``) was made
     with; None when it is.
 
@@ -71,18 +71,18 @@ def model_difference(trace_dir: str | Path, manifest: dict, model: str | Path) -
     router.safetensors: routers change at every training step, so checkpoints of
     one run differ there. Expert weights are not read (gigabytes).
     """
-    recorded = manifest["model"]
-    if recorded.get("config_sha256") not in (None, checkpoints.config_sha256(model)):
+    recorded = manifest.model
+    if recorded.config_sha256 not in (None, checkpoints.config_sha256(model)):
         why = "its config.json differs"
-    elif manifest.get("router_weights") and not _same_router_weights(trace_dir, recorded, model):
+    elif manifest.router_weights and not _same_router_weights(trace_dir, recorded, model):
         why = "its router weights differ"
     else:
         return None
-    return (f"it was traced with another model ({why}: '{recorded['path']}', "
+    return (f"it was traced with another model ({why}: '{recorded.path}', "
             f"now '{Path(model).resolve()}')")
 
 
-def check_resumable(out: Path, previous: dict, model: str | Path, sample_set: SampleSet,
+def check_resumable(out: Path, previous: Manifest, model: str | Path, sample_set: SampleSet,
                     options: dict, start_over: str = "--force or another --out") -> None:
     """Refuse to continue the trace in ``out`` (manifest ``previous``) with other samples,
     another model or other result-affecting ``options`` (the manifest's ``options`` of
@@ -93,8 +93,8 @@ def check_resumable(out: Path, previous: dict, model: str | Path, sample_set: Sa
     model's router weights are read only when samples and settings match.
     """
     differences = (
-        ("samples", lambda: input_difference(previous["input"], input_section(sample_set))),
-        ("settings", lambda: options_difference(previous.get("options", {}), options)),
+        ("samples", lambda: input_difference(previous.input, input_section(sample_set))),
+        ("settings", lambda: options_difference(previous.options or {}, options)),
         ("model", lambda: model_difference(out, previous, model)))
     for same, difference in differences:
         if text := difference():
@@ -102,12 +102,12 @@ def check_resumable(out: Path, previous: dict, model: str | Path, sample_set: Sa
                              f"resume, or {start_over} to start over")
 
 
-def _same_router_weights(trace_dir: str | Path, recorded: dict, model: str | Path) -> bool:
-    by_layer = checkpoints.router_weights(model, recorded["num_experts"])
-    now = [by_layer.get(layer) for layer in recorded["layer_ids"]]
+def _same_router_weights(trace_dir: str | Path, recorded: ModelInfo, model: str | Path) -> bool:
+    by_layer = checkpoints.router_weights(model, recorded.num_experts)
+    now = [by_layer.get(layer) for layer in recorded.layer_ids]
     return all(weights is not None and np.array_equal(weights, before)
                for weights, before in zip(now, store.read_router_weights(trace_dir), strict=True))
 
 
-def _part_text(section: dict) -> str:
-    return f" part {section['part'][0]}/{section['part'][1]}" if "part" in section else ""
+def _part_text(section: InputInfo) -> str:
+    return f" part {section.part[0]}/{section.part[1]}" if section.part else ""

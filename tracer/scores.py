@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import store
 from .errors import CaptureError, MetricError, TraceFormatError
+from .manifest import COMPLETE
 from .trace import Trace
+from .writer import TraceWriter
 
 KEYS = ["task", "doc_id"]  # how a sample finds its document
 
@@ -66,27 +67,23 @@ def attach_scores(trace_dir: str | Path, scores: pd.DataFrame,
     row. Returns the table written (sample columns, then score columns; NaN for
     a sample whose document has no score).
     """
-    trace_dir = Path(trace_dir)
-    manifest = store.read_manifest(trace_dir)
-    if manifest.get("status") != "complete":
-        reason = manifest.get("capture_error") or "its engine did not shut down cleanly"
-        raise CaptureError(f"trace '{trace_dir}' is {manifest.get('status')!r}, not complete "
+    writer = TraceWriter.reopen(trace_dir)
+    manifest = writer.manifest
+    if manifest.status != COMPLETE:
+        reason = manifest.capture_error or "its engine did not shut down cleanly"
+        raise CaptureError(f"trace '{trace_dir}' is {manifest.status!r}, not complete "
                            f"({reason}); re-run the evaluation")
-    if manifest["shards"][store.SAMPLES_DIR]:
+    if manifest.sample_shards:
         raise TraceFormatError(f"trace '{trace_dir}' already has a samples table; scores are "
                                "attached once, to a fresh trace")
-    samples = Trace(trace_dir, manifest).samples
+    samples = Trace(writer.trace_dir, manifest).samples
     missing = sorted(set(expected_ids) - set(samples["sample_id"]))
     if missing:
         raise CaptureError(f"{len(missing)} traced request(s) recorded no routing (first: "
                            f"'{missing[0]}'); the trace at '{trace_dir}' is incomplete")
-    _check_columns(samples, scores, trace_dir)
+    _check_columns(samples, scores, writer.trace_dir)
     table = samples.merge(scores, on=KEYS, how="left", validate="many_to_one")
-    info = store.write_parquet_shard(trace_dir, f"{store.SAMPLES_DIR}/000000.parquet",
-                                     pa.Table.from_pandas(table, preserve_index=False))
-    store.add_shards(manifest, store.SAMPLES_DIR, [info])
-    manifest["counts"]["samples"] = len(table)
-    store.write_manifest(trace_dir, manifest)
+    writer.commit(samples=pa.Table.from_pandas(table, preserve_index=False), count=True)
     return table
 
 

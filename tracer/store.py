@@ -1,4 +1,8 @@
-"""The trace store: the only module that reads or writes trace files.
+"""The trace store: how trace files are encoded, written atomically and read back.
+
+Only this module, :mod:`.manifest` and :mod:`.writer` touch a trace's files
+(a test holds the boundary); programs write a trace through
+:class:`~.writer.TraceWriter` and read it through :class:`~.trace.Trace`.
 
 A trace is a directory (format documented in docs/trace-format.md, version
 :data:`FORMAT_VERSION`)::
@@ -22,9 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import InputError, TraceFormatError
+from .errors import TraceFormatError
 
 FORMAT_NAME = "moepath-trace"
 FORMAT_VERSION = 2  # 2: per-token routing as blobs (1: nested lists, still read)
@@ -373,40 +376,33 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def committed_files(manifest: dict) -> list[dict]:
-    """Every file entry the manifest vouches for (shards and router weights)."""
-    shards = manifest.get("shards", {})
-    entries = list(shards.get(ROUTING_DIR, [])) + list(shards.get(SAMPLES_DIR, []))
-    if manifest.get("router_weights"):
-        entries.append(manifest["router_weights"])
-    return entries
-
-
-def verify_checksums(trace_dir: Path, manifest: dict) -> None:
-    """Raise TraceFormatError naming the first missing or corrupted file.
+def verify_checksums(trace_dir: Path, files: list[ShardInfo]) -> None:
+    """Raise TraceFormatError naming the first of ``files`` (a manifest's committed files)
+    that is missing or corrupted.
 
     Such a trace can be neither read nor resumed (resume keeps every committed
     file, it does not recompute one): the message says to restore the file or to
     trace again with --force.
     """
-    for entry in committed_files(manifest):
-        path = Path(trace_dir) / entry["file"]
+    for entry in files:
+        path = Path(trace_dir) / entry.file
         if not path.is_file():
             damage = f"is missing from '{trace_dir}'"
-        elif file_sha256(path) != entry["sha256"]:
+        elif file_sha256(path) != entry.sha256:
             damage = f"in '{trace_dir}' is corrupted (sha256 differs from the manifest)"
         else:
             continue
         raise TraceFormatError(
-            f"trace file '{entry['file']}' {damage}; restore it from a copy, or trace "
+            f"trace file '{entry.file}' {damage}; restore it from a copy, or trace "
             f"again with --force (--resume keeps committed files, it cannot recompute one)")
 
 
-def remove_uncommitted(trace_dir: Path, manifest: dict) -> list[str]:
-    """Delete shard and temporary files the manifest does not list (temporary files of the
-    manifest and router weights too); return their names relative to ``trace_dir``."""
+def remove_uncommitted(trace_dir: Path, files: list[ShardInfo]) -> list[str]:
+    """Delete shard and temporary files that are not among ``files`` (a manifest's committed
+    files; temporary files of the manifest and router weights too); return their names
+    relative to ``trace_dir``."""
     trace_dir = Path(trace_dir)
-    keep = {entry["file"] for entry in committed_files(manifest)}
+    keep = {entry.file for entry in files}
     shards = [path for sub in (ROUTING_DIR, SAMPLES_DIR) for path in (trace_dir / sub).glob("*")]
     candidates = [*trace_dir.glob(".tmp-*"), *shards]
     removed = []
@@ -418,75 +414,21 @@ def remove_uncommitted(trace_dir: Path, manifest: dict) -> list[str]:
     return removed
 
 
-def new_manifest(**sections) -> dict:
-    """A manifest skeleton with the format header; ``sections`` fill the rest."""
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "status": "running",
-        "capture_error": None,
-        "shards": {ROUTING_DIR: [], SAMPLES_DIR: []},
-        "router_weights": None,
-        "counts": {},
-    }
-    manifest.update(sections)
-    return manifest
+def has_manifest(trace_dir: Path) -> bool:
+    """Whether ``trace_dir`` holds a manifest (a trace, committed at least once)."""
+    return (Path(trace_dir) / MANIFEST).is_file()
 
 
-def set_status(manifest: dict, status: str, capture_error: str | None = None) -> None:
-    """Set the manifest's ``status`` and its ``capture_error`` together: the failure that
-    stopped the run when ``failed``, None otherwise, so that a failed trace resumed to
-    completion does not keep the old failure."""
-    manifest["status"], manifest["capture_error"] = status, capture_error
-
-
-def add_shards(manifest: dict, kind: str, infos: list[ShardInfo]) -> None:
-    """Record committed shards of ``kind`` (routing or samples) in the manifest."""
-    manifest["shards"][kind].extend(asdict(info) for info in infos)
-
-
-# prepare_directory's advice for an existing directory, as ``moepath trace`` offers both
-_RESUME_OR_FORCE = "pass --resume to continue the trace in it or --force to overwrite it"
-
-
-def prepare_directory(trace_dir: Path, resume: bool, force: bool,
-                      fix: str = _RESUME_OR_FORCE) -> dict | None:
-    """Make ``trace_dir`` ready for writing; return the manifest to resume from, or None.
-
-    An existing non-empty directory needs ``resume`` (continue the trace in it)
-    or ``force`` (empty it and start over). ``force`` empties only a moepath
-    trace (see :func:`_is_trace_directory`): any other directory is refused, so
-    ``--out . --force`` cannot wipe a working directory. ``fix`` ends the error
-    for an existing directory with neither: what the caller's user can do about it.
-    """
-    trace_dir = Path(trace_dir)
-    if trace_dir.exists() and not trace_dir.is_dir():
-        raise InputError(f"output directory '{trace_dir}' is a file; pass a directory path")
-    if trace_dir.exists() and any(trace_dir.iterdir()):
-        if force:
-            _clear_trace_directory(trace_dir)
-        elif resume:
-            manifest = read_manifest(trace_dir)
-            verify_checksums(trace_dir, manifest)
-            remove_uncommitted(trace_dir, manifest)
-            manifest["format_version"] = FORMAT_VERSION  # new shards are; readers take both
-            return manifest
-        else:
-            raise TraceFormatError(f"output directory '{trace_dir}' already exists; {fix}")
-    trace_dir.mkdir(parents=True, exist_ok=True)
-    return None
-
-
-def _is_trace_directory(trace_dir: Path) -> bool:
+def is_trace_directory(trace_dir: Path) -> bool:
     """True when ``trace_dir`` is a moepath trace: its manifest.json names the format, or
     it holds only files moepath writes (a run stopped before its first manifest)."""
     try:
         return json.loads((trace_dir / MANIFEST).read_text()).get("format") == FORMAT_NAME
     except (OSError, ValueError, AttributeError):
-        return all(_is_trace_file(path, trace_dir) for path in trace_dir.rglob("*"))
+        return all(is_trace_file(path, trace_dir) for path in trace_dir.rglob("*"))
 
 
-def _is_trace_file(path: Path, trace_dir: Path) -> bool:
+def is_trace_file(path: Path, trace_dir: Path) -> bool:
     """A name moepath writes: manifest, router weights, the shard folders, shards in
     them, temporary files (``.tmp-*``)."""
     parts = path.relative_to(trace_dir).parts
@@ -497,14 +439,20 @@ def _is_trace_file(path: Path, trace_dir: Path) -> bool:
             and (parts[1].endswith(".parquet") or parts[1].startswith(".tmp-")))
 
 
-def _clear_trace_directory(trace_dir: Path) -> None:
-    """Delete what a trace directory holds (the directory itself stays)."""
-    if not _is_trace_directory(trace_dir):
-        raise InputError(
-            f"--force would delete '{trace_dir}', which is not a moepath trace (it holds "
-            f"other files); pass a new or empty directory, or delete it yourself")
-    for path in trace_dir.iterdir():
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+def read_shard(trace_dir: Path, file: str, columns: list[str] | None = None) -> pa.Table:
+    """Columns ``columns`` (all by default) of the shard ``file`` of a trace, field
+    metadata kept."""
+    return pq.read_table(Path(trace_dir) / file, columns=columns)
+
+
+def shard_columns(trace_dir: Path, file: str) -> list[str]:
+    """The column names of the shard ``file``, read from its footer only."""
+    return pq.read_schema(Path(trace_dir) / file).names
+
+
+def column_values(trace_dir: Path, shards: list[ShardInfo], column: str) -> set:
+    """Every value of the scalar column ``column`` over ``shards``."""
+    values = set()
+    for shard in shards:
+        values.update(read_shard(trace_dir, shard.file, [column])[column].to_pylist())
+    return values

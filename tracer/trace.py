@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import store
 from .errors import TraceFormatError
+from .manifest import COMPLETE, Manifest
 
 _RECORD_COLUMNS = ("sample_id", "num_tokens")  # samples columns a routing record sets itself
 _HELD_SHARDS = 2  # routing shards whose read columns a Trace keeps for the next sample
@@ -43,22 +43,21 @@ class Trace:
     every committed file, so a damaged shard is reported by name, never read.
     """
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: Manifest):
         self.path = Path(path)
         self.manifest = manifest
-        model = manifest["model"]
-        self.num_layers: int = model["num_layers"]
-        self.num_experts: int = model["num_experts"]
-        self.top_k: int = model["top_k"]
+        self.num_layers: int = manifest.model.num_layers
+        self.num_experts: int = manifest.model.num_experts
+        self.top_k: int = manifest.model.top_k
         self._held: OrderedDict[int, dict[str, pa.Table]] = OrderedDict()
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> Trace:
         """Open the trace at ``path`` whatever its :attr:`status`: a running server's
         trace is read live, up to its last commit."""
-        manifest = store.read_manifest(Path(path))
+        manifest = Manifest.read(path)
         if verify:
-            store.verify_checksums(Path(path), manifest)
+            store.verify_checksums(Path(path), manifest.committed_files)
         return cls(Path(path), manifest)
 
     # -- status ---------------------------------------------------------------
@@ -67,17 +66,17 @@ class Trace:
     def status(self) -> str:
         """``complete``; ``running`` (being written, or its run was interrupted);
         ``failed`` (capture stopped the run: :attr:`capture_error` says why)."""
-        return self.manifest["status"]
+        return self.manifest.status
 
     @property
     def capture_error(self) -> str | None:
         """The capture failure that stopped the run when :attr:`status` is ``failed``."""
-        return self.manifest.get("capture_error")
+        return self.manifest.capture_error
 
     def incomplete_warning(self) -> str | None:
         """One line for a trace that is not complete, naming its status, its committed
         samples (all any result covers) and how to finish it; None when complete."""
-        if self.status == "complete":
+        if self.status == COMPLETE:
             return None
         error = f" (capture error: {self.capture_error})" if self.capture_error else ""
         return (f"trace '{self.path}' is {self.status}, not complete{error}; results cover "
@@ -86,7 +85,7 @@ class Trace:
     def _how_to_finish(self) -> str:
         """A driver's trace (moepath trace, compare) is resumed; one its engine's worker
         committed (input format ``server``) is finished only by that engine's shutdown."""
-        if self.manifest.get("input", {}).get("format") == store.SERVER_INPUT_FORMAT:
+        if self.manifest.server_committed:
             return ("the engine writing it (`vllm serve`, `moepath eval`, a `TracedEngine`) "
                     "is still running or stopped before its final commit; `moepath trace "
                     "--resume` does not continue it")
@@ -97,7 +96,7 @@ class Trace:
 
     @property
     def _routing_files(self) -> list[str]:
-        return [entry["file"] for entry in self.manifest["shards"][store.ROUTING_DIR]]
+        return [shard.file for shard in self.manifest.routing_shards]
 
     def _column(self, shard: int, name: str) -> pa.Table:
         """Column ``name`` of routing shard ``shard``, as a one-column table (its field
@@ -112,7 +111,7 @@ class Trace:
         if len(self._held) > _HELD_SHARDS:
             self._held.popitem(last=False)
         if name not in held:
-            held[name] = pq.read_table(self.path / self._routing_files[shard], columns=[name])
+            held[name] = store.read_shard(self.path, self._routing_files[shard], [name])
         return held[name]
 
     @cached_property
@@ -124,7 +123,7 @@ class Trace:
         """
         index, repeated = {}, []
         for shard, file in enumerate(self._routing_files):
-            keys = pq.read_table(self.path / file, columns=["sample_id", "completion"])
+            keys = store.read_shard(self.path, file, ["sample_id", "completion"])
             for row, key in enumerate(
                 zip(keys["sample_id"].to_pylist(), keys["completion"].to_pylist(), strict=True)
             ):
@@ -152,9 +151,9 @@ class Trace:
         """One row per sample: ``sample_id``, carried input columns, ``num_tokens``,
         ``truncated``, ``nll`` (when recorded). Traces written without a samples
         table (server mode) take these columns from the requests' metadata."""
-        files = [entry["file"] for entry in self.manifest["shards"][store.SAMPLES_DIR]]
+        files = [shard.file for shard in self.manifest.sample_shards]
         if files:
-            frames = [pq.read_table(self.path / f).to_pandas() for f in files]
+            frames = [store.read_shard(self.path, f).to_pandas() for f in files]
             return pd.concat(frames, ignore_index=True)
         return self._samples_from_routing()
 
@@ -162,8 +161,8 @@ class Trace:
         self._require_unique_records()
         rows = []
         for file in self._routing_files:
-            table = pq.read_table(self.path / file, columns=["sample_id", "completion", "meta",
-                                                                "num_prompt_tokens"])
+            table = store.read_shard(self.path, file, ["sample_id", "completion", "meta",
+                                                       "num_prompt_tokens"])
             for sid, completion, meta, prompt in zip(*(table[c].to_pylist() for c in (
                     "sample_id", "completion", "meta", "num_prompt_tokens")), strict=True):
                 if completion == 0:
@@ -222,7 +221,7 @@ class Trace:
     def router_probs(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """float32 [T, L, E]: per-token full distributions (only with --store-probs)."""
         shard = self._routing_files[self._locate(sample_id, completion).shard]
-        if "router_probs" not in pq.read_schema(self.path / shard).names:
+        if "router_probs" not in store.shard_columns(self.path, shard):
             raise TraceFormatError(
                 "this trace has no per-token router distributions; trace with --store-probs"
             )
@@ -231,7 +230,7 @@ class Trace:
 
     def router_weights(self) -> list[np.ndarray]:
         """The router matrices W_l of the traced checkpoint: L float32 arrays [E, hidden]."""
-        if not self.manifest.get("router_weights"):
+        if not self.manifest.router_weights:
             raise TraceFormatError(f"trace '{self.path}' has no router weights")
         return store.read_router_weights(self.path)
 
@@ -242,8 +241,7 @@ class Trace:
         self._require_unique_records()
         shape = (self.num_layers, self.num_experts)
         for file in self._routing_files:
-            table = pq.read_table(self.path / file, columns=["sample_id", "completion",
-                                                              "router_mean"])
+            table = store.read_shard(self.path, file, ["sample_id", "completion", "router_mean"])
             table = table.filter(pa.compute.equal(table["completion"], 0))
             for batch in table.to_batches(max_chunksize=batch_size):
                 means = batch.column("router_mean")
@@ -270,8 +268,7 @@ class Trace:
         return len(self.samples)
 
     def __repr__(self) -> str:
-        model = self.manifest["model"]
-        return (f"Trace('{self.path}', {len(self)} samples, {model.get('architecture')}, "
+        return (f"Trace('{self.path}', {len(self)} samples, {self.manifest.model.architecture}, "
                 f"L={self.num_layers}, E={self.num_experts}, k={self.top_k})")
 
 
