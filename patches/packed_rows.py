@@ -4,7 +4,7 @@ After each step the recorder copies the traced rows to the host as one uint8
 array [n, width] whose columns are fixed byte ranges (:class:`RowLayout`). A
 request's chunks are row ranges of such arrays, one array per step; finishing a
 request concatenates one slice per chunk, not one per column, and reads every
-column back as a view (bench/README.md, "Decode-heavy work: what the capture
+column back as a view (bench/HISTORY.md, "Decode-heavy work: what the capture
 costs", item 3).
 """
 

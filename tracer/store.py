@@ -286,7 +286,7 @@ def _drop_from_page_cache(fd: int) -> None:
     A trace is written once and read later, by another command: its pages only
     crowd the cache. Released, they are what the next shard's write reuses; on
     the virtual machines measured, writing into pages never used before made a
-    shard write in a vLLM engine process ~1.7x slower (bench/README.md, "Shard
+    shard write in a vLLM engine process ~1.7x slower (bench/HISTORY.md, "Shard
     write: the page cache"). No-op where the OS has no ``posix_fadvise`` (macOS).
     """
     if hasattr(os, "posix_fadvise"):
@@ -302,7 +302,7 @@ def write_parquet_shard(
     (the per-token lists and blobs of routing shards) get none of them. On those
     statistics and dictionaries cost more than half the write time of format 1
     for files ~12% smaller, and zstd makes writing format 2's blobs 2-3x slower
-    for files 15-25% smaller (bench/README.md); nobody filters on them.
+    for files 15-25% smaller (bench/HISTORY.md); nobody filters on them.
     """
     scalar = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
     checksum = write_atomic(Path(trace_dir) / relative, lambda handle: pq.write_table(
