@@ -13,6 +13,7 @@ from . import options as o
 from . import render
 
 
+@o.engine_flags(engine_core="auto")
 def compare(
     checkpoints: Annotated[list[Path], typer.Argument(
         help="Checkpoint folders in order, or one folder whose subfolders are checkpoints "
@@ -23,41 +24,37 @@ def compare(
                       "accuracy measured elsewhere, for correlations.")] = None,
     group_by: o.GroupBy = None,
     memorised_only: Annotated[bool, typer.Option(help="Metrics on memorised samples only "
-                              "(the paper's protocol).")] = False,
+                              "(the paper's protocol).",
+                              rich_help_panel=o.SWITCHES_PANEL)] = False,
     epsilon: Annotated[float | None, typer.Option(help="Memorisation loss threshold.")] = None,
     epsilon_quantile: Annotated[float | None, typer.Option(
         help="Epsilon as this quantile of final losses (default 0.25).")] = None,
     epsilon_per_group: Annotated[bool, typer.Option(
         "--epsilon-per-group/--epsilon-global",
         help="With --group-by, take the epsilon quantile over each group's final losses "
-             "(the paper: per domain) or over all samples.")] = True,
+             "(the paper: per domain) or over all samples.",
+        rich_help_panel=o.SWITCHES_PANEL)] = True,
     delta: Annotated[float, typer.Option(help="Allowed distance to the final loss.")] = 0.05,
     from_step: Annotated[int | None, typer.Option(help="Correlate from this step on.")] = None,
     from_t_star: Annotated[bool, typer.Option(
         "--from-t-star/--all-checkpoints",
         help="Correlate each t*=N group from step N on (after its samples are memorised), "
-             "or over every checkpoint.")] = True,
+             "or over every checkpoint.", rich_help_panel=o.SWITCHES_PANEL)] = True,
     tau: o.Tau = 0.7,
     source: o.Source = "full",
     unit: o.Unit = "char",
     pairs: o.Pairs = "auto",
     seed: o.Seed = 0,
     reuse_engine: Annotated[bool, typer.Option(help="Reload weights into the running engine "
-                            "between checkpoints of one architecture.")] = True,
+                            "between checkpoints of one architecture.",
+                            rich_help_panel=o.SWITCHES_PANEL)] = True,
     id_field: o.IdField = "id",
     text_field: o.TextField = "text",
     skip_bad_lines: o.SkipBadLines = False,
     limit: o.Limit = None,
-    max_model_len: o.MaxModelLen = None,
     truncate: o.Truncate = False,
-    dtype: o.Dtype = "bfloat16",
-    tensor_parallel_size: o.TensorParallel = 1,
-    enforce_eager: o.EnforceEager = False,
-    gpu_memory_utilization: o.GpuMemory = 0.3,
-    max_num_batched_tokens: o.BatchedTokens = None,
-    engine_core: o.EngineCore = "auto",
-    trust_remote_code: o.TrustRemoteCode = False,
     batch_size: o.BatchSize = 256,
+    *, engine: o.EngineOptions,
 ) -> None:
     """Serve checkpoints in turn on the same samples; report metrics, memorisation, correlations."""
     from ..patches.engine import TraceOptions
@@ -73,9 +70,7 @@ def compare(
             group_by=group_by, memorised_only=memorised_only, epsilon=epsilon,
             epsilon_quantile=epsilon_quantile, epsilon_per_group=epsilon_per_group,
             delta=delta, scores=scores, from_step=from_step, from_t_star=from_t_star),
-        o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
-                         gpu_memory_utilization, max_num_batched_tokens, trust_remote_code,
-                         engine_core=engine_core),
+        engine,
         TraceOptions(truncate=truncate, batch_size=batch_size),
         SampleReadOptions(id_field=id_field, text_field=text_field,
                           skip_bad_lines=skip_bad_lines, limit=limit),
@@ -149,4 +144,5 @@ def _command_line() -> str:
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(compare)
+    # the commands list shows this; the docstring stays the command's own --help
+    app.command(short_help="Metrics, memorisation and correlations over checkpoints.")(compare)

@@ -19,10 +19,12 @@ DocLimit = Annotated[int | None, typer.Option(help="Evaluate only the first N do
 IncludePath = Annotated[Path | None, typer.Option(help="Folder of your own task YAMLs.")]
 NumFewshot = Annotated[int | None, typer.Option(help="Few-shot examples (default: the task's).")]
 ConfirmUnsafe = Annotated[bool, typer.Option(help="Run tasks that execute model-generated "
-                         "code (lm-eval marks them unsafe, e.g. humaneval).")]
+                         "code (lm-eval marks them unsafe, e.g. humaneval).",
+                         rich_help_panel=o.SWITCHES_PANEL)]
 BatchSize = Annotated[str, typer.Option(help="Requests per vLLM call: auto (all) or a number.")]
 
 
+@o.engine_flags()
 def eval_(
     model: o.Model,
     tasks: Tasks,
@@ -32,16 +34,13 @@ def eval_(
     num_fewshot: NumFewshot = None,
     batch_size: BatchSize = "auto",
     confirm_run_unsafe_code: ConfirmUnsafe = False,
-    max_model_len: o.MaxModelLen = None,
-    dtype: o.Dtype = "bfloat16",
-    tensor_parallel_size: o.TensorParallel = 1,
-    enforce_eager: o.EnforceEager = False,
-    gpu_memory_utilization: o.GpuMemory = 0.3,
-    max_num_batched_tokens: o.BatchedTokens = None,
-    trust_remote_code: o.TrustRemoteCode = False,
     force: o.Force = False,
+    *, engine: o.EngineOptions,
 ) -> None:
-    """Run lm-eval tasks on MODEL in a traced vLLM engine; per-document scores join the trace."""
+    """Run lm-eval tasks on MODEL in a traced vLLM engine.
+
+    Per-document scores join the trace. Tasks that run model-generated code
+    (lm-eval marks them unsafe, e.g. humaneval) need --confirm-run-unsafe-code."""
     from ..patches.lm_eval_backend import EvalOptions, run_eval
 
     names = tuple(name.strip() for name in tasks.split(",") if name.strip())
@@ -50,8 +49,6 @@ def eval_(
     if batch_size != "auto" and not (batch_size.isdecimal() and int(batch_size) > 0):
         raise typer.BadParameter(f"--batch-size takes auto or a positive number, "
                                  f"not {batch_size!r}")
-    engine = o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
-                              gpu_memory_utilization, max_num_batched_tokens, trust_remote_code)
     options = EvalOptions(tasks=names, limit=limit, num_fewshot=num_fewshot,
                           batch_size=batch_size if batch_size == "auto" else int(batch_size),
                           include_path=include_path,

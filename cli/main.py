@@ -28,8 +28,8 @@ from . import (
 
 app = typer.Typer(
     name="moepath",
-    help="Trace Mixture-of-Experts routing inside vLLM and compute pathway metrics "
-         "(arXiv 2506.21551).",
+    help="Trace Mixture-of-Experts routing inside vLLM and compute pathway metrics.\n\n"
+         "The metrics are those of arXiv 2506.21551.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -17,7 +17,9 @@ def merge(
     out: Annotated[Path, typer.Option("--out", "-o", help="Trace directory to write.")],
     force: o.Force = False,
 ) -> None:
-    """Merge part traces (data-parallel runs over one samples file) into one trace."""
+    """Merge the part traces of one samples file into one trace.
+
+    The parts are data-parallel runs of `moepath trace --part I/N`."""
     from ..tracer.merge import merge_traces
 
     manifest = merge_traces(parts, out, force=force)

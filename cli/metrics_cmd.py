@@ -35,7 +35,9 @@ def metrics(
     layers: Layers = False,
     as_json: Json = False,
 ) -> None:
-    """Pathway distance (Metric 1) and consistency (Metric 2) of each group of samples."""
+    """Pathway distance (Metric 1) and consistency (Metric 2) by group.
+
+    One row for each group of samples (--group-by), or for all samples."""
     from ..tracer import Trace
     from ..tracer.metrics import MetricOptions, trace_metrics, trace_sample_frame
 
@@ -100,8 +102,10 @@ def _group_table(trace_dir: Path, options, groups):
              "n/a" if g.degenerate else g.complexity_mean,
              g.mean_pathway_length] for g in groups]
     title = f"pathway metrics of {trace_dir}"
-    result = render.table(title, ["group", "samples", "pairs", "distance", "distance\n/ max",
-                                  "consis-\ntency", "complex-\nity", "experts\n/ path"], rows)
+    # headers hyphenated to leave the group names room at 80 columns
+    result = render.table(title, ["group", "sam-\nples", "pairs", "dis-\ntance",
+                                  "dis-\ntance\n/ max", "consis-\ntency", "com-\nplex-\nity",
+                                  "experts\n/ path"], rows)
     result.caption = (f"tau {options.tau}, source {options.source}, distance in "
                       f"{options.unit} edits; / max: divided by the longer pathway's length; "
                       "experts / path: mean experts kept per sample")
@@ -115,6 +119,8 @@ def _layer_table(options, groups):
     title = f"per-layer distance ({options.unit}, normalize {options.normalize})"
     result = render.table(title, ["layer", *(escape(g.name) for g in groups)], rows)
     result.min_width = len(title)  # a table of few groups would wrap its title
+    for column in result.columns[1:]:  # the group names are the headers here: never cut
+        column.overflow = "fold"
     return _compact(result)
 
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+# the one import of EngineOptions in cli/ (commands name it o.EngineOptions)
 from ..patches.engine import EngineOptions
+
+# --help panels besides Typer's "Options": on/off flags (their --no- forms would squeeze
+# the help text of every option into a narrow column at 80 columns), and the engine's
+SWITCHES_PANEL = "Switches"
+ENGINE_PANEL = "vLLM engine"
 
 Model = Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder of an MoE model.")]
 Samples = Annotated[Path, typer.Option("--samples", "-s",
@@ -16,35 +26,25 @@ Samples = Annotated[Path, typer.Option("--samples", "-s",
 IdField = Annotated[str, typer.Option(help="JSONL/CSV/Parquet field holding the sample id "
                     "(optional as 'id'; a field named otherwise must exist).")]
 TextField = Annotated[str, typer.Option(help="Field holding the text (or use 'input_ids').")]
-SkipBadLines = Annotated[bool, typer.Option(help="Skip malformed lines and report how many.")]
+SkipBadLines = Annotated[bool, typer.Option(help="Skip malformed lines and report how many.",
+                                            rich_help_panel=SWITCHES_PANEL)]
 Limit = Annotated[int | None, typer.Option(help="Use only the first N samples.")]
-MaxModelLen = Annotated[int | None, typer.Option(help="Context length (default: the model's).")]
 Truncate = Annotated[bool, typer.Option(help="Cut samples longer than the context "
-                     "(--max-model-len, else the model's) minus the generated tokens (counted).")]
-Nll = Annotated[bool, typer.Option(help="Record each sample's mean NLL (same prefill pass).")]
+                     "(--max-model-len, else the model's) minus the generated tokens (counted).",
+                     rich_help_panel=SWITCHES_PANEL)]
+Nll = Annotated[bool, typer.Option(help="Record each sample's mean NLL (same prefill pass).",
+                                   rich_help_panel=SWITCHES_PANEL)]
 MaxTokens = Annotated[int, typer.Option(help="Generated tokens to trace too (0: prefill only).")]
-Dtype = Annotated[str, typer.Option(help="Model dtype in vLLM (bfloat16, float32, ...).")]
-TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", "-tp",
-                           help="Tensor-parallel workers.")]
-EnforceEager = Annotated[bool, typer.Option(help="Run eager (skip torch.compile).")]
-GpuMemory = Annotated[float, typer.Option(help="Fraction of device memory for vLLM "
-                      "(CPU: of the NUMA node's memory).")]
-EngineCore = Annotated[str, typer.Option(
-    help="Where vLLM's engine core runs: auto (in this process on a CPU host with one "
-         "worker, where vLLM would reserve a core for a separate one; else vLLM's default), "
-         "process, or inline.")]
-BatchedTokens = Annotated[int | None, typer.Option(help="vLLM max_num_batched_tokens.")]
-StoreProbs = Annotated[bool, typer.Option(help="Also store per-token full router "
-                       "distributions (large; small runs only).")]
-TrustRemoteCode = Annotated[bool, typer.Option(help="Allow code from the model folder to run.")]
 BatchSize = Annotated[int, typer.Option(help="Samples per committed batch (the unit of "
                                            "resume after an interruption).")]
 Part = Annotated[str | None, typer.Option(
     help="Trace only part I/N of the samples (0-based: samples I, I+N, ...), to run N engines "
          "in parallel; join the parts with `moepath merge`.")]
-Resume = Annotated[bool, typer.Option(help="Continue an interrupted trace in --out.")]
+Resume = Annotated[bool, typer.Option(help="Continue an interrupted trace in --out.",
+                                      rich_help_panel=SWITCHES_PANEL)]
 Force = Annotated[bool, typer.Option(help="Overwrite --out if it holds moepath output (a "
-                  "trace, or an eval's); other directories are refused.")]
+                  "trace, or an eval's); other directories are refused.",
+                  rich_help_panel=SWITCHES_PANEL)]
 Tau = Annotated[float, typer.Option(help="Cumulative router-weight threshold of a pathway.")]
 Unit = Annotated[str, typer.Option(help="Edit-distance unit: char (paper) or expert.")]
 Normalize = Annotated[str, typer.Option(help="Per-layer distances (--layers, and "
@@ -60,15 +60,81 @@ GroupBy = Annotated[str | None, typer.Option(help="Samples-table column to group
 Seed = Annotated[int, typer.Option(help="Seed of sampled pairs.")]
 
 
-def engine_options(dtype: str, max_model_len: int | None, tensor_parallel_size: int,
-                   enforce_eager: bool, gpu_memory_utilization: float,
-                   max_num_batched_tokens: int | None, trust_remote_code: bool,
-                   store_probs: bool = False, engine_core: str = "process") -> EngineOptions:
-    return EngineOptions(
-        dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-        enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-        max_num_batched_tokens=max_num_batched_tokens, trust_remote_code=trust_remote_code,
-        store_probs=store_probs, engine_core=engine_core)
+# The vLLM engine flags, declared once: @engine_flags adds them to a command.
+Dtype = Annotated[str, typer.Option(help="Model dtype in vLLM (bfloat16, float32, ...).",
+                                    rich_help_panel=ENGINE_PANEL)]
+MaxModelLen = Annotated[int | None, typer.Option(help="Context length (default: the model's).",
+                                                 rich_help_panel=ENGINE_PANEL)]
+TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", "-tp",
+                           help="Tensor-parallel workers.", rich_help_panel=ENGINE_PANEL)]
+EnforceEager = Annotated[bool, typer.Option(help="Run eager (skip torch.compile).",
+                                            rich_help_panel=SWITCHES_PANEL)]
+GpuMemory = Annotated[float, typer.Option(help="Fraction of device memory for vLLM "
+                      "(CPU: of the NUMA node's memory).", rich_help_panel=ENGINE_PANEL)]
+BatchedTokens = Annotated[int | None, typer.Option(help="vLLM max_num_batched_tokens.",
+                                                   rich_help_panel=ENGINE_PANEL)]
+EngineCore = Annotated[str, typer.Option(
+    help="Where vLLM's engine core runs: auto (in this process on a CPU host with one "
+         "worker, where vLLM would reserve a core for a separate one; else vLLM's default), "
+         "process, or inline.", rich_help_panel=ENGINE_PANEL)]
+StoreProbs = Annotated[bool, typer.Option(help="Also store per-token full router "
+                       "distributions (large; small runs only).", rich_help_panel=SWITCHES_PANEL)]
+TrustRemoteCode = Annotated[bool, typer.Option(help="Allow code from the model folder to run.",
+                                               rich_help_panel=SWITCHES_PANEL)]
+# parameter name (an EngineOptions field) -> flag, in --help order
+ENGINE_FLAGS = {
+    "dtype": Dtype, "max_model_len": MaxModelLen, "tensor_parallel_size": TensorParallel,
+    "enforce_eager": EnforceEager, "gpu_memory_utilization": GpuMemory,
+    "max_num_batched_tokens": BatchedTokens, "engine_core": EngineCore,
+    "store_probs": StoreProbs, "trust_remote_code": TrustRemoteCode,
+}
+OPT_IN_FLAGS = ("engine_core", "store_probs")  # flags only where a command names them
+
+
+def engine_flags(**defaults) -> Callable[[Callable], Callable]:
+    """Decorator: add the vLLM engine flags to a command and hand it the ``EngineOptions``
+    they build, as its ``engine`` parameter.
+
+    The command declares a keyword-only ``engine: o.EngineOptions`` (Typer never sees it:
+    the flags take its place in the signature Typer reads, ``__signature__``). A flag defaults to
+    ``EngineOptions``' own default unless ``defaults`` names it; ``--engine-core`` and
+    ``--store-probs`` are flags only in commands that name them (elsewhere ``EngineOptions``'
+    defaults apply)::
+
+        @o.engine_flags(engine_core="auto")    # --engine-core defaults to auto here
+        def compare(checkpoints: ..., *, engine: o.EngineOptions) -> None:
+    """
+    if unknown := sorted(defaults.keys() - ENGINE_FLAGS.keys()):
+        raise TypeError(f"engine_flags: no engine flag named {', '.join(unknown)}")
+    own = {field.name: field.default for field in dataclasses.fields(EngineOptions)}
+    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                               default=defaults.get(name, own[name]))
+             for name, annotation in ENGINE_FLAGS.items()
+             if name in defaults or name not in OPT_IN_FLAGS]
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        if "engine" not in signature.parameters:
+            raise TypeError(f"{command.__name__} needs an 'engine: o.EngineOptions' parameter "
+                            "to take the engine flags")
+        # keyword-only throughout (Typer passes keywords), so that flags, which have
+        # defaults, may stand anywhere
+        parameters = [new for old in signature.parameters.values()
+                      for new in (flags if old.name == "engine"
+                                  else [old.replace(kind=inspect.Parameter.KEYWORD_ONLY)])]
+
+        @functools.wraps(command)
+        def with_engine(**values):
+            engine = EngineOptions(**{flag.name: values.pop(flag.name) for flag in flags})
+            return command(**values, engine=engine)
+
+        with_engine.__signature__ = signature.replace(parameters=parameters)
+        with_engine.__annotations__ = {  # what typing.get_type_hints (Typer) reads
+            **{parameter.name: parameter.annotation for parameter in parameters},
+            "return": signature.return_annotation}
+        return with_engine
+
+    return decorate
 
 
 def parse_part(value: str | None) -> tuple[int, int] | None:

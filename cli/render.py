@@ -49,9 +49,18 @@ def _default(value):
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> Table:
+    """A table whose first column names the rows (group, sample, step), left-aligned, and
+    whose other columns are right-aligned.
+
+    The names are never cut short: on a narrow terminal a name wraps, by characters where
+    it has no spaces (with Rich's default ellipsis ``moepath_arith_a`` and
+    ``moepath_arith_b`` both read ``moepath_…``). Rich narrows the widest column first,
+    so the values keep their width; a value cut short ends in an ellipsis, never folds
+    into what would read as two values."""
     result = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
-        result.add_column(column, justify="left" if i == 0 else "right")
+        result.add_column(column, justify="left" if i == 0 else "right",
+                          overflow="fold" if i == 0 else "ellipsis")
     for row in rows:
         result.add_row(*[fmt(v) for v in row])
     return result

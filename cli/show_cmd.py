@@ -15,7 +15,9 @@ Tokens = Annotated[int, typer.Option(min=0, help="Tokens to list in the per-toke
 
 
 def show(trace_dir: o.TraceDir, sample_id: SampleId, tau: o.Tau = 0.7, tokens: Tokens = 12) -> None:
-    """Show one sample's pathway layer by layer, its consistency profile and token routing."""
+    """Show one sample's pathway, consistency profile and token routing.
+
+    The pathway is listed layer by layer, the routing token by token."""
     from ..tracer import Trace
     from ..tracer.metrics import MetricOptions, degenerate_warning, trace_sample_detail
 

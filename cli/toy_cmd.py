@@ -19,7 +19,9 @@ def toy_model(
     seed: Annotated[int, typer.Option(help="Seed of the weights (one tokenizer for all "
                     "seeds).")] = 0,
 ) -> None:
-    """Build a random-weight MoE checkpoint of a real architecture, with a local tokenizer."""
+    """Build a random-weight MoE checkpoint of a real architecture.
+
+    It comes with a local tokenizer: nothing is downloaded."""
     from ..fixtures.toy import PRESETS, build_toy_model
 
     path = build_toy_model(out, arch=arch, preset=preset, seed=seed)

@@ -11,6 +11,7 @@ from . import options as o
 from . import render
 
 
+@o.engine_flags(engine_core="auto", store_probs=False)
 def trace(
     model: o.Model,
     samples: o.Samples,
@@ -19,24 +20,18 @@ def trace(
     text_field: o.TextField = "text",
     skip_bad_lines: o.SkipBadLines = False,
     limit: o.Limit = None,
-    max_model_len: o.MaxModelLen = None,
     truncate: o.Truncate = False,
     nll: o.Nll = True,
     max_tokens: o.MaxTokens = 0,
-    dtype: o.Dtype = "bfloat16",
-    tensor_parallel_size: o.TensorParallel = 1,
-    enforce_eager: o.EnforceEager = False,
-    gpu_memory_utilization: o.GpuMemory = 0.3,
-    max_num_batched_tokens: o.BatchedTokens = None,
-    engine_core: o.EngineCore = "auto",
-    store_probs: o.StoreProbs = False,
-    trust_remote_code: o.TrustRemoteCode = False,
     batch_size: o.BatchSize = 256,
     part: o.Part = None,
     resume: o.Resume = False,
     force: o.Force = False,
+    *, engine: o.EngineOptions,
 ) -> None:
-    """Trace the expert routing of every sample through MODEL into a trace directory."""
+    """Trace the expert routing of every sample through MODEL.
+
+    Routes go into the trace directory --out, read by merge, metrics and show."""
     from ..patches.engine import TraceOptions, trace_samples
     from ..tracer.samples import SampleReadOptions, read_samples
 
@@ -45,9 +40,6 @@ def trace(
     if (selected := o.parse_part(part)) is not None:
         sample_set = sample_set.take_part(*selected)
     render.skipped_lines(sample_set)
-    engine = o.engine_options(dtype, max_model_len, tensor_parallel_size, enforce_eager,
-                              gpu_memory_utilization, max_num_batched_tokens,
-                              trust_remote_code, store_probs, engine_core)
     trace_options = TraceOptions(truncate=truncate, nll=nll, max_tokens=max_tokens,
                                  batch_size=batch_size)
     render.stderr.print(f"tracing with [bold]{model}[/] (a vLLM engine starts in 20-60 s)")

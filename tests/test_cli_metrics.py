@@ -188,6 +188,20 @@ def test_normalize_changes_only_the_per_layer_distances_as_its_help_says(trace_d
             "are always shown both raw and divided by the longer pathway's length.") in text
 
 
+def test_group_names_sharing_a_prefix_are_shown_whole_at_80_columns(tmp_path):
+    """lm-eval task names such as moepath_arith_a / _b once both read 'moepath_…'."""
+    names = ["moepath_arith_a", "moepath_arith_b"]
+    trace_dir = write_synthetic_trace(tmp_path / "trace", columns={
+        "task": [names[i % 2] for i in range(len(SAMPLES))]})
+    result = moepath("metrics", trace_dir, "--group-by", "task", "--layers")
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    rows = [line.split()[0] for line in result.stdout.splitlines() if "│" in line]
+    assert [row for row in rows if row.startswith("moepath")] == names
+    layer_header = next(line for line in result.stdout.splitlines() if line.startswith("layer"))
+    assert all(name in layer_header for name in names)
+
+
 def test_grouping_by_the_id_column_is_refused(trace_dir):
     result = moepath("metrics", trace_dir, "--group-by", "sample_id")
     assert_one_line_error(result, "cannot group by 'sample_id': every sample would be a group "

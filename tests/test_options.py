@@ -1,11 +1,13 @@
-"""Shared CLI option parsers: what each accepts, and the one-line refusals of the rest."""
+"""Shared CLI options: the parsers (what each accepts, the one-line refusals of the rest) and
+the engine flags declared once."""
 
 from __future__ import annotations
 
 import pytest
 import typer
+from typer.testing import CliRunner
 
-from moepath.cli.options import parse_pairs, parse_part
+from moepath.cli.options import ENGINE_FLAGS, EngineOptions, engine_flags, parse_pairs, parse_part
 from moepath.tracer.distance import ALL_PAIRS
 
 
@@ -42,3 +44,66 @@ def test_skipped_bad_lines_are_counted_on_stderr_in_the_file_s_own_unit(tmp_path
     path.write_text('{"id": "a", "text": "x"}\nnot json\n{"id": "b", "text": "y"}\n{"id": 3\n')
     render.skipped_lines(read_samples(path, SampleReadOptions(skip_bad_lines=True)))
     assert capsys.readouterr().err.strip() == "skipped 2 bad line(s) (first: line 2)"
+
+
+# --- the engine flags, declared once in cli/options.py ---------------------------------------
+
+ENGINE_DEFAULTS = {"dtype": "bfloat16", "max_model_len": None, "tensor_parallel_size": 1,
+                   "enforce_eager": False, "gpu_memory_utilization": 0.3,
+                   "max_num_batched_tokens": None, "trust_remote_code": False}
+
+
+@pytest.mark.parametrize(("command", "own_defaults"), [
+    ("trace_cmd.trace", {"engine_core": "auto", "store_probs": False}),
+    ("compare_cmd.compare", {"engine_core": "auto"}),
+    ("eval_cmd.eval_", {}),  # engine core: EngineOptions' "process"; no --store-probs
+])
+def test_each_command_keeps_its_engine_flags_and_defaults(command, own_defaults):
+    import importlib
+    import inspect
+
+    module, name = command.split(".")
+    parameters = inspect.signature(
+        getattr(importlib.import_module(f"moepath.cli.{module}"), name)).parameters
+    assert "engine" not in parameters
+    shown = {flag: parameters[flag].default for flag in ENGINE_FLAGS if flag in parameters}
+    assert shown == {**ENGINE_DEFAULTS, **own_defaults}
+
+
+def test_engine_flags_hand_the_command_the_options_they_build():
+    app, seen = typer.Typer(), []
+
+    @app.command()
+    @engine_flags(engine_core="auto")
+    def run(name: str, *, engine: EngineOptions) -> None:
+        seen.append((name, engine))
+
+    result = CliRunner().invoke(app, ["x", "--dtype", "float32", "-tp", "2",
+                                      "--trust-remote-code", "--max-model-len", "512"])
+    assert result.exit_code == 0, result.output
+    assert seen == [("x", EngineOptions(dtype="float32", tensor_parallel_size=2,
+                                        trust_remote_code=True, max_model_len=512,
+                                        engine_core="auto"))]
+    assert CliRunner().invoke(app, ["y"]).exit_code == 0
+    assert seen[-1] == ("y", EngineOptions(engine_core="auto"))
+
+
+def test_engine_core_and_store_probs_are_flags_only_where_named():
+    app, seen = typer.Typer(), []
+
+    @app.command()
+    @engine_flags()
+    def run(*, engine: EngineOptions) -> None:
+        seen.append(engine)
+
+    assert CliRunner().invoke(app, []).exit_code == 0
+    assert seen == [EngineOptions()]
+    for flag in ("--engine-core", "--store-probs"):
+        assert CliRunner().invoke(app, [flag]).exit_code == 2  # no such option
+
+
+def test_engine_flags_refuse_an_unknown_flag_and_a_command_without_engine():
+    with pytest.raises(TypeError, match="no engine flag named seed"):
+        engine_flags(seed=1)
+    with pytest.raises(TypeError, match="needs an 'engine: o.EngineOptions' parameter"):
+        engine_flags()(lambda name: None)
