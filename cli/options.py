@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..patches.engine import EngineOptions
+from ..patches.options import EngineOptions
 
 Model = Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder of an MoE model.")]
 Samples = Annotated[Path, typer.Option("--samples", "-s",

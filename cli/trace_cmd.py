@@ -37,7 +37,8 @@ def trace(
     force: o.Force = False,
 ) -> None:
     """Trace the expert routing of every sample through MODEL into a trace directory."""
-    from ..patches.engine import TraceOptions, trace_samples
+    from ..patches.engine import trace_samples
+    from ..patches.options import TraceOptions
     from ..tracer.samples import SampleReadOptions, read_samples
 
     sample_set = read_samples(samples, SampleReadOptions(

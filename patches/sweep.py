@@ -21,16 +21,15 @@ from ..tracer import checkpoints, provenance, store
 from ..tracer.errors import CaptureError, TraceFormatError
 from ..tracer.samples import SampleSet
 from .engine import (
-    EngineOptions,
     TracedEngine,
     TraceJob,
-    TraceOptions,
     TraceSummary,
     max_prompt_len,
     recorded_options,
     tokenize_samples,
     with_max_len,
 )
+from .options import EngineOptions, TraceOptions
 
 
 @dataclass(frozen=True)
