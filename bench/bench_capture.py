@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from moepath.patches import hook
-from moepath.patches.capture import StepRecorder
+from moepath.patches.recorder import StepRecorder
 from moepath.patches.settings import REQUEST_ID_KEY, CaptureSettings
 from moepath.tracer import store
 

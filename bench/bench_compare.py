@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from moepath.fixtures.toy import build_toy_model, corpus
-    from moepath.patches.engine import EngineOptions
+    from moepath.patches.options import EngineOptions
     from moepath.patches.sweep import trace_checkpoints
     from moepath.tracer.samples import Sample, SampleSet
 

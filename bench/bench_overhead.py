@@ -195,7 +195,7 @@ def main() -> None:
 
     from vllm.inputs import TokensPrompt
 
-    from moepath.patches.engine import EngineOptions
+    from moepath.patches.options import EngineOptions
 
     model = toy(args.preset)
     length, max_tokens = (16, 128) if args.decode else (args.tokens, 1)

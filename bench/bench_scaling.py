@@ -31,7 +31,8 @@ def trace_point(engine, model: Path, batch: list[list[int]], out: Path, options,
     """Tokens/s of tracing ``batch`` (token-id prompts) into ``out`` on ``engine``: the
     driver's whole path, ``batch_size`` samples per committed batch, per-sample NLL
     (prompt log-probs) when ``nll``."""
-    from moepath.patches.engine import Tokenized, TraceJob, TraceOptions
+    from moepath.patches.engine import Tokenized, TraceJob
+    from moepath.patches.options import TraceOptions
     from moepath.tracer import store
     from moepath.tracer.samples import Sample, SampleSet
 
@@ -57,7 +58,8 @@ def main() -> None:
     parser.add_argument("--engine-core", choices=["auto", "process", "inline"], default="auto")
     args = parser.parse_args()
 
-    from moepath.patches.engine import EngineOptions, TracedEngine
+    from moepath.patches.engine import TracedEngine
+    from moepath.patches.options import EngineOptions
 
     model = toy(args.preset)
     # the benchmark's files, removed when this function returns

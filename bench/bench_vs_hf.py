@@ -59,7 +59,8 @@ def moepath_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: str,
     """(tokens/s of the trace driver's whole path after a warm-up trace, engine start in s)."""
     from bench_scaling import trace_point
 
-    from moepath.patches.engine import EngineOptions, TracedEngine, TraceOptions
+    from moepath.patches.engine import TracedEngine
+    from moepath.patches.options import EngineOptions, TraceOptions
 
     options = EngineOptions(max_model_len=512, dtype=dtype, engine_core=engine_core)
     # the benchmark's files, removed when this function returns
@@ -80,7 +81,7 @@ def untraced_vllm_tokens_per_s(model_path: Path, batch: list[list[int]], dtype: 
     ``vllm.LLM`` started with the options the traced engine gets, after a warm-up call."""
     from bench_overhead import start_engines, stop, timed_call
 
-    from moepath.patches.engine import EngineOptions
+    from moepath.patches.options import EngineOptions
 
     options = EngineOptions(max_model_len=512, dtype=dtype, engine_core=engine_core)
     options.place_engine_core()  # as the traced engine was placed

@@ -57,7 +57,7 @@ def compare(
     *, engine: o.EngineOptions,
 ) -> None:
     """Serve checkpoints in turn on the same samples; report metrics, memorisation, correlations."""
-    from ..patches.engine import TraceOptions
+    from ..patches.options import TraceOptions
     from ..tracer.compare import CompareOptions
     from ..tracer.metrics import MetricOptions
     from ..tracer.samples import SampleReadOptions

@@ -30,7 +30,7 @@ def demo(
     Checkpoints are traced in float32; metrics cover the memorised samples and are
     correlated with held-out accuracy from the memorisation step on."""
     from ..fixtures import testbed
-    from ..patches.engine import EngineOptions, TraceOptions
+    from ..patches.options import EngineOptions, TraceOptions
     from ..tracer.samples import SampleReadOptions
 
     config = testbed.SMOKE if smoke else testbed.DEFAULT

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 # the one import of EngineOptions in cli/ (commands name it o.EngineOptions)
-from ..patches.engine import EngineOptions
+from ..patches.options import EngineOptions
 
 # --help panels besides Typer's "Options": on/off flags (their --no- forms would squeeze
 # the help text of every option into a narrow column at 80 columns), and the engine's

@@ -32,7 +32,8 @@ def trace(
     """Trace the expert routing of every sample through MODEL.
 
     Routes go into the trace directory --out, read by merge, metrics and show."""
-    from ..patches.engine import TraceOptions, trace_samples
+    from ..patches.engine import trace_samples
+    from ..patches.options import TraceOptions
     from ..tracer.samples import SampleReadOptions, read_samples
 
     sample_set = read_samples(samples, SampleReadOptions(

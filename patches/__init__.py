@@ -12,7 +12,7 @@ Patch register (vLLM 0.32.0; versions checked in ``compat.py``):
 
 | symbol | file | why | how | removal |
 |---|---|---|---|---|
-| ``Worker.load_model`` | v1/worker/gpu_worker.py (CPUWorker inherits) | the only per-engine point after the model is built and before it is compiled; also the first point in every CPU worker to request AMX tile permission, which vLLM 0.32's bf16 AMX attention needs and never requests (SIGILL otherwise), and to track models under zentorch, whose process-wide weight cache must not meet a freed model's addresses (``zentorch_cache.py``) | wrapper: requests AMX permission (CPU), calls the original, tracks the model under zentorch, then ``capture.install`` if traced | post-load hook: when vLLM offers one; AMX: when vLLM requests the permission itself; zentorch: when its cache no longer outlives the buffers it names |
+| ``Worker.load_model`` | v1/worker/gpu_worker.py (CPUWorker inherits) | the only per-engine point after the model is built and before it is compiled; also the first point in every CPU worker to request AMX tile permission, which vLLM 0.32's bf16 AMX attention needs and never requests (SIGILL otherwise), and to track models under zentorch, whose process-wide weight cache must not meet a freed model's addresses (``zentorch_cache.py``) | wrapper: requests AMX permission (CPU), calls the original, tracks the model under zentorch, then ``installation.install`` if traced | post-load hook: when vLLM offers one; AMX: when vLLM requests the permission itself; zentorch: when its cache no longer outlives the buffers it names |
 | ``FusedMoERouter.select_experts`` | model_executor/layers/fused_moe/router/fused_moe_router.py | sole caller site of routing on every modular MoE path; sees logits, weights, logical ids (vLLM's ``set_capture_fn`` gives ids only) | class-level wrapper, installed only in traced workers: calls the original, then writes ids, weights and the scored logits into preallocated buffers (``hook.py``) | when a router capture callback passes logits and weights |
 | ``GPUModelRunner.execute_model`` (instance) | v1/worker/gpu_model_runner.py (CPUModelRunner inherits) | batch layout (req_ids, query_start_loc, positions, the device copy of input_ids) is final after the forward | instance-level wrapper on traced workers: finished ids on entry, row mapping after the forward | with the above |
 | ``Worker.shutdown`` (instance, server mode only) | v1/worker/gpu_worker.py | commit the last shards and mark the trace complete when the server stops | instance-level wrapper | — |
@@ -21,7 +21,8 @@ Patch register (vLLM 0.32.0; versions checked in ``compat.py``):
 
 CUDA: vLLM 0.32 defaults to the V2 model runner there, which this capture does
 not wrap; traced engines are started with ``VLLM_USE_V2_MODEL_RUNNER=0`` (see
-``engine.py``), and ``install`` refuses a runner without V1 batch state.
+``EngineOptions.prepare_environment`` in ``options.py``), and a runner without V1
+batch state is refused at load.
 """
 
 from __future__ import annotations
@@ -78,16 +79,16 @@ def _request_amx_permission() -> None:
 
 
 def _enable_capture(worker, settings) -> None:
-    from . import capture, compat
+    from . import compat, inspection, installation
 
     compat.check_version()
     if not hasattr(worker.model_runner, "input_batch"):
-        raise capture.UnsupportedModelError(
+        raise inspection.UnsupportedModelError(
             "moepath: this model runner has no V1 batch state (V2 runner?); start the engine "
             "with VLLM_USE_V2_MODEL_RUNNER=0 to trace")
     from . import reload
 
-    routing, recorder = capture.install(worker, settings)
+    routing, recorder = installation.install(worker, settings)
 
     def describe() -> dict:
         """The manifest's model fields this worker knows (routing, whether it writes, why
@@ -120,16 +121,16 @@ def _commit_from_worker(worker, settings, recorder, describe) -> None:
     them to a driver.
     """
     from ..tracer.manifest import ModelInfo
-    from . import capture
+    from . import inspection
     from .committer import ManifestCommitter
 
     config = worker.vllm_config
     if config.cache_config.enable_prefix_caching:
-        raise capture.UnsupportedModelError(
+        raise inspection.UnsupportedModelError(
             "moepath: server-mode tracing needs every prompt token computed; start the server "
             "with --no-enable-prefix-caching")
     if config.parallel_config.data_parallel_size > 1:
-        raise capture.UnsupportedModelError(
+        raise inspection.UnsupportedModelError(
             "moepath: with data parallelism every data-parallel rank would commit its own "
             "manifest into one trace directory, each dropping the others' shards; serve "
             "traced with --data-parallel-size 1 (one server per trace directory)")

@@ -3,16 +3,16 @@
 The driver writes the trace through a :class:`~..tracer.writer.TraceWriter`. It
 feeds samples in batches; after each batch it asks the workers to flush
 (``collective_rpc``), checks that every sample of the batch was recorded, and
-commits the batch's routing shards and samples rows together. A run killed at any point resumes from the last
-commit with ``resume=True``: committed samples are skipped, uncommitted shards
-removed, so every sample ends up in the trace exactly once.
+commits the batch's routing shards and samples rows together. A run killed at
+any point resumes from the last commit with ``resume=True``: committed samples
+are skipped, uncommitted shards removed, so every sample ends up in the trace
+exactly once.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -27,99 +27,8 @@ from ..tracer.manifest import Manifest, ModelInfo
 from ..tracer.provenance import input_section
 from ..tracer.samples import SampleSet, sample_table
 from ..tracer.writer import TraceWriter
-from .settings import CONFIG_KEY, REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
-
-ENGINE_CORE_CHOICES = ("process", "inline", "auto")
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How the traced vLLM engine is started.
-
-    ``engine_core`` defaults to vLLM's own process layout; ``"auto"`` (what
-    ``moepath trace``, ``compare`` and ``demo`` pass) runs the engine core inline
-    on a CPU host, which traces 1.5-1.8x faster on 2 cores (:meth:`engine_core_inline`).
-    """
-
-    dtype: str = "bfloat16"
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = False
-    gpu_memory_utilization: float = 0.3
-    max_num_batched_tokens: int | None = None
-    trust_remote_code: bool = False
-    seed: int = 0
-    store_probs: bool = False
-    num_kv_blocks: int | None = None  # override the KV cache size (tests force preemption)
-    engine_core: str = "process"  # "process" (vLLM's default), "inline" or "auto": see below
-
-    def __post_init__(self):
-        if self.engine_core not in ENGINE_CORE_CHOICES:
-            raise InputError(f"engine core (--engine-core) must be one of "
-                             f"{', '.join(ENGINE_CORE_CHOICES)}, not {self.engine_core!r}")
-
-    def engine_core_inline(self) -> bool:
-        """Whether vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
-
-        ``"auto"`` chooses inline on a CPU host with one worker, unless the user set
-        ``VLLM_ENABLE_V1_MULTIPROCESSING`` or ``VLLM_CPU_OMP_THREADS_BIND`` (vLLM's own
-        process layout and thread binding then apply). Offline tracing drives the
-        engine synchronously, so a separate engine-core process does no useful work
-        in parallel, yet vLLM reserves a CPU core for it: on a 2-core host the model
-        then runs on one core (bench/README.md: inline traces 1.5-1.8x faster there).
-        """
-        if self.engine_core != "auto":
-            return self.engine_core == "inline"
-        if self.tensor_parallel_size > 1 or os.environ.keys() & {
-                "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"}:
-            return False
-        import torch
-
-        return not torch.cuda.is_available()
-
-    def place_engine_core(self) -> None:
-        """Put vLLM's engine core where :meth:`engine_core_inline` says, for every engine
-        this process starts from now on (vLLM reads the variable once per process)."""
-        if self.engine_core_inline():
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
-    def llm_kwargs(self, model: str, settings: CaptureSettings | None) -> dict:
-        """``vllm.LLM`` keyword arguments; ``settings=None`` gives the untraced twin."""
-        kwargs = {
-            "model": model,
-            "dtype": self.dtype,
-            "tensor_parallel_size": self.tensor_parallel_size,
-            "enforce_eager": self.enforce_eager,
-            "gpu_memory_utilization": self.gpu_memory_utilization,
-            "trust_remote_code": self.trust_remote_code,
-            "seed": self.seed,
-        }
-        if settings is not None:
-            kwargs["additional_config"] = {CONFIG_KEY: settings.as_dict()}
-            # async scheduling (vLLM's default on CUDA) decodes a request once more after
-            # it sampled its stop token; the capture refuses it (off on CPU anyway)
-            kwargs["async_scheduling"] = False
-        if self.max_model_len:
-            kwargs["max_model_len"] = self.max_model_len
-        if self.max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
-        if self.num_kv_blocks:
-            kwargs["num_gpu_blocks_override"] = self.num_kv_blocks
-        return kwargs
-
-
-@dataclass(frozen=True)
-class TraceOptions:
-    """What ``moepath trace`` records (engine options apart)."""
-
-    truncate: bool = False
-    nll: bool = True
-    max_tokens: int = 0
-    batch_size: int = 256  # samples per committed batch, >= 1
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, not {self.batch_size}")
+from .options import EngineOptions, TraceOptions
+from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
 
 
 def tag(params, sample_id: str, meta: dict | None = None):
@@ -158,9 +67,7 @@ class TracedEngine:
         from vllm import LLM
 
         options = options or EngineOptions()
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # capture wraps the V1 runner
-        options.place_engine_core()
-        bind_cpu_threads(options.tensor_parallel_size)
+        options.prepare_environment()
         self.settings = CaptureSettings(dir=str(trace_dir), trace_all=trace_all,
                                         store_probs=options.store_probs, commit=commit,
                                         flush_interval_s=1.0).with_run()
@@ -267,28 +174,6 @@ class TracedEngine:
         self.close()
 
 
-def bind_cpu_threads(tensor_parallel_size: int) -> None:
-    """CPU tensor parallelism: give each rank its own cores unless the user chose.
-
-    vLLM's automatic binding asserts on a single-NUMA-node host ("Not enough
-    allowed NUMA nodes to bind threads of 2 local CPUWorkers", vLLM 0.32's
-    ``utils/ompmultiprocessing.py``); an explicit ``VLLM_CPU_OMP_THREADS_BIND`` such as
-    ``0|1``, what this function sets, works (``tests/test_faults.py`` runs TP=2 with it).
-    """
-    if tensor_parallel_size <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        return
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    cores = sorted(os.sched_getaffinity(0))
-    per_rank = max(1, len(cores) // tensor_parallel_size)
-    groups = [cores[i * per_rank:(i + 1) * per_rank] or cores[-1:]
-              for i in range(tensor_parallel_size)]
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-        f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
-
-
 @dataclass
 class Tokenized:
     sample_id: str
@@ -360,8 +245,8 @@ ProgressFn = Callable[[int, int], None]  # (samples done in this run, their prom
 
 
 def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
-                  engine_options: EngineOptions = EngineOptions(),
-                  options: TraceOptions = TraceOptions(), resume: bool = False,
+                  engine_options: EngineOptions = EngineOptions(),  # noqa: B008 (frozen)
+                  options: TraceOptions = TraceOptions(), resume: bool = False,  # noqa: B008
                   force: bool = False, on_start: Callable[[int, int], None] | None = None,
                   on_progress: ProgressFn | None = None) -> TraceSummary:
     """Trace every sample of ``sample_set`` through ``model`` into the trace directory ``out``.

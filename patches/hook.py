@@ -9,7 +9,7 @@ graph code that inductor fuses into the router's kernels (see :func:`record`).
 The hook also scores each layer's router distribution (softmax or sigmoid)
 while the logits are still in cache: scoring them after the step from a
 buffer cost more (bench/HISTORY.md, "Prefill: scoring in the hook"). After the
-step, ``capture.StepRecorder`` reads rows ``[:num_tokens]``.
+step, ``recorder.StepRecorder`` reads rows ``[:num_tokens]``.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ from lm_eval.tasks import TaskManager
 from ..tracer import checkpoints, scores, store
 from ..tracer.errors import CaptureError, InputError
 from ..tracer.writer import TraceWriter
-from .engine import EngineOptions, bind_cpu_threads, tag
+from .engine import tag
+from .options import EngineOptions, bind_cpu_threads
 from .settings import CONFIG_KEY, CaptureSettings
 
 BACKEND = "moepath-vllm"
@@ -175,7 +176,7 @@ class MoepathVLLM(_upstream.VLLM):
         self._traced_ids: set[str] = set()
         self._tag_source: Iterator[RequestTag] | None = None
         self._pending: dict[tuple[int, ...], deque[RequestTag]] = {}
-        kwargs.setdefault("async_scheduling", False)  # the capture refuses it (see capture.py)
+        kwargs.setdefault("async_scheduling", False)  # the capture refuses it (see inspection.py)
         super().__init__(pretrained, additional_config=additional, enable_prefix_caching=False,
                          **kwargs)
         atexit.register(self.close)

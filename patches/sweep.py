@@ -23,16 +23,15 @@ from ..tracer.manifest import COMPLETE, Manifest
 from ..tracer.samples import SampleSet
 from ..tracer.writer import TraceWriter
 from .engine import (
-    EngineOptions,
     TracedEngine,
     TraceJob,
-    TraceOptions,
     TraceSummary,
     max_prompt_len,
     recorded_options,
     tokenize_samples,
     with_max_len,
 )
+from .options import EngineOptions, TraceOptions
 
 
 @dataclass(frozen=True)

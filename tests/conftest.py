@@ -107,7 +107,8 @@ def samples_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def olmoe_trace(toy_olmoe, samples_file, tmp_path_factory) -> Path:
     """The standard samples traced through the tiny OLMoE toy: compiled, bf16, defaults."""
-    from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
+    from moepath.patches.engine import trace_samples
+    from moepath.patches.options import EngineOptions, TraceOptions
     from moepath.tracer.samples import SampleReadOptions, read_samples
 
     out = tmp_path_factory.mktemp("traces") / "olmoe"
@@ -159,7 +160,8 @@ class EngineClient:
 @pytest.fixture(scope="session")
 def chunked_engine(toy_olmoe, tmp_path_factory):
     """Eager bf16 engine with 64-token prefill chunks, shared by the batching tests."""
-    from moepath.patches.engine import EngineOptions, TracedEngine
+    from moepath.patches.engine import TracedEngine
+    from moepath.patches.options import EngineOptions
 
     out = tmp_path_factory.mktemp("engine")
     options = EngineOptions(enforce_eager=True, max_model_len=512, max_num_batched_tokens=64,

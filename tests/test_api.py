@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import TEST_MEMORY
 
-from moepath.patches.engine import EngineOptions, TracedEngine, tag
+from moepath.patches.engine import TracedEngine, tag
+from moepath.patches.options import EngineOptions
 from moepath.tracer import Trace
 
 pytestmark = pytest.mark.vllm

@@ -96,7 +96,8 @@ def test_bf16_compiled_trace_matches_hf_float32_forward(olmoe_trace, toy_olmoe):
 def test_float32_trace_matches_hf_exactly(arch, eager, toy_factory, samples_file, tmp_path):
     """Top-k ids and gate weights, prompt-mean distributions, NLL and (--store-probs)
     every token's full distribution, stored as float16, against an HF float32 forward."""
-    from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
+    from moepath.patches.engine import trace_samples
+    from moepath.patches.options import EngineOptions, TraceOptions
     from moepath.tracer.samples import SampleReadOptions, read_samples
 
     model = toy_factory(arch)

@@ -101,7 +101,7 @@ def test_a_data_parallel_server_is_refused_before_any_rank_commits(tmp_path):
     from types import SimpleNamespace as NS
 
     from moepath.patches import _commit_from_worker
-    from moepath.patches.capture import UnsupportedModelError
+    from moepath.patches.inspection import UnsupportedModelError
 
     worker = NS(vllm_config=NS(cache_config=NS(enable_prefix_caching=False),
                                parallel_config=NS(data_parallel_size=2)))

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from conftest import TEST_MEMORY, write_jsonl
 
-from moepath.patches.engine import EngineOptions, TracedEngine, TraceOptions, trace_samples
+from moepath.patches.engine import TracedEngine, trace_samples
+from moepath.patches.options import EngineOptions, TraceOptions
 from moepath.tracer import Trace, checkpoints, store
 from moepath.tracer.errors import CaptureError, InputError
 from moepath.tracer.samples import read_samples

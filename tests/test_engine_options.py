@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from test_cli_trace import assert_one_line_error, moepath
 
-from moepath.patches.engine import EngineOptions, TraceOptions, max_prompt_len
+from moepath.patches.engine import max_prompt_len
+from moepath.patches.options import EngineOptions, TraceOptions
 from moepath.tracer.errors import InputError
 
 

@@ -71,7 +71,8 @@ def test_tensor_parallel_2_writes_one_trace_equal_to_tp1(olmoe_trace, toy_olmoe,
                                                          tmp_path):
     """CPU TP=2 (one core per rank): only rank 0 writes; routing equals TP=1 (compiled), bf16
     near-ties aside."""
-    from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
+    from moepath.patches.engine import trace_samples
+    from moepath.patches.options import EngineOptions, TraceOptions
     from moepath.tracer.samples import SampleReadOptions, read_samples
 
     source = Trace.open(olmoe_trace)
@@ -97,7 +98,8 @@ def test_preempted_and_recomputed_requests_equal_the_same_requests_alone(toy_olm
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from moepath.patches.engine import EngineOptions, TracedEngine, tag
+    from moepath.patches.engine import TracedEngine, tag
+    from moepath.patches.options import EngineOptions
 
     rng = np.random.default_rng(9)
     prompts = {f"p{i}": rng.integers(3, 500, size=100).tolist() for i in range(12)}

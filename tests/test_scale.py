@@ -21,7 +21,8 @@ N = 5000
 
 
 def test_5000_samples_are_traced_completely_each_exactly_once(toy_olmoe, tmp_path):
-    from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
+    from moepath.patches.engine import trace_samples
+    from moepath.patches.options import EngineOptions, TraceOptions
     from moepath.tracer.samples import SampleReadOptions, read_samples
 
     lines = corpus(N, seed=5)

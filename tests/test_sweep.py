@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import TEST_MEMORY, files_of, write_jsonl
 
-from moepath.patches.engine import EngineOptions, TraceOptions, trace_samples
+from moepath.patches.engine import trace_samples
+from moepath.patches.options import EngineOptions, TraceOptions
 from moepath.patches.sweep import trace_checkpoints
 from moepath.tracer import Trace
 from moepath.tracer.errors import InputError

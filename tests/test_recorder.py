@@ -1,4 +1,4 @@
-"""Per-request capture state without an engine: stitching, preemption, gaps, failures."""
+"""The step recorder without an engine: row mapping, stitching, preemption, gaps, failures."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from moepath.patches.capture import RequestAccumulator, StepRecorder, _Chunk, step_layout
+from moepath.patches.recorder import RequestAccumulator, StepRecorder, _Chunk, step_layout
 from moepath.patches.settings import CaptureSettings
 
 L, K, E = 2, 2, 4
-# what StepRecorder reads of capture.ModelRouting
+# what StepRecorder reads of inspection.ModelRouting
 ROUTING = SimpleNamespace(layers=[None] * L, top_k=K, num_experts=E,
                           config={"scoring_func": "softmax"})
 LAYOUT = step_layout(L, K, E, store_probs=False)
@@ -136,15 +136,6 @@ def test_the_drivers_flush_finishes_requests_vllm_has_not_yet_reported_finished(
     assert report["requests_recorded"] == 1 and recorder.active == {}
     recorder.on_finished(["r1"])  # vLLM's late report changes nothing
     assert len(sink.records) == 1
-
-
-def test_capture_settings_are_validated_where_the_engine_reads_them():
-    with pytest.raises(ValueError, match="needs 'dir'"):
-        CaptureSettings.parse({"trace_all": True})
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['dirr'\]"):
-        CaptureSettings.parse({"dirr": "x"})
-    settings = CaptureSettings.parse({"dir": "x"})
-    assert len(settings.run) == 8 and settings.shard_tokens == 65_536
 
 
 class FakeRunner:
@@ -338,9 +329,10 @@ def test_a_request_preempted_mid_decode_keeps_the_rows_of_its_recomputation():
 
 
 def test_a_long_decode_run_hands_its_rows_over_in_bounded_pieces(monkeypatch):
-    from moepath.patches import capture, hook
+    from moepath.patches import hook
+    from moepath.patches import recorder as recorder_module
 
-    monkeypatch.setattr(capture, "MAX_RUN_STEPS", 2)
+    monkeypatch.setattr(recorder_module, "MAX_RUN_STEPS", 2)
     hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
     sink = ListSink()
     recorder = StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=sink)
@@ -483,222 +475,16 @@ def test_a_step_with_prompt_rows_whose_scoring_was_skipped_is_an_error_not_a_wro
         runner.step(recorder, {"a": [0, 1, 2, 3, 4]}, scores_written=False)
 
 
-def inspect_one_layer(quant_method, moe_config=None, use_ubatching=False,
-                      pipeline_parallel_size=1, async_scheduling=False, ec_transfer_config=None):
-    """``inspect_model`` of a model with one MoE layer: the real runner class with
-    ``quant_method`` and ``moe_config`` set and no kernel built, in an engine
-    configured by the other arguments (vLLM's names)."""
-    from types import SimpleNamespace as NS
-
-    import torch
-
-    from moepath.patches import compat
-    from moepath.patches.capture import inspect_model
-
-    runner_cls = compat.moe_runner_class()
-    runner = runner_cls.__new__(runner_cls)
-    torch.nn.Module.__init__(runner)
-    runner.routed_experts = NS(quant_method=quant_method)
-    runner.moe_config = moe_config
-    model = torch.nn.Module()
-    model.layers = torch.nn.ModuleList([torch.nn.Module()])
-    model.layers[0].experts = runner
-    return inspect_model(model, NS(
-        speculative_config=None, ec_transfer_config=ec_transfer_config,
-        parallel_config=NS(use_ubatching=use_ubatching,
-                           pipeline_parallel_size=pipeline_parallel_size),
-        scheduler_config=NS(async_scheduling=async_scheduling)))
-
-
-def test_a_moe_kernel_that_routes_internally_is_refused_naming_the_layer_and_the_fix():
-    """Monolithic kernels (e.g. TRT-LLM on CUDA, zentorch on CPU) never call the router
-    hook; tracing them would give an empty trace, so the engine refuses at load."""
-    from types import SimpleNamespace as NS
-
-    from moepath.patches.capture import UnsupportedModelError
-
-    with pytest.raises(UnsupportedModelError, match=(
-            r"MoE layer 'layers.0.experts' uses a monolithic kernel that routes internally.*"
-            r"choose a modular kernel with --moe-backend")):
-        inspect_one_layer(NS(is_monolithic=True))
-
-
-@pytest.mark.parametrize("parallel", ["data", "sequence", "context"])
-def test_a_router_that_sees_other_ranks_tokens_is_refused(parallel):
-    """vLLM's naive dispatch gathers every data- or sequence-parallel rank's tokens, and
-    context parallelism all-gathers them, before the router: its rows would not be
-    this rank's requests, so the engine refuses at load."""
-    from types import SimpleNamespace as NS
-
-    from moepath.patches.capture import UnsupportedModelError
-
-    config = NS(dp_size=2 if parallel == "data" else 1, is_sequence_parallel=parallel == "sequence",
-                pcp_size=2 if parallel == "context" else 1,
-                moe_parallel_config=NS(use_all2all_kernels=False))
-    with pytest.raises(UnsupportedModelError, match=(
-            r"MoE layer 'layers.0.experts' gathers the tokens of all data-, sequence- or "
-            r"context-parallel ranks before routing.*--all2all-backend")):
-        inspect_one_layer(NS(is_monolithic=False, supports_internal_mk=False), config)
-
-
-def test_a_sequence_parallel_moe_layer_is_refused():
-    """With expert parallelism and tensor- and data-parallel sizes above 1, vLLM splits
-    each step's tokens over the tensor-parallel ranks before the router (all-to-all
-    kernels, no naive gather): the writing rank would see only its share."""
-    from types import SimpleNamespace as NS
-
-    from moepath.patches.capture import UnsupportedModelError
-
-    config = NS(dp_size=2, is_sequence_parallel=True, pcp_size=1,
-                moe_parallel_config=NS(use_all2all_kernels=True))
-    with pytest.raises(UnsupportedModelError, match=(
-            r"MoE layer 'layers.0.experts' is sequence parallel.*each tensor-parallel rank "
-            r"routes only its share.*--tensor-parallel-size 1")):
-        inspect_one_layer(NS(is_monolithic=False, supports_internal_mk=True), config)
-
-
-@pytest.mark.parametrize(("engine", "message"), [
-    ({"use_ubatching": True}, "without --enable-dbo"),
-    ({"pipeline_parallel_size": 2}, "with --pipeline-parallel-size 1"),
-    ({"async_scheduling": True}, "one more decode step of a request that sampled its stop "
-                                 "token.*--no-async-scheduling"),
-    ({"ec_transfer_config": SimpleNamespace(is_encode_only=True)},
-     "runs no language-model forward"),
-])
-def test_engine_setups_whose_steps_cannot_be_mapped_are_refused(engine, message):
-    from types import SimpleNamespace as NS
-
-    from moepath.patches.capture import UnsupportedModelError
-
-    with pytest.raises(UnsupportedModelError, match=message):
-        inspect_one_layer(NS(is_monolithic=False), **engine)
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_the_hook_writes_rows_of_this_step_only_eager_and_under_torch_compile(compiled):
-    """vLLM compiles the router on CPU with fullgraph=True; the hook's writes then are
-    graph code on the layer's own views of the buffers, rows [:n] only."""
-    import torch
-
-    from moepath.patches import hook
-
-    hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
-    hook.BUFFERS.gate_weights.fill_(-1.0)  # rows of earlier steps
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn((5, E + 2), generator=generator)  # 2 fused shared-expert columns
-    weights, ids = torch.topk(logits[:, :E].softmax(-1), K)
-
-    def layer_forward(logits, weights, ids):
-        hook.record(1, E, logits, weights, ids.to(torch.int32))
-        return weights * 2
-
-    if compiled:
-        layer_forward = torch.compile(layer_forward, backend="aot_eager", fullgraph=True)
-    layer_forward(logits, weights, ids)
-
-    buffers = hook.BUFFERS
-    assert torch.equal(buffers.expert_ids[:5, 1], ids.to(torch.int32))
-    assert torch.equal(buffers.gate_weights[:5, 1], weights)
-    torch.testing.assert_close(buffers.router_scores[1, :5], logits[:, :E].softmax(-1))
-    assert (buffers.gate_weights[5:] == -1).all() and (buffers.gate_weights[:, 0] == -1).all()
-    assert not buffers.router_scores[:, 5:].any() and not buffers.router_scores[0].any()
-
-
-@pytest.mark.parametrize("sigmoid", [False, True])
-def test_the_hook_scores_bfloat16_logits_in_float32_with_the_models_scoring(sigmoid):
-    """vLLM's CPU router hands bf16 logits over; transformers scores them in float32.
-    A sigmoid router's selection bias (DeepSeek-V3 style) is part of its scores."""
-    import torch
-
-    from moepath.patches import hook
-
-    hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu", sigmoid=sigmoid)
-    generator = torch.Generator().manual_seed(3)
-    logits = torch.randn((3, E), generator=generator).bfloat16()
-    weights, ids = torch.topk(logits.float().softmax(-1), K)
-    hook.record(0, E, logits, weights, ids.to(torch.int32))
-    wanted = logits.float().sigmoid() if sigmoid else logits.float().softmax(-1)
-    assert torch.equal(hook.BUFFERS.router_scores[0, :3], wanted)
-    if sigmoid:
-        bias = torch.randn(E, generator=generator) * 0.1
-        hook.record(1, E, logits, weights, ids.to(torch.int32), bias)
-        assert torch.equal(hook.BUFFERS.router_scores[1, :3], wanted + bias)
-
-
-def test_a_step_that_wants_no_scores_still_records_ids_and_weights(monkeypatch):
-    import torch
-
-    from moepath.patches import hook
-
-    hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
-    monkeypatch.setattr(hook, "SCORES_WANTED", False)
-    logits = torch.randn((4, E))
-    weights, ids = torch.topk(logits.softmax(-1), K)
-    hook.record(1, E, logits, weights, ids.to(torch.int32))
-    assert torch.equal(hook.BUFFERS.expert_ids[:4, 1], ids.to(torch.int32))
-    assert torch.equal(hook.BUFFERS.gate_weights[:4, 1], weights)
-    assert not hook.BUFFERS.router_scores.any()
-
-
-def test_steps_of_changing_size_write_their_own_rows_through_the_cached_views(monkeypatch):
-    import torch
-
-    from moepath.patches import hook
-
-    monkeypatch.setattr(hook, "MAX_CACHED_VIEWS", 2)  # the cache also overflows
-    hook.BUFFERS = hook.CaptureBuffers.allocate(8, L, K, E, "cpu")
-    for step, n in enumerate((5, 3, 5, 2)):
-        ids = torch.full((n, K), step, dtype=torch.int32)
-        for slot in range(L):
-            hook.record(slot, E, torch.zeros((n, E)), torch.zeros((n, K)), ids + slot)
-    # slot s, step i wrote i + s into rows [:n_i]; later, shorter steps leave rows past n
-    assert hook.BUFFERS.expert_ids[:5, 1, 0].tolist() == [4, 4, 3, 3, 3]
-    assert hook.BUFFERS.expert_ids[:5, 0, 0].tolist() == [3, 3, 2, 2, 2]
-    assert (hook.BUFFERS.expert_ids[5:] == 0).all()
-
-
-def test_a_compiled_hook_writes_the_rows_the_eager_hook_writes(monkeypatch):
-    """vLLM compiles the CPU router with the hook inside (``fullgraph=True``, dynamic
-    token count): the hook is then graph code writing each layer's own rows [:n],
-    and a graph scores every step, whatever the flag."""
-    import torch
-
-    from moepath.patches import hook
-
-    bias = torch.randn(E, generator=torch.Generator().manual_seed(5))  # the last layer's
-
-    def route(logits):  # each layer's router, then the hook, as vLLM's MoE layers run
-        for slot in range(L):
-            weights, ids = torch.topk((logits + slot).softmax(-1), K)
-            hook.record(slot, E, logits + slot, weights, ids.to(torch.int32),
-                        bias if slot == L - 1 else None)
-        return logits
-
-    compiled = torch.compile(route, fullgraph=True, dynamic=True)
-    expected, written = (hook.CaptureBuffers.allocate(8, L, K, E, "cpu") for _ in range(2))
-    generator = torch.Generator().manual_seed(4)
-    for n in (5, 3):  # the second step is shorter: rows [3:5] keep the first step's
-        logits = torch.randn((n, E), generator=generator)
-        hook.BUFFERS = expected
-        route(logits)
-        hook.BUFFERS = written
-        monkeypatch.setattr(hook, "SCORES_WANTED", False)
-        compiled(logits)
-        monkeypatch.setattr(hook, "SCORES_WANTED", True)
-        for got, want in zip(written.buffers(), expected.buffers(), strict=True):
-            torch.testing.assert_close(got, want)
-    assert written.router_scores[:, 3:5].any() and not written.router_scores[:, 5:].any()
-
-
 def test_store_probs_keeps_every_traced_tokens_distribution_copied_in_blocks(monkeypatch):
     """--store-probs: each traced token's full router distribution (float16), prompt
     and generated, whatever rows of untraced requests sit between and however the
     copy's blocks cut the step."""
     import torch
 
-    from moepath.patches import capture, hook
+    from moepath.patches import hook
+    from moepath.patches import recorder as recorder_module
 
-    monkeypatch.setattr(capture, "PROBS_BLOCK_ROWS", 2)
+    monkeypatch.setattr(recorder_module, "PROBS_BLOCK_ROWS", 2)
     hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
     generator = torch.Generator().manual_seed(2)
     sink = ListSink()

@@ -1,9 +1,4 @@
-"""Capture inside a vLLM worker: model inspection, buffers, per-step row mapping.
-
-``install(worker, settings)`` runs after the worker loaded the model and before
-vLLM compiles it. It finds every fused-MoE layer, refuses what it cannot trace
-faithfully, allocates :class:`hook.CaptureBuffers`, tags each layer's router
-with its MoE-layer ordinal and wraps the model runner's ``execute_model``.
+"""The step recorder: per-step row mapping and per-request routing in a vLLM worker.
 
 After each forward, :meth:`StepRecorder.after_forward` maps buffer rows to
 (request, position) from the runner's batch state (``input_batch.req_ids``,
@@ -25,6 +20,7 @@ import torch
 
 from ..tracer import store
 from . import compat, hook
+from .inspection import ModelRouting
 from .packed_rows import RowLayout
 from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
 from .sink import RoutingSink
@@ -35,144 +31,6 @@ _INTERNAL_SUFFIX = re.compile(r"-[0-9A-Za-z]{8}$")  # vLLM appends "-<8 chars>" 
 
 PROBS_BLOCK_ROWS = 2048  # --store-probs: rows gathered at once ([2048, L, E] float32)
 MAX_RUN_STEPS = 64  # decode steps per run: the run storage is [64, n, width] (reused)
-
-
-class UnsupportedModelError(RuntimeError):
-    """The model's MoE layers cannot be traced faithfully (raised in the worker at load)."""
-
-
-@dataclass
-class MoELayer:
-    """One fused-MoE layer. ``output_scale``: the ``routed_scaling_factor`` its runner
-    multiplies the routed experts' output by (1.0 where the router scales the weights)."""
-
-    layer_id: int
-    name: str
-    router: object
-    output_scale: float = 1.0
-
-
-@dataclass
-class ModelRouting:
-    """What the manifest records about the model's routing."""
-
-    layers: list[MoELayer]
-    num_experts: int
-    top_k: int
-    config: dict
-
-    def describe(self) -> dict:
-        return {
-            "num_layers": len(self.layers),
-            "layer_ids": [layer.layer_id for layer in self.layers],
-            "num_experts": self.num_experts,
-            "top_k": self.top_k,
-            "routing": self.config,
-        }
-
-
-def inspect_model(model: torch.nn.Module, vllm_config) -> ModelRouting:
-    """Find the fused-MoE layers of ``model``; refuse those the hook cannot see."""
-    runner_cls = compat.moe_runner_class()
-    runners = [(name, m) for name, m in model.named_modules() if isinstance(m, runner_cls)]
-    if not runners:
-        raise UnsupportedModelError(
-            "moepath: the model has no fused-MoE layers (dense model?); nothing to trace")
-    if vllm_config.speculative_config is not None:
-        raise UnsupportedModelError(
-            "moepath: speculative decoding is not supported while tracing (rejected draft "
-            "tokens would be recorded); start the engine without --speculative-config")
-    _check_engine(vllm_config)
-    layers = [_moe_layer(name, runner) for name, runner in runners]
-    layers.sort(key=lambda layer: layer.layer_id)
-    first = layers[0]
-    return ModelRouting(layers, first.router.global_num_experts, first.router.top_k,
-                        _routing_config(first))
-
-
-def _check_engine(vllm_config) -> None:
-    """Refuse engine set-ups whose steps the recorder cannot map to requests exactly."""
-    parallel = vllm_config.parallel_config
-    if parallel.use_ubatching:
-        raise UnsupportedModelError(
-            "moepath: micro-batching (dual-batch overlap) runs each step as separate forwards "
-            "whose routing the hook cannot place; start the engine without --enable-dbo")
-    if parallel.pipeline_parallel_size > 1:
-        raise UnsupportedModelError(
-            "moepath: pipeline parallelism splits the MoE layers over stages that would each "
-            "write a part of every record; trace with --pipeline-parallel-size 1 (tensor "
-            "parallelism is supported)")
-    if vllm_config.scheduler_config.async_scheduling:
-        raise UnsupportedModelError(
-            "moepath: async scheduling runs one more decode step of a request that sampled "
-            "its stop token, and that step's routing would be recorded; start the engine "
-            "with --no-async-scheduling (moepath's own engines do)")
-    transfer = vllm_config.ec_transfer_config
-    if transfer is not None and transfer.is_encode_only:
-        raise UnsupportedModelError(
-            "moepath: this instance only encodes multimodal inputs for another one and runs "
-            "no language-model forward; trace on the instance that consumes its encodings")
-
-
-def _moe_layer(name: str, runner) -> MoELayer:
-    if runner.is_monolithic:
-        raise UnsupportedModelError(
-            f"moepath: MoE layer '{name}' uses a monolithic kernel that routes internally, so "
-            f"its routing cannot be recorded; choose a modular kernel with --moe-backend")
-    if _routes_other_ranks_tokens(runner):
-        raise UnsupportedModelError(
-            f"moepath: MoE layer '{name}' gathers the tokens of all data-, sequence- or "
-            f"context-parallel ranks before routing (naive dispatch), so its routing rows "
-            f"are not this rank's requests; trace with one data-parallel rank and no context "
-            f"parallelism, or choose an all-to-all backend with --all2all-backend")
-    if runner.moe_config.is_sequence_parallel:
-        raise UnsupportedModelError(
-            f"moepath: MoE layer '{name}' is sequence parallel (expert parallelism with "
-            f"tensor- and data-parallel sizes above 1): each tensor-parallel rank routes "
-            f"only its share of a step's tokens; trace with --tensor-parallel-size 1 or "
-            f"without --enable-expert-parallel")
-    router = runner.router
-    kind = type(router).__name__
-    if kind == "RoutingSimulatorRouter":
-        raise UnsupportedModelError(
-            "moepath: VLLM_MOE_ROUTING_SIMULATION_STRATEGY is set, so routing is synthetic; "
-            "unset it to trace the model's real routing")
-    if getattr(router, "eplb_state", None) is not None:
-        raise UnsupportedModelError(
-            f"moepath: expert-parallel load balancing (EPLB) is on for '{name}'; tracing "
-            f"records logical expert ids only without EPLB: start without --enable-eplb")
-    if kind == "FusedTopKBiasRouter" and getattr(router, "num_fused_shared_experts", 0):
-        raise UnsupportedModelError(
-            f"moepath: '{name}' fuses shared experts into routing (top-k grows); disable "
-            f"shared-expert fusion to trace it")
-    return MoELayer(runner.layer_id, name, router,
-                    float(getattr(runner, "routed_scaling_factor", 1.0)))
-
-
-def _routes_other_ranks_tokens(runner) -> bool:
-    """Whether ``runner``'s router sees other ranks' tokens as well as this rank's: vLLM's
-    naive data-/sequence-parallel dispatch and its context-parallel all-gather run before
-    routing (``MoERunner._maybe_dispatch``); all-to-all kernels route local tokens."""
-    config = runner.moe_config
-    return bool(runner.do_naive_dispatch_combine or (
-        config.pcp_size > 1 and not config.moe_parallel_config.use_all2all_kernels))
-
-
-def _routing_config(layer: MoELayer) -> dict:
-    router = layer.router
-    scoring = getattr(router, "scoring_func", "softmax")
-    if scoring not in ("softmax", "sigmoid"):
-        raise UnsupportedModelError(
-            f"moepath: router scoring function '{scoring}' is not supported (softmax, sigmoid)")
-    return {
-        "router": type(router).__name__,
-        "scoring_func": scoring,
-        "renormalize": bool(getattr(router, "renormalize", False)),
-        "routed_scaling_factor": float(getattr(router, "routed_scaling_factor", 1.0))
-        * layer.output_scale,
-        "grouped_topk": bool(getattr(router, "use_grouped_topk", False)),
-        "correction_bias": getattr(router, "e_score_correction_bias", None) is not None,
-    }
 
 
 def step_layout(num_layers: int, top_k: int, num_experts: int, store_probs: bool) -> RowLayout:
@@ -654,68 +512,3 @@ class StepRecorder:
                     "requests_recorded": self.requests_recorded,
                     "requests_recomputed": self.requests_recomputed,
                     "requests_incomplete": self.requests_incomplete}
-
-
-def wrap_execute_model(runner, recorder: StepRecorder):
-    """Instance-level wrapper of ``runner.execute_model`` (V1 model runner, CPU and CUDA)."""
-    original = runner.execute_model
-
-    @functools.wraps(original)
-    def execute_model(scheduler_output, *args, **kwargs):
-        if recorder.error is None:
-            with recorder.lock:
-                try:
-                    recorder.on_finished(scheduler_output.finished_req_ids)
-                    hook.SCORES_WANTED = recorder.wants_scores(scheduler_output)
-                except Exception as exc:
-                    recorder.fail(exc)
-        scores_written = hook.SCORES_WANTED
-        try:
-            result = original(scheduler_output, *args, **kwargs)
-        finally:
-            hook.SCORES_WANTED = True
-        if recorder.error is None and scheduler_output.total_num_scheduled_tokens > 0:
-            with recorder.lock:
-                try:
-                    recorder.after_forward(
-                        runner, scheduler_output.total_num_scheduled_tokens, scores_written)
-                except Exception as exc:
-                    recorder.fail(exc)
-        return result
-
-    runner.execute_model = execute_model
-
-
-def is_writer(vllm_config) -> bool:
-    """Only tensor-parallel rank 0 (of each data-parallel rank) writes routing."""
-    from vllm.distributed import get_tensor_model_parallel_rank
-
-    return get_tensor_model_parallel_rank() == 0
-
-
-def install(worker, settings: CaptureSettings) -> tuple[ModelRouting, StepRecorder | None]:
-    """Set up capture in a worker whose model is loaded; no recorder on non-writer ranks.
-
-    Non-writer ranks still run the hook (every TP rank computes identical routing
-    from the replicated gate) but never map or write rows.
-    """
-    runner = worker.model_runner
-    routing = inspect_model(runner.get_model(), worker.vllm_config)
-    layers = routing.layers
-    hook.BUFFERS = hook.CaptureBuffers.allocate(
-        runner.max_num_tokens, len(layers), routing.top_k, routing.num_experts, runner.device,
-        sigmoid=routing.config["scoring_func"] == "sigmoid")
-    for slot, layer in enumerate(layers):
-        layer.router._moepath_slot = slot
-        layer.router._moepath_weight_scale = layer.output_scale
-    router_cls = compat.router_base_class()
-    if not getattr(router_cls.select_experts, "__moepath_wrapped__", False):
-        router_cls.select_experts = hook.wrap_select_experts(router_cls.select_experts)
-    if not is_writer(worker.vllm_config):
-        return routing, None
-    dp_rank = worker.vllm_config.parallel_config.data_parallel_rank
-    sink = RoutingSink(settings.dir, settings.run, dp_rank,
-                       (len(layers), routing.top_k, routing.num_experts), settings.shard_tokens)
-    recorder = StepRecorder(settings, routing, sink)
-    wrap_execute_model(runner, recorder)
-    return routing, recorder

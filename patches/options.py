@@ -1,0 +1,137 @@
+"""Engine and trace options: how a traced vLLM engine is started, what a trace records.
+
+Frozen dataclasses, validated when built (:class:`~moepath.tracer.errors.InputError`
+names the flag). :meth:`EngineOptions.prepare_environment` sets the process
+environment vLLM reads at engine start; :meth:`EngineOptions.llm_kwargs` gives the
+``vllm.LLM`` arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..tracer.errors import InputError
+from .settings import CONFIG_KEY, CaptureSettings
+
+ENGINE_CORE_CHOICES = ("process", "inline", "auto")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the traced vLLM engine is started.
+
+    ``engine_core`` defaults to vLLM's own process layout; ``"auto"`` (what
+    ``moepath trace``, ``compare`` and ``demo`` pass) runs the engine core inline
+    on a CPU host, which traces 1.5-1.8x faster on 2 cores (:meth:`engine_core_inline`).
+    """
+
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.3
+    max_num_batched_tokens: int | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+    store_probs: bool = False
+    num_kv_blocks: int | None = None  # override the KV cache size (tests force preemption)
+    engine_core: str = "process"  # "process" (vLLM's default), "inline" or "auto": see below
+
+    def __post_init__(self):
+        if self.engine_core not in ENGINE_CORE_CHOICES:
+            raise InputError(f"engine core (--engine-core) must be one of "
+                             f"{', '.join(ENGINE_CORE_CHOICES)}, not {self.engine_core!r}")
+
+    def engine_core_inline(self) -> bool:
+        """Whether vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+
+        ``"auto"`` chooses inline on a CPU host with one worker, unless the user set
+        ``VLLM_ENABLE_V1_MULTIPROCESSING`` or ``VLLM_CPU_OMP_THREADS_BIND`` (vLLM's own
+        process layout and thread binding then apply). Offline tracing drives the
+        engine synchronously, so a separate engine-core process does no useful work
+        in parallel, yet vLLM reserves a CPU core for it: on a 2-core host the model
+        then runs on one core (bench/README.md: inline traces 1.5-1.8x faster there).
+        """
+        if self.engine_core != "auto":
+            return self.engine_core == "inline"
+        if self.tensor_parallel_size > 1 or os.environ.keys() & {
+                "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"}:
+            return False
+        import torch
+
+        return not torch.cuda.is_available()
+
+    def place_engine_core(self) -> None:
+        """Put vLLM's engine core where :meth:`engine_core_inline` says, for every engine
+        this process starts from now on (vLLM reads the variable once per process)."""
+        if self.engine_core_inline():
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+    def prepare_environment(self) -> None:
+        """Set what vLLM reads from the environment when this process starts an engine:
+        the V1 model runner (the capture wraps it), the engine core's place
+        (:meth:`place_engine_core`) and CPU thread binding (:func:`bind_cpu_threads`)."""
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # capture wraps the V1 runner
+        self.place_engine_core()
+        bind_cpu_threads(self.tensor_parallel_size)
+
+    def llm_kwargs(self, model: str, settings: CaptureSettings | None) -> dict:
+        """``vllm.LLM`` keyword arguments; ``settings=None`` gives the untraced twin."""
+        kwargs = {
+            "model": model,
+            "dtype": self.dtype,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "enforce_eager": self.enforce_eager,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "trust_remote_code": self.trust_remote_code,
+            "seed": self.seed,
+        }
+        if settings is not None:
+            kwargs["additional_config"] = {CONFIG_KEY: settings.as_dict()}
+            # async scheduling (vLLM's default on CUDA) decodes a request once more after
+            # it sampled its stop token; the capture refuses it (off on CPU anyway)
+            kwargs["async_scheduling"] = False
+        if self.max_model_len:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
+        if self.num_kv_blocks:
+            kwargs["num_gpu_blocks_override"] = self.num_kv_blocks
+        return kwargs
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What ``moepath trace`` records (engine options apart)."""
+
+    truncate: bool = False
+    nll: bool = True
+    max_tokens: int = 0
+    batch_size: int = 256  # samples per committed batch, >= 1
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, not {self.batch_size}")
+
+
+def bind_cpu_threads(tensor_parallel_size: int) -> None:
+    """CPU tensor parallelism: give each rank its own cores unless the user chose.
+
+    vLLM's automatic binding asserts on a single-NUMA-node host ("Not enough
+    allowed NUMA nodes to bind threads of 2 local CPUWorkers", vLLM 0.32's
+    ``utils/ompmultiprocessing.py``); an explicit ``VLLM_CPU_OMP_THREADS_BIND`` such as
+    ``0|1``, what this function sets, works (``tests/test_faults.py`` runs TP=2 with it).
+    """
+    if tensor_parallel_size <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    per_rank = max(1, len(cores) // tensor_parallel_size)
+    groups = [cores[i * per_rank:(i + 1) * per_rank] or cores[-1:]
+              for i in range(tensor_parallel_size)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
