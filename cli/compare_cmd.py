@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -57,12 +55,13 @@ def compare(
     *, engine: o.EngineOptions,
 ) -> None:
     """Serve checkpoints in turn on the same samples; report metrics, memorisation, correlations."""
+    from ..patches.comparison import compare_checkpoints
     from ..patches.options import TraceOptions
     from ..tracer.compare import CompareOptions
     from ..tracer.metrics import MetricOptions
     from ..tracer.samples import SampleReadOptions
 
-    run_compare(
+    result = compare_checkpoints(
         checkpoints, samples, out,
         CompareOptions(
             metrics=MetricOptions(tau=tau, unit=unit, source=source,
@@ -74,73 +73,8 @@ def compare(
         TraceOptions(truncate=truncate, batch_size=batch_size),
         SampleReadOptions(id_field=id_field, text_field=text_field,
                           skip_bad_lines=skip_bad_lines, limit=limit),
-        reuse_engine)
-
-
-def run_compare(checkpoints: list[Path], samples: Path, out: Path, options, engine_options,
-                trace_options, read_options, reuse_engine: bool = True) -> None:
-    """Validate, show the plan, trace every checkpoint, analyse, render (``compare``, ``demo``)."""
-    from ..patches.sweep import trace_checkpoints
-    from ..tracer import compare as cmp
-    from ..tracer.samples import read_samples
-
-    found = cmp.discover(checkpoints)
-    shape = cmp.check_compatible(found)
-    sample_set = read_samples(samples, read_options)
-    render.skipped_lines(sample_set)
-    cmp.check_before_tracing(found, sample_set, options)
-    steps = cmp.steps(found)
-    render.stderr.print(render.table(
-        f"{len(found)} checkpoints ({shape.architecture}, {shape.num_experts} experts, "
-        f"top-{shape.top_k}), {len(sample_set.samples)} samples",
-        ["#", "checkpoint", "step"], [[i + 1, c.name, steps[c.name]] for i, c in enumerate(found)]))
-    _trace_all(trace_checkpoints, [(c.name, c.path) for c in found], sample_set, out,
-               engine_options, trace_options, reuse_engine)
-    result = cmp.analyse(found, out / "traces", out, options, command=_command_line())
-    _render(result, out)
-
-
-def _trace_all(trace_checkpoints, models, sample_set, out, engine, trace_options, reuse):
-    with render.SampleProgress() as progress:
-        def on_checkpoint(event) -> None:
-            what = {"skip": "complete, skipped", "start": "starting engine",
-                    "reload": "reloading weights in place"}[event.action]
-            render.stderr.print(f"[bold]checkpoint {event.index + 1}/{event.total}[/] "
-                                f"{event.name}: {what}")
-            progress.begin(event.name)
-
-        trace_checkpoints(models, sample_set, out / "traces", engine, trace_options,
-                          reuse_engine=reuse, on_checkpoint=on_checkpoint,
-                          on_start=progress.start, on_progress=progress.advance)
-
-
-def _render(result, out: Path) -> None:
-    """Terminal summary: the trajectory of the first group (``all`` unless --memorised-only)
-    and the correlations, one row per group; every group's table is in report.md."""
-    from ..tracer.compare import ALL
-    from ..tracer.correlation import TABLE1_ROWS
-
-    metrics = result.metrics
-    group = ALL if (metrics["group"] == ALL).any() else metrics["group"].iloc[0]
-    wide = metrics[metrics["group"] == group].pivot(index="step", columns="metric",
-                                                    values="value").reset_index()
-    columns = [c for c in ("n_samples", *TABLE1_ROWS) if c in wide.columns]
-    render.stdout.print(render.table(f"metrics of group '{group}' by checkpoint",
-                                     ["step", *columns], wide[["step", *columns]].values.tolist()))
-    if result.table1 is not None:
-        by_group = result.table1.T  # rows: groups; columns: metrics
-        render.stdout.print(render.table(
-            "correlation with scores (pearson / spearman)", ["group", *map(str, by_group.columns)],
-            [[group, *values] for group, values in zip(by_group.index, by_group.values.tolist(),
-                                                        strict=True)]))
-    for note in result.notes:
-        render.stderr.print(f"note: {note}")
-    render.stderr.print(f"wrote into {out}: {', '.join(path.name for path in result.files)} "
-                        f"(report.md has every group)")
-
-
-def _command_line() -> str:
-    return "moepath " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        reuse_engine, progress=render.CompareProgress(), command=render.command_line())
+    render.compare_summary(result)
 
 
 def register(app: typer.Typer) -> None:

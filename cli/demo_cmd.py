@@ -10,7 +10,6 @@ import typer
 
 from . import options as o
 from . import render
-from .compare_cmd import run_compare
 
 # The testbed trains in float32. Traced in bfloat16, its pathway consistency
 # followed the rounding of each CPU's bf16 kernels (r with held-out accuracy
@@ -30,6 +29,7 @@ def demo(
     Checkpoints are traced in float32; metrics cover the memorised samples and are
     correlated with held-out accuracy from the memorisation step on."""
     from ..fixtures import testbed
+    from ..patches.comparison import compare_checkpoints
     from ..patches.options import EngineOptions, TraceOptions
     from ..tracer.samples import SampleReadOptions
 
@@ -38,11 +38,14 @@ def demo(
     testbed_dir, compare_dir = out / f"testbed{suffix}", out / f"compare{suffix}"
     duration = "smoke run" if smoke else "about 10 minutes on 2 CPU cores"
     result = _testbed(config, testbed_dir, compare_dir / "traces", duration)
-    run_compare([testbed_dir / "checkpoints"], testbed_dir / "samples.jsonl", compare_dir,
-                testbed.compare_options(result),
-                EngineOptions(dtype=TESTBED_DTYPE, gpu_memory_utilization=gpu_memory_utilization,
-                              engine_core="auto"),
-                TraceOptions(), SampleReadOptions())
+    compared = compare_checkpoints(
+        [testbed_dir / "checkpoints"], testbed_dir / "samples.jsonl", compare_dir,
+        testbed.compare_options(result),
+        EngineOptions(dtype=TESTBED_DTYPE, gpu_memory_utilization=gpu_memory_utilization,
+                      engine_core="auto"),
+        TraceOptions(), SampleReadOptions(),
+        progress=render.CompareProgress(), command=render.command_line())
+    render.compare_summary(compared)
 
 
 def _testbed(config, testbed_dir: Path, traces: Path, duration: str):

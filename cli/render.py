@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 
@@ -110,6 +111,76 @@ class SampleProgress:
 
     def __exit__(self, *exc) -> None:
         self._progress.stop()
+
+
+class CompareProgress:
+    """``moepath compare``'s progress on stderr: skipped lines, the plan, one line per
+    checkpoint and a :class:`SampleProgress` bar while tracing. Implements every method of
+    ``patches.comparison.CompareProgress`` (not imported: this module loads no library)."""
+
+    _ACTIONS = {"skip": "complete, skipped", "start": "starting engine",
+                "reload": "reloading weights in place"}
+
+    def __init__(self) -> None:
+        self._bar: SampleProgress | None = None
+
+    def samples_read(self, sample_set) -> None:
+        skipped_lines(sample_set)
+
+    def plan(self, plan) -> None:
+        shape = plan.shape
+        stderr.print(table(
+            f"{len(plan.checkpoints)} checkpoints ({shape.architecture}, {shape.num_experts} "
+            f"experts, top-{shape.top_k}), {plan.num_samples} samples",
+            ["#", "checkpoint", "step"],
+            [[i + 1, c.name, plan.steps[c.name]] for i, c in enumerate(plan.checkpoints)]))
+
+    def tracing(self) -> SampleProgress:
+        self._bar = SampleProgress()
+        return self._bar
+
+    def checkpoint(self, event) -> None:
+        stderr.print(f"[bold]checkpoint {event.index + 1}/{event.total}[/] {event.name}: "
+                     f"{self._ACTIONS[event.action]}")
+        self._bar.begin(event.name)
+
+    def start(self, total: int, done: int) -> None:
+        self._bar.start(total, done)
+
+    def advance(self, samples: int, tokens: int) -> None:
+        self._bar.advance(samples, tokens)
+
+
+def compare_summary(result) -> None:
+    """Terminal summary of a ``patches.comparison.CompareResult``: the trajectory of the first
+    group (``all`` unless --memorised-only) and the correlations, one row per group, on
+    stdout; notes and the files written on stderr (report.md has every group's table)."""
+    from ..tracer.compare import ALL
+    from ..tracer.correlation import TABLE1_ROWS
+
+    analysis = result.analysis
+    metrics = analysis.metrics
+    group = ALL if (metrics["group"] == ALL).any() else metrics["group"].iloc[0]
+    wide = metrics[metrics["group"] == group].pivot(index="step", columns="metric",
+                                                    values="value").reset_index()
+    columns = [c for c in ("n_samples", *TABLE1_ROWS) if c in wide.columns]
+    stdout.print(table(f"metrics of group '{group}' by checkpoint",
+                       ["step", *columns], wide[["step", *columns]].values.tolist()))
+    if analysis.table1 is not None:
+        by_group = analysis.table1.T  # rows: groups; columns: metrics
+        stdout.print(table(
+            "correlation with scores (pearson / spearman)", ["group", *map(str, by_group.columns)],
+            [[group, *values] for group, values in zip(by_group.index, by_group.values.tolist(),
+                                                        strict=True)]))
+    for note in analysis.notes:
+        stderr.print(f"note: {note}")
+    stderr.print(f"wrote into {result.out}: {', '.join(path.name for path in result.files)} "
+                 f"(report.md has every group)")
+
+
+def command_line() -> str:
+    """This process's ``moepath`` command line, shell-quoted (for reports)."""
+    return "moepath " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def human_bytes(size: int) -> str:

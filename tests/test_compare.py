@@ -19,7 +19,8 @@ from test_metrics import SAMPLES, write_synthetic_trace
 from test_store import make_record, write_trace
 from test_sweep import assert_same_trace
 
-from moepath.tracer import Trace, store
+from moepath.tracer import Trace, report, store
+from moepath.tracer import checkpoints as ckpt
 from moepath.tracer import compare as cmp
 from moepath.tracer.errors import InputError, MetricError, ModelError
 from moepath.tracer.metrics import MetricOptions, trace_metrics
@@ -38,21 +39,21 @@ def fake_checkpoint(path, **config):
 def test_a_parent_folder_is_ordered_by_the_step_in_each_name(tmp_path):
     for name in ("step5000-tokens21B", "checkpoint-2000", "step300"):
         fake_checkpoint(tmp_path / "run" / name)
-    found = cmp.discover([tmp_path / "run"])
+    found = ckpt.discover([tmp_path / "run"])
     assert [(c.name, c.step) for c in found] == [
         ("step300", 300), ("checkpoint-2000", 2000), ("step5000-tokens21B", 5000)]
 
 
 def test_explicit_folders_keep_the_given_order(tmp_path):
     b, a = fake_checkpoint(tmp_path / "b"), fake_checkpoint(tmp_path / "a")
-    assert [c.name for c in cmp.discover([b, a])] == ["b", "a"]
-    assert cmp.steps(cmp.discover([b, a])) == {"b": 0, "a": 1}
+    assert [c.name for c in ckpt.discover([b, a])] == ["b", "a"]
+    assert ckpt.steps(ckpt.discover([b, a])) == {"b": 0, "a": 1}
 
 
 def test_a_final_folder_without_a_step_orders_every_checkpoint_by_position(tmp_path):
-    found = cmp.discover([fake_checkpoint(tmp_path / "step1000"),
-                          fake_checkpoint(tmp_path / "final")])
-    assert cmp.steps(found) == {"step1000": 0, "final": 1}
+    found = ckpt.discover([fake_checkpoint(tmp_path / "step1000"),
+                           fake_checkpoint(tmp_path / "final")])
+    assert ckpt.steps(found) == {"step1000": 0, "final": 1}
 
 
 def test_explicit_folders_out_of_step_order_or_sharing_a_step_are_refused(tmp_path):
@@ -60,37 +61,37 @@ def test_explicit_folders_out_of_step_order_or_sharing_a_step_are_refused(tmp_pa
         tmp_path / "step2000")
     with pytest.raises(InputError, match="^'step2000' is given before 'step1000'; pass "
                                          "checkpoints in training order$"):
-        cmp.discover([step2000, step1000])
+        ckpt.discover([step2000, step1000])
     ema = fake_checkpoint(tmp_path / "step1000-ema")
     with pytest.raises(InputError, match="^checkpoints 'step1000' and 'step1000-ema' share "
                                          "step 1000; pass one$"):
-        cmp.discover([step1000, ema])
+        ckpt.discover([step1000, ema])
     fake_checkpoint(tmp_path / "run" / "step1000")
     fake_checkpoint(tmp_path / "run" / "step1000-ema")
     with pytest.raises(InputError, match="share step 1000"):
-        cmp.discover([tmp_path / "run"])
+        ckpt.discover([tmp_path / "run"])
 
 
 def test_checkpoints_with_different_routing_shapes_are_refused_naming_the_difference(tmp_path):
-    found = cmp.discover([fake_checkpoint(tmp_path / "step1"),
-                          fake_checkpoint(tmp_path / "step2", num_experts=32)])
+    found = ckpt.discover([fake_checkpoint(tmp_path / "step1"),
+                           fake_checkpoint(tmp_path / "step2", num_experts=32)])
     with pytest.raises(ModelError, match="'step1' and 'step2' differ in num_experts 16 vs 32"):
-        cmp.check_compatible(found)
+        ckpt.check_compatible(found)
 
 
 def test_missing_folder_and_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(ModelError, match="checkpoint folder '.*nope' does not exist"):
-        cmp.discover([tmp_path / "nope", tmp_path])
+        ckpt.discover([tmp_path / "nope", tmp_path])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="neither a model folder nor a folder of checkpoints"):
-        cmp.discover([tmp_path / "empty"])
+        ckpt.discover([tmp_path / "empty"])
 
 
 def test_parent_folder_with_unnumbered_checkpoints_is_refused(tmp_path):
     fake_checkpoint(tmp_path / "run" / "step10")
     fake_checkpoint(tmp_path / "run" / "final")
     with pytest.raises(InputError, match=r"without a step number in their name: \['final'\]"):
-        cmp.discover([tmp_path / "run"])
+        ckpt.discover([tmp_path / "run"])
 
 
 def test_cli_refuses_mismatched_checkpoints_before_serving(tmp_path):
@@ -117,8 +118,8 @@ def test_compare_options_are_validated_on_construction(options, message):
 
 
 def two_checkpoints_and_samples(tmp_path):
-    found = [cmp.Checkpoint("step100", tmp_path / "step100", 100),
-             cmp.Checkpoint("step200", tmp_path / "step200", 200)]
+    found = [ckpt.Checkpoint("step100", tmp_path / "step100", 100),
+             ckpt.Checkpoint("step200", tmp_path / "step200", 200)]
     samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "text": "x", "domain": "math"},
                                                  {"id": "b", "text": "y", "tags": ["t"]}])
     return found, read_samples(samples)
@@ -146,7 +147,7 @@ def test_scores_are_read_before_tracing(tmp_path):
 
 
 def three_checkpoints(tmp_path):
-    return [cmp.Checkpoint(f"step{step}", tmp_path / f"step{step}", step)
+    return [ckpt.Checkpoint(f"step{step}", tmp_path / f"step{step}", step)
             for step in (100, 200, 300)]
 
 
@@ -378,7 +379,7 @@ FINAL_LOSS = {"m0": 0.1, "m1": 0.2, "m2": 0.3, "m3": 0.4, "c0": 2.0, "c1": 2.1, 
               "c3": 2.3, "b0": 1.0}
 
 
-def synthetic_run(root, layers: int = 4) -> list[cmp.Checkpoint]:
+def synthetic_run(root, layers: int = 4) -> list[ckpt.Checkpoint]:
     """Traces of three checkpoints under root/traces (routing differs by checkpoint); every
     sample's loss is 3.0 at step 100 and its FINAL_LOSS from step 200 on."""
     found = []
@@ -386,16 +387,18 @@ def synthetic_run(root, layers: int = 4) -> list[cmp.Checkpoint]:
         nll = [3.0 if step == 100 else FINAL_LOSS[sid] for sid in UNLABELLED]
         write_synthetic_trace(root / "traces" / f"step{step}", layers, UNLABELLED, seed,
                               columns={"nll": nll})
-        found.append(cmp.Checkpoint(f"step{step}", root / f"step{step}", step))
+        found.append(ckpt.Checkpoint(f"step{step}", root / f"step{step}", step))
     return found
 
 
-def analyse(root, layers: int = 4, **options) -> cmp.CompareResult:
-    return cmp.analyse(synthetic_run(root, layers), root / "traces", root / "out",
-                       cmp.CompareOptions(**options))
+def analyse(root, layers: int = 4, **options) -> cmp.CompareAnalysis:
+    result = cmp.analyse(synthetic_run(root, layers), root / "traces",
+                         cmp.CompareOptions(**options))
+    report.write_outputs(root / "out", result, command="")
+    return result
 
 
-def memorised(result: cmp.CompareResult) -> list[str]:
+def memorised(result: cmp.CompareAnalysis) -> list[str]:
     return sorted(result.memorisation.t_star.dropna().index)
 
 

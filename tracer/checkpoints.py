@@ -1,9 +1,11 @@
-"""Model folders: validation and MoE shape from ``config.json``; router matrices.
+"""Model folders: validation and MoE shape from ``config.json``; checkpoint folders of a
+training run (which, in which order, at which step); router matrices.
 
 Validation and the MoE shape read the Hugging Face ``config.json`` as plain JSON
 before any weight loads (no code from the folder runs), so a dense model or a
-missing folder is reported in milliseconds. :func:`router_weights` then reads
-only the router tensors from the ``*.safetensors`` files.
+missing folder is reported in milliseconds. :func:`discover` orders and validates
+the checkpoints ``moepath compare`` serves in turn. :func:`router_weights` then
+reads only the router tensors from the ``*.safetensors`` files.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelError
+from .errors import InputError, ModelError
 
 # config keys naming the routed-expert count and top-k, across MoE families
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -74,6 +76,107 @@ def step_number(name: str) -> int | None:
     """The training step in a checkpoint folder name, e.g. ``step5000-tokens21B`` -> 5000."""
     match = _STEP.search(name)
     return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder, its display name and training step (None if its name has none)."""
+
+    name: str
+    path: Path
+    step: int | None
+
+
+def discover(paths: list[Path]) -> list[Checkpoint]:
+    """Checkpoints from explicit folders (given order) or one parent folder (step order).
+
+    A single path without config.json is a parent: its subfolders holding a
+    config.json are the checkpoints, ordered by the step number in their names
+    (``step1000``, ``checkpoint-2000``, ``step5000-tokens21B``).
+
+    Raises:
+        ModelError: a folder is missing or is not a model.
+        InputError: two folders share a name or a step, explicit folders named by step
+            are not in increasing step order, or a parent's subfolder has no step number.
+    """
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_dir():
+            raise ModelError(f"checkpoint folder '{path}' does not exist")
+    if len(paths) == 1 and not (paths[0] / "config.json").is_file():
+        return _from_parent(paths[0])
+    found = [Checkpoint(p.name, p, step_number(p.name)) for p in paths]
+    for checkpoint in found:
+        read_config(checkpoint.path)  # a folder that is not a model fails here
+    _check_unique_names(found)
+    if any(c.step is None for c in found):  # ordered by position (see steps)
+        return found
+    _check_unique_steps(found)
+    _check_training_order(found)
+    return found
+
+
+def _from_parent(parent: Path) -> list[Checkpoint]:
+    children = sorted(p for p in parent.iterdir() if (p / "config.json").is_file())
+    if not children:
+        raise ModelError(f"'{parent}' is neither a model folder nor a folder of checkpoints "
+                         f"(no subfolder has a config.json)")
+    found = [Checkpoint(p.name, p, step_number(p.name)) for p in children]
+    unnumbered = [c.name for c in found if c.step is None]
+    if unnumbered:
+        raise InputError(
+            f"checkpoint folders without a step number in their name: {unnumbered}; name them "
+            f"like 'step1000' or pass the folders explicitly in order")
+    _check_unique_steps(found)
+    return sorted(found, key=lambda c: c.step)
+
+
+def _check_unique_steps(found: list[Checkpoint]) -> None:
+    """InputError when two checkpoints' names give the same step (memorisation orders by step)."""
+    first_at: dict[int, str] = {}
+    for checkpoint in found:
+        if checkpoint.step in first_at:
+            raise InputError(f"checkpoints '{first_at[checkpoint.step]}' and '{checkpoint.name}' "
+                             f"share step {checkpoint.step}; pass one")
+        first_at[checkpoint.step] = checkpoint.name
+
+
+def _check_training_order(found: list[Checkpoint]) -> None:
+    """InputError when explicit folders are not given in increasing step order."""
+    for before, after in zip(found, found[1:], strict=False):
+        if before.step > after.step:
+            raise InputError(f"'{before.name}' is given before '{after.name}'; pass checkpoints "
+                             f"in training order")
+
+
+def _check_unique_names(found: list[Checkpoint]) -> None:
+    names = [c.name for c in found]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputError(f"checkpoint folder names must be unique (traces are stored by name): "
+                         f"{duplicates}")
+
+
+def check_compatible(found: list[Checkpoint]) -> MoEShape:
+    """The shared routing shape; ModelError naming checkpoints whose L, E or k differ."""
+    shapes = {c.name: moe_shape(c.path) for c in found}
+    reference_name, reference = next(iter(shapes.items()))
+    for name, shape in shapes.items():
+        diffs = [f"{field} {getattr(reference, field)} vs {getattr(shape, field)}"
+                 for field in ("num_hidden_layers", "num_experts", "top_k")
+                 if getattr(shape, field) != getattr(reference, field)]
+        if diffs:
+            raise ModelError(f"checkpoints '{reference_name}' and '{name}' differ in "
+                             f"{', '.join(diffs)}; compare needs one architecture")
+    return reference
+
+
+def steps(found: list[Checkpoint]) -> dict[str, int]:
+    """Step of each checkpoint: from the names when every name has one, else the positions
+    (0, 1, ...) of all of them, so that ``step1000, final`` keeps its given order."""
+    if any(c.step is None for c in found):
+        return {c.name: i for i, c in enumerate(found)}
+    return {c.name: c.step for c in found}
 
 
 _ROUTER_BLOCKS = ("mlp", "block_sparse_moe", "moe", "feed_forward")

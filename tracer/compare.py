@@ -1,11 +1,12 @@
-"""Checkpoint comparison: which checkpoints, in which order, and their metric trajectories.
+"""Checkpoint comparison: the metric trajectories of checkpoints' traces.
 
-Engine-independent: the checkpoints' traces are produced elsewhere
-(``patches/sweep.py``); this module orders and validates checkpoints, and turns
-their traces into the long metrics table of ``moepath compare``:
-``checkpoint, step, group, metric, value`` (one row per checkpoint x group x
-metric) plus a per-sample table, following docs/method.md's protocol (memorised
-groups by t*, optionally crossed with a user field).
+Engine-independent: the checkpoints are found and ordered in ``checkpoints.py``,
+their traces produced elsewhere (``patches/sweep.py``, driven by
+``patches/comparison.py``); this module turns those traces into the long metrics
+table of ``moepath compare``: ``checkpoint, step, group, metric, value`` (one row
+per checkpoint x group x metric) plus a per-sample table, following
+docs/method.md's protocol (memorised groups by t*, optionally crossed with a user
+field). It returns data; ``report.py`` writes the files.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import checkpoints as ckpt
-from . import report
+from .checkpoints import Checkpoint
 from .consistency import is_degenerate
 from .correlation import (
     correlate,
@@ -26,7 +27,7 @@ from .correlation import (
     too_few_checkpoints,
     unused_score_groups,
 )
-from .errors import InputError, ModelError
+from .errors import InputError
 from .memorisation import (
     MemorisationResult,
     check_thresholds,
@@ -50,107 +51,6 @@ from .samples import TRACE_COLUMNS, SampleSet, sample_table
 from .trace import Trace
 
 ALL = ALL_GROUP  # the group of every sample
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint folder, its display name and training step (None if its name has none)."""
-
-    name: str
-    path: Path
-    step: int | None
-
-
-def discover(paths: list[Path]) -> list[Checkpoint]:
-    """Checkpoints from explicit folders (given order) or one parent folder (step order).
-
-    A single path without config.json is a parent: its subfolders holding a
-    config.json are the checkpoints, ordered by the step number in their names
-    (``step1000``, ``checkpoint-2000``, ``step5000-tokens21B``).
-
-    Raises:
-        ModelError: a folder is missing or is not a model.
-        InputError: two folders share a name or a step, explicit folders named by step
-            are not in increasing step order, or a parent's subfolder has no step number.
-    """
-    paths = [Path(p) for p in paths]
-    for path in paths:
-        if not path.is_dir():
-            raise ModelError(f"checkpoint folder '{path}' does not exist")
-    if len(paths) == 1 and not (paths[0] / "config.json").is_file():
-        return _from_parent(paths[0])
-    found = [Checkpoint(p.name, p, ckpt.step_number(p.name)) for p in paths]
-    for checkpoint in found:
-        ckpt.read_config(checkpoint.path)  # a folder that is not a model fails here
-    _check_unique_names(found)
-    if any(c.step is None for c in found):  # ordered by position (see steps)
-        return found
-    _check_unique_steps(found)
-    _check_training_order(found)
-    return found
-
-
-def _from_parent(parent: Path) -> list[Checkpoint]:
-    children = sorted(p for p in parent.iterdir() if (p / "config.json").is_file())
-    if not children:
-        raise ModelError(f"'{parent}' is neither a model folder nor a folder of checkpoints "
-                         f"(no subfolder has a config.json)")
-    found = [Checkpoint(p.name, p, ckpt.step_number(p.name)) for p in children]
-    unnumbered = [c.name for c in found if c.step is None]
-    if unnumbered:
-        raise InputError(
-            f"checkpoint folders without a step number in their name: {unnumbered}; name them "
-            f"like 'step1000' or pass the folders explicitly in order")
-    _check_unique_steps(found)
-    return sorted(found, key=lambda c: c.step)
-
-
-def _check_unique_steps(found: list[Checkpoint]) -> None:
-    """InputError when two checkpoints' names give the same step (memorisation orders by step)."""
-    first_at: dict[int, str] = {}
-    for checkpoint in found:
-        if checkpoint.step in first_at:
-            raise InputError(f"checkpoints '{first_at[checkpoint.step]}' and '{checkpoint.name}' "
-                             f"share step {checkpoint.step}; pass one")
-        first_at[checkpoint.step] = checkpoint.name
-
-
-def _check_training_order(found: list[Checkpoint]) -> None:
-    """InputError when explicit folders are not given in increasing step order."""
-    for before, after in zip(found, found[1:], strict=False):
-        if before.step > after.step:
-            raise InputError(f"'{before.name}' is given before '{after.name}'; pass checkpoints "
-                             f"in training order")
-
-
-def _check_unique_names(found: list[Checkpoint]) -> None:
-    names = [c.name for c in found]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise InputError(f"checkpoint folder names must be unique (traces are stored by name): "
-                         f"{duplicates}")
-
-
-def check_compatible(found: list[Checkpoint]) -> ckpt.MoEShape:
-    """The shared routing shape; ModelError naming checkpoints whose L, E or k differ."""
-    shapes = {c.name: ckpt.moe_shape(c.path) for c in found}
-    reference_name, reference = next(iter(shapes.items()))
-    for name, shape in shapes.items():
-        diffs = [f"{field} {getattr(reference, field)} vs {getattr(shape, field)}"
-                 for field in ("num_hidden_layers", "num_experts", "top_k")
-                 if getattr(shape, field) != getattr(reference, field)]
-        if diffs:
-            raise ModelError(f"checkpoints '{reference_name}' and '{name}' differ in "
-                             f"{', '.join(diffs)}; compare needs one architecture")
-    return reference
-
-
-def steps(found: list[Checkpoint]) -> dict[str, int]:
-    """Step of each checkpoint: from the names when every name has one, else the positions
-    (0, 1, ...) of all of them, so that ``step1000, final`` keeps its given order."""
-    if any(c.step is None for c in found):
-        return {c.name: i for i, c in enumerate(found)}
-    return {c.name: c.step for c in found}
 
 
 def losses(traces: dict[str, Trace], step_of: dict[str, int]) -> pd.DataFrame:
@@ -298,7 +198,7 @@ def check_before_tracing(found: list[Checkpoint], sample_set: SampleSet,
         if options.group_by not in TRACE_COLUMNS:  # those values exist only after tracing
             labels = set(label_names(field))
     if options.scores is not None:
-        step_of = steps(found)
+        step_of = ckpt.steps(found)
         scores = read_scores(options.scores, step_of)
         problem = too_few_checkpoints(step_of.values(), options.from_step)
         if problem is not None:
@@ -331,24 +231,37 @@ def _check_score_groups(scores: pd.DataFrame, groups: set[str]) -> None:
 
 
 @dataclass
-class CompareResult:
-    metrics: pd.DataFrame  # long: checkpoint, step, group, metric, value
-    samples: pd.DataFrame  # per checkpoint x sample
+class CompareAnalysis:
+    """What :func:`analyse` computed; ``report.write_outputs`` writes it to files.
+
+    Attributes:
+        metrics: long: checkpoint, step, group, metric, value.
+        samples: one row per checkpoint x sample (:func:`checkpoint_samples`).
+        memorisation: t* and thresholds of every sample.
+        correlations: each metric against the scores (None: no scores, or too few
+            checkpoints: ``no_correlation`` says why).
+        table1: ``correlations`` in the paper's Table 1 layout (None without them).
+        scores: the scores file as read (None without ``--scores``).
+        no_correlation: why no correlation was computed despite scores, else None.
+        notes: warnings for the report and the terminal.
+        versions: package versions recorded in the first checkpoint's trace.
+    """
+
+    metrics: pd.DataFrame
+    samples: pd.DataFrame
     memorisation: MemorisationResult
     correlations: pd.DataFrame | None
     table1: pd.DataFrame | None
+    scores: pd.DataFrame | None
+    no_correlation: str | None
     notes: list[str]
-    files: list[Path]
+    versions: dict
 
 
-def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: CompareOptions,
-            command: str = "", versions: dict | None = None) -> CompareResult:
-    """Metrics per checkpoint x group from ``traces_dir/<name>`` traces; write outputs to ``out``.
-
-    Writes metrics.parquet, metrics.csv (long format), samples.parquet, report.md
-    and the plots (distance.png, consistency.png, loss.png).
-    """
-    step_of = steps(found)
+def analyse(found: list[Checkpoint], traces_dir: Path,
+            options: CompareOptions) -> CompareAnalysis:
+    """Metrics per checkpoint x group from the ``traces_dir/<name>`` traces (writes nothing)."""
+    step_of = ckpt.steps(found)
     traces = {c.name: Trace.open(traces_dir / c.name) for c in found}
     field = _group_field(next(iter(traces.values())), options.group_by)
     memorisation = memorise(loss_matrix(losses(traces, step_of)), options.epsilon,
@@ -381,13 +294,10 @@ def analyse(found: list[Checkpoint], traces_dir: Path, out: Path, options: Compa
             notes.append(f"correlations skipped: {no_correlation}")
         notes += _unused_scores_notes(scores, metrics)
     samples = pd.concat(sample_frames, ignore_index=True)
-    files = _write_outputs(out, metrics, samples)
-    files += report.plot_metrics(out, metrics, scores)
-    versions = versions or next(iter(traces.values())).manifest.versions or {}
-    files.append(report.write_report(out, metrics, correlations, scores, command, versions,
-                                     notes, memorisation, no_correlation))
+    versions = next(iter(traces.values())).manifest.versions or {}
     summary = table1(correlations) if correlations is not None else None
-    return CompareResult(metrics, samples, memorisation, correlations, summary, notes, files)
+    return CompareAnalysis(metrics, samples, memorisation, correlations, summary, scores,
+                           no_correlation, notes, versions)
 
 
 def _group_field(trace: Trace, column: str | None) -> pd.Series | None:
@@ -413,11 +323,3 @@ def _unused_scores_notes(scores: pd.DataFrame, metrics: pd.DataFrame) -> list[st
     return [f"the scores of group(s) {', '.join(map(repr, unused))} match no group of this "
             f"run (e.g. no sample of that label is memorised), so they were not used"]
 
-
-def _write_outputs(out: Path, metrics: pd.DataFrame, samples: pd.DataFrame) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    metrics.to_parquet(out / "metrics.parquet", index=False)
-    metrics.to_csv(out / "metrics.csv", index=False)
-    samples.assign(t_star=samples["t_star"].astype("Float64")).to_parquet(
-        out / "samples.parquet", index=False)
-    return [out / "metrics.parquet", out / "metrics.csv", out / "samples.parquet"]

@@ -1,7 +1,9 @@
-"""The report of ``moepath compare``: ``report.md`` and three small PNG plots.
+"""The files of ``moepath compare``: the metrics and samples tables, ``report.md`` and
+three small PNG plots.
 
-Renders what :mod:`.compare`, :mod:`.memorisation` and :mod:`.correlation`
-computed; no metric math here. Input is the long metrics frame
+Writes what :mod:`.compare`, :mod:`.memorisation` and :mod:`.correlation`
+computed (:func:`write_outputs` takes a :class:`.compare.CompareAnalysis`); no
+metric math here. Input is the long metrics frame
 (checkpoint, step, group, metric, value) whose metric names are
 :data:`METRIC_NAMES`. matplotlib is imported only inside :func:`plot_metrics`,
 which draws on an Agg canvas of its own (no pyplot, no global backend switch).
@@ -12,12 +14,16 @@ from __future__ import annotations
 import os
 from itertools import cycle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .correlation import check_metrics_frame, checkpoint_steps, resolve_scores, table1
 from .errors import MetricError
 from .memorisation import MemorisationResult, memorised_group_name
+
+if TYPE_CHECKING:
+    from .compare import CompareAnalysis
 
 # The metric names of the long frame (compare.checkpoint_metrics writes exactly these).
 DISTANCE = "distance"
@@ -53,6 +59,31 @@ PAPER_TABLE1 = pd.DataFrame(
 )
 PAPER_NOTE = ("Raw distances (tau 0.7) about 480-580; consistency-type values 0.24-0.44. On a "
               "55M-parameter MoE (nanoMoE) both metrics reach |r| 0.8-1.0.")
+
+
+def write_outputs(out_dir: str | Path, analysis: CompareAnalysis, command: str) -> list[Path]:
+    """Write every file of a comparison into ``out_dir``; return their paths in this order:
+    metrics.parquet, metrics.csv (long format), samples.parquet, the :data:`PLOTS`, and
+    report.md (last: it links the plots that exist). ``command``: the command line the
+    report shows."""
+    files = write_tables(out_dir, analysis.metrics, analysis.samples)
+    files += plot_metrics(out_dir, analysis.metrics, analysis.scores)
+    files.append(write_report(out_dir, analysis.metrics, analysis.correlations, analysis.scores,
+                              command, analysis.versions, analysis.notes, analysis.memorisation,
+                              analysis.no_correlation))
+    return files
+
+
+def write_tables(out_dir: str | Path, metrics: pd.DataFrame, samples: pd.DataFrame) -> list[Path]:
+    """metrics.parquet, metrics.csv (the long metrics frame) and samples.parquet (one row per
+    checkpoint x sample; ``t_star`` as nullable Float64)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics.to_parquet(out / "metrics.parquet", index=False)
+    metrics.to_csv(out / "metrics.csv", index=False)
+    samples.assign(t_star=samples["t_star"].astype("Float64")).to_parquet(
+        out / "samples.parquet", index=False)
+    return [out / "metrics.parquet", out / "metrics.csv", out / "samples.parquet"]
 
 
 def write_report(out_dir: str | Path, metrics: pd.DataFrame, correlations: pd.DataFrame | None,
