@@ -37,7 +37,8 @@ class FakeLLM:
     def collective_rpc(self, method: str, kwargs: dict | None = None) -> list:
         self.calls.append(method)
         if method == "moepath_describe":
-            return [{"reload_blocker": None}]
+            return [{"num_layers": 2, "layer_ids": [0, 1], "num_experts": 4, "top_k": 2,
+                     "routing": {}, "writer": True, "reload_blocker": None}]
         if method == "moepath_flush":
             shards, self.pending = self.pending, []
             return [{"shards": shards, "error": None, "requests_recomputed": 0}]
