@@ -83,3 +83,19 @@ def test_refuses_a_lone_pathway():
 
 def test_docstrings():
     assert doctest.testmod(baseline_module).failed == 0
+
+
+def test_the_baseline_scores_the_pathways_random_pathways_draws():
+    """The fast path (arrays encoded directly) against Pathway objects and the textbook
+    distance, drawn from the same generator state."""
+    group = [Pathway(((0, 1), (2,), (4, 3, 1))), Pathway(((3,), (1, 2), (0,)))] * 2
+    b = random_routing_baseline(group, 5, pairs=50, seed=4)
+    rng = np.random.default_rng((4, baseline_module._STREAM))
+    lengths = np.array([p.lengths() for p in group])
+    first = rng.integers(0, 4, size=50)
+    second = rng.integers(0, 3, size=50)
+    second += second >= first
+    a = random_pathways(lengths[first], 5, rng)
+    c = random_pathways(lengths[second], 5, rng)
+    naive = [naive_distance(p, q, "char", "none") for p, q in zip(a, c, strict=True)]
+    assert b.distance == pytest.approx(np.mean(naive))

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .distance import UNITS, check_choice, paired_distances
+from .distance import UNITS, check_choice, encode_arrays, paired_encoded_distances
 from .errors import MetricError
 from .pathways import Pathway
 
@@ -77,18 +77,9 @@ def random_pathways(lengths: np.ndarray, num_experts: int,
     Layer l of pathway p holds ``lengths[p, l]`` distinct experts of ``num_experts``, a
     uniformly random ordered subset (the first entries of a random permutation).
     """
-    count, layers = lengths.shape
-    if count and (lengths.max() > num_experts or lengths.min() < 0):
-        raise MetricError(f"per-layer lengths span {lengths.min()}..{lengths.max()}, outside "
-                          f"[0, {num_experts}]; pass the experts kept per layer")
-    chunk = max(1, _CHUNK_KEYS // max(1, layers * num_experts))
-    out = []
-    for start in range(0, count, chunk):
-        keys = rng.random((min(chunk, count - start), layers, num_experts))
-        order = np.argsort(keys, axis=-1)[..., : max(1, int(lengths.max()))].tolist()
-        for rows, ks in zip(order, lengths[start : start + chunk].tolist(), strict=True):
-            out.append(Pathway(tuple(tuple(row[:k]) for row, k in zip(rows, ks, strict=True))))
-    return out
+    experts = _random_experts(lengths, num_experts, rng)
+    return [Pathway(tuple(tuple(row[:k]) for row, k in zip(rows, ks, strict=True)))
+            for rows, ks in zip(experts.tolist(), lengths.tolist(), strict=True)]
 
 
 def random_routing_baseline(
@@ -100,6 +91,9 @@ def random_routing_baseline(
     workers: int = -1,
 ) -> Baseline:
     """The random-routing baseline of a group of at least 2 pathways (see the module doc).
+
+    Draws the same pathways as :func:`random_pathways` (same generator, same order),
+    encoded straight from arrays (``distance.encode_arrays``).
 
     Raises:
         MetricError: fewer than 2 pathways, different layer counts, or a bad unit.
@@ -114,8 +108,23 @@ def random_routing_baseline(
     first = rng.integers(0, n, size=pairs)
     second = rng.integers(0, n - 1, size=pairs)
     second += second >= first  # uniform over the n - 1 others
-    a = random_pathways(lengths[first], num_experts, rng)
-    b = random_pathways(lengths[second], num_experts, rng)
-    raw, normalized = paired_distances(a, b, unit, workers)
+    a, b = (encode_arrays(_random_experts(lengths[rows], num_experts, rng), lengths[rows], unit)
+            for rows in (first, second))
+    raw, normalized = paired_encoded_distances(a, b, workers)
     stderr = float(raw.std(ddof=1) / np.sqrt(pairs)) if pairs > 1 else float("nan")
     return Baseline(float(raw.mean()), stderr, float(normalized.mean()), pairs)
+
+
+def _random_experts(lengths: np.ndarray, num_experts: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """int [P, L, K]: per row of ``lengths`` [P, L], each layer's first K = max length
+    experts of a uniformly random permutation of ``num_experts``."""
+    count, layers = lengths.shape
+    if count and (lengths.max() > num_experts or lengths.min() < 0):
+        raise MetricError(f"per-layer lengths span {lengths.min()}..{lengths.max()}, outside "
+                          f"[0, {num_experts}]; pass the experts kept per layer")
+    keep = max(1, int(lengths.max())) if count else 1
+    chunk = max(1, _CHUNK_KEYS // max(1, layers * num_experts))
+    parts = [np.argsort(rng.random((min(chunk, count - start), layers, num_experts)),
+                        axis=-1)[..., :keep] for start in range(0, count, chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, layers, keep), dtype=np.int64)

@@ -222,13 +222,43 @@ def paired_distances(
         ([1.0], [0.16666666666666666])
     """
     check_choice("unit", unit, UNITS)
-    a = [_encode(p, unit) for p in first]
-    b = [_encode(p, unit) for p in second]
-    d = process.cpdist(a, b, scorer=Levenshtein.distance, dtype=np.int32, workers=workers)
-    d = d.astype(np.float64)
-    longer = np.maximum(np.fromiter(map(len, a), np.float64, len(a)),
-                        np.fromiter(map(len, b), np.float64, len(b)))
+    return paired_encoded_distances([_encode(p, unit) for p in first],
+                                    [_encode(p, unit) for p in second], workers)
+
+
+def paired_encoded_distances(
+    first: list[str], second: list[str], workers: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`paired_distances` of pathways already encoded (:func:`encode_arrays`)."""
+    d = process.cpdist(first, second, scorer=Levenshtein.distance, dtype=np.int32,
+                       workers=workers).astype(np.float64)
+    longer = np.maximum(np.fromiter(map(len, first), np.float64, len(first)),
+                        np.fromiter(map(len, second), np.float64, len(second)))
     return d, d / np.maximum(longer, 1)
+
+
+def encode_arrays(experts: np.ndarray, lengths: np.ndarray, unit: str = "char") -> list[str]:
+    """The strings whose edit distance is D in ``unit``, of pathways given as arrays.
+
+    ``experts``: int [P, L, K], each layer's experts in rank order (only the first
+    ``lengths[p, l]`` of row l count); ``lengths``: int [P, L], each >= 1. Equal to
+    encoding ``Pathway`` objects of the same experts, without building them (the
+    random-routing baseline draws thousands per group).
+
+    Example::
+
+        >>> encode_arrays(np.array([[[3, 1], [9, 0]]]), np.array([[2, 1]]))
+        ['3,1-9']
+    """
+    check_choice("unit", unit, UNITS)
+    if unit == "char":
+        names, within, between = [str(e) for e in range(int(experts.max()) + 1)], ",", "-"
+    else:
+        names = [chr(e - SEPARATOR) for e in range(int(experts.max()) + 1)]
+        within, between = "", chr(0)  # SEPARATOR's code point, as in _encode
+    tokens = np.asarray(names, dtype=object)[experts].tolist()  # [P][L][K] strings
+    return [between.join([within.join(row[:k]) for row, k in zip(rows, ks, strict=True)])
+            for rows, ks in zip(tokens, lengths.tolist(), strict=True)]
 
 
 def per_layer_distance(

@@ -101,19 +101,23 @@ def pair_mean_interval(matrix: np.ndarray, options: IntervalOptions,
     The diagonal is ignored. None with fewer than :data:`MIN_SAMPLES` samples or
     ``options.resamples == 0``. See the module docstring for the resampled statistic.
     """
-    d = np.array(matrix, dtype=np.float64)
-    n = len(d)
+    n = len(matrix)
     if n < MIN_SAMPLES or options.resamples == 0:
         return None
+    # float32 halves the cost of the [B, n] x [n, n] products (the bulk of compare's added
+    # time); its ~1e-6 relative rounding is far inside any interval's width.
+    d = np.array(matrix, dtype=np.float32)
     np.fill_diagonal(d, 0.0)
     off = d[~np.eye(n, dtype=bool)]
     if np.ptp(off) == 0:
         return Interval(float(off[0]), float(off[0]))
 
     def statistic(index: np.ndarray, axis: int = -1) -> np.ndarray:
-        counts = _counts(index, n)  # [B, n]
-        pairs = counts.sum(1) ** 2 - np.einsum("bi,bi->b", counts, counts)
-        return (np.einsum("bi,bi->b", counts @ d, counts) / pairs).reshape(index.shape[:-1])
+        counts = _counts(index, n).astype(np.float32)  # [B, n], small exact integers
+        pairs = counts.sum(1, dtype=np.float64) ** 2 - np.einsum("bi,bi->b", counts, counts,
+                                                                  dtype=np.float64)
+        quadratic = np.einsum("bi,bi->b", counts @ d, counts, dtype=np.float64)
+        return (quadratic / pairs).reshape(index.shape[:-1])
 
     return _bootstrap((np.arange(n),), statistic, options, stream)
 

@@ -316,7 +316,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def plot_metrics(out_dir: str | Path, metrics: pd.DataFrame,
                  scores: pd.DataFrame | None = None) -> list[Path]:
-    """Write the :data:`PLOTS` (each metric over steps, a line per group) into ``out_dir``.
+    """Write the :data:`PLOTS` (each metric over steps, a line per group with its interval
+    band, see :func:`_plot_groups`) into ``out_dir``.
 
     With ``scores`` (as for :func:`.correlation.correlate`), the score is drawn
     dashed on a second y-axis, one line per score group. Each PNG is
