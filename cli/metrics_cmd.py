@@ -19,6 +19,10 @@ PerSample = Annotated[Path | None, typer.Option(help="Also write per-sample path
                       "consistency to this .csv or .parquet file.")]
 Layers = Annotated[bool, typer.Option("--layers", help="Add the per-layer distance profile.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+Level = Annotated[float, typer.Option(help="Confidence level of the bootstrap intervals over "
+                  "samples (the *_ci_low / *_ci_high fields).")]
+Resamples = Annotated[int, typer.Option(help="Bootstrap resamples per interval; 0 computes "
+                      "no interval.")]
 PER_SAMPLE_FORMATS = (".csv", ".parquet")
 
 
@@ -34,6 +38,8 @@ def metrics(
     per_sample: PerSample = None,
     layers: Layers = False,
     as_json: Json = False,
+    level: Level = 0.95,
+    resamples: Resamples = 1000,
 ) -> None:
     """Pathway distance (Metric 1) and consistency (Metric 2) by group.
 
@@ -42,7 +48,8 @@ def metrics(
     from ..tracer.metrics import MetricOptions, trace_metrics, trace_sample_frame
 
     options = MetricOptions(tau=tau, unit=unit, normalize=normalize, source=source,
-                            pairs=o.parse_pairs(pairs), seed=seed)
+                            pairs=o.parse_pairs(pairs), seed=seed, level=level,
+                            resamples=resamples)
     _check_per_sample_path(per_sample)
     trace = Trace.open(trace_dir)
     if warning := trace.incomplete_warning():
@@ -90,7 +97,8 @@ def _payload(options, groups) -> dict:
         entries.append({key: None if isinstance(value, float) and math.isnan(value) else value
                         for key, value in entry.items()})
     return {"tau": options.tau, "unit": options.unit, "normalize": options.normalize,
-            "source": options.source, "degenerate": any(g.degenerate for g in groups),
+            "source": options.source, "level": options.level, "resamples": options.resamples,
+            "seed": options.seed, "degenerate": any(g.degenerate for g in groups),
             "groups": entries}
 
 

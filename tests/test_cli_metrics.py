@@ -6,6 +6,7 @@ The numbers printed must be the library's: each test recomputes them with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -61,6 +62,11 @@ def assert_same_group(entry: dict, expected):
         assert entry[key] == getattr(expected, key), key
     for key in ("consistency_mean", "complexity_mean"):  # float64 matmuls: same code, same box
         assert entry[key] == pytest.approx(getattr(expected, key), rel=1e-12, abs=1e-15), key
+    # intervals, baseline, controls, robust consistency: every field, seeded, same values
+    fields = {f.name for f in dataclasses.fields(expected)} - {"degenerate"}
+    assert set(entry) == fields
+    for key in sorted(fields - {"name", "note"}):
+        assert entry[key] == pytest.approx(getattr(expected, key), rel=1e-9, abs=1e-12), key
 
 
 def test_json_equals_group_metrics(trace_dir, trace):
@@ -68,13 +74,37 @@ def test_json_equals_group_metrics(trace_dir, trace):
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)  # the whole of stdout is one object
     assert {k: v for k, v in payload.items() if k != "groups"} == {
-        "tau": 0.7, "unit": "char", "normalize": "none", "source": "full", "degenerate": False}
+        "tau": 0.7, "unit": "char", "normalize": "none", "source": "full", "level": 0.95,
+        "resamples": 1000, "seed": 0, "degenerate": False}
     _, g = trace.router_means()
     [entry] = payload["groups"]
     assert_same_group(entry, group_metrics("all", g, trace.router_weights()))
     assert entry["n_samples"] == 9 and entry["n_pairs"] == 36 and entry["distance_stderr"] == 0
     assert len(entry["per_layer_distance"]) == 4
     assert result.stderr == ""
+
+
+def test_json_carries_intervals_baseline_controls_and_robust_consistency(tmp_path):
+    samples = {f"s{i}": ("math", 1000, 6 + i % 3, 6) for i in range(14)}  # >= MIN_SAMPLES
+    trace_dir = write_synthetic_trace(tmp_path / "trace", samples=samples, seed=3)
+    result = moepath("metrics", trace_dir, "--json", "--level", "0.9", "--resamples", "300",
+                     "--seed", "2")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert (payload["level"], payload["resamples"], payload["seed"]) == (0.9, 300, 2)
+    [entry] = payload["groups"]
+    trace = Trace.open(trace_dir)
+    expected = group_metrics("all", trace.router_means()[1], trace.router_weights(),
+                             MetricOptions(level=0.9, resamples=300, seed=2))
+    assert_same_group(entry, expected)
+    for metric in ("distance", "normalized_distance", "consistency", "pathway_length",
+                   "routing_entropy"):
+        mean = entry[f"{metric}_mean"] if f"{metric}_mean" in entry else entry.get(metric)
+        mean = entry["mean_pathway_length"] if metric == "pathway_length" else mean
+        assert entry[f"{metric}_ci_low"] <= mean <= entry[f"{metric}_ci_high"], metric
+    assert entry["baseline_distance"] > 0 and entry["excess_sharing"] == pytest.approx(
+        1 - entry["distance_mean"] / entry["baseline_distance"])
+    assert len(entry["per_layer_cosine"]) == 3 and entry["router_norm"] > 0
 
 
 def test_group_by_domain_sampled_pairs_and_a_group_of_one(trace_dir, trace):

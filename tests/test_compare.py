@@ -425,7 +425,9 @@ def test_a_group_of_one_sample_keeps_its_consistency_as_moepath_metrics_does(tmp
     rows = result.metrics[(result.metrics.checkpoint == "step300")
                           & (result.metrics.group == "(missing)")].set_index("metric")["value"]
     assert set(rows.index) == {"n_samples", "loss", "pathway_length", "consistency",
-                               "complexity"}  # no distance: it needs two samples
+                               "complexity", "consistency_median", "consistency_trimmed_mean",
+                               "nonpositive_cosine_share", "routing_entropy", "router_norm"}
+    # no distance, baseline or excess sharing: they need two samples
     [lone] = [g for g in trace_metrics(Trace.open(tmp_path / "traces" / "step300"),
                                        group_by="domain") if g.name == "(missing)"]
     assert rows["consistency"] == pytest.approx(lone.consistency_mean, rel=1e-12)
@@ -446,12 +448,62 @@ def test_compare_reads_the_distributions_of_the_source_option(tmp_path):
 
 def test_with_two_moe_layers_consistency_is_left_out_and_the_note_says_why(tmp_path):
     result = analyse(tmp_path, layers=2, scores=None)
-    assert not {"consistency", "complexity"} & set(result.metrics["metric"])
+    assert not {"consistency", "complexity", "consistency_median", "consistency_trimmed_mean",
+                "nonpositive_cosine_share"} & set(result.metrics["metric"])
     assert {"distance", "normalized_distance", "loss"} <= set(result.metrics["metric"])
     assert result.samples[["consistency", "complexity"]].isna().all().all()
     [note] = [n for n in result.notes if "fewer than 3" in n]
     assert "2 MoE layer(s)" in note and "left out of the tables, plots and correlations" in note
     assert "| 0.0000 |" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_metrics_rows_carry_intervals_baseline_controls_and_robust_consistency(tmp_path):
+    """The rows of each group equal ``group_metrics`` of its samples; layers go to their own
+    frame (layers.parquet), so metrics.parquet keeps one row per quantity."""
+    result = analyse(tmp_path, scores=None)
+    frame = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert list(frame.columns) == list(cmp.METRIC_COLUMNS)
+    rows = frame[(frame.checkpoint == "step300") & (frame.group == "all")].set_index("metric")
+    trace = Trace.open(tmp_path / "traces" / "step300")
+    [full] = trace_metrics(trace)  # 9 samples: below intervals.MIN_SAMPLES, so no interval
+    expected = {"distance": full.distance_mean, "baseline_distance": full.baseline_distance,
+                "baseline_normalized_distance": full.baseline_normalized_distance,
+                "excess_sharing": full.excess_sharing, "routing_entropy": full.routing_entropy,
+                "router_norm": full.router_norm, "consistency_median": full.consistency_median,
+                "consistency_trimmed_mean": full.consistency_trimmed_mean,
+                "nonpositive_cosine_share": full.nonpositive_cosine_share}
+    for metric, value in expected.items():
+        assert rows.loc[metric, "value"] == pytest.approx(value, rel=1e-9), metric
+    assert rows[["ci_low", "ci_high"]].isna().all().all()
+
+    layers = pd.read_parquet(tmp_path / "out" / "layers.parquet")
+    assert list(layers.columns) == list(cmp.LAYER_COLUMNS)
+    mine = layers[(layers.checkpoint == "step300") & (layers.group == "all")]
+    assert mine[mine.metric == "distance"]["value"].tolist() == full.per_layer_distance
+    assert mine[mine.metric == "cosine"]["value"].tolist() == pytest.approx(full.per_layer_cosine)
+    assert mine[mine.metric == "cosine"]["layer"].tolist() == [0, 1, 2]  # pairs (l, l+1)
+    assert set(layers["group"]) == set(result.metrics["group"])
+    assert (tmp_path / "out" / "layers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_checkpoint_rows_of_a_large_group_have_intervals_around_the_value():
+    rng = np.random.default_rng(0)
+    g = rng.dirichlet(np.full(8, 0.4), (30, 4)).astype(np.float32)
+    weights = [rng.normal(size=(8, 16)).astype(np.float32) for _ in range(4)]
+    data = cmp.CheckpointData([f"s{i}" for i in range(30)], g, weights,
+                              pd.Series(np.ones(30), index=[f"s{i}" for i in range(30)]))
+    options = MetricOptions(resamples=200)
+    rows, layer_rows = cmp.checkpoint_tables("c", 10, data, {"all": list(range(30)),
+                                                             "half": list(range(15))}, options)
+    frame = pd.DataFrame(rows).set_index(["group", "metric"])
+    with_ci = ["distance", "normalized_distance", "pathway_length", "routing_entropy",
+               "consistency"]
+    for group in ("all", "half"):
+        for metric in with_ci:
+            low, value, high = frame.loc[(group, metric), ["ci_low", "value", "ci_high"]]
+            assert low <= value <= high, (group, metric)
+    assert frame["ci_low"].notna().sum() == 2 * len(with_ci)
+    assert len(layer_rows) == 2 * (4 + 3)  # per group: 4 layer distances, 3 layer-pair cosines
 
 
 def test_memorised_only_with_no_memorised_sample_is_an_error_naming_the_thresholds(tmp_path):

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from moepath.tracer import consistency as consistency_module
-from moepath.tracer.consistency import routing_consistency
+from moepath.tracer.consistency import routing_consistency, summarise
 from moepath.tracer.errors import MetricError
 
 
@@ -152,3 +153,27 @@ def test_bad_router_matrices_are_refused(weights, message):
 
 def test_docstring_examples_hold():
     assert doctest.testmod(consistency_module).failed == 0
+
+
+def test_summary_equals_numpy_and_scipy_on_the_per_sample_values():
+    rng = np.random.default_rng(7)
+    g = rng.dirichlet(np.full(6, 0.3), (50, 4))
+    weights = [rng.normal(size=(6, 5)) for _ in range(4)]  # random routers: some max cos <= 0
+    result = routing_consistency(g, weights)
+    summary = summarise(result)
+    values = result.consistency
+    assert summary.mean == pytest.approx(np.mean(values))
+    assert summary.median == pytest.approx(np.median(values))
+    ordered = np.sort(values)[5:-5]  # 10% of 50 cut from each end
+    assert summary.trimmed_mean == pytest.approx(ordered.mean())
+    assert summary.trimmed_mean == pytest.approx(stats.trim_mean(values, 0.1))
+    share = np.mean([max(naive_sample(g[i], weights)[0]) <= 0 for i in range(len(g))])
+    assert 0 < summary.nonpositive_share == pytest.approx(share)
+    assert summary.layer_cosines == pytest.approx(
+        [np.mean([naive_sample(g[i], weights)[0][layer] for i in range(len(g))])
+         for layer in range(3)])
+
+
+def test_summary_of_one_layer_is_empty():
+    summary = summarise(routing_consistency(np.full((3, 1, 2), 0.5), [np.eye(2)]))
+    assert np.isnan(summary.mean) and summary.layer_cosines == []

@@ -250,3 +250,14 @@ def test_per_layer_distance_refuses_mixed_layer_counts():
 
 def test_docstring_examples_hold():
     assert doctest.testmod(distance_module).failed == 0
+
+
+@pytest.mark.parametrize("unit", ["char", "expert"])
+def test_encode_arrays_equals_encoding_pathways(unit):
+    rng = np.random.default_rng(0)
+    experts = np.argsort(rng.random((20, 3, 12)), axis=-1)[..., :5]
+    lengths = rng.integers(1, 6, size=(20, 3))
+    paths = [Pathway(tuple(tuple(row[:k]) for row, k in zip(rows, ks, strict=True)))
+             for rows, ks in zip(experts.tolist(), lengths.tolist(), strict=True)]
+    assert distance_module.encode_arrays(experts, lengths, unit) == [
+        distance_module._encode(p, unit) for p in paths]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,10 @@ def test_group_metrics_hand_computed():
     # '0,1-0,1-0,1' vs '2,1-2,1-2,1': 3 substitutions in 11 characters; same routing in
     # every layer, so every cosine is 1 and consistency is 1 - 1e-8.
     result = group_metrics("math", *two_samples())
+    # The baseline is a simulation (tests/test_baseline.py checks it); the rest is exact.
+    assert result.baseline_distance > 0 and result.excess_sharing < 1
+    result = replace(result, baseline_distance=None, baseline_distance_stderr=None,
+                     baseline_normalized_distance=None, excess_sharing=None)
     assert result == GroupMetrics(
         name="math",
         n_samples=2,
@@ -62,6 +67,14 @@ def test_group_metrics_hand_computed():
         mean_pathway_length=6.0,
         per_layer_distance=[1.0, 1.0, 1.0],
         degenerate=False,
+        # 2 samples: too few for a bootstrap interval (intervals.MIN_SAMPLES)
+        consistency_median=pytest.approx(1.0),
+        consistency_trimmed_mean=pytest.approx(1.0),
+        nonpositive_cosine_share=0.0,
+        per_layer_cosine=[1.0, 1.0],
+        routing_entropy=pytest.approx(-(0.6 * np.log(0.6) + 0.3 * np.log(0.3)
+                                        + 0.1 * np.log(0.1)), rel=1e-6),
+        router_norm=1.0,
     )
 
 

@@ -24,13 +24,32 @@ def metrics_frame() -> pd.DataFrame:
         for group in ("all", "math", "t*=2000"):
             values = {"n_samples": 1 if group == "t*=2000" else 12, "loss": 2.5 - 0.5 * i,
                       "consistency": 0.30 + 0.05 * i, "complexity": 0.70 - 0.05 * i}
+            values |= {"consistency_median": 0.32 + 0.05 * i,
+                       "consistency_trimmed_mean": 0.31 + 0.05 * i,
+                       "nonpositive_cosine_share": 0.25 - 0.05 * i,
+                       "routing_entropy": 1.5 - 0.1 * i, "router_norm": 2.0 + 0.1 * i}
             if group != "t*=2000":
                 values |= {"distance": 540.0 - 20 * i, "normalized_distance": 0.41 - 0.02 * i,
                            "distance_stderr": 1.25 if group == "all" else 0.0,
-                           "pathway_length": 96.0 + i}
+                           "pathway_length": 96.0 + i, "baseline_distance": 600.0 + 10 * i,
+                           "baseline_normalized_distance": 0.5 + 0.01 * i,
+                           "excess_sharing": 1 - (540.0 - 20 * i) / (600.0 + 10 * i)}
             rows += [{"checkpoint": name, "step": step, "group": group, "metric": metric,
-                      "value": value} for metric, value in values.items()]
+                      "value": value, **INTERVALS.get((group, metric), {})}
+                     for metric, value in values.items()]
     return pd.DataFrame(rows)
+
+
+# math's distance and consistency have bootstrap intervals (the same at every checkpoint)
+INTERVALS = {("math", "distance"): {"ci_low": -10.0, "ci_high": 10.0},
+             ("math", "consistency"): {"ci_low": -0.01, "ci_high": 0.02}}
+
+
+def interval_frame() -> pd.DataFrame:
+    """metrics_frame with each interval around its value (ci columns hold offsets above)."""
+    frame = metrics_frame()
+    return frame.assign(ci_low=frame["value"] + frame["ci_low"],
+                        ci_high=frame["value"] + frame["ci_high"])
 
 
 SCORES = pd.DataFrame({"checkpoint": list(STEPS), "score": [0.20, 0.35, 0.60]})
@@ -39,7 +58,7 @@ SCORES = pd.DataFrame({"checkpoint": list(STEPS), "score": [0.20, 0.35, 0.60]})
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("report")
-    metrics = metrics_frame()
+    metrics = interval_frame()
     plot_metrics(tmp_path, metrics, SCORES)
     losses = pd.DataFrame([[3.0, 1.0, 0.5], [3.0, 3.0, 2.5]], columns=list(STEPS.values()),
                           index=["a", "b"])
@@ -55,14 +74,19 @@ def test_report_has_command_versions_and_checkpoint_tables(report):
     assert "| moepath | 0.1.0 |" in report
     for group in ("### all", "### math", "### t*=2000"):
         assert group in report
-    header = ("| checkpoint | step | n | distance (mean ± stderr) | normalised distance | "
-              "pathway length | consistency | complexity | mean loss |")
+    header = ("| checkpoint | step | n | distance [CI] | normalised distance [CI] | "
+              "baseline distance | excess sharing | pathway length [CI] | routing entropy [CI] "
+              "| consistency [CI] | consistency median / trimmed | max cos ≤ 0 | complexity | "
+              "router norm | mean loss |")
     assert report.count(header) == 3
-    assert "| step1000 | 1000 | 12 | 540.00 ± 1.25 | 0.4100 | 96.00 | 0.3000 | 0.7000 | 2.5000 |" \
-        in report
-    assert "| step3000 | 3000 | 12 | 500.00 ± 0.00 | 0.3700 | 98.00 | 0.4000 | 0.6000 | 1.5000 |" \
-        in report
-    assert "| step2000 | 2000 | 1 | — | — | — | 0.3500 | 0.6500 | 2.0000 |" in report
+    # all: sampled pairs without an interval show ± stderr; math: intervals, exact distance
+    assert ("| step1000 | 1000 | 12 | 540.00 ± 1.25 | 0.4100 | 600.00 | 0.100 | 96.00 | 1.500 "
+            "| 0.3000 | 0.3200 / 0.3100 | 25% | 0.7000 | 2.000 | 2.5000 |") in report
+    assert ("| step3000 | 3000 | 12 | 500.00 [490.00, 510.00] | 0.3700 | 620.00 | 0.194 | 98.00 "
+            "| 1.300 | 0.4000 [0.3900, 0.4200] | 0.4200 / 0.4100 | 15% | 0.6000 | 2.200 | 1.5000 |"
+            ) in report
+    assert ("| step2000 | 2000 | 1 | — | — | — | — | — | 1.400 | 0.3500 | 0.3700 / 0.3600 | 20% "
+            "| 0.6500 | 2.100 | 2.0000 |") in report
 
 
 def test_report_has_memorisation_correlation_paper_plots_and_notes(report):
@@ -81,7 +105,9 @@ def test_report_has_memorisation_correlation_paper_plots_and_notes(report):
     for name in PLOTS:
         assert f"]({name})" in report
     assert "- consistency is degenerate: fewer than 3 MoE layers" in report
-    assert "- 3 correlation(s) could not be computed" in report
+    # t*=2000 (one sample) has no distance, normalised distance, baseline distance, baseline
+    # normalised distance, excess sharing or pathway length
+    assert "- 6 correlation(s) could not be computed" in report
     sections = [line for line in report.splitlines() if line.startswith("## ")]
     assert sections == ["## Command and versions", "## Checkpoints", "## Memorisation",
                         "## Correlation with the scores",
@@ -100,8 +126,11 @@ def test_report_without_scores(tmp_path):
 
 @pytest.mark.parametrize("scores", [SCORES, None])
 def test_plots_are_small_valid_pngs(tmp_path, scores):
-    paths = plot_metrics(tmp_path, metrics_frame(), scores)
-    assert [p.name for p in paths] == ["distance.png", "consistency.png", "loss.png"]
+    paths = plot_metrics(tmp_path, interval_frame(), scores)
+    assert [p.name for p in paths] == list(PLOTS)
+    assert list(PLOTS) == ["distance.png", "normalized_distance.png", "excess_sharing.png",
+                           "pathway_length.png", "routing_entropy.png", "consistency.png",
+                           "loss.png"]
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == PNG_MAGIC

@@ -38,6 +38,7 @@ from .memorisation import (
 )
 from .metrics import (
     ALL_GROUP,
+    GroupMetrics,
     MetricOptions,
     degenerate_warning,
     group_labels,
@@ -108,28 +109,82 @@ def _group_order(name: str) -> tuple[int, str]:
     return t_star, label or ""
 
 
+# The long metrics frame: a metric's bootstrap interval rides on its row (NaN without one),
+# so the metric names stay the quantities themselves and correlating by name is unaffected.
+METRIC_COLUMNS = ("checkpoint", "step", "group", "metric", "value", "ci_low", "ci_high")
+# The per-layer frame (layers.parquet): layer l's distance, and the mean cosine of layers
+# l and l+1 (metric "cosine"), kept apart so the metrics frame holds one row per quantity.
+LAYER_COLUMNS = ("checkpoint", "step", "group", "layer", "metric", "value")
+
+
 def checkpoint_metrics(name: str, step: int, data: CheckpointData,
                        groups: dict[str, list[int]], options: MetricOptions) -> list[dict]:
-    """Long-format rows (checkpoint, step, group, metric, value) for one checkpoint.
+    """Long-format rows (:data:`METRIC_COLUMNS`) for one checkpoint; see
+    :func:`checkpoint_tables`."""
+    return checkpoint_tables(name, step, data, groups, options)[0]
 
-    A group of one sample has no distance rows (as in ``moepath metrics``); with fewer
-    than 3 MoE layers consistency and complexity are constants (docs/method.md, degenerate
-    case), so they have no rows either.
+
+def checkpoint_tables(name: str, step: int, data: CheckpointData, groups: dict[str, list[int]],
+                      options: MetricOptions) -> tuple[list[dict], list[dict]]:
+    """(metric rows, per-layer rows) of one checkpoint, from one pass over its groups.
+
+    Metric rows (:data:`METRIC_COLUMNS`), per group: n_samples, loss, distance,
+    distance_stderr, normalized_distance, baseline_distance, baseline_normalized_distance,
+    excess_sharing, pathway_length, routing_entropy, router_norm, consistency,
+    consistency_median, consistency_trimmed_mean, nonpositive_cosine_share, complexity
+    (``GroupMetrics`` documents each). distance, normalized_distance, pathway_length,
+    routing_entropy and consistency carry a bootstrap interval in ci_low/ci_high.
+    A group of one sample has no distance or baseline rows (as in ``moepath metrics``);
+    with fewer than 3 MoE layers the consistency rows are constants (docs/method.md,
+    degenerate case), so they are left out.
+
+    Per-layer rows (:data:`LAYER_COLUMNS`): metric ``distance`` (or
+    ``normalized_distance`` with ``options.normalize="max"``) of layer l's segments, and
+    ``cosine``, the group mean of c_l between layers l and l+1.
     """
-    rows = []
+    rows, layer_rows = [], []
     for group, index in groups.items():
         summary = (group_metrics if len(index) >= 2 else lone_sample_metrics)(
             group, data.distributions[index], data.router_weights, options)
-        values = {"n_samples": len(index), "loss": float(np.nanmean(data.loss.iloc[index])),
-                  "distance": summary.distance_mean, "distance_stderr": summary.distance_stderr,
-                  "normalized_distance": summary.normalized_distance_mean,
-                  "pathway_length": summary.mean_pathway_length}
-        if not summary.degenerate:
-            values.update(consistency=summary.consistency_mean,
-                          complexity=summary.complexity_mean)
+        loss = float(np.nanmean(data.loss.iloc[index]))
         rows += [{"checkpoint": name, "step": step, "group": group, "metric": metric,
-                  "value": value} for metric, value in values.items() if value is not None]
-    return rows
+                  "value": value, "ci_low": low, "ci_high": high}
+                 for metric, (value, low, high) in _group_values(summary, loss).items()
+                 if value is not None]
+        layer_rows += [{"checkpoint": name, "step": step, "group": group, "layer": layer,
+                        "metric": metric, "value": value}
+                       for metric, values in _layer_values(summary, options).items()
+                       for layer, value in enumerate(values)]
+    return rows, layer_rows
+
+
+def _group_values(m: GroupMetrics, loss: float) -> dict[str, tuple]:
+    """metric -> (value, ci_low, ci_high) of one group (None: no value or no interval)."""
+    def ci(metric: str) -> tuple:
+        return getattr(m, f"{metric}_ci_low"), getattr(m, f"{metric}_ci_high")
+
+    values = {"n_samples": (m.n_samples, None, None), "loss": (loss, None, None),
+              "distance": (m.distance_mean, *ci("distance")),
+              "distance_stderr": (m.distance_stderr, None, None),
+              "normalized_distance": (m.normalized_distance_mean, *ci("normalized_distance")),
+              "baseline_distance": (m.baseline_distance, None, None),
+              "baseline_normalized_distance": (m.baseline_normalized_distance, None, None),
+              "excess_sharing": (m.excess_sharing, None, None),
+              "pathway_length": (m.mean_pathway_length, *ci("pathway_length")),
+              "routing_entropy": (m.routing_entropy, *ci("routing_entropy")),
+              "router_norm": (m.router_norm, None, None)}
+    if not m.degenerate:
+        values.update(consistency=(m.consistency_mean, *ci("consistency")),
+                      consistency_median=(m.consistency_median, None, None),
+                      consistency_trimmed_mean=(m.consistency_trimmed_mean, None, None),
+                      nonpositive_cosine_share=(m.nonpositive_cosine_share, None, None),
+                      complexity=(m.complexity_mean, None, None))
+    return values
+
+
+def _layer_values(m: GroupMetrics, options: MetricOptions) -> dict[str, list[float]]:
+    distance = "distance" if options.normalize == "none" else "normalized_distance"
+    return {distance: m.per_layer_distance or [], "cosine": m.per_layer_cosine or []}
 
 
 def checkpoint_samples(name: str, step: int, data: CheckpointData,
@@ -245,6 +300,7 @@ class CompareAnalysis:
         no_correlation: why no correlation was computed despite scores, else None.
         notes: warnings for the report and the terminal.
         versions: package versions recorded in the first checkpoint's trace.
+        layers: long per-layer profiles (:data:`LAYER_COLUMNS`), None if not computed.
     """
 
     metrics: pd.DataFrame
@@ -256,6 +312,7 @@ class CompareAnalysis:
     no_correlation: str | None
     notes: list[str]
     versions: dict
+    layers: pd.DataFrame | None = None
 
 
 def analyse(found: list[Checkpoint], traces_dir: Path,
@@ -270,16 +327,20 @@ def analyse(found: list[Checkpoint], traces_dir: Path,
     if options.memorised_only and memorisation.fraction_memorised == 0:
         raise InputError(f"no sample is memorised ({memorisation.thresholds()}); raise "
                          f"--epsilon or drop --memorised-only")
-    rows, sample_frames = [], []
+    rows, layer_rows, sample_frames = [], [], []
     for name, trace in traces.items():
         data = load_checkpoint_data(trace, options.metrics.source)
         groups = sample_groups(data.sample_ids, memorisation, field)
         if options.memorised_only:
             groups = {g: rows_ for g, rows_ in groups.items() if parse_memorised_group(g)}
-        rows += checkpoint_metrics(name, step_of[name], data, groups, options.metrics)
+        metric_rows, layer_rows_ = checkpoint_tables(name, step_of[name], data, groups,
+                                                     options.metrics)
+        rows += metric_rows
+        layer_rows += layer_rows_
         sample_frames.append(checkpoint_samples(name, step_of[name], data, memorisation,
                                                 options.metrics))
-    metrics = pd.DataFrame(rows, columns=["checkpoint", "step", "group", "metric", "value"])
+    metrics = pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
+    layers = pd.DataFrame(layer_rows, columns=list(LAYER_COLUMNS))
     notes = _notes(memorisation, traces)
     correlations = scores = no_correlation = None
     if options.scores is not None:
@@ -297,7 +358,7 @@ def analyse(found: list[Checkpoint], traces_dir: Path,
     versions = next(iter(traces.values())).manifest.versions or {}
     summary = table1(correlations) if correlations is not None else None
     return CompareAnalysis(metrics, samples, memorisation, correlations, summary, scores,
-                           no_correlation, notes, versions)
+                           no_correlation, notes, versions, layers)
 
 
 def _group_field(trace: Trace, column: str | None) -> pd.Series | None:

@@ -29,12 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 from .errors import MetricError
 from .pathways import as_distributions
 
 # The paper's guard against dividing by a zero max cosine.
 EPSILON = 1e-8
+# summarise(): the trimmed mean cuts this share of the samples from each end (10% + 10%).
+TRIM = 0.1
 # Samples per chunk: one layer's embeddings [n, hidden] hold at most this many values (32 MiB).
 _CHUNK_VALUES = 1 << 22
 
@@ -142,3 +145,52 @@ def _complexity(cosines: np.ndarray) -> np.ndarray:
         return np.full(len(cosines), np.nan)
     peak = cosines.max(axis=1, keepdims=True)
     return 1.0 - (cosines / (peak + EPSILON)).mean(axis=1)
+
+
+@dataclass(frozen=True)
+class ConsistencySummary:
+    """A group's Metric 2, robust to the samples whose max cosine is near 0 or negative.
+
+    The paper's ratio c_l / max_l' c_l' explodes when a sample's largest cosine is near
+    zero and flips sign when it is negative, so one such sample can drag the group mean
+    anywhere (random routers: mean about -11, median about -1.5). Hence, beside the mean:
+
+    Attributes:
+        mean, median: of the per-sample consistency.
+        trimmed_mean: ``scipy.stats.trim_mean(consistency, TRIM)``: the mean of the middle
+            80% (10% cut from each end).
+        nonpositive_share: the share of samples whose largest cosine max_l c_l is <= 0,
+            whose consistency is therefore not a measurement of smoothness.
+        layer_cosines: [L-1] the group mean of c_l, l = 0..L-2 (layer l to l+1): the
+            per-layer profile.
+        All NaN (and ``layer_cosines`` empty) when L = 1.
+    """
+
+    mean: float
+    median: float
+    trimmed_mean: float
+    nonpositive_share: float
+    layer_cosines: list[float]
+
+
+def summarise(result: ConsistencyResult) -> ConsistencySummary:
+    """The group summary of per-sample Metric 2 values (see :class:`ConsistencySummary`).
+
+    Example::
+
+        >>> r = ConsistencyResult(np.array([[1.0], [-0.5]]), np.zeros(2), np.array([1.0, 3.0]),
+        ...                       degenerate=True)
+        >>> s = summarise(r)
+        >>> s.mean, s.median, s.nonpositive_share, s.layer_cosines
+        (2.0, 2.0, 0.5, [0.25])
+    """
+    values = result.consistency
+    if result.cosines.shape[1] == 0 or len(values) == 0:
+        return ConsistencySummary(*[float("nan")] * 4, layer_cosines=[])
+    return ConsistencySummary(
+        mean=float(values.mean()),
+        median=float(np.median(values)),
+        trimmed_mean=float(stats.trim_mean(values, TRIM)),
+        nonpositive_share=float((result.cosines.max(axis=1) <= 0).mean()),
+        layer_cosines=result.cosines.mean(axis=0).tolist(),
+    )

@@ -155,11 +155,110 @@ def distance_summary(
 
     Both come from the same pair distances, so reporting them side by side costs one.
     """
+    return pair_distances(pathways, unit, pairs, seed, workers, name).summary
+
+
+@dataclass(frozen=True)
+class PairDistances:
+    """A group's mean distances and the pair distances behind them (for bootstrap intervals).
+
+    Attributes:
+        summary: :func:`distance_summary`'s result, keyed "none" and "max".
+        n_samples: n, the pathways of the group.
+        matrix: float64 [n, n] raw distances (symmetric, zero diagonal) when every pair was
+            compared and n <= ``_BLOCK`` (2000), else None.
+        normalized_matrix: ``matrix`` with each pair divided by its longer pathway's length.
+        first, second, raw, normalized: int64 [P], int64 [P], float64 [P], float64 [P]:
+            uniformly sampled pairs (i, j), i != j, and their distances, when ``matrix``
+            is None: the pairs of a sampled estimate, or, for an exact group too large to
+            keep its matrix, :data:`SAMPLED_PAIRS` pairs drawn (with ``seed``) for the
+            interval only.
+    """
+
+    summary: dict[str, DistanceResult]
+    n_samples: int
+    matrix: np.ndarray | None = None
+    normalized_matrix: np.ndarray | None = None
+    first: np.ndarray | None = None
+    second: np.ndarray | None = None
+    raw: np.ndarray | None = None
+    normalized: np.ndarray | None = None
+
+
+def pair_distances(
+    pathways: list[Pathway],
+    unit: str = "char",
+    pairs: int | None = None,
+    seed: int = 0,
+    workers: int = -1,
+    name: str = "group",
+) -> PairDistances:
+    """:func:`distance_summary` and the pair distances it averaged (see :class:`PairDistances`).
+
+    Arguments as in :func:`group_distance`.
+    """
     check_choice("unit", unit, UNITS)
     _check_group(len(pathways), name)
-    return _summarise(
-        [_encode(p, unit) for p in pathways], plan_pairs(len(pathways), pairs), seed, workers
-    )
+    texts = [_encode(p, unit) for p in pathways]
+    lengths = np.fromiter(map(len, texts), dtype=np.float64, count=len(texts))
+    plan = plan_pairs(len(pathways), pairs)
+    if plan is None and len(texts) <= _BLOCK:
+        return _matrix(texts, lengths, workers)
+    if plan is None:
+        drawn = _sampled(texts, lengths, SAMPLED_PAIRS, seed, workers)
+        return PairDistances(**{**drawn.__dict__, "summary": _exact(texts, lengths, workers)})
+    return _sampled(texts, lengths, plan, seed, workers)
+
+
+def paired_distances(
+    first: list[Pathway], second: list[Pathway], unit: str = "char", workers: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 [P] raw and [P] max-normalised distances of ``first[p]`` to ``second[p]``.
+
+    Example::
+
+        >>> raw, normalized = paired_distances([Pathway.parse("3,1-9")], [Pathway.parse("3,12-9")])
+        >>> raw.tolist(), normalized.tolist()
+        ([1.0], [0.16666666666666666])
+    """
+    check_choice("unit", unit, UNITS)
+    return paired_encoded_distances([_encode(p, unit) for p in first],
+                                    [_encode(p, unit) for p in second], workers)
+
+
+def paired_encoded_distances(
+    first: list[str], second: list[str], workers: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`paired_distances` of pathways already encoded (:func:`encode_arrays`)."""
+    d = process.cpdist(first, second, scorer=Levenshtein.distance, dtype=np.int32,
+                       workers=workers).astype(np.float64)
+    longer = np.maximum(np.fromiter(map(len, first), np.float64, len(first)),
+                        np.fromiter(map(len, second), np.float64, len(second)))
+    return d, d / np.maximum(longer, 1)
+
+
+def encode_arrays(experts: np.ndarray, lengths: np.ndarray, unit: str = "char") -> list[str]:
+    """The strings whose edit distance is D in ``unit``, of pathways given as arrays.
+
+    ``experts``: int [P, L, K], each layer's experts in rank order (only the first
+    ``lengths[p, l]`` of row l count); ``lengths``: int [P, L], each >= 1. Equal to
+    encoding ``Pathway`` objects of the same experts, without building them (the
+    random-routing baseline draws thousands per group).
+
+    Example::
+
+        >>> encode_arrays(np.array([[[3, 1], [9, 0]]]), np.array([[2, 1]]))
+        ['3,1-9']
+    """
+    check_choice("unit", unit, UNITS)
+    if unit == "char":
+        names, within, between = [str(e) for e in range(int(experts.max()) + 1)], ",", "-"
+    else:
+        names = [chr(e - SEPARATOR) for e in range(int(experts.max()) + 1)]
+        within, between = "", chr(0)  # SEPARATOR's code point, as in _encode
+    tokens = np.asarray(names, dtype=object)[experts].tolist()  # [P][L][K] strings
+    return [between.join([within.join(row[:k]) for row, k in zip(rows, ks, strict=True)])
+            for rows, ks in zip(tokens, lengths.tolist(), strict=True)]
 
 
 def per_layer_distance(
@@ -234,7 +333,21 @@ def _summarise(
     lengths = np.fromiter(map(len, texts), dtype=np.float64, count=len(texts))
     if plan is None:
         return _exact(texts, lengths, workers)
-    return _sampled(texts, lengths, plan, seed, workers)
+    return _sampled(texts, lengths, plan, seed, workers).summary
+
+
+def _matrix(texts: list[str], lengths: np.ndarray, workers: int) -> PairDistances:
+    """All pairs of a group that fits one block, keeping the [n, n] matrices."""
+    n = len(texts)
+    # Passing the same list twice lets rapidfuzz compute one triangle and mirror it.
+    d = process.cdist(texts, texts, scorer=Levenshtein.distance, dtype=np.int32,
+                      workers=workers).astype(np.float64)
+    normalized = d / np.maximum(np.maximum.outer(lengths, lengths), 1)
+    total = n * (n - 1) // 2
+    # Symmetric with a zero diagonal: the sum counts each pair twice (as in _exact).
+    summary = {key: DistanceResult(0.5 * float(m.sum()) / total, 0.0, total, True, n)
+               for key, m in (("none", d), ("max", normalized))}
+    return PairDistances(summary, n, matrix=d, normalized_matrix=normalized)
 
 
 def _exact(texts: list[str], lengths: np.ndarray, workers: int) -> dict[str, DistanceResult]:
@@ -262,7 +375,7 @@ def _exact(texts: list[str], lengths: np.ndarray, workers: int) -> dict[str, Dis
 
 def _sampled(
     texts: list[str], lengths: np.ndarray, pairs: int, seed: int, workers: int
-) -> dict[str, DistanceResult]:
+) -> PairDistances:
     """``pairs`` pairs drawn uniformly from ordered pairs i != j, with replacement."""
     n = len(texts)
     rng = np.random.default_rng(seed)
@@ -278,7 +391,9 @@ def _sampled(
     )
     d = d.astype(np.float64)
     longer = np.maximum(np.maximum(lengths[first], lengths[second]), 1)
-    return {"none": _estimate(d, n), "max": _estimate(d / longer, n)}
+    normalized = d / longer
+    return PairDistances({"none": _estimate(d, n), "max": _estimate(normalized, n)}, n,
+                         first=first, second=second, raw=d, normalized=normalized)
 
 
 def _estimate(values: np.ndarray, n_samples: int) -> DistanceResult:

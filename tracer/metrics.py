@@ -28,17 +28,30 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .consistency import is_degenerate, routing_consistency
+from .baseline import excess_sharing, random_routing_baseline
+from .consistency import is_degenerate, routing_consistency, summarise
+from .controls import router_norm, routing_entropy
 from .distance import (
     NORMALIZATIONS,
     UNITS,
+    PairDistances,
     check_choice,
     check_pairs,
     check_seed,
-    distance_summary,
+    pair_distances,
     per_layer_distance,
 )
 from .errors import InputError, MetricError
+from .intervals import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    Interval,
+    IntervalOptions,
+    check_interval_options,
+    mean_interval,
+    pair_mean_interval,
+    sampled_pair_mean_interval,
+)
 from .pathways import (
     DEFAULT_TAU,
     SOURCES,
@@ -71,7 +84,9 @@ class MetricOptions:
             Readers of traces use it to pick the array; the metrics do not.
         pairs: None for the default exact/sampled policy, or pairs to sample
             (``distance.plan_pairs``).
-        seed: seeds pair sampling, an int >= 0.
+        seed: seeds pair sampling, the bootstrap and the random-routing baseline, an int >= 0.
+        level: confidence level of the bootstrap intervals, in (0, 1).
+        resamples: bootstrap resamples per interval (``intervals.py``); 0 computes none.
     """
 
     tau: float = DEFAULT_TAU
@@ -80,6 +95,8 @@ class MetricOptions:
     source: str = "full"
     pairs: int | None = None
     seed: int = 0
+    level: float = DEFAULT_LEVEL
+    resamples: int = DEFAULT_RESAMPLES
 
     def __post_init__(self) -> None:
         check_tau(self.tau)
@@ -88,6 +105,11 @@ class MetricOptions:
         check_choice("source", self.source, SOURCES)
         check_pairs(self.pairs)
         check_seed(self.seed)
+        check_interval_options(self.level, self.resamples)
+
+    @property
+    def intervals(self) -> IntervalOptions:
+        return IntervalOptions(self.level, self.resamples, self.seed)
 
 
 DEFAULT_OPTIONS = MetricOptions()
@@ -114,6 +136,25 @@ class GroupMetrics:
         note: why fields are empty, else None. A group of one sample (only from
             :func:`trace_metrics`) has no pairs: its distance fields and
             ``per_layer_distance`` are None and ``n_pairs`` is 0.
+
+    Uncertainty, baseline, controls and robust Metric 2 (docs/method.md, "Uncertainty"
+    onwards; fields default to None so older constructors still work):
+
+        <metric>_ci_low, <metric>_ci_high: bootstrap interval over samples
+            (``options.level``) of distance, normalized_distance, consistency,
+            pathway_length (of ``mean_pathway_length``) and routing_entropy; None for
+            groups of fewer than ``intervals.MIN_SAMPLES`` samples or ``resamples=0``.
+            For a sampled-pairs group the distance interval also carries the
+            pair-sampling noise (``intervals.sampled_pair_mean_interval``).
+        baseline_distance, baseline_distance_stderr, baseline_normalized_distance: the
+            expected distance of random routing with the group's per-layer lengths
+            (``baseline.py``), with its simulation standard error.
+        excess_sharing: ``1 - distance_mean / baseline_distance``.
+        consistency_median, consistency_trimmed_mean (10% cut from each end),
+        nonpositive_cosine_share: robust Metric 2 (``consistency.summarise``).
+        per_layer_cosine: [L-1] group mean cosine of layers l and l+1.
+        routing_entropy: mean over samples and layers of the entropy of g_l (nats).
+        router_norm: mean L2 norm of the router rows (a property of the checkpoint).
     """
 
     name: str
@@ -130,6 +171,26 @@ class GroupMetrics:
     per_layer_distance: list[float] | None
     degenerate: bool
     note: str | None = None
+    distance_ci_low: float | None = None
+    distance_ci_high: float | None = None
+    normalized_distance_ci_low: float | None = None
+    normalized_distance_ci_high: float | None = None
+    baseline_distance: float | None = None
+    baseline_distance_stderr: float | None = None
+    baseline_normalized_distance: float | None = None
+    excess_sharing: float | None = None
+    consistency_ci_low: float | None = None
+    consistency_ci_high: float | None = None
+    consistency_median: float | None = None
+    consistency_trimmed_mean: float | None = None
+    nonpositive_cosine_share: float | None = None
+    per_layer_cosine: list[float] | None = None
+    pathway_length_ci_low: float | None = None
+    pathway_length_ci_high: float | None = None
+    routing_entropy: float | None = None
+    routing_entropy_ci_low: float | None = None
+    routing_entropy_ci_high: float | None = None
+    router_norm: float | None = None
 
 
 def group_metrics(
@@ -148,9 +209,11 @@ def group_metrics(
     """
     paths = pathways(distributions, options.tau)
     sampling = {"pairs": options.pairs, "seed": options.seed, "name": name}
-    distance = distance_summary(paths, options.unit, **sampling)
+    pairs = pair_distances(paths, options.unit, **sampling)
     layers = per_layer_distance(paths, options.unit, options.normalize, **sampling)
-    raw, normalized = distance["none"], distance["max"]
+    raw, normalized = pairs.summary["none"], pairs.summary["max"]
+    baseline = random_routing_baseline(paths, np.shape(distributions)[2], options.unit,
+                                       seed=options.seed)
     return GroupMetrics(
         name=name,
         n_samples=raw.n_samples,
@@ -161,7 +224,12 @@ def group_metrics(
         normalized_distance_mean=normalized.mean,
         normalized_distance_stderr=normalized.stderr,
         per_layer_distance=layers.tolist(),
-        **_within_samples(paths, distributions, router_weights),
+        **_distance_intervals(pairs, options.intervals),
+        baseline_distance=baseline.distance,
+        baseline_distance_stderr=baseline.stderr,
+        baseline_normalized_distance=baseline.normalized_distance,
+        excess_sharing=excess_sharing(raw.mean, baseline.distance),
+        **_within_samples(paths, distributions, router_weights, options.intervals),
     )
 
 
@@ -184,19 +252,52 @@ def lone_sample_metrics(
             f"group {name!r} has 1 sample: pathway distance needs at least 2, so it is "
             "left empty (consistency and complexity are that sample's own)"
         ),
-        **_within_samples(paths, distributions, router_weights),
+        **_within_samples(paths, distributions, router_weights, options.intervals),
     )
 
 
-def _within_samples(paths: list[Pathway], distributions, router_weights) -> dict:
-    """The GroupMetrics fields that are means of per-sample values (Metric 2, pathway length)."""
+def _within_samples(paths: list[Pathway], distributions, router_weights,
+                    intervals: IntervalOptions) -> dict:
+    """The GroupMetrics fields from per-sample values (Metric 2, pathway length, controls),
+    with their bootstrap intervals (a separate random stream each)."""
     routing = routing_consistency(distributions, router_weights)
+    robust = summarise(routing)
+    lengths = np.array([p.n_experts for p in paths], dtype=np.float64)
+    entropy = routing_entropy(distributions)
     return {
         "consistency_mean": float(routing.consistency.mean()),
         "complexity_mean": float(routing.complexity.mean()),
-        "mean_pathway_length": float(np.mean([p.n_experts for p in paths])),
+        "mean_pathway_length": float(lengths.mean()),
         "degenerate": routing.degenerate,
+        **_bounds("consistency", mean_interval(routing.consistency, intervals, stream=3)),
+        "consistency_median": robust.median,
+        "consistency_trimmed_mean": robust.trimmed_mean,
+        "nonpositive_cosine_share": robust.nonpositive_share,
+        "per_layer_cosine": robust.layer_cosines,
+        **_bounds("pathway_length", mean_interval(lengths, intervals, stream=4)),
+        "routing_entropy": float(entropy.mean()),
+        **_bounds("routing_entropy", mean_interval(entropy, intervals, stream=5)),
+        "router_norm": router_norm(router_weights),
     }
+
+
+def _distance_intervals(pairs: PairDistances, intervals: IntervalOptions) -> dict:
+    """distance_ci_* and normalized_distance_ci_* from the pair distances of the group."""
+    if pairs.matrix is not None:
+        raw = pair_mean_interval(pairs.matrix, intervals, stream=1)
+        normalized = pair_mean_interval(pairs.normalized_matrix, intervals, stream=2)
+    else:
+        sampled = (pairs.first, pairs.second)
+        raw = sampled_pair_mean_interval(*sampled, pairs.raw, pairs.n_samples, intervals, 1)
+        normalized = sampled_pair_mean_interval(*sampled, pairs.normalized, pairs.n_samples,
+                                                intervals, 2)
+    return {**_bounds("distance", raw), **_bounds("normalized_distance", normalized)}
+
+
+def _bounds(metric: str, interval: Interval | None) -> dict:
+    """``{metric}_ci_low`` and ``{metric}_ci_high`` (None without an interval)."""
+    low, high = (None, None) if interval is None else (interval.low, interval.high)
+    return {f"{metric}_ci_low": low, f"{metric}_ci_high": high}
 
 
 def per_sample_frame(

@@ -1,12 +1,14 @@
-"""The files of ``moepath compare``: the metrics and samples tables, ``report.md`` and
-three small PNG plots.
+"""The files of ``moepath compare``: the metrics, layers and samples tables, ``report.md``
+and small PNG plots.
 
 Writes what :mod:`.compare`, :mod:`.memorisation` and :mod:`.correlation`
 computed (:func:`write_outputs` takes a :class:`.compare.CompareAnalysis`); no
 metric math here. Input is the long metrics frame
-(checkpoint, step, group, metric, value) whose metric names are
-:data:`METRIC_NAMES`. matplotlib is imported only inside :func:`plot_metrics`,
-which draws on an Agg canvas of its own (no pyplot, no global backend switch).
+(checkpoint, step, group, metric, value, optional ci_low and ci_high) whose metric
+names are :data:`METRIC_NAMES`, and the per-layer frame (checkpoint, step, group, layer,
+metric, value). matplotlib is imported only inside :func:`plot_metrics` and
+:func:`plot_layers`, which draw on Agg canvases of their own (no pyplot, no global
+backend switch).
 """
 
 from __future__ import annotations
@@ -34,18 +36,39 @@ CONSISTENCY = "consistency"
 COMPLEXITY = "complexity"
 LOSS = "loss"
 N_SAMPLES = "n_samples"
-METRIC_NAMES = (DISTANCE, DISTANCE_STDERR, NORMALIZED_DISTANCE, PATHWAY_LENGTH, CONSISTENCY,
-                COMPLEXITY, LOSS, N_SAMPLES)
-# plot file -> (metric, axis label)
+BASELINE_DISTANCE = "baseline_distance"
+BASELINE_NORMALIZED_DISTANCE = "baseline_normalized_distance"
+EXCESS_SHARING = "excess_sharing"
+ROUTING_ENTROPY = "routing_entropy"
+ROUTER_NORM = "router_norm"
+CONSISTENCY_MEDIAN = "consistency_median"
+CONSISTENCY_TRIMMED_MEAN = "consistency_trimmed_mean"
+NONPOSITIVE_COSINE_SHARE = "nonpositive_cosine_share"
+METRIC_NAMES = (DISTANCE, DISTANCE_STDERR, NORMALIZED_DISTANCE, BASELINE_DISTANCE,
+                BASELINE_NORMALIZED_DISTANCE, EXCESS_SHARING, PATHWAY_LENGTH, ROUTING_ENTROPY,
+                ROUTER_NORM, CONSISTENCY, CONSISTENCY_MEDIAN, CONSISTENCY_TRIMMED_MEAN,
+                NONPOSITIVE_COSINE_SHARE, COMPLEXITY, LOSS, N_SAMPLES)
+# plot file -> (metric, axis label); each drawn with its interval band where rows have one
 PLOTS = {
     "distance.png": (DISTANCE, "mean pathway distance"),
+    "normalized_distance.png": (NORMALIZED_DISTANCE, "normalised pathway distance"),
+    "excess_sharing.png": (EXCESS_SHARING, "excess sharing (1 - distance / baseline)"),
+    "pathway_length.png": (PATHWAY_LENGTH, "mean pathway length (experts)"),
+    "routing_entropy.png": (ROUTING_ENTROPY, "routing entropy (nats)"),
     "consistency.png": (CONSISTENCY, "pathway consistency"),
     "loss.png": (LOSS, "mean training loss (NLL)"),
 }
+# the per-layer figure (plot_layers), beside the PLOTS
+LAYERS_PLOT = "layers.png"
+# a second line per group, dotted, on a metric's plot: the reference it is read against
+_COMPANIONS = {DISTANCE: BASELINE_DISTANCE, NORMALIZED_DISTANCE: BASELINE_NORMALIZED_DISTANCE,
+               CONSISTENCY: CONSISTENCY_MEDIAN}
 PLOT_SIZE_INCHES, PLOT_DPI = (6.0, 3.5), 100  # 600 x 350 px, tens of KB
 _MISSING = "—"
-_GROUP_COLUMNS = ("checkpoint", "step", "n", "distance (mean ± stderr)", "normalised distance",
-                  "pathway length", "consistency", "complexity", "mean loss")
+_GROUP_COLUMNS = ("checkpoint", "step", "n", "distance [CI]", "normalised distance [CI]",
+                  "baseline distance", "excess sharing", "pathway length [CI]",
+                  "routing entropy [CI]", "consistency [CI]", "consistency median / trimmed",
+                  "max cos ≤ 0", "complexity", "router norm", "mean loss")
 
 # docs/method.md "The paper's headline numbers": Table 1 (OLMoE), Pearson / Spearman vs accuracy.
 PAPER_TABLE1 = pd.DataFrame(
@@ -63,27 +86,38 @@ PAPER_NOTE = ("Raw distances (tau 0.7) about 480-580; consistency-type values 0.
 
 def write_outputs(out_dir: str | Path, analysis: CompareAnalysis, command: str) -> list[Path]:
     """Write every file of a comparison into ``out_dir``; return their paths in this order:
-    metrics.parquet, metrics.csv (long format), samples.parquet, the :data:`PLOTS`, and
+    metrics.parquet, metrics.csv (long format), samples.parquet, layers.parquet and
+    layers.csv (per-layer profiles, when computed), the :data:`PLOTS`, layers.png, and
     report.md (last: it links the plots that exist). ``command``: the command line the
     report shows."""
-    files = write_tables(out_dir, analysis.metrics, analysis.samples)
+    files = write_tables(out_dir, analysis.metrics, analysis.samples, analysis.layers)
     files += plot_metrics(out_dir, analysis.metrics, analysis.scores)
+    if analysis.layers is not None:
+        files.append(plot_layers(out_dir, analysis.layers))
     files.append(write_report(out_dir, analysis.metrics, analysis.correlations, analysis.scores,
                               command, analysis.versions, analysis.notes, analysis.memorisation,
                               analysis.no_correlation))
     return files
 
 
-def write_tables(out_dir: str | Path, metrics: pd.DataFrame, samples: pd.DataFrame) -> list[Path]:
-    """metrics.parquet, metrics.csv (the long metrics frame) and samples.parquet (one row per
-    checkpoint x sample; ``t_star`` as nullable Float64)."""
+def write_tables(out_dir: str | Path, metrics: pd.DataFrame, samples: pd.DataFrame,
+                 layers: pd.DataFrame | None = None) -> list[Path]:
+    """metrics.parquet, metrics.csv (the long metrics frame), samples.parquet (one row per
+    checkpoint x sample; ``t_star`` as nullable Float64) and, given ``layers``,
+    layers.parquet and layers.csv (the long per-layer frame: one row per checkpoint x group
+    x layer x metric; see ``compare.LAYER_COLUMNS``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics.to_parquet(out / "metrics.parquet", index=False)
     metrics.to_csv(out / "metrics.csv", index=False)
     samples.assign(t_star=samples["t_star"].astype("Float64")).to_parquet(
         out / "samples.parquet", index=False)
-    return [out / "metrics.parquet", out / "metrics.csv", out / "samples.parquet"]
+    files = [out / "metrics.parquet", out / "metrics.csv", out / "samples.parquet"]
+    if layers is not None:
+        layers.to_parquet(out / "layers.parquet", index=False)
+        layers.to_csv(out / "layers.csv", index=False)
+        files += [out / "layers.parquet", out / "layers.csv"]
+    return files
 
 
 def write_report(out_dir: str | Path, metrics: pd.DataFrame, correlations: pd.DataFrame | None,
@@ -143,32 +177,62 @@ def _run_section(command: str, versions: dict) -> list[str]:
 
 def _checkpoint_section(metrics: pd.DataFrame) -> list[str]:
     lines = ["## Checkpoints", "",
-             "Per group and checkpoint. The distance's ± is the standard error of a sampled-pairs "
-             "estimate (0 when every pair was compared); a group of one sample has no distance."]
-    wide = _wide(metrics)
+             "Per group and checkpoint. `mean [low, high]`: a bootstrap confidence interval "
+             "over the group's samples (MetricOptions.level, 95% by default; groups of fewer "
+             "than 10 samples have none; for a group measured on sampled pairs it includes the "
+             "pair-sampling noise). Without an interval, a sampled-pairs distance shows ± its "
+             "standard error. Baseline: the expected distance of random routing with the same "
+             "per-layer pathway lengths; excess sharing = 1 - distance / baseline "
+             "(0: no more sharing than chance). Consistency median / trimmed: the median and "
+             "10%-trimmed mean over samples; max cos ≤ 0: the share of samples whose largest "
+             "consecutive-layer cosine is at most 0 (their consistency is no measurement of "
+             "smoothness). Routing entropy in nats; router norm: mean L2 norm of the router "
+             "rows. A group of one sample has no distance."]
+    wide, low, high = _wide(metrics), _wide(metrics, "ci_low"), _wide(metrics, "ci_high")
     for group in dict.fromkeys(metrics["group"]):
-        rows = [_checkpoint_row(name, step, row)
+        rows = [_checkpoint_row(name, step, row, low.loc[(group, name, step)],
+                                high.loc[(group, name, step)])
                 for (name, step), row in wide.loc[group].iterrows()]
         lines += ["", f"### {group}", "", *_table(list(_GROUP_COLUMNS), rows)]
     return lines
 
 
-def _wide(metrics: pd.DataFrame) -> pd.DataFrame:
-    """[(group, checkpoint, step) x metric] values, each group's checkpoints by step."""
-    values = metrics.assign(value=pd.to_numeric(metrics["value"], errors="coerce"))
+def _wide(metrics: pd.DataFrame, column: str = "value") -> pd.DataFrame:
+    """[(group, checkpoint, step) x metric] of ``column`` (value, ci_low or ci_high; NaN where
+    the frame lacks it), each group's checkpoints by step."""
+    frame = metrics if column in metrics.columns else metrics.assign(**{column: float("nan")})
+    values = frame.assign(value=pd.to_numeric(frame[column], errors="coerce"))
     wide = values.pivot(index=["group", "checkpoint", "step"], columns="metric", values="value")
     wide = wide.reindex(columns=list(METRIC_NAMES))
     return wide.sort_index(level="step", sort_remaining=False)
 
 
-def _checkpoint_row(name: str, step: int, row: pd.Series) -> list[str]:
-    distance = _number(row[DISTANCE], 2)
-    if distance != _MISSING and pd.notna(row[DISTANCE_STDERR]):
+def _checkpoint_row(name: str, step: int, row: pd.Series, low: pd.Series,
+                    high: pd.Series) -> list[str]:
+    def interval(metric: str, digits: int) -> str:
+        text = _number(row[metric], digits)
+        if text != _MISSING and pd.notna(low[metric]) and pd.notna(high[metric]):
+            text += f" [{low[metric]:.{digits}f}, {high[metric]:.{digits}f}]"
+        return text
+
+    distance = interval(DISTANCE, 2)
+    if (distance != _MISSING and pd.isna(low[DISTANCE]) and pd.notna(row[DISTANCE_STDERR])
+            and row[DISTANCE_STDERR] > 0):
         distance += f" ± {row[DISTANCE_STDERR]:.2f}"
     n = _MISSING if pd.isna(row[N_SAMPLES]) else str(int(row[N_SAMPLES]))
-    return [str(name), str(step), n, distance, _number(row[NORMALIZED_DISTANCE], 4),
-            _number(row[PATHWAY_LENGTH], 2), _number(row[CONSISTENCY], 4),
-            _number(row[COMPLEXITY], 4), _number(row[LOSS], 4)]
+    robust = _MISSING
+    if pd.notna(row[CONSISTENCY_MEDIAN]):
+        robust = (f"{_number(row[CONSISTENCY_MEDIAN], 4)} / "
+                  f"{_number(row[CONSISTENCY_TRIMMED_MEAN], 4)}")
+    return [str(name), str(step), n, distance, interval(NORMALIZED_DISTANCE, 4),
+            _number(row[BASELINE_DISTANCE], 2), _number(row[EXCESS_SHARING], 3),
+            interval(PATHWAY_LENGTH, 2), interval(ROUTING_ENTROPY, 3),
+            interval(CONSISTENCY, 4), robust, _percent(row[NONPOSITIVE_COSINE_SHARE]),
+            _number(row[COMPLEXITY], 4), _number(row[ROUTER_NORM], 3), _number(row[LOSS], 4)]
+
+
+def _percent(value) -> str:
+    return _MISSING if value is None or pd.isna(value) else f"{value:.0%}"
 
 
 def _memorisation_section(result: MemorisationResult) -> list[str]:
@@ -225,7 +289,7 @@ def _paper_section() -> list[str]:
 
 
 def _plot_section(out: Path) -> list[str]:
-    found = [name for name in PLOTS if (out / name).is_file()]
+    found = [name for name in (*PLOTS, LAYERS_PLOT) if (out / name).is_file()]
     if not found:
         return []
     return ["## Plots", "", *[f"![{name.removesuffix('.png')}]({name})" for name in found]]
@@ -252,7 +316,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def plot_metrics(out_dir: str | Path, metrics: pd.DataFrame,
                  scores: pd.DataFrame | None = None) -> list[Path]:
-    """Write the :data:`PLOTS` (each metric over steps, a line per group) into ``out_dir``.
+    """Write the :data:`PLOTS` (each metric over steps, a line per group with its interval
+    band, see :func:`_plot_groups`) into ``out_dir``.
 
     With ``scores`` (as for :func:`.correlation.correlate`), the score is drawn
     dashed on a second y-axis, one line per score group. Each PNG is
@@ -287,11 +352,14 @@ def plot_metrics(out_dir: str | Path, metrics: pd.DataFrame,
 
 
 def _plot_groups(axes, metrics: pd.DataFrame, metric: str, label: str) -> list:
-    """One line per group (a stderr band around distances); returns the legend handles."""
+    """One line per group with its interval band (ci_low to ci_high; for a distance without
+    one, ± its stderr) and, dotted, its :data:`_COMPANIONS` line (the baseline of a distance,
+    the median of consistency); returns the legend handles."""
     axes.set_xlabel("step")
     axes.set_ylabel(label)
     axes.set_title(f"{label} by checkpoint", fontsize=9)
-    wide, handles = _wide(metrics), []
+    wide, low, high = _wide(metrics), _wide(metrics, "ci_low"), _wide(metrics, "ci_high")
+    handles, companion = [], _COMPANIONS.get(metric)
     for group in dict.fromkeys(metrics["group"]):
         rows = wide.loc[group].dropna(subset=[metric])
         if rows.empty:
@@ -300,14 +368,79 @@ def _plot_groups(axes, metrics: pd.DataFrame, metric: str, label: str) -> list:
         (line,) = axes.plot(steps, rows[metric].to_numpy(), marker="o", markersize=3,
                             label=str(group))
         handles.append(line)
-        if metric == DISTANCE and rows[DISTANCE_STDERR].fillna(0).gt(0).any():
-            spread = rows[DISTANCE_STDERR].fillna(0).to_numpy()
-            axes.fill_between(steps, rows[metric] - spread, rows[metric] + spread,
-                              color=line.get_color(), alpha=0.2, linewidth=0)
+        band = _band(rows, low.loc[group].loc[rows.index], high.loc[group].loc[rows.index],
+                     metric)
+        if band is not None:
+            axes.fill_between(steps, *band, color=line.get_color(), alpha=0.2, linewidth=0)
+        if companion is not None and rows[companion].notna().any():
+            axes.plot(steps, rows[companion].to_numpy(), linestyle=":",
+                      color=line.get_color(), linewidth=1)
+    if companion is not None and handles:
+        (key,) = axes.plot([], [], linestyle=":", color="0.4",
+                           label=companion.replace("_", " ") + " (dotted)")
+        handles.append(key)
     if not handles:
         axes.text(0.5, 0.5, f"no {metric} values", ha="center", va="center",
                   transform=axes.transAxes)
     return handles
+
+
+def _band(rows: pd.DataFrame, low: pd.DataFrame, high: pd.DataFrame, metric: str):
+    """(lower, upper) arrays of a group's band, or None when it has none."""
+    if low[metric].notna().any():
+        values = rows[metric]
+        return (low[metric].fillna(values).to_numpy(), high[metric].fillna(values).to_numpy())
+    if metric == DISTANCE and rows[DISTANCE_STDERR].fillna(0).gt(0).any():
+        spread = rows[DISTANCE_STDERR].fillna(0)
+        return (rows[metric] - spread).to_numpy(), (rows[metric] + spread).to_numpy()
+    return None
+
+
+def plot_layers(out_dir: str | Path, layers: pd.DataFrame, group: str | None = None) -> Path:
+    """Write :data:`LAYERS_PLOT`: one group's per-layer distance (left) and mean cosine of
+    layers l and l+1 (right), one line per checkpoint, coloured by step.
+
+    ``layers``: the long per-layer frame (``compare.LAYER_COLUMNS``). ``group``: which
+    group (default ``all`` if present, else the first). Returns the path.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(layers["group"]))
+    group = group or ("all" if "all" in names else (names[0] if names else None))
+    mine = layers[layers["group"] == group]
+    figure = Figure(figsize=(PLOT_SIZE_INCHES[0] * 1.5, PLOT_SIZE_INCHES[1]), dpi=PLOT_DPI)
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, 2)
+    steps = sorted(set(mine["step"]))
+    colours = colormaps["viridis"]
+    for axes, metric in zip(panels, _layer_metrics(mine), strict=False):
+        rows = mine[mine["metric"] == metric]
+        for i, (step, by_step) in enumerate(rows.groupby("step", sort=True)):
+            by_step = by_step.sort_values("layer")
+            axes.plot(by_step["layer"], by_step["value"], marker="o", markersize=2,
+                      color=colours(i / max(1, len(steps) - 1)), label=f"step {step}")
+        pair = " (layer l to l+1)" if metric == "cosine" else ""
+        axes.set_xlabel("layer l" + pair)
+        axes.set_ylabel(f"mean {metric.replace('_', ' ')}")
+        axes.set_title(f"group {group}: {metric.replace('_', ' ')} by layer", fontsize=9)
+    if len(steps) and len(panels[0].get_lines()):
+        panels[0].legend(fontsize=6, ncol=1 + len(steps) // 8, loc="best")
+    if mine.empty:
+        panels[0].text(0.5, 0.5, "no per-layer values", ha="center", va="center",
+                       transform=panels[0].transAxes)
+    figure.tight_layout()
+    figure.savefig(out / LAYERS_PLOT)
+    return out / LAYERS_PLOT
+
+
+def _layer_metrics(layers: pd.DataFrame) -> list[str]:
+    """The distance metric first, then the cosine profile."""
+    names = list(dict.fromkeys(layers["metric"]))
+    return sorted(names, key=lambda name: name == "cosine")
 
 
 def _plot_scores(axes, scores: pd.DataFrame) -> list:
