@@ -200,7 +200,8 @@ def test_metrics_frame_is_validated():
 
 
 def test_table1_layout():
-    layout = table1(correlate(metrics_frame(), scores_frame(), from_step=200))
+    layout = table1(correlate(metrics_frame(), scores_frame(), from_step=200, min_checkpoints=3,
+                              min_group_size=1))
     assert layout.index.tolist() == list(TABLE1_ROWS.values())
     assert layout.index.name == "metric"
     assert layout.columns.tolist() == ["math", "code"]
