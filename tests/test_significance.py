@@ -135,6 +135,8 @@ def test_partial_correlation_with_two_controls_and_degenerate_cases():
         np.corrcoef(*residual)[0, 1])
     assert all(map(math.isnan, partial_correlation(x, y, x)))  # the metric is the control
     assert all(map(math.isnan, partial_correlation(x[:3], y[:3], x[:3] ** 2)))  # no df left
+    assert all(map(math.isnan, partial_correlation([], [], np.empty((0, 2)))))
+    assert all(map(math.isnan, partial_correlation([], [], [])))
 
 
 def test_pearson_interval_is_scipy_s():

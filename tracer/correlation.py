@@ -436,12 +436,12 @@ def table1(correlations: pd.DataFrame) -> pd.DataFrame:
     Rows: the :data:`TABLE1_ROWS` labels (index ``metric``); columns: groups in
     order of appearance; cells ``"pearson / spearman"`` with 3 decimals, ``n/a``
     for a coefficient that could not be computed (see the row's note), and
-    :data:`TOO_SMALL_CELL` for a correlation over too few checkpoints or too small a
+    :data:`TOO_SMALL_CELL` for one computed over too few checkpoints or too small a
     group (``too_small``): those are no headline, their numbers stay in the rows.
     """
     groups = list(dict.fromkeys(correlations["group"]))
     cells = {(r.group, r.metric): TOO_SMALL_CELL if isinstance(r.too_small, str)
-             else f"{_fmt(r.pearson)} / {_fmt(r.spearman)}"
+             and r.note is None else f"{_fmt(r.pearson)} / {_fmt(r.spearman)}"
              for r in correlations.itertuples()}
     table = pd.DataFrame(
         [[cells.get((group, metric), "n/a / n/a") for group in groups] for metric in TABLE1_ROWS],

@@ -139,7 +139,8 @@ def partial_correlation(x, y, controls) -> tuple[float, float]:
         controls: [n] (one control) or [n, k].
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
-    design = np.column_stack([np.ones(len(x)), np.asarray(controls, float).reshape(len(x), -1)])
+    controls = np.asarray(controls, float).reshape(len(x), -1 if len(x) else 1)
+    design = np.column_stack([np.ones(len(x)), controls])
     degrees = len(x) - 1 - design.shape[1]  # n - 2 - k
     if degrees < 1:
         return math.nan, math.nan
