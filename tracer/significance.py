@@ -113,13 +113,13 @@ def difference_correlation(x, y) -> tuple[float, float]:
     Differencing removes a shared trend: two random walks have independent changes even
     when their levels correlate. The p-value is ``scipy.stats.pearsonr``'s on the n-1
     changes (it assumes they are independent). NaN when n < 4 or a series of changes is
-    constant.
+    constant (to rounding: a straight-line series).
 
     ``difference_correlation([0, 1, 3, 6], [0, 2, 6, 12])`` has r = 1: changes 1, 2, 3 and
     2, 4, 6 are proportional.
     """
     dx, dy = np.diff(np.asarray(x, float)), np.diff(np.asarray(y, float))
-    if len(dx) < 3 or np.ptp(dx) == 0 or np.ptp(dy) == 0:
+    if len(dx) < 3 or _is_constant(dx) or _is_constant(dy):
         return math.nan, math.nan
     result = stats.pearsonr(dx, dy)
     return float(result.statistic), float(result.pvalue)
@@ -145,12 +145,18 @@ def partial_correlation(x, y, controls) -> tuple[float, float]:
     if degrees < 1:
         return math.nan, math.nan
     residuals = [v - design @ np.linalg.lstsq(design, v, rcond=None)[0] for v in (x, y)]
-    if any(np.ptp(r) <= 1e-12 * max(1.0, np.abs(v).max()) for r, v in zip(residuals, (x, y),
-                                                                             strict=True)):
+    if any(_is_constant(r, scale=v) for r, v in zip(residuals, (x, y), strict=True)):
         return math.nan, math.nan
     r = float(stats.pearsonr(*residuals).statistic)
     t = r * math.sqrt(degrees / max(1.0 - r * r, 1e-300))
     return r, float(2 * stats.t.sf(abs(t), degrees))
+
+
+def _is_constant(values: np.ndarray, scale: np.ndarray | None = None) -> bool:
+    """True when ``values`` vary by no more than float rounding of ``scale`` (default: the
+    values themselves): a correlation with them would be one with rounding noise."""
+    scale = values if scale is None else scale
+    return bool(np.ptp(values) <= 1e-12 * max(1.0, float(np.abs(scale).max())))
 
 
 def pearson_interval(x, y, level: float = CONFIDENCE) -> tuple[float, float]:
