@@ -227,7 +227,7 @@ def test_statistics_columns_match_independent_computations():
             assert (got["diff_pearson"], got["diff_pearson_p"]) == pytest.approx(
                 (changes.statistic, changes.pvalue))
             assert got["trend_p"] == trend_preserving_test(x, SCORE).pvalue
-            assert got["trend_min_p"] == pytest.approx(2 / 24)  # 4 changes: 24 orderings
+            assert got["trend_min_p"] == pytest.approx(1 / 24)  # 4 changes: 24 orderings
             assert np.isnan(got["partial"]) and got["partial_control"] is None
             assert got["group_size"] == by_metric["n_samples"][0]
 
@@ -281,9 +281,15 @@ def test_small_groups_and_short_series_are_flagged_and_kept_out_of_the_headline(
     assert table1(sized).loc["pathway distance"].tolist() == [
         f"{row(sized, 'math', 'distance')['pearson']:.3f} / "
         f"{row(sized, 'math', 'distance')['spearman']:.3f}", TOO_SMALL_CELL]
-    # 5 checkpoints: at best p = 2/24 > 0.05, so even a headline row cannot tell
+    # no ordering of its changes correlates more (p = 1/24), but 3 rows were tested
     assert row(sized, "math", "distance")["verdict"] == (
-        "cannot tell: with 5 checkpoints the trend-preserving p cannot go below 0.083 > 0.05")
+        "survives the trend-preserving null (p=0.042) but not the correction for 3 tests "
+        "(q=0.12)")
+    # 4 checkpoints: at best p = 1/3! > 0.05, so even a headline row cannot tell
+    short = correlate(metrics_frame(), scores_frame(), from_step=100, min_checkpoints=4,
+                      min_group_size=1)
+    assert row(short, "math", "distance")["verdict"] == (
+        "cannot tell: with 4 checkpoints the trend-preserving p cannot go below 0.17 > 0.05")
 
 
 def test_group_size_is_the_smallest_n_samples_over_the_correlated_checkpoints():

@@ -87,7 +87,7 @@ def test_report_has_memorisation_correlation_paper_plots_and_notes(report):
 def test_report_gives_a_verdict_in_words_for_each_correlation(report):
     assert "### Verdicts" in report and "same start, end and changes" in report
     assert ("| math | consistency | 0.990 | cannot tell: with 3 checkpoints the "
-            "trend-preserving p cannot go below 1 > 0.05 |") in report
+            "trend-preserving p cannot go below 0.5 > 0.05 |") in report
     assert ("| t*=2000 | loss | -0.990 | group too small (1 < 12 samples): cannot tell "
             "(trend-preserving p=1) |") in report
     assert "| t*=2000 | distance | — | cannot tell: the group has no distance values |" \

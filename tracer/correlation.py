@@ -28,7 +28,7 @@ Example::
     >>> table1(correlate(metrics, scores)).loc["pathway distance", "all"]
     'too small'
     >>> print(row["verdict"])
-    too few checkpoints (4 < 5): cannot tell (trend-preserving p=1)
+    too few checkpoints (4 < 5): cannot tell (trend-preserving p=0.67)
     >>> table1(correlate(metrics, scores, min_checkpoints=4)).loc["pathway distance", "all"]
     '-0.832 / -0.800'
     >>> correlate(metrics, scores, from_step=2).iloc[0]["note"]

@@ -52,11 +52,11 @@ VERDICT_EXPLANATION = [
     "checkpoints, call that significant. Each verdict is instead a test against a null that "
     "keeps the metric's trend: its changes between consecutive checkpoints are put in "
     "random order and summed again from the same start (same start, end and changes), and "
-    "the observed correlation is compared with these surrogates' (two-sided permutation "
-    "p). *Survives* means the timing of the metric's changes follows the score beyond what "
-    "its trend gives; *indistinguishable from a shared trend* means it does not; *cannot "
-    "tell* means the data cannot answer: too few checkpoints or too small a group, or too "
-    "few orderings for p to reach the level (with 5 checkpoints the smallest p is 0.083). "
+    "p is the share of these surrogates that correlate with the score at least as strongly "
+    "(|r|). *Survives* means the timing of the metric's changes follows the score beyond "
+    "what its trend gives; *indistinguishable from a shared trend* means it does not; "
+    "*cannot tell* means the data cannot answer: too few checkpoints or too small a group, "
+    "or too few orderings for p to reach the level (4 checkpoints: 6 orderings, p >= 0.17). "
     "A real relation that is only a shared trend cannot be told from a common clock by "
     "any test on one run. Method: docs/method.md, \"Statistics\"."]
 DETAILS_EXPLANATION = [
