@@ -38,6 +38,14 @@ def compare(
         "--from-t-star/--all-checkpoints",
         help="Correlate each t*=N group from step N on (after its samples are memorised), "
              "or over every checkpoint.", rich_help_panel=o.SWITCHES_PANEL)] = True,
+    min_checkpoints: Annotated[int, typer.Option(
+        help="Flag correlations over fewer checkpoints as too small: listed, never "
+             "headlined.")] = 5,
+    min_group_size: Annotated[int, typer.Option(
+        help="Flag correlations of groups of fewer samples as too small.")] = 20,
+    control: Annotated[str | None, typer.Option(
+        help="Metric to partial out of each correlation (same group); 'none' for no "
+             "partial correlation.")] = "pathway_length",
     tau: o.Tau = 0.7,
     source: o.Source = "full",
     unit: o.Unit = "char",
@@ -68,7 +76,9 @@ def compare(
                                   pairs=o.parse_pairs(pairs), seed=seed),
             group_by=group_by, memorised_only=memorised_only, epsilon=epsilon,
             epsilon_quantile=epsilon_quantile, epsilon_per_group=epsilon_per_group,
-            delta=delta, scores=scores, from_step=from_step, from_t_star=from_t_star),
+            delta=delta, scores=scores, from_step=from_step, from_t_star=from_t_star,
+            min_checkpoints=min_checkpoints, min_group_size=min_group_size,
+            control=None if control in (None, "none") else control),
         engine,
         TraceOptions(truncate=truncate, batch_size=batch_size),
         SampleReadOptions(id_field=id_field, text_field=text_field,

@@ -169,13 +169,31 @@ def compare_summary(result) -> None:
     if analysis.table1 is not None:
         by_group = analysis.table1.T  # rows: groups; columns: metrics
         stdout.print(table(
-            "correlation with scores (pearson / spearman)", ["group", *map(str, by_group.columns)],
+            "correlation with scores (pearson / spearman; too small: not a finding)",
+            ["group", *map(str, by_group.columns)],
             [[group, *values] for group, values in zip(by_group.index, by_group.values.tolist(),
                                                         strict=True)]))
+        _verdicts(analysis.correlations, TABLE1_ROWS)
     for note in analysis.notes:
         stderr.print(f"note: {note}")
     stderr.print(f"wrote into {result.out}: {', '.join(path.name for path in result.files)} "
                  f"(report.md has every group)")
+
+
+def _verdicts(correlations, metrics) -> None:
+    """The verdicts of the correlations of ``metrics`` that are not too small (the others'
+    are "cannot tell", in report.md); a line saying so when none is left."""
+    shown = correlations[correlations["metric"].isin(list(metrics))
+                         & correlations["too_small"].isna() & correlations["note"].isna()]
+    if shown.empty:
+        stdout.print("verdict: cannot tell: no correlation has enough checkpoints and samples "
+                     "to be a finding (report.md gives each one's verdict)", markup=False,
+                     highlight=False, soft_wrap=True)
+        return
+    lines = [f"  {r.group} / {r.metric} (pearson {r.pearson:.3f}): {r.verdict}"
+             for r in shown.itertuples()]  # lines, not a table: a verdict is never cut short
+    stdout.print("\n".join(["verdicts against a null that keeps the metric's trend:", *lines]),
+                 markup=False, highlight=False, soft_wrap=True)
 
 
 def command_line() -> str:

@@ -111,6 +111,11 @@ def test_cli_refuses_mismatched_checkpoints_before_serving(tmp_path):
     ({"epsilon": 0.5, "epsilon_quantile": 0.2}, "got epsilon 0.5 and quantile 0.2; pass one"),
     ({"epsilon": float("inf")}, "epsilon inf is not a finite number"),
     ({"delta": -0.1}, "delta -0.1 is negative"),
+    ({"min_group_size": 0}, r"min_group_size must be a whole number of at least 1 \(got 0\); "
+                            "pass --min-group-size 1 or more"),
+    ({"min_checkpoints": 2.5}, "min_checkpoints must be a whole number of at least 1"),
+    ({"control": "entropy"}, "^--control 'entropy' is not a metric compare computes; use one "
+                             "of: distance, normalized_distance, pathway_length, "),
 ])
 def test_compare_options_are_validated_on_construction(options, message):
     with pytest.raises(InputError, match=message):
@@ -214,13 +219,14 @@ LINE = '{"id": "a", "text": "x", "domain": "d"}\n'
     ("fake", LINE, ("--group-by", "domian"),
      "has no column 'domian'; group by one of: domain, num_tokens"),
     ("fake", LINE, ("--epsilon-quantile", "2"), "quantile 2.0 is outside (0, 1)"),
+    ("fake", LINE, ("--min-group-size", "0"), "pass --min-group-size 1 or more"),
     ("missing", LINE, (), "step200' does not exist"),
     ("dense", LINE, (), "(LlamaForCausalLM) has no MoE layers"),
     ("fake", LINE + '{"id": "b", "text": oops}\n', (), "s.jsonl line 2: not valid JSON"),
     ("toy", '{"id": "essay", "text": "' + "word " * 40 + '"}\n', ("--max-model-len", "16"),
      "sample 'essay' of "),
-], ids=["scores", "group-by", "epsilon-quantile", "missing-checkpoint", "dense-checkpoint",
-        "malformed-line", "over-long-sample"])
+], ids=["scores", "group-by", "epsilon-quantile", "min-group-size", "missing-checkpoint",
+        "dense-checkpoint", "malformed-line", "over-long-sample"])
 def test_cli_refuses_bad_input_before_serving_and_keeps_earlier_traces(
         tmp_path, request, kind, lines, extra, message):
     """One line, before any engine starts; the traces of an earlier run into the same --out
@@ -534,6 +540,27 @@ def test_too_few_checkpoints_for_a_correlation_is_said_in_the_report(tmp_path):
     assert f"correlations skipped: {reason}" in result.notes
     assert (f"No correlation was computed: {reason}."
             in (tmp_path / "out" / "report.md").read_text())
+
+
+def test_correlations_of_small_groups_and_few_checkpoints_are_flagged_and_noted(tmp_path):
+    scores = tmp_path / "scores.csv"
+    scores.write_text("checkpoint,score\nstep100,0.1\nstep200,0.2\nstep300,0.4\n")
+    result = analyse(tmp_path, scores=scores, group_by="domain")
+    correlations = result.correlations
+    assert correlations["too_small"].notna().all()  # 3 checkpoints, groups of 1 to 9 samples
+    all_ = correlations[(correlations["group"] == "all") & (correlations["metric"] == "loss")]
+    assert all_["too_small"].item() == ("too few checkpoints (3 < 5) and group too small "
+                                        "(9 < 20 samples)")
+    assert all_["partial_control"].item() == "pathway_length"
+    assert result.table1.isin(["too small", "n/a / n/a"]).all().all()  # no number headlined
+    assert (f"{len(correlations)} of {len(correlations)} correlations are over fewer than 5 "
+            "checkpoints or a group of fewer than 20 samples") in " ".join(result.notes)
+    lenient = analyse(tmp_path / "lenient", scores=scores, group_by="domain",
+                      min_checkpoints=3, min_group_size=1, control=None)
+    flagged = lenient.correlations.dropna(subset=["too_small"])
+    assert (flagged["n"] < 3).all()  # the t*=200 groups from step 200 on; no distance of one
+    assert flagged["too_small"].str.startswith("too few checkpoints").all()
+    assert lenient.correlations["partial_control"].isna().all()
 
 
 def test_grouping_by_the_id_column_is_refused(tmp_path):

@@ -1,4 +1,5 @@
-"""Correlation with scores: against scipy, the from_step cut, notes instead of silent NaN, CSVs."""
+"""Correlation with scores: against scipy, the from_step cut, notes instead of silent NaN,
+the statistics columns, small data flagged and kept out of Table 1, CSVs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from moepath.tracer import correlation as correlation_module
 from moepath.tracer.correlation import (
     CORRELATION_COLUMNS,
     TABLE1_ROWS,
+    TOO_SMALL_CELL,
     correlate,
     read_scores,
     table1,
@@ -21,6 +23,7 @@ from moepath.tracer.correlation import (
 )
 from moepath.tracer.errors import InputError, MetricError
 from moepath.tracer.report import METRIC_NAMES
+from moepath.tracer.significance import trend_preserving_test
 
 CHECKPOINTS = {"step0": 0, "step100": 100, "step200": 200, "step300": 300, "step400": 400}
 STEPS = list(CHECKPOINTS.values())
@@ -200,7 +203,8 @@ def test_metrics_frame_is_validated():
 
 
 def test_table1_layout():
-    layout = table1(correlate(metrics_frame(), scores_frame(), from_step=200))
+    layout = table1(correlate(metrics_frame(), scores_frame(), from_step=200, min_checkpoints=3,
+                              min_group_size=1))
     assert layout.index.tolist() == list(TABLE1_ROWS.values())
     assert layout.index.name == "metric"
     assert layout.columns.tolist() == ["math", "code"]
@@ -209,6 +213,106 @@ def test_table1_layout():
     assert layout.loc["pathway distance", "math"] == f"{pearson:.3f} / {spearman:.3f}"
     assert layout.loc["training loss", "math"] == "n/a / n/a"  # constant after the cut
     assert layout.loc["normalised distance", "math"] == "n/a / n/a"  # not in the frame
+
+
+def test_statistics_columns_match_independent_computations():
+    result = correlate(metrics_frame(), scores_frame())
+    for group, by_metric in TRAJECTORIES.items():
+        for metric in ("distance", "consistency", "loss"):
+            x, got = by_metric[metric], row(result, group, metric)
+            interval = stats.pearsonr(x, SCORE).confidence_interval(0.95)
+            changes = stats.pearsonr(np.diff(x), np.diff(SCORE))
+            assert (got["pearson_low"], got["pearson_high"]) == pytest.approx(
+                (interval.low, interval.high))
+            assert (got["diff_pearson"], got["diff_pearson_p"]) == pytest.approx(
+                (changes.statistic, changes.pvalue))
+            assert got["trend_p"] == trend_preserving_test(x, SCORE).pvalue
+            assert got["trend_min_p"] == pytest.approx(1 / 24)  # 4 changes: 24 orderings
+            assert np.isnan(got["partial"]) and got["partial_control"] is None
+            assert got["group_size"] == by_metric["n_samples"][0]
+
+
+def with_pathway_length() -> pd.DataFrame:
+    lengths = {"math": [10.0, 11.0, 13.0, 12.0, 15.0], "code": [9.0, 9.5, 9.0, 10.0, 11.0]}
+    return metrics_frame({g: {**m, "pathway_length": lengths[g]}
+                          for g, m in TRAJECTORIES.items()})
+
+
+def test_partial_correlation_on_a_control_metric_of_the_same_group():
+    result = correlate(with_pathway_length(), scores_frame(), control="pathway_length")
+    for group in TRAJECTORIES:
+        x = np.array(TRAJECTORIES[group]["distance"])
+        z = np.array(with_pathway_length().query("group == @group and metric == "
+                                                 "'pathway_length'")["value"])
+        r_xy, r_xz, r_yz = (np.corrcoef(a, b)[0, 1] for a, b in ((x, SCORE), (x, z),
+                                                                  (SCORE, z)))
+        got = row(result, group, "distance")
+        assert got["partial"] == pytest.approx(
+            (r_xy - r_xz * r_yz) / np.sqrt((1 - r_xz**2) * (1 - r_yz**2)))
+        assert got["partial_control"] == "pathway_length"
+        itself = row(result, group, "pathway_length")
+        assert np.isnan(itself["partial"]) and not np.isnan(itself["pearson"])
+
+
+def test_any_metric_of_the_frame_is_a_control_and_an_unknown_one_is_refused():
+    frame = with_pathway_length()
+    entropy = frame[frame["metric"] == "pathway_length"].assign(
+        metric="routing_entropy", value=lambda f: f["value"] ** 0.5 + f["step"] / 1000)
+    result = correlate(pd.concat([frame, entropy]), scores_frame(),
+                       control=["pathway_length", "routing_entropy"])
+    assert row(result, "math", "loss")["partial_control"] == "pathway_length, routing_entropy"
+    with pytest.raises(InputError, match=r"control metric\(s\) 'entropy' not in the metrics "
+                                         r"frame; use one of: distance, consistency, loss"):
+        correlate(metrics_frame(), scores_frame(), control="entropy")
+
+
+def test_small_groups_and_short_series_are_flagged_and_kept_out_of_the_headline():
+    result = correlate(metrics_frame(), scores_frame(), from_step=100, min_group_size=4)
+    code, math_ = row(result, "code", "distance"), row(result, "math", "distance")
+    assert code["too_small"] == ("too few checkpoints (4 < 5) and group too small "
+                                 "(3 < 4 samples)")
+    assert math_["too_small"] == "too few checkpoints (4 < 5)"
+    assert not np.isnan(code["pearson"]) and not np.isnan(code["trend_p"])  # still computed
+    assert code["verdict"].startswith(code["too_small"] + ": cannot tell")
+    assert table1(result).loc["pathway distance"].tolist() == [TOO_SMALL_CELL] * 2
+    sized = correlate(metrics_frame(), scores_frame(), min_group_size=4)
+    assert row(sized, "math", "distance")["too_small"] is None
+    assert row(sized, "code", "distance")["too_small"] == "group too small (3 < 4 samples)"
+    assert table1(sized).loc["pathway distance"].tolist() == [
+        f"{row(sized, 'math', 'distance')['pearson']:.3f} / "
+        f"{row(sized, 'math', 'distance')['spearman']:.3f}", TOO_SMALL_CELL]
+    # no ordering of its changes correlates more (p = 1/24), but 3 rows were tested
+    assert row(sized, "math", "distance")["verdict"] == (
+        "survives the trend-preserving null (p=0.042) but not the correction for 3 tests "
+        "(q=0.12)")
+    # 4 checkpoints: at best p = 1/3! > 0.05, so even a headline row cannot tell
+    short = correlate(metrics_frame(), scores_frame(), from_step=100, min_checkpoints=4,
+                      min_group_size=1)
+    assert row(short, "math", "distance")["verdict"] == (
+        "cannot tell: with 4 checkpoints the trend-preserving p cannot go below 0.17 > 0.05")
+
+
+def test_group_size_is_the_smallest_n_samples_over_the_correlated_checkpoints():
+    frame = metrics_frame()
+    frame.loc[(frame["metric"] == "n_samples") & (frame["group"] == "math"), "value"] = [
+        2, 30, 30, 30, 30]
+    assert row(correlate(frame, scores_frame()), "math", "loss")["group_size"] == 2
+    later = correlate(frame, scores_frame(), from_step=100, min_checkpoints=4)
+    assert row(later, "math", "loss")["group_size"] == 30
+    assert row(later, "math", "loss")["too_small"] is None
+
+
+def test_trend_q_adjusts_over_the_headline_rows_only():
+    result = correlate(metrics_frame(), scores_frame(), min_group_size=4)
+    family = result["too_small"].isna() & result["note"].isna()
+    assert result.loc[~family, "trend_q"].isna().all()
+    assert result.loc[family, "trend_q"].to_numpy() == pytest.approx(
+        stats.false_discovery_control(result.loc[family, "trend_p"]))
+
+
+def test_bad_thresholds_are_refused():
+    with pytest.raises(InputError, match="min_checkpoints must be a whole number"):
+        correlate(metrics_frame(), scores_frame(), min_checkpoints=0)
 
 
 def test_table1_rows_are_metric_names():

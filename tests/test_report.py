@@ -62,7 +62,9 @@ def report(tmp_path_factory):
     plot_metrics(tmp_path, metrics, SCORES)
     losses = pd.DataFrame([[3.0, 1.0, 0.5], [3.0, 3.0, 2.5]], columns=list(STEPS.values()),
                           index=["a", "b"])
-    path = write_report(tmp_path, metrics, correlate(metrics, SCORES), SCORES,
+    correlations = correlate(metrics, SCORES, min_checkpoints=3, min_group_size=12,
+                             control="pathway_length")
+    path = write_report(tmp_path, metrics, correlations, SCORES,
                         "moepath compare ckpts/ --scores acc.csv", {"moepath": "0.1.0"},
                         ["consistency is degenerate: fewer than 3 MoE layers"],
                         memorisation=memorise(losses, epsilon=1.0, delta=0.6))
@@ -95,9 +97,24 @@ def test_report_has_memorisation_correlation_paper_plots_and_notes(report):
     assert "| t*=2000 | 1 |" in report
     assert "| metric | all | math | t*=2000 |" in report
     # every trajectory is linear in i, the score is not: Pearson < 1, Spearman exactly 1
-    assert "| pathway consistency | 0.990 / 1.000 | 0.990 / 1.000 | 0.990 / 1.000 |" in report
+    # the one-sample group is below --min-group-size 12: not headlined
+    assert "| pathway consistency | 0.990 / 1.000 | 0.990 / 1.000 | too small |" in report
     assert "| pathway distance | -0.990 / -1.000 | -0.990 / -1.000 | n/a / n/a |" in report
-    assert "| t*=2000 | distance | 0 | — | — (—) | — (—) | the group has no distance values |" \
+    assert ("| t*=2000 | distance | 0 | — | — | — (—) | — (—) | — (—) | — (—) | "
+            "— (—) on pathway_length | too few checkpoints (0 < 3) | "
+            "the group has no distance values |") in report
+    # 3 checkpoints: 2 orderings of the changes, no interval narrower than (-1, 1)
+    assert ("| math | consistency | 3 | 12 | 1000-3000 | 0.990 [-1.00, 1.00] (0.091) | "
+            "1.000 (0.000) | — (—) | 1.000 (1.000) | — (—) on pathway_length |  |  |") in report
+
+
+def test_report_gives_a_verdict_in_words_for_each_correlation(report):
+    assert "### Verdicts" in report and "same start, end and changes" in report
+    assert ("| math | consistency | 0.990 | cannot tell: with 3 checkpoints the "
+            "trend-preserving p cannot go below 0.5 > 0.05 |") in report
+    assert ("| t*=2000 | loss | -0.990 | group too small (1 < 12 samples): cannot tell "
+            "(trend-preserving p=1) |") in report
+    assert "| t*=2000 | distance | — | cannot tell: the group has no distance values |" \
         in report
     assert "| step2000 | 2000 | (all) | 0.35 |" in report
     assert "| pathway distance | -0.947 / -0.949 | -0.929 / -0.928 | -0.982 / -0.975 |" in report

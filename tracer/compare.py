@@ -21,6 +21,7 @@ from . import checkpoints as ckpt
 from .checkpoints import Checkpoint
 from .consistency import is_degenerate
 from .correlation import (
+    NOT_CORRELATED,
     correlate,
     read_scores,
     table1,
@@ -48,10 +49,13 @@ from .metrics import (
     per_sample_frame,
     trace_distributions,
 )
+from .report import METRIC_NAMES
 from .samples import TRACE_COLUMNS, SampleSet, sample_table
+from .significance import MIN_CHECKPOINTS, MIN_GROUP_SIZE, check_limits
 from .trace import Trace
 
 ALL = ALL_GROUP  # the group of every sample
+PATHWAY_LENGTH = "pathway_length"  # the default control of the partial correlations
 
 
 def losses(traces: dict[str, Trace], step_of: dict[str, int]) -> pd.DataFrame:
@@ -211,6 +215,10 @@ class CompareOptions:
     values and the memorised groups. ``from_step``: correlate from this step on.
     ``from_t_star``: correlate each memorised group ``t*=N`` from step N on (or from
     ``from_step`` if later), not over the checkpoints before its samples were memorised.
+    ``min_checkpoints`` / ``min_group_size``: correlations over fewer checkpoints, or of a
+    group of fewer samples, are computed but flagged ``too_small`` and never headlined
+    (docs/method.md, "Statistics"). ``control``: the metric(s) each correlation is also
+    computed partialled on (same group); None: no partial correlation.
 
     Validated on construction (InputError for bad thresholds), so that ``moepath
     compare`` refuses them before tracing; :func:`check_before_tracing` checks the rest.
@@ -226,9 +234,24 @@ class CompareOptions:
     scores: Path | None = None
     from_step: int | None = None
     from_t_star: bool = True
+    min_checkpoints: int = MIN_CHECKPOINTS
+    min_group_size: int = MIN_GROUP_SIZE
+    control: str | tuple[str, ...] | None = PATHWAY_LENGTH
 
     def __post_init__(self) -> None:
         check_thresholds(self.epsilon, self.epsilon_quantile, self.delta)
+        check_limits(self.min_checkpoints, self.min_group_size)
+        _check_controls(self.control)
+
+
+def _check_controls(control: str | tuple[str, ...] | None) -> None:
+    """InputError unless every control is a metric that compare computes and correlates."""
+    names = [] if control is None else [control] if isinstance(control, str) else list(control)
+    usable = [m for m in METRIC_NAMES if m not in NOT_CORRELATED]
+    unknown = [name for name in names if name not in usable]
+    if unknown:
+        raise InputError(f"--control {', '.join(map(repr, unknown))} is not a metric compare "
+                         f"computes; use one of: {', '.join(usable)}, or none")
 
 
 def check_before_tracing(found: list[Checkpoint], sample_set: SampleSet,
@@ -347,7 +370,11 @@ def analyse(found: list[Checkpoint], traces_dir: Path,
         scores = read_scores(options.scores, step_of)
         no_correlation = too_few_checkpoints(step_of.values(), options.from_step)
         if no_correlation is None:
-            correlations = correlate(metrics, scores, options.from_step, options.from_t_star)
+            correlations = correlate(metrics, scores, options.from_step, options.from_t_star,
+                                     control=options.control,
+                                     min_checkpoints=options.min_checkpoints,
+                                     min_group_size=options.min_group_size)
+            notes += _small_notes(correlations, options)
             if options.from_t_star and any(map(parse_memorised_group, metrics["group"])):
                 notes.append("each t*=N group is correlated from step N on, after its samples "
                              "are memorised (--all-checkpoints: over every checkpoint)")
@@ -375,6 +402,17 @@ def _notes(memorisation: MemorisationResult, traces: dict) -> list[str]:
         notes.append(f"{degenerate_warning(num_layers)}; consistency and complexity are "
                      f"left out of the tables, plots and correlations")
     return notes
+
+
+def _small_notes(correlations: pd.DataFrame, options: CompareOptions) -> list[str]:
+    """A note counting the correlations flagged too small to headline, if any."""
+    small = int(correlations["too_small"].notna().sum())
+    if not small:
+        return []
+    return [f"{small} of {len(correlations)} correlations are over fewer than "
+            f"{options.min_checkpoints} checkpoints or a group of fewer than "
+            f"{options.min_group_size} samples: computed and listed, but not headlined "
+            f"(verdict: cannot tell; --min-checkpoints, --min-group-size)"]
 
 
 def _unused_scores_notes(scores: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:

@@ -3,7 +3,11 @@
 Implements the last step of docs/method.md "Memorisation and groups": Pearson and
 Spearman (``scipy.stats``) between a group's metric and the score across
 checkpoints, optionally only from the step where accuracy starts its sustained
-rise, laid out like the paper's Table 1 by :func:`table1`.
+rise, laid out like the paper's Table 1 by :func:`table1`. Beside each: the
+inference of docs/method.md "Statistics" (:mod:`.significance`): Pearson's
+interval, the correlation of changes, a test against a null that keeps the
+metric's trend, a partial correlation given a control metric, a flag for too few
+checkpoints or too small a group, and a verdict in words.
 
 Scores are one per checkpoint (columns checkpoint, score), or one per checkpoint
 and group (plus a group column). A metrics group takes the scores of the same
@@ -22,6 +26,10 @@ Example::
     >>> print(row["n"], f"{row['pearson']:.3f}", f"{row['spearman']:.3f}")
     4 -0.832 -0.800
     >>> table1(correlate(metrics, scores)).loc["pathway distance", "all"]
+    'too small'
+    >>> print(row["verdict"])
+    too few checkpoints (4 < 5): cannot tell (trend-preserving p=0.67)
+    >>> table1(correlate(metrics, scores, min_checkpoints=4)).loc["pathway distance", "all"]
     '-0.832 / -0.800'
     >>> correlate(metrics, scores, from_step=2).iloc[0]["note"]
     'only 2 checkpoints have both a value and a score from step 2; correlation needs at least 3'
@@ -30,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +47,19 @@ from scipy import stats
 
 from .errors import InputError, MetricError
 from .memorisation import parse_memorised_group
+from .significance import (
+    ALPHA,
+    MIN_CHECKPOINTS,
+    MIN_GROUP_SIZE,
+    check_limits,
+    difference_correlation,
+    false_discovery,
+    partial_correlation,
+    pearson_interval,
+    too_small,
+    trend_preserving_test,
+    verdict,
+)
 
 MIN_POINTS = 3  # two points always correlate +-1: no evidence
 # A series whose range is at most this times its largest magnitude (or 1) counts as constant.
@@ -51,8 +73,14 @@ TABLE1_ROWS = {
 }
 # Bookkeeping rows of the metrics frame, not trajectories to correlate.
 NOT_CORRELATED = ("n_samples", "distance_stderr")
+GROUP_SIZE = "n_samples"  # the metric holding a group's number of samples per checkpoint
+TOO_SMALL_CELL = "too small"  # table1's cell for a correlation too small to headline
 CORRELATION_COLUMNS = ("group", "metric", "n", "first_step", "last_step", "pearson",
-                       "pearson_p", "spearman", "spearman_p", "note")
+                       "pearson_p", "spearman", "spearman_p", "note",
+                       # docs/method.md "Statistics" (significance.py)
+                       "pearson_low", "pearson_high", "diff_pearson", "diff_pearson_p",
+                       "trend_p", "trend_min_p", "trend_q", "partial", "partial_p",
+                       "partial_control", "group_size", "too_small", "verdict")
 _METRIC_COLUMNS = ("checkpoint", "step", "group", "metric", "value")
 
 
@@ -182,33 +210,56 @@ def _memorised_label(group: str) -> str | None:
 
 
 def correlate(metrics: pd.DataFrame, scores: pd.DataFrame, from_step: int | None = None,
-              from_t_star: bool = False) -> pd.DataFrame:
-    """Pearson and Spearman of every (group, metric) trajectory against the scores.
+              from_t_star: bool = False, *, control: str | Sequence[str] | None = None,
+              min_checkpoints: int = MIN_CHECKPOINTS, min_group_size: int = MIN_GROUP_SIZE,
+              alpha: float = ALPHA) -> pd.DataFrame:
+    """Pearson and Spearman of every (group, metric) trajectory against the scores, with
+    the inference of docs/method.md "Statistics".
 
     Score groups that apply to no metrics group are not used (see
     :func:`unused_score_groups`); the metrics groups left without a score get a note.
 
     Args:
-        metrics: long frame with columns checkpoint, step, group, metric, value.
+        metrics: long frame with columns checkpoint, step, group, metric, value; a
+            group's ``n_samples`` rows give its size.
         scores: columns checkpoint (name or step), score, optional group; or
             :func:`read_scores`'s output.
         from_step: keep only checkpoints at or after this step (the start of the
             sustained rise of accuracy); None keeps all.
         from_t_star: correlate a memorised group ``t*=N`` only from step N on (the
             checkpoints after its samples are memorised), or from ``from_step`` if later.
+        control: metric name(s) of the frame (e.g. ``pathway_length``) to partial out,
+            each taken from the same group; several are partialled out jointly. None:
+            no partial correlation.
+        min_checkpoints, min_group_size: a correlation over fewer checkpoints, or of a
+            group whose smallest ``n_samples`` over them is below this, is still
+            computed, but flagged ``too_small`` and not headlined (:func:`table1`).
+        alpha: the level of the verdicts.
 
     Returns:
         One row per (group, metric) in the metrics' order (bookkeeping metrics
         :data:`NOT_CORRELATED` left out), columns :data:`CORRELATION_COLUMNS`: n
         (checkpoints with both a value and a score), first_step and last_step of
         those, the coefficients with their two-sided p-values, and a note saying
-        why they are NaN (too few points, a constant series), else None.
+        why they are NaN (too few points, a constant series), else None. Then:
+        pearson_low/high, Pearson's 95% interval; diff_pearson(_p), Pearson of the
+        first differences; trend_p, the trend-preserving permutation p-value,
+        trend_min_p the smallest it could be, trend_q its Benjamini-Hochberg
+        adjustment over the rows not too small; partial(_p), the partial correlation
+        given ``partial_control`` (comma-joined names; None without ``control``), NaN
+        where undefined (the metric is a control, the control is missing or too few
+        checkpoints have it); group_size, the smallest ``n_samples`` over the
+        checkpoints (NaN if the frame has none); too_small, why the row is too small to
+        headline, else None; verdict, :func:`.significance.verdict`'s words.
 
     Raises:
         MetricError: ``metrics`` lacks a column or repeats a (step, group, metric).
-        InputError: bad scores (see :func:`read_scores`).
+        InputError: bad scores (see :func:`read_scores`), a ``control`` that is not a
+            metric of the frame, bad thresholds.
     """
     check_metrics_frame(metrics)
+    check_limits(min_checkpoints, min_group_size)
+    controls = _controls(metrics, control)
     scores = resolve_scores(scores, checkpoint_steps(metrics))  # idempotent on read_scores'
     values = metrics.assign(value=pd.to_numeric(metrics["value"], errors="coerce"))
     names = [m for m in dict.fromkeys(metrics["metric"]) if m not in NOT_CORRELATED]
@@ -218,12 +269,29 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame, from_step: int | None
         mine = values[values["group"] == group]
         if start is not None:
             mine = mine[mine["step"] >= start]
+        series = {m: s.set_index("step")["value"] for m, s in mine.groupby("metric")}
         for metric in names:  # every metric for every group: a missing one gets a note
-            trajectory = mine.loc[mine["metric"] == metric].set_index("step")["value"]
-            rows.append(_correlation(group, str(metric), trajectory,
-                                     scores_for_group(scores, group), start))
+            trajectory = series.get(metric, pd.Series(dtype=float))
+            score = scores_for_group(scores, group)
+            row = _correlation(group, str(metric), trajectory, score, start)
+            row |= _inference(row, _joined(trajectory, score), metric, controls, series)
+            row["too_small"] = too_small(row["n"], row["group_size"], min_checkpoints,
+                                         min_group_size)
+            rows.append(row)
     frame = pd.DataFrame(rows, columns=list(CORRELATION_COLUMNS))
+    frame = _with_verdicts(frame, alpha)
     return frame.astype({"n": "int64", "first_step": "Int64", "last_step": "Int64"})
+
+
+def _controls(metrics: pd.DataFrame, control: str | Sequence[str] | None) -> list[str]:
+    """The control metric names, each checked to be a metric of the frame."""
+    names = [] if control is None else [control] if isinstance(control, str) else list(control)
+    known = list(dict.fromkeys(metrics["metric"]))
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise InputError(f"control metric(s) {', '.join(map(repr, missing))} not in the "
+                         f"metrics frame; use one of: {', '.join(map(str, known))}")
+    return names
 
 
 def _first_step(group: str, from_step: int | None, from_t_star: bool) -> int | None:
@@ -278,11 +346,16 @@ def too_few_checkpoints(steps, from_step: int | None = None) -> str | None:
             f"correlation needs {MIN_POINTS}")
 
 
+def _joined(trajectory: pd.Series, score: pd.Series) -> pd.DataFrame:
+    """Columns value and score at the steps where both have a number, by step."""
+    return pd.concat([trajectory.rename("value"), score.rename("score")], axis=1,
+                     join="inner").dropna().sort_index()
+
+
 def _correlation(group: str, metric: str, trajectory: pd.Series, score: pd.Series,
                  from_step: int | None) -> dict:
     """One result row: the coefficients over the steps where both series have a number."""
-    joined = pd.concat([trajectory.rename("value"), score.rename("score")], axis=1,
-                       join="inner").dropna().sort_index()
+    joined = _joined(trajectory, score)
     x, y = joined["value"].to_numpy(float), joined["score"].to_numpy(float)
     row = {"group": group, "metric": metric, "n": len(joined),
            "first_step": int(joined.index[0]) if len(joined) else None,
@@ -294,6 +367,42 @@ def _correlation(group: str, metric: str, trajectory: pd.Series, score: pd.Serie
         row.update(pearson=float(pearson.statistic), pearson_p=float(pearson.pvalue),
                    spearman=float(spearman.statistic), spearman_p=float(spearman.pvalue))
     return row
+
+
+def _inference(row: dict, joined: pd.DataFrame, metric: str, controls: list[str],
+               series: dict[str, pd.Series]) -> dict:
+    """The "Statistics" columns of one row (NaN where its note says no correlation)."""
+    sizes = series.get(GROUP_SIZE, pd.Series(dtype=float)).reindex(joined.index)
+    out = {"pearson_low": np.nan, "pearson_high": np.nan, "diff_pearson": np.nan,
+           "diff_pearson_p": np.nan, "trend_p": np.nan, "trend_min_p": np.nan,
+           "trend_q": np.nan, "partial": np.nan, "partial_p": np.nan,
+           "partial_control": ", ".join(controls) or None,
+           "group_size": float(sizes.min()) if sizes.notna().any() else np.nan}
+    if row["note"] is not None:
+        return out
+    x, y = joined["value"].to_numpy(float), joined["score"].to_numpy(float)
+    test = trend_preserving_test(x, y)
+    out.update(zip(("pearson_low", "pearson_high"), pearson_interval(x, y), strict=True))
+    out.update(zip(("diff_pearson", "diff_pearson_p"), difference_correlation(x, y),
+                   strict=True))
+    out.update(trend_p=test.pvalue, trend_min_p=test.min_pvalue)
+    if controls and metric not in controls:
+        both = joined.join(pd.concat({c: series.get(c, pd.Series(dtype=float))
+                                      for c in controls}, axis=1), how="inner").dropna()
+        out.update(zip(("partial", "partial_p"), partial_correlation(
+            both["value"], both["score"], both[controls].to_numpy(float)), strict=True))
+    return out
+
+
+def _with_verdicts(frame: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """``frame`` with trend_q over the rows fit to headline (no note, not too small), and
+    each row's verdict."""
+    family = frame["note"].isna() & frame["too_small"].isna() & frame["trend_p"].notna()
+    frame.loc[family, "trend_q"] = false_discovery(frame.loc[family, "trend_p"])
+    tests = int(family.sum())
+    frame["verdict"] = [verdict(r.trend_p, r.trend_min_p, r.n, r.too_small, r.note, alpha,
+                                r.trend_q, tests) for r in frame.itertuples()]
+    return frame
 
 
 def _why_not(metric: str, x: np.ndarray, y: np.ndarray, has_values: bool, has_scores: bool,
@@ -326,10 +435,13 @@ def table1(correlations: pd.DataFrame) -> pd.DataFrame:
 
     Rows: the :data:`TABLE1_ROWS` labels (index ``metric``); columns: groups in
     order of appearance; cells ``"pearson / spearman"`` with 3 decimals, ``n/a``
-    for a coefficient that could not be computed (see the row's note).
+    for a coefficient that could not be computed (see the row's note), and
+    :data:`TOO_SMALL_CELL` for one computed over too few checkpoints or too small a
+    group (``too_small``): those are no headline, their numbers stay in the rows.
     """
     groups = list(dict.fromkeys(correlations["group"]))
-    cells = {(r.group, r.metric): f"{_fmt(r.pearson)} / {_fmt(r.spearman)}"
+    cells = {(r.group, r.metric): TOO_SMALL_CELL if isinstance(r.too_small, str)
+             and r.note is None else f"{_fmt(r.pearson)} / {_fmt(r.spearman)}"
              for r in correlations.itertuples()}
     table = pd.DataFrame(
         [[cells.get((group, metric), "n/a / n/a") for group in groups] for metric in TABLE1_ROWS],

@@ -63,6 +63,30 @@ LAYERS_PLOT = "layers.png"
 # a second line per group, dotted, on a metric's plot: the reference it is read against
 _COMPANIONS = {DISTANCE: BASELINE_DISTANCE, NORMALIZED_DISTANCE: BASELINE_NORMALIZED_DISTANCE,
                CONSISTENCY: CONSISTENCY_MEDIAN}
+_DETAIL_COLUMNS = ("group", "metric", "n", "group size", "steps", "pearson [95% CI] (p)",
+                   "spearman (p)", "changes r (p)", "trend p (q)", "partial r (p)",
+                   "too small", "note")
+VERDICT_EXPLANATION = [
+    "Held-out accuracy usually rises with step, so any metric with a trend correlates with "
+    "it: two unrelated random walks reach |r| > 0.8 against such a curve about a third of "
+    "the time, and the p-values of Pearson and Spearman, which assume independent "
+    "checkpoints, call that significant. Each verdict is instead a test against a null that "
+    "keeps the metric's trend: its changes between consecutive checkpoints are put in "
+    "random order and summed again from the same start (same start, end and changes), and "
+    "p is the share of these surrogates that correlate with the score at least as strongly "
+    "(|r|). *Survives* means the timing of the metric's changes follows the score beyond "
+    "what its trend gives; *indistinguishable from a shared trend* means it does not; "
+    "*cannot tell* means the data cannot answer: too few checkpoints or too small a group, "
+    "or too few orderings for p to reach the level (4 checkpoints: 6 orderings, p >= 0.17). "
+    "A real relation that is only a shared trend cannot be told from a common clock by "
+    "any test on one run. Method: docs/method.md, \"Statistics\"."]
+DETAILS_EXPLANATION = [
+    "pearson's interval and p, and spearman's p, assume independent checkpoints (too "
+    "optimistic for trending series); changes r: Pearson of the first differences (change "
+    "vs change); trend p: the verdicts' test, q: its Benjamini-Hochberg adjustment over the "
+    "rows not too small; partial r: given the control metric(s) of the same group (Pearson "
+    "of least-squares residuals); group size: the smallest `n_samples` over the "
+    "checkpoints."]
 PLOT_SIZE_INCHES, PLOT_DPI = (6.0, 3.5), 100  # 600 x 350 px, tens of KB
 _MISSING = "—"
 _GROUP_COLUMNS = ("checkpoint", "step", "n", "distance [CI]", "normalised distance [CI]",
@@ -258,9 +282,16 @@ def _correlation_section(correlations: pd.DataFrame | None, scores: pd.DataFrame
     rows = [[metric, *cells] for metric, cells in zip(layout.index, layout.to_numpy().tolist(),
                                                       strict=True)]
     lines += ["Pearson / Spearman of each metric against the score over checkpoints "
-              "(the paper's Table 1 layout).", "",
-              *_table(["metric", *map(str, layout.columns)], rows), "", "### Details", "",
-              *_table(["group", "metric", "n", "steps", "pearson (p)", "spearman (p)", "note"],
+              "(the paper's Table 1 layout). `too small`: over too few checkpoints or a group "
+              "of too few samples (`--min-checkpoints`, `--min-group-size`) to be a finding; "
+              "its numbers are in the Details.", "",
+              *_table(["metric", *map(str, layout.columns)], rows), "",
+              "### Verdicts", "", *VERDICT_EXPLANATION, "",
+              *_table(["group", "metric", "pearson", "verdict"],
+                      [[str(r.group), str(r.metric), _number(r.pearson, 3), r.verdict]
+                       for r in correlations.itertuples()]),
+              "", "### Details", "", *DETAILS_EXPLANATION, "",
+              *_table(list(_DETAIL_COLUMNS),
                       [_correlation_row(row) for row in correlations.itertuples()])]
     if scores is not None:
         resolved = resolve_scores(scores, checkpoint_steps(metrics)).sort_values(
@@ -274,9 +305,17 @@ def _correlation_section(correlations: pd.DataFrame | None, scores: pd.DataFrame
 
 def _correlation_row(row) -> list[str]:
     steps = _MISSING if row.n == 0 else f"{row.first_step}-{row.last_step}"
-    return [str(row.group), str(row.metric), str(row.n), steps,
-            f"{_number(row.pearson, 3)} ({_number(row.pearson_p, 3)})",
-            f"{_number(row.spearman, 3)} ({_number(row.spearman_p, 3)})", row.note or ""]
+    interval = ("" if pd.isna(row.pearson_low)
+                else f" [{row.pearson_low:.2f}, {row.pearson_high:.2f}]")
+    partial = (_MISSING if row.partial_control is None else
+               f"{_number(row.partial, 3)} ({_number(row.partial_p, 3)}) on "
+               f"{row.partial_control}")
+    return [str(row.group), str(row.metric), str(row.n), _number(row.group_size, 0), steps,
+            f"{_number(row.pearson, 3)}{interval} ({_number(row.pearson_p, 3)})",
+            f"{_number(row.spearman, 3)} ({_number(row.spearman_p, 3)})",
+            f"{_number(row.diff_pearson, 3)} ({_number(row.diff_pearson_p, 3)})",
+            f"{_number(row.trend_p, 3)} ({_number(row.trend_q, 3)})", partial,
+            row.too_small or "", row.note or ""]
 
 
 def _paper_section() -> list[str]:
