@@ -115,7 +115,8 @@ def test_cli_refuses_mismatched_checkpoints_before_serving(tmp_path):
                             "pass --min-group-size 1 or more"),
     ({"min_checkpoints": 2.5}, "min_checkpoints must be a whole number of at least 1"),
     ({"control": "entropy"}, "^--control 'entropy' is not a metric compare computes; use one "
-                             "of: distance, normalized_distance, pathway_length, "),
+                             "of: distance, normalized_distance, baseline_distance, .*, "
+                             "routing_entropy, .*, or none$"),
 ])
 def test_compare_options_are_validated_on_construction(options, message):
     with pytest.raises(InputError, match=message):
