@@ -21,31 +21,20 @@ def compare(
     scores: Annotated[Path | None, typer.Option(help="CSV: checkpoint, score[, group]: "
                       "accuracy measured elsewhere, for correlations.")] = None,
     group_by: o.GroupBy = None,
-    memorised_only: Annotated[bool, typer.Option(help="Metrics on memorised samples only "
-                              "(the paper's protocol).",
-                              rich_help_panel=o.SWITCHES_PANEL)] = False,
-    epsilon: Annotated[float | None, typer.Option(help="Memorisation loss threshold.")] = None,
-    epsilon_quantile: Annotated[float | None, typer.Option(
-        help="Epsilon as this quantile of final losses (default 0.25).")] = None,
-    epsilon_per_group: Annotated[bool, typer.Option(
-        "--epsilon-per-group/--epsilon-global",
-        help="With --group-by, take the epsilon quantile over each group's final losses "
-             "(the paper: per domain) or over all samples.",
-        rich_help_panel=o.SWITCHES_PANEL)] = True,
-    delta: Annotated[float, typer.Option(help="Allowed distance to the final loss.")] = 0.05,
-    from_step: Annotated[int | None, typer.Option(help="Correlate from this step on.")] = None,
-    from_t_star: Annotated[bool, typer.Option(
-        "--from-t-star/--all-checkpoints",
-        help="Correlate each t*=N group from step N on (after its samples are memorised), "
-             "or over every checkpoint.", rich_help_panel=o.SWITCHES_PANEL)] = True,
+    memorised_only: o.MemorisedOnly = False,
+    epsilon: o.Epsilon = None,
+    epsilon_quantile: o.EpsilonQuantile = None,
+    epsilon_per_group: o.EpsilonPerGroup = True,
+    delta: o.Delta = 0.05,
+    from_step: o.FromStep = None,
+    from_t_star: o.FromTStar = True,
     tau: o.Tau = 0.7,
     source: o.Source = "full",
     unit: o.Unit = "char",
     pairs: o.Pairs = "auto",
     seed: o.Seed = 0,
-    reuse_engine: Annotated[bool, typer.Option(help="Reload weights into the running engine "
-                            "between checkpoints of one architecture.",
-                            rich_help_panel=o.SWITCHES_PANEL)] = True,
+    reuse_engine: o.ReuseEngine = True,
+    log_to: o.LogTo = None,
     id_field: o.IdField = "id",
     text_field: o.TextField = "text",
     skip_bad_lines: o.SkipBadLines = False,
@@ -73,7 +62,8 @@ def compare(
         TraceOptions(truncate=truncate, batch_size=batch_size),
         SampleReadOptions(id_field=id_field, text_field=text_field,
                           skip_bad_lines=skip_bad_lines, limit=limit),
-        reuse_engine, progress=render.CompareProgress(), command=render.command_line())
+        reuse_engine, progress=render.CompareProgress(), command=render.command_line(),
+        log_to=o.parse_log_to(log_to))
     render.compare_summary(result)
 
 

@@ -59,6 +59,37 @@ TraceDir = Annotated[Path, typer.Argument(help="Trace directory written by `moep
 GroupBy = Annotated[str | None, typer.Option(help="Samples-table column to group by.")]
 Seed = Annotated[int, typer.Option(help="Seed of sampled pairs.")]
 
+# The comparison's options, shared by compare and watch.
+MemorisedOnly = Annotated[bool, typer.Option(help="Metrics on memorised samples only (the "
+                          "paper's protocol).", rich_help_panel=SWITCHES_PANEL)]
+Epsilon = Annotated[float | None, typer.Option(help="Memorisation loss threshold.")]
+EpsilonQuantile = Annotated[float | None, typer.Option(
+    help="Epsilon as this quantile of final losses (default 0.25).")]
+EpsilonPerGroup = Annotated[bool, typer.Option(
+    "--epsilon-per-group/--epsilon-global",
+    help="With --group-by, take the epsilon quantile over each group's final losses "
+         "(the paper: per domain) or over all samples.", rich_help_panel=SWITCHES_PANEL)]
+Delta = Annotated[float, typer.Option(help="Allowed distance to the final loss.")]
+FromStep = Annotated[int | None, typer.Option(help="Correlate from this step on.")]
+FromTStar = Annotated[bool, typer.Option(
+    "--from-t-star/--all-checkpoints",
+    help="Correlate each t*=N group from step N on (after its samples are memorised), "
+         "or over every checkpoint.", rich_help_panel=SWITCHES_PANEL)]
+ReuseEngine = Annotated[bool, typer.Option(help="Reload weights into the running engine "
+                        "between checkpoints of one architecture.",
+                        rich_help_panel=SWITCHES_PANEL)]
+LogTo = Annotated[str | None, typer.Option(
+    help="Also log each checkpoint's group metrics at its step to these trackers, "
+         "comma-separated: tensorboard (OUT/tensorboard), wandb (offline, OUT/wandb), "
+         "mlflow (file store OUT/mlruns). Names: moepath/<metric>/<group>.")]
+
+
+def parse_log_to(value: str | None) -> tuple[str, ...]:
+    """--log-to's comma-separated trackers, checked (an unknown one: a one-line error)."""
+    from ..tracer.trackers import parse_trackers
+
+    return parse_trackers(value)
+
 
 # The vLLM engine flags, declared once: @engine_flags adds them to a command.
 Dtype = Annotated[str, typer.Option(help="Model dtype in vLLM (bfloat16, float32, ...).",
