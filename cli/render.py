@@ -240,6 +240,8 @@ class WatchView:
         stderr.print(f"{name}: {self._ACTIONS[action]}", markup=False, highlight=False)
 
     def start(self, total: int, done: int) -> None:
+        if done:
+            stderr.print(f"resuming: {done} sample(s) already traced")
         self._started = time.perf_counter()
         self._bar.update(self._task, total=total, completed=done)
         self._done = done

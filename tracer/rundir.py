@@ -210,9 +210,13 @@ def _header_tensors(path: Path) -> set[str]:
     fix = "re-save the checkpoint (or fix it) and run moepath watch with --retry"
     with path.open("rb") as handle:
         head = handle.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if length is None or length > min(size - 8, 100_000_000):
+        if len(head) < 8:
+            raise StillWriting(f"'{path}' holds {len(head)} bytes, not yet a header")
+        length = struct.unpack("<Q", head)[0]
+        if length > 100_000_000:
             raise ModelError(f"'{path}' is not a safetensors file (bad header length); {fix}")
+        if length > size - 8:
+            raise StillWriting(f"'{path}' holds {size} bytes, less than its header's {length}")
         try:
             header = json.loads(handle.read(length))
             ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
