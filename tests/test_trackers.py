@@ -127,12 +127,14 @@ READERS = {"tensorboard": tensorboard_values, "wandb": wandb_values, "mlflow": m
 
 
 def assert_trackers_equal_metrics(out, names=trackers.TRACKERS) -> None:
-    """Every tracker read back holds exactly metrics.parquet's values at their steps
-    (TensorBoard stores float32)."""
+    """Every tracker read back holds metrics.parquet's values at their steps as the last
+    value sent (TensorBoard stores float32). Beyond them only memorised groups that an
+    earlier update had and a later checkpoint redefined (trackers keep what was sent)."""
     expected = expected_values(out)
     for name in names:
         logged = READERS[name](out)
-        assert set(logged) == set(expected), name
+        assert set(expected) <= set(logged), name
+        assert all("/t_star_" in key for key, _ in set(logged) - set(expected)), name
         for key, value in expected.items():
             assert logged[key] == pytest.approx(value, rel=1e-6 if name == "tensorboard"
                                                 else 1e-12), (name, key)

@@ -151,8 +151,8 @@ def test_status_round_trips_and_a_foreign_file_is_refused(tmp_path):
     status.write(tmp_path)
     again = WatchStatus.read(tmp_path)
     assert again == status
-    assert json.loads((tmp_path / "status.json").read_text())["format_version"] == 1
-    (tmp_path / "status.json").write_text('{"format_version": 9}')
+    assert json.loads((tmp_path / "status.json").read_text())["version"] == 1
+    (tmp_path / "status.json").write_text('{"version": 9}')
     with pytest.raises(InputError, match="is not a moepath watch status"):
         WatchStatus.read(tmp_path)
 

@@ -18,8 +18,10 @@ was sent and the W&B and MLflow run ids, so a restarted watch continues the same
 runs and sends only rows it has not sent. A value that changed is sent again at
 the same step: the memorised groups (``t*=N``) are defined by the final loss, so
 their values at earlier checkpoints change as checkpoints arrive; trackers show the
-last value sent for a step. The clients are imported only when used; a missing one
-is a :class:`~moepath.tracer.errors.TrackerError` naming the extra to install.
+last value sent for a step, and keep the series of a memorised group that a later
+checkpoint dissolved (``metrics.parquet`` is the reference). The clients are
+imported only when used; a missing one is a
+:class:`~moepath.tracer.errors.TrackerError` naming the extra to install.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ for other tools to poll; also what a restarted watch continues from.
 
 One JSON object, replaced atomically on every change::
 
-    {"format_version": 1, "run_dir": "/runs/olmoe", "state": "watching",
+    {"version": 1, "run_dir": "/runs/olmoe", "state": "watching",
      "updated": "2025-07-01T12:00:00+00:00", "pid": 4242,
      "report": {"updated": "...", "checkpoints": 3, "error": null},
      "checkpoints": {"checkpoint-200": {"step": 200, "state": "done", "reason": null,
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-FORMAT_VERSION = 1
+VERSION = 1
 FILE = "status.json"
 WAITING, TRACING, DONE, FAILED = "waiting", "tracing", "done", "failed"
 WATCHING, STOPPED, FINISHED = "watching", "stopped", "finished"
@@ -75,7 +75,7 @@ class WatchStatus:
         self.updated = now()
         path = Path(out_dir) / FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"format_version": FORMAT_VERSION, **asdict(self)}
+        record = {"version": VERSION, **asdict(self)}
         tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, path)
@@ -93,8 +93,8 @@ class WatchStatus:
             return None
         try:
             record = json.loads(path.read_text())
-            if record.pop("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format version is not {FORMAT_VERSION}")
+            if record.pop("version") != VERSION:
+                raise ValueError(f"version is not {VERSION}")
             checkpoints = {name: CheckpointStatus(**entry)
                            for name, entry in record.pop("checkpoints").items()}
             return cls(**record, checkpoints=checkpoints)
