@@ -24,6 +24,7 @@ from . import (
     show_cmd,
     toy_cmd,
     trace_cmd,
+    watch_cmd,
 )
 
 app = typer.Typer(
@@ -34,8 +35,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for module in (trace_cmd, merge_cmd, metrics_cmd, show_cmd, compare_cmd, eval_cmd, demo_cmd,
-               toy_cmd):
+for module in (trace_cmd, merge_cmd, metrics_cmd, show_cmd, compare_cmd, watch_cmd, eval_cmd,
+               demo_cmd, toy_cmd):
     module.register(app)
 
 
@@ -73,6 +74,8 @@ _ON_INTERRUPT = {
     "trace": "committed samples are kept; re-run with --resume to finish the trace",
     "compare": "finished checkpoint traces and committed samples are kept; re-run the same "
                "command to continue",
+    "watch": "traced checkpoints and committed samples are kept, status.json says what is "
+             "done; re-run the same command to continue",
     "demo": "a trained testbed, finished checkpoint traces and committed samples are kept; "
             "re-run the same command to continue",
     "eval": "the requests traced so far are kept in a trace marked failed (no scores); an "

@@ -19,10 +19,6 @@ PerSample = Annotated[Path | None, typer.Option(help="Also write per-sample path
                       "consistency to this .csv or .parquet file.")]
 Layers = Annotated[bool, typer.Option("--layers", help="Add the per-layer distance profile.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
-Level = Annotated[float, typer.Option(help="Confidence level of the bootstrap intervals over "
-                  "samples (the *_ci_low / *_ci_high fields).")]
-Resamples = Annotated[int, typer.Option(help="Bootstrap resamples per interval; 0 computes "
-                      "no interval.")]
 PER_SAMPLE_FORMATS = (".csv", ".parquet")
 
 
@@ -38,8 +34,8 @@ def metrics(
     per_sample: PerSample = None,
     layers: Layers = False,
     as_json: Json = False,
-    level: Level = 0.95,
-    resamples: Resamples = 1000,
+    level: o.Level = 0.95,
+    resamples: o.Resamples = 1000,
 ) -> None:
     """Pathway distance (Metric 1) and consistency (Metric 2) by group.
 

@@ -7,12 +7,15 @@ import functools
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 # the one import of EngineOptions in cli/ (commands name it o.EngineOptions)
 from ..patches.options import EngineOptions
+
+if TYPE_CHECKING:  # built by @analysis_flags; imported there, on use (pandas, scipy)
+    from ..tracer.compare import CompareOptions  # noqa: F401
 
 # --help panels besides Typer's "Options": on/off flags (their --no- forms would squeeze
 # the help text of every option into a narrow column at 80 columns), and the engine's
@@ -57,7 +60,50 @@ Pairs = Annotated[str, typer.Option(help="auto (exact up to 1,000 samples a grou
                   "200,000 sampled pairs), all (always exact), or a number of sampled pairs.")]
 TraceDir = Annotated[Path, typer.Argument(help="Trace directory written by `moepath trace`.")]
 GroupBy = Annotated[str | None, typer.Option(help="Samples-table column to group by.")]
-Seed = Annotated[int, typer.Option(help="Seed of sampled pairs.")]
+Seed = Annotated[int, typer.Option(help="Seed of sampled pairs, bootstrap resamples and the "
+                                        "random-routing baseline.")]
+
+# The comparison's options, shared by compare and watch.
+MemorisedOnly = Annotated[bool, typer.Option(help="Metrics on memorised samples only (the "
+                          "paper's protocol).", rich_help_panel=SWITCHES_PANEL)]
+Epsilon = Annotated[float | None, typer.Option(help="Memorisation loss threshold.")]
+EpsilonQuantile = Annotated[float | None, typer.Option(
+    help="Epsilon as this quantile of final losses (default 0.25).")]
+EpsilonPerGroup = Annotated[bool, typer.Option(
+    "--epsilon-per-group/--epsilon-global",
+    help="With --group-by, take the epsilon quantile over each group's final losses "
+         "(the paper: per domain) or over all samples.", rich_help_panel=SWITCHES_PANEL)]
+Delta = Annotated[float, typer.Option(help="Allowed distance to the final loss.")]
+FromStep = Annotated[int | None, typer.Option(help="Correlate from this step on.")]
+FromTStar = Annotated[bool, typer.Option(
+    "--from-t-star/--all-checkpoints",
+    help="Correlate each t*=N group from step N on (after its samples are memorised), "
+         "or over every checkpoint.", rich_help_panel=SWITCHES_PANEL)]
+MinCheckpoints = Annotated[int, typer.Option(
+    help="Flag correlations over fewer checkpoints as too small: listed, never headlined.")]
+MinGroupSize = Annotated[int, typer.Option(
+    help="Flag correlations of groups of fewer samples as too small.")]
+Control = Annotated[str | None, typer.Option(
+    help="Metric to partial out of each correlation (same group); 'none' for no partial "
+         "correlation.")]
+Level = Annotated[float, typer.Option(help="Confidence level of the bootstrap intervals over "
+                                           "samples (the ci_low / ci_high values).")]
+Resamples = Annotated[int, typer.Option(help="Bootstrap resamples per interval; 0 computes "
+                                             "none.")]
+ReuseEngine = Annotated[bool, typer.Option(help="Reload weights into the running engine "
+                        "between checkpoints of one architecture.",
+                        rich_help_panel=SWITCHES_PANEL)]
+LogTo = Annotated[str | None, typer.Option(
+    help="Also log each checkpoint's group metrics at its step to these trackers, "
+         "comma-separated: tensorboard (OUT/tensorboard), wandb (offline, OUT/wandb), "
+         "mlflow (file store OUT/mlruns). Names: moepath/<metric>/<group>.")]
+
+
+def parse_log_to(value: str | None) -> tuple[str, ...]:
+    """--log-to's comma-separated trackers, checked (an unknown one: a one-line error)."""
+    from ..tracer.trackers import parse_trackers
+
+    return parse_trackers(value)
 
 
 # The vLLM engine flags, declared once: @engine_flags adds them to a command.
@@ -95,44 +141,105 @@ def engine_flags(**defaults) -> Callable[[Callable], Callable]:
     """Decorator: add the vLLM engine flags to a command and hand it the ``EngineOptions``
     they build, as its ``engine`` parameter.
 
-    The command declares a keyword-only ``engine: o.EngineOptions`` (Typer never sees it:
-    the flags take its place in the signature Typer reads, ``__signature__``). A flag defaults to
-    ``EngineOptions``' own default unless ``defaults`` names it; ``--engine-core`` and
-    ``--store-probs`` are flags only in commands that name them (elsewhere ``EngineOptions``'
-    defaults apply)::
+    A flag defaults to ``EngineOptions``' own default unless ``defaults`` names it;
+    ``--engine-core`` and ``--store-probs`` are flags only in commands that name them
+    (elsewhere ``EngineOptions``' defaults apply)::
 
         @o.engine_flags(engine_core="auto")    # --engine-core defaults to auto here
         def compare(checkpoints: ..., *, engine: o.EngineOptions) -> None:
     """
-    if unknown := sorted(defaults.keys() - ENGINE_FLAGS.keys()):
-        raise TypeError(f"engine_flags: no engine flag named {', '.join(unknown)}")
+    _check_names("engine_flags", defaults, ENGINE_FLAGS)
     own = {field.name: field.default for field in dataclasses.fields(EngineOptions)}
-    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                               default=defaults.get(name, own[name]))
+    flags = {name: (annotation, defaults.get(name, own[name]))
              for name, annotation in ENGINE_FLAGS.items()
-             if name in defaults or name not in OPT_IN_FLAGS]
+             if name in defaults or name not in OPT_IN_FLAGS}
+    return _flag_group("engine", flags, lambda values: EngineOptions(**values))
+
+
+# How compare's analysis is configured (compare, watch): parameter -> (flag, default)
+ANALYSIS_FLAGS = {
+    "group_by": (GroupBy, None), "memorised_only": (MemorisedOnly, False),
+    "epsilon": (Epsilon, None), "epsilon_quantile": (EpsilonQuantile, None),
+    "epsilon_per_group": (EpsilonPerGroup, True), "delta": (Delta, 0.05),
+    "from_step": (FromStep, None), "from_t_star": (FromTStar, True),
+    "min_checkpoints": (MinCheckpoints, 5), "min_group_size": (MinGroupSize, 20),
+    "control": (Control, "pathway_length"), "tau": (Tau, 0.7), "source": (Source, "full"),
+    "unit": (Unit, "char"), "pairs": (Pairs, "auto"), "seed": (Seed, 0),
+    "level": (Level, 0.95), "resamples": (Resamples, 1000),
+}
+_METRIC_FLAGS = ("tau", "source", "unit", "pairs", "seed", "level", "resamples")
+
+
+def analysis_flags() -> Callable[[Callable], Callable]:
+    """Decorator: add the flags of compare's analysis (memorisation, groups, correlation
+    limits, metric options) to a command and hand it the ``CompareOptions`` they build,
+    as its ``analysis`` parameter::
+
+        @o.analysis_flags()
+        def watch(run_dir: ..., *, analysis: o.CompareOptions) -> None:
+    """
+    return _flag_group("analysis", ANALYSIS_FLAGS, _compare_options)
+
+
+def _compare_options(values: dict):
+    from ..tracer.compare import CompareOptions
+    from ..tracer.metrics import MetricOptions
+
+    metric = {name: values.pop(name) for name in _METRIC_FLAGS}
+    metric["pairs"] = parse_pairs(metric["pairs"])
+    control = values.pop("control")
+    return CompareOptions(metrics=MetricOptions(**metric),
+                          control=None if control in (None, "none") else control, **values)
+
+
+def _evaluated_signature(command: Callable, skip: str) -> inspect.Signature:
+    """``command``'s signature with its string annotations evaluated (Typer reads types),
+    but the one of ``skip``, which may name a type only imported for type checkers."""
+    signature = inspect.signature(command)
+    namespace = command.__globals__
+    return signature.replace(parameters=[
+        p if p.name == skip or not isinstance(p.annotation, str)
+        else p.replace(annotation=eval(p.annotation, namespace))  # annotations of our own source
+        for p in signature.parameters.values()])
+
+
+def _check_names(decorator: str, given: dict, known: dict) -> None:
+    if unknown := sorted(given.keys() - known.keys()):
+        raise TypeError(f"{decorator}: no flag named {', '.join(unknown)}")
+
+
+def _flag_group(parameter: str, flags: dict[str, tuple[object, object]],
+                build: Callable[[dict], object]) -> Callable[[Callable], Callable]:
+    """Decorator: put ``flags`` (name -> (annotation, default)) in place of the command's
+    keyword-only ``parameter`` and pass the command ``build(values of the flags)`` there.
+
+    Typer never sees ``parameter``: the flags take its place in the signature Typer reads
+    (``__signature__``)."""
+    declared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                  default=default)
+                for name, (annotation, default) in flags.items()]
 
     def decorate(command: Callable) -> Callable:
-        signature = inspect.signature(command, eval_str=True)
-        if "engine" not in signature.parameters:
-            raise TypeError(f"{command.__name__} needs an 'engine: o.EngineOptions' parameter "
-                            "to take the engine flags")
+        signature = _evaluated_signature(command, skip=parameter)
+        if parameter not in signature.parameters:
+            raise TypeError(f"{command.__name__} needs a '{parameter}' parameter to take "
+                            "the flags")
         # keyword-only throughout (Typer passes keywords), so that flags, which have
         # defaults, may stand anywhere
         parameters = [new for old in signature.parameters.values()
-                      for new in (flags if old.name == "engine"
+                      for new in (declared if old.name == parameter
                                   else [old.replace(kind=inspect.Parameter.KEYWORD_ONLY)])]
 
         @functools.wraps(command)
-        def with_engine(**values):
-            engine = EngineOptions(**{flag.name: values.pop(flag.name) for flag in flags})
-            return command(**values, engine=engine)
+        def with_options(**values):
+            built = build({flag.name: values.pop(flag.name) for flag in declared})
+            return command(**values, **{parameter: built})
 
-        with_engine.__signature__ = signature.replace(parameters=parameters)
-        with_engine.__annotations__ = {  # what typing.get_type_hints (Typer) reads
-            **{parameter.name: parameter.annotation for parameter in parameters},
+        with_options.__signature__ = signature.replace(parameters=parameters)
+        with_options.__annotations__ = {  # what typing.get_type_hints (Typer) reads
+            **{p.name: p.annotation for p in parameters},
             "return": signature.return_annotation}
-        return with_engine
+        return with_options
 
     return decorate
 

@@ -196,6 +196,113 @@ def _verdicts(correlations, metrics) -> None:
                  markup=False, highlight=False, soft_wrap=True)
 
 
+class WatchView:
+    """``moepath watch``'s view on stderr: one line per checkpoint state change and report
+    update (also in a log file), and on a terminal a live table of every checkpoint with
+    the bar of the one being traced. Implements ``patches.watch.WatchProgress``."""
+
+    _STYLE = {"waiting": "yellow", "tracing": "cyan", "done": "green", "failed": "red"}
+    _ACTIONS = {"skip": "complete, skipped", "start": "starting engine",
+                "reload": "reloading weights in place"}
+
+    def __init__(self) -> None:
+        from rich.live import Live
+
+        self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                             MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                             TimeElapsedColumn(), TimeRemainingColumn(), console=stderr)
+        self._task = None
+        self._started = time.perf_counter()
+        self._seen: dict[str, str] = {}
+        self._status = None
+        self._live = (Live(console=stderr, refresh_per_second=2, get_renderable=self._render)
+                      if stderr.is_terminal else None)
+
+    def __enter__(self) -> WatchView:
+        if self._live is not None:
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+    def samples_read(self, sample_set) -> None:
+        skipped_lines(sample_set)
+
+    def status(self, status) -> None:
+        self._status = status
+        for name, entry in status.checkpoints.items():
+            shown = f"{entry.state}{' (deleted)' if entry.deleted else ''}"
+            if self._seen.get(name) != shown:
+                self._seen[name] = shown
+                reason = f": {entry.reason}" if entry.state == "failed" and entry.reason else ""
+                stderr.print(f"{name} (step {entry.step}): {shown}{reason}", markup=False,
+                             highlight=False, soft_wrap=True)
+
+    def tracing(self, name: str, step: int):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def bar():
+            self._task = self._bar.add_task(f"{name}", total=None, rate="")
+            try:
+                yield
+            finally:
+                self._bar.remove_task(self._task)
+                self._task = None
+
+        return bar()
+
+    def checkpoint(self, name: str, action: str) -> None:
+        stderr.print(f"{name}: {self._ACTIONS[action]}", markup=False, highlight=False)
+
+    def start(self, total: int, done: int) -> None:
+        if done:
+            stderr.print(f"resuming: {done} sample(s) already traced")
+        self._started = time.perf_counter()
+        self._bar.update(self._task, total=total, completed=done)
+        self._done = done
+
+    def advance(self, samples: int, tokens: int) -> None:
+        seconds = max(time.perf_counter() - self._started, 1e-9)
+        self._bar.update(self._task, completed=self._done + samples,
+                         rate=f"{samples / seconds:.1f} samples/s")
+
+    def updated(self, analysis, files) -> None:
+        count = analysis.metrics["checkpoint"].nunique()
+        stderr.print(f"updated metrics, report and plots over {count} checkpoint(s) "
+                     f"({files[-1]})", markup=False, highlight=False, soft_wrap=True)
+
+    def warning(self, message: str) -> None:
+        warn(message)
+
+    def _render(self):
+        from rich.console import Group
+
+        rows = [] if self._status is None else [
+            [name, entry.step, f"[{self._STYLE[entry.state]}]{entry.state}[/]"
+             + (" (deleted)" if entry.deleted else ""), entry.reason or ""]
+            for name, entry in sorted(self._status.checkpoints.items(),
+                                      key=lambda item: (item[1].step or 0, item[0]))]
+        view = Table(title="moepath watch", title_justify="left")
+        for column in ("checkpoint", "step", "state", "why"):
+            view.add_column(column, overflow="fold")
+        for row in rows:
+            view.add_row(*map(str, row))
+        return Group(view, self._bar) if self._task is not None else view
+
+
+def watch_summary(result) -> None:
+    """How a ``patches.watch.WatchResult`` ended, on stderr: counts by state and where."""
+    states = [entry.state for entry in result.status.checkpoints.values()]
+    counts = ", ".join(f"{states.count(s)} {s}" for s in ("done", "waiting", "failed")
+                       if s in states) or "no checkpoint yet"
+    stderr.print(f"watch {result.status.state}: {counts}; traced now: "
+                 f"{', '.join(result.traced) or 'none'}; status in "
+                 f"{result.out / 'status.json'}", markup=False, highlight=False, soft_wrap=True)
+
+
 def command_line() -> str:
     """This process's ``moepath`` command line, shell-quoted (for reports)."""
     return "moepath " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..tracer import checkpoints, compare, report
+from ..tracer import checkpoints, compare, report, trackers
 from ..tracer.checkpoints import Checkpoint, MoEShape
 from ..tracer.samples import SampleReadOptions, SampleSet, read_samples
 from .sweep import SweepEvent, trace_checkpoints
@@ -88,6 +88,7 @@ def compare_checkpoints(
     options: compare.CompareOptions | None = None, engine_options: EngineOptions | None = None,
     trace_options: TraceOptions | None = None, read_options: SampleReadOptions | None = None,
     reuse_engine: bool = True, progress: CompareProgress | None = None, command: str = "",
+    log_to: tuple[str, ...] = (),
 ) -> CompareResult:
     """Trace ``samples`` through every checkpoint into ``out/traces/<name>``, analyse them and
     write ``out``'s files (metrics, samples, plots, report.md showing ``command``).
@@ -95,13 +96,16 @@ def compare_checkpoints(
     ``checkpoint_paths``: folders in training order, or one folder of checkpoints named by
     step (``tracer/checkpoints.discover``). ``samples``: a file (read with ``read_options``)
     or samples already read. ``reuse_engine``: reload weights in place between checkpoints
-    of one config (``sweep.trace_checkpoints``).
+    of one config (``sweep.trace_checkpoints``). ``log_to``: trackers the metrics are also
+    sent to (``tracer/trackers``: tensorboard, wandb, mlflow).
 
     Raises:
         ModelError: a folder is missing, not an MoE model, or the routing shapes differ.
         InputError, MetricError: bad samples, options or scores, before any engine starts.
         CaptureError: tracing failed.
+        TrackerError: a tracker's client is not installed (before tracing).
     """
+    trackers.check_available(log_to)
     options = options or compare.CompareOptions()
     progress = progress or CompareProgress()
     plan, sample_set = _prepare(checkpoint_paths, samples, options, read_options, progress)
@@ -114,6 +118,7 @@ def compare_checkpoints(
             on_progress=progress.advance)
     analysis = compare.analyse(plan.checkpoints, out / "traces", options)
     files = report.write_outputs(out, analysis, command)
+    trackers.log_metrics(out, analysis.metrics, log_to, run_name=Path(out).resolve().name)
     return CompareResult(out, plan, traces, analysis, files)
 
 

@@ -55,7 +55,7 @@ def test_cli_help_lists_the_commands():
     panel = out[out.index("─ Commands ─"):].splitlines()
     listed = [line.split()[1] for line in panel  # "│ name  help", "│       more help"
               if line.startswith("│ ") and line[2] != " "]
-    assert listed == ["trace", "merge", "metrics", "show", "compare", "eval", "demo",
+    assert listed == ["trace", "merge", "metrics", "show", "compare", "watch", "eval", "demo",
                       "toy-model"]
 
 

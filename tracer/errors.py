@@ -32,3 +32,7 @@ class CaptureError(MoepathError):
 
 class TrainingError(MoepathError):
     """The grokking testbed's training process failed (``moepath demo``)."""
+
+
+class TrackerError(MoepathError):
+    """A tracker (TensorBoard, W&B, MLflow) cannot be logged to: its client is missing."""

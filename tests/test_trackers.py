@@ -1,0 +1,166 @@
+"""Tracker sinks: metrics sent to TensorBoard, W&B (offline) and MLflow (file store) read back
+with each tracker's own reader equal metrics.parquet; nothing is sent twice."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_compare import synthetic_run
+
+from moepath.tracer import compare as cmp
+from moepath.tracer import report, trackers
+from moepath.tracer.errors import InputError, TrackerError
+
+
+@pytest.mark.parametrize(("metric", "group", "name"), [
+    ("distance", "all", "moepath/distance/all"),
+    ("consistency", "math", "moepath/consistency/math"),
+    ("distance", "t*=200/math", "moepath/distance/t_star_200/math"),
+    ("loss", "(missing)", "moepath/loss/_missing_"),
+    ("n_samples", "a+b=c", "moepath/n_samples/a_b_c"),
+])
+def test_metric_names_are_stable_and_safe_for_every_tracker(metric, group, name):
+    assert trackers.metric_name(metric, group) == name
+
+
+def test_unknown_tracker_and_missing_client_are_one_line_errors(monkeypatch):
+    assert trackers.parse_trackers(" TensorBoard, mlflow,tensorboard") == ("tensorboard",
+                                                                            "mlflow")
+    with pytest.raises(InputError, match="^--log-to 'comet' is not a tracker moepath logs to; "
+                                         "pass a comma-separated list of tensorboard, wandb, "
+                                         "mlflow$"):
+        trackers.parse_trackers("tensorboard,comet")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(TrackerError, match=r"^--log-to wandb needs the wandb client, which is "
+                                           r"not installed; pip install 'moepath\[wandb\]'$"):
+        trackers.check_available(("tensorboard", "wandb"))
+
+
+def test_two_groups_that_log_under_one_name_are_refused():
+    frame = pd.DataFrame({"checkpoint": ["a", "a"], "step": [1, 1], "group": ["x*y", "x?y"],
+                          "metric": ["loss", "loss"], "value": [1.0, 2.0]})
+    with pytest.raises(InputError, match="groups 'x\\*y' and 'x\\?y' both log as "
+                                         "'moepath/loss/x_y'"):
+        trackers.pending_rows(frame, {})
+
+
+def tensorboard_values(out) -> dict[tuple[str, int], float]:
+    """(tag, step) -> last value, read with TensorBoard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    return {(tag, event.step): float(tensor_util.make_ndarray(event.tensor_proto))
+            for tag in events.Tags()["tensors"] for event in events.Tensors(tag)}
+
+
+def wandb_records(path: str):
+    """The records of a W&B run file (``run-<id>.wandb``): wandb's log format (a file
+    header ':W&B', magic 0xBEE1, version 0; then LevelDB-log blocks of 32 KiB whose records
+    carry a crc32, length and type: full, first, middle, last), each a ``Record`` proto.
+    wandb 0.31 ships no Python reader of its own (it moved to its Go core)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0)
+    position, pending, block = 7, b"", 32768
+    while position + 7 <= len(data):
+        room = block - position % block
+        if room < 7:
+            position += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if (kind, length) == (0, 0):
+            position += room
+            continue
+        chunk = data[position + 7:position + 7 + length]
+        position += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def wandb_values(out) -> dict[tuple[str, int], float]:
+    """(metric, moepath/step) -> last value of every history row of the offline runs."""
+    values = {}
+    for path in sorted(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))):
+        for record in wandb_records(path):
+            if record.WhichOneof("record_type") == "history":
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.history.item}
+                values.update({(key, row[trackers.STEP_METRIC]): value
+                               for key, value in row.items() if key.startswith("moepath/")
+                               and key != trackers.STEP_METRIC})
+    return values
+
+
+def mlflow_values(out) -> dict[tuple[str, int], float]:
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((out / trackers.LEDGER).read_text())["runs"]["mlflow"]
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    values = {}
+    for name in client.get_run(run_id).data.metrics:
+        for point in sorted(client.get_metric_history(run_id, name), key=lambda m: m.timestamp):
+            values[(name, point.step)] = point.value
+    return values
+
+
+def expected_values(out) -> dict[tuple[str, int], float]:
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    return {(trackers.metric_name(r.metric, r.group), int(r.step)): float(r.value)
+            for r in metrics.itertuples()}
+
+
+READERS = {"tensorboard": tensorboard_values, "wandb": wandb_values, "mlflow": mlflow_values}
+
+
+def assert_trackers_equal_metrics(out, names=trackers.TRACKERS) -> None:
+    """Every tracker read back holds metrics.parquet's values at their steps as the last
+    value sent (TensorBoard stores float32). Beyond them only memorised groups that an
+    earlier update had and a later checkpoint redefined (trackers keep what was sent)."""
+    expected = expected_values(out)
+    for name in names:
+        logged = READERS[name](out)
+        assert set(expected) <= set(logged), name
+        assert all("/t_star_" in key for key, _ in set(logged) - set(expected)), name
+        for key, value in expected.items():
+            assert logged[key] == pytest.approx(value, rel=1e-6 if name == "tensorboard"
+                                                else 1e-12), (name, key)
+
+
+@pytest.mark.slow
+def test_trackers_read_back_equal_metrics_parquet_and_nothing_is_sent_twice(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    found = synthetic_run(tmp_path, layers=4)
+    out = tmp_path / "out"
+    analysis = cmp.analyse(found, tmp_path / "traces", cmp.CompareOptions(group_by="domain"))
+    report.write_outputs(out, analysis, command="")
+    counts = trackers.log_metrics(out, analysis.metrics, trackers.TRACKERS)
+    assert counts == dict.fromkeys(trackers.TRACKERS, len(analysis.metrics))
+    assert_trackers_equal_metrics(out)
+
+    # a restart sends nothing again, into the same W&B and MLflow runs
+    runs = json.loads((out / trackers.LEDGER).read_text())["runs"]
+    assert trackers.log_metrics(out, analysis.metrics, trackers.TRACKERS) == dict.fromkeys(
+        trackers.TRACKERS, 0)
+    # a value that changed (a memorised group redefined by a later checkpoint) is sent again
+    changed = analysis.metrics.copy()
+    changed.loc[0, "value"] += 1.0
+    assert trackers.log_metrics(out, changed, trackers.TRACKERS) == dict.fromkeys(
+        trackers.TRACKERS, 1)
+    assert json.loads((out / trackers.LEDGER).read_text())["runs"] == runs
+    changed.to_parquet(out / "metrics.parquet", index=False)
+    assert_trackers_equal_metrics(out)
