@@ -148,12 +148,13 @@ def engine_flags(**defaults) -> Callable[[Callable], Callable]:
         @o.engine_flags(engine_core="auto")    # --engine-core defaults to auto here
         def compare(checkpoints: ..., *, engine: o.EngineOptions) -> None:
     """
-    _check_names("engine_flags", defaults, ENGINE_FLAGS)
+    if unknown := sorted(defaults.keys() - ENGINE_FLAGS.keys()):
+        raise TypeError(f"engine_flags: no engine flag named {', '.join(unknown)}")
     own = {field.name: field.default for field in dataclasses.fields(EngineOptions)}
     flags = {name: (annotation, defaults.get(name, own[name]))
              for name, annotation in ENGINE_FLAGS.items()
              if name in defaults or name not in OPT_IN_FLAGS}
-    return _flag_group("engine", flags, lambda values: EngineOptions(**values))
+    return _flag_group("engine", "o.EngineOptions", flags, lambda values: EngineOptions(**values))
 
 
 # How compare's analysis is configured (compare, watch): parameter -> (flag, default)
@@ -178,7 +179,7 @@ def analysis_flags() -> Callable[[Callable], Callable]:
         @o.analysis_flags()
         def watch(run_dir: ..., *, analysis: o.CompareOptions) -> None:
     """
-    return _flag_group("analysis", ANALYSIS_FLAGS, _compare_options)
+    return _flag_group("analysis", "o.CompareOptions", ANALYSIS_FLAGS, _compare_options)
 
 
 def _compare_options(values: dict):
@@ -203,15 +204,11 @@ def _evaluated_signature(command: Callable, skip: str) -> inspect.Signature:
         for p in signature.parameters.values()])
 
 
-def _check_names(decorator: str, given: dict, known: dict) -> None:
-    if unknown := sorted(given.keys() - known.keys()):
-        raise TypeError(f"{decorator}: no flag named {', '.join(unknown)}")
-
-
-def _flag_group(parameter: str, flags: dict[str, tuple[object, object]],
+def _flag_group(parameter: str, kind: str, flags: dict[str, tuple[object, object]],
                 build: Callable[[dict], object]) -> Callable[[Callable], Callable]:
     """Decorator: put ``flags`` (name -> (annotation, default)) in place of the command's
-    keyword-only ``parameter`` and pass the command ``build(values of the flags)`` there.
+    keyword-only ``parameter`` (of type ``kind``) and pass the command ``build(values of
+    the flags)`` there.
 
     Typer never sees ``parameter``: the flags take its place in the signature Typer reads
     (``__signature__``)."""
@@ -222,8 +219,8 @@ def _flag_group(parameter: str, flags: dict[str, tuple[object, object]],
     def decorate(command: Callable) -> Callable:
         signature = _evaluated_signature(command, skip=parameter)
         if parameter not in signature.parameters:
-            raise TypeError(f"{command.__name__} needs a '{parameter}' parameter to take "
-                            "the flags")
+            raise TypeError(f"{command.__name__} needs an '{parameter}: {kind}' parameter "
+                            f"to take the {parameter} flags")
         # keyword-only throughout (Typer passes keywords), so that flags, which have
         # defaults, may stand anywhere
         parameters = [new for old in signature.parameters.values()

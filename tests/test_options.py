@@ -107,3 +107,44 @@ def test_engine_flags_refuse_an_unknown_flag_and_a_command_without_engine():
         engine_flags(seed=1)
     with pytest.raises(TypeError, match="needs an 'engine: o.EngineOptions' parameter"):
         engine_flags()(lambda name: None)
+
+
+def test_analysis_flags_hand_compare_and_watch_the_compare_options_they_build():
+    from moepath.cli.options import analysis_flags
+    from moepath.tracer.compare import CompareOptions
+    from moepath.tracer.distance import ALL_PAIRS
+    from moepath.tracer.metrics import MetricOptions
+
+    app, seen = typer.Typer(), []
+
+    @app.command()
+    @engine_flags()
+    @analysis_flags()
+    def run(name: str, *, analysis: CompareOptions, engine: EngineOptions) -> None:
+        seen.append((name, analysis, engine))
+
+    result = CliRunner().invoke(app, ["x", "--group-by", "domain", "--memorised-only",
+                                      "--min-group-size", "5", "--control", "none",
+                                      "--tau", "0.8", "--pairs", "all", "--resamples", "0",
+                                      "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert seen == [("x", CompareOptions(
+        metrics=MetricOptions(tau=0.8, pairs=ALL_PAIRS, resamples=0), group_by="domain",
+        memorised_only=True, min_group_size=5, control=None),
+        EngineOptions(dtype="float32"))]
+    assert CliRunner().invoke(app, ["y"]).exit_code == 0
+    assert seen[-1][1] == CompareOptions()  # the flags' defaults are the library's
+
+
+def test_compare_and_watch_declare_the_same_analysis_flags():
+    import inspect
+
+    from moepath.cli.compare_cmd import compare
+    from moepath.cli.options import ANALYSIS_FLAGS
+    from moepath.cli.watch_cmd import watch
+
+    for command in (compare, watch):
+        parameters = inspect.signature(command).parameters
+        assert "analysis" not in parameters
+        assert {name: parameters[name].default for name in ANALYSIS_FLAGS} == {
+            name: default for name, (_, default) in ANALYSIS_FLAGS.items()}
