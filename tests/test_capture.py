@@ -116,10 +116,39 @@ def test_float32_trace_matches_hf_exactly(arch, eager, toy_factory, samples_file
     assert result["router_mean_err"] < 1e-4
     assert result["nll_err"] < 1e-3
     assert result["probs_err"] < 1e-3  # float16 storage of values within [-1, 2]
+    served_router_reproduces_the_stored_distributions(trace, model)
     _, means = trace.router_means()
     print(f"{arch}: router means within [{means.min():.3f}, {means.max():.3f}]")
     [group] = trace_metrics(trace)  # glm4moe: selection scores below zero count as zero
     assert group.n_samples == 12 and group.distance_mean > 0
+
+
+def served_router_reproduces_the_stored_distributions(trace: Trace, model_path) -> None:
+    """The trace's router matrices, read back from the served model, applied to the hidden
+    states each MoE block routed in an HF forward, give the distributions the hook stored
+    (float16) and, scored, the HF router logits' own."""
+    from moepath.fixtures.toy import correction_biases
+    from moepath.tracer import store
+
+    hf_model = load_model(model_path)
+    tensors = store.read_router_tensors(trace.path)
+    weights = np.stack(tensors.weights)  # [L, E, hidden]
+    biases = np.stack(tensors.biases) if tensors.biases is not None else 0.0
+    selection = [b.numpy() for b in correction_biases(hf_model)]
+    largest = 0.0
+    for sid in trace.sample_ids()[:4]:
+        ref = hf_routing(hf_model, trace.token_ids(sid).tolist())
+        logits = np.einsum("tlh,leh->tle", ref.router_inputs, weights) + biases
+        if selection:  # sigmoid scores plus the selection bias
+            scores = 1 / (1 + np.exp(-logits)) + np.stack(selection)
+        else:
+            scores = np.exp(logits - logits.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+        largest = max(largest, np.abs(scores - trace.router_probs(sid)).max())
+        np.testing.assert_allclose(scores, ref.probs, atol=1e-5)
+    print(f"W h (+ b) from the served router vs stored distributions: largest error "
+          f"{largest:.1e}")
+    assert largest < 1e-3  # float16 storage of values within [-1, 2]
 
 
 def test_compiled_equals_eager_with_chunked_prefill_except_near_ties(olmoe_trace,
