@@ -127,7 +127,11 @@ class TracedEngine:
         replies = []
         for slot in range(self.routing.num_layers):
             answers = self.llm.collective_rpc("moepath_router_weights", kwargs={"slot": slot})
-            replies.append(next(answer for answer in answers if answer is not None))
+            answers = [answer for answer in answers if answer is not None]
+            if not answers:
+                raise CaptureError("no worker of the engine answered for the router weights "
+                                   "(no writing rank?); the trace cannot be started")
+            replies.append(answers[0])
         return from_replies(replies)
 
     @property

@@ -23,7 +23,7 @@ from .errors import ModelError
 
 # config keys naming the routed-expert count and top-k, across MoE families
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token", "moe_k")
 _STEP = re.compile(r"(?:step|checkpoint|ckpt|iter)[-_]?(\d+)", re.IGNORECASE)
 
 
@@ -60,11 +60,16 @@ def moe_shape(path: str | Path) -> MoEShape:
     experts = next((text[k] for k in _EXPERT_KEYS if text.get(k)), None)
     top_k = next((text[k] for k in _TOPK_KEYS if text.get(k)), None)
     architecture = (config.get("architectures") or ["unknown"])[0]
-    if not experts or not top_k:
+    if not experts:
         raise ModelError(
             f"model '{path}' ({architecture}) has no MoE layers: its config declares no "
             f"routed experts ({'/'.join(_EXPERT_KEYS)}); moepath traces Mixture-of-Experts "
             f"models only")
+    if not top_k:
+        raise ModelError(
+            f"model '{path}' ({architecture}) declares {experts} routed experts but no "
+            f"experts per token ({'/'.join(_TOPK_KEYS)}); add the key its model code reads "
+            f"to config.json, or report the architecture to moepath")
     return MoEShape(architecture, int(text.get("num_hidden_layers", 0)), int(experts), int(top_k))
 
 
