@@ -92,6 +92,15 @@ def test_bf16_compiled_trace_matches_hf_float32_forward(olmoe_trace, toy_olmoe):
     ("olmoe", True), ("mixtral", True), ("qwen2moe", True),
     # sigmoid scores plus the router's selection bias, hook compiled into the router's graph
     ("glm4moe", False),
+    # a model-supplied routing function (sparsemixer), compiled
+    ("phimoe", False),
+    # the long matrix (`make test-models`): one engine per architecture
+    pytest.param("granitemoe", True, marks=pytest.mark.models),
+    pytest.param("qwen3moe", True, marks=pytest.mark.models),
+    pytest.param("deepseekv3", False, marks=pytest.mark.models),
+    pytest.param("ernie45moe", True, marks=pytest.mark.models),
+    pytest.param("llama4", True, marks=pytest.mark.models),
+    pytest.param("gptoss", True, marks=pytest.mark.models),
 ])
 def test_float32_trace_matches_hf_exactly(arch, eager, toy_factory, samples_file, tmp_path):
     """Top-k ids and gate weights, prompt-mean distributions, NLL and (--store-probs)
