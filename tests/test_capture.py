@@ -116,6 +116,7 @@ def test_float32_trace_matches_hf_exactly(arch, eager, toy_factory, samples_file
         gpu_memory_utilization=TEST_MEMORY, store_probs=True), TraceOptions())
     trace = Trace.open(tmp_path / "t")
     result = compare_with_hf(trace, model, probs=True)
+    print(f"{arch}: routing {trace.manifest.model.routing}")
     print(f"{arch} fp32 vs HF fp32: top-k agreement {result['agreement']:.4%}, "
           f"largest gate weight error {result['gate_weight_err']:.1e}, "
           f"largest per-token probability error {result['probs_err']:.1e}")
