@@ -107,6 +107,11 @@ def probe(linear: RouterLinear, device) -> tuple[torch.Tensor, torch.Tensor | No
         eye = torch.eye(hidden, dtype=dtype, device=device)
         columns = torch.cat([_apply(module, eye[i:i + PROBE_ROWS]).float()
                              for i in range(0, hidden, PROBE_ROWS)])  # [hidden, E] = W^T + b
+        if columns.shape[1] != _output_size(module):
+            raise RouterMatrixUnavailable(
+                f"router linear '{linear.name}' gives {columns.shape[1]} of its "
+                f"{_output_size(module)} outputs on this rank (sharded over tensor-parallel "
+                f"ranks?); moepath reads replicated router linears only")
         weight = (columns - bias if has_bias else columns).T.contiguous()
         _check_affine(linear, weight, bias if has_bias else None, dtype, out_dtype, device)
     return weight.cpu(), bias.cpu() if has_bias else None

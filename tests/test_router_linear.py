@@ -132,3 +132,21 @@ def test_replies_become_the_traces_router_weights_with_biases_where_present():
     np.testing.assert_array_equal(result.biases[0], with_bias.layers[0].gate.bias.detach().numpy())
     np.testing.assert_array_equal(result.biases[1], np.zeros(E, np.float32))
     assert from_replies([replies[1]]).biases is None
+
+
+def test_a_router_linear_sharded_over_ranks_is_reported():
+    """A column-parallel linear computes only this rank's share of the experts' logits."""
+
+    class Sharded(nn.Module):
+        quant_method = object()
+        input_size, output_size, params_dtype = HIDDEN, E, torch.float32
+
+        def forward(self, x):
+            return x[:, : E // 2], None
+
+    block = Block()
+    block.gate = Sharded()
+    model = Model(block)
+    with pytest.raises(RouterMatrixUnavailable, match="'layers.0.gate' gives 3 of its 6 outputs "
+                                                      "on this rank"):
+        probe(locate(model, "layers.0.experts", block.experts, E), "cpu")
