@@ -55,8 +55,8 @@ def test_two_engines_on_disjoint_parts_merge_into_the_trace_of_the_whole_file(
     assert result.returncode == 0, result.stderr
     whole = Trace.open(olmoe_trace)
     counts = whole.manifest.counts
-    assert (f"merged 2 parts into {tmp_path / 'merged'}: {counts['samples']} samples, "
-            f"{counts['tokens']} tokens") in " ".join(result.stderr.split())  # Rich wraps lines
+    assert (f"merged 2 parts into {tmp_path / 'merged'}: {counts.samples} samples, "
+            f"{counts.tokens} tokens") in " ".join(result.stderr.split())  # Rich wraps lines
     merged = Trace.open(tmp_path / "merged")
     assert merged.manifest.input.part is None
     assert merged.manifest.counts == whole.manifest.counts
