@@ -6,7 +6,7 @@ STAMP := $(VENV)/.moepath-installed
 # auto: zentorch on AMD CPUs with AVX-512, where vLLM 0.32 then runs its Zen platform; no: never
 ZENTORCH ?= auto
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test test-fast test-models demo lint bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not vllm"
+
+# Every toy architecture against an HF forward (one engine each; docs/models.md)
+test-models: setup
+	$(PY) -m pytest -q -m models tests/test_capture.py
 
 demo: setup
 	$(VENV)/bin/moepath demo --out demo-out

@@ -102,8 +102,8 @@ def _group_table(trace_dir: Path, options, groups):
     rows = [[escape(g.name), g.n_samples, g.n_pairs,
              _estimate(g.distance_mean, g.distance_stderr, g.distance_exact),
              _estimate(g.normalized_distance_mean, g.normalized_distance_stderr, g.distance_exact),
-             "n/a" if g.degenerate else g.consistency_mean,
-             "n/a" if g.degenerate else g.complexity_mean,
+             "n/a" if g.degenerate or g.consistency_mean is None else g.consistency_mean,
+             "n/a" if g.degenerate or g.complexity_mean is None else g.complexity_mean,
              g.mean_pathway_length] for g in groups]
     title = f"pathway metrics of {trace_dir}"
     # headers hyphenated to leave the group names room at 80 columns

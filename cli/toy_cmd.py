@@ -12,8 +12,9 @@ from . import render
 
 def toy_model(
     out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
-    arch: Annotated[str, typer.Option(help="olmoe, mixtral, qwen2moe or glm4moe (sigmoid routing "
-                                     "with a selection bias, DeepSeek-V3 style).")] = "olmoe",
+    arch: Annotated[str, typer.Option(help="olmoe, mixtral, qwen2moe, glm4moe, granitemoe, "
+                                     "phimoe, qwen3moe, deepseekv3, ernie45moe, llama4 or gptoss "
+                                     "(docs/models.md).")] = "olmoe",
     preset: Annotated[str, typer.Option(help="tiny (tests) or olmoe-shaped (16 layers, "
                       "64 experts, top-8).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed of the weights (one tokenizer for all "
@@ -23,12 +24,13 @@ def toy_model(
 
     It comes with a local tokenizer: nothing is downloaded."""
     from ..fixtures.toy import PRESETS, build_toy_model
+    from ..tracer.checkpoints import moe_shape
 
     path = build_toy_model(out, arch=arch, preset=preset, seed=seed)
-    shape = PRESETS[preset]
+    shape, routing = PRESETS[preset], moe_shape(path)
     render.stderr.print(
-        f"wrote {arch} toy ({preset}: {shape.layers} layers, {shape.experts} experts, "
-        f"top-{shape.top_k}, hidden {shape.hidden}) to {path}")
+        f"wrote {arch} toy ({preset}: {shape.layers} layers, {routing.num_experts} experts, "
+        f"top-{routing.top_k}, hidden {shape.hidden}) to {path}")
 
 
 def register(app: typer.Typer) -> None:

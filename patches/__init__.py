@@ -16,7 +16,7 @@ Patch register (vLLM 0.32.0; versions checked in ``compat.py``):
 | ``FusedMoERouter.select_experts`` | model_executor/layers/fused_moe/router/fused_moe_router.py | sole caller site of routing on every modular MoE path; sees logits, weights, logical ids (vLLM's ``set_capture_fn`` gives ids only) | class-level wrapper, installed only in traced workers: calls the original, then writes ids, weights and the scored logits into preallocated buffers (``hook.py``) | when a router capture callback passes logits and weights |
 | ``GPUModelRunner.execute_model`` (instance) | v1/worker/gpu_model_runner.py (CPUModelRunner inherits) | batch layout (req_ids, query_start_loc, positions, the device copy of input_ids) is final after the forward | instance-level wrapper on traced workers: finished ids on entry, row mapping after the forward | with the above |
 | ``Worker.shutdown`` (instance, server mode only) | v1/worker/gpu_worker.py | commit the last shards and mark the trace complete when the server stops | instance-level wrapper | — |
-| ``Worker.moepath_flush`` / ``moepath_describe`` / ``moepath_switch`` (added) | — | ``collective_rpc`` control: flush shards, report routing config, switch checkpoint and trace directory | instance attributes on traced workers | — |
+| ``Worker.moepath_flush`` / ``moepath_describe`` / ``moepath_switch`` / ``moepath_router_weights`` (added) | — | ``collective_rpc`` control: flush shards, report routing config, switch checkpoint and trace directory, read one layer's router matrix back from the loaded model (``router_linear.py``: the router linear applied to the identity, between steps) | instance attributes on traced workers | — |
 | ``Worker.reload_weights`` (called, then CPU experts re-prepacked) | v1/worker/gpu_worker.py, fused_moe/experts/cpu_moe.py | vLLM 0.32 skips the AMX/VNNI prepack on reload (silently wrong routing); zentorch's experts would take the new weights as already reordered | ``reload.py`` copies ``cpu_prepack_moe_weight`` output into the same storage, or forgets zentorch's weight cache | when vLLM re-prepacks on reload |
 
 CUDA: vLLM 0.32 defaults to the V2 model runner there, which this capture does
@@ -86,7 +86,7 @@ def _enable_capture(worker, settings) -> None:
         raise inspection.UnsupportedModelError(
             "moepath: this model runner has no V1 batch state (V2 runner?); start the engine "
             "with VLLM_USE_V2_MODEL_RUNNER=0 to trace")
-    from . import reload
+    from . import reload, router_linear
 
     routing, recorder = installation.install(worker, settings)
 
@@ -110,18 +110,30 @@ def _enable_capture(worker, settings) -> None:
             recorder.retarget(trace_dir, run)
 
     worker.moepath_switch = switch
+
+    def router_weights(slot: int) -> dict | None:
+        """MoE layer ``slot``'s router matrix read back from the loaded model (see
+        ``router_linear.py``); None on ranks that do not write (every rank holds it)."""
+        if recorder is None:
+            return None
+        layer = routing.layers[slot]
+        return router_linear.layer_reply(worker.model_runner.get_model(), layer,
+                                         routing.num_experts, worker.model_runner.device)
+
+    worker.moepath_router_weights = router_weights
     if settings.commit and recorder is not None:
-        _commit_from_worker(worker, settings, recorder, describe)
+        _commit_from_worker(worker, settings, recorder, describe, router_weights)
 
 
-def _commit_from_worker(worker, settings, recorder, describe) -> None:
+def _commit_from_worker(worker, settings, recorder, describe, router_weights) -> None:
     """Server mode: this worker commits the manifest periodically and at shutdown.
 
     ``describe()`` gives the manifest's routing fields, as ``moepath_describe`` gives
-    them to a driver.
+    them to a driver; ``router_weights(slot)`` each layer's router matrix, as
+    ``moepath_router_weights`` does.
     """
     from ..tracer.manifest import ModelInfo
-    from . import inspection
+    from . import inspection, router_linear
     from .committer import ManifestCommitter
 
     config = worker.vllm_config
@@ -134,7 +146,10 @@ def _commit_from_worker(worker, settings, recorder, describe) -> None:
             "moepath: with data parallelism every data-parallel rank would commit its own "
             "manifest into one trace directory, each dropping the others' shards; serve "
             "traced with --data-parallel-size 1 (one server per trace directory)")
-    committer = ManifestCommitter(settings, recorder, ModelInfo.from_dict(describe()),
+    info = ModelInfo.from_dict(describe())
+    committer = ManifestCommitter(settings, recorder, info,
+                                  router_linear.from_replies([router_weights(slot)
+                                                              for slot in range(info.num_layers)]),
                                   config.model_config.model,
                                   str(config.model_config.dtype).removeprefix("torch."))
     original_shutdown = worker.shutdown

@@ -48,12 +48,13 @@ class ManifestCommitter:
 
     Starting it prepares ``settings.dir``: a new trace, or the existing one appended
     to when its model is the same (InputError otherwise), then commits every
-    ``settings.flush_interval_s`` from a background thread; :meth:`close` commits the
+    ``settings.flush_interval_s`` from a background thread; ``router_weights``: the
+    served model's router matrices (``router_linear.py``); :meth:`close` commits the
     rest and marks the trace complete (failed after a capture error).
     """
 
-    def __init__(self, settings: CaptureSettings, recorder, routing: ModelInfo, model: str,
-                 dtype: str):
+    def __init__(self, settings: CaptureSettings, recorder, routing: ModelInfo,
+                 router_weights: store.RouterWeights, model: str, dtype: str):
         self.recorder = recorder
         self.interval = settings.flush_interval_s
         self.writer = TraceWriter.append(
@@ -67,8 +68,7 @@ class ManifestCommitter:
         self.writer.begin(
             lambda: engine_manifest(model, dtype, routing, InputInfo(
                 format=store.SERVER_INPUT_FORMAT), settings.as_dict()),
-            router_weights=checkpoints.layer_router_weights(
-                model, routing.num_experts, routing.layer_ids))
+            router_weights=router_weights)
         self._error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="moepath-commit", daemon=True)

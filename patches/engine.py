@@ -118,6 +118,22 @@ class TracedEngine:
             **{**self.settings.as_dict(), "dir": str(trace_dir), "run": run})
         return shards
 
+    def router_weights(self) -> store.RouterWeights:
+        """The router matrix (and bias) of every traced MoE layer as the loaded model
+        computes its router logits, read back by the writing worker (``router_linear.py``),
+        or why it has none. One RPC per layer keeps each reply to one matrix."""
+        from .router_linear import from_replies
+
+        replies = []
+        for slot in range(self.routing.num_layers):
+            answers = self.llm.collective_rpc("moepath_router_weights", kwargs={"slot": slot})
+            answers = [answer for answer in answers if answer is not None]
+            if not answers:
+                raise CaptureError("no worker of the engine answered for the router weights "
+                                   "(no writing rank?); the trace cannot be started")
+            replies.append(answers[0])
+        return from_replies(replies)
+
     @property
     def max_model_len(self) -> int:
         return self.llm.llm_engine.model_config.max_model_len
@@ -298,8 +314,7 @@ class TraceJob:
         summary = TraceSummary(writer.trace_dir)
         writer.begin(lambda: _new_manifest(engine, self.sample_set, self.engine_options,
                                            self.options),
-                     router_weights=checkpoints.layer_router_weights(
-                         engine.model, engine.routing.num_experts, engine.routing.layer_ids))
+                     router_weights=engine.router_weights())
         if on_start:
             on_start(len(self.tokenized), len(self.tokenized) - len(todo))
         meta = {s.sample_id: s for s in self.sample_set.samples}

@@ -92,6 +92,15 @@ def test_bf16_compiled_trace_matches_hf_float32_forward(olmoe_trace, toy_olmoe):
     ("olmoe", True), ("mixtral", True), ("qwen2moe", True),
     # sigmoid scores plus the router's selection bias, hook compiled into the router's graph
     ("glm4moe", False),
+    # a model-supplied routing function (sparsemixer), compiled
+    ("phimoe", False),
+    # the long matrix (`make test-models`): one engine per architecture
+    pytest.param("granitemoe", True, marks=pytest.mark.models),
+    pytest.param("qwen3moe", True, marks=pytest.mark.models),
+    pytest.param("deepseekv3", False, marks=pytest.mark.models),
+    pytest.param("ernie45moe", True, marks=pytest.mark.models),
+    pytest.param("llama4", True, marks=pytest.mark.models),
+    pytest.param("gptoss", True, marks=pytest.mark.models),
 ])
 def test_float32_trace_matches_hf_exactly(arch, eager, toy_factory, samples_file, tmp_path):
     """Top-k ids and gate weights, prompt-mean distributions, NLL and (--store-probs)
@@ -107,6 +116,7 @@ def test_float32_trace_matches_hf_exactly(arch, eager, toy_factory, samples_file
         gpu_memory_utilization=TEST_MEMORY, store_probs=True), TraceOptions())
     trace = Trace.open(tmp_path / "t")
     result = compare_with_hf(trace, model, probs=True)
+    print(f"{arch}: routing {trace.manifest.model.routing}")
     print(f"{arch} fp32 vs HF fp32: top-k agreement {result['agreement']:.4%}, "
           f"largest gate weight error {result['gate_weight_err']:.1e}, "
           f"largest per-token probability error {result['probs_err']:.1e}")
@@ -116,10 +126,39 @@ def test_float32_trace_matches_hf_exactly(arch, eager, toy_factory, samples_file
     assert result["router_mean_err"] < 1e-4
     assert result["nll_err"] < 1e-3
     assert result["probs_err"] < 1e-3  # float16 storage of values within [-1, 2]
+    served_router_reproduces_the_stored_distributions(trace, model)
     _, means = trace.router_means()
     print(f"{arch}: router means within [{means.min():.3f}, {means.max():.3f}]")
     [group] = trace_metrics(trace)  # glm4moe: selection scores below zero count as zero
     assert group.n_samples == 12 and group.distance_mean > 0
+
+
+def served_router_reproduces_the_stored_distributions(trace: Trace, model_path) -> None:
+    """The trace's router matrices, read back from the served model, applied to the hidden
+    states each MoE block routed in an HF forward, give the distributions the hook stored
+    (float16) and, scored, the HF router logits' own."""
+    from moepath.fixtures.toy import correction_biases
+    from moepath.tracer import store
+
+    hf_model = load_model(model_path)
+    tensors = store.read_router_tensors(trace.path)
+    weights = np.stack(tensors.weights)  # [L, E, hidden]
+    biases = np.stack(tensors.biases) if tensors.biases is not None else 0.0
+    selection = [b.numpy() for b in correction_biases(hf_model)]
+    largest = 0.0
+    for sid in trace.sample_ids()[:4]:
+        ref = hf_routing(hf_model, trace.token_ids(sid).tolist())
+        logits = np.einsum("tlh,leh->tle", ref.router_inputs, weights) + biases
+        if selection:  # sigmoid scores plus the selection bias
+            scores = 1 / (1 + np.exp(-logits)) + np.stack(selection)
+        else:
+            scores = np.exp(logits - logits.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+        largest = max(largest, np.abs(scores - trace.router_probs(sid)).max())
+        np.testing.assert_allclose(scores, ref.probs, atol=1e-5)
+    print(f"W h (+ b) from the served router vs stored distributions: largest error "
+          f"{largest:.1e}")
+    assert largest < 1e-3  # float16 storage of values within [-1, 2]
 
 
 def test_compiled_equals_eager_with_chunked_prefill_except_near_ties(olmoe_trace,

@@ -30,7 +30,9 @@ def start_committer(model, trace_dir, recorder) -> ManifestCommitter:
                         layer_ids=list(range(shape.num_hidden_layers)),
                         num_experts=shape.num_experts, top_k=shape.top_k, routing={})
     settings = CaptureSettings(dir=str(trace_dir), commit=True, flush_interval_s=3600)
-    return ManifestCommitter(settings, recorder, routing, str(model), "float32")
+    by_layer = checkpoints.router_weights(model, shape.num_experts)  # as served in float32
+    weights = store.RouterWeights([by_layer[i] for i in routing.layer_ids])
+    return ManifestCommitter(settings, recorder, routing, weights, str(model), "float32")
 
 
 def manifest_stamp(trace_dir):
@@ -107,7 +109,8 @@ def test_a_data_parallel_server_is_refused_before_any_rank_commits(tmp_path):
                                parallel_config=NS(data_parallel_size=2)))
     settings = CaptureSettings(dir=str(tmp_path / "t"), commit=True)
     with pytest.raises(UnsupportedModelError, match="--data-parallel-size 1"):
-        _commit_from_worker(worker, settings, recorder=None, describe=None)
+        _commit_from_worker(worker, settings, recorder=None, describe=None,
+                            router_weights=None)
     assert not (tmp_path / "t").exists()
 
 

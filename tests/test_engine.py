@@ -37,7 +37,7 @@ class FakeLLM:
     def collective_rpc(self, method: str, kwargs: dict | None = None) -> list:
         self.calls.append(method)
         if method == "moepath_describe":
-            return [{"num_layers": 2, "layer_ids": [0, 1], "num_experts": 4, "top_k": 2,
+            return [{"num_layers": 4, "layer_ids": [0, 1, 2, 3], "num_experts": 16, "top_k": 4,
                      "routing": {}, "writer": True, "reload_blocker": None}]
         if method == "moepath_flush":
             shards, self.pending = self.pending, []
@@ -93,6 +93,7 @@ class RecordingLLM(FakeLLM):
         self.shape = (shape.num_hidden_layers, shape.top_k, shape.num_experts)
         self.trace_dir = Path(kwargs["additional_config"]["moepath"]["dir"])
         self.failing_flush, self.failure = failing_flush, failure
+        self.routers = checkpoints.router_weights(kwargs["model"], shape.num_experts)
         self.llm_engine = SimpleNamespace(
             model_config=SimpleNamespace(max_model_len=kwargs["max_model_len"]),
             engine_core=SimpleNamespace(shutdown=lambda: None))
@@ -102,6 +103,10 @@ class RecordingLLM(FakeLLM):
             layers, top_k, experts = self.shape
             return [{"num_layers": layers, "layer_ids": list(range(layers)),
                      "num_experts": experts, "top_k": top_k, "reload_blocker": None}]
+        if method == "moepath_router_weights":  # the writer's reply, then a non-writer's
+            weight = self.routers[kwargs["slot"]]
+            return [{"weight": weight.tobytes(), "shape": list(weight.shape), "bias": None,
+                     "linear": f"model.layers.{kwargs['slot']}.mlp.gate"}, None]
         replies = super().collective_rpc(method, kwargs)
         if method == "moepath_flush" and self.calls.count(method) == self.failing_flush:
             replies[0]["shards"] = []

@@ -323,6 +323,31 @@ def test_trace_without_router_weights_is_refused(tmp_path):
         trace_metrics(Trace.open(trace_dir))
 
 
+def test_a_model_without_readable_routers_reports_distance_and_why_not_consistency(
+        tmp_path, synthetic):
+    """A served model with no router matrix moepath could read: the manifest says why,
+    Metric 1 is unchanged, Metric 2 is empty with that reason."""
+    trace_dir = write_synthetic_trace(tmp_path / "t")
+    manifest = store.read_manifest(trace_dir)
+    manifest["router_weights"] = None
+    manifest["router_weights_unavailable"] = "router linear 'mlp.gate' is quantised"
+    store.write_manifest(trace_dir, manifest)
+    trace = Trace.open(trace_dir)
+    [result] = trace_metrics(trace)
+    [full] = trace_metrics(synthetic)
+    assert (result.consistency_mean, result.complexity_mean) == (None, None)
+    assert result.note == ("consistency and complexity are unavailable: the traced model has "
+                           "no router matrix moepath could read (router linear 'mlp.gate' is "
+                           "quantised)")
+    assert (result.distance_mean, result.per_layer_distance, result.mean_pathway_length) == (
+        full.distance_mean, full.per_layer_distance, full.mean_pathway_length)
+    frame = trace_sample_frame(trace)
+    assert frame["consistency"].isna().all() and frame["pathway"].tolist() == trace_sample_frame(
+        synthetic)["pathway"].tolist()
+    with pytest.raises(MetricError, match="quantised\\); `moepath metrics` still reports"):
+        trace_sample_detail(trace, trace.sample_ids()[0])
+
+
 def test_fewer_than_three_layers_warn(tmp_path):
     trace = Trace.open(write_synthetic_trace(tmp_path / "t", layers=2))
     with pytest.warns(UserWarning, match=r"2 MoE layer\(s\), fewer than 3"):

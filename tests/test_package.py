@@ -99,7 +99,7 @@ STORAGE = ("tracer/store.py", "tracer/manifest.py", "tracer/writer.py")
 MANIFEST_KEYS = {"format_version", "status", "capture_error", "router_weights", "counts",
                  "versions", "created", "merged_from", "num_layers", "num_experts", "top_k",
                  "layer_ids", "config_sha256", "reload_blocker", "routing_records",
-                 "skipped_lines"}
+                 "skipped_lines", "router_weights_unavailable"}
 GENERIC_KEYS = {"shards", "model", "input", "options", "truncated", "samples", "tokens"}
 
 

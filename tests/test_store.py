@@ -252,6 +252,39 @@ def test_force_refuses_to_delete_a_directory_that_is_not_a_trace(tmp_path, layou
     assert all((tmp_path / name).read_bytes() == data for name, data in layout.items())
 
 
+def begin_with(trace_dir, router_weights: store.RouterWeights) -> Manifest:
+    return TraceWriter.open(trace_dir).begin(
+        Manifest(model=ModelInfo(num_layers=L, num_experts=E, top_k=K)), router_weights)
+
+
+def test_router_biases_are_stored_beside_the_matrices_and_old_files_have_none(tmp_path):
+    weights = [np.full((E, 4), i, np.float32) for i in range(L)]
+    biases = [np.arange(E, dtype=np.float32) + i for i in range(L)]
+    begin_with(tmp_path / "b", store.RouterWeights(weights, biases))
+    stored = store.read_router_tensors(tmp_path / "b")
+    np.testing.assert_array_equal(np.stack(stored.biases), np.stack(biases))
+    np.testing.assert_array_equal(np.stack(stored.weights), np.stack(weights))
+    from safetensors.numpy import load_file
+
+    assert sorted(load_file(tmp_path / "b" / store.ROUTER_WEIGHTS)) == [
+        "bias.0", "bias.1", "bias.2", "layer.0", "layer.1", "layer.2"]
+    begin_with(tmp_path / "w", store.RouterWeights(weights))  # as every trace before biases
+    assert store.read_router_tensors(tmp_path / "w").biases is None
+    assert len(Trace.open(tmp_path / "w").router_weights()) == L
+
+
+def test_a_model_without_readable_routers_is_recorded_with_the_reason(tmp_path):
+    why = "MoE block 'model.layers.0.mlp' has no single linear with 16 outputs"
+    manifest = begin_with(tmp_path / "t", store.RouterWeights(None, unavailable=why))
+    assert manifest.router_weights is None
+    assert not (tmp_path / "t" / store.ROUTER_WEIGHTS).exists()
+    on_disk = store.read_manifest(tmp_path / "t")
+    assert (on_disk["router_weights"], on_disk["router_weights_unavailable"]) == (None, why)
+    with pytest.raises(TraceFormatError, match="has no router weights: the traced model had "
+                                               "none moepath could read \\(MoE block"):
+        Trace.open(tmp_path / "t").router_weights()
+
+
 def test_force_empties_a_trace_stopped_before_its_first_manifest(tmp_path):
     store.write_router_weights(tmp_path / "t", [np.zeros((E, 4), np.float32)])
     store.write_routing_shard(tmp_path / "t", "run-r0-000000", [make_record("a", 4, 1)], L, K, E)

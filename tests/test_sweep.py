@@ -46,6 +46,11 @@ def test_reloaded_engine_equals_a_freshly_started_one(toy_factory, samples_file,
     assert [(e.name, e.action) for e in events] == [("a", "start"), ("b", "reload")]
     trace_samples(second, samples, tmp_path / "fresh", EAGER, TraceOptions())
     assert_same_trace(Trace.open(tmp_path / "traces" / "b"), Trace.open(tmp_path / "fresh"))
+    # router matrices are read back from the served model after the reload: b's, not a's
+    routers = {name: Trace.open(tmp_path / name).router_weights()
+               for name in ("traces/a", "traces/b", "fresh")}
+    np.testing.assert_array_equal(np.stack(routers["traces/b"]), np.stack(routers["fresh"]))
+    assert not np.array_equal(routers["traces/a"][0], routers["traces/b"][0])
     # the checkpoints really differ (the reload changed the weights)
     ids_a, _ = Trace.open(tmp_path / "traces" / "a").topk("s0")
     ids_b, _ = Trace.open(tmp_path / "traces" / "b").topk("s0")

@@ -10,12 +10,18 @@ from moepath.fixtures.hf_reference import hf_routing, load_model
 from moepath.tracer.checkpoints import moe_shape, router_weights
 from moepath.tracer.errors import InputError
 
+ALL_LAYERS = [0, 1, 2, 3]
 
-@pytest.mark.parametrize(("arch", "moe_layers"), [
-    ("olmoe", [0, 1, 2, 3]), ("mixtral", [0, 1, 2, 3]), ("qwen2moe", [0, 1, 2, 3]),
-    ("glm4moe", [1, 2, 3]),  # layer 0 is dense, as in GLM-4.5
+
+@pytest.mark.parametrize(("arch", "moe_layers", "top_k"), [
+    ("olmoe", ALL_LAYERS, 4), ("mixtral", ALL_LAYERS, 4), ("qwen2moe", ALL_LAYERS, 4),
+    ("glm4moe", [1, 2, 3], 4),  # layer 0 is dense, as in GLM-4.5
+    ("phimoe", ALL_LAYERS, 2),  # sparsemixer routes to exactly two experts
+    ("granitemoe", ALL_LAYERS, 4), ("qwen3moe", ALL_LAYERS, 4), ("deepseekv3", [1, 2, 3], 4),
+    ("ernie45moe", [1, 2, 3], 4), ("llama4", ALL_LAYERS, 1), ("gptoss", ALL_LAYERS, 4),
 ])
-def test_each_toy_architecture_loads_in_transformers_and_routes(arch, moe_layers, toy_factory):
+def test_each_toy_architecture_loads_in_transformers_and_routes(arch, moe_layers, top_k,
+                                                                toy_factory):
     from transformers import AutoTokenizer
 
     path = toy_factory(arch)
@@ -26,10 +32,13 @@ def test_each_toy_architecture_loads_in_transformers_and_routes(arch, moe_layers
     assert logits.shape == (1, len(ids), len(tokenizer))
     routing = hf_routing(model, ids)
     assert routing.probs.shape == (len(ids), len(moe_layers), 16)
+    assert routing.expert_ids.shape == routing.gate_weights.shape == (len(ids), len(moe_layers),
+                                                                      top_k)
+    assert routing.router_inputs.shape == (len(ids), len(moe_layers), 128)
     # router weights are rescaled so the top expert gets far more than 1/16
     assert routing.probs.max(-1).mean() > 0.25
     shape = moe_shape(path)
-    assert (shape.num_hidden_layers, shape.num_experts, shape.top_k) == (4, 16, 4)
+    assert (shape.num_hidden_layers, shape.num_experts, shape.top_k) == (4, 16, top_k)
     assert sorted(router_weights(path, 16)) == moe_layers
 
 
@@ -70,5 +79,16 @@ def test_unknown_architecture_and_preset_are_named(tmp_path):
 
     with pytest.raises(InputError, match="unknown preset 'huge'; choose one of tiny, olmoe"):
         build_toy_model(tmp_path, preset="huge")
-    with pytest.raises(InputError, match="unknown toy architecture 'gpt'"):
+    with pytest.raises(InputError, match="unknown toy architecture 'gpt'; choose one of olmoe, "
+                                         "mixtral, qwen2moe, glm4moe, granitemoe, phimoe"):
         build_toy_model(tmp_path, arch="gpt")
+
+
+def test_a_router_with_a_bias_gets_a_random_one(toy_factory):
+    """gpt-oss routers add a bias to the logits, which transformers initialises to zero;
+    the toy draws it as large as the logits' spread, so a trace must keep it."""
+    from moepath.fixtures.toy import ROUTER_LOGIT_STD, router_biases
+
+    biases = torch.stack(router_biases(load_model(toy_factory("gptoss")), 16))
+    assert biases.shape == (4, 16)
+    assert 0.5 * ROUTER_LOGIT_STD < biases.std() < 2 * ROUTER_LOGIT_STD

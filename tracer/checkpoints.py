@@ -1,11 +1,14 @@
 """Model folders: validation and MoE shape from ``config.json``; checkpoint folders of a
-training run (which, in which order, at which step); router matrices.
+training run (which, in which order, at which step); router tensors by name.
 
 Validation and the MoE shape read the Hugging Face ``config.json`` as plain JSON
 before any weight loads (no code from the folder runs), so a dense model or a
 missing folder is reported in milliseconds. :func:`discover` orders and validates
-the checkpoints ``moepath compare`` serves in turn. :func:`router_weights` then
-reads only the router tensors from the ``*.safetensors`` files.
+the checkpoints ``moepath compare`` serves in turn. :func:`router_weights` reads the
+router tensors of the ``*.safetensors`` files whose names it knows: a cross-check
+only (``provenance.py``: is this the checkpoint a trace was made with?). A trace's
+router matrices come from the model vLLM served (``patches/router_linear.py``),
+which works whatever the checkpoint calls them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .errors import InputError, ModelError
 
 # config keys naming the routed-expert count and top-k, across MoE families
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token", "moe_k")
 _STEP = re.compile(r"(?:step|checkpoint|ckpt|iter)[-_]?(\d+)", re.IGNORECASE)
 
 
@@ -59,11 +62,16 @@ def moe_shape(path: str | Path) -> MoEShape:
     experts = next((text[k] for k in _EXPERT_KEYS if text.get(k)), None)
     top_k = next((text[k] for k in _TOPK_KEYS if text.get(k)), None)
     architecture = (config.get("architectures") or ["unknown"])[0]
-    if not experts or not top_k:
+    if not experts:
         raise ModelError(
             f"model '{path}' ({architecture}) has no MoE layers: its config declares no "
             f"routed experts ({'/'.join(_EXPERT_KEYS)}); moepath traces Mixture-of-Experts "
             f"models only")
+    if not top_k:
+        raise ModelError(
+            f"model '{path}' ({architecture}) declares {experts} routed experts but no "
+            f"experts per token ({'/'.join(_TOPK_KEYS)}); add the key its model code reads "
+            f"to config.json, or report the architecture to moepath")
     return MoEShape(architecture, int(text.get("num_hidden_layers", 0)), int(experts), int(top_k))
 
 
@@ -179,17 +187,22 @@ def steps(found: list[Checkpoint]) -> dict[str, int]:
     return {c.name: c.step for c in found}
 
 
-_ROUTER_BLOCKS = ("mlp", "block_sparse_moe", "moe", "feed_forward")
-_ROUTER_KEY = re.compile(rf"layers\.(\d+)\.(?:{'|'.join(_ROUTER_BLOCKS)})\.gate\.weight$")
+_ROUTER_BLOCKS = ("mlp", "block_sparse_moe", "moe", "feed_forward", "ffn")
+# gate (OLMoE, Mixtral, Qwen, DeepSeek, ERNIE, PhiMoE), router (gpt-oss, Llama 4, Jamba),
+# router.layer (GraniteMoE, DBRX); decoder layers are "layers" or "blocks" (DBRX)
+_ROUTER_NAMES = ("gate", "router", r"router\.layer")
+_ROUTER_KEY = re.compile(rf"(?:layers|blocks)\.(\d+)\.(?:{'|'.join(_ROUTER_BLOCKS)})\."
+                         rf"(?:{'|'.join(_ROUTER_NAMES)})\.weight$")
 
 
 def router_weights(path: str | Path, num_experts: int) -> dict[int, np.ndarray]:
-    """Router matrices of a checkpoint: {decoder layer index: float32 [E, hidden]}.
+    """Router matrices of a checkpoint by tensor name: {decoder layer index: float32
+    [E, hidden]}.
 
     Read from the folder's ``*.safetensors`` files (never pickle). A router is a
-    ``layers.<i>.<block>.gate.weight`` tensor with ``num_experts`` rows (Qwen2-MoE's
-    one-row ``shared_expert_gate`` does not match). The consistency metric uses
-    these rows as expert embeddings (docs/method.md, Metric 2).
+    ``(layers|blocks).<i>.<block>.(gate|router|router.layer).weight`` tensor with
+    ``num_experts`` rows (Qwen2-MoE's one-row ``shared_expert_gate`` does not match).
+    ModelError when there is none.
     """
     from safetensors import safe_open
 
@@ -207,20 +220,6 @@ def router_weights(path: str | Path, num_experts: int) -> dict[int, np.ndarray]:
                     if tensor.ndim == 2 and tensor.shape[0] == num_experts:
                         found[int(match.group(1))] = tensor.float().numpy()
     if not found:
-        blocks = "|".join(_ROUTER_BLOCKS)
-        raise ModelError(f"no router weights found in '{path}': no 'layers.N.{{{blocks}}}.gate."
-                         f"weight' tensor with {num_experts} rows; pass a checkpoint saved by "
-                         f"transformers' save_pretrained, whose routers carry these names")
+        raise ModelError(f"no router tensors found by name in '{path}': none matches "
+                         f"'{_ROUTER_KEY.pattern}' with {num_experts} rows")
     return found
-
-
-def layer_router_weights(path: str | Path, num_experts: int,
-                         layer_ids: list[int]) -> list[np.ndarray]:
-    """The router matrices of decoder layers ``layer_ids`` (float32 [E, hidden] each), in
-    that order; ModelError naming the layers the checkpoint has none for."""
-    by_layer = router_weights(path, num_experts)
-    missing = [i for i in layer_ids if i not in by_layer]
-    if missing:
-        raise ModelError(f"checkpoint '{path}' has no router weights for MoE layers {missing}")
-    return [by_layer[i] for i in layer_ids]
-

@@ -2,8 +2,8 @@
 
 Implements docs/method.md, "Metric 2: pathway consistency". Layer l's routing
 embedding is e_l = g_l @ W_l: the sample's expert distribution g_l [E] mixing
-the rows of the layer's router matrix W_l [E, hidden] (expert embeddings, read
-from the checkpoint). With c_l = cos(e_l, e_{l+1}) for l = 1..L-1:
+the rows of the layer's router matrix W_l [E, hidden] (expert embeddings, as the
+served model computes its logits with them). With c_l = cos(e_l, e_{l+1}) for l = 1..L-1:
 
     complexity  = 1 - mean_l( c_l / (max_l' c_l' + 1e-8) )   (the paper's printed C)
     consistency = 1 - complexity                              (Decision A1: higher = smoother)

@@ -117,6 +117,7 @@ class Manifest:
     routing_shards: list[store.ShardInfo] = field(default_factory=list)
     sample_shards: list[store.ShardInfo] = field(default_factory=list)
     router_weights: store.ShardInfo | None = None
+    router_weights_unavailable: str | None = None
     counts: Counts = field(default_factory=Counts)
     merged_from: list[str] | None = None
     format_version: int = store.FORMAT_VERSION
@@ -157,7 +158,8 @@ class Manifest:
         }
         optional = {"input": self.input.to_dict() if self.input else None,
                     "options": self.options, "versions": self.versions,
-                    "created": self.created, "merged_from": self.merged_from}
+                    "created": self.created, "merged_from": self.merged_from,
+                    "router_weights_unavailable": self.router_weights_unavailable}
         manifest.update({key: value for key, value in optional.items() if value is not None})
         return {**manifest, **self.extra}
 

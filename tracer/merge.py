@@ -41,8 +41,10 @@ def merge_traces(parts: list[Path], out: Path, force: bool = False) -> Manifest:
     writer.begin(Manifest(
         model=first.model, options=first.options, versions=first.versions,
         created=first.created, input=replace(first.input, part=None),
-        merged_from=[str(Path(part).resolve()) for part in parts]))
-    writer.copy_router_weights(Path(parts[0]), first.router_weights)
+        merged_from=[str(Path(part).resolve()) for part in parts],
+        router_weights_unavailable=first.router_weights_unavailable))
+    if first.router_weights:
+        writer.copy_router_weights(Path(parts[0]), first.router_weights)
     for number, (part, manifest) in enumerate(zip(parts, manifests, strict=True)):
         writer.copy_in(Path(part), manifest.routing_shards, manifest.sample_shards,
                        prefix=f"p{number}-")

@@ -128,7 +128,8 @@ class GroupMetrics:
         distance_exact: True when every pair was compared.
         normalized_distance_mean, normalized_distance_stderr: the same with each pair
             divided by the longer pathway's length (``normalize="max"``), in [0, 1].
-        consistency_mean, complexity_mean: means over samples of Metric 2 (NaN when L = 1).
+        consistency_mean, complexity_mean: means over samples of Metric 2 (NaN when L = 1;
+            None when the trace has no router matrices, with the reason in ``note``).
         mean_pathway_length: mean number of experts kept per sample, over all layers.
         per_layer_distance: mean distance of each layer's segment, ``options.normalize``d.
         degenerate: True when there are fewer than 3 MoE layers: consistency and complexity
@@ -165,8 +166,8 @@ class GroupMetrics:
     distance_exact: bool
     normalized_distance_mean: float | None
     normalized_distance_stderr: float | None
-    consistency_mean: float
-    complexity_mean: float
+    consistency_mean: float | None
+    complexity_mean: float | None
     mean_pathway_length: float
     per_layer_distance: list[float] | None
     degenerate: bool
@@ -201,7 +202,8 @@ def group_metrics(
     Args:
         name: the group's name (used in error messages).
         distributions: [N, L, E] per-layer expert distributions, N >= 2.
-        router_weights: L router matrices [E, hidden], in layer order.
+        router_weights: L router matrices [E, hidden], in layer order, or
+            :class:`ConsistencyUnavailable` (Metric 2 then left empty, with its reason).
         options: see :class:`MetricOptions`.
 
     Raises:
@@ -229,6 +231,7 @@ def group_metrics(
         baseline_distance_stderr=baseline.stderr,
         baseline_normalized_distance=baseline.normalized_distance,
         excess_sharing=excess_sharing(raw.mean, baseline.distance),
+        note=_unavailable_note(router_weights),
         **_within_samples(paths, distributions, router_weights, options.intervals),
     )
 
@@ -248,10 +251,10 @@ def lone_sample_metrics(
         normalized_distance_mean=None,
         normalized_distance_stderr=None,
         per_layer_distance=None,
-        note=(
+        note=" ".join(filter(None, (
             f"group {name!r} has 1 sample: pathway distance needs at least 2, so it is "
-            "left empty (consistency and complexity are that sample's own)"
-        ),
+            "left empty (consistency and complexity are that sample's own)",
+            _unavailable_note(router_weights)))),
         **_within_samples(paths, distributions, router_weights, options.intervals),
     )
 
@@ -259,24 +262,33 @@ def lone_sample_metrics(
 def _within_samples(paths: list[Pathway], distributions, router_weights,
                     intervals: IntervalOptions) -> dict:
     """The GroupMetrics fields from per-sample values (Metric 2, pathway length, controls),
-    with their bootstrap intervals (a separate random stream each)."""
-    routing = routing_consistency(distributions, router_weights)
-    robust = summarise(routing)
+    with their bootstrap intervals (a separate random stream each). Metric 2's fields are
+    None when the router matrices are :class:`ConsistencyUnavailable`."""
     lengths = np.array([p.n_experts for p in paths], dtype=np.float64)
     entropy = routing_entropy(distributions)
+    per_sample = {
+        "mean_pathway_length": float(lengths.mean()),
+        **_bounds("pathway_length", mean_interval(lengths, intervals, stream=4)),
+        "routing_entropy": float(entropy.mean()),
+        **_bounds("routing_entropy", mean_interval(entropy, intervals, stream=5)),
+    }
+    if isinstance(router_weights, ConsistencyUnavailable):
+        return {**per_sample, "consistency_mean": None, "complexity_mean": None,
+                "degenerate": is_degenerate(len(paths[0].layers)), **_bounds("consistency", None),
+                "consistency_median": None, "consistency_trimmed_mean": None,
+                "nonpositive_cosine_share": None, "per_layer_cosine": None, "router_norm": None}
+    routing = routing_consistency(distributions, router_weights)
+    robust = summarise(routing)
     return {
+        **per_sample,
         "consistency_mean": float(routing.consistency.mean()),
         "complexity_mean": float(routing.complexity.mean()),
-        "mean_pathway_length": float(lengths.mean()),
         "degenerate": routing.degenerate,
         **_bounds("consistency", mean_interval(routing.consistency, intervals, stream=3)),
         "consistency_median": robust.median,
         "consistency_trimmed_mean": robust.trimmed_mean,
         "nonpositive_cosine_share": robust.nonpositive_share,
         "per_layer_cosine": robust.layer_cosines,
-        **_bounds("pathway_length", mean_interval(lengths, intervals, stream=4)),
-        "routing_entropy": float(entropy.mean()),
-        **_bounds("routing_entropy", mean_interval(entropy, intervals, stream=5)),
         "router_norm": router_norm(router_weights),
     }
 
@@ -318,13 +330,17 @@ def per_sample_frame(
             f"got {len(ids)} sample ids for {len(paths)} distributions; pass one id per "
             "sample, in the order of the distributions"
         )
-    routing = routing_consistency(distributions, router_weights)
+    if isinstance(router_weights, ConsistencyUnavailable):
+        consistency = complexity = np.full(len(ids), np.nan)
+    else:
+        routing = routing_consistency(distributions, router_weights)
+        consistency, complexity = routing.consistency, routing.complexity
     return pd.DataFrame(
         {
             "sample_id": ids,
             "pathway": [p.to_string() for p in paths],
-            "consistency": routing.consistency,
-            "complexity": routing.complexity,
+            "consistency": consistency,
+            "complexity": complexity,
             "pathway_length": [p.n_experts for p in paths],
             "layer_lengths": [list(p.lengths()) for p in paths],
         }
@@ -414,7 +430,26 @@ def _topk_distribution(trace: Trace, sample_id: str) -> np.ndarray:
     return topk_to_distribution(expert_ids[:prompt], gate_weights[:prompt], trace.num_experts)
 
 
-def _router_weights(trace: Trace) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class ConsistencyUnavailable:
+    """Stands for the router matrices of a trace whose served model had none that moepath
+    could read (``manifest.router_weights_unavailable``): Metric 2 is left empty (None,
+    NaN per sample) with ``reason``; Metric 1 does not need them."""
+
+    reason: str
+
+
+def _unavailable_note(router_weights) -> str | None:
+    if isinstance(router_weights, ConsistencyUnavailable):
+        return f"consistency and complexity are unavailable: {router_weights.reason}"
+    return None
+
+
+def _router_weights(trace: Trace) -> list[np.ndarray] | ConsistencyUnavailable:
+    if trace.manifest.router_weights_unavailable:
+        return ConsistencyUnavailable(
+            f"the traced model has no router matrix moepath could read "
+            f"({trace.manifest.router_weights_unavailable})")
     if not trace.manifest.router_weights:
         raise MetricError(
             f"trace '{trace.path}' has no router weights, which pathway consistency needs "
@@ -550,7 +585,11 @@ def trace_sample_detail(
     else:
         g = _topk_distribution(trace, sample_id).astype(np.float64)
     pathway = select_experts(g, options.tau)
-    routing = routing_consistency(g[None], _router_weights(trace))
+    weights = _router_weights(trace)
+    if isinstance(weights, ConsistencyUnavailable):
+        raise MetricError(f"no consistency profile for sample {sample_id!r}: {weights.reason}; "
+                          "`moepath metrics` still reports its pathway distances")
+    routing = routing_consistency(g[None], weights)
     expert_ids, _ = trace.topk(sample_id)
     samples = trace.samples
     row = samples[samples["sample_id"] == sample_id].drop(columns="sample_id")

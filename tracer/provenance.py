@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoints, store
-from .errors import InputError
+from .errors import InputError, ModelError
 from .manifest import InputInfo, Manifest, ModelInfo
 from .samples import SampleSet
 
@@ -103,10 +103,30 @@ def check_resumable(out: Path, previous: Manifest, model: str | Path, sample_set
 
 
 def _same_router_weights(trace_dir: str | Path, recorded: ModelInfo, model: str | Path) -> bool:
-    by_layer = checkpoints.router_weights(model, recorded.num_experts)
+    """Whether the checkpoint's router tensors are the trace's router matrices.
+
+    The trace holds the matrices as the served model computed with them: the
+    checkpoint's values rounded to the serving dtype (bf16 for a float32 checkpoint
+    served in bf16), so each layer is compared exactly after rounding to float32,
+    bfloat16 or float16. A checkpoint whose router tensors carry no name the reader
+    knows (:func:`checkpoints.router_weights`) is not compared here: config.json
+    then decides alone.
+    """
+    try:
+        by_layer = checkpoints.router_weights(model, recorded.num_experts)
+    except ModelError:
+        return True
     now = [by_layer.get(layer) for layer in recorded.layer_ids]
-    return all(weights is not None and np.array_equal(weights, before)
+    return all(weights is not None and _equal_after_rounding(weights, before)
                for weights, before in zip(now, store.read_router_weights(trace_dir), strict=True))
+
+
+def _equal_after_rounding(checkpoint: np.ndarray, served: np.ndarray) -> bool:
+    import torch
+
+    tensor = torch.from_numpy(checkpoint)
+    return any(np.array_equal(tensor.to(dtype).float().numpy(), served)
+               for dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 def _part_text(section: InputInfo) -> str:

@@ -8,7 +8,7 @@ A trace is a directory (format documented in docs/trace-format.md, version
 :data:`FORMAT_VERSION`)::
 
     manifest.json                      what the trace is, and the commit point
-    router.safetensors                 router weight matrix W_l [E, hidden] of every MoE layer
+    router.safetensors                 router matrix W_l [E, hidden] (and bias) of every MoE layer
     routing/<run>-r<dp>-<seq>.parquet  one row per traced request (routing of every token)
     samples/<seq>.parquet              one row per sample (input columns, NLL, truncation)
 
@@ -321,11 +321,34 @@ def write_routing_shard(
     return write_parquet_shard(trace_dir, f"{ROUTING_DIR}/{name}.parquet", table, tokens)
 
 
-def write_router_weights(trace_dir: Path, weights: list[np.ndarray]) -> ShardInfo:
-    """Save router matrices W_l (float32 [E, hidden], layer order) as safetensors."""
+@dataclass
+class RouterWeights:
+    """The router matrices of a trace's MoE layers, as the served model computes its logits
+    (``logits = h @ W_l.T + b_l``), or why there are none.
+
+    Attributes:
+        weights: L float32 arrays [E, hidden], trace layer order; None when unavailable.
+        biases: L float32 arrays [E] for routers with a bias (gpt-oss), else None.
+        unavailable: why the served model gave no matrices (None when it did).
+    """
+
+    weights: list[np.ndarray] | None
+    biases: list[np.ndarray] | None = None
+    unavailable: str | None = None
+
+
+def write_router_weights(trace_dir: Path, weights: list[np.ndarray],
+                         biases: list[np.ndarray] | None = None) -> ShardInfo:
+    """Save router matrices W_l (float32 [E, hidden], layer order) as safetensors, keys
+    ``layer.<i>``, and their biases b_l (float32 [E]), keys ``bias.<i>``, when given."""
     from safetensors.numpy import save
 
     tensors = {f"layer.{i}": np.ascontiguousarray(w, np.float32) for i, w in enumerate(weights)}
+    if biases is not None:
+        if len(biases) != len(weights):
+            raise ValueError(f"{len(biases)} router biases for {len(weights)} router matrices")
+        tensors |= {f"bias.{i}": np.ascontiguousarray(b, np.float32)
+                    for i, b in enumerate(biases)}
     checksum = write_atomic(Path(trace_dir) / ROUTER_WEIGHTS,
                             lambda handle: handle.write(save(tensors)))
     return ShardInfo(file=ROUTER_WEIGHTS, sha256=checksum, rows=len(weights))
@@ -334,10 +357,18 @@ def write_router_weights(trace_dir: Path, weights: list[np.ndarray]) -> ShardInf
 def read_router_weights(trace_dir: Path) -> list[np.ndarray]:
     """The trace's router matrices: L float32 arrays [E, hidden], in trace layer order
     (``model.layer_ids`` gives each one's decoder layer)."""
+    return read_router_tensors(trace_dir).weights
+
+
+def read_router_tensors(trace_dir: Path) -> RouterWeights:
+    """The trace's router matrices and, where the routers have them, their biases
+    (traces before biases were stored have none)."""
     from safetensors.numpy import load_file
 
     tensors = load_file(Path(trace_dir) / ROUTER_WEIGHTS)
-    return [tensors[f"layer.{i}"] for i in range(len(tensors))]
+    layers = sum(key.startswith("layer.") for key in tensors)
+    biases = ([tensors[f"bias.{i}"] for i in range(layers)] if "bias.0" in tensors else None)
+    return RouterWeights([tensors[f"layer.{i}"] for i in range(layers)], biases)
 
 
 def read_manifest(trace_dir: Path) -> dict:

@@ -231,7 +231,9 @@ class Trace:
     def router_weights(self) -> list[np.ndarray]:
         """The router matrices W_l of the traced checkpoint: L float32 arrays [E, hidden]."""
         if not self.manifest.router_weights:
-            raise TraceFormatError(f"trace '{self.path}' has no router weights")
+            why = self.manifest.router_weights_unavailable
+            raise TraceFormatError(f"trace '{self.path}' has no router weights" + (
+                f": the traced model had none moepath could read ({why})" if why else ""))
         return store.read_router_weights(self.path)
 
     # -- many samples --------------------------------------------------------

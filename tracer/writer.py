@@ -5,7 +5,7 @@ drivers, a serving engine's worker, ``moepath eval``, ``moepath merge``) goes
 through one writer, in one lifecycle::
 
     writer = TraceWriter.open(out, resume=..., force=...)  # new, resumed or emptied
-    writer.begin(manifest, router_weights)      # a new trace's manifest (ignored on resume)
+    writer.begin(manifest, router_weights)      # a new trace's manifest (kept on resume)
     writer.commit(routing=shards, samples=table)            # as often as there is news
     writer.finish(truncated=..., skipped_lines=...)         # or writer.fail(reason)
 
@@ -90,17 +90,22 @@ class TraceWriter:
     # -- writing ------------------------------------------------------------------
 
     def begin(self, new: Manifest | Callable[[], Manifest],
-              router_weights: list[np.ndarray] | None = None) -> Manifest:
+              router_weights: store.RouterWeights | list[np.ndarray] | None = None) -> Manifest:
         """Start writing: a resumed trace keeps its manifest, a new one takes ``new`` (a
         manifest, or a function that builds it, called only for a new trace). The
         trace is ``running`` from here (a restart clears an earlier failure);
-        ``router_weights`` (float32 [E, hidden] per MoE layer, trace layer order) are
-        saved with it. Writes the manifest."""
+        ``router_weights`` (float32 [E, hidden] per MoE layer, trace layer order, with
+        biases where the routers have them; or why the model gave none) are saved with
+        it. Writes the manifest."""
         if self.manifest is None:
             self.manifest = new() if callable(new) else new
+        if isinstance(router_weights, list):
+            router_weights = store.RouterWeights(router_weights)
         if router_weights is not None:
+            self.manifest.router_weights_unavailable = router_weights.unavailable
             self.manifest.router_weights = store.write_router_weights(
-                self.trace_dir, router_weights)
+                self.trace_dir, router_weights.weights, router_weights.biases
+            ) if router_weights.weights is not None else None
         self._set_status(RUNNING)
         return self.manifest
 
