@@ -14,6 +14,7 @@ from . import render
 
 @o.engine_flags(engine_core="auto")
 @o.analysis_flags()
+@o.read_flags()
 def compare(
     checkpoints: Annotated[list[Path], typer.Argument(
         help="Checkpoint folders in order, or one folder whose subfolders are checkpoints "
@@ -24,12 +25,9 @@ def compare(
                       "accuracy measured elsewhere, for correlations.")] = None,
     *,
     analysis: o.CompareOptions,
+    read: o.SampleReadOptions,
     reuse_engine: o.ReuseEngine = True,
     log_to: o.LogTo = None,
-    id_field: o.IdField = "id",
-    text_field: o.TextField = "text",
-    skip_bad_lines: o.SkipBadLines = False,
-    limit: o.Limit = None,
     truncate: o.Truncate = False,
     batch_size: o.BatchSize = 256,
     engine: o.EngineOptions,
@@ -37,13 +35,11 @@ def compare(
     """Serve checkpoints in turn on the same samples; report metrics, memorisation, correlations."""
     from ..patches.comparison import compare_checkpoints
     from ..patches.options import TraceOptions
-    from ..tracer.samples import SampleReadOptions
 
     result = compare_checkpoints(
         checkpoints, samples, out, replace(analysis, scores=scores), engine,
         TraceOptions(truncate=truncate, batch_size=batch_size),
-        SampleReadOptions(id_field=id_field, text_field=text_field,
-                          skip_bad_lines=skip_bad_lines, limit=limit),
+        read,
         reuse_engine, progress=render.CompareProgress(), command=render.command_line(),
         log_to=o.parse_log_to(log_to))
     render.compare_summary(result)

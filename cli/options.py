@@ -14,8 +14,9 @@ import typer
 # the one import of EngineOptions in cli/ (commands name it o.EngineOptions)
 from ..patches.options import EngineOptions
 
-if TYPE_CHECKING:  # built by @analysis_flags; imported there, on use (pandas, scipy)
+if TYPE_CHECKING:  # built by @analysis_flags and @read_flags, imported on use (pandas)
     from ..tracer.compare import CompareOptions  # noqa: F401
+    from ..tracer.samples import SampleReadOptions  # noqa: F401
 
 # --help panels besides Typer's "Options": on/off flags (their --no- forms would squeeze
 # the help text of every option into a narrow column at 80 columns), and the engine's
@@ -182,6 +183,23 @@ def analysis_flags() -> Callable[[Callable], Callable]:
     return _flag_group("analysis", "o.CompareOptions", ANALYSIS_FLAGS, _compare_options)
 
 
+# How the samples file is read (trace, compare, watch): parameter -> (flag, default)
+READ_FLAGS = {"id_field": (IdField, "id"), "text_field": (TextField, "text"),
+              "skip_bad_lines": (SkipBadLines, False), "limit": (Limit, None)}
+
+
+def read_flags() -> Callable[[Callable], Callable]:
+    """Decorator: add the flags of how the samples file is read to a command and hand it
+    the ``SampleReadOptions`` they build, as its ``read`` parameter."""
+    return _flag_group("read", "o.SampleReadOptions", READ_FLAGS, _read_options)
+
+
+def _read_options(values: dict):
+    from ..tracer.samples import SampleReadOptions
+
+    return SampleReadOptions(**values)
+
+
 def _compare_options(values: dict):
     from ..tracer.compare import CompareOptions
     from ..tracer.metrics import MetricOptions
@@ -193,13 +211,18 @@ def _compare_options(values: dict):
                           control=None if control in (None, "none") else control, **values)
 
 
-def _evaluated_signature(command: Callable, skip: str) -> inspect.Signature:
+# the parameters flag groups take the place of (their types are imported only on use)
+_GROUP_PARAMETERS = ("engine", "analysis", "read")
+
+
+def _evaluated_signature(command: Callable) -> inspect.Signature:
     """``command``'s signature with its string annotations evaluated (Typer reads types),
-    but the one of ``skip``, which may name a type only imported for type checkers."""
+    but those of flag groups' parameters, which may name types only imported for type
+    checkers."""
     signature = inspect.signature(command)
     namespace = command.__globals__
     return signature.replace(parameters=[
-        p if p.name == skip or not isinstance(p.annotation, str)
+        p if p.name in _GROUP_PARAMETERS or not isinstance(p.annotation, str)
         else p.replace(annotation=eval(p.annotation, namespace))  # annotations of our own source
         for p in signature.parameters.values()])
 
@@ -217,7 +240,7 @@ def _flag_group(parameter: str, kind: str, flags: dict[str, tuple[object, object
                 for name, (annotation, default) in flags.items()]
 
     def decorate(command: Callable) -> Callable:
-        signature = _evaluated_signature(command, skip=parameter)
+        signature = _evaluated_signature(command)
         if parameter not in signature.parameters:
             raise TypeError(f"{command.__name__} needs an '{parameter}: {kind}' parameter "
                             f"to take the {parameter} flags")

@@ -12,14 +12,13 @@ from . import render
 
 
 @o.engine_flags(engine_core="auto", store_probs=False)
+@o.read_flags()
 def trace(
     model: o.Model,
     samples: o.Samples,
     out: Annotated[Path, typer.Option("--out", "-o", help="Trace directory to write.")],
-    id_field: o.IdField = "id",
-    text_field: o.TextField = "text",
-    skip_bad_lines: o.SkipBadLines = False,
-    limit: o.Limit = None,
+    *,
+    read: o.SampleReadOptions,
     truncate: o.Truncate = False,
     nll: o.Nll = True,
     max_tokens: o.MaxTokens = 0,
@@ -27,17 +26,16 @@ def trace(
     part: o.Part = None,
     resume: o.Resume = False,
     force: o.Force = False,
-    *, engine: o.EngineOptions,
+    engine: o.EngineOptions,
 ) -> None:
     """Trace the expert routing of every sample through MODEL.
 
     Routes go into the trace directory --out, read by merge, metrics and show."""
     from ..patches.engine import trace_samples
     from ..patches.options import TraceOptions
-    from ..tracer.samples import SampleReadOptions, read_samples
+    from ..tracer.samples import read_samples
 
-    sample_set = read_samples(samples, SampleReadOptions(
-        id_field=id_field, text_field=text_field, skip_bad_lines=skip_bad_lines, limit=limit))
+    sample_set = read_samples(samples, read)
     if (selected := o.parse_part(part)) is not None:
         sample_set = sample_set.take_part(*selected)
     render.skipped_lines(sample_set)

@@ -13,6 +13,7 @@ from . import render
 
 @o.engine_flags(engine_core="auto")
 @o.analysis_flags()
+@o.read_flags()
 def watch(
     run_dir: Annotated[Path, typer.Argument(
         help="The folder the training job writes its checkpoints into (checkpoint-N, "
@@ -39,11 +40,8 @@ def watch(
     log_to: o.LogTo = None,
     *,
     analysis: o.CompareOptions,
+    read: o.SampleReadOptions,
     reuse_engine: o.ReuseEngine = True,
-    id_field: o.IdField = "id",
-    text_field: o.TextField = "text",
-    skip_bad_lines: o.SkipBadLines = False,
-    limit: o.Limit = None,
     truncate: o.Truncate = False,
     batch_size: o.BatchSize = 256,
     engine: o.EngineOptions,
@@ -52,7 +50,6 @@ def watch(
     metrics, report, plots, status.json and the trackers after each."""
     from ..patches.options import TraceOptions
     from ..patches.watch import WatchOptions, watch_run
-    from ..tracer.samples import SampleReadOptions
 
     options = WatchOptions(pattern=pattern, interval_s=interval, settle_s=settle, marker=marker,
                            once=once, retry=retry, scores=scores,
@@ -60,8 +57,7 @@ def watch(
     with render.WatchView() as view:
         result = watch_run(run_dir, samples, out, options, analysis, engine,
                            TraceOptions(truncate=truncate, batch_size=batch_size),
-                           SampleReadOptions(id_field=id_field, text_field=text_field,
-                                             skip_bad_lines=skip_bad_lines, limit=limit),
+                           read,
                            progress=view, command=render.command_line())
     render.watch_summary(result)
 

@@ -148,3 +148,28 @@ def test_compare_and_watch_declare_the_same_analysis_flags():
         assert "analysis" not in parameters
         assert {name: parameters[name].default for name in ANALYSIS_FLAGS} == {
             name: default for name, (_, default) in ANALYSIS_FLAGS.items()}
+
+
+def test_read_flags_hand_trace_compare_and_watch_the_sample_read_options():
+    import inspect
+
+    from moepath.cli.compare_cmd import compare
+    from moepath.cli.options import READ_FLAGS, read_flags
+    from moepath.cli.trace_cmd import trace
+    from moepath.cli.watch_cmd import watch
+    from moepath.tracer.samples import SampleReadOptions
+
+    app, seen = typer.Typer(), []
+
+    @app.command()
+    @read_flags()
+    def run(*, read: SampleReadOptions) -> None:
+        seen.append(read)
+
+    result = CliRunner().invoke(app, ["--id-field", "key", "--skip-bad-lines", "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen == [SampleReadOptions(id_field="key", skip_bad_lines=True, limit=3)]
+    for command in (trace, compare, watch):
+        parameters = inspect.signature(command).parameters
+        assert {name: parameters[name].default for name in READ_FLAGS} == {
+            name: default for name, (_, default) in READ_FLAGS.items()}
