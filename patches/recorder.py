@@ -293,9 +293,16 @@ class StepRecorder:
             if accumulator.next_position < accumulator.num_prompt_tokens:
                 self._drop_incomplete(accumulator)
                 continue
-            self.sink.add(accumulator.finish(self.layout))
+            self.sink.add(self._kept(accumulator.finish(self.layout)))
             self.requests_recorded += 1
             self.requests_recomputed += accumulator.recomputed
+
+    def _kept(self, record: store.RoutingRecord) -> store.RoutingRecord | store.RoutingSummary:
+        """What the trace keeps of a finished request: ``--store per-sample`` keeps its
+        per-layer summaries, computed here from its per-token rows, which are dropped."""
+        if self.settings.store == store.PER_SAMPLE:
+            return store.RoutingSummary.of(record, self.routing.num_experts)
+        return record
 
     def _drop_incomplete(self, accumulator: RequestAccumulator) -> None:
         """A request that ended before its prompt was computed (aborted: a client
