@@ -286,7 +286,12 @@ class StepRecorder:
         if finished_req_ids:
             self._end_run()
             self._batch = None  # its accumulators may be gone
-        for req_id in finished_req_ids:
+        # in the order the requests were first scheduled, not the order of vLLM's set of
+        # finished ids (its request ids end in random characters): a run traced twice
+        # writes its records in one order, so order-seeded metrics (pair sampling, the
+        # bootstrap) agree between the runs
+        finished = set(finished_req_ids)
+        for req_id in [req_id for req_id in self.active if req_id in finished]:
             accumulator = self.active.pop(req_id, None)
             if accumulator is None or not accumulator.chunks:
                 continue
