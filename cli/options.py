@@ -126,6 +126,11 @@ EngineCore = Annotated[str, typer.Option(
          "process, or inline.", rich_help_panel=ENGINE_PANEL)]
 StoreProbs = Annotated[bool, typer.Option(help="Also store per-token full router "
                        "distributions (large; small runs only).", rich_help_panel=SWITCHES_PANEL)]
+Store = Annotated[str, typer.Option(
+    help="What the trace keeps: per-token (every token's experts and gate weights; `show` "
+         "needs it) or per-sample (each sample's mean router and top-k distributions and "
+         "top-k histogram per layer: ~1/100 the size for 2,048-token samples; metrics and "
+         "compare give the same results).")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Allow code from the model folder to run.",
                                                rich_help_panel=SWITCHES_PANEL)]
 # parameter name (an EngineOptions field) -> flag, in --help order
@@ -133,9 +138,9 @@ ENGINE_FLAGS = {
     "dtype": Dtype, "max_model_len": MaxModelLen, "tensor_parallel_size": TensorParallel,
     "enforce_eager": EnforceEager, "gpu_memory_utilization": GpuMemory,
     "max_num_batched_tokens": BatchedTokens, "engine_core": EngineCore,
-    "store_probs": StoreProbs, "trust_remote_code": TrustRemoteCode,
+    "store_probs": StoreProbs, "store": Store, "trust_remote_code": TrustRemoteCode,
 }
-OPT_IN_FLAGS = ("engine_core", "store_probs")  # flags only where a command names them
+OPT_IN_FLAGS = ("engine_core", "store_probs", "store")  # flags only where a command names them
 
 
 def engine_flags(**defaults) -> Callable[[Callable], Callable]:
@@ -143,8 +148,8 @@ def engine_flags(**defaults) -> Callable[[Callable], Callable]:
     they build, as its ``engine`` parameter.
 
     A flag defaults to ``EngineOptions``' own default unless ``defaults`` names it;
-    ``--engine-core`` and ``--store-probs`` are flags only in commands that name them
-    (elsewhere ``EngineOptions``' defaults apply)::
+    ``--engine-core``, ``--store-probs`` and ``--store`` are flags only in commands that
+    name them (elsewhere ``EngineOptions``' defaults apply)::
 
         @o.engine_flags(engine_core="auto")    # --engine-core defaults to auto here
         def compare(checkpoints: ..., *, engine: o.EngineOptions) -> None:

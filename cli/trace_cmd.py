@@ -11,7 +11,7 @@ from . import options as o
 from . import render
 
 
-@o.engine_flags(engine_core="auto", store_probs=False)
+@o.engine_flags(engine_core="auto", store_probs=False, store="per-token")
 @o.read_flags()
 def trace(
     model: o.Model,

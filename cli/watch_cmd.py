@@ -11,7 +11,7 @@ from . import options as o
 from . import render
 
 
-@o.engine_flags(engine_core="auto")
+@o.engine_flags(engine_core="auto", store="per-token")
 @o.analysis_flags()
 @o.read_flags()
 def watch(

@@ -25,11 +25,12 @@ from .settings import CaptureSettings
 
 
 def engine_manifest(model: str | Path, dtype: str, routing: ModelInfo, source: InputInfo,
-                    options: dict) -> Manifest:
+                    options: dict, store_kind: str) -> Manifest:
     """A new manifest for a trace of ``model`` served by this process's vLLM.
 
     ``routing``: the worker's ``moepath_describe`` reply; ``source``: the input
-    (``path``, ``sha256``, ``format``); ``options``: what the run was asked to do.
+    (``path``, ``sha256``, ``format``); ``options``: what the run was asked to do;
+    ``store_kind``: what its routing shards keep (``CaptureSettings.store``).
     """
     import torch
     import vllm
@@ -40,7 +41,7 @@ def engine_manifest(model: str | Path, dtype: str, routing: ModelInfo, source: I
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         model=replace(routing, path=str(Path(model).resolve()), architecture=shape.architecture,
                       config_sha256=checkpoints.config_sha256(model), dtype=dtype),
-        input=source, options=options)
+        input=source, options=options, store=store_kind)
 
 
 class ManifestCommitter:
@@ -65,9 +66,14 @@ class ManifestCommitter:
                 self.trace_dir, self.writer.resumed, model)):
             raise InputError(f"moepath: cannot append to the trace in '{self.trace_dir}': "
                              f"{why}; serve this model into another trace directory")
+        if self.writer.resumed is not None and self.writer.resumed.store_kind != settings.store:
+            raise InputError(
+                f"moepath: cannot append to the trace in '{self.trace_dir}': it keeps "
+                f"{self.writer.resumed.store_kind} routing, this engine {settings.store}; serve "
+                f"with 'store': '{self.writer.resumed.store_kind}' or into another directory")
         self.writer.begin(
             lambda: engine_manifest(model, dtype, routing, InputInfo(
-                format=store.SERVER_INPUT_FORMAT), settings.as_dict()),
+                format=store.SERVER_INPUT_FORMAT), settings.as_dict(), settings.store),
             router_weights=router_weights)
         self._error: str | None = None
         self._stop = threading.Event()

@@ -69,7 +69,8 @@ class TracedEngine:
         options = options or EngineOptions()
         options.prepare_environment()
         self.settings = CaptureSettings(dir=str(trace_dir), trace_all=trace_all,
-                                        store_probs=options.store_probs, commit=commit,
+                                        store_probs=options.store_probs, store=options.store,
+                                        commit=commit,
                                         flush_interval_s=1.0).with_run()
         self.model = Path(model)
         kwargs = options.llm_kwargs(str(model), self.settings)
@@ -403,7 +404,7 @@ def _new_manifest(engine: TracedEngine, sample_set: SampleSet, engine_options: E
 
     return engine_manifest(
         engine.model, engine_options.dtype, engine.routing, input_section(sample_set),
-        recorded_options(engine_options, options, engine.max_model_len))
+        recorded_options(engine_options, options, engine.max_model_len), engine_options.store)
 
 
 def recorded_options(engine_options: EngineOptions, options: TraceOptions,

@@ -77,7 +77,8 @@ def install(worker, settings: CaptureSettings) -> tuple[ModelRouting, StepRecord
         return routing, None
     dp_rank = worker.vllm_config.parallel_config.data_parallel_rank
     sink = RoutingSink(settings.dir, settings.run, dp_rank,
-                       (len(layers), routing.top_k, routing.num_experts), settings.shard_tokens)
+                       (len(layers), routing.top_k, routing.num_experts), settings.shard_tokens,
+                       settings.store)
     recorder = StepRecorder(settings, routing, sink)
     wrap_execute_model(runner, recorder)
     return routing, recorder

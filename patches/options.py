@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..tracer import store as trace_store
 from ..tracer.errors import InputError
 from .settings import CONFIG_KEY, CaptureSettings
 
@@ -35,6 +36,7 @@ class EngineOptions:
     trust_remote_code: bool = False
     seed: int = 0
     store_probs: bool = False
+    store: str = trace_store.PER_TOKEN  # --store: what the worker keeps (CaptureSettings.store)
     num_kv_blocks: int | None = None  # override the KV cache size (tests force preemption)
     engine_core: str = "process"  # "process" (vLLM's default), "inline" or "auto": see below
 
@@ -42,6 +44,12 @@ class EngineOptions:
         if self.engine_core not in ENGINE_CORE_CHOICES:
             raise InputError(f"engine core (--engine-core) must be one of "
                              f"{', '.join(ENGINE_CORE_CHOICES)}, not {self.engine_core!r}")
+        if self.store not in trace_store.STORES:
+            raise InputError(f"--store must be one of {', '.join(trace_store.STORES)}, "
+                             f"not {self.store!r}")
+        if self.store == trace_store.PER_SAMPLE and self.store_probs:
+            raise InputError("--store-probs keeps every token's router distribution, which "
+                             "--store per-sample drops; pass --store per-token with it")
 
     def engine_core_inline(self) -> bool:
         """Whether vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).

@@ -286,16 +286,28 @@ class StepRecorder:
         if finished_req_ids:
             self._end_run()
             self._batch = None  # its accumulators may be gone
-        for req_id in finished_req_ids:
+        # in the order the requests were first scheduled, not the order of vLLM's set of
+        # finished ids (its request ids end in random characters): a run traced twice
+        # writes its records in one order, so order-seeded metrics (pair sampling, the
+        # bootstrap) agree between the runs
+        finished = set(finished_req_ids)
+        for req_id in [req_id for req_id in self.active if req_id in finished]:
             accumulator = self.active.pop(req_id, None)
             if accumulator is None or not accumulator.chunks:
                 continue
             if accumulator.next_position < accumulator.num_prompt_tokens:
                 self._drop_incomplete(accumulator)
                 continue
-            self.sink.add(accumulator.finish(self.layout))
+            self.sink.add(self._kept(accumulator.finish(self.layout)))
             self.requests_recorded += 1
             self.requests_recomputed += accumulator.recomputed
+
+    def _kept(self, record: store.RoutingRecord) -> store.RoutingRecord | store.RoutingSummary:
+        """What the trace keeps of a finished request: ``--store per-sample`` keeps its
+        per-layer summaries, computed here from its per-token rows, which are dropped."""
+        if self.settings.store == store.PER_SAMPLE:
+            return store.RoutingSummary.of(record, self.routing.num_experts)
+        return record
 
     def _drop_incomplete(self, accumulator: RequestAccumulator) -> None:
         """A request that ended before its prompt was computed (aborted: a client

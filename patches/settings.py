@@ -15,6 +15,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, fields
 
+from ..tracer import store as trace_store
+
 CONFIG_KEY = "moepath"
 REQUEST_ID_KEY = "moepath_id"  # SamplingParams.extra_args key: the caller's sample id
 REQUEST_META_KEY = "moepath_meta"  # optional: dict (offline) or JSON string (server)
@@ -30,6 +32,9 @@ class CaptureSettings:
             requests whose ``extra_args`` carry ``moepath_id``.
         store_probs: also store per-token full router distributions (float16
             [T, L, E] per request; large, for small runs only).
+        store: ``per-token`` (every token's routing) or ``per-sample`` (per request
+            only its router mean, top-k mean and top-k histogram per layer, computed
+            here from the per-token rows, which are then dropped).
         shard_tokens: buffered tokens that trigger writing a routing shard. A
             flush waits for the last, partial shard (the engine idles meanwhile),
             so smaller shards shorten that wait; each shard costs one file and an
@@ -45,6 +50,7 @@ class CaptureSettings:
     dir: str
     trace_all: bool = False
     store_probs: bool = False
+    store: str = trace_store.PER_TOKEN
     shard_tokens: int = 65_536
     run: str = ""
     commit: bool = False
@@ -71,6 +77,13 @@ class CaptureSettings:
             )
         if not options.get("dir"):
             raise ValueError("moepath: additional_config['moepath'] needs 'dir' (trace directory)")
+        kind = options.get("store", trace_store.PER_TOKEN)
+        if kind not in trace_store.STORES:
+            raise ValueError(f"moepath: additional_config['moepath']['store'] is {kind!r}; "
+                             f"pass one of {', '.join(trace_store.STORES)}")
+        if kind == trace_store.PER_SAMPLE and options.get("store_probs"):
+            raise ValueError("moepath: 'store_probs' keeps per-token distributions, which "
+                             "'store': 'per-sample' drops; pass one of them")
         return cls(**options).with_run()
 
 

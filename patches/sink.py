@@ -24,16 +24,18 @@ class RoutingSink:
     """A worker's writer of routing shards into one trace directory (see the module).
 
     Shards are named ``<run>-r<rank>-<seq>`` (``rank``: the data-parallel rank);
-    ``shape`` is (L, k, E) of the records it is given.
+    ``shape`` is (L, k, E) of the records it is given; ``kind`` (``CaptureSettings.store``)
+    what they are: RoutingRecord (per-token) or RoutingSummary (per-sample).
     """
 
     def __init__(self, trace_dir: str, run: str, rank: int, shape: tuple[int, int, int],
-                 shard_tokens: int):
+                 shard_tokens: int, kind: str = store.PER_TOKEN):
         self.rank = rank
+        self.per_sample = kind == store.PER_SAMPLE  # records are RoutingSummary
         self.retarget(trace_dir, run)
         self.shape = shape  # (L, k, E)
         self.shard_tokens = shard_tokens
-        self._pending: list[store.RoutingRecord] = []
+        self._pending: list[store.RoutingRecord | store.RoutingSummary] = []
         self._pending_tokens = 0
         self._writes: list[Future] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepath-sink")
@@ -44,9 +46,9 @@ class RoutingSink:
         self.prefix = f"{run}-r{self.rank}"
         self._seq = 0
 
-    def add(self, record: store.RoutingRecord) -> None:
+    def add(self, record: store.RoutingRecord | store.RoutingSummary) -> None:
         self._pending.append(record)
-        self._pending_tokens += len(record.positions)
+        self._pending_tokens += record.num_tokens
         if self._pending_tokens >= self.shard_tokens:
             self._write_pending()
 
@@ -57,7 +59,8 @@ class RoutingSink:
         name = f"{self.prefix}-{self._seq:06d}"
         self._seq += 1
         self._writes.append(self._executor.submit(
-            store.write_routing_shard, self.trace_dir, name, records, *self.shape))
+            store.write_summary_shard if self.per_sample else store.write_routing_shard,
+            self.trace_dir, name, records, *self.shape))
         if len(self._writes) > MAX_WRITES_IN_FLIGHT:
             # wait for the oldest write still counted; its error, if any, is raised by flush()
             self._writes[-MAX_WRITES_IN_FLIGHT - 1].exception()

@@ -184,8 +184,9 @@ def assert_untouched(trace_dir) -> None:
     ({}, {"max_tokens": 4}, "--max-tokens 0, now 4"),
     ({}, {"nll": False}, "--nll True, now False"),
     ({"store_probs": True}, {}, "--store-probs False, now True"),
+    ({"store": "per-sample"}, {}, "--store per-token, now per-sample"),
     ({}, {"truncate": True}, "--truncate False, now True"),
-], ids=["dtype", "max-tokens", "nll", "store-probs", "truncate"])
+], ids=["dtype", "max-tokens", "nll", "store-probs", "store", "truncate"])
 def test_resuming_with_settings_that_change_the_records_is_refused(
         trace_copy, toy_olmoe, samples_file, no_engine, engine, trace, named):
     with pytest.raises(InputError, match=rf"cannot resume '.*': it was traced with other "
@@ -248,3 +249,59 @@ def test_resuming_with_samples_read_under_other_fields_is_refused(
                                          rf"pass the same samples to resume"):
         resume(toy_olmoe, samples_file, trace_copy)
     assert_untouched(trace_copy)
+
+
+# --- --store per-sample: the same run, kept per sample -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def per_sample_trace(olmoe_trace, toy_olmoe, samples_file, tmp_path_factory) -> Path:
+    """The standard samples traced as olmoe_trace was (one engine start), kept per sample."""
+    out = tmp_path_factory.mktemp("traces") / "olmoe-per-sample"
+    trace_samples(toy_olmoe, read_samples(samples_file), out,
+                  EngineOptions(**TRACED_WITH, store="per-sample"), TraceOptions(batch_size=16))
+    return out
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("source", ["full", "topk"])
+def test_metrics_of_one_run_kept_per_token_or_per_sample_are_identical(
+        olmoe_trace, per_sample_trace, source):
+    from test_cli_trace import moepath
+
+    by_token, by_sample = Trace.open(olmoe_trace), Trace.open(per_sample_trace)
+    assert (by_token.store, by_sample.store) == ("per-token", "per-sample")
+    assert by_sample.manifest.counts == by_token.manifest.counts  # samples, tokens, ...
+    assert by_sample.samples.equals(by_token.samples)  # NLL, token counts, carried columns
+    for sample_id in ("s0", "long2"):  # the histogram: prompt tokens x top k per layer
+        prompt = by_token.num_prompt_tokens(sample_id)
+        counts = by_sample.topk_counts(sample_id)
+        np.testing.assert_array_equal(counts.sum(1), prompt * by_token.top_k)
+        ids, _ = by_token.topk(sample_id)
+        np.testing.assert_array_equal(counts[1], np.bincount(
+            ids[:prompt, 1].ravel(), minlength=by_token.num_experts))
+    outputs = [moepath("metrics", trace, "--source", source, "--group-by", "domain", "--json")
+               for trace in (olmoe_trace, per_sample_trace)]
+    assert all(output.returncode == 0 for output in outputs), outputs[1].stderr
+    assert outputs[0].stdout == outputs[1].stdout and '"distance_mean"' in outputs[0].stdout
+
+
+def routing_bytes(trace_dir: Path) -> int:
+    return sum((trace_dir / shard.file).stat().st_size
+               for shard in Trace.open(trace_dir).manifest.routing_shards)
+
+
+@pytest.mark.vllm
+def test_a_per_sample_trace_is_smaller_by_the_ratio_of_its_tokens_to_its_summaries(
+        olmoe_trace, per_sample_trace):
+    """Per token a trace keeps 8 + 3 L k bytes (position, token id, uint8 ids, float16
+    weights); per sample 12 L E bytes (three float32/int32 [L, E]), whatever its length."""
+    trace = Trace.open(olmoe_trace)
+    samples, tokens = len(trace), trace.manifest.counts.tokens
+    L, k, E = trace.num_layers, trace.top_k, trace.num_experts
+    per_token = routing_bytes(olmoe_trace) / samples
+    per_sample = routing_bytes(per_sample_trace) / samples
+    expected_token, expected_sample = tokens / samples * (8 + 3 * L * k), 12 * L * E
+    assert expected_token <= per_token < 2 * expected_token
+    assert expected_sample <= per_sample < 2 * expected_sample
+    assert per_token / per_sample > 0.5 * expected_token / expected_sample

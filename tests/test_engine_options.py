@@ -100,3 +100,26 @@ def test_cli_refuses_max_model_len_at_max_tokens_before_writing_anything(tmp_pat
     assert_one_line_error(result, "--max-model-len must exceed --max-tokens (at least 1 "
                                   "generated token), got 16 and 16")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_store_kind_is_checked_and_goes_to_the_worker_settings():
+    from moepath.patches.settings import CONFIG_KEY, CaptureSettings
+
+    with pytest.raises(InputError, match="--store must be one of per-token, per-sample, not "
+                                         "'tokens'"):
+        EngineOptions(store="tokens")
+    with pytest.raises(InputError, match="--store-probs keeps every token's router "
+                                         "distribution, which --store per-sample drops"):
+        EngineOptions(store="per-sample", store_probs=True)
+    settings = CaptureSettings(dir="t", store=EngineOptions(store="per-sample").store)
+    kwargs = EngineOptions(store="per-sample").llm_kwargs("m", settings)
+    assert kwargs["additional_config"][CONFIG_KEY]["store"] == "per-sample"
+
+
+def test_cli_names_a_bad_store_value(tmp_path):
+    samples = tmp_path / "s.jsonl"
+    samples.write_text('{"id": "a", "text": "one"}\n')
+    result = moepath("trace", tmp_path, "--samples", samples, "--out", tmp_path / "o",
+                     "--store", "tokens")
+    assert_one_line_error(result, "--store must be one of per-token, per-sample, not 'tokens'")
+    assert not (tmp_path / "o").exists()

@@ -17,7 +17,7 @@ from moepath.tracer import Trace, store
 from moepath.tracer import metrics as metrics_module
 from moepath.tracer.consistency import routing_consistency
 from moepath.tracer.distance import distance_summary, per_layer_distance
-from moepath.tracer.errors import InputError, MetricError
+from moepath.tracer.errors import InputError, MetricError, TraceFormatError
 from moepath.tracer.manifest import Manifest, ModelInfo
 from moepath.tracer.metrics import (
     GroupMetrics,
@@ -395,3 +395,36 @@ def test_tracer_never_imports_engine_or_cli_libraries():
 
 def test_docstring_examples_hold():
     assert doctest.testmod(metrics_module).failed == 0
+
+
+# --- --store per-sample -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["full", "topk"])
+def test_metrics_of_a_per_sample_trace_equal_those_of_the_per_token_trace_of_its_records(
+        tmp_path, source):
+    """The same records written both ways give equal metrics, value for value: the worker's
+    top-k means are those the reader computes from a per-token trace's stored weights."""
+    from test_store import make_record, write_summary_trace, write_trace
+
+    records = [make_record(f"s{i}", 6 + i, i, prompt=4 + i % 3) for i in range(6)]
+    write_trace(tmp_path / "token", records)
+    write_summary_trace(tmp_path / "sample", records)
+    options = MetricOptions(source=source, resamples=50)
+    by_token, by_sample = Trace.open(tmp_path / "token"), Trace.open(tmp_path / "sample")
+    ids_token, token = trace_distributions(by_token, source)
+    ids_sample, sample = trace_distributions(by_sample, source)
+    assert ids_token == ids_sample == [r.sample_id for r in records]
+    np.testing.assert_array_equal(token, sample)  # bit for bit
+    assert trace_metrics(by_token, options) == trace_metrics(by_sample, options)
+
+
+def test_show_refuses_a_per_sample_trace_naming_store_per_token(tmp_path):
+    from test_store import make_record, write_summary_trace
+
+    write_summary_trace(tmp_path / "t", [make_record("a", 4, 1), make_record("b", 5, 2)])
+    with pytest.raises(TraceFormatError, match=r"^trace '.*' was written with --store "
+                       r"per-sample and keeps no per-token routing, which `moepath show` \(the "
+                       r"sample's token-by-token routing\) needs; trace the samples again with "
+                       r"--store per-token$"):
+        trace_sample_detail(Trace.open(tmp_path / "t"), "a")

@@ -54,9 +54,10 @@ ENGINE_DEFAULTS = {"dtype": "bfloat16", "max_model_len": None, "tensor_parallel_
 
 
 @pytest.mark.parametrize(("command", "own_defaults"), [
-    ("trace_cmd.trace", {"engine_core": "auto", "store_probs": False}),
-    ("compare_cmd.compare", {"engine_core": "auto"}),
-    ("eval_cmd.eval_", {}),  # engine core: EngineOptions' "process"; no --store-probs
+    ("trace_cmd.trace", {"engine_core": "auto", "store_probs": False, "store": "per-token"}),
+    ("compare_cmd.compare", {"engine_core": "auto", "store": "per-token"}),
+    ("watch_cmd.watch", {"engine_core": "auto", "store": "per-token"}),
+    ("eval_cmd.eval_", {}),  # engine core: EngineOptions' "process"; no --store-probs, --store
 ])
 def test_each_command_keeps_its_engine_flags_and_defaults(command, own_defaults):
     import importlib

@@ -410,3 +410,124 @@ def test_a_trace_reads_only_the_columns_a_reader_asks_for_and_holds_two_shards(
                      ("000002", "expert_ids"), ("000002", "gate_weights"),  # shard 0 let go
                      ("000000", "expert_ids"), ("000000", "gate_weights"),
                      ("000000", "token_ids")]
+
+
+# --- --store per-sample: per-layer summaries, no per-token routing --------------------------
+
+
+def write_summary_trace(trace_dir, records) -> TraceWriter:
+    """``records`` committed as a per-sample trace: their summaries, as a worker with
+    ``store: per-sample`` writes them."""
+    writer = TraceWriter.open(trace_dir)
+    writer.begin(Manifest(model=ModelInfo(num_layers=L, num_experts=E, top_k=K,
+                                          architecture="Toy"), store=store.PER_SAMPLE),
+                 router_weights=[np.full((E, 4), i, np.float32) for i in range(L)])
+    summaries = [store.RoutingSummary.of(r, E) for r in records]
+    writer.commit(routing=[store.write_summary_shard(trace_dir, "run-r0-000000", summaries,
+                                                     L, K, E)])
+    return writer
+
+
+def test_a_summary_is_the_prompts_topk_mean_and_histogram_of_its_record():
+    record = make_record("a", 9, 2, prompt=6)  # 3 generated tokens are left out
+    summary = store.RoutingSummary.of(record, E)
+    assert (summary.num_tokens, summary.num_prompt_tokens) == (9, 6)
+    # naive reference: token by token, layer by layer, of the float16 weights a trace stores
+    weights = record.gate_weights.astype(np.float16).astype(np.float64)
+    mean, counts = np.zeros((L, E)), np.zeros((L, E), np.int32)
+    for t in range(6):
+        for layer in range(L):
+            for j in range(K):
+                mean[layer, record.expert_ids[t, layer, j]] += weights[t, layer, j] / 6
+                counts[layer, record.expert_ids[t, layer, j]] += 1
+    np.testing.assert_allclose(summary.topk_mean, mean, rtol=1e-6)
+    assert summary.topk_mean.dtype == np.float32
+    np.testing.assert_array_equal(summary.topk_counts, counts)
+    assert summary.topk_counts.sum() == 6 * L * K and summary.topk_counts.dtype == np.int32
+    np.testing.assert_array_equal(summary.router_mean, record.router_mean)
+
+
+def test_summaries_round_trip(tmp_path):
+    records = [make_record("a", 5, 1), make_record("b", 9, 2, prompt=6)]
+    write_summary_trace(tmp_path / "t", records)
+    read = store.read_summary_shard(tmp_path / "t" / "routing" / "run-r0-000000.parquet", L, E)
+    for summary, record in zip(read, records, strict=True):
+        expected = store.RoutingSummary.of(record, E)
+        assert (summary.sample_id, summary.request_id, summary.completion, summary.meta,
+                summary.num_prompt_tokens, summary.num_tokens) == (
+            expected.sample_id, expected.request_id, 0, expected.meta,
+            expected.num_prompt_tokens, expected.num_tokens)
+        for name in ("router_mean", "topk_mean", "topk_counts"):
+            np.testing.assert_array_equal(getattr(summary, name), getattr(expected, name))
+    trace = Trace.open(tmp_path / "t")
+    assert (trace.store, trace.per_sample) == ("per-sample", True)
+    assert trace.sample_ids() == ["a", "b"] and trace.num_prompt_tokens("b") == 6
+    assert trace.num_tokens("b") == 9
+    np.testing.assert_array_equal(trace.topk_counts("b"), read[1].topk_counts)
+    np.testing.assert_array_equal(trace.router_mean("a"), records[0].router_mean)
+    ids, means = trace.topk_means()
+    assert ids == ["a", "b"]
+    np.testing.assert_array_equal(means, np.stack([s.topk_mean for s in read]))
+    assert trace.samples.to_dict("records") == [
+        {"sample_id": "a", "domain": "math", "n": 1, "num_tokens": 5},
+        {"sample_id": "b", "domain": "math", "n": 2, "num_tokens": 6}]
+    assert trace.manifest.counts.tokens is None and trace.manifest.routing_shards[0].tokens == 14
+
+
+def test_per_sample_shard_schema_is_the_documented_one(tmp_path):
+    """Golden test of docs/trace-format.md, "Per-sample shards": no per-token column."""
+    write_summary_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    schema = pq.read_schema(tmp_path / "t" / "routing" / "run-r0-000000.parquet")
+    matrix = "fixed_size_list<element: fixed_size_list<element: {}>[8]>[3]"
+    assert {name: str(schema.field(name).type) for name in schema.names} == {
+        "sample_id": "string",
+        "request_id": "string",
+        "completion": "int16",
+        "num_prompt_tokens": "int32",
+        "num_tokens": "int32",
+        "router_mean": matrix.format("float"),
+        "topk_mean": matrix.format("float"),
+        "topk_counts": matrix.format("int32"),
+        "meta": "string",
+    }
+    on_disk = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert on_disk["store"] == "per-sample" and on_disk["format_version"] == 2
+    assert Manifest.from_dict(on_disk).store_kind == "per-sample"
+    del on_disk["store"]  # a trace written before --store: per-token
+    assert Manifest.from_dict(on_disk).store_kind == "per-token"
+    assert "store" not in Manifest.from_dict(on_disk).to_dict()
+
+
+def test_a_store_kind_from_a_newer_moepath_is_refused(tmp_path):
+    write_summary_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    manifest = store.read_manifest(tmp_path / "t")
+    manifest["store"] = "per-layer"
+    store.write_manifest(tmp_path / "t", manifest)
+    with pytest.raises(TraceFormatError, match=r"keeps its routing as 'per-layer', a store this "
+                                               r"moepath does not know .*; upgrade moepath"):
+        Trace.open(tmp_path / "t")
+
+
+def test_per_token_readers_refuse_a_per_sample_trace_naming_store_per_token(tmp_path):
+    write_summary_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    trace = Trace.open(tmp_path / "t")
+    for name, read in (("Trace.topk", trace.topk), ("Trace.positions", trace.positions),
+                       ("Trace.token_ids", trace.token_ids),
+                       ("Trace.router_probs", trace.router_probs)):
+        with pytest.raises(TraceFormatError) as refused:
+            read("a")
+        assert str(refused.value) == (
+            f"trace '{tmp_path / 't'}' was written with --store per-sample and keeps no "
+            f"per-token routing, which {name} needs; trace the samples again with "
+            f"--store per-token")
+
+
+def test_summary_readers_refuse_a_per_token_trace(tmp_path):
+    write_trace(tmp_path / "t", [make_record("a", 4, 1)])
+    trace = Trace.open(tmp_path / "t")
+    assert trace.store == "per-token" and trace.num_tokens("a") == 4
+    for read in (lambda: trace.topk_mean("a"), lambda: trace.topk_counts("a"),
+                 trace.iter_topk_means):
+        with pytest.raises(TraceFormatError, match=r"keeps per-token routing; .* is stored "
+                                                   r"only by --store per-sample"):
+            read()

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import store
+from .errors import TraceFormatError
 
 RUNNING, COMPLETE, FAILED = "running", "complete", "failed"  # Manifest.status
 
@@ -105,7 +106,9 @@ class Counts:
 @dataclass
 class Manifest:
     """A trace's manifest (see the module). ``routing_shards``/``sample_shards``: the
-    committed files, in commit order; only they belong to the trace."""
+    committed files, in commit order; only they belong to the trace. ``store``: what its
+    routing shards keep, ``per-token`` or ``per-sample`` (``--store``; None: written
+    before the choice existed, per-token); read it through :attr:`store_kind`."""
 
     model: ModelInfo
     input: InputInfo | None = None
@@ -121,6 +124,7 @@ class Manifest:
     counts: Counts = field(default_factory=Counts)
     merged_from: list[str] | None = None
     format_version: int = store.FORMAT_VERSION
+    store: str | None = None  # after every use of the module ``store`` in this class body
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -132,6 +136,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, manifest: dict) -> Manifest:
         known, extra = _split(cls, manifest, skip=("format", "shards"))
+        if known.get("store") not in (None, *store.STORES):
+            raise TraceFormatError(
+                f"the trace keeps its routing as {known['store']!r}, a store this moepath does "
+                f"not know ({', '.join(store.STORES)}); upgrade moepath to read it")
         shards = manifest.get("shards", {})
         weights = known.get("router_weights")
         return cls(**{
@@ -159,6 +167,7 @@ class Manifest:
         optional = {"input": self.input.to_dict() if self.input else None,
                     "options": self.options, "versions": self.versions,
                     "created": self.created, "merged_from": self.merged_from,
+                    "store": self.store,
                     "router_weights_unavailable": self.router_weights_unavailable}
         manifest.update({key: value for key, value in optional.items() if value is not None})
         return {**manifest, **self.extra}
@@ -168,6 +177,11 @@ class Manifest:
         """Every file the manifest vouches for: shards, then the router weights."""
         weights = [self.router_weights] if self.router_weights else []
         return [*self.routing_shards, *self.sample_shards, *weights]
+
+    @property
+    def store_kind(self) -> str:
+        """``per-token`` (every token's routing) or ``per-sample`` (summaries only)."""
+        return self.store or store.PER_TOKEN
 
     @property
     def server_committed(self) -> bool:

@@ -42,7 +42,7 @@ def merge_traces(parts: list[Path], out: Path, force: bool = False) -> Manifest:
         model=first.model, options=first.options, versions=first.versions,
         created=first.created, input=replace(first.input, part=None),
         merged_from=[str(Path(part).resolve()) for part in parts],
-        router_weights_unavailable=first.router_weights_unavailable))
+        router_weights_unavailable=first.router_weights_unavailable, store=first.store))
     if first.router_weights:
         writer.copy_router_weights(Path(parts[0]), first.router_weights)
     for number, (part, manifest) in enumerate(zip(parts, manifests, strict=True)):
@@ -109,4 +109,4 @@ def _same(manifest: Manifest) -> list[tuple[str, object]]:
     """What must be identical across parts: the model (but its checkpoint path) and the
     router weights file."""
     return [("model", replace(manifest.model, path=None)),
-            ("router_weights", manifest.router_weights)]
+            ("router_weights", manifest.router_weights), ("store", manifest.store_kind)]

@@ -401,8 +401,11 @@ def trace_distributions(trace: Trace, source: str = "full") -> tuple[list[str], 
     ``source="full"`` reads the trace's router means (the full router distribution
     averaged over prompt tokens); ``source="topk"`` averages each sample's top-k gate
     weights over its prompt tokens, the first ``trace.num_prompt_tokens(id)`` rows of
-    ``trace.topk(id)`` (``pathways.topk_to_distribution``; docs/method.md Decision A3).
-    Both ignore generated tokens, so both describe the same prefill.
+    ``trace.topk(id)`` (``pathways.topk_to_distribution``; docs/method.md Decision A3),
+    which a ``--store per-sample`` trace holds ready (``Trace.iter_topk_means``, the same
+    values: the worker computed them from the weights a per-token trace stores).
+    Both ignore generated tokens, so both describe the same prefill. Both read one
+    routing shard at a time.
 
     Raises:
         MetricError: the trace has no samples, or ``source`` is not full or topk.
@@ -410,6 +413,8 @@ def trace_distributions(trace: Trace, source: str = "full") -> tuple[list[str], 
     check_choice("source", source, SOURCES)
     if source == "full":
         ids, distributions = trace.router_means()
+    elif trace.per_sample:
+        ids, distributions = trace.topk_means()
     else:
         ids = trace.sample_ids()
         distributions = [_topk_distribution(trace, sid) for sid in ids]
@@ -579,6 +584,7 @@ def trace_sample_detail(
         InputError: ``sample_id`` is not in the trace (the message suggests close ids).
         MetricError: the trace has no router weights, or bad routing.
     """
+    trace.require_per_token("`moepath show` (the sample's token-by-token routing)")
     _check_sample(trace, sample_id)
     if options.source == "full":
         g = trace.router_mean(sample_id).astype(np.float64)  # [L, E]

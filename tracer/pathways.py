@@ -162,6 +162,30 @@ def topk_to_distribution(expert_ids, gate_weights, num_experts: int) -> np.ndarr
     return (sums.reshape(layers, num_experts) / tokens).astype(np.float32)
 
 
+def topk_counts(expert_ids, num_experts: int) -> np.ndarray:
+    """The top-k histogram: int32 [L, E], how many of the T tokens had each expert among
+    their top k in each layer (``expert_ids``: (T, L, top_k) ints in [0, num_experts);
+    T may be 0). Rows sum to T * top_k.
+
+    Example::
+
+        >>> topk_counts(np.array([[[0, 2]], [[2, 1]]]), num_experts=3).tolist()
+        [[1, 1, 2]]
+    """
+    ids = np.asarray(expert_ids, dtype=np.int64)
+    if ids.ndim != 3:
+        raise MetricError(f"expert_ids {ids.shape} must be [tokens, layers, top_k]")
+    layers = ids.shape[1]
+    if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+        raise MetricError(
+            f"expert ids span {ids.min()}..{ids.max()}, outside [0, {num_experts}); "
+            "pass the model's number of routed experts as num_experts"
+        )
+    slots = ids + num_experts * np.arange(layers)[:, None]  # [T, L, k] -> l*E+id
+    counts = np.bincount(slots.ravel(), minlength=layers * num_experts)
+    return counts.reshape(layers, num_experts).astype(np.int32)
+
+
 def select_experts(distribution, tau: float = DEFAULT_TAU) -> Pathway:
     """The pathway of one sample from its per-layer distributions [L, E] (docs/method.md step 3).
 

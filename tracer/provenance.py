@@ -24,7 +24,7 @@ from .samples import SampleSet
 # Options that change what a trace records. The context (max_model_len) matters only
 # with truncate: it is where samples are cut (without truncate, a sample that does not
 # fit is refused, so the context cannot change a record).
-RESULT_OPTIONS = ("dtype", "max_tokens", "nll", "store_probs", "truncate")
+RESULT_OPTIONS = ("dtype", "max_tokens", "nll", "store", "store_probs", "truncate")
 # How the samples file was read, as far as it decides which samples a run traces and
 # under which ids; ``limit`` only shortens the list, so a resume may extend it.
 IDENTITY_READ_OPTIONS = ("id_field", "text_field")

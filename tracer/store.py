@@ -9,7 +9,8 @@ A trace is a directory (format documented in docs/trace-format.md, version
 
     manifest.json                      what the trace is, and the commit point
     router.safetensors                 router matrix W_l [E, hidden] (and bias) of every MoE layer
-    routing/<run>-r<dp>-<seq>.parquet  one row per traced request (routing of every token)
+    routing/<run>-r<dp>-<seq>.parquet  one row per traced request (routing of every token,
+                                       or with ``--store per-sample`` its per-layer summaries)
     samples/<seq>.parquet              one row per sample (input columns, NLL, truncation)
 
 ``<run>``: random hex per engine start, ``<dp>``: data-parallel rank, ``<seq>``: 6
@@ -36,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import TraceFormatError
+from .pathways import topk_counts, topk_to_distribution
 
 FORMAT_NAME = "moepath-trace"
 FORMAT_VERSION = 2  # 2: per-token routing as blobs (1: nested lists, still read)
@@ -44,6 +46,10 @@ ROUTER_WEIGHTS = "router.safetensors"
 ROUTING_DIR = "routing"
 SAMPLES_DIR = "samples"
 SERVER_INPUT_FORMAT = "server"  # manifest input.format of a trace its engine's worker commits
+# What a routing shard keeps (manifest ``store``, ``--store``): every token's routing
+# (RoutingRecord), or per request only its per-layer summaries (RoutingSummary).
+PER_TOKEN, PER_SAMPLE = "per-token", "per-sample"
+STORES = (PER_TOKEN, PER_SAMPLE)
 
 
 @dataclass
@@ -81,6 +87,51 @@ class RoutingRecord:
     router_mean: np.ndarray | None
     router_probs: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens recorded, prompt and generated."""
+        return len(self.positions)
+
+
+@dataclass
+class RoutingSummary:
+    """What ``--store per-sample`` keeps of one traced request: per-layer summaries over its
+    prompt tokens, no per-token routing (docs/trace-format.md, "Per-sample shards").
+
+    Attributes:
+        sample_id, request_id, completion, num_prompt_tokens, meta: as in RoutingRecord.
+        num_tokens: tokens recorded, prompt and generated.
+        router_mean: float32 [L, E], as in RoutingRecord (None: no prompt token).
+        topk_mean: float32 [L, E], the top-k gate weights averaged over the prompt tokens
+            (``pathways.topk_to_distribution`` of the float16 weights a per-token trace
+            stores, so both kinds give the same ``--source topk`` distributions); None
+            when no prompt token was computed.
+        topk_counts: int32 [L, E], how many prompt tokens had each expert in their top k.
+    """
+
+    sample_id: str
+    request_id: str
+    completion: int
+    num_prompt_tokens: int
+    num_tokens: int
+    router_mean: np.ndarray | None
+    topk_mean: np.ndarray | None
+    topk_counts: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, record: RoutingRecord, num_experts: int) -> RoutingSummary:
+        """The summary of ``record`` (its per-token arrays are not kept)."""
+        prompt = min(record.num_prompt_tokens, record.num_tokens)
+        ids = np.asarray(record.expert_ids)[:prompt]
+        weights = np.asarray(record.gate_weights)[:prompt].astype(np.float16)  # as stored
+        return cls(
+            sample_id=record.sample_id, request_id=record.request_id,
+            completion=record.completion, num_prompt_tokens=record.num_prompt_tokens,
+            num_tokens=record.num_tokens, router_mean=record.router_mean,
+            topk_mean=topk_to_distribution(ids, weights, num_experts) if prompt else None,
+            topk_counts=topk_counts(ids, num_experts), meta=record.meta)
 
 
 @dataclass(frozen=True)
@@ -141,22 +192,51 @@ def _token_blobs(name: str, arrays: list[np.ndarray], inner: tuple[int, ...],
     return field, pa.ListArray.from_arrays(_offsets(arrays), blobs)
 
 
-def routing_table(records: list[RoutingRecord], num_layers: int, top_k: int, num_experts: int):
-    """Arrow table of routing records (schema: docs/trace-format.md, "routing shards")."""
-    lk, le = (num_layers, top_k), (num_layers, num_experts)
-    means = [
-        r.router_mean if r.router_mean is not None else np.zeros(le, np.float32) for r in records
-    ]
-    mean_valid = pa.array([r.router_mean is not None for r in records])
-    probs = ([_token_blobs("router_probs", [r.router_probs for r in records], le, np.float16)]
-             if records and records[0].router_probs is not None else [])
-    columns = [
-        (pa.field("sample_id", pa.string()), pa.array([r.sample_id for r in records])),
-        (pa.field("request_id", pa.string()), pa.array([r.request_id for r in records])),
+def _layer_matrices(name: str, matrices: list[np.ndarray | None], shape: tuple[int, int],
+                    value_type: pa.DataType) -> tuple[pa.Field, pa.Array]:
+    """fixed_size_list<fixed_size_list<value_type, E>, L>: one [L, E] matrix per record,
+    null where the record has none."""
+    num_layers, num_experts = shape
+    dtype = value_type.to_pandas_dtype()
+    values = [np.zeros(shape, dtype) if m is None else np.asarray(m, dtype) for m in matrices]
+    valid = pa.array([m is not None for m in matrices], pa.bool_())
+    return (pa.field(name, pa.list_(pa.list_(value_type, num_experts), num_layers)),
+            pa.FixedSizeListArray.from_arrays(
+                _nested(np.stack(values) if values else np.zeros(0, dtype), (num_experts,),
+                        value_type), num_layers, mask=pc.invert(valid)))
+
+
+def _request_columns(records: list) -> list[tuple[pa.Field, pa.Array]]:
+    """The columns that name each record's request, first in both kinds of shard."""
+    return [
+        (pa.field("sample_id", pa.string()), pa.array([r.sample_id for r in records],
+                                                      pa.string())),
+        (pa.field("request_id", pa.string()), pa.array([r.request_id for r in records],
+                                                       pa.string())),
         (pa.field("completion", pa.int16()),
          pa.array([r.completion for r in records], pa.int16())),
         (pa.field("num_prompt_tokens", pa.int32()),
          pa.array([r.num_prompt_tokens for r in records], pa.int32())),
+    ]
+
+
+def _meta_column(records: list) -> tuple[pa.Field, pa.Array]:
+    return (pa.field("meta", pa.string()),
+            pa.array([json.dumps(r.meta, sort_keys=True) for r in records], pa.string()))
+
+
+def _table(columns: list[tuple[pa.Field, pa.Array]]) -> pa.Table:
+    return pa.Table.from_arrays([array for _, array in columns],
+                                schema=pa.schema([field for field, _ in columns]))
+
+
+def routing_table(records: list[RoutingRecord], num_layers: int, top_k: int, num_experts: int):
+    """Arrow table of routing records (schema: docs/trace-format.md, "routing shards")."""
+    lk, le = (num_layers, top_k), (num_layers, num_experts)
+    probs = ([_token_blobs("router_probs", [r.router_probs for r in records], le, np.float16)]
+             if records and records[0].router_probs is not None else [])
+    columns = [
+        *_request_columns(records),
         (pa.field("positions", pa.list_(pa.int32())),
          _token_scalars([r.positions for r in records])),
         (pa.field("token_ids", pa.list_(pa.int32())),
@@ -164,16 +244,48 @@ def routing_table(records: list[RoutingRecord], num_layers: int, top_k: int, num
         _token_blobs("expert_ids", [r.expert_ids for r in records], lk,
                      expert_id_type(num_experts).to_pandas_dtype()),
         _token_blobs("gate_weights", [r.gate_weights for r in records], lk, np.float16),
-        (pa.field("router_mean", pa.list_(pa.list_(pa.float32(), num_experts), num_layers)),
-         pa.FixedSizeListArray.from_arrays(
-             _nested(np.stack(means) if means else np.zeros(0), (num_experts,), pa.float32()),
-             num_layers, mask=pc.invert(mean_valid))),
+        _layer_matrices("router_mean", [r.router_mean for r in records], le, pa.float32()),
         *probs,
-        (pa.field("meta", pa.string()),
-         pa.array([json.dumps(r.meta, sort_keys=True) for r in records], pa.string())),
+        _meta_column(records),
     ]
-    return pa.Table.from_arrays([array for _, array in columns],
-                                schema=pa.schema([field for field, _ in columns]))
+    return _table(columns)
+
+
+def summary_table(summaries: list[RoutingSummary], num_layers: int, num_experts: int):
+    """Arrow table of per-sample summaries (docs/trace-format.md, "Per-sample shards"): the
+    request columns, ``num_tokens``, ``router_mean``, ``topk_mean``, ``topk_counts``,
+    ``meta``; no per-token column."""
+    le = (num_layers, num_experts)
+    return _table([
+        *_request_columns(summaries),
+        (pa.field("num_tokens", pa.int32()),
+         pa.array([s.num_tokens for s in summaries], pa.int32())),
+        _layer_matrices("router_mean", [s.router_mean for s in summaries], le, pa.float32()),
+        _layer_matrices("topk_mean", [s.topk_mean for s in summaries], le, pa.float32()),
+        _layer_matrices("topk_counts", [s.topk_counts for s in summaries], le, pa.int32()),
+        _meta_column(summaries),
+    ])
+
+
+def layer_matrix(table: pa.Table, name: str, row: int, shape: tuple[int, int]):
+    """Row ``row`` of the [L, E] column ``name`` (router_mean, topk_mean, topk_counts) as
+    a numpy array of the column's type, None where it is null."""
+    value = table[name][row]
+    if not value.is_valid:
+        return None
+    return value.values.flatten().to_numpy(zero_copy_only=False).reshape(shape)
+
+
+def layer_matrices(batch: pa.RecordBatch | pa.Table, name: str,
+                   shape: tuple[int, int]) -> np.ndarray:
+    """Every row of the [L, E] column ``name`` as one array [rows, L, E] (no nulls)."""
+    column = batch.column(name)
+    return column.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, *shape)
+
+
+def is_summary_shard(columns: list[str]) -> bool:
+    """Whether a routing shard of these columns holds per-sample summaries."""
+    return "topk_mean" in columns and "expert_ids" not in columns
 
 
 def token_values(table: pa.Table, name: str, row: int, inner: tuple[int, ...]) -> np.ndarray:
@@ -203,7 +315,6 @@ def read_routing_shard(path: Path, num_layers: int, top_k: int, num_experts: int
     lk, le = (num_layers, top_k), (num_layers, num_experts)
     records = []
     for row in range(table.num_rows):
-        mean = table["router_mean"][row]
         probs = (token_values(table, "router_probs", row, le).astype(np.float32)
                  if "router_probs" in table.column_names else None)
         records.append(RoutingRecord(
@@ -215,12 +326,27 @@ def read_routing_shard(path: Path, num_layers: int, top_k: int, num_experts: int
             token_ids=token_values(table, "token_ids", row, ()),
             expert_ids=token_values(table, "expert_ids", row, lk).astype(np.int64),
             gate_weights=token_values(table, "gate_weights", row, lk).astype(np.float32),
-            router_mean=(np.asarray(mean.values.flatten(), np.float32).reshape(le)
-                         if mean.is_valid else None),
+            router_mean=layer_matrix(table, "router_mean", row, le),
             router_probs=probs,
             meta=json.loads(table["meta"][row].as_py()),
         ))
     return records
+
+
+def read_summary_shard(path: Path, num_layers: int, num_experts: int) -> list[RoutingSummary]:
+    """All summaries of one per-sample routing shard file."""
+    table = pq.read_table(path)
+    le = (num_layers, num_experts)
+    return [RoutingSummary(
+        sample_id=table["sample_id"][row].as_py(), request_id=table["request_id"][row].as_py(),
+        completion=table["completion"][row].as_py(),
+        num_prompt_tokens=table["num_prompt_tokens"][row].as_py(),
+        num_tokens=table["num_tokens"][row].as_py(),
+        router_mean=layer_matrix(table, "router_mean", row, le),
+        topk_mean=layer_matrix(table, "topk_mean", row, le),
+        topk_counts=layer_matrix(table, "topk_counts", row, le),
+        meta=json.loads(table["meta"][row].as_py()),
+    ) for row in range(table.num_rows)]
 
 
 def file_sha256(path: Path) -> str:
@@ -317,8 +443,20 @@ def write_routing_shard(
 ) -> ShardInfo:
     """Write records as ``routing/<name>.parquet`` atomically; used by the capture sink."""
     table = routing_table(records, num_layers, top_k, num_experts)
-    tokens = sum(len(r.positions) for r in records)
+    tokens = sum(r.num_tokens for r in records)
     return write_parquet_shard(trace_dir, f"{ROUTING_DIR}/{name}.parquet", table, tokens)
+
+
+def write_summary_shard(
+    trace_dir: Path, name: str, summaries: list[RoutingSummary], num_layers: int, top_k: int,
+    num_experts: int,
+) -> ShardInfo:
+    """Write per-sample summaries as ``routing/<name>.parquet`` atomically (``--store
+    per-sample``; ``top_k`` unused, the signature is write_routing_shard's)."""
+    table = summary_table(summaries, num_layers, num_experts)
+    tokens = sum(s.num_tokens for s in summaries)
+    return write_parquet_shard(trace_dir, f"{ROUTING_DIR}/{name}.parquet", table, tokens)
+
 
 
 @dataclass

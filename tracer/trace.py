@@ -7,6 +7,10 @@ Example::
     ids, weights = trace.topk("a17")        # [T, L, k] int, [T, L, k] float32
     g = trace.router_mean("a17")            # [L, E] float32
     W = trace.router_weights()              # L x [E, hidden] float32
+
+A trace written with ``--store per-sample`` keeps no per-token routing: ``topk``,
+``positions``, ``token_ids`` and ``router_probs`` refuse it (naming ``--store
+per-token``), and ``topk_mean``/``topk_counts``/``iter_topk_means`` read its summaries.
 """
 
 from __future__ import annotations
@@ -190,36 +194,88 @@ class Trace:
         location = self._locate(sample_id, completion)
         return store.token_values(self._column(location.shard, name), name, location.row, inner)
 
+    @property
+    def store(self) -> str:
+        """What the routing shards keep: ``per-token`` (every token's routing) or
+        ``per-sample`` (per-layer summaries of each sample, ``--store per-sample``)."""
+        return self.manifest.store_kind
+
+    @property
+    def per_sample(self) -> bool:
+        return self.store == store.PER_SAMPLE
+
+    def require_per_token(self, what: str) -> None:
+        """Raise TraceFormatError naming ``what`` (e.g. "per-token routing") when the trace
+        keeps per-sample summaries only."""
+        if self.per_sample:
+            raise TraceFormatError(
+                f"trace '{self.path}' was written with --store per-sample and keeps no "
+                f"per-token routing, which {what} needs; trace the samples again with "
+                f"--store per-token")
+
     def positions(self, sample_id: str, completion: int = 0) -> np.ndarray:
-        """int32 [T]: token positions, prompt tokens first."""
+        """int32 [T]: token positions, prompt tokens first (per-token traces only)."""
+        self.require_per_token("Trace.positions")
         return self._token_values(sample_id, completion, "positions", ())
 
     def token_ids(self, sample_id: str, completion: int = 0) -> np.ndarray:
-        """int32 [T]: the token ids, prompt tokens first."""
+        """int32 [T]: the token ids, prompt tokens first (per-token traces only)."""
+        self.require_per_token("Trace.token_ids")
         return self._token_values(sample_id, completion, "token_ids", ())
+
+    def num_tokens(self, sample_id: str, completion: int = 0) -> int:
+        """Tokens recorded for the record, prompt and generated."""
+        if self.per_sample:
+            return self._scalar(sample_id, completion, "num_tokens").as_py()
+        return len(self.positions(sample_id, completion))
 
     def num_prompt_tokens(self, sample_id: str, completion: int = 0) -> int:
         """Prompt tokens of the record: positions below it are prompt, the rest generated."""
         return self._scalar(sample_id, completion, "num_prompt_tokens").as_py()
 
     def topk(self, sample_id: str, completion: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(expert ids int64 [T, L, k], gate weights float32 [T, L, k]), prompt tokens first."""
+        """(expert ids int64 [T, L, k], gate weights float32 [T, L, k]), prompt tokens first
+        (per-token traces only)."""
+        self.require_per_token("Trace.topk")
         shape = (self.num_layers, self.top_k)
         ids = self._token_values(sample_id, completion, "expert_ids", shape).astype(np.int64)
         weights = self._token_values(sample_id, completion, "gate_weights", shape)
         return ids, weights.astype(np.float32)
 
+    def _layer_matrix(self, sample_id: str, name: str) -> np.ndarray | None:
+        """Completion 0's [L, E] value of column ``name``; None where it is null."""
+        location = self._locate(sample_id, 0)
+        return store.layer_matrix(self._column(location.shard, name), name, location.row,
+                                  (self.num_layers, self.num_experts))
+
     def router_mean(self, sample_id: str) -> np.ndarray:
         """float32 [L, E]: mean over prompt tokens of the full router distribution."""
-        value = self._scalar(sample_id, 0, "router_mean")
-        if not value.is_valid:
+        mean = self._layer_matrix(sample_id, "router_mean")
+        if mean is None:
             raise TraceFormatError(f"sample '{sample_id}' has no router mean (no prompt tokens)")
-        return np.asarray(value.values.flatten(), np.float32).reshape(
-            self.num_layers, self.num_experts
-        )
+        return mean
+
+    def _require_per_sample(self, what: str) -> None:
+        if not self.per_sample:
+            raise TraceFormatError(
+                f"trace '{self.path}' keeps per-token routing; {what} is stored only by "
+                f"--store per-sample (compute it from Trace.topk)")
+
+    def topk_mean(self, sample_id: str) -> np.ndarray | None:
+        """float32 [L, E]: the top-k gate weights averaged over the prompt tokens, as the
+        worker computed them (per-sample traces only); None without prompt tokens."""
+        self._require_per_sample("the top-k mean")
+        return self._layer_matrix(sample_id, "topk_mean")
+
+    def topk_counts(self, sample_id: str) -> np.ndarray:
+        """int32 [L, E]: prompt tokens that had each expert in their top k (per-sample
+        traces only)."""
+        self._require_per_sample("the top-k histogram")
+        return self._layer_matrix(sample_id, "topk_counts")
 
     def router_probs(self, sample_id: str, completion: int = 0) -> np.ndarray:
         """float32 [T, L, E]: per-token full distributions (only with --store-probs)."""
+        self.require_per_token("Trace.router_probs")
         shard = self._routing_files[self._locate(sample_id, completion).shard]
         if "router_probs" not in store.shard_columns(self.path, shard):
             raise TraceFormatError(
@@ -240,22 +296,41 @@ class Trace:
 
     def iter_router_means(self, batch_size: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
         """Yield (sample ids, float32 [B, L, E]) over all samples, shard by shard."""
+        return self._iter_layer_means("router_mean", batch_size, "router means")
+
+    def iter_topk_means(self, batch_size: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Yield (sample ids, float32 [B, L, E] top-k gate-weight means over prompt tokens)
+        over all samples, shard by shard (per-sample traces only: a per-token trace's
+        are computed from :meth:`topk`)."""
+        self._require_per_sample("the top-k mean")
+        return self._iter_layer_means("topk_mean", batch_size, "prompt tokens")
+
+    def _iter_layer_means(self, name: str, batch_size: int,
+                          missing: str) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(sample ids, [B, L, E]) of column ``name``, completion 0, one shard at a time:
+        memory holds one shard's column, whatever the trace's size."""
         self._require_unique_records()
         shape = (self.num_layers, self.num_experts)
         for file in self._routing_files:
-            table = store.read_shard(self.path, file, ["sample_id", "completion", "router_mean"])
+            table = store.read_shard(self.path, file, ["sample_id", "completion", name])
             table = table.filter(pa.compute.equal(table["completion"], 0))
             for batch in table.to_batches(max_chunksize=batch_size):
-                means = batch.column("router_mean")
-                if means.null_count:
-                    raise TraceFormatError(f"'{file}' has samples without router means")
-                flat = means.flatten().flatten().to_numpy(zero_copy_only=False)
-                yield batch.column("sample_id").to_pylist(), flat.reshape(-1, *shape)
+                if batch.column(name).null_count:
+                    raise TraceFormatError(f"'{file}' has samples without {missing}")
+                yield (batch.column("sample_id").to_pylist(),
+                       store.layer_matrices(batch, name, shape))
 
     def router_means(self) -> tuple[list[str], np.ndarray]:
         """(sample ids, float32 [N, L, E]) for every sample, in trace order."""
+        return self._gather(self.iter_router_means())
+
+    def topk_means(self) -> tuple[list[str], np.ndarray]:
+        """(sample ids, float32 [N, L, E]) top-k means of every sample (per-sample traces)."""
+        return self._gather(self.iter_topk_means())
+
+    def _gather(self, batches) -> tuple[list[str], np.ndarray]:
         ids, means = [], []
-        for batch_ids, batch in self.iter_router_means():
+        for batch_ids, batch in batches:
             ids.extend(batch_ids)
             means.append(batch)
         empty = np.zeros((0, self.num_layers, self.num_experts), np.float32)
