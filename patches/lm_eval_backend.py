@@ -50,7 +50,6 @@ import dataclasses
 import gc
 import importlib
 import json
-import os
 import shutil
 import time
 from collections import Counter, deque
@@ -67,7 +66,7 @@ from ..tracer import checkpoints, scores, store
 from ..tracer.errors import CaptureError, InputError
 from ..tracer.writer import TraceWriter
 from .engine import tag
-from .options import EngineOptions, bind_cpu_threads
+from .options import EngineOptions, prepare_capture_environment
 from .settings import CONFIG_KEY, CaptureSettings
 
 BACKEND = "moepath-vllm"
@@ -165,12 +164,11 @@ class MoepathVLLM(_upstream.VLLM):
         if store.has_manifest(Path(trace_dir)):
             raise InputError(f"trace_dir '{trace_dir}' already holds a trace; pass a new or "
                              f"empty directory (this run's sample ids would repeat its own)")
-        bind_cpu_threads(int(kwargs.get("tensor_parallel_size", 1)))
+        prepare_capture_environment(int(kwargs.get("tensor_parallel_size", 1)))
         settings = CaptureSettings(dir=str(trace_dir), commit=True,
                                    flush_interval_s=1.0).with_run()
         additional = {**(kwargs.pop("additional_config", None) or {}),
                       CONFIG_KEY: settings.as_dict()}
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # capture wraps the V1 runner
         self.trace_dir = Path(trace_dir)
         self.traced: list[RequestTag] = []
         self._traced_ids: set[str] = set()

@@ -80,9 +80,8 @@ class EngineOptions:
         """Set what vLLM reads from the environment when this process starts an engine:
         the V1 model runner (the capture wraps it), the engine core's place
         (:meth:`place_engine_core`) and CPU thread binding (:func:`bind_cpu_threads`)."""
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # capture wraps the V1 runner
         self.place_engine_core()
-        bind_cpu_threads(self.tensor_parallel_size)
+        prepare_capture_environment(self.tensor_parallel_size)
 
     def llm_kwargs(self, model: str, settings: CaptureSettings | None) -> dict:
         """``vllm.LLM`` keyword arguments; ``settings=None`` gives the untraced twin."""
@@ -121,6 +120,14 @@ class TraceOptions:
     def __post_init__(self):
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, not {self.batch_size}")
+
+
+def prepare_capture_environment(tensor_parallel_size: int) -> None:
+    """What every traced engine this process starts needs from the environment, wherever
+    its engine core runs: the V1 model runner (the capture wraps it) and, on a CPU host
+    with tensor parallelism, cores of its own for each rank (:func:`bind_cpu_threads`)."""
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    bind_cpu_threads(tensor_parallel_size)
 
 
 def bind_cpu_threads(tensor_parallel_size: int) -> None:
