@@ -253,10 +253,15 @@ def test_docstring_examples_hold():
 
 
 @pytest.mark.parametrize("unit", ["char", "expert"])
-def test_encode_arrays_equals_encoding_pathways(unit):
+@pytest.mark.parametrize("count, layers, experts, keep", [
+    (20, 3, 12, 5),  # two-digit expert names
+    (5, 1, 1, 1),  # one layer of one expert
+    (30, 16, 128, 25),  # OLMoE's depth, three-digit names
+])
+def test_encode_arrays_equals_encoding_pathways(unit, count, layers, experts, keep):
     rng = np.random.default_rng(0)
-    experts = np.argsort(rng.random((20, 3, 12)), axis=-1)[..., :5]
-    lengths = rng.integers(1, 6, size=(20, 3))
+    lengths = rng.integers(1, keep + 1, size=(count, layers))
+    experts = np.argsort(rng.random((count, layers, experts)), axis=-1)[..., :keep]
     paths = [Pathway(tuple(tuple(row[:k]) for row, k in zip(rows, ks, strict=True)))
              for rows, ks in zip(experts.tolist(), lengths.tolist(), strict=True)]
     assert distance_module.encode_arrays(experts, lengths, unit) == [

@@ -71,12 +71,16 @@ def test_sampled_pair_interval_covers_the_true_pair_mean_at_the_nominal_rate():
     assert LOW <= rate <= HIGH, rate
 
 
-def test_pair_statistic_is_the_mean_over_distinct_samples_of_a_resample(monkeypatch):
-    """The resampled statistic, recomputed naively: pairs of positions of different samples."""
+@pytest.mark.parametrize("integer, divided", [(False, False), (True, False), (True, True)])
+def test_pair_statistic_is_the_mean_over_distinct_samples_of_a_resample(monkeypatch, integer,
+                                                                       divided):
+    """The resampled statistic, recomputed naively: pairs of positions of different samples,
+    each divided by the larger divisor of its two samples."""
     rng = np.random.default_rng(3)
-    d = rng.random((12, 12))
+    d = rng.integers(0, 40, (12, 12)).astype(float) if integer else rng.random((12, 12))
     d = d + d.T
     np.fill_diagonal(d, 0)
+    m = rng.integers(1, 5, 12).astype(float) if divided else np.ones(12)
     seen = []
     bootstrap = stats.bootstrap
 
@@ -86,15 +90,32 @@ def test_pair_statistic_is_the_mean_over_distinct_samples_of_a_resample(monkeypa
         return bootstrap(data, statistic, **kwargs)
 
     monkeypatch.setattr(intervals_module.stats, "bootstrap", spy)
-    pair_mean_interval(d, IntervalOptions(resamples=50))
+    pair_mean_interval(d, IntervalOptions(resamples=50), divisor=m if divided else None)
     [(index, values)] = seen
     for row, value in zip(index, values, strict=True):
-        naive = [d[a, b] for x, a in enumerate(row) for y, b in enumerate(row)
+        naive = [d[a, b] / max(m[a], m[b]) for x, a in enumerate(row) for y, b in enumerate(row)
                  if x != y and a != b]
-        assert value == pytest.approx(np.mean(naive))
+        assert value == pytest.approx(np.mean(naive), rel=1e-12)
     # every sample once: the observed mean over unordered pairs
     everyone = np.arange(12)[None]
     assert intervals_module._counts(everyone, 12).tolist() == [[1.0] * 12]
+
+
+def test_the_pair_statistic_of_edit_distances_does_not_depend_on_the_order_of_samples():
+    """Integer distances are summed exactly, so relabelling the samples (which reorders every
+    sum a float product would round) leaves each resample's statistic bit for bit the same."""
+    rng = np.random.default_rng(5)
+    n = 300
+    d = rng.integers(0, 900, (n, n)).astype(float)
+    d = np.triu(d, 1) + np.triu(d, 1).T
+    lengths = rng.integers(200, 901, n).astype(float)
+    index = rng.integers(0, n, size=(64, n))
+    perm = rng.permutation(n)
+    relabelled = np.argsort(perm)  # sample perm[k] of the original is sample k relabelled
+    mean = intervals_module._ResampledPairMean(d, lengths).statistic(index)
+    again = intervals_module._ResampledPairMean(d[np.ix_(perm, perm)], lengths[perm]).statistic(
+        relabelled[index])
+    assert mean.tolist() == again.tolist()
 
 
 def test_seeded_small_and_constant_groups():

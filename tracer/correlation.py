@@ -270,11 +270,17 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame, from_step: int | None
         if start is not None:
             mine = mine[mine["step"] >= start]
         series = {m: s.set_index("step")["value"] for m, s in mine.groupby("metric")}
+        score = scores_for_group(scores, group)
+        sizes = series.get(GROUP_SIZE, pd.Series(dtype=float))
+        control_values = pd.concat({c: series.get(c, pd.Series(dtype=float))
+                                    for c in controls}, axis=1) if controls else None
         for metric in names:  # every metric for every group: a missing one gets a note
             trajectory = series.get(metric, pd.Series(dtype=float))
-            score = scores_for_group(scores, group)
-            row = _correlation(group, str(metric), trajectory, score, start)
-            row |= _inference(row, _joined(trajectory, score), metric, controls, series)
+            joined = _joined(trajectory, score)
+            note = _why_not(str(metric), joined, trajectory.notna().any(), not score.empty,
+                            start)
+            row = _correlation(group, str(metric), joined, note)
+            row |= _inference(row, joined, metric, control_values, sizes)
             row["too_small"] = too_small(row["n"], row["group_size"], min_checkpoints,
                                          min_group_size)
             rows.append(row)
@@ -347,32 +353,43 @@ def too_few_checkpoints(steps, from_step: int | None = None) -> str | None:
 
 
 def _joined(trajectory: pd.Series, score: pd.Series) -> pd.DataFrame:
-    """Columns value and score at the steps where both have a number, by step."""
-    return pd.concat([trajectory.rename("value"), score.rename("score")], axis=1,
-                     join="inner").dropna().sort_index()
+    """Columns value and score at the steps where both have a number, by step (sorted).
+
+    Both series are indexed by step, each step once.
+    """
+    steps, mine, theirs = np.intersect1d(trajectory.index.to_numpy(), score.index.to_numpy(),
+                                         assume_unique=True, return_indices=True)
+    value, scored = trajectory.to_numpy(float)[mine], score.to_numpy(float)[theirs]
+    both = ~(np.isnan(value) | np.isnan(scored))
+    return pd.DataFrame({"value": value[both], "score": scored[both]},
+                        index=pd.Index(steps[both], name="step"))
 
 
-def _correlation(group: str, metric: str, trajectory: pd.Series, score: pd.Series,
-                 from_step: int | None) -> dict:
-    """One result row: the coefficients over the steps where both series have a number."""
-    joined = _joined(trajectory, score)
+def _correlation(group: str, metric: str, joined: pd.DataFrame, note: str | None) -> dict:
+    """One result row: the coefficients over the steps where both series have a number
+    (``joined``); NaN when ``note`` says why there are none."""
     x, y = joined["value"].to_numpy(float), joined["score"].to_numpy(float)
     row = {"group": group, "metric": metric, "n": len(joined),
            "first_step": int(joined.index[0]) if len(joined) else None,
            "last_step": int(joined.index[-1]) if len(joined) else None,
            "pearson": np.nan, "pearson_p": np.nan, "spearman": np.nan, "spearman_p": np.nan,
-           "note": _why_not(metric, x, y, trajectory.notna().any(), not score.empty, from_step)}
-    if row["note"] is None:
+           "note": note}
+    if note is None:
         pearson, spearman = stats.pearsonr(x, y), stats.spearmanr(x, y)
         row.update(pearson=float(pearson.statistic), pearson_p=float(pearson.pvalue),
                    spearman=float(spearman.statistic), spearman_p=float(spearman.pvalue))
     return row
 
 
-def _inference(row: dict, joined: pd.DataFrame, metric: str, controls: list[str],
-               series: dict[str, pd.Series]) -> dict:
-    """The "Statistics" columns of one row (NaN where its note says no correlation)."""
-    sizes = series.get(GROUP_SIZE, pd.Series(dtype=float)).reindex(joined.index)
+def _inference(row: dict, joined: pd.DataFrame, metric: str,
+               control_values: pd.DataFrame | None, sizes: pd.Series) -> dict:
+    """The "Statistics" columns of one row (NaN where its note says no correlation).
+
+    ``control_values``: the group's control metrics by step (one column each; None for no
+    control); ``sizes``: its ``n_samples`` by step.
+    """
+    controls = [] if control_values is None else list(control_values.columns)
+    sizes = sizes.reindex(joined.index)
     out = {"pearson_low": np.nan, "pearson_high": np.nan, "diff_pearson": np.nan,
            "diff_pearson_p": np.nan, "trend_p": np.nan, "trend_min_p": np.nan,
            "trend_q": np.nan, "partial": np.nan, "partial_p": np.nan,
@@ -387,8 +404,7 @@ def _inference(row: dict, joined: pd.DataFrame, metric: str, controls: list[str]
                    strict=True))
     out.update(trend_p=test.pvalue, trend_min_p=test.min_pvalue)
     if controls and metric not in controls:
-        both = joined.join(pd.concat({c: series.get(c, pd.Series(dtype=float))
-                                      for c in controls}, axis=1), how="inner").dropna()
+        both = joined.join(control_values, how="inner").dropna()
         out.update(zip(("partial", "partial_p"), partial_correlation(
             both["value"], both["score"], both[controls].to_numpy(float)), strict=True))
     return out
@@ -405,9 +421,11 @@ def _with_verdicts(frame: pd.DataFrame, alpha: float) -> pd.DataFrame:
     return frame
 
 
-def _why_not(metric: str, x: np.ndarray, y: np.ndarray, has_values: bool, has_scores: bool,
+def _why_not(metric: str, joined: pd.DataFrame, has_values: bool, has_scores: bool,
              from_step: int | None) -> str | None:
-    """Why no correlation can be computed on these points, or None when it can."""
+    """Why no correlation can be computed on these points (:func:`_joined`), or None when
+    it can."""
+    x, y = joined["value"].to_numpy(float), joined["score"].to_numpy(float)
     since = f" from step {from_step}" if from_step is not None else ""
     if not has_scores:
         return "no score applies to this group; give its scores or rows without a group"

@@ -167,7 +167,8 @@ class PairDistances:
         n_samples: n, the pathways of the group.
         matrix: float64 [n, n] raw distances (symmetric, zero diagonal) when every pair was
             compared and n <= ``_BLOCK`` (2000), else None.
-        normalized_matrix: ``matrix`` with each pair divided by its longer pathway's length.
+        lengths: float64 [n], each pathway's length in the unit, with ``matrix``: a pair's
+            normalised distance is its raw one over the longer length (at least 1).
         first, second, raw, normalized: int64 [P], int64 [P], float64 [P], float64 [P]:
             uniformly sampled pairs (i, j), i != j, and their distances, when ``matrix``
             is None: the pairs of a sampled estimate, or, for an exact group too large to
@@ -178,7 +179,7 @@ class PairDistances:
     summary: dict[str, DistanceResult]
     n_samples: int
     matrix: np.ndarray | None = None
-    normalized_matrix: np.ndarray | None = None
+    lengths: np.ndarray | None = None
     first: np.ndarray | None = None
     second: np.ndarray | None = None
     raw: np.ndarray | None = None
@@ -243,7 +244,8 @@ def encode_arrays(experts: np.ndarray, lengths: np.ndarray, unit: str = "char") 
     ``experts``: int [P, L, K], each layer's experts in rank order (only the first
     ``lengths[p, l]`` of row l count); ``lengths``: int [P, L], each >= 1. Equal to
     encoding ``Pathway`` objects of the same experts, without building them (the
-    random-routing baseline draws thousands per group).
+    random-routing baseline draws thousands per group), as one fixed-width unicode array
+    [P] built with numpy, so the cost does not grow with Python objects per expert.
 
     Example::
 
@@ -251,14 +253,38 @@ def encode_arrays(experts: np.ndarray, lengths: np.ndarray, unit: str = "char") 
         ['3,1-9']
     """
     check_choice("unit", unit, UNITS)
+    experts, lengths = np.asarray(experts), np.asarray(lengths)
+    count, layers, width = experts.shape
+    if count == 0:
+        return []
+    names, within, between = _expert_names(int(experts.max()) + 1, unit)
+    # Each expert slot fills w + 1 code points: its name, then its separator, padded with a
+    # filler code point that no name or separator uses; the filler is dropped at the end.
+    filler = 1 + max(ord(c) for c in "".join(names) + within + between)
+    within_code, between_code = (ord(c) if c else filler for c in (within, between))
+    w = max(map(len, names))
+    table = np.full((len(names), w + 1), filler, dtype=np.uint32)
+    for e, name in enumerate(names):
+        table[e, :len(name)] = [ord(c) for c in name]
+    rank = np.arange(width)
+    kept = rank < lengths[..., None]  # [P, L, K]
+    last_in_layer = rank == lengths[..., None] - 1
+    last_layer = (np.arange(layers) == layers - 1)[:, None]
+    codes = table[experts]  # [P, L, K, w + 1]
+    codes[..., w] = np.where(last_in_layer, np.where(last_layer, filler, between_code),
+                             within_code)
+    codes[~kept] = filler
+    text = codes.reshape(count, -1).view(f"U{layers * width * (w + 1)}")[:, 0].tolist()
+    pad = chr(filler)
+    return [t.replace(pad, "") for t in text]
+
+
+def _expert_names(num_experts: int, unit: str) -> tuple[list[str], str, str]:
+    """(each expert's name, the within-layer and the between-layer separator) of
+    ``unit``'s encoding, as :func:`_encode` writes it."""
     if unit == "char":
-        names, within, between = [str(e) for e in range(int(experts.max()) + 1)], ",", "-"
-    else:
-        names = [chr(e - SEPARATOR) for e in range(int(experts.max()) + 1)]
-        within, between = "", chr(0)  # SEPARATOR's code point, as in _encode
-    tokens = np.asarray(names, dtype=object)[experts].tolist()  # [P][L][K] strings
-    return [between.join([within.join(row[:k]) for row, k in zip(rows, ks, strict=True)])
-            for rows, ks in zip(tokens, lengths.tolist(), strict=True)]
+        return [str(e) for e in range(num_experts)], ",", "-"
+    return [chr(e - SEPARATOR) for e in range(num_experts)], "", chr(0)  # SEPARATOR's code
 
 
 def per_layer_distance(
@@ -337,7 +363,7 @@ def _summarise(
 
 
 def _matrix(texts: list[str], lengths: np.ndarray, workers: int) -> PairDistances:
-    """All pairs of a group that fits one block, keeping the [n, n] matrices."""
+    """All pairs of a group that fits one block, keeping the [n, n] distance matrix."""
     n = len(texts)
     # Passing the same list twice lets rapidfuzz compute one triangle and mirror it.
     d = process.cdist(texts, texts, scorer=Levenshtein.distance, dtype=np.int32,
@@ -347,7 +373,7 @@ def _matrix(texts: list[str], lengths: np.ndarray, workers: int) -> PairDistance
     # Symmetric with a zero diagonal: the sum counts each pair twice (as in _exact).
     summary = {key: DistanceResult(0.5 * float(m.sum()) / total, 0.0, total, True, n)
                for key, m in (("none", d), ("max", normalized))}
-    return PairDistances(summary, n, matrix=d, normalized_matrix=normalized)
+    return PairDistances(summary, n, matrix=d, lengths=lengths)
 
 
 def _exact(texts: list[str], lengths: np.ndarray, workers: int) -> dict[str, DistanceResult]:

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -94,32 +95,62 @@ def mean_interval(values, options: IntervalOptions, stream: int = 0) -> Interval
     return _bootstrap((x,), _mean, options, stream)
 
 
-def pair_mean_interval(matrix: np.ndarray, options: IntervalOptions,
-                       stream: int = 0) -> Interval | None:
-    """Interval of the mean over unordered pairs i != j of a symmetric ``matrix`` [n, n].
+def pair_mean_interval(matrix: np.ndarray, options: IntervalOptions, stream: int = 0,
+                       divisor: np.ndarray | None = None) -> Interval | None:
+    """Interval of the mean over unordered pairs i != j of a symmetric ``matrix`` [n, n],
+    each pair divided by ``max(divisor[i], divisor[j])`` when ``divisor`` [n] is given.
 
     The diagonal is ignored. None with fewer than :data:`MIN_SAMPLES` samples or
-    ``options.resamples == 0``. See the module docstring for the resampled statistic.
+    ``options.resamples == 0``. See the module docstring for the resampled statistic and
+    :class:`_ResampledPairMean` for how it is computed (exactly, for edit distances).
     """
     n = len(matrix)
     if n < MIN_SAMPLES or options.resamples == 0:
         return None
-    # float32 halves the cost of the [B, n] x [n, n] products (the bulk of compare's added
-    # time); its ~1e-6 relative rounding is far inside any interval's width.
-    d = np.array(matrix, dtype=np.float32)
-    np.fill_diagonal(d, 0.0)
-    off = d[~np.eye(n, dtype=bool)]
-    if np.ptp(off) == 0:
-        return Interval(float(off[0]), float(off[0]))
+    form = _ResampledPairMean(np.asarray(matrix, dtype=np.float64),
+                     np.ones(n) if divisor is None else np.asarray(divisor, dtype=np.float64))
+    if form.constant is not None:  # every resample has the same mean; BCa would return NaN
+        return Interval(form.constant, form.constant)
+    return _bootstrap((np.arange(n),), form.statistic, options, stream)
 
-    def statistic(index: np.ndarray, axis: int = -1) -> np.ndarray:
-        counts = _counts(index, n).astype(np.float32)  # [B, n], small exact integers
-        pairs = counts.sum(1, dtype=np.float64) ** 2 - np.einsum("bi,bi->b", counts, counts,
-                                                                  dtype=np.float64)
-        quadratic = np.einsum("bi,bi->b", counts @ d, counts, dtype=np.float64)
-        return (quadratic / pairs).reshape(index.shape[:-1])
 
-    return _bootstrap((np.arange(n),), statistic, options, stream)
+class _ResampledPairMean:
+    """The resampled pair mean of a matrix D [n, n] with per-sample divisors m [n].
+
+    With c [B, n] the draw counts of B resamples, the statistic of resample b is
+    sum_{i != j} c_i c_j D_ij / max(m_i, m_j) over sum_{i != j} c_i c_j. Samples are put
+    in order of m (ties by position) and each unordered pair is credited to the later
+    of its two samples, whose m is the pair's divisor:
+
+        numerator = 2 sum_v (1 / v) sum_{i: m_i = v} c_i (c @ U)_i,
+
+    U the strict upper triangle of D in that order. For integer D (edit distances) every
+    product and sum inside the brackets is an integer computed exactly (float32 while
+    n * max D < 2**24, else float64), so the statistic does not depend on the BLAS
+    kernel or thread count, and the products run on one BLAS thread (many small products
+    lose more to waiting for a busy second core than they gain).
+    """
+
+    def __init__(self, matrix: np.ndarray, divisor: np.ndarray) -> None:
+        n = len(matrix)
+        self.order = np.argsort(divisor, kind="stable")
+        sorted_divisor = divisor[self.order]
+        upper = np.triu(matrix[np.ix_(self.order, self.order)], 1)
+        exact32 = np.array_equal(upper, np.rint(upper)) and n * upper.max() < 2**24
+        self.upper = upper.astype(np.float32 if exact32 else np.float64)
+        self.starts = np.flatnonzero(np.r_[True, np.diff(sorted_divisor) != 0])
+        self.weights = 1.0 / sorted_divisor[self.starts]  # [V], one per distinct divisor
+        ratios = (matrix / np.maximum.outer(divisor, divisor))[~np.eye(n, dtype=bool)]
+        self.constant = float(ratios[0]) if np.ptp(ratios) == 0 else None
+
+    def statistic(self, index: np.ndarray, axis: int = -1) -> np.ndarray:
+        counts = _counts(index, len(self.order))[:, self.order]  # [B, n], small integers
+        with _one_blas_thread():
+            before = counts.astype(self.upper.dtype) @ self.upper  # [B, n]
+        per_level = np.add.reduceat(counts * before.astype(np.float64), self.starts, axis=1)
+        numerator = 2.0 * (per_level * self.weights).sum(1)
+        pairs = counts.sum(1) ** 2 - np.einsum("bi,bi->b", counts, counts)
+        return (numerator / pairs).reshape(index.shape[:-1])
 
 
 def sampled_pair_mean_interval(first: np.ndarray, second: np.ndarray, values: np.ndarray,
@@ -146,6 +177,18 @@ def sampled_pair_mean_interval(first: np.ndarray, second: np.ndarray, values: np
     batch = max(1, (1 << 22) // max(len(v), 1))  # [batch, P] arrays of 4M values (32 MiB)
     return _bootstrap((np.arange(n_samples),), statistic, options, stream,
                       method="percentile", batch=min(batch, _BATCH))
+
+
+@functools.cache
+def _blas_threads():
+    from threadpoolctl import ThreadpoolController  # scans the loaded BLAS libraries once
+
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    """A context in which numpy's BLAS runs on one thread (restored on exit)."""
+    return _blas_threads().limit(limits=1, user_api="blas")
 
 
 def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -297,7 +297,8 @@ def _distance_intervals(pairs: PairDistances, intervals: IntervalOptions) -> dic
     """distance_ci_* and normalized_distance_ci_* from the pair distances of the group."""
     if pairs.matrix is not None:
         raw = pair_mean_interval(pairs.matrix, intervals, stream=1)
-        normalized = pair_mean_interval(pairs.normalized_matrix, intervals, stream=2)
+        normalized = pair_mean_interval(pairs.matrix, intervals, stream=2,
+                                        divisor=np.maximum(pairs.lengths, 1))
     else:
         sampled = (pairs.first, pairs.second)
         raw = sampled_pair_mean_interval(*sampled, pairs.raw, pairs.n_samples, intervals, 1)
