@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from ..tracer.errors import InputError
+from ..tracer.intervals import MIN_SAMPLES
 from . import options as o
 from . import render
 
@@ -57,9 +58,12 @@ def metrics(
     if as_json:
         render.print_json(_payload(options, groups))
     else:
-        render.stdout.print(_group_table(trace_dir, options, groups))
+        tables = [_group_table(trace_dir, options, groups), _sharing_table(options, groups),
+                  _consistency_table(options, groups), _controls_table(options, groups)]
         if layers:
-            render.stdout.print(_layer_table(options, groups))
+            tables += [_layer_table(options, groups), _cosine_table(groups)]
+        for i, table in enumerate(tables):
+            render.stdout.print(*[""] if i else [], table, sep="\n")
     _notices(groups, [str(w.message) for w in caught], seed)
     if frame is not None:
         _write_frame(frame, per_sample)
@@ -116,6 +120,55 @@ def _group_table(trace_dir: Path, options, groups):
     return _compact(result)
 
 
+def _sharing_table(options, groups):
+    """Distance with its interval, against random routing of the same pathway lengths."""
+    rows = [[escape(g.name), _interval(g.distance_ci_low, g.distance_ci_high),
+             _with_error(g.baseline_distance, g.baseline_distance_stderr),
+             _value(g.excess_sharing, 3),
+             _interval(g.normalized_distance_ci_low, g.normalized_distance_ci_high),
+             _value(g.baseline_normalized_distance)] for g in groups]
+    ci = f"{options.level:.0%} CI"
+    result = render.table("distance against random routing",
+                          ["group", f"distance\n{ci}", "random\nrouting", "excess\nsharing",
+                           f"/ max\n{ci}", "random\n/ max"], rows)
+    result.caption = (f"CI: bootstrap over samples ({_intervals_note(options)}); random "
+                      "routing: the expected distance of pathways with the group's lengths "
+                      "per layer and random experts (± simulation error); excess sharing: "
+                      "1 - distance / random routing, 0 = no more shared than chance")
+    return _compact(result)
+
+
+def _consistency_table(options, groups):
+    """Metric 2 robustly: its interval, median, trimmed mean, and where it breaks down."""
+    rows = [[escape(g.name), *(["n/a"] * 5 if _no_consistency(g) else [
+        g.consistency_mean, _interval(g.consistency_ci_low, g.consistency_ci_high),
+        g.consistency_median, g.consistency_trimmed_mean, g.nonpositive_cosine_share])]
+        for g in groups]
+    result = render.table("consistency, robustly",
+                          ["group", "mean", f"{options.level:.0%} CI", "median",
+                           "trimmed\nmean", "max cos\n<= 0"], rows)
+    result.caption = ("trimmed mean: 10% cut from each end; max cos <= 0: share of samples "
+                      "whose largest consecutive-layer cosine is <= 0, where the mean "
+                      "explodes")
+    return _compact(result)
+
+
+def _controls_table(options, groups):
+    """What the metrics move with: pathway length, routing entropy, router norm."""
+    rows = [[escape(g.name), g.mean_pathway_length,
+             _interval(g.pathway_length_ci_low, g.pathway_length_ci_high),
+             _value(g.routing_entropy),
+             _interval(g.routing_entropy_ci_low, g.routing_entropy_ci_high),
+             _value(g.router_norm)] for g in groups]
+    ci = f"{options.level:.0%} CI"
+    result = render.table("controls", ["group", "experts\n/ path", ci, "routing\nentropy",
+                                       ci, "router\nnorm"], rows)
+    result.caption = ("routing entropy: mean over samples and layers of the entropy of the "
+                      "routing distribution (nats); router norm: mean L2 norm of the router "
+                      "rows, a property of the checkpoint")
+    return _compact(result)
+
+
 def _layer_table(options, groups):
     depth = max((len(g.per_layer_distance or []) for g in groups), default=0)
     rows = [[layer, *("n/a" if g.per_layer_distance is None else g.per_layer_distance[layer]
@@ -128,10 +181,50 @@ def _layer_table(options, groups):
     return _compact(result)
 
 
+def _cosine_table(groups):
+    depth = max((len(g.per_layer_cosine or []) for g in groups), default=0)
+    rows = [[f"{layer}-{layer + 1}", *("n/a" if not g.per_layer_cosine
+                                       else g.per_layer_cosine[layer] for g in groups)]
+            for layer in range(depth)]
+    title = "per-layer cosine of layers l and l+1 (group mean)"
+    result = render.table(title, ["layers", *(escape(g.name) for g in groups)], rows)
+    result.min_width = len(title)
+    for column in result.columns[1:]:
+        column.overflow = "fold"
+    return _compact(result)
+
+
 def _compact(table):
-    """No outer border or edge padding: eight columns fit an 80-column terminal."""
-    table.show_edge, table.pad_edge = False, False
+    """No outer border or edge padding: eight columns fit an 80-column terminal; the caption
+    reads from the left, as the title does."""
+    table.show_edge, table.pad_edge, table.caption_justify = False, False, "left"
     return table
+
+
+def _no_consistency(group) -> bool:
+    return group.degenerate or group.consistency_mean is None
+
+
+def _value(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else render.fmt(value, digits)
+
+
+def _interval(low: float | None, high: float | None) -> str:
+    """``[low, high]`` to 3 significant digits, "n/a" without an interval."""
+    if low is None or high is None:
+        return "n/a"
+    return f"[{render.fmt(low, 3)}, {render.fmt(high, 3)}]"
+
+
+def _with_error(value: float | None, error: float | None) -> str:
+    return "n/a" if value is None else f"{render.fmt(value)} ± {error:.1g}"
+
+
+def _intervals_note(options) -> str:
+    if options.resamples == 0:
+        return "none: --resamples 0"
+    return (f"BCa, {options.resamples} resamples, seed {options.seed}; none for groups of "
+            f"fewer than {MIN_SAMPLES} samples")
 
 
 def _estimate(mean: float | None, stderr: float | None, exact: bool) -> str:

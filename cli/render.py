@@ -67,9 +67,11 @@ def table(title: str, columns: list[str], rows: list[list]) -> Table:
     return result
 
 
-def fmt(value) -> str:
+def fmt(value, digits: int = 4) -> str:
+    """A number for a table: ``digits`` significant digits, or whole with thousands
+    separators from 10,000 on (no exponent)."""
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
     return str(value)
 
 

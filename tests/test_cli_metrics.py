@@ -69,6 +69,18 @@ def assert_same_group(entry: dict, expected):
         assert entry[key] == pytest.approx(getattr(expected, key), rel=1e-9, abs=1e-12), key
 
 
+def sections(stdout: str) -> dict[str, list[str]]:
+    """The tables of `moepath metrics`' human output (separated by blank lines), by title."""
+    blocks = [block.splitlines() for block in stdout.split("\n\n") if block.strip()]
+    return {block[0].strip(): block[1:] for block in blocks}
+
+
+def row_of(lines: list[str], name: str) -> list[str]:
+    """The cells of the body row named ``name``."""
+    [row] = [line for line in lines if line.split("│")[0].strip() == name]
+    return [cell.strip() for cell in row.split("│")]
+
+
 def test_json_equals_group_metrics(trace_dir, trace):
     result = moepath("metrics", trace_dir, "--json")
     assert result.returncode == 0, result.stderr
@@ -107,6 +119,43 @@ def test_json_carries_intervals_baseline_controls_and_robust_consistency(tmp_pat
     assert len(entry["per_layer_cosine"]) == 3 and entry["router_norm"] > 0
 
 
+def test_table_shows_intervals_random_routing_robust_consistency_and_controls(tmp_path):
+    samples = {f"s{i}": ("math", 1000, 6 + i % 3, 6) for i in range(14)}  # >= MIN_SAMPLES
+    trace_dir = write_synthetic_trace(tmp_path / "trace", samples=samples, seed=3)
+    result = moepath("metrics", trace_dir, "--layers", "--level", "0.9")
+    assert result.returncode == 0, result.stderr
+    assert max(map(len, result.stdout.splitlines())) <= 80
+    trace = Trace.open(trace_dir)
+    m = group_metrics("all", trace.router_means()[1], trace.router_weights(),
+                      MetricOptions(level=0.9))
+    tables = sections(result.stdout)
+
+    def interval(metric: str) -> str:
+        low, high = getattr(m, f"{metric}_ci_low"), getattr(m, f"{metric}_ci_high")
+        return f"[{low:.3g}, {high:.3g}]"
+
+    assert row_of(tables["distance against random routing"], "all") == [
+        "all", interval("distance"), f"{m.baseline_distance:.4g} ± "
+        f"{m.baseline_distance_stderr:.1g}", f"{m.excess_sharing:.3g}",
+        interval("normalized_distance"), f"{m.baseline_normalized_distance:.4g}"]
+    assert row_of(tables["consistency, robustly"], "all") == [
+        "all", f"{m.consistency_mean:.4g}", interval("consistency"),
+        f"{m.consistency_median:.4g}", f"{m.consistency_trimmed_mean:.4g}",
+        f"{m.nonpositive_cosine_share:.4g}"]
+    assert row_of(tables["controls"], "all") == [
+        "all", f"{m.mean_pathway_length:.4g}", interval("pathway_length"),
+        f"{m.routing_entropy:.4g}", interval("routing_entropy"), f"{m.router_norm:.4g}"]
+    cosines = tables["per-layer cosine of layers l and l+1 (group mean)"]
+    assert [row_of(cosines, f"{layer}-{layer + 1}")[1] for layer in range(3)] == [
+        f"{c:.4g}" for c in m.per_layer_cosine]
+    assert "90% CI" in " ".join(tables["controls"])
+
+    unresampled = sections(moepath("metrics", trace_dir, "--resamples", "0").stdout)
+    sharing = unresampled["distance against random routing"]
+    assert row_of(sharing, "all")[1] == "n/a" and row_of(sharing, "all")[2] != "n/a"
+    assert "none: --resamples 0" in " ".join(sharing)
+
+
 def test_group_by_domain_sampled_pairs_and_a_group_of_one(trace_dir, trace):
     result = moepath("metrics", trace_dir, "--group-by", "domain", "--unit", "expert",
                      "--normalize", "max", "--pairs", "3", "--seed", "5", "--json")
@@ -136,9 +185,9 @@ def test_table_with_layers_and_per_sample_csv(trace_dir, trace, tmp_path):
     result = moepath("metrics", trace_dir, "--group-by", "domain", "--layers", "--tau", "0.5",
                      "--per-sample", out)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert max(map(len, lines)) <= 80
-    rows = {line.split()[0]: line for line in lines if line.split()[:1] in (["bio"], ["code"])}
+    assert max(map(len, result.stdout.splitlines())) <= 80
+    metrics_table = next(iter(sections(result.stdout).values()))  # the first: the metrics
+    rows = {name: "│".join(row_of(metrics_table, name)) for name in ("bio", "code")}
     assert "n/a" in rows["bio"] and "n/a" not in rows["code"]
     code = group_metrics("code", trace.router_means()[1][domain_rows(trace, "code")],
                          trace.router_weights(), MetricOptions(tau=0.5))
@@ -226,8 +275,11 @@ def test_group_names_sharing_a_prefix_are_shown_whole_at_80_columns(tmp_path):
     result = moepath("metrics", trace_dir, "--group-by", "task", "--layers")
     assert result.returncode == 0, result.stderr
     assert "…" not in result.stdout
-    rows = [line.split()[0] for line in result.stdout.splitlines() if "│" in line]
-    assert [row for row in rows if row.startswith("moepath")] == names
+    tables = sections(result.stdout)
+    for title, lines in tables.items():
+        if not title.startswith("per-layer"):  # those name the groups in the header
+            rows = [line.split()[0] for line in lines if "│" in line]
+            assert [row for row in rows if row.startswith("moepath")] == names, title
     layer_header = next(line for line in result.stdout.splitlines() if line.startswith("layer"))
     assert all(name in layer_header for name in names)
 
