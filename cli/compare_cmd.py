@@ -21,8 +21,9 @@ def compare(
              "named by step (step1000, checkpoint-2000, ...).")],
     samples: o.Samples,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
-    scores: Annotated[Path | None, typer.Option(help="CSV: checkpoint, score[, group]: "
-                      "accuracy measured elsewhere, for correlations.")] = None,
+    scores: Annotated[Path | None, typer.Option(
+        help="CSV: checkpoint, score[, group][, val_loss]: accuracy measured elsewhere, for "
+             "correlations; a validation loss gets a correlation row of its own.")] = None,
     *,
     analysis: o.CompareOptions,
     read: o.SampleReadOptions,

@@ -22,8 +22,8 @@ def watch(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (traces, "
                    "metrics, report, status.json).")],
     scores: Annotated[Path | None, typer.Option(
-        help="Evaluation log, read again on every update: CSV checkpoint,score[,group] or "
-             "JSON lines with step, score[, group].")] = None,
+        help="Evaluation log, read again on every update: CSV checkpoint,score[,group]"
+             "[,val_loss] or JSON lines with step, score[, group, val_loss].")] = None,
     pattern: Annotated[str | None, typer.Option(
         help="Regular expression for other checkpoint folder names (whole name; group 1: "
              "the step, else trainer_state.json's global_step).")] = None,

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import TEST_MEMORY, files_of, write_jsonl
+from scipy import stats
 from test_cli_trace import assert_one_line_error, dense_checkpoint, moepath
 from test_metrics import SAMPLES, write_synthetic_trace
 from test_store import make_record, write_trace
@@ -23,6 +24,7 @@ from moepath.tracer import Trace, report, store
 from moepath.tracer import checkpoints as ckpt
 from moepath.tracer import compare as cmp
 from moepath.tracer.errors import InputError, MetricError, ModelError
+from moepath.tracer.memorisation import parse_memorised_group
 from moepath.tracer.metrics import MetricOptions, trace_metrics
 from moepath.tracer.samples import read_samples
 
@@ -511,6 +513,76 @@ def test_checkpoint_rows_of_a_large_group_have_intervals_around_the_value():
             assert low <= value <= high, (group, metric)
     assert frame["ci_low"].notna().sum() == 2 * len(with_ci)
     assert len(layer_rows) == 2 * (4 + 3)  # per group: 4 layer distances, 3 layer-pair cosines
+
+
+SETTLES = {"m0": 100, "m1": 200, "m2": 300, "m3": 500}  # step from which the loss is 0.2
+
+
+def staggered_run(root) -> list[ckpt.Checkpoint]:
+    """Six checkpoints (steps 100-600) at which m0-m3 settle at loss 0.2 from their SETTLES
+    step on (3.0 before); every other sample stays at 3.0."""
+    found = []
+    for seed, step in enumerate(range(100, 700, 100)):
+        nll = [0.2 if step >= SETTLES.get(sid, 10**6) else 3.0 for sid in SAMPLES]
+        write_synthetic_trace(root / "traces" / f"step{step}", 4, SAMPLES, seed,
+                              columns={"nll": nll})
+        found.append(ckpt.Checkpoint(f"step{step}", root / f"step{step}", step))
+    return found
+
+
+def staggered_scores(root, val_loss: bool = False):
+    path = root / "scores.csv"
+    path.write_text("checkpoint,score" + (",val_loss" if val_loss else "") + "\n" + "".join(
+        f"step{step},{score}" + (f",{loss}" if val_loss else "") + "\n"
+        for step, score, loss in zip(range(100, 700, 100), (0.1, 0.2, 0.4, 0.5, 0.7, 0.8),
+                                     (3.0, 2.5, 2.4, 2.0, 1.9, 1.95), strict=True)))
+    return path
+
+
+@pytest.mark.parametrize(("options", "pooled", "members", "first_step"), [
+    # 5 checkpoints from the cut: S = 200 (100 with --all-checkpoints: correlated from 100)
+    ({}, "t*<=200", ["m0", "m1"], 200),
+    ({"from_t_star": False}, "t*<=200", ["m0", "m1"], 100),
+    ({"min_checkpoints": 3}, "t*<=400", ["m0", "m1", "m2"], 400),
+    ({"from_step": 300, "min_checkpoints": 3}, "t*<=400", ["m0", "m1", "m2"], 400),
+    ({"group_by": "domain"}, "t*<=200/math", ["m0", "m1"], 200),
+])
+def test_the_pooled_memorised_group_is_every_sample_memorised_by_the_cut(tmp_path, options,
+                                                                        pooled, members,
+                                                                        first_step):
+    """docs/method.md "Memorisation and groups": t*<=S holds the samples memorised at or
+    before S, the step leaving --min-checkpoints checkpoints, and is correlated from S on."""
+    result = cmp.analyse(staggered_run(tmp_path), tmp_path / "traces", cmp.CompareOptions(
+        epsilon=0.5, scores=staggered_scores(tmp_path), **options))
+    assert result.memorisation.t_star.dropna().to_dict() == SETTLES
+    groups = list(dict.fromkeys(result.metrics["group"]))
+    assert groups[-1] == pooled  # after the t*=N groups
+    assert groups[-1 - len(SETTLES):-1] == [
+        g + ("/math" if "group_by" in options else "") for g in
+        ("t*=100", "t*=200", "t*=300", "t*=500")]
+    sizes = result.metrics[(result.metrics.group == pooled)
+                           & (result.metrics.metric == "n_samples")]["value"]
+    assert set(sizes) == {len(members)}
+    cut, _ = parse_memorised_group(pooled)
+    assert sorted(sid for sid, t_star in SETTLES.items() if t_star <= cut) == members
+    row = result.correlations[(result.correlations.group == pooled)
+                              & (result.correlations.metric == "distance")].iloc[0]
+    assert (row.first_step, row.last_step) == (first_step, 600)
+
+
+def test_a_validation_loss_in_the_scores_gets_a_correlation_row_and_a_report_column(tmp_path):
+    result = cmp.analyse(staggered_run(tmp_path), tmp_path / "traces", cmp.CompareOptions(
+        epsilon=0.5, scores=staggered_scores(tmp_path, val_loss=True)))
+    report.write_outputs(tmp_path / "out", result, command="")
+    rows = result.correlations[result.correlations.metric == "val_loss"].set_index("group")
+    assert list(rows.index) == list(dict.fromkeys(result.metrics["group"]))  # every group
+    assert rows.loc["all", "pearson"] == pytest.approx(stats.pearsonr(
+        [3.0, 2.5, 2.4, 2.0, 1.9, 1.95], [0.1, 0.2, 0.4, 0.5, 0.7, 0.8]).statistic)
+    assert (rows.loc["t*=300", "first_step"], rows.loc["t*=300", "n"]) == (300, 4)
+    assert "validation loss" in result.table1.index
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| checkpoint | step | group | score | validation loss |" in text
+    assert "| step600 | 600 | (all) | 0.8 | 1.95 |" in text
 
 
 def test_memorised_only_with_no_memorised_sample_is_an_error_naming_the_thresholds(tmp_path):

@@ -15,6 +15,7 @@ from moepath.tracer.correlation import (
     CORRELATION_COLUMNS,
     TABLE1_ROWS,
     TOO_SMALL_CELL,
+    VALIDATION_LOSS,
     correlate,
     read_scores,
     table1,
@@ -205,7 +206,8 @@ def test_metrics_frame_is_validated():
 def test_table1_layout():
     layout = table1(correlate(metrics_frame(), scores_frame(), from_step=200, min_checkpoints=3,
                               min_group_size=1))
-    assert layout.index.tolist() == list(TABLE1_ROWS.values())
+    assert layout.index.tolist() == [label for metric, label in TABLE1_ROWS.items()
+                                     if metric != "val_loss"]  # no validation loss given
     assert layout.index.name == "metric"
     assert layout.columns.tolist() == ["math", "code"]
     pearson = stats.pearsonr(TRAJECTORIES["math"]["distance"][2:], SCORE[2:]).statistic
@@ -315,8 +317,8 @@ def test_bad_thresholds_are_refused():
         correlate(metrics_frame(), scores_frame(), min_checkpoints=0)
 
 
-def test_table1_rows_are_metric_names():
-    assert set(TABLE1_ROWS) <= set(METRIC_NAMES)
+def test_table1_rows_are_metric_names_or_the_scores_validation_loss():
+    assert set(TABLE1_ROWS) <= {*METRIC_NAMES, VALIDATION_LOSS}
 
 
 def write(tmp_path, text: str):
@@ -332,6 +334,50 @@ def test_read_scores(tmp_path):
     assert scores.to_dict("list") == {"checkpoint": ["step0", "step100", "step200"],
                                       "step": [0, 100, 200], "group": ["math", "math", None],
                                       "score": [0.1, 0.2, 0.3]}
+
+
+def test_read_scores_with_a_validation_loss_column(tmp_path):
+    path = write(tmp_path, "checkpoint,score,eval_loss\nstep0,0.1,2.5\nstep100,0.2,\n")
+    scores = read_scores(path, CHECKPOINTS)
+    assert scores["score"].tolist() == [0.1, 0.2]
+    assert scores["val_loss"].tolist()[0] == 2.5 and np.isnan(scores["val_loss"].tolist()[1])
+    assert read_scores(path, CHECKPOINTS).equals(scores)  # idempotent on its own output
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("checkpoint,score,val_loss\nstep0,0.1,low\nstep100,0.2,inf\nstep200,0.3,\n",
+     r"has a non-numeric or infinite val_loss on line\(s\) \[2, 3\]; pass a finite number "
+     "or leave it empty$"),
+    ("checkpoint,score,val_loss,eval_loss\nstep0,0.1,2,2\n",
+     "has both val_loss and eval_loss; keep one validation-loss column$"),
+])
+def test_read_scores_refuses_a_bad_validation_loss(tmp_path, text, message):
+    with pytest.raises(InputError, match=message):
+        read_scores(write(tmp_path, text), CHECKPOINTS)
+
+
+def test_a_validation_loss_is_correlated_with_the_score_and_never_too_small_a_group():
+    steps = range(6)
+    metrics = pd.DataFrame([{"checkpoint": f"c{s}", "step": s, "group": "tiny", "metric": m,
+                             "value": v} for s in steps
+                            for m, v in (("n_samples", 3), ("distance", 10.0 - s % 4))])
+    val_loss = [3.0, 2.5, 2.4, 2.0, 1.9, 1.95]
+    scores = pd.DataFrame({"checkpoint": [f"c{s}" for s in steps],
+                           "score": [0.1, 0.2, 0.4, 0.5, 0.7, 0.8], "val_loss": val_loss})
+    rows = correlate(metrics, scores).set_index("metric")
+    assert list(rows.index) == ["distance", "val_loss"]  # the validation loss last
+    expected = stats.pearsonr(val_loss, scores["score"])
+    assert rows.loc["val_loss", "pearson"] == pytest.approx(expected.statistic, rel=1e-12)
+    assert rows.loc["val_loss", "n"] == 6 and np.isnan(rows.loc["val_loss", "group_size"])
+    assert rows.loc["val_loss", "too_small"] is None
+    assert rows.loc["distance", "too_small"] == "group too small (3 < 20 samples)"
+    layout = table1(correlate(metrics, scores))
+    assert list(layout.index) == ["pathway distance", "normalised distance",
+                                  "pathway consistency", "training loss", "validation loss"]
+    assert layout.loc["validation loss", "tiny"] == (
+        f"{expected.statistic:.3f} / {stats.spearmanr(val_loss, scores['score'])[0]:.3f}")
+    without = table1(correlate(metrics, scores.drop(columns="val_loss")))
+    assert "validation loss" not in without.index
 
 
 def test_read_scores_names_unknown_checkpoints_and_lists_known_ones(tmp_path):

@@ -171,6 +171,18 @@ def test_scores_of_checkpoints_not_traced_yet_are_left_out(tmp_path, name, text)
     assert evallog.known_scores(tmp_path / name, {"x": 5}, tmp_path / "none.csv") == 0
 
 
+@pytest.mark.parametrize(("name", "text"), [
+    ("log.csv", "step,score,eval_loss\n100,0.1,2.5\n200,0.2,\n"),
+    ("log.jsonl", '{"step": 100, "score": 0.1, "eval_loss": 2.5}\n{"step": 200, "score": 0.2}\n'),
+])
+def test_a_validation_loss_in_the_evaluation_log_is_kept(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    known = {"checkpoint-100": 100, "checkpoint-200": 200}
+    assert evallog.known_scores(tmp_path / name, known, tmp_path / "seen.csv") == 2
+    assert (tmp_path / "seen.csv").read_text() == (
+        "checkpoint,score,val_loss\ncheckpoint-100,0.1,2.5\ncheckpoint-200,0.2,\n")
+
+
 def test_a_bad_json_line_in_the_scores_is_named(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"step": 1, "score": 2}\n{"loss": 3}\n')
     with pytest.raises(InputError, match="log.jsonl' line 2: not a JSON object with 'step'"):

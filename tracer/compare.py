@@ -36,6 +36,8 @@ from .memorisation import (
     memorisation_groups,
     memorise,
     parse_memorised_group,
+    pooled_groups,
+    pooled_step,
 )
 from .metrics import (
     ALL_GROUP,
@@ -93,8 +95,10 @@ def load_checkpoint_data(trace: Trace, source: str = "full") -> CheckpointData:
 
 
 def sample_groups(sample_ids: list[str], memorisation: MemorisationResult,
-                  field: pd.Series | None) -> dict[str, list[int]]:
-    """Group name -> row indices: ``all``, each field value, and each memorised group."""
+                  field: pd.Series | None, pooled_from: int | None = None) -> dict[str, list[int]]:
+    """Group name -> row indices: ``all``, each field value, each memorised group ``t*=N``
+    and, given ``pooled_from`` (S, see ``memorisation.pooled_step``), the pooled group
+    ``t*<=S`` of every sample memorised at or before S (one per field value with a field)."""
     groups: dict[str, list[int]] = {ALL: list(range(len(sample_ids)))}
     labels = {}
     if field is not None:
@@ -102,8 +106,10 @@ def sample_groups(sample_ids: list[str], memorisation: MemorisationResult,
         for value in sorted(set(labels.values())):
             groups[value] = [i for i, s in enumerate(sample_ids) if labels[s] == value]
     memorised = memorisation_groups(memorisation.t_star, field).reindex(sample_ids)
-    for name in sorted({g for g in memorised if isinstance(g, str)}, key=_group_order):
-        groups[name] = [i for i, g in enumerate(memorised) if g == name]
+    pooled = pooled_groups(memorisation.t_star, pooled_from, field).reindex(sample_ids)
+    for names in (memorised, pooled):
+        for name in sorted({g for g in names if isinstance(g, str)}, key=_group_order):
+            groups[name] = [i for i, g in enumerate(names) if g == name]
     return groups
 
 
@@ -212,9 +218,12 @@ class CompareOptions:
     ``group_by``, a quantile is taken per value of that field (docs/method.md: epsilon per
     domain), else over all samples. ``memorised_only``: report
     memorised groups only (the paper's protocol), else ``all``, the ``group_by``
-    values and the memorised groups. ``from_step``: correlate from this step on.
-    ``from_t_star``: correlate each memorised group ``t*=N`` from step N on (or from
-    ``from_step`` if later), not over the checkpoints before its samples were memorised.
+    values and the memorised groups. The memorised groups are ``t*=N`` and the pooled
+    ``t*<=S`` (every sample memorised by step S, S leaving ``min_checkpoints`` checkpoints
+    from ``from_step`` on; docs/method.md "Memorisation and groups"). ``from_step``:
+    correlate from this step on. ``from_t_star``: correlate each memorised group ``t*=N``
+    (``t*<=N``) from step N on (or from ``from_step`` if later), not over the checkpoints
+    before its samples were memorised.
     ``min_checkpoints`` / ``min_group_size``: correlations over fewer checkpoints, or of a
     group of fewer samples, are computed but flagged ``too_small`` and never headlined
     (docs/method.md, "Statistics"). ``control``: the metric(s) each correlation is also
@@ -350,10 +359,11 @@ def analyse(found: list[Checkpoint], traces_dir: Path,
     if options.memorised_only and memorisation.fraction_memorised == 0:
         raise InputError(f"no sample is memorised ({memorisation.thresholds()}); raise "
                          f"--epsilon or drop --memorised-only")
+    pooled_from = pooled_step(step_of.values(), options.from_step, options.min_checkpoints)
     rows, layer_rows, sample_frames = [], [], []
     for name, trace in traces.items():
         data = load_checkpoint_data(trace, options.metrics.source)
-        groups = sample_groups(data.sample_ids, memorisation, field)
+        groups = sample_groups(data.sample_ids, memorisation, field, pooled_from)
         if options.memorised_only:
             groups = {g: rows_ for g, rows_ in groups.items() if parse_memorised_group(g)}
         metric_rows, layer_rows_ = checkpoint_tables(name, step_of[name], data, groups,

@@ -13,7 +13,10 @@ Scores are one per checkpoint (columns checkpoint, score), or one per checkpoint
 and group (plus a group column). A metrics group takes the scores of the same
 name, else those of its label (``t*=1000/math`` takes ``math``'s: the paper
 correlates memorised groups with their domain's accuracy), else the rows with
-an empty group, which apply to every group.
+an empty group, which apply to every group. A scores file may also carry the
+run's validation loss (column ``val_loss``, or ``eval_loss`` as the Hugging Face
+Trainer logs it): it is correlated with the score like a metric (row ``val_loss``,
+"validation loss" in Table 1), the standard monitor a pathway metric is read against.
 
 Example::
 
@@ -70,7 +73,11 @@ TABLE1_ROWS = {
     "normalized_distance": "normalised distance",
     "consistency": "pathway consistency",
     "loss": "training loss",
+    "val_loss": "validation loss",
 }
+# The optional scores column of the validation loss (read_scores), and the names it may have.
+VALIDATION_LOSS = "val_loss"
+VALIDATION_LOSS_NAMES = (VALIDATION_LOSS, "eval_loss")
 # Bookkeeping rows of the metrics frame, not trajectories to correlate.
 NOT_CORRELATED = ("n_samples", "distance_stderr")
 GROUP_SIZE = "n_samples"  # the metric holding a group's number of samples per checkpoint
@@ -85,16 +92,20 @@ _METRIC_COLUMNS = ("checkpoint", "step", "group", "metric", "value")
 
 
 def read_scores(path: str | Path, known_checkpoints: dict[str, int]) -> pd.DataFrame:
-    """A scores CSV (checkpoint, score, optional group), validated against the checkpoints.
+    """A scores CSV (checkpoint, score, optional group and val_loss), validated against the
+    checkpoints.
 
     ``checkpoint`` holds a checkpoint name or step. Returns columns checkpoint (the
-    name), step, group (None for rows that apply to every group), score (float).
+    name), step, group (None for rows that apply to every group), score (float), and
+    val_loss (float, NaN where a row has none) when the file has a :data:`VALIDATION_LOSS`
+    (or ``eval_loss``) column.
 
     Raises:
         InputError: the file is missing or not CSV, a row has more fields than the
-            header, a column is missing, a score is not a finite number, a checkpoint is
-            unknown (the message lists the known ones), or a checkpoint and group appear
-            twice.
+            header, a column is missing, a score is not a finite number, a validation loss
+            is neither empty nor a finite number, both val_loss and eval_loss are given, a
+            checkpoint is unknown (the message lists the known ones), or a checkpoint and
+            group appear twice.
     """
     path = Path(path)
     if not path.is_file():
@@ -146,8 +157,30 @@ def resolve_scores(scores: pd.DataFrame, known_checkpoints: dict[str, int],
                              "step": [known_checkpoints[n] for n in names],
                              "group": [_group_or_none(g) for g in groups],
                              "score": score.astype(float).to_numpy()})
+    loss = _validation_loss(scores, what)
+    if loss is not None:
+        resolved[VALIDATION_LOSS] = loss
     _check_unique(resolved, what)
     return resolved
+
+
+def _validation_loss(scores: pd.DataFrame, what: str) -> np.ndarray | None:
+    """float64 [rows] of the validation-loss column (NaN where empty), None without one."""
+    given = [c for c in VALIDATION_LOSS_NAMES if c in scores.columns]
+    if len(given) > 1:
+        raise InputError(f"{what} has both {' and '.join(given)}; keep one validation-loss "
+                         "column")
+    if not given:
+        return None
+    raw = scores[given[0]]
+    empty = raw.isna() | (raw.astype(str).str.strip() == "")
+    loss = pd.to_numeric(raw.where(~empty), errors="coerce").astype(float)
+    bad = ~empty & ~np.isfinite(loss)
+    if bad.any():
+        lines = (np.flatnonzero(bad) + 2).tolist()[:5]  # +2: header, 1-based
+        raise InputError(f"{what} has a non-numeric or infinite {given[0]} on line(s) "
+                         f"{lines}; pass a finite number or leave it empty")
+    return loss.to_numpy()
 
 
 def _checkpoint_names(values: pd.Series, known: dict[str, int], what: str) -> list[str]:
@@ -187,8 +220,9 @@ def _check_unique(scores: pd.DataFrame, what: str) -> None:
                          "checkpoint (and group)")
 
 
-def scores_for_group(scores: pd.DataFrame, group: str) -> pd.Series:
-    """The resolved ``scores`` that apply to ``group``, indexed by step (empty if none).
+def scores_for_group(scores: pd.DataFrame, group: str, column: str = "score") -> pd.Series:
+    """``column`` of the resolved ``scores`` that apply to ``group``, indexed by step (empty
+    if none): the score, or :data:`VALIDATION_LOSS`.
 
     Lookup order: rows of the group itself, rows of its label (``t*=1000/math`` ->
     ``math``), rows without a group.
@@ -200,7 +234,7 @@ def scores_for_group(scores: pd.DataFrame, group: str) -> pd.Series:
             break
     else:
         rows = scores[scores["group"].isna()]
-    return rows.set_index("step")["score"].sort_index()
+    return rows.set_index("step")[column].sort_index()
 
 
 def _memorised_label(group: str) -> str | None:
@@ -222,12 +256,15 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame, from_step: int | None
     Args:
         metrics: long frame with columns checkpoint, step, group, metric, value; a
             group's ``n_samples`` rows give its size.
-        scores: columns checkpoint (name or step), score, optional group; or
-            :func:`read_scores`'s output.
+        scores: columns checkpoint (name or step), score, optional group and
+            :data:`VALIDATION_LOSS`; or :func:`read_scores`'s output. With a validation
+            loss, each group also gets a row ``val_loss``: the validation loss of the
+            scores that apply to it against its score (never flagged for group size).
         from_step: keep only checkpoints at or after this step (the start of the
             sustained rise of accuracy); None keeps all.
-        from_t_star: correlate a memorised group ``t*=N`` only from step N on (the
-            checkpoints after its samples are memorised), or from ``from_step`` if later.
+        from_t_star: correlate a memorised group ``t*=N`` (or pooled ``t*<=N``) only from
+            step N on (the checkpoints after its samples are memorised), or from
+            ``from_step`` if later.
         control: metric name(s) of the frame (e.g. ``pathway_length``) to partial out,
             each taken from the same group; several are partialled out jointly. None:
             no partial correlation.
@@ -238,7 +275,7 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame, from_step: int | None
 
     Returns:
         One row per (group, metric) in the metrics' order (bookkeeping metrics
-        :data:`NOT_CORRELATED` left out), columns :data:`CORRELATION_COLUMNS`: n
+        :data:`NOT_CORRELATED` left out; ``val_loss`` last), columns :data:`CORRELATION_COLUMNS`: n
         (checkpoints with both a value and a score), first_step and last_step of
         those, the coefficients with their two-sided p-values, and a note saying
         why they are NaN (too few points, a constant series), else None. Then:
@@ -263,6 +300,8 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame, from_step: int | None
     scores = resolve_scores(scores, checkpoint_steps(metrics))  # idempotent on read_scores'
     values = metrics.assign(value=pd.to_numeric(metrics["value"], errors="coerce"))
     names = [m for m in dict.fromkeys(metrics["metric"]) if m not in NOT_CORRELATED]
+    validation = VALIDATION_LOSS in scores.columns and scores[VALIDATION_LOSS].notna().any()
+    names += [VALIDATION_LOSS] if validation else []
     rows = []
     for group in map(str, dict.fromkeys(metrics["group"])):
         start = _first_step(group, from_step, from_t_star)
@@ -270,6 +309,9 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame, from_step: int | None
         if start is not None:
             mine = mine[mine["step"] >= start]
         series = {m: s.set_index("step")["value"] for m, s in mine.groupby("metric")}
+        if validation:  # a trajectory of the run, not of the group: never too small a group
+            loss = scores_for_group(scores, group, VALIDATION_LOSS)
+            series[VALIDATION_LOSS] = loss[loss.index >= start] if start is not None else loss
         score = scores_for_group(scores, group)
         sizes = series.get(GROUP_SIZE, pd.Series(dtype=float))
         control_values = pd.concat({c: series.get(c, pd.Series(dtype=float))
@@ -280,7 +322,8 @@ def correlate(metrics: pd.DataFrame, scores: pd.DataFrame, from_step: int | None
             note = _why_not(str(metric), joined, trajectory.notna().any(), not score.empty,
                             start)
             row = _correlation(group, str(metric), joined, note)
-            row |= _inference(row, joined, metric, control_values, sizes)
+            row |= _inference(row, joined, metric, control_values,
+                              sizes if metric != VALIDATION_LOSS else sizes.iloc[:0])
             row["too_small"] = too_small(row["n"], row["group_size"], min_checkpoints,
                                          min_group_size)
             rows.append(row)
@@ -451,7 +494,8 @@ def _is_constant(values: np.ndarray) -> bool:
 def table1(correlations: pd.DataFrame) -> pd.DataFrame:
     """:func:`correlate`'s rows laid out like the paper's Table 1.
 
-    Rows: the :data:`TABLE1_ROWS` labels (index ``metric``); columns: groups in
+    Rows: the :data:`TABLE1_ROWS` labels (index ``metric``; validation loss only when
+    ``correlations`` has it); columns: groups in
     order of appearance; cells ``"pearson / spearman"`` with 3 decimals, ``n/a``
     for a coefficient that could not be computed (see the row's note), and
     :data:`TOO_SMALL_CELL` for one computed over too few checkpoints or too small a
@@ -461,9 +505,11 @@ def table1(correlations: pd.DataFrame) -> pd.DataFrame:
     cells = {(r.group, r.metric): TOO_SMALL_CELL if isinstance(r.too_small, str)
              and r.note is None else f"{_fmt(r.pearson)} / {_fmt(r.spearman)}"
              for r in correlations.itertuples()}
+    metrics = [m for m in TABLE1_ROWS  # the validation loss only where the scores have one
+               if m != VALIDATION_LOSS or (correlations["metric"] == VALIDATION_LOSS).any()]
     table = pd.DataFrame(
-        [[cells.get((group, metric), "n/a / n/a") for group in groups] for metric in TABLE1_ROWS],
-        index=pd.Index(list(TABLE1_ROWS.values()), name="metric"), columns=groups)
+        [[cells.get((group, metric), "n/a / n/a") for group in groups] for metric in metrics],
+        index=pd.Index([TABLE1_ROWS[m] for m in metrics], name="metric"), columns=groups)
     return table
 
 

@@ -1,9 +1,10 @@
 """A training job's evaluation log as scores for ``moepath watch``: read again on every
 update, so that correlations appear as evaluations arrive.
 
-The log is a CSV (``checkpoint,score[,group]``, as ``compare --scores`` takes) or JSON
-lines (``{"step": 200, "score": 0.41, "group": "math"}``; ``checkpoint`` may stand
-for ``step``), with ``.jsonl`` / ``.json`` / ``.ndjson`` read as JSON lines. A row
+The log is a CSV (``checkpoint,score[,group][,val_loss]``, as ``compare --scores``
+takes) or JSON lines (``{"step": 200, "score": 0.41, "group": "math", "val_loss": 2.3}``;
+``checkpoint`` may stand for ``step``, ``eval_loss`` for ``val_loss``), with ``.jsonl`` /
+``.json`` / ``.ndjson`` read as JSON lines. A row
 may name a checkpoint by folder name or step. Rows for checkpoints not traced yet
 (the evaluation ran first) or never (another run's) are left out here, not refused:
 :func:`known_scores` keeps the rows of the traced checkpoints, in the CSV layout that
@@ -17,14 +18,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from .correlation import VALIDATION_LOSS, VALIDATION_LOSS_NAMES
 from .errors import InputError
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
-COLUMNS = ["checkpoint", "score", "group"]
+COLUMNS = ["checkpoint", "score", "group", VALIDATION_LOSS]
 
 
 def read_log(path: str | Path) -> pd.DataFrame:
-    """The log's rows as strings, columns checkpoint, score, group ("" where absent).
+    """The log's rows as strings, columns checkpoint, score, group, val_loss ("" where
+    absent; a CSV's ``eval_loss`` is read as val_loss).
 
     Raises:
         InputError: the file is missing, a JSON line does not parse or has no
@@ -48,6 +51,8 @@ def read_log(path: str | Path) -> pd.DataFrame:
     if "checkpoint" not in frame.columns:
         raise InputError(f"scores file '{path}' has no checkpoint (or step) column; pass "
                          f"columns checkpoint, score and optionally group")
+    if VALIDATION_LOSS not in frame.columns:
+        frame = frame.rename(columns={"eval_loss": VALIDATION_LOSS})
     return frame.reindex(columns=COLUMNS, fill_value="")
 
 
@@ -61,8 +66,10 @@ def _json_row(path: Path, number: int, line: str) -> dict:
     if key is None:
         raise InputError(f"scores file '{path}' line {number}: not a JSON object with "
                          f"'step' (or 'checkpoint') and 'score'; fix the line")
+    loss = next((record[k] for k in VALIDATION_LOSS_NAMES if record.get(k) is not None), "")
     return {"checkpoint": str(record[key]), "score": str(record.get("score", "")),
-            "group": "" if record.get("group") is None else str(record["group"])}
+            "group": "" if record.get("group") is None else str(record["group"]),
+            VALIDATION_LOSS: str(loss)}
 
 
 def known_scores(path: str | Path, known: dict[str, int], dest: str | Path) -> int:
@@ -79,8 +86,7 @@ def known_scores(path: str | Path, known: dict[str, int], dest: str | Path) -> i
     kept = frame.assign(checkpoint=names)[[name is not None for name in names]]
     if kept.empty:
         return 0
-    if not (kept["group"] != "").any():
-        kept = kept.drop(columns="group")
+    kept = kept.drop(columns=[c for c in ("group", VALIDATION_LOSS) if not (kept[c] != "").any()])
     kept.to_csv(dest, index=False)
     return len(kept)
 

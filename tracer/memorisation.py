@@ -43,8 +43,10 @@ import pandas as pd
 from .errors import InputError, MetricError
 from .metrics import label_names
 
-# Memorised groups are named "t*=<step>" or "t*=<step>/<label>" (memorised_group_name).
+# Memorised groups are named "t*=<step>" or "t*=<step>/<label>" (memorised_group_name);
+# the pooled group "t*<=<step>" or "t*<=<step>/<label>" (pooled_group_name).
 MEMORISED_PREFIX = "t*="
+POOLED_PREFIX = "t*<="
 DEFAULT_DELTA = 0.05
 DEFAULT_QUANTILE = 0.25
 # Slack of both comparisons, so a loss exactly on a decimal boundary counts as within it.
@@ -318,16 +320,54 @@ def memorised_group_name(t_star: int, label: str | None = None) -> str:
     return name if label is None else f"{name}/{label}"
 
 
+def pooled_group_name(step: int, label: str | None = None) -> str:
+    """The pooled group: every sample memorised at or before ``step`` (with ``label``).
+
+    ``pooled_group_name(300) == "t*<=300"``, ``pooled_group_name(300, "math") ==
+    "t*<=300/math"``.
+    """
+    name = f"{POOLED_PREFIX}{step}"
+    return name if label is None else f"{name}/{label}"
+
+
+def pooled_step(steps, from_step: int | None, min_checkpoints: int) -> int | None:
+    """S of the pooled group ``t*<=S`` (docs/method.md "Memorisation and groups"): the
+    step that leaves ``min_checkpoints`` of the checkpoints at ``steps`` from ``from_step``
+    on, or the first of them when there are fewer; None when none is left.
+
+    >>> pooled_step([0, 100, 200, 300, 400, 500, 600], None, 5), pooled_step([0, 100], None, 5)
+    (200, 0)
+    """
+    kept = sorted(s for s in steps if from_step is None or s >= from_step)
+    if not kept:
+        return None
+    return kept[-min_checkpoints] if len(kept) >= min_checkpoints else kept[0]
+
+
+def pooled_groups(t_star: pd.Series, step: int | None,
+                  extra: pd.Series | None = None) -> pd.Series:
+    """Pooled group of each sample memorised at or before ``step`` (:func:`pooled_group_name`,
+    per label of ``extra`` as in :func:`memorisation_groups`), None for the others."""
+    labels = ([None] * len(t_star) if extra is None
+              else label_names(extra.reindex(t_star.index)).tolist())
+    names = [None if step is None or pd.isna(t) or t > step else pooled_group_name(step, label)
+             for t, label in zip(t_star, labels, strict=True)]
+    return pd.Series(names, index=t_star.index, name="group", dtype=object)
+
+
 def parse_memorised_group(name: str) -> tuple[int, str | None] | None:
-    """(t*, label) of a :func:`memorised_group_name`, None for any other group name.
+    """(step, label) of a memorised or pooled group name, None for any other group name:
+    ``step`` is the step from which every sample of the group is memorised.
 
     ``parse_memorised_group("t*=1000/math") == (1000, "math")``,
-    ``parse_memorised_group("t*=1000") == (1000, None)``, ``parse_memorised_group("math")``
+    ``parse_memorised_group("t*=1000") == (1000, None)``,
+    ``parse_memorised_group("t*<=1000") == (1000, None)``, ``parse_memorised_group("math")``
     is None.
     """
-    if not name.startswith(MEMORISED_PREFIX):
+    prefix = next((p for p in (MEMORISED_PREFIX, POOLED_PREFIX) if name.startswith(p)), None)
+    if prefix is None:
         return None
-    step, slash, label = name.removeprefix(MEMORISED_PREFIX).partition("/")
+    step, slash, label = name.removeprefix(prefix).partition("/")
     if not step.isdigit():
         return None
     return int(step), (label if slash else None)

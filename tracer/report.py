@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .correlation import check_metrics_frame, checkpoint_steps, resolve_scores, table1
+from .correlation import (
+    VALIDATION_LOSS,
+    check_metrics_frame,
+    checkpoint_steps,
+    resolve_scores,
+    table1,
+)
 from .errors import MetricError
 from .memorisation import MemorisationResult, memorised_group_name
 
@@ -282,7 +288,9 @@ def _correlation_section(correlations: pd.DataFrame | None, scores: pd.DataFrame
     rows = [[metric, *cells] for metric, cells in zip(layout.index, layout.to_numpy().tolist(),
                                                       strict=True)]
     lines += ["Pearson / Spearman of each metric against the score over checkpoints "
-              "(the paper's Table 1 layout). `too small`: over too few checkpoints or a group "
+              "(the paper's Table 1 layout; a validation loss in the scores file gets its "
+              "own row, the monitor a pathway metric is read against). `too small`: over "
+              "too few checkpoints or a group "
               "of too few samples (`--min-checkpoints`, `--min-group-size`) to be a finding; "
               "its numbers are in the Details.", "",
               *_table(["metric", *map(str, layout.columns)], rows), "",
@@ -294,13 +302,21 @@ def _correlation_section(correlations: pd.DataFrame | None, scores: pd.DataFrame
               *_table(list(_DETAIL_COLUMNS),
                       [_correlation_row(row) for row in correlations.itertuples()])]
     if scores is not None:
-        resolved = resolve_scores(scores, checkpoint_steps(metrics)).sort_values(
-            ["step", "group"], na_position="first")
-        lines += ["", "### Scores", "", *_table(
-            ["checkpoint", "step", "group", "score"],
-            [[r.checkpoint, str(r.step), r.group or "(all)", f"{r.score:g}"]
-             for r in resolved.itertuples()])]
+        lines += ["", "### Scores", "", *_scores_table(
+            resolve_scores(scores, checkpoint_steps(metrics)))]
     return lines
+
+
+def _scores_table(scores: pd.DataFrame) -> list[str]:
+    """The resolved scores by step, with the validation loss where the file has one."""
+    scores = scores.sort_values(["step", "group"], na_position="first")
+    validation = VALIDATION_LOSS in scores.columns
+    header = ["checkpoint", "step", "group", "score", *(["validation loss"] if validation else [])]
+    rows = [[r.checkpoint, str(r.step), r.group or "(all)", f"{r.score:g}",
+             *([_MISSING if pd.isna(loss) else f"{loss:g}"] if validation else [])]
+            for r, loss in zip(scores.itertuples(), scores.get(VALIDATION_LOSS, scores["score"]),
+                               strict=True)]
+    return _table(header, rows)
 
 
 def _correlation_row(row) -> list[str]:

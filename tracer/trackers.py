@@ -69,15 +69,18 @@ def check_available(names: tuple[str, ...]) -> None:
 
 def metric_name(metric: str, group: str) -> str:
     """The stable name of a metric of a group in every tracker: ``moepath/<metric>/<group>``,
-    the group made safe for MLflow (``t*=N`` -> ``t_star_N``; other characters outside
-    letters, digits, ``_-./`` and space -> ``_``)::
+    the group made safe for MLflow (``t*=N`` -> ``t_star_N``, ``t*<=N`` -> ``t_star_le_N``;
+    other characters outside letters, digits, ``_-./`` and space -> ``_``)::
 
         >>> metric_name("distance", "t*=200/math")
         'moepath/distance/t_star_200/math'
+        >>> metric_name("distance", "t*<=200")
+        'moepath/distance/t_star_le_200'
         >>> metric_name("loss", "(missing)")
         'moepath/loss/_missing_'
     """
-    return f"moepath/{metric}/{_UNSAFE.sub('_', group.replace('t*=', 't_star_'))}"
+    safe = group.replace("t*<=", "t_star_le_").replace("t*=", "t_star_")
+    return f"moepath/{metric}/{_UNSAFE.sub('_', safe)}"
 
 
 def pending_rows(metrics: pd.DataFrame, sent: dict[str, float]) -> dict[int, dict[str, float]]:
