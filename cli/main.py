@@ -43,6 +43,10 @@ for module in (trace_cmd, merge_cmd, metrics_cmd, show_cmd, compare_cmd, watch_c
 def main() -> None:
     # vLLM's INFO lines would bury the progress display; VLLM_LOGGING_LEVEL=INFO restores them
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # A parent that uses W&B (a training script starting `moepath watch`) passes its service
+    # in WANDB_SERVICE. moepath's run must not live in it: killed, moepath would leave its
+    # run open there, and every restart would fail with "run ID ... is in use".
+    os.environ.pop("WANDB_SERVICE", None)
     try:
         app()
     except (MoepathError, OSError) as exc:

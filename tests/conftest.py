@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,18 @@ def files_of(directory: Path) -> dict[str, bytes]:
     refused command shows that the command left the directory untouched."""
     return {str(path.relative_to(directory)): path.read_bytes()
             for path in sorted(Path(directory).rglob("*")) if path.is_file()}
+
+
+def sigkill_when(command: list[str], predicate, timeout: float = 300.0) -> None:
+    """Start ``command`` and SIGKILL it and its engine process once ``predicate()`` holds (or
+    after ``timeout`` s, or when it exits first): a crash or an OOM kill, with no cleanup."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def standard_records(n: int = 40) -> list[dict]:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from moepath.cli.main import interrupted_message
+from moepath.cli.main import interrupted_message, main
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -70,3 +70,13 @@ def test_sigint_to_moepath_trace_exits_130_telling_to_resume(tmp_path):
             os.close(writer)
     assert process.returncode == 130
     assert stderr.strip().splitlines()[-1] == interrupted_message(["trace"])
+
+
+def test_a_w_and_b_service_inherited_from_the_parent_is_not_joined(monkeypatch):
+    """moepath's W&B run lives in a service of its own: one inherited from a training script
+    would keep the run of a killed moepath open, and refuse its restart ("is in use")."""
+    monkeypatch.setenv("WANDB_SERVICE", "3-12345-tcp-localhost-40000")
+    monkeypatch.setattr(sys, "argv", ["moepath", "--help"])
+    with pytest.raises(SystemExit):
+        main()
+    assert "WANDB_SERVICE" not in os.environ

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TEST_MEMORY, files_of, write_jsonl
+from conftest import TEST_MEMORY, files_of, sigkill_when, write_jsonl
 from scipy import stats
 from test_cli_trace import assert_one_line_error, dense_checkpoint, moepath
 from test_metrics import SAMPLES, write_synthetic_trace
@@ -330,17 +327,6 @@ def _trace_state(trace_dir) -> tuple[str | None, int]:
     return manifest["status"], sum(entry["rows"] for entry in manifest["shards"]["samples"])
 
 
-def _kill_when(command, predicate, timeout=300.0) -> None:
-    """Start ``command`` and SIGKILL it (and its engine process) once ``predicate()`` holds."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.time() + timeout
-    while not predicate() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
 @pytest.mark.vllm
 def test_compare_killed_between_and_within_checkpoints_resumes_to_the_uninterrupted_result(
         compared, tmp_path):
@@ -352,11 +338,11 @@ def test_compare_killed_between_and_within_checkpoints_resumes_to_the_uninterrup
     traces = out / "traces"
 
     # first kill: as soon as checkpoint 1 is complete (between checkpoints)
-    _kill_when(command, lambda: _trace_state(traces / "step100")[0] == "complete")
+    sigkill_when(command, lambda: _trace_state(traces / "step100")[0] == "complete")
     assert _trace_state(traces / "step100")[0] == "complete"
     assert _trace_state(traces / "step300") == (None, 0)
     # second kill: checkpoint 2 half traced (within a checkpoint)
-    _kill_when(command, lambda: _trace_state(traces / "step200")[1] >= 16)
+    sigkill_when(command, lambda: _trace_state(traces / "step200")[1] >= 16)
     status, done = _trace_state(traces / "step200")
     assert status != "complete" and 16 <= done < 43, "the kill must land inside step200"
 

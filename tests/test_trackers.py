@@ -6,7 +6,11 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -106,6 +110,9 @@ def wandb_values(out) -> dict[tuple[str, int], float]:
 
 
 def mlflow_values(out) -> dict[tuple[str, int], float]:
+    """(metric, step) -> last value of the run in the file store (which MLflow 3 opens only
+    with MLFLOW_ALLOW_FILE_STORE, as the sink sets it in the process that logged)."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads((out / trackers.LEDGER).read_text())["runs"]["mlflow"]
@@ -163,4 +170,38 @@ def test_trackers_read_back_equal_metrics_parquet_and_nothing_is_sent_twice(tmp_
         trackers.TRACKERS, 1)
     assert json.loads((out / trackers.LEDGER).read_text())["runs"] == runs
     changed.to_parquet(out / "metrics.parquet", index=False)
+    assert_trackers_equal_metrics(out)
+
+
+# A process that logs to every tracker and is then killed (SIGKILL: no close, no finish).
+_LOG_AND_DIE = """
+import os, signal, sys
+import pandas as pd
+from moepath.tracer import trackers
+log = trackers.TrackerLog(sys.argv[1], trackers.TRACKERS)
+log.log(pd.read_parquet(sys.argv[1] + "/metrics.parquet"))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_values_a_killed_process_sent_but_wandb_had_not_stored_are_sent_again(tmp_path):
+    """TensorBoard and MLflow store a value when it is flushed; W&B's service only when its
+    run is finished, so a killed watch's W&B values count as unsent and a restart sends
+    them again, into the same runs."""
+    found = synthetic_run(tmp_path, layers=4)
+    out = tmp_path / "out"
+    analysis = cmp.analyse(found, tmp_path / "traces", cmp.CompareOptions())
+    report.write_outputs(out, analysis, command="")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    killed = subprocess.run([sys.executable, "-c", _LOG_AND_DIE, str(out)], env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ledger = json.loads((out / trackers.LEDGER).read_text())
+    assert set(ledger["sent"]) == {"tensorboard", "mlflow"}  # stored before the kill
+    assert set(ledger["runs"]) == {"wandb", "mlflow"}  # both runs continue after it
+
+    counts = trackers.log_metrics(out, analysis.metrics, trackers.TRACKERS)
+    assert counts == {"tensorboard": 0, "wandb": len(analysis.metrics), "mlflow": 0}
+    assert json.loads((out / trackers.LEDGER).read_text())["runs"] == ledger["runs"]
     assert_trackers_equal_metrics(out)

@@ -16,7 +16,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import TEST_MEMORY, write_jsonl
+from conftest import TEST_MEMORY, sigkill_when, write_jsonl
 from test_trackers import assert_trackers_equal_metrics
 
 from moepath.fixtures.toy import corpus
@@ -353,7 +353,8 @@ def committed(trace_dir) -> int:
 
 
 @pytest.mark.vllm
-def test_stopped_restarted_rotated_and_retried_every_checkpoint_is_traced_once(watched):
+def test_stopped_killed_restarted_rotated_and_retried_every_checkpoint_is_traced_once(
+        watched):
     run, out = watched["run"], watched["out"]
     # --once while checkpoint-300 stays broken: nothing to trace, no engine, still failed
     result = subprocess.run(watch_command(watched, "--once"), capture_output=True, text=True)
@@ -381,14 +382,24 @@ def test_stopped_restarted_rotated_and_retried_every_checkpoint_is_traced_once(w
     done = committed(out / "traces" / "checkpoint-400")
     assert 8 <= done < 48
 
-    # rotation deletes checkpoint-100; checkpoint-300 is fixed; --once --retry finishes
+    # rotation deletes checkpoint-100; checkpoint-300 is fixed; a --retry watch traces it
+    # and is SIGKILLed (a crash, an OOM kill: no cleanup) half way into checkpoint-400
     shutil.rmtree(run / "checkpoint-100")
     shutil.copy(watched["toys"][2] / "model.safetensors", run / "checkpoint-300")
-    result = subprocess.run(watch_command(watched, "--once", "--retry"), capture_output=True,
-                            text=True)
+    sigkill_when(watch_command(watched, "--retry"),
+                 lambda: committed(out / "traces" / "checkpoint-400") >= done + 8)
+    killed = json.loads((out / "status.json").read_text())
+    assert killed["state"] == "watching"  # as the killed process left it
+    assert killed["checkpoints"]["checkpoint-300"]["state"] == "done"
+    assert killed["checkpoints"]["checkpoint-400"]["state"] == "tracing"
+    resumed = committed(out / "traces" / "checkpoint-400")
+    assert done + 8 <= resumed < 48, "the kill must land inside checkpoint-400"
+
+    # --once finishes: checkpoint-300 is not traced again, checkpoint-400 resumes
+    result = subprocess.run(watch_command(watched, "--once"), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming: {done} sample(s) already traced" in result.stderr
-    assert "traced now: checkpoint-300, checkpoint-400" in result.stderr
+    assert f"resuming: {resumed} sample(s) already traced" in result.stderr
+    assert "traced now: checkpoint-400" in result.stderr
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished"
     assert {n: (c["state"], c["deleted"]) for n, c in status["checkpoints"].items()} == {
@@ -400,5 +411,6 @@ def test_stopped_restarted_rotated_and_retried_every_checkpoint_is_traced_once(w
     metrics = pd.read_parquet(out / "metrics.parquet")
     assert sorted(metrics["checkpoint"].unique()) == [
         "checkpoint-100", "checkpoint-200", "checkpoint-300", "checkpoint-400"]
+    assert not metrics.duplicated(["checkpoint", "group", "metric"]).any()
     assert "correlations skipped" not in (out / "report.md").read_text()
     assert_trackers_equal_metrics(out)

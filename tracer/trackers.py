@@ -14,8 +14,12 @@ teams watch their runs, through each tracker's own client.
   (``mlflow ui --backend-store-uri OUT/mlruns``).
 
 Idempotent across restarts: ``OUT/trackers.json`` records every value each tracker
-was sent and the W&B and MLflow run ids, so a restarted watch continues the same
-runs and sends only rows it has not sent. A value that changed is sent again at
+has stored and the W&B and MLflow run ids, so a restarted watch continues the same
+runs and sends only rows it has not stored. A value counts as stored once it is on
+disk: TensorBoard's and MLflow's when they are written (flushed), W&B's only when
+its run is finished (wandb's service buffers the run file), i.e. when the watch
+exits; after a crash (SIGKILL) a restart sends them again, so W&B may hold a value
+twice at one step (the same value). A value that changed is sent again at
 the same step: the memorised groups (``t*=N``) are defined by the final loss, so
 their values at earlier checkpoints change as checkpoints arrive; trackers show the
 last value sent for a step, and keep the series of a memorised group that a later
@@ -117,29 +121,42 @@ class TrackerLog:
         self._ledger = (json.loads(self._ledger_path.read_text())
                         if self._ledger_path.exists() else {})
         self._sinks: dict[str, object] = {}
+        # values sent to a sink that stores them only on close: name -> {metric@step: value}
+        self._unstored: dict[str, dict[str, float]] = {}
 
     def log(self, metrics: pd.DataFrame) -> dict[str, int]:
         """Send every new or changed row of ``metrics`` (the long frame) to every tracker;
         return how many values each was sent."""
         counts = {}
         for name in self.names:
-            sent = self._ledger.setdefault("sent", {}).setdefault(name, {})
+            sent = {**self._ledger.get("sent", {}).get(name, {}), **self._unstored.get(name, {})}
             pending = pending_rows(metrics, sent)
             if pending:
                 sink = self._sink(name)
                 for step in sorted(pending):
                     sink.log(step, pending[step])
                 sink.flush()
-                sent.update({f"{metric}@{step}": value for step, values in pending.items()
-                             for metric, value in values.items()})
-                self._save()
+                values = {f"{metric}@{step}": value for step, values in pending.items()
+                          for metric, value in values.items()}
+                self._unstored.setdefault(name, {}).update(values)
+                if sink.STORED_ON_FLUSH:
+                    self._store(name)
             counts[name] = sum(map(len, pending.values()))
         return counts
 
     def close(self) -> None:
+        """Close every sink; what they stored on closing is recorded in the ledger."""
         sinks, self._sinks = self._sinks, {}
-        for sink in sinks.values():
+        for name, sink in sinks.items():
             sink.close()
+            self._store(name)
+
+    def _store(self, name: str) -> None:
+        """Record the values sent to tracker ``name`` as stored (in the ledger, on disk)."""
+        values = self._unstored.pop(name, {})
+        if values:
+            self._ledger.setdefault("sent", {}).setdefault(name, {}).update(values)
+            self._save()
 
     def __enter__(self) -> TrackerLog:
         return self
@@ -151,7 +168,9 @@ class TrackerLog:
         if name not in self._sinks:
             runs = self._ledger.setdefault("runs", {})
             sink = _SINKS[name](self.out_dir, runs.get(name), self.run_name)
-            runs[name] = sink.run_id
+            if runs.get(name) != sink.run_id:  # a restart continues this run
+                runs[name] = sink.run_id
+                self._save()
             self._sinks[name] = sink
         return self._sinks[name]
 
@@ -163,6 +182,8 @@ class TrackerLog:
 
 class TensorBoardSink:
     """Scalars in event files under ``out/tensorboard`` (one more file per process)."""
+
+    STORED_ON_FLUSH = True  # flush() writes the events to the file
 
     def __init__(self, out_dir: Path, run_id: str | None, run_name: str):
         from tensorboard.summary import Writer
@@ -184,6 +205,8 @@ class TensorBoardSink:
 class WandbSink:
     """An offline W&B run under ``out/wandb``, resumed by id after a restart."""
 
+    STORED_ON_FLUSH = False  # wandb's service writes the run file for sure only on finish
+
     def __init__(self, out_dir: Path, run_id: str | None, run_name: str):
         import wandb
 
@@ -200,7 +223,7 @@ class WandbSink:
         self._run.log({STEP_METRIC: step, **values})
 
     def flush(self) -> None:
-        pass  # the run's service writes as it goes; finish() closes the file
+        pass  # wandb has no public flush: the service buffers; finish() writes and closes
 
     def close(self) -> None:
         self._run.finish()
@@ -212,6 +235,8 @@ class MlflowSink:
     MLflow 3 keeps its file store in maintenance mode and refuses it unless
     ``MLFLOW_ALLOW_FILE_STORE`` is set; moepath sets it (when unset) for this store.
     """
+
+    STORED_ON_FLUSH = True  # log_batch writes the metric files before it returns
 
     def __init__(self, out_dir: Path, run_id: str | None, run_name: str):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
