@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -143,3 +145,71 @@ def test_two_pipeline_stages_write_one_trace_equal_to_one_stage(olmoe_trace, toy
     print(f"PP=2 vs PP=1 (bf16): top-k agreement {np.mean(overall):.4%} "
           f"({np.mean(decided):.4%} outside near-ties)")
     assert np.mean(decided) == 1.0
+
+
+# --- behind the `parallel` marker (`make test-parallel`; docs/parallel.md has the results) -----
+
+@pytest.mark.parallel
+def test_two_float32_pipeline_stages_record_exactly_what_one_stage_records(toy_olmoe,
+                                                                           samples_file,
+                                                                           tmp_path):
+    """float32, compiled, the same samples through one engine and through two stages:
+    the same experts, gate weights and tokens bit for bit; prompt means to float32
+    rounding (their per-step sums run on one core per stage instead of two)."""
+    from moepath.patches.engine import trace_samples
+    from moepath.patches.options import EngineOptions, TraceOptions
+    from moepath.tracer.samples import SampleReadOptions, read_samples
+
+    samples = read_samples(samples_file, SampleReadOptions(limit=12))
+    traces = {}
+    for stages in (1, 2):
+        trace_samples(toy_olmoe, samples, tmp_path / f"pp{stages}",
+                      EngineOptions(dtype="float32", pipeline_parallel_size=stages,
+                                    max_model_len=512, gpu_memory_utilization=TEST_MEMORY,
+                                    engine_core="auto"),
+                      TraceOptions(batch_size=6, max_tokens=4))
+        traces[stages] = Trace.open(tmp_path / f"pp{stages}")
+    one, two = traces[1], traces[2]
+    assert sorted(two.sample_ids()) == sorted(one.sample_ids())
+    for sid in one.sample_ids():
+        np.testing.assert_array_equal(two.token_ids(sid), one.token_ids(sid))
+        for stored_two, stored_one in zip(two.topk(sid), one.topk(sid), strict=True):
+            np.testing.assert_array_equal(stored_two, stored_one)
+        np.testing.assert_allclose(two.router_mean(sid), one.router_mean(sid), rtol=1e-6,
+                                   atol=1e-7)
+
+
+@pytest.mark.parallel
+def test_a_pipeline_parallel_server_commits_one_complete_trace_of_every_layer(toy_olmoe,
+                                                                              hf_olmoe,
+                                                                              tmp_path):
+    """`vllm serve --pipeline-parallel-size 2` traced: records committed while serving, the
+    trace complete after the stages' last exchange at shutdown, every layer, equal to HF
+    float32."""
+    from test_server import complete, serve
+
+    from moepath.fixtures.hf_reference import hf_routing
+
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(3, 500, size=int(rng.integers(8, 60))).tolist() for _ in range(6)]
+    trace_dir = tmp_path / "trace"
+    with serve(toy_olmoe, trace_dir, "--pipeline-parallel-size", "2",
+               env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as (url, process):
+        for i, prompt in enumerate(prompts):
+            complete(url, str(toy_olmoe), prompt, {"moepath_id": f"q{i}"} if i % 3 else None,
+                     max_tokens=3)
+        time.sleep(3)  # > flush interval
+        live = Trace.open(trace_dir)
+        assert live.manifest.status == "running" and len(live.sample_ids()) >= 1
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    final = Trace.open(trace_dir)
+    assert final.manifest.status == "complete"
+    assert final.manifest.model.layer_ids == [0, 1, 2, 3]
+    assert sorted(final.sample_ids()) == ["q1", "q2", "q4", "q5"]
+    for i in (1, 2, 4, 5):
+        tokens = final.token_ids(f"q{i}")
+        assert len(tokens) == len(prompts[i]) + 2  # two generated tokens fed back
+        reference = hf_routing(hf_olmoe, tokens.tolist())
+        ids = final.topk(f"q{i}")[0]
+        assert (np.sort(ids, -1) == np.sort(reference.expert_ids, -1)).all(-1).mean() >= 0.999
