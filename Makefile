@@ -6,7 +6,7 @@ STAMP := $(VENV)/.moepath-installed
 # auto: zentorch on AMD CPUs with AVX-512, where vLLM 0.32 then runs its Zen platform; no: never
 ZENTORCH ?= auto
 
-.PHONY: setup test test-fast test-models demo lint bench clean
+.PHONY: setup test test-fast test-models test-parallel demo lint bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ test-fast: setup
 # Every toy architecture against an HF forward (one engine each; docs/models.md)
 test-models: setup
 	$(PY) -m pytest -q -m models tests/test_capture.py
+
+# Pipeline parallelism beyond the default suite: float32 exactness, a served pipeline
+# (docs/parallel.md records the results)
+test-parallel: setup
+	$(PY) -m pytest -q -m parallel tests/test_pipeline.py
 
 demo: setup
 	$(VENV)/bin/moepath demo --out demo-out

@@ -44,6 +44,9 @@ BatchSize = Annotated[int, typer.Option(help="Samples per committed batch (the u
 Part = Annotated[str | None, typer.Option(
     help="Trace only part I/N of the samples (0-based: samples I, I+N, ...), to run N engines "
          "in parallel; join the parts with `moepath merge`.")]
+DataParallel = Annotated[int, typer.Option(
+    "--data-parallel-size", "-dp", help="vLLM data-parallel ranks: refused above 1 (vLLM 0.32 "
+    "runs no offline data parallelism in one process); use --part I/N.")]
 Resume = Annotated[bool, typer.Option(help="Continue an interrupted trace in --out.",
                                       rich_help_panel=SWITCHES_PANEL)]
 Force = Annotated[bool, typer.Option(help="Overwrite --out if it holds moepath output (a "
@@ -114,6 +117,12 @@ MaxModelLen = Annotated[int | None, typer.Option(help="Context length (default: 
                                                  rich_help_panel=ENGINE_PANEL)]
 TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", "-tp",
                            help="Tensor-parallel workers.", rich_help_panel=ENGINE_PANEL)]
+PipelineParallel = Annotated[int, typer.Option(
+    "--pipeline-parallel-size", "-pp", help="Pipeline stages (each records its own MoE "
+    "layers; the last joins and writes them).", rich_help_panel=ENGINE_PANEL)]
+Executor = Annotated[str | None, typer.Option(
+    help="vLLM's executor: mp (one node, its default) or ray (a Ray cluster, several nodes; "
+         "GPU only in vLLM 0.32).", rich_help_panel=ENGINE_PANEL)]
 EnforceEager = Annotated[bool, typer.Option(help="Run eager (skip torch.compile).",
                                             rich_help_panel=SWITCHES_PANEL)]
 GpuMemory = Annotated[float, typer.Option(help="Fraction of device memory for vLLM "
@@ -136,8 +145,9 @@ TrustRemoteCode = Annotated[bool, typer.Option(help="Allow code from the model f
 # parameter name (an EngineOptions field) -> flag, in --help order
 ENGINE_FLAGS = {
     "dtype": Dtype, "max_model_len": MaxModelLen, "tensor_parallel_size": TensorParallel,
-    "enforce_eager": EnforceEager, "gpu_memory_utilization": GpuMemory,
-    "max_num_batched_tokens": BatchedTokens, "engine_core": EngineCore,
+    "pipeline_parallel_size": PipelineParallel, "enforce_eager": EnforceEager,
+    "gpu_memory_utilization": GpuMemory, "max_num_batched_tokens": BatchedTokens,
+    "distributed_executor_backend": Executor, "engine_core": EngineCore,
     "store_probs": StoreProbs, "store": Store, "trust_remote_code": TrustRemoteCode,
 }
 OPT_IN_FLAGS = ("engine_core", "store_probs", "store")  # flags only where a command names them

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..tracer.errors import InputError
 from . import options as o
 from . import render
 
@@ -24,6 +25,7 @@ def trace(
     max_tokens: o.MaxTokens = 0,
     batch_size: o.BatchSize = 256,
     part: o.Part = None,
+    data_parallel_size: o.DataParallel = 1,
     resume: o.Resume = False,
     force: o.Force = False,
     engine: o.EngineOptions,
@@ -35,6 +37,7 @@ def trace(
     from ..patches.options import TraceOptions
     from ..tracer.samples import read_samples
 
+    refuse_data_parallel(data_parallel_size)
     sample_set = read_samples(samples, read)
     if (selected := o.parse_part(part)) is not None:
         sample_set = sample_set.take_part(*selected)
@@ -57,6 +60,18 @@ def trace(
         ["prompt tokens/s", round(rate)],
         ["output", f"{out} ({render.human_bytes(summary.bytes)})"],
     ]))
+
+
+def refuse_data_parallel(size: int) -> None:
+    """``--data-parallel-size`` above 1: vLLM 0.32's ``LLM`` raises for it (one process
+    cannot hold several data-parallel engines), so ``moepath trace`` has no such engine."""
+    if size > 1:
+        raise InputError(
+            f"--data-parallel-size {size}: vLLM 0.32 runs data parallelism only as one engine "
+            f"process per rank, which one offline trace cannot drive (vLLM's LLM refuses it); "
+            f"trace {size} parts instead, one engine each on any machines: "
+            f"moepath trace ... --part I/{size} for I in 0..{size - 1}, then "
+            f"moepath merge PART... --out DIR")
 
 
 def register(app: typer.Typer) -> None:

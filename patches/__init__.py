@@ -15,7 +15,7 @@ Patch register (vLLM 0.32.0; versions checked in ``compat.py``):
 | ``Worker.load_model`` | v1/worker/gpu_worker.py (CPUWorker inherits) | the only per-engine point after the model is built and before it is compiled; also the first point in every CPU worker to request AMX tile permission, which vLLM 0.32's bf16 AMX attention needs and never requests (SIGILL otherwise), and to track models under zentorch, whose process-wide weight cache must not meet a freed model's addresses (``zentorch_cache.py``) | wrapper: requests AMX permission (CPU), calls the original, tracks the model under zentorch, then ``installation.install`` if traced | post-load hook: when vLLM offers one; AMX: when vLLM requests the permission itself; zentorch: when its cache no longer outlives the buffers it names |
 | ``FusedMoERouter.select_experts`` | model_executor/layers/fused_moe/router/fused_moe_router.py | sole caller site of routing on every modular MoE path; sees logits, weights, logical ids (vLLM's ``set_capture_fn`` gives ids only) | class-level wrapper, installed only in traced workers: calls the original, then writes ids, weights and the scored logits into preallocated buffers (``hook.py``) | when a router capture callback passes logits and weights |
 | ``GPUModelRunner.execute_model`` (instance) | v1/worker/gpu_model_runner.py (CPUModelRunner inherits) | batch layout (req_ids, query_start_loc, positions, the device copy of input_ids) is final after the forward | instance-level wrapper on traced workers: finished ids on entry, row mapping after the forward | with the above |
-| ``Worker.shutdown`` (instance, server mode only) | v1/worker/gpu_worker.py | commit the last shards and mark the trace complete when the server stops | instance-level wrapper | — |
+| ``Worker.shutdown`` (instance, server mode only) | v1/worker/gpu_worker.py | commit the last shards and mark the trace complete when the server stops (earlier pipeline stages: send their last records to the last stage, which commits) | instance-level wrapper | — |
 | ``Worker.moepath_flush`` / ``moepath_describe`` / ``moepath_switch`` / ``moepath_router_weights`` (added) | — | ``collective_rpc`` control: flush shards, report routing config, switch checkpoint and trace directory, read one layer's router matrix back from the loaded model (``router_linear.py``: the router linear applied to the identity, between steps) | instance attributes on traced workers | — |
 | ``Worker.reload_weights`` (called, then CPU experts re-prepacked) | v1/worker/gpu_worker.py, fused_moe/experts/cpu_moe.py | vLLM 0.32 skips the AMX/VNNI prepack on reload (silently wrong routing); zentorch's experts would take the new weights as already reordered | ``reload.py`` copies ``cpu_prepack_moe_weight`` output into the same storage, or forgets zentorch's weight cache | when vLLM re-prepacks on reload |
 
@@ -88,12 +88,13 @@ def _enable_capture(worker, settings) -> None:
             "with VLLM_USE_V2_MODEL_RUNNER=0 to trace")
     from . import reload, router_linear
 
-    routing, recorder = installation.install(worker, settings)
+    capture = installation.install(worker, settings)
+    recorder = capture.recorder
 
     def describe() -> dict:
         """The manifest's model fields this worker knows (routing, whether it writes, why
         checkpoints cannot be reloaded in place), alike for a driver and the committer."""
-        return routing.describe() | {"writer": recorder is not None,
+        return capture.describe() | {"writer": recorder is not None,
                                      "reload_blocker": _reload_blocker(worker)}
 
     worker.moepath_describe = describe
@@ -112,25 +113,29 @@ def _enable_capture(worker, settings) -> None:
     worker.moepath_switch = switch
 
     def router_weights(slot: int) -> dict | None:
-        """MoE layer ``slot``'s router matrix read back from the loaded model (see
-        ``router_linear.py``); None on ranks that do not write (every rank holds it)."""
-        if recorder is None:
+        """The model's MoE layer ``slot``'s router matrix read back from the loaded model
+        (see ``router_linear.py``); None on ranks that do not record it (tensor-parallel
+        ranks other than 0 hold it too; other pipeline stages hold other layers)."""
+        local = capture.local_slot(slot)
+        if recorder is None or local is None:
             return None
-        layer = routing.layers[slot]
-        return router_linear.layer_reply(worker.model_runner.get_model(), layer,
-                                         routing.num_experts, worker.model_runner.device)
+        return router_linear.layer_reply(worker.model_runner.get_model(),
+                                         capture.routing.layers[local],
+                                         capture.routing.num_experts, worker.model_runner.device)
 
     worker.moepath_router_weights = router_weights
     if settings.commit and recorder is not None:
-        _commit_from_worker(worker, settings, recorder, describe, router_weights)
+        _commit_from_worker(worker, settings, capture, describe, router_weights)
 
 
-def _commit_from_worker(worker, settings, recorder, describe, router_weights) -> None:
-    """Server mode: this worker commits the manifest periodically and at shutdown.
+def _commit_from_worker(worker, settings, capture, describe, router_weights) -> None:
+    """Server mode: the writing worker commits the manifest periodically and at shutdown.
 
     ``describe()`` gives the manifest's routing fields, as ``moepath_describe`` gives
-    them to a driver; ``router_weights(slot)`` each layer's router matrix, as
-    ``moepath_router_weights`` does.
+    them to a driver; ``router_weights(slot)`` a layer's router matrix, as
+    ``moepath_router_weights`` does. With pipeline parallelism the last stage
+    commits, with every stage's router matrices gathered at load; the other stages
+    send it their last records when they shut down.
     """
     from ..tracer.manifest import ModelInfo
     from . import inspection, router_linear
@@ -141,21 +146,49 @@ def _commit_from_worker(worker, settings, recorder, describe, router_weights) ->
         raise inspection.UnsupportedModelError(
             "moepath: server-mode tracing needs every prompt token computed; start the server "
             "with --no-enable-prefix-caching")
-    if config.parallel_config.data_parallel_size > 1:
+    parallel = config.parallel_config
+    if parallel.data_parallel_size > 1:
         raise inspection.UnsupportedModelError(
-            "moepath: with data parallelism every data-parallel rank would commit its own "
-            "manifest into one trace directory, each dropping the others' shards; serve "
-            "traced with --data-parallel-size 1 (one server per trace directory)")
+            "moepath: a data-parallel server is not traced: each rank's engine has its own "
+            "writing worker and no commit joins their shards into one trace (untested, as "
+            "vLLM 0.32's CPU backend cannot serve a MoE model data parallel at all: its CPU "
+            "communicator lacks the all_gatherv the MoE dispatch calls); serve traced with "
+            "--data-parallel-size 1, one server per trace directory, or trace offline in "
+            "parts (moepath trace --part I/N, then moepath merge)")
+    if parallel.distributed_executor_backend == "ray":
+        raise inspection.UnsupportedModelError(
+            "moepath: vLLM's Ray executor ends its workers with ray.kill, never calling their "
+            "shutdown, so a served trace would never get its last commit nor be marked "
+            "complete; serve traced with --distributed-executor-backend mp (one node), or "
+            "trace offline (moepath trace; its driver commits)")
     info = ModelInfo.from_dict(describe())
-    committer = ManifestCommitter(settings, recorder, info,
-                                  router_linear.from_replies([router_weights(slot)
-                                                              for slot in range(info.num_layers)]),
+    replies = [router_weights(slot) for slot in range(info.num_layers)]
+    recorder, stages = capture.recorder, capture.stages
+    if stages is not None:
+        gathered = stages.gather([reply for reply in replies if reply is not None])
+        if not stages.collects:
+            _flush_at_shutdown(worker, recorder)
+            return
+        replies = [reply for stage in gathered for reply in stage]
+    committer = ManifestCommitter(settings, recorder, info, router_linear.from_replies(replies),
                                   config.model_config.model,
                                   str(config.model_config.dtype).removeprefix("torch."))
     original_shutdown = worker.shutdown
 
     def shutdown(*args, **kwargs):
         committer.close()
+        return original_shutdown(*args, **kwargs)
+
+    worker.shutdown = shutdown
+
+
+def _flush_at_shutdown(worker, recorder) -> None:
+    """A pipeline stage that does not commit sends its last records to the committing
+    stage when the server stops (that stage's committer takes them in at its close)."""
+    original_shutdown = worker.shutdown
+
+    def shutdown(*args, **kwargs):
+        recorder.flush(requests_done=True)
         return original_shutdown(*args, **kwargs)
 
     worker.shutdown = shutdown

@@ -76,11 +76,12 @@ def _check_engine(vllm_config) -> None:
         raise UnsupportedModelError(
             "moepath: micro-batching (dual-batch overlap) runs each step as separate forwards "
             "whose routing the hook cannot place; start the engine without --enable-dbo")
-    if parallel.pipeline_parallel_size > 1:
+    if parallel.pipeline_parallel_size > 1 and _runs_uncompiled_on_cpu(vllm_config):
         raise UnsupportedModelError(
-            "moepath: pipeline parallelism splits the MoE layers over stages that would each "
-            "write a part of every record; trace with --pipeline-parallel-size 1 (tensor "
-            "parallelism is supported)")
+            "moepath: vLLM 0.32's CPU backend runs pipeline parallelism only compiled: "
+            "without compilation its warm-up is skipped, so the later stages never allocate "
+            "the buffer the previous stage's activations arrive in and the first step fails "
+            "(also untraced); start the engine without --enforce-eager")
     if vllm_config.scheduler_config.async_scheduling:
         raise UnsupportedModelError(
             "moepath: async scheduling runs one more decode step of a request that sampled "
@@ -91,6 +92,16 @@ def _check_engine(vllm_config) -> None:
         raise UnsupportedModelError(
             "moepath: this instance only encodes multimodal inputs for another one and runs "
             "no language-model forward; trace on the instance that consumes its encodings")
+
+
+def _runs_uncompiled_on_cpu(vllm_config) -> bool:
+    """Whether the engine runs on vLLM's CPU backend without torch.compile (whose
+    warm-up, ``CPUModelRunner.warming_up_model``, is then skipped)."""
+    from vllm.config import CompilationMode
+    from vllm.platforms import current_platform
+
+    return (current_platform.is_cpu()
+            and vllm_config.compilation_config.mode == CompilationMode.NONE)
 
 
 def _moe_layer(name: str, runner) -> MoELayer:

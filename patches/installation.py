@@ -4,18 +4,22 @@
 vLLM compiles it. It inspects the model (``inspection.py``), allocates
 :class:`hook.CaptureBuffers`, tags each layer's router with its MoE-layer ordinal
 and wraps the model runner's ``execute_model`` so that a
-:class:`recorder.StepRecorder` sees every step.
+:class:`recorder.StepRecorder` sees every step. With pipeline parallelism each
+stage records its own layers and the last stage writes the joined records
+(``stages.py``).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from . import compat, hook
 from .inspection import ModelRouting, inspect_model
 from .recorder import StepRecorder
 from .settings import CaptureSettings
 from .sink import RoutingSink
+from .stages import PipelineStages
 
 
 def wrap_execute_model(runner, recorder: StepRecorder):
@@ -24,13 +28,13 @@ def wrap_execute_model(runner, recorder: StepRecorder):
 
     @functools.wraps(original)
     def execute_model(scheduler_output, *args, **kwargs):
-        if recorder.error is None:
-            with recorder.lock:
-                try:
-                    recorder.on_finished(scheduler_output.finished_req_ids)
+        with recorder.lock:
+            try:  # also after a failure: pipeline stages exchange finished records in lockstep
+                recorder.on_finished(scheduler_output.finished_req_ids)
+                if recorder.error is None:
                     hook.SCORES_WANTED = recorder.wants_scores(scheduler_output)
-                except Exception as exc:
-                    recorder.fail(exc)
+            except Exception as exc:
+                recorder.fail(exc)
         scores_written = hook.SCORES_WANTED
         try:
             result = original(scheduler_output, *args, **kwargs)
@@ -48,18 +52,45 @@ def wrap_execute_model(runner, recorder: StepRecorder):
     runner.execute_model = execute_model
 
 
-def is_writer(vllm_config) -> bool:
-    """Only tensor-parallel rank 0 (of each data-parallel rank) writes routing."""
+def records_routing() -> bool:
+    """Only tensor-parallel rank 0 (of each pipeline stage and data-parallel rank) records."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
     return get_tensor_model_parallel_rank() == 0
 
 
-def install(worker, settings: CaptureSettings) -> tuple[ModelRouting, StepRecorder | None]:
-    """Set up capture in a worker whose model is loaded; no recorder on non-writer ranks.
+@dataclass
+class Capture:
+    """What :func:`install` set up in a worker.
 
-    Non-writer ranks still run the hook (every TP rank computes identical routing
-    from the replicated gate) but never map or write rows.
+    ``routing``: this worker's MoE layers; ``recorder``: None on ranks that do not
+    record; ``stages``: the pipeline's recording workers (None: one stage), whose
+    last stage alone writes (``recorder.sink``).
+    """
+
+    routing: ModelRouting
+    recorder: StepRecorder | None
+    stages: PipelineStages | None = None
+
+    def describe(self) -> dict:
+        """The manifest's routing fields for the whole model (every pipeline stage's layers)."""
+        section = self.routing.describe()
+        if self.stages is not None:
+            layer_ids = self.stages.layer_ids
+            section |= {"num_layers": len(layer_ids), "layer_ids": layer_ids}
+        return section
+
+    def local_slot(self, slot: int) -> int | None:
+        """This worker's index of the model's MoE layer ``slot`` (None: another stage's)."""
+        local = slot - (self.stages.first_slot() if self.stages is not None else 0)
+        return local if 0 <= local < len(self.routing.layers) else None
+
+
+def install(worker, settings: CaptureSettings) -> Capture:
+    """Set up capture in a worker whose model is loaded; no recorder on non-recording ranks.
+
+    Other tensor-parallel ranks still run the hook (every TP rank computes identical
+    routing from the replicated gate) but never map or write rows.
     """
     runner = worker.model_runner
     routing = inspect_model(runner.get_model(), worker.vllm_config)
@@ -73,12 +104,16 @@ def install(worker, settings: CaptureSettings) -> tuple[ModelRouting, StepRecord
     router_cls = compat.router_base_class()
     if not getattr(router_cls.select_experts, "__moepath_wrapped__", False):
         router_cls.select_experts = hook.wrap_select_experts(router_cls.select_experts)
-    if not is_writer(worker.vllm_config):
-        return routing, None
-    dp_rank = worker.vllm_config.parallel_config.data_parallel_rank
-    sink = RoutingSink(settings.dir, settings.run, dp_rank,
-                       (len(layers), routing.top_k, routing.num_experts), settings.shard_tokens,
-                       settings.store)
-    recorder = StepRecorder(settings, routing, sink)
+    if not records_routing():
+        return Capture(routing, None)
+    config = worker.vllm_config
+    stages = PipelineStages.of(config, [layer.layer_id for layer in layers])
+    sink = None
+    if stages is None or stages.collects:
+        num_layers = len(stages.layer_ids) if stages is not None else len(layers)
+        sink = RoutingSink(settings.dir, settings.run, config.parallel_config.data_parallel_rank,
+                           (num_layers, routing.top_k, routing.num_experts),
+                           settings.shard_tokens, settings.store)
+    recorder = StepRecorder(settings, routing, sink, stages)
     wrap_execute_model(runner, recorder)
-    return routing, recorder
+    return Capture(routing, recorder, stages)

@@ -164,7 +164,8 @@ class MoepathVLLM(_upstream.VLLM):
         if store.has_manifest(Path(trace_dir)):
             raise InputError(f"trace_dir '{trace_dir}' already holds a trace; pass a new or "
                              f"empty directory (this run's sample ids would repeat its own)")
-        prepare_capture_environment(int(kwargs.get("tensor_parallel_size", 1)))
+        prepare_capture_environment(int(kwargs.get("tensor_parallel_size", 1))
+                                    * int(kwargs.get("pipeline_parallel_size", 1)))
         settings = CaptureSettings(dir=str(trace_dir), commit=True,
                                    flush_interval_s=1.0).with_run()
         additional = {**(kwargs.pop("additional_config", None) or {}),

@@ -16,6 +16,7 @@ from ..tracer.errors import InputError
 from .settings import CONFIG_KEY, CaptureSettings
 
 ENGINE_CORE_CHOICES = ("process", "inline", "auto")
+EXECUTOR_CHOICES = (None, "mp", "ray")  # None: vLLM's choice (mp on one node)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class EngineOptions:
     dtype: str = "bfloat16"
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.3
     max_num_batched_tokens: int | None = None
@@ -39,6 +41,7 @@ class EngineOptions:
     store: str = trace_store.PER_TOKEN  # --store: what the worker keeps (CaptureSettings.store)
     num_kv_blocks: int | None = None  # override the KV cache size (tests force preemption)
     engine_core: str = "process"  # "process" (vLLM's default), "inline" or "auto": see below
+    distributed_executor_backend: str | None = None  # vLLM's choice unless "mp" or "ray"
 
     def __post_init__(self):
         if self.engine_core not in ENGINE_CORE_CHOICES:
@@ -50,6 +53,17 @@ class EngineOptions:
         if self.store == trace_store.PER_SAMPLE and self.store_probs:
             raise InputError("--store-probs keeps every token's router distribution, which "
                              "--store per-sample drops; pass --store per-token with it")
+        if self.distributed_executor_backend not in EXECUTOR_CHOICES:
+            raise InputError(f"--distributed-executor-backend must be one of "
+                             f"{', '.join(map(str, EXECUTOR_CHOICES[1:]))}, "
+                             f"not {self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "ray":
+            _refuse_ray_without_gpu()
+
+    @property
+    def workers(self) -> int:
+        """vLLM workers of the engine: one per tensor-parallel rank of each pipeline stage."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def engine_core_inline(self) -> bool:
         """Whether vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
@@ -63,7 +77,7 @@ class EngineOptions:
         """
         if self.engine_core != "auto":
             return self.engine_core == "inline"
-        if self.tensor_parallel_size > 1 or os.environ.keys() & {
+        if self.workers > 1 or os.environ.keys() & {
                 "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"}:
             return False
         import torch
@@ -81,7 +95,7 @@ class EngineOptions:
         the V1 model runner (the capture wraps it), the engine core's place
         (:meth:`place_engine_core`) and CPU thread binding (:func:`bind_cpu_threads`)."""
         self.place_engine_core()
-        prepare_capture_environment(self.tensor_parallel_size)
+        prepare_capture_environment(self.workers)
 
     def llm_kwargs(self, model: str, settings: CaptureSettings | None) -> dict:
         """``vllm.LLM`` keyword arguments; ``settings=None`` gives the untraced twin."""
@@ -89,6 +103,7 @@ class EngineOptions:
             "model": model,
             "dtype": self.dtype,
             "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
             "enforce_eager": self.enforce_eager,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "trust_remote_code": self.trust_remote_code,
@@ -105,6 +120,8 @@ class EngineOptions:
             kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
         if self.num_kv_blocks:
             kwargs["num_gpu_blocks_override"] = self.num_kv_blocks
+        if self.distributed_executor_backend:
+            kwargs["distributed_executor_backend"] = self.distributed_executor_backend
         return kwargs
 
 
@@ -122,31 +139,47 @@ class TraceOptions:
             raise InputError(f"--batch-size must be at least 1, not {self.batch_size}")
 
 
-def prepare_capture_environment(tensor_parallel_size: int) -> None:
+def _refuse_ray_without_gpu() -> None:
+    """vLLM 0.32 runs its Ray executor on GPU platforms only: the CPU platform has no Ray
+    device key (``platforms/interface.py:150``), so ``initialize_ray_cluster`` raises
+    "current platform cpu does not support ray" (``v1/executor/ray_utils.py:572-576``)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InputError(
+            "--distributed-executor-backend ray: vLLM 0.32 runs its Ray executor only on "
+            "GPUs (its CPU backend raises 'current platform cpu does not support ray'); "
+            "on CPU hosts use the default (mp) executor")
+
+
+def prepare_capture_environment(workers: int) -> None:
     """What every traced engine this process starts needs from the environment, wherever
     its engine core runs: the V1 model runner (the capture wraps it) and, on a CPU host
-    with tensor parallelism, cores of its own for each rank (:func:`bind_cpu_threads`)."""
+    with several ``workers`` (tensor-parallel ranks times pipeline stages), cores of its
+    own for each (:func:`bind_cpu_threads`)."""
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    bind_cpu_threads(tensor_parallel_size)
+    bind_cpu_threads(workers)
 
 
-def bind_cpu_threads(tensor_parallel_size: int) -> None:
-    """CPU tensor parallelism: give each rank its own cores unless the user chose.
+def bind_cpu_threads(workers: int) -> None:
+    """CPU tensor or pipeline parallelism: give each of the engine's ``workers`` its own
+    cores unless the user chose.
 
     vLLM's automatic binding asserts on a single-NUMA-node host ("Not enough
     allowed NUMA nodes to bind threads of 2 local CPUWorkers", vLLM 0.32's
     ``utils/ompmultiprocessing.py``); an explicit ``VLLM_CPU_OMP_THREADS_BIND`` such as
-    ``0|1``, what this function sets, works (``tests/test_faults.py`` runs TP=2 with it).
+    ``0|1``, what this function sets, works (``tests/test_faults.py`` runs TP=2 with it,
+    ``tests/test_pipeline.py`` two pipeline stages).
     """
-    if tensor_parallel_size <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+    if workers <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return
     import torch
 
     if torch.cuda.is_available():
         return
     cores = sorted(os.sched_getaffinity(0))
-    per_rank = max(1, len(cores) // tensor_parallel_size)
+    per_rank = max(1, len(cores) // workers)
     groups = [cores[i * per_rank:(i + 1) * per_rank] or cores[-1:]
-              for i in range(tensor_parallel_size)]
+              for i in range(workers)]
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
         f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)

@@ -24,6 +24,7 @@ from .inspection import ModelRouting
 from .packed_rows import RowLayout
 from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
 from .sink import RoutingSink
+from .stages import PipelineStages
 
 _CHILD_ID = re.compile(r"^(\d+)_(.+)$")  # vLLM's n>1 child ids: f"{index}_{parent_id}"
 _INTERNAL_SUFFIX = re.compile(r"-[0-9A-Za-z]{8}$")  # vLLM appends "-<8 chars>" to request ids
@@ -207,10 +208,14 @@ def _parse_meta(value) -> dict:
 class StepRecorder:
     """Maps each step's buffer rows to traced requests; hands finished ones to the sink."""
 
-    def __init__(self, settings: CaptureSettings, routing: ModelRouting, sink: RoutingSink):
+    def __init__(self, settings: CaptureSettings, routing: ModelRouting,
+                 sink: RoutingSink | None, stages: PipelineStages | None = None):
+        """``sink``: where finished records go (None on a pipeline stage that sends them
+        to the collecting stage); ``stages``: the pipeline, when there are several."""
         self.settings = settings
         self.routing = routing
         self.sink = sink
+        self.stages = stages
         self.active: dict[str, RequestAccumulator | None] = {}
         self.error: str | None = None
         self.lock = threading.Lock()
@@ -282,7 +287,14 @@ class StepRecorder:
 
     # -- per step ------------------------------------------------------------
 
-    def on_finished(self, finished_req_ids) -> None:
+    def on_finished(self, finished_req_ids, all_stages: bool = False) -> None:
+        """Record the traced requests among ``finished_req_ids``.
+
+        With several pipeline stages, every stage calls this at the same step (the
+        scheduler output tells each the same finished ids), also after a capture
+        error, so that they exchange their records in lockstep; ``all_stages``: the
+        stages exchange even when nothing finished (a flush, which every stage runs).
+        """
         if finished_req_ids:
             self._end_run()
             self._batch = None  # its accumulators may be gone
@@ -291,6 +303,7 @@ class StepRecorder:
         # writes its records in one order, so order-seeded metrics (pair sampling, the
         # bootstrap) agree between the runs
         finished = set(finished_req_ids)
+        records, recomputed = {}, set()
         for req_id in [req_id for req_id in self.active if req_id in finished]:
             accumulator = self.active.pop(req_id, None)
             if accumulator is None or not accumulator.chunks:
@@ -298,9 +311,15 @@ class StepRecorder:
             if accumulator.next_position < accumulator.num_prompt_tokens:
                 self._drop_incomplete(accumulator)
                 continue
-            self.sink.add(self._kept(accumulator.finish(self.layout)))
+            records[req_id] = accumulator.finish(self.layout)
+            if accumulator.recomputed:
+                recomputed.add(req_id)
+        if self.stages is not None and (finished or all_stages):
+            records = self.stages.join(records, self.error)
+        for req_id, record in records.items():
+            self.sink.add(self._kept(record))
             self.requests_recorded += 1
-            self.requests_recomputed += accumulator.recomputed
+            self.requests_recomputed += req_id in recomputed
 
     def _kept(self, record: store.RoutingRecord) -> store.RoutingRecord | store.RoutingSummary:
         """What the trace keeps of a finished request: ``--store per-sample`` keeps its
@@ -312,7 +331,10 @@ class StepRecorder:
     def _drop_incomplete(self, accumulator: RequestAccumulator) -> None:
         """A request that ended before its prompt was computed (aborted: a client
         disconnected, a ``generate`` call interrupted) is not recorded: its prompt
-        mean and pathway would describe part of the sample."""
+        mean and pathway would describe part of the sample. Counted and logged where
+        records are written (on the collecting stage of a pipeline)."""
+        if self.sink is None:
+            return
         self.requests_incomplete += 1
         compat.logger.warning(
             "%s request '%s' (sample '%s') ended after %d of its %d prompt tokens (aborted?); "
@@ -488,8 +510,9 @@ class StepRecorder:
         with self.lock:
             if self.active and any(self.active.values()):
                 raise RuntimeError("cannot switch trace directory while traced requests run")
-            self.sink.flush()
-            self.sink.retarget(trace_dir, run)
+            if self.sink is not None:
+                self.sink.flush()
+                self.sink.retarget(trace_dir, run)
             self.requests_recorded = 0
 
     def fail(self, exc: BaseException) -> None:
@@ -513,11 +536,14 @@ class StepRecorder:
         returns, and which a multiprocess engine core runs concurrently with a flush.
         """
         with self.lock:
-            if requests_done:
-                self.on_finished(list(self.active))
             shards = []
             try:
-                shards = self.sink.flush()
+                if requests_done:
+                    self.on_finished(list(self.active), all_stages=True)
+                if self.sink is not None:
+                    shards = self.sink.flush()
+                else:
+                    self.stages.wait_sent()
             except Exception as exc:  # a failed write must reach the driver, not vanish
                 self.fail(exc)
             return {"shards": shards, "error": self.error,

@@ -44,6 +44,16 @@ def test_missing_model_path(tmp_path, small_samples):
     assert not (tmp_path / "o").exists()
 
 
+def test_vllm_data_parallelism_is_refused_with_the_parts_that_replace_it(tmp_path, toy_olmoe,
+                                                                          small_samples):
+    result = moepath("trace", toy_olmoe, "--samples", small_samples, "--out", tmp_path / "o",
+                     "--data-parallel-size", "2")
+    assert_one_line_error(result, "--data-parallel-size 2: vLLM 0.32 runs data parallelism "
+                                  "only as one engine process per rank")
+    assert "moepath trace ... --part I/2 for I in 0..1, then moepath merge" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def dense_checkpoint(path):
     """A folder with the config.json of a dense (no MoE) model."""
     path.mkdir()

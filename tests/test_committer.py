@@ -97,19 +97,29 @@ def test_a_restarted_server_clears_the_earlier_failure_and_completes(toy_olmoe, 
     assert (manifest["status"], manifest["capture_error"]) == ("complete", None)
 
 
-def test_a_data_parallel_server_is_refused_before_any_rank_commits(tmp_path):
-    """Each data-parallel rank has its own writer worker; server-mode commits from several
-    would overwrite one manifest, so the worker refuses at load."""
+@pytest.mark.parametrize(("parallel", "message"), [
+    ({"data_parallel_size": 2}, "a data-parallel server is not traced: each rank's engine has "
+                                "its own writing worker.*lacks the all_gatherv.*"
+                                "--data-parallel-size 1.*moepath trace --part I/N"),
+    ({"distributed_executor_backend": "ray"}, "Ray executor ends its workers with ray.kill.*"
+                                              "--distributed-executor-backend mp"),
+])
+def test_servers_whose_trace_no_worker_could_finish_are_refused_before_any_commit(
+        tmp_path, parallel, message):
+    """Each data-parallel rank has its own writing worker, and Ray's executor never shuts its
+    workers down: a served trace would be split or never complete, so the worker refuses at
+    load."""
     from types import SimpleNamespace as NS
 
     from moepath.patches import _commit_from_worker
     from moepath.patches.inspection import UnsupportedModelError
 
+    parallel = {"data_parallel_size": 1, "distributed_executor_backend": "mp", **parallel}
     worker = NS(vllm_config=NS(cache_config=NS(enable_prefix_caching=False),
-                               parallel_config=NS(data_parallel_size=2)))
+                               parallel_config=NS(**parallel)))
     settings = CaptureSettings(dir=str(tmp_path / "t"), commit=True)
-    with pytest.raises(UnsupportedModelError, match="--data-parallel-size 1"):
-        _commit_from_worker(worker, settings, recorder=None, describe=None,
+    with pytest.raises(UnsupportedModelError, match=message):
+        _commit_from_worker(worker, settings, capture=None, describe=None,
                             router_weights=None)
     assert not (tmp_path / "t").exists()
 

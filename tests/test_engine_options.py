@@ -20,6 +20,7 @@ def test_auto_runs_the_engine_core_inline_on_a_cpu_host_with_one_worker(vllm_env
     assert EngineOptions(engine_core="auto").engine_core_inline()
     # tensor parallelism needs vLLM's worker processes and their thread binding
     assert not EngineOptions(engine_core="auto", tensor_parallel_size=2).engine_core_inline()
+    assert not EngineOptions(engine_core="auto", pipeline_parallel_size=2).engine_core_inline()
     # explicit choices are taken as given; the Python API keeps vLLM's default
     assert EngineOptions(engine_core="inline").engine_core_inline()
     assert not EngineOptions(engine_core="process").engine_core_inline()
@@ -37,6 +38,31 @@ def test_auto_leaves_the_layout_to_vllm_when_the_user_configured_it(vllm_env_uns
 def test_an_unknown_engine_core_is_refused_with_the_choices():
     with pytest.raises(InputError, match="must be one of process, inline, auto, not 'thread'"):
         EngineOptions(engine_core="thread")
+
+
+def test_each_worker_of_two_stages_with_two_ranks_gets_its_own_core(monkeypatch):
+    """vLLM's automatic binding asserts on a one-NUMA-node host; moepath lists a core per
+    worker (tensor-parallel rank of each pipeline stage), in vLLM's [PP, TP] rank order."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    EngineOptions(tensor_parallel_size=2, pipeline_parallel_size=2).prepare_environment()
+    import os
+
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1|2|3"
+
+
+def test_the_ray_executor_is_refused_on_a_cpu_host_with_vllm_s_reason():
+    """vLLM 0.32's CPU platform has no Ray device key, so its Ray executor raises at engine
+    start ("current platform cpu does not support ray"): refused before any engine starts."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("vLLM runs its Ray executor on GPU hosts")
+    with pytest.raises(InputError, match=r"ray: vLLM 0.32 runs its Ray executor only on GPUs "
+                                         r".*use the default \(mp\) executor"):
+        EngineOptions(distributed_executor_backend="ray")
+    with pytest.raises(InputError, match="must be one of mp, ray, not 'slurm'"):
+        EngineOptions(distributed_executor_backend="slurm")
 
 
 def test_cli_names_the_bad_engine_core_value(tmp_path):

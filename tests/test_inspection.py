@@ -8,10 +8,11 @@ import pytest
 
 
 def inspect_one_layer(quant_method, moe_config=None, use_ubatching=False,
-                      pipeline_parallel_size=1, async_scheduling=False, ec_transfer_config=None):
+                      pipeline_parallel_size=1, async_scheduling=False, ec_transfer_config=None,
+                      compiled=True):
     """``inspect_model`` of a model with one MoE layer: the real runner class with
     ``quant_method`` and ``moe_config`` set and no kernel built, in an engine
-    configured by the other arguments (vLLM's names)."""
+    configured by the other arguments (vLLM's names; ``compiled``: torch.compile on)."""
     from types import SimpleNamespace as NS
 
     import torch
@@ -27,8 +28,12 @@ def inspect_one_layer(quant_method, moe_config=None, use_ubatching=False,
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([torch.nn.Module()])
     model.layers[0].experts = runner
+    from vllm.config import CompilationMode
+
     return inspect_model(model, NS(
         speculative_config=None, ec_transfer_config=ec_transfer_config,
+        compilation_config=NS(mode=CompilationMode.VLLM_COMPILE if compiled
+                              else CompilationMode.NONE),
         parallel_config=NS(use_ubatching=use_ubatching,
                            pipeline_parallel_size=pipeline_parallel_size),
         scheduler_config=NS(async_scheduling=async_scheduling)))
@@ -83,7 +88,8 @@ def test_a_sequence_parallel_moe_layer_is_refused():
 
 @pytest.mark.parametrize(("engine", "message"), [
     ({"use_ubatching": True}, "without --enable-dbo"),
-    ({"pipeline_parallel_size": 2}, "with --pipeline-parallel-size 1"),
+    ({"pipeline_parallel_size": 2, "compiled": False},
+     "CPU backend runs pipeline parallelism only compiled.*without --enforce-eager"),
     ({"async_scheduling": True}, "one more decode step of a request that sampled its stop "
                                  "token.*--no-async-scheduling"),
     ({"ec_transfer_config": SimpleNamespace(is_encode_only=True)},

