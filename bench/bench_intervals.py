@@ -45,7 +45,7 @@ def main() -> None:
               **{f"t{k}": list(range(k, k + 10 + 10 * k)) for k in range(11)}}
     ids = [f"s{i}" for i in range(n)]
     seconds = {"resamples_1000": 0.0, "resamples_0": 0.0, "baseline_only": 0.0}
-    rows = []
+    metric_rows = []
     for checkpoint in range(args.checkpoints):
         g = rng.dirichlet(np.full(8, 0.4), (n, 4)).astype(np.float32)
         weights = [rng.normal(size=(8, 64)).astype(np.float32) for _ in range(4)]
@@ -55,7 +55,7 @@ def main() -> None:
             tables = cmp.checkpoint_tables(f"c{checkpoint}", checkpoint, data, groups,
                                            MetricOptions(resamples=resamples))
             seconds[key] += time.perf_counter() - start
-            rows += tables[0] if resamples else []
+            metric_rows += tables[0] if resamples else []
         start = time.perf_counter()
         for rows in groups.values():
             random_routing_baseline(pathways(g[rows]), 8)
@@ -69,7 +69,7 @@ def main() -> None:
         scores = pd.DataFrame({"checkpoint": [f"c{c}" for c in range(args.checkpoints)],
                                "score": np.linspace(0.1, 0.9, args.checkpoints)})
         start = time.perf_counter()
-        correlate(pd.DataFrame(rows), scores, control="pathway_length")  # compare's default
+        correlate(pd.DataFrame(metric_rows), scores, control="pathway_length")  # compare's default
         result["correlate_seconds"] = time.perf_counter() - start
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "intervals.json").write_text(json.dumps(result, indent=2))

@@ -43,7 +43,8 @@ def test_an_unknown_engine_core_is_refused_with_the_choices():
 def test_each_worker_of_two_stages_with_two_ranks_gets_its_own_core(monkeypatch):
     """vLLM's automatic binding asserts on a one-NUMA-node host; moepath lists a core per
     worker (tensor-parallel rank of each pipeline stage), in vLLM's [PP, TP] rank order."""
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "")  # so that teardown unsets what it sets
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     EngineOptions(tensor_parallel_size=2, pipeline_parallel_size=2).prepare_environment()
     import os

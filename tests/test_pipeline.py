@@ -150,6 +150,7 @@ def test_two_pipeline_stages_write_one_trace_equal_to_one_stage(olmoe_trace, toy
 # --- behind the `parallel` marker (`make test-parallel`; docs/parallel.md has the results) -----
 
 @pytest.mark.parallel
+@pytest.mark.vllm
 def test_two_float32_pipeline_stages_record_exactly_what_one_stage_records(toy_olmoe,
                                                                            samples_file,
                                                                            tmp_path):
@@ -180,6 +181,7 @@ def test_two_float32_pipeline_stages_record_exactly_what_one_stage_records(toy_o
 
 
 @pytest.mark.parallel
+@pytest.mark.vllm
 def test_a_pipeline_parallel_server_commits_one_complete_trace_of_every_layer(toy_olmoe,
                                                                               hf_olmoe,
                                                                               tmp_path):
