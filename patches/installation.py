@@ -4,7 +4,8 @@
 vLLM compiles it. It inspects the model (``inspection.py``), allocates
 :class:`hook.CaptureBuffers`, tags each layer's router with its MoE-layer ordinal
 and wraps the model runner's ``execute_model`` so that a
-:class:`recorder.StepRecorder` sees every step.
+:class:`recorder.StepRecorder` sees every step (and, with vLLM's prefix caching
+on, keeps every computed token's routing in a ``routing_cache.RoutingCache``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import functools
 
 from . import compat, hook
-from .inspection import ModelRouting, inspect_model
+from .inspection import ModelRouting, UnsupportedModelError, inspect_model
 from .recorder import StepRecorder
 from .settings import CaptureSettings
 from .sink import RoutingSink
@@ -63,6 +64,12 @@ def install(worker, settings: CaptureSettings) -> tuple[ModelRouting, StepRecord
     """
     runner = worker.model_runner
     routing = inspect_model(runner.get_model(), worker.vllm_config)
+    prefix_caching = bool(worker.vllm_config.cache_config.enable_prefix_caching)
+    if prefix_caching and settings.store_probs:
+        raise UnsupportedModelError(
+            "moepath: store_probs keeps every token's router distribution, which the routing "
+            "cache does not keep for prefix-cache hits; start the engine with "
+            "--no-enable-prefix-caching to store them (moepath's own engines do)")
     layers = routing.layers
     hook.BUFFERS = hook.CaptureBuffers.allocate(
         runner.max_num_tokens, len(layers), routing.top_k, routing.num_experts, runner.device,
@@ -79,6 +86,6 @@ def install(worker, settings: CaptureSettings) -> tuple[ModelRouting, StepRecord
     sink = RoutingSink(settings.dir, settings.run, dp_rank,
                        (len(layers), routing.top_k, routing.num_experts), settings.shard_tokens,
                        settings.store)
-    recorder = StepRecorder(settings, routing, sink)
+    recorder = StepRecorder(settings, routing, sink, prefix_caching)
     wrap_execute_model(runner, recorder)
     return routing, recorder

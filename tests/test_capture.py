@@ -210,16 +210,20 @@ def test_samples_alone_equal_the_same_samples_in_a_crowd_of_500(chunked_engine, 
         assert decided == 1.0
 
 
-def test_shared_prefix_is_recomputed_not_read_from_prefix_cache(chunked_engine, hf_olmoe):
+def test_a_shared_prefix_read_from_the_prefix_cache_replays_the_routing_it_was_computed_with(
+        chunked_engine):
+    """The engine reads vLLM's prefix cache (on by default): its first 128-token block,
+    computed by p0 in two 64-token prefill chunks, is served to p1 and an untagged
+    request, and p1's record holds p0's routing of those tokens, bit for bit."""
     prefix = np.random.default_rng(2).integers(3, 500, size=160).tolist()
     first = chunked_engine.trace({"p0": prefix + [7, 8, 9]})["p0"]
-    # the prefix blocks are now cached; a second request sharing them must still
-    # record every position from 0
+    replayed = chunked_engine.engine.tokens_replayed
     again = chunked_engine.trace({"p1": prefix + [10, 11]}, untagged=[prefix + [12]])["p1"]
+    assert chunked_engine.engine.tokens_replayed - replayed == 128  # one whole block
     np.testing.assert_array_equal(again.positions, np.arange(162))
-    _, decided = agree_outside_near_ties(hf_olmoe, prefix, first.expert_ids[:160],
-                                         again.expert_ids[:160])
-    assert decided == 1.0
+    np.testing.assert_array_equal(again.token_ids, prefix + [10, 11])
+    np.testing.assert_array_equal(again.expert_ids[:128], first.expert_ids[:128])
+    np.testing.assert_array_equal(again.gate_weights[:128], first.gate_weights[:128])
 
 
 def test_untagged_requests_in_the_same_engine_leave_no_records(chunked_engine):

@@ -105,8 +105,7 @@ def test_a_data_parallel_server_is_refused_before_any_rank_commits(tmp_path):
     from moepath.patches import _commit_from_worker
     from moepath.patches.inspection import UnsupportedModelError
 
-    worker = NS(vllm_config=NS(cache_config=NS(enable_prefix_caching=False),
-                               parallel_config=NS(data_parallel_size=2)))
+    worker = NS(vllm_config=NS(parallel_config=NS(data_parallel_size=2)))
     settings = CaptureSettings(dir=str(tmp_path / "t"), commit=True)
     with pytest.raises(UnsupportedModelError, match="--data-parallel-size 1"):
         _commit_from_worker(worker, settings, recorder=None, describe=None,

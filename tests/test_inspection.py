@@ -8,7 +8,8 @@ import pytest
 
 
 def inspect_one_layer(quant_method, moe_config=None, use_ubatching=False,
-                      pipeline_parallel_size=1, async_scheduling=False, ec_transfer_config=None):
+                      pipeline_parallel_size=1, async_scheduling=False, ec_transfer_config=None,
+                      kv_transfer_config=None):
     """``inspect_model`` of a model with one MoE layer: the real runner class with
     ``quant_method`` and ``moe_config`` set and no kernel built, in an engine
     configured by the other arguments (vLLM's names)."""
@@ -29,6 +30,7 @@ def inspect_one_layer(quant_method, moe_config=None, use_ubatching=False,
     model.layers[0].experts = runner
     return inspect_model(model, NS(
         speculative_config=None, ec_transfer_config=ec_transfer_config,
+        kv_transfer_config=kv_transfer_config,
         parallel_config=NS(use_ubatching=use_ubatching,
                            pipeline_parallel_size=pipeline_parallel_size),
         scheduler_config=NS(async_scheduling=async_scheduling)))
@@ -85,7 +87,10 @@ def test_a_sequence_parallel_moe_layer_is_refused():
     ({"use_ubatching": True}, "without --enable-dbo"),
     ({"pipeline_parallel_size": 2}, "with --pipeline-parallel-size 1"),
     ({"async_scheduling": True}, "one more decode step of a request that sampled its stop "
-                                 "token.*--no-async-scheduling"),
+                                 "token; tracing under it is not yet proven .*GPUs.*"
+                                 "--no-async-scheduling"),
+    ({"kv_transfer_config": SimpleNamespace(kv_connector="LMCacheConnectorV1")},
+     "KV connector loads KV computed elsewhere.*without --kv-transfer-config"),
     ({"ec_transfer_config": SimpleNamespace(is_encode_only=True)},
      "runs no language-model forward"),
 ])
