@@ -82,6 +82,9 @@ def _check_engine(vllm_config) -> None:
             "write a part of every record; trace with --pipeline-parallel-size 1 (tensor "
             "parallelism is supported)")
     if vllm_config.scheduler_config.async_scheduling:
+        # the recorder cuts the routing of positions past a request's final output
+        # (recorder.OutputLimit), but vLLM 0.32 forces async scheduling off on CPUs
+        # (platforms/cpu.py), so no traced engine has run under it yet
         raise UnsupportedModelError(
             "moepath: async scheduling runs one more decode step of a request that sampled "
             "its stop token; tracing under it is not yet proven (vLLM runs it only on "

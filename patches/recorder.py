@@ -68,6 +68,47 @@ class _Chunk:
         return self.first_position + self.end - self.start
 
 
+@dataclass(frozen=True)
+class OutputLimit:
+    """Where a request's routing ends, from the stops vLLM's engine core decides on tokens.
+
+    The engine core ends a request at its first generated token that is its EOS
+    (unless ``ignore_eos``) or one of its ``stop_token_ids``, or at its
+    ``max_tokens``-th, and never feeds that final token back: the request's last
+    recorded position is ``num_prompt_tokens + n_out - 2``. Under vLLM's async
+    scheduling (its default on CUDA) the step after the one that sampled the
+    final token is already scheduled when the core learns the request ended, and
+    feeds that token at ``num_prompt_tokens + n_out - 1`` (``n_out`` is then
+    known from the recorded tokens: the stop token is the one fed); :meth:`end`
+    cuts such rows at commit, so the record equals a synchronous one. Without
+    async scheduling no row is past it. Stop strings and repetition stops are
+    decided elsewhere (the front end; the core, on token patterns): not covered.
+    """
+
+    stop_token_ids: frozenset[int]
+    max_tokens: int | None
+
+    @classmethod
+    def of(cls, sampling_params) -> OutputLimit | None:
+        """The limit of a request with these vLLM ``SamplingParams`` (None: none given)."""
+        if sampling_params is None:
+            return None
+        eos = sampling_params.eos_token_id  # None under ignore_eos
+        stops = set(sampling_params.stop_token_ids or ()) | ({eos} if eos is not None else set())
+        return cls(frozenset(stops), sampling_params.max_tokens)
+
+    def end(self, num_prompt_tokens: int, token_ids: np.ndarray) -> int:
+        """The position after the last one a request with these stops computed, given the
+        tokens fed at positions 0.. (``token_ids``, int [T]): the position where its final
+        output token is fed, if it is, else T."""
+        end = len(token_ids)
+        if self.max_tokens is not None:
+            end = min(end, num_prompt_tokens + self.max_tokens - 1)
+        generated = token_ids[num_prompt_tokens:end]
+        stopped = np.flatnonzero(np.isin(generated, list(self.stop_token_ids)))
+        return num_prompt_tokens + int(stopped[0]) if len(stopped) else end
+
+
 @dataclass
 class RequestAccumulator:
     """Routing of one traced request, gathered chunk by chunk across steps."""
@@ -80,6 +121,7 @@ class RequestAccumulator:
     chunks: list[_Chunk] = field(default_factory=list)
     next_position: int = 0  # the position after the last recorded one
     recomputed: bool = False  # preempted and recomputed at least once
+    output_limit: OutputLimit | None = None  # where its rows end (None: where they stop)
 
     def add(self, chunk: _Chunk) -> None:
         if chunk.first_position < self.next_position:
@@ -128,6 +170,10 @@ class RequestAccumulator:
             raise RuntimeError(
                 f"request '{self.sample_id}' has gaps in its routing (positions from "
                 f"{positions[0]}); was the prompt read from the prefix cache?")
+        if self.output_limit is not None:  # rows past the final output (async scheduling)
+            rows = rows[:self.output_limit.end(self.num_prompt_tokens,
+                                               layout.view(rows, "token_ids"))]
+            positions = layout.view(rows, "positions")
         prompt_chunks = [c for c in self.chunks if c.prompt_rows]
         mean = None
         if prompt_chunks:
@@ -282,7 +328,8 @@ class StepRecorder:
         accumulator = RequestAccumulator(
             sample_id=str(sample_id), request_id=req_id, completion=completion,
             num_prompt_tokens=int(state.num_prompt_tokens),
-            meta=_parse_meta(extra.get(REQUEST_META_KEY)))
+            meta=_parse_meta(extra.get(REQUEST_META_KEY)),
+            output_limit=OutputLimit.of(state.sampling_params))
         self.active[req_id] = accumulator
         return accumulator
 

@@ -233,6 +233,37 @@ def test_untagged_requests_in_the_same_engine_leave_no_records(chunked_engine):
     assert set(records) == {"t0"}
 
 
+def test_rows_past_a_final_stop_token_are_cut_as_the_engine_cut_the_request(chunked_engine):
+    """vLLM's async scheduling (its default on CUDA; forced off on CPU) feeds a request's
+    stop token once more before the engine core learns that the request ended. The
+    recorder cuts such rows when it finishes a request (``OutputLimit``): a real record
+    of 8 generated tokens, finished as if one of them had been a stop token, ends where
+    vLLM ends the same request given that stop token."""
+    from moepath.patches.recorder import OutputLimit, RequestAccumulator, _Chunk, step_layout
+
+    prompt = [5, 6, 7, 8, 9, 10]
+    full = chunked_engine.trace({"full": prompt}, max_tokens=8, ignore_eos=True)["full"]
+    generated = chunked_engine.generated["full"]
+    k = next(i for i in range(2, 8) if generated[i] not in generated[:i])  # a first occurrence
+    stopped = chunked_engine.trace({"stopped": prompt}, max_tokens=8, ignore_eos=True,
+                                   stop_token_ids=[generated[k]])["stopped"]
+    assert chunked_engine.generated["stopped"] == generated[:k + 1]
+    layout = step_layout(*full.expert_ids.shape[1:], full.router_mean.shape[1], False)
+    rows = layout.empty(full.num_tokens)
+    for column in ("positions", "token_ids", "expert_ids", "gate_weights"):
+        layout.view(rows, column)[:] = getattr(full, column)
+    unfinished = RequestAccumulator(
+        "full", "0-abcdefgh", 0, len(prompt), {},
+        output_limit=OutputLimit(frozenset({generated[k]}), max_tokens=8))
+    unfinished.add(_Chunk(rows, 0, full.num_tokens, 0, len(prompt),
+                          full.router_mean.astype(np.float64) * len(prompt)))
+    cut = unfinished.finish(layout)
+    np.testing.assert_array_equal(cut.positions, stopped.positions)  # prompt + k fed tokens
+    np.testing.assert_array_equal(cut.token_ids, stopped.token_ids)
+    np.testing.assert_array_equal(cut.expert_ids, full.expert_ids[:len(prompt) + k])
+    np.testing.assert_allclose(cut.router_mean, full.router_mean, rtol=1e-6)
+
+
 def test_generated_tokens_are_traced_after_the_prompt(chunked_engine):
     record = chunked_engine.trace({"g": [5, 6, 7, 8, 9]}, max_tokens=6)["g"]
     # 5 prompt tokens + 5 fed-back generated tokens (the last sampled one is never fed)

@@ -7,7 +7,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from moepath.patches.recorder import RequestAccumulator, StepRecorder, _Chunk, step_layout
+from moepath.patches.recorder import (
+    OutputLimit,
+    RequestAccumulator,
+    StepRecorder,
+    _Chunk,
+    step_layout,
+)
 from moepath.patches.routing_cache import RoutingCacheMiss
 from moepath.patches.settings import CaptureSettings
 
@@ -17,6 +23,13 @@ BLOCK = 4  # KV block size of the runners with prefix caching
 ROUTING = SimpleNamespace(layers=[None] * L, top_k=K, num_experts=E,
                           config={"scoring_func": "softmax"})
 LAYOUT = step_layout(L, K, E, store_probs=False)
+
+
+def sampling_params(extra_args: dict, **kwargs):
+    """vLLM SamplingParams of a request that stops only when the test ends it."""
+    from vllm import SamplingParams
+
+    return SamplingParams(**{"max_tokens": None, **kwargs}, extra_args=extra_args or None)
 
 
 def chunk(start: int, stop: int, prompt_len: int, fill: int = 0) -> _Chunk:
@@ -161,7 +174,7 @@ class FakeRunner:
 
         def state(sample_id, prompt):
             extra = {REQUEST_ID_KEY: sample_id} if sample_id else {}
-            return NS(sampling_params=NS(extra_args=extra), num_prompt_tokens=prompt)
+            return NS(sampling_params=sampling_params(extra), num_prompt_tokens=prompt)
 
         self.requests = {"a-00000000": state("A", 5), "b-00000000": state(None, 9),
                          "c-00000000": state("C", 7)}
@@ -219,8 +232,7 @@ class ScriptedRunner:
         self.codes = {req_id: code for code, req_id in enumerate(prompts)}
         self.requests = {
             req_id: SimpleNamespace(
-                sampling_params=SimpleNamespace(
-                    extra_args={REQUEST_ID_KEY: sample} if sample else {}),
+                sampling_params=sampling_params({REQUEST_ID_KEY: sample} if sample else {}),
                 num_prompt_tokens=prompt, block_ids=((blocks or {}).get(req_id, []),),
                 prompt_token_ids=list(range(100, 100 + prompt)), output_token_ids=[])
             for req_id, (sample, prompt) in prompts.items()}
@@ -627,3 +639,19 @@ def test_a_hit_on_blocks_whose_routing_was_not_recorded_fails_naming_the_request
     with pytest.raises(RoutingCacheMiss, match=r"request 'T' \(t\): the prefix cache served "
                                                "position 0 from KV block 3"):
         runner.step(recorder, {"t": [8, 9]})
+
+
+@pytest.mark.parametrize(("params", "end"), [
+    ({}, 9),  # nothing stops it: every row
+    ({"max_tokens": 3}, 6),  # 3 outputs: 2 fed back, at positions 4 and 5
+    ({"stop_token_ids": [106]}, 6),  # 106 fed at 6 was its last output
+    ({"stop_token_ids": [103]}, 9),  # a prompt token stops nothing
+    ({"eos": 107}, 7),
+    ({"eos": 107, "ignore_eos": True}, 9),
+])
+def test_a_request_ends_where_its_final_output_token_would_be_fed(params, end):
+    """Rows 0-8 feed tokens 100-108; the prompt is 4 tokens: outputs are fed from 4 on."""
+    eos = params.pop("eos", None)
+    request = sampling_params({}, **params)
+    request.update_from_generation_config({}, eos_token_id=eos)  # as vLLM's front end does
+    assert OutputLimit.of(request).end(4, np.arange(100, 109)) == end
