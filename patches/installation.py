@@ -56,20 +56,33 @@ def is_writer(vllm_config) -> bool:
     return get_tensor_model_parallel_rank() == 0
 
 
+def uses_prefix_caching(vllm_config, settings: CaptureSettings) -> bool:
+    """Whether the engine reads vLLM's prefix cache, so that the recorder keeps a routing
+    cache; refuses what that cache cannot serve (UnsupportedModelError)."""
+    if not vllm_config.cache_config.enable_prefix_caching:
+        return False
+    if vllm_config.parallel_config.decode_context_parallel_size > 1:
+        raise UnsupportedModelError(
+            "moepath: decode context parallelism spreads each KV block over ranks, and the "
+            "routing of prefix-cache hits is kept by whole blocks; start the engine with "
+            "--no-enable-prefix-caching or without --decode-context-parallel-size")
+    if settings.store_probs:
+        raise UnsupportedModelError(
+            "moepath: store_probs keeps every token's router distribution, which the routing "
+            "cache does not keep for prefix-cache hits; start the engine with "
+            "--no-enable-prefix-caching to store them (moepath's own engines do)")
+    return True
+
+
 def install(worker, settings: CaptureSettings) -> tuple[ModelRouting, StepRecorder | None]:
     """Set up capture in a worker whose model is loaded; no recorder on non-writer ranks.
 
     Non-writer ranks still run the hook (every TP rank computes identical routing
     from the replicated gate) but never map or write rows.
     """
+    prefix_caching = uses_prefix_caching(worker.vllm_config, settings)
     runner = worker.model_runner
     routing = inspect_model(runner.get_model(), worker.vllm_config)
-    prefix_caching = bool(worker.vllm_config.cache_config.enable_prefix_caching)
-    if prefix_caching and settings.store_probs:
-        raise UnsupportedModelError(
-            "moepath: store_probs keeps every token's router distribution, which the routing "
-            "cache does not keep for prefix-cache hits; start the engine with "
-            "--no-enable-prefix-caching to store them (moepath's own engines do)")
     layers = routing.layers
     hook.BUFFERS = hook.CaptureBuffers.allocate(
         runner.max_num_tokens, len(layers), routing.top_k, routing.num_experts, runner.device,
