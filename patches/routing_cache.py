@@ -108,10 +108,6 @@ class RoutingCache:
                    torch.zeros(num_blocks, num_layers, num_experts),
                    np.zeros(num_blocks, dtype=np.int64))
 
-    @property
-    def nbytes(self) -> int:
-        return self.rows.nbytes + self.sums.numel() * 4 + self.filled.nbytes
-
     def write(self, slots: torch.Tensor, sources: dict[str, torch.Tensor],
               scores: torch.Tensor) -> None:
         """Record one step's computed tokens: ``slots`` int64 [T] their KV slots (negative:
