@@ -5,7 +5,9 @@ Run (from the repository root, inside .venv):
     python bench/bench_overhead.py --mode eager --interleave --samples 64 --rounds 3
     python bench/bench_overhead.py --mode compiled --samples 64 --rounds 3   # phases
     python bench/bench_overhead.py --mode eager --decode   # short prompts, 128 generated tokens
-    python bench/bench_overhead.py --mode eager --shared-prefix 0.75  # prefix-cache cost
+    python bench/bench_overhead.py --mode compiled --interleave --shared-prefix 0.75  # prefix cache
+    python bench/bench_overhead.py --mode compiled --interleave --shared-prefix 0.75 \
+        --traced-without-prefix-caching  # what traced engines did before the routing cache
     python bench/bench_overhead.py --mode compiled --interleave --decode --control  # A/A
     python bench/bench_overhead.py --mode compiled --interleave --store-probs  # full distributions
     python bench/bench_overhead.py --mode compiled --interleave --traced-fraction 0.5
@@ -27,12 +29,17 @@ Two layouts:
   cancel. ``median_pair_ratio`` (median over batches of traced / untraced) is
   the lower-noise estimate.
 
-Engine start is excluded. Every call has fresh prompts, so untraced vLLM
-cannot read a repeated batch from its prefix cache (``--shared-prefix`` makes
-prompts of one batch share a prefix on purpose). The traced time includes the
-flush that writes the shards. Prints and saves
+Engine start is excluded. Every call has fresh prompts, so neither engine
+can read a repeated batch from its prefix cache (``--shared-prefix`` makes
+prompts of one batch share a prefix on purpose: both engines read it from vLLM's
+prefix cache, the traced one replaying its routing from the routing cache;
+``--traced-without-prefix-caching`` starts the traced engine with prefix caching
+off, so it computes every token). The traced time includes the flush that
+writes the shards. Prints and saves
 bench/results/overhead-<mode>-<workload>[-interleaved].json: tokens/s of every
-timed call, medians, and the traced/untraced ratio.
+timed call (prompt and generated tokens, whether computed or read from the
+prefix cache), the tokens each engine computed per call, medians, and the
+traced/untraced ratio.
 """
 
 from __future__ import annotations
@@ -70,10 +77,11 @@ def prompts(n: int, length: int, seed: int = 0, shared: int = 0) -> list[list[in
 
 
 def timed_call(llm, engine, batch, label: str, max_tokens: int,
-               traced_fraction: float = 1.0) -> float:
-    """tokens/s of one generate call over ``batch``; traced when ``engine`` is given
-    (the first ``traced_fraction`` of the requests tagged, and the flush that writes
-    the shards is timed too)."""
+               traced_fraction: float = 1.0) -> tuple[float, int]:
+    """(tokens/s, tokens computed) of one generate call over ``batch``; traced when
+    ``engine`` is given (the first ``traced_fraction`` of the requests tagged, and the
+    flush that writes the shards is timed too). Tokens computed: prompt tokens not read
+    from the prefix cache, plus the generated tokens fed back."""
     from vllm import SamplingParams
 
     from moepath.patches.engine import tag
@@ -85,14 +93,16 @@ def timed_call(llm, engine, batch, label: str, max_tokens: int,
         params = [tag(p, f"{label}-s{i}") if i < traced else p for i, p in enumerate(params)]
     tokens = sum(len(p["prompt_token_ids"]) for p in batch) + len(batch) * (max_tokens - 1)
     start = time.perf_counter()
-    llm.generate(batch, params, use_tqdm=False)
+    outputs = llm.generate(batch, params, use_tqdm=False)
     if engine is not None:
         engine.flush()
-    return tokens / (time.perf_counter() - start)
+    rate = tokens / (time.perf_counter() - start)
+    return rate, tokens - sum(output.num_cached_tokens for output in outputs)
 
 
-def start_engines(kinds, model: Path, options) -> dict:
-    """{kind: (llm, TracedEngine or None)} for kinds "untraced" / "traced"."""
+def start_engines(kinds, model: Path, options, traced_options=None) -> dict:
+    """{kind: (llm, TracedEngine or None)} for kinds "untraced" / "traced"; the traced
+    engine with ``traced_options`` when given."""
     from vllm import LLM
 
     from moepath.patches.engine import TracedEngine
@@ -100,8 +110,8 @@ def start_engines(kinds, model: Path, options) -> dict:
     engines = {}
     for kind in kinds:
         if kind == "traced":
-            engine = TracedEngine(model, tempfile.mkdtemp(prefix="moepath-bench-"), options,
-                                  commit=False)
+            engine = TracedEngine(model, tempfile.mkdtemp(prefix="moepath-bench-"),
+                                  traced_options or options, commit=False)
             engines[kind] = (engine.llm, engine)
         else:
             engines[kind] = (LLM(**options.llm_kwargs(str(model), None)), None)
@@ -117,26 +127,30 @@ def stop(llm, engine) -> None:
 
 
 def measure_phases(model: Path, make_batch, options, max_tokens: int, rounds: int,
-                   reps: int, traced_fraction: float = 1.0) -> dict:
+                   reps: int, traced_fraction: float = 1.0, traced_options=None
+                   ) -> tuple[dict, dict]:
     """Phases A B A B ..., one engine alive at a time: a warm-up call, then ``reps``
-    timed calls. Call j of every phase gets batch ``make_batch(j)``."""
+    timed calls. Call j of every phase gets batch ``make_batch(j)``. Returns the rates
+    and tokens computed of each engine's timed calls."""
     rates = {"untraced": [], "traced": []}
+    computed = {"untraced": [], "traced": []}
     for _ in range(rounds):
         for kind in rates:
-            (llm, engine), = start_engines([kind], model, options).values()
+            (llm, engine), = start_engines([kind], model, options, traced_options).values()
             for rep in range(reps + 1):
-                rate = timed_call(llm, engine, make_batch(rep), f"r{rep}", max_tokens,
-                                  traced_fraction)
+                rate, tokens = timed_call(llm, engine, make_batch(rep), f"r{rep}", max_tokens,
+                                          traced_fraction)
                 if rep:
                     rates[kind].append(rate)
+                    computed[kind].append(tokens)
             stop(llm, engine)
             gc.collect()
-    return rates
+    return rates, computed
 
 
 def measure_interleaved(model: Path, make_batch, options, max_tokens: int, rounds: int,
-                        reps: int, control: bool = False, traced_fraction: float = 1.0
-                        ) -> dict:
+                        reps: int, control: bool = False, traced_fraction: float = 1.0,
+                        traced_options=None) -> tuple[dict, dict]:
     """Both engines alive in this process (one OpenMP pool, no oversubscription); each
     fresh batch goes to both engines back to back, in alternating order (A B, B A, ...),
     so slow drifts of the machine and any first-mover effect cancel. The first pair
@@ -147,20 +161,24 @@ def measure_interleaved(model: Path, make_batch, options, max_tokens: int, round
     share = options.gpu_memory_utilization / 2
     engines = start_engines(["untraced"], model, replace(options, gpu_memory_utilization=share))
     second = start_engines(["untraced" if control else "traced"], model,
-                           replace(options, gpu_memory_utilization=2 * share))
+                           replace(options, gpu_memory_utilization=2 * share),
+                           replace(traced_options or options, gpu_memory_utilization=2 * share))
     engines["traced"], = second.values()
     rates = {"untraced": [], "traced": []}
+    computed = {"untraced": [], "traced": []}
     for call in range(rounds * reps + 1):
         batch = make_batch(call)
         order = list(engines) if call % 2 == 0 else list(reversed(engines))
         for kind in order:
             llm, engine = engines[kind]
-            rate = timed_call(llm, engine, batch, f"c{call}", max_tokens, traced_fraction)
+            rate, tokens = timed_call(llm, engine, batch, f"c{call}", max_tokens,
+                                      traced_fraction)
             if call:
                 rates[kind].append(rate)
+                computed[kind].append(tokens)
     for llm, engine in engines.values():
         stop(llm, engine)
-    return rates
+    return rates, computed
 
 
 def main() -> None:
@@ -175,8 +193,11 @@ def main() -> None:
     parser.add_argument("--decode", action="store_true",
                         help="decode-heavy: 16-token prompts, 128 generated tokens")
     parser.add_argument("--shared-prefix", type=float, default=0.0,
-                        help="fraction of each prompt shared by the batch (few-shot style): "
-                             "untraced vLLM reads it from the prefix cache, traced recomputes")
+                        help="fraction of each prompt shared by the batch (few-shot style), "
+                             "which both engines read from vLLM's prefix cache")
+    parser.add_argument("--traced-without-prefix-caching", action="store_true",
+                        help="the traced engine runs with prefix caching off (computes every "
+                             "token), the untraced one with it")
     parser.add_argument("--interleave", action="store_true",
                         help="both engines in this process, calls alternating (lower noise)")
     parser.add_argument("--control", action="store_true",
@@ -214,15 +235,20 @@ def main() -> None:
         workload += "-probs"
     if args.traced_fraction < 1:
         workload += f"-traced{round(100 * args.traced_fraction)}"
+    traced_options = None
+    if args.traced_without_prefix_caching:
+        workload += "-traced-nocache"
+        traced_options = replace(options, prefix_caching=False)
     if args.control and not args.interleave:
         parser.error("--control needs --interleave")
     if args.interleave:
-        rates = measure_interleaved(model, make_batch, options, max_tokens, args.rounds,
-                                    args.reps, control=args.control,
-                                    traced_fraction=args.traced_fraction)
+        rates, computed = measure_interleaved(
+            model, make_batch, options, max_tokens, args.rounds, args.reps,
+            control=args.control, traced_fraction=args.traced_fraction,
+            traced_options=traced_options)
     else:
-        rates = measure_phases(model, make_batch, options, max_tokens, args.rounds, args.reps,
-                               args.traced_fraction)
+        rates, computed = measure_phases(model, make_batch, options, max_tokens, args.rounds,
+                                         args.reps, args.traced_fraction, traced_options)
     result = {
         "mode": args.mode, "workload": workload,
         "layout": "interleaved" if args.interleave else "phases", "control": args.control,
@@ -230,7 +256,8 @@ def main() -> None:
         "max_tokens": max_tokens, "shared_prefix_tokens": shared,
         "store_probs": args.store_probs, "traced_fraction": args.traced_fraction,
         "rounds": args.rounds, "reps": args.reps,
-        "tokens_per_s": rates,
+        "traced_prefix_caching": not args.traced_without_prefix_caching,
+        "tokens_per_s": rates, "tokens_computed": computed,
         "median_untraced": statistics.median(rates["untraced"]),
         "median_traced": statistics.median(rates["traced"]),
     }

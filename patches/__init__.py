@@ -14,7 +14,7 @@ Patch register (vLLM 0.32.0; versions checked in ``compat.py``):
 |---|---|---|---|---|
 | ``Worker.load_model`` | v1/worker/gpu_worker.py (CPUWorker inherits) | the only per-engine point after the model is built and before it is compiled; also the first point in every CPU worker to request AMX tile permission, which vLLM 0.32's bf16 AMX attention needs and never requests (SIGILL otherwise), and to track models under zentorch, whose process-wide weight cache must not meet a freed model's addresses (``zentorch_cache.py``) | wrapper: requests AMX permission (CPU), calls the original, tracks the model under zentorch, then ``installation.install`` if traced | post-load hook: when vLLM offers one; AMX: when vLLM requests the permission itself; zentorch: when its cache no longer outlives the buffers it names |
 | ``FusedMoERouter.select_experts`` | model_executor/layers/fused_moe/router/fused_moe_router.py | sole caller site of routing on every modular MoE path; sees logits, weights, logical ids (vLLM's ``set_capture_fn`` gives ids only) | class-level wrapper, installed only in traced workers: calls the original, then writes ids, weights and the scored logits into preallocated buffers (``hook.py``) | when a router capture callback passes logits and weights |
-| ``GPUModelRunner.execute_model`` (instance) | v1/worker/gpu_model_runner.py (CPUModelRunner inherits) | batch layout (req_ids, query_start_loc, positions, the device copy of input_ids) is final after the forward | instance-level wrapper on traced workers: finished ids on entry, row mapping after the forward | with the above |
+| ``GPUModelRunner.execute_model`` (instance) | v1/worker/gpu_model_runner.py (CPUModelRunner inherits) | batch layout (req_ids, query_start_loc, positions, the device copy of input_ids, and with prefix caching each request's block table and the KV slot mapping) is final after the forward | instance-level wrapper on traced workers: finished ids on entry, row mapping after the forward (with prefix caching: every token's routing kept at its KV slot, ``routing_cache.py``, and replayed for traced requests' cached tokens) | with the above |
 | ``Worker.shutdown`` (instance, server mode only) | v1/worker/gpu_worker.py | commit the last shards and mark the trace complete when the server stops (earlier pipeline stages: send their last records to the last stage, which commits) | instance-level wrapper | — |
 | ``Worker.moepath_flush`` / ``moepath_describe`` / ``moepath_switch`` / ``moepath_router_weights`` (added) | — | ``collective_rpc`` control: flush shards, report routing config, switch checkpoint and trace directory, read one layer's router matrix back from the loaded model (``router_linear.py``: the router linear applied to the identity, between steps) | instance attributes on traced workers | — |
 | ``Worker.reload_weights`` (called, then CPU experts re-prepacked) | v1/worker/gpu_worker.py, fused_moe/experts/cpu_moe.py | vLLM 0.32 skips the AMX/VNNI prepack on reload (silently wrong routing); zentorch's experts would take the new weights as already reordered | ``reload.py`` copies ``cpu_prepack_moe_weight`` output into the same storage, or forgets zentorch's weight cache | when vLLM re-prepacks on reload |
@@ -102,13 +102,14 @@ def _enable_capture(worker, settings) -> None:
     worker.moepath_flush = (functools.partial(recorder.flush, requests_done=True)
                             if recorder is not None
                             else lambda: {"shards": [], "error": None, "requests_recorded": 0,
-                                         "requests_recomputed": 0, "requests_incomplete": 0})
+                                         "requests_recomputed": 0, "requests_incomplete": 0,
+                                         "tokens_replayed": 0})
 
     def switch(trace_dir: str, run: str, weights_path: str | None = None) -> None:
         if weights_path:
             reload.reload_checkpoint(worker, weights_path)
         if recorder is not None:
-            recorder.retarget(trace_dir, run)
+            recorder.retarget(trace_dir, run, weights_changed=bool(weights_path))
 
     worker.moepath_switch = switch
 
@@ -142,10 +143,6 @@ def _commit_from_worker(worker, settings, capture, describe, router_weights) -> 
     from .committer import ManifestCommitter
 
     config = worker.vllm_config
-    if config.cache_config.enable_prefix_caching:
-        raise inspection.UnsupportedModelError(
-            "moepath: server-mode tracing needs every prompt token computed; start the server "
-            "with --no-enable-prefix-caching")
     parallel = config.parallel_config
     if parallel.data_parallel_size > 1:
         raise inspection.UnsupportedModelError(

@@ -35,12 +35,13 @@ def tag(params, sample_id: str, meta: dict | None = None):
     """Mark vLLM ``SamplingParams`` so the request is traced as ``sample_id`` (returns them).
 
     ``meta`` (JSON-serialisable dict) lands in the trace's samples table. With
-    ``n > 1`` every completion is recorded under its own completion index. Reads
-    of the prefix cache are skipped so every prompt token is computed and recorded.
+    ``n > 1`` every completion is recorded under its own completion index. The
+    request reads vLLM's prefix cache as an untraced one would (vLLM skips it for
+    requests with prompt log-probs): the routing of cached tokens is replayed from
+    the routing kept beside their KV blocks (``routing_cache.py``).
     """
     params.extra_args = {**(params.extra_args or {}), REQUEST_ID_KEY: str(sample_id),
                          "moepath_n": params.n, REQUEST_META_KEY: json.dumps(meta or {})}
-    params.skip_reading_prefix_cache = True
     return params
 
 
@@ -73,10 +74,7 @@ class TracedEngine:
                                         commit=commit,
                                         flush_interval_s=1.0).with_run()
         self.model = Path(model)
-        kwargs = options.llm_kwargs(str(model), self.settings)
-        if commit:  # vLLM cannot skip prefix-cache reads for requests we do not tag
-            kwargs["enable_prefix_caching"] = False
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**options.llm_kwargs(str(model), self.settings))
         self.routing = ModelInfo.from_dict(self.llm.collective_rpc("moepath_describe")[0])
 
     @property
@@ -143,8 +141,8 @@ class TracedEngine:
         """SamplingParams that trace this request under ``sample_id``.
 
         ``max_tokens=0`` is prefill only (vLLM samples one token that is never
-        fed back, so only prompt tokens are recorded). Prefix-cache reads are
-        skipped so every prompt token is computed and recorded.
+        fed back, so only prompt tokens are recorded). ``nll`` asks for prompt
+        log-probs, for which vLLM computes every prompt token (no prefix-cache reads).
         """
         from vllm import SamplingParams
 
@@ -162,11 +160,14 @@ class TracedEngine:
         calls: every traced request recorded so far is then taken as finished (vLLM
         would tell the worker only with a later step). ``self.requests_recomputed``
         then counts traced requests that vLLM preempted and recomputed (their
-        recomputed rows replaced the first ones).
+        recomputed rows replaced the first ones), and ``self.tokens_replayed`` traced
+        tokens served from the prefix cache, whose routing was replayed (both since
+        the engine started).
         """
         self._refuse_if_worker_commits("flush and commit routing yourself")
         replies = self.llm.collective_rpc("moepath_flush")
         self.requests_recomputed = sum(reply["requests_recomputed"] for reply in replies)
+        self.tokens_replayed = sum(reply["tokens_replayed"] for reply in replies)
         errors = [reply["error"] for reply in replies if reply["error"]]
         if errors:
             raise CaptureError(f"routing capture failed in the engine: {errors[0]}")

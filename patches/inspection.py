@@ -83,10 +83,17 @@ def _check_engine(vllm_config) -> None:
             "the buffer the previous stage's activations arrive in and the first step fails "
             "(also untraced); start the engine without --enforce-eager")
     if vllm_config.scheduler_config.async_scheduling:
+        # the recorder cuts the routing of positions past a request's final output
+        # (recorder.OutputLimit), but vLLM 0.32 forces async scheduling off on CPUs
+        # (platforms/cpu.py), so no traced engine has run under it yet
         raise UnsupportedModelError(
             "moepath: async scheduling runs one more decode step of a request that sampled "
-            "its stop token, and that step's routing would be recorded; start the engine "
-            "with --no-async-scheduling (moepath's own engines do)")
+            "its stop token; tracing under it is not yet proven (vLLM runs it only on "
+            "GPUs); start the engine with --no-async-scheduling (moepath's own engines do)")
+    if vllm_config.kv_transfer_config is not None:
+        raise UnsupportedModelError(
+            "moepath: a KV connector loads KV computed elsewhere, whose routing this "
+            "engine never saw; trace without --kv-transfer-config")
     transfer = vllm_config.ec_transfer_config
     if transfer is not None and transfer.is_encode_only:
         raise UnsupportedModelError(

@@ -4,9 +4,10 @@
 vLLM compiles it. It inspects the model (``inspection.py``), allocates
 :class:`hook.CaptureBuffers`, tags each layer's router with its MoE-layer ordinal
 and wraps the model runner's ``execute_model`` so that a
-:class:`recorder.StepRecorder` sees every step. With pipeline parallelism each
-stage records its own layers and the last stage writes the joined records
-(``stages.py``).
+:class:`recorder.StepRecorder` sees every step (and, with vLLM's prefix caching
+on, keeps every computed token's routing in a ``routing_cache.RoutingCache``).
+With pipeline parallelism each stage records its own layers and the last stage
+writes the joined records (``stages.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 from dataclasses import dataclass
 
 from . import compat, hook
-from .inspection import ModelRouting, inspect_model
+from .inspection import ModelRouting, UnsupportedModelError, inspect_model
 from .recorder import StepRecorder
 from .settings import CaptureSettings
 from .sink import RoutingSink
@@ -59,6 +60,24 @@ def records_routing() -> bool:
     return get_tensor_model_parallel_rank() == 0
 
 
+def uses_prefix_caching(vllm_config, settings: CaptureSettings) -> bool:
+    """Whether the engine reads vLLM's prefix cache, so that the recorder keeps a routing
+    cache; refuses what that cache cannot serve (UnsupportedModelError)."""
+    if not vllm_config.cache_config.enable_prefix_caching:
+        return False
+    if vllm_config.parallel_config.decode_context_parallel_size > 1:
+        raise UnsupportedModelError(
+            "moepath: decode context parallelism spreads each KV block over ranks, and the "
+            "routing of prefix-cache hits is kept by whole blocks; start the engine with "
+            "--no-enable-prefix-caching or without --decode-context-parallel-size")
+    if settings.store_probs:
+        raise UnsupportedModelError(
+            "moepath: store_probs keeps every token's router distribution, which the routing "
+            "cache does not keep for prefix-cache hits; start the engine with "
+            "--no-enable-prefix-caching to store them (moepath's own engines do)")
+    return True
+
+
 @dataclass
 class Capture:
     """What :func:`install` set up in a worker.
@@ -92,6 +111,7 @@ def install(worker, settings: CaptureSettings) -> Capture:
     Other tensor-parallel ranks still run the hook (every TP rank computes identical
     routing from the replicated gate) but never map or write rows.
     """
+    prefix_caching = uses_prefix_caching(worker.vllm_config, settings)
     runner = worker.model_runner
     routing = inspect_model(runner.get_model(), worker.vllm_config)
     layers = routing.layers
@@ -114,6 +134,6 @@ def install(worker, settings: CaptureSettings) -> Capture:
         sink = RoutingSink(settings.dir, settings.run, config.parallel_config.data_parallel_rank,
                            (num_layers, routing.top_k, routing.num_experts),
                            settings.shard_tokens, settings.store)
-    recorder = StepRecorder(settings, routing, sink, stages)
+    recorder = StepRecorder(settings, routing, sink, stages, prefix_caching)
     wrap_execute_model(runner, recorder)
     return Capture(routing, recorder, stages)

@@ -3,7 +3,8 @@
 ``moepath-vllm`` is lm-eval's own vLLM backend (``lm_eval.models.vllm_causallms.VLLM``,
 lm-eval 0.4.13) with every request traced. It takes one extra model arg,
 ``trace_dir``, starts its engine with ``additional_config={"moepath": {"dir":
-trace_dir, "commit": True, ...}}`` and prefix caching off, and tags each request
+trace_dir, "commit": True, ...}}`` (prefix caching at vLLM's default, on: its hits
+replay the routing kept beside the KV blocks), and tags each request
 with :func:`moepath.patches.engine.tag` under the sample id
 ``"{task}/{doc_id}/{request_index}/{request_type}"`` (meta: those four fields,
 and ``repeat``, the copy index of a request lm-eval repeats).
@@ -146,7 +147,8 @@ class MoepathVLLM(_upstream.VLLM):
 
     Model args: those of lm-eval's ``vllm`` backend plus ``trace_dir`` (required, a
     new or empty directory: another run's requests would repeat its sample ids).
-    Prefix caching is off (every prompt token must be computed to be recorded);
+    Prefix caching is vLLM's (on unless ``enable_prefix_caching=False``; vLLM computes
+    every prompt token of the scoring requests, which ask for prompt log-probs);
     data parallelism is refused (its replicas would write one trace each).
     Call :meth:`close` when done; an ``atexit`` hook closes a forgotten backend.
     """
@@ -155,9 +157,6 @@ class MoepathVLLM(_upstream.VLLM):
         if not trace_dir:
             raise InputError(f"the {BACKEND} backend needs the model arg trace_dir=DIR "
                              "(where the routing trace is written)")
-        if kwargs.pop("enable_prefix_caching", False):
-            raise InputError(f"{BACKEND} traces every prompt token; drop "
-                             "enable_prefix_caching=True from the model args")
         if int(kwargs.get("data_parallel_size", 1)) > 1:
             raise InputError(f"{BACKEND} runs one engine; use tensor_parallel_size instead of "
                              "data_parallel_size")
@@ -176,8 +175,7 @@ class MoepathVLLM(_upstream.VLLM):
         self._tag_source: Iterator[RequestTag] | None = None
         self._pending: dict[tuple[int, ...], deque[RequestTag]] = {}
         kwargs.setdefault("async_scheduling", False)  # the capture refuses it (see inspection.py)
-        super().__init__(pretrained, additional_config=additional, enable_prefix_caching=False,
-                         **kwargs)
+        super().__init__(pretrained, additional_config=additional, **kwargs)
         atexit.register(self.close)
         try:
             self.routing = self.model.collective_rpc("moepath_describe")[0]

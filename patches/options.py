@@ -40,6 +40,8 @@ class EngineOptions:
     store_probs: bool = False
     store: str = trace_store.PER_TOKEN  # --store: what the worker keeps (CaptureSettings.store)
     num_kv_blocks: int | None = None  # override the KV cache size (tests force preemption)
+    block_size: int | None = None  # KV cache block (tokens; vLLM's default: 128 on CPU)
+    prefix_caching: bool = True  # vLLM's default; False: every prompt token is computed
     engine_core: str = "process"  # "process" (vLLM's default), "inline" or "auto": see below
     distributed_executor_backend: str | None = None  # vLLM's choice unless "mp" or "ray"
 
@@ -98,7 +100,13 @@ class EngineOptions:
         prepare_capture_environment(self.workers)
 
     def llm_kwargs(self, model: str, settings: CaptureSettings | None) -> dict:
-        """``vllm.LLM`` keyword arguments; ``settings=None`` gives the untraced twin."""
+        """``vllm.LLM`` keyword arguments; ``settings=None`` gives the untraced twin.
+
+        Prefix caching stays at vLLM's default (on) unless ``prefix_caching=False``,
+        traced or not: hits replay the routing kept beside the KV blocks
+        (``routing_cache.py``); ``store_probs`` turns it off, whose per-token
+        distributions that cache does not keep.
+        """
         kwargs = {
             "model": model,
             "dtype": self.dtype,
@@ -114,6 +122,9 @@ class EngineOptions:
             # async scheduling (vLLM's default on CUDA) decodes a request once more after
             # it sampled its stop token; the capture refuses it (off on CPU anyway)
             kwargs["async_scheduling"] = False
+        if not self.prefix_caching or (settings is not None and settings.store_probs):
+            # store_probs: the routing cache keeps no per-token distributions
+            kwargs["enable_prefix_caching"] = False
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
         if self.max_num_batched_tokens:
@@ -122,6 +133,8 @@ class EngineOptions:
             kwargs["num_gpu_blocks_override"] = self.num_kv_blocks
         if self.distributed_executor_backend:
             kwargs["distributed_executor_backend"] = self.distributed_executor_backend
+        if self.block_size:
+            kwargs["block_size"] = self.block_size
         return kwargs
 
 

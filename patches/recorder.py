@@ -4,7 +4,10 @@ After each forward, :meth:`StepRecorder.after_forward` maps buffer rows to
 (request, position) from the runner's batch state (``input_batch.req_ids``,
 ``query_start_loc``, ``positions``, ``input_ids.gpu``) and appends the rows of
 traced requests to their accumulators; when vLLM reports a request finished,
-its record goes to the :class:`sink.RoutingSink`.
+its record goes to the :class:`sink.RoutingSink`. With vLLM's prefix caching on
+it also keeps every computed token's routing in a
+:class:`routing_cache.RoutingCache`, from which it gives a traced request the
+routing of the tokens vLLM served it from the prefix cache.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ..tracer import store
 from . import compat, hook
 from .inspection import ModelRouting
 from .packed_rows import RowLayout
+from .routing_cache import RoutingCache, full_attention_group
 from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
 from .sink import RoutingSink
 from .stages import PipelineStages
@@ -65,6 +69,47 @@ class _Chunk:
         return self.first_position + self.end - self.start
 
 
+@dataclass(frozen=True)
+class OutputLimit:
+    """Where a request's routing ends, from the stops vLLM's engine core decides on tokens.
+
+    The engine core ends a request at its first generated token that is its EOS
+    (unless ``ignore_eos``) or one of its ``stop_token_ids``, or at its
+    ``max_tokens``-th, and never feeds that final token back: the request's last
+    recorded position is ``num_prompt_tokens + n_out - 2``. Under vLLM's async
+    scheduling (its default on CUDA) the step after the one that sampled the
+    final token is already scheduled when the core learns the request ended, and
+    feeds that token at ``num_prompt_tokens + n_out - 1`` (``n_out`` is then
+    known from the recorded tokens: the stop token is the one fed); :meth:`end`
+    cuts such rows at commit, so the record equals a synchronous one. Without
+    async scheduling no row is past it. Stop strings and repetition stops are
+    decided elsewhere (the front end; the core, on token patterns): not covered.
+    """
+
+    stop_token_ids: frozenset[int]
+    max_tokens: int | None
+
+    @classmethod
+    def of(cls, sampling_params) -> OutputLimit | None:
+        """The limit of a request with these vLLM ``SamplingParams`` (None: none given)."""
+        if sampling_params is None:
+            return None
+        eos = sampling_params.eos_token_id  # None under ignore_eos
+        stops = set(sampling_params.stop_token_ids or ()) | ({eos} if eos is not None else set())
+        return cls(frozenset(stops), sampling_params.max_tokens)
+
+    def end(self, num_prompt_tokens: int, token_ids: np.ndarray) -> int:
+        """The position after the last one a request with these stops computed, given the
+        tokens fed at positions 0.. (``token_ids``, int [T]): the position where its final
+        output token is fed, if it is, else T."""
+        end = len(token_ids)
+        if self.max_tokens is not None:
+            end = min(end, num_prompt_tokens + self.max_tokens - 1)
+        generated = token_ids[num_prompt_tokens:end]
+        stopped = np.flatnonzero(np.isin(generated, list(self.stop_token_ids)))
+        return num_prompt_tokens + int(stopped[0]) if len(stopped) else end
+
+
 @dataclass
 class RequestAccumulator:
     """Routing of one traced request, gathered chunk by chunk across steps."""
@@ -77,12 +122,36 @@ class RequestAccumulator:
     chunks: list[_Chunk] = field(default_factory=list)
     next_position: int = 0  # the position after the last recorded one
     recomputed: bool = False  # preempted and recomputed at least once
+    output_limit: OutputLimit | None = None  # where its rows end (None: where they stop)
 
     def add(self, chunk: _Chunk) -> None:
         if chunk.first_position < self.next_position:
             self._rewind(chunk.first_position)
         self.chunks.append(chunk)
         self.next_position = chunk.next_position
+
+    def restart(self, chunk: _Chunk) -> None:
+        """The request starts over with ``chunk`` as its first rows (a prefix-cache hit
+        replayed from position 0): every earlier record is dropped."""
+        self.recomputed |= bool(self.chunks)
+        self.chunks = [chunk]
+        self.next_position = chunk.next_position
+
+    def truncate(self, position: int) -> None:
+        """Drop every row at or after ``position``; prompt rows may not be cut from a
+        chunk (their router-distribution sum covers the whole chunk)."""
+        while self.chunks and self.chunks[-1].first_position >= position:
+            self.chunks.pop()
+        if self.chunks and self.chunks[-1].next_position > position:
+            last = self.chunks[-1]
+            kept = position - last.first_position
+            if last.prompt_rows > kept:
+                raise RuntimeError(f"request {self.request_id}: cannot cut its prompt rows "
+                                   f"at position {position}")
+            self.chunks[-1] = _Chunk(last.rows, last.start, last.start + kept,
+                                     last.first_position, last.prompt_rows,
+                                     last.prompt_prob_sum)
+        self.next_position = min(self.next_position, position)
 
     def _rewind(self, start: int) -> None:
         """Preemption recomputes from an earlier position: rows from ``start`` on replace
@@ -102,6 +171,10 @@ class RequestAccumulator:
             raise RuntimeError(
                 f"request '{self.sample_id}' has gaps in its routing (positions from "
                 f"{positions[0]}); was the prompt read from the prefix cache?")
+        if self.output_limit is not None:  # rows past the final output (async scheduling)
+            rows = rows[:self.output_limit.end(self.num_prompt_tokens,
+                                               layout.view(rows, "token_ids"))]
+            positions = layout.view(rows, "positions")
         prompt_chunks = [c for c in self.chunks if c.prompt_rows]
         mean = None
         if prompt_chunks:
@@ -209,10 +282,18 @@ class StepRecorder:
     """Maps each step's buffer rows to traced requests; hands finished ones to the sink."""
 
     def __init__(self, settings: CaptureSettings, routing: ModelRouting,
-                 sink: RoutingSink | None, stages: PipelineStages | None = None):
+                 sink: RoutingSink | None, stages: PipelineStages | None = None,
+                 prefix_caching: bool = False):
         """``sink``: where finished records go (None on a pipeline stage that sends them
-        to the collecting stage); ``stages``: the pipeline, when there are several."""
+        to the collecting stage); ``stages``: the pipeline, when there are several;
+        ``prefix_caching``: vLLM's prefix cache is read, so routing is kept per KV slot."""
         self.settings = settings
+        # with vLLM's prefix caching on, every computed token's routing is kept in a
+        # RoutingCache (made at the first step, once the KV cache exists), from which
+        # traced requests' prefix-cache hits are replayed
+        self.prefix_caching = prefix_caching
+        self.cache: RoutingCache | None = None
+        self.tokens_replayed = 0  # traced tokens read from the routing cache
         self.routing = routing
         self.sink = sink
         self.stages = stages
@@ -253,7 +334,8 @@ class StepRecorder:
         accumulator = RequestAccumulator(
             sample_id=str(sample_id), request_id=req_id, completion=completion,
             num_prompt_tokens=int(state.num_prompt_tokens),
-            meta=_parse_meta(extra.get(REQUEST_META_KEY)))
+            meta=_parse_meta(extra.get(REQUEST_META_KEY)),
+            output_limit=OutputLimit.of(state.sampling_params))
         self.active[req_id] = accumulator
         return accumulator
 
@@ -368,6 +450,8 @@ class StepRecorder:
         requests with one token each are each at their next generated position.
         :meth:`after_forward` checks that no such step has prompt rows.
         """
+        if self.prefix_caching:
+            return True  # every computed token's distribution goes to the routing cache
         run = self._run
         if run is not None and not run.full and not self.stores_probs:
             scheduled = scheduler_output.num_scheduled_tokens
@@ -392,6 +476,8 @@ class StepRecorder:
         ``--store-probs``, then raises.
         """
         num_reqs = runner.input_batch.num_reqs
+        if self.prefix_caching:
+            self._cache_step(runner, total_tokens)
         traced = self._traced_batch(runner)
         if not traced.accumulators:
             return
@@ -414,6 +500,7 @@ class StepRecorder:
         if not scores_written and prompt_rows.any():
             raise RuntimeError("a step predicted to be decode-only had prompt tokens, and "
                                "their router distributions were not scored")
+        self._replay_cached(runner, traced, first)
         sums = self._prompt_sums(starts, prompt_rows)
         if self.stores_probs:
             self._copy_probs(rows, step)
@@ -424,6 +511,65 @@ class StepRecorder:
                 traced.accumulators, offsets[:-1].tolist(), offsets[1:].tolist(),
                 first.tolist(), prompt_rows.tolist(), strict=True)):
             acc.add(_Chunk(step, start, end, position, prompt, sums.get(j)))
+
+    # -- prefix caching --------------------------------------------------------
+
+    def _cache_step(self, runner, total_tokens: int) -> None:
+        """Keep the routing of every token of the step in the routing cache, at its KV slot."""
+        if self.cache is None:
+            group, block_size = full_attention_group(runner.kv_cache_config)
+            self.cache = RoutingCache.allocate(
+                group, block_size, runner.kv_cache_config.num_blocks, self.layout,
+                len(self.routing.layers), self.routing.num_experts)
+        buffers = hook.BUFFERS
+        table = runner.input_batch.block_table[self.cache.group]
+        self.cache.write(table.slot_mapping.gpu[:total_tokens], {
+            "positions": runner.positions[:total_tokens],
+            "token_ids": runner.input_ids.gpu[:total_tokens],
+            "expert_ids": buffers.expert_ids[:total_tokens],
+            "gate_weights": buffers.gate_weights[:total_tokens]},
+            buffers.router_scores[:, :total_tokens])
+
+    def _replay_cached(self, runner, traced: _TracedBatch, first: np.ndarray) -> None:
+        """Give each traced request whose rows this step start past its recorded ones
+        (vLLM served positions ``[0, first)`` from its prefix cache) the routing of those
+        positions from the routing cache. Without prefix caching a gap stays a gap, which
+        :meth:`RequestAccumulator.finish` refuses."""
+        if self.cache is None:
+            return
+        for acc, position in zip(traced.accumulators, first.tolist(), strict=True):
+            if position > 0 and position != acc.next_position:
+                self._replay(runner.requests[acc.request_id], acc, position)
+
+    def _replay(self, state, acc: RequestAccumulator, hit: int) -> None:
+        """Rows ``[0, hit)`` of ``acc``'s request, whose KV vLLM read from its prefix cache
+        (``state``: the runner's CachedRequestState; its block table starts with the hit
+        blocks).
+
+        A hit within the prompt (a new request, or one preempted and resumed) replaces
+        every earlier row by the cached ones, whose sums give the prompt's share of the
+        router mean. A hit past the prompt (a request preempted while decoding, resumed)
+        keeps its own rows up to the hit, which include its whole prompt with its sums,
+        and takes from the cache only generated positions it had not recorded.
+        """
+        cache, prompt = self.cache, acc.num_prompt_tokens
+        block_ids = state.block_ids[cache.group]
+        name = f"'{acc.sample_id}' ({acc.request_id})"
+        keep = 0 if hit <= prompt else min(acc.next_position, hit)
+        if hit > prompt and keep < prompt:
+            raise RuntimeError(f"request {name} resumed past its prompt ({hit} cached "
+                               f"tokens) without having recorded the prompt")
+        tokens = (None if state.prompt_token_ids is None  # prompt embeddings: not known
+                  else (state.prompt_token_ids + state.output_token_ids)[keep:hit])
+        rows = cache.read(name, block_ids, keep, hit, tokens)
+        self.tokens_replayed += hit - keep
+        if keep == 0:
+            acc.restart(_Chunk(rows, 0, hit, 0, hit, cache.prompt_sum(block_ids, hit)))
+            return
+        acc.recomputed = True  # preempted: only a resumed request has rows to keep
+        acc.truncate(keep)
+        if hit > keep:
+            acc.add(_Chunk(rows, 0, hit - keep, keep, 0, None))
 
     def _continue_run(self, runner, traced: _TracedBatch) -> bool:
         """Record a step of one token per request into the current run if it is the run's
@@ -505,8 +651,10 @@ class StepRecorder:
                       else scores[:, rows[block:stop].to(scores.device)])
             probs[block:stop].copy_(source.transpose(0, 1))
 
-    def retarget(self, trace_dir: str, run: str) -> None:
-        """Write further requests into another trace directory (next checkpoint)."""
+    def retarget(self, trace_dir: str, run: str, weights_changed: bool = False) -> None:
+        """Write further requests into another trace directory (next checkpoint);
+        ``weights_changed``: the model's weights were reloaded, so the routing cache's
+        rows are forgotten (vLLM's prefix cache is reset too, by the driver)."""
         with self.lock:
             if self.active and any(self.active.values()):
                 raise RuntimeError("cannot switch trace directory while traced requests run")
@@ -514,6 +662,8 @@ class StepRecorder:
                 self.sink.flush()
                 self.sink.retarget(trace_dir, run)
             self.requests_recorded = 0
+            if weights_changed and self.cache is not None:
+                self.cache.invalidate()
 
     def fail(self, exc: BaseException) -> None:
         """Log once, switch capture off for this engine, remember the error for flush()."""
@@ -549,4 +699,5 @@ class StepRecorder:
             return {"shards": shards, "error": self.error,
                     "requests_recorded": self.requests_recorded,
                     "requests_recomputed": self.requests_recomputed,
-                    "requests_incomplete": self.requests_incomplete}
+                    "requests_incomplete": self.requests_incomplete,
+                    "tokens_replayed": self.tokens_replayed}

@@ -142,14 +142,15 @@ class EngineClient:
         self.generated: dict[str, list[int]] = {}
 
     def trace(self, prompts: dict[str, list[int]], untagged: list[list[int]] = (),
-              max_tokens: int = 0) -> dict[str, store.RoutingRecord]:
-        """Run tagged ``prompts`` (sample id -> token ids) plus ``untagged`` ones together;
-        the tokens each tagged prompt generated are left in ``self.generated``."""
+              max_tokens: int = 0, **sampling) -> dict[str, store.RoutingRecord]:
+        """Run tagged ``prompts`` (sample id -> token ids) plus ``untagged`` ones together
+        (``sampling``: more SamplingParams of the tagged ones); the tokens each tagged
+        prompt generated are left in ``self.generated``."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         requests = [(TokensPrompt(prompt_token_ids=ids),
-                     self.engine.sampling_params(sid, max_tokens=max_tokens))
+                     self.engine.sampling_params(sid, max_tokens=max_tokens, **sampling))
                     for sid, ids in prompts.items()]
         requests += [(TokensPrompt(prompt_token_ids=ids),
                       SamplingParams(max_tokens=max(1, max_tokens), temperature=0.0))

@@ -210,16 +210,20 @@ def test_samples_alone_equal_the_same_samples_in_a_crowd_of_500(chunked_engine, 
         assert decided == 1.0
 
 
-def test_shared_prefix_is_recomputed_not_read_from_prefix_cache(chunked_engine, hf_olmoe):
+def test_a_shared_prefix_read_from_the_prefix_cache_replays_the_routing_it_was_computed_with(
+        chunked_engine):
+    """The engine reads vLLM's prefix cache (on by default): its first 128-token block,
+    computed by p0 in two 64-token prefill chunks, is served to p1 and an untagged
+    request, and p1's record holds p0's routing of those tokens, bit for bit."""
     prefix = np.random.default_rng(2).integers(3, 500, size=160).tolist()
     first = chunked_engine.trace({"p0": prefix + [7, 8, 9]})["p0"]
-    # the prefix blocks are now cached; a second request sharing them must still
-    # record every position from 0
+    replayed = chunked_engine.engine.tokens_replayed
     again = chunked_engine.trace({"p1": prefix + [10, 11]}, untagged=[prefix + [12]])["p1"]
+    assert chunked_engine.engine.tokens_replayed - replayed == 128  # one whole block
     np.testing.assert_array_equal(again.positions, np.arange(162))
-    _, decided = agree_outside_near_ties(hf_olmoe, prefix, first.expert_ids[:160],
-                                         again.expert_ids[:160])
-    assert decided == 1.0
+    np.testing.assert_array_equal(again.token_ids, prefix + [10, 11])
+    np.testing.assert_array_equal(again.expert_ids[:128], first.expert_ids[:128])
+    np.testing.assert_array_equal(again.gate_weights[:128], first.gate_weights[:128])
 
 
 def test_untagged_requests_in_the_same_engine_leave_no_records(chunked_engine):
@@ -227,6 +231,37 @@ def test_untagged_requests_in_the_same_engine_leave_no_records(chunked_engine):
     untagged = [rng.integers(3, 500, size=20).tolist() for _ in range(10)]
     records = chunked_engine.trace({"t0": [5, 6, 7, 8]}, untagged=untagged)
     assert set(records) == {"t0"}
+
+
+def test_rows_past_a_final_stop_token_are_cut_as_the_engine_cut_the_request(chunked_engine):
+    """vLLM's async scheduling (its default on CUDA; forced off on CPU) feeds a request's
+    stop token once more before the engine core learns that the request ended. The
+    recorder cuts such rows when it finishes a request (``OutputLimit``): a real record
+    of 8 generated tokens, finished as if one of them had been a stop token, ends where
+    vLLM ends the same request given that stop token."""
+    from moepath.patches.recorder import OutputLimit, RequestAccumulator, _Chunk, step_layout
+
+    prompt = [5, 6, 7, 8, 9, 10]
+    full = chunked_engine.trace({"full": prompt}, max_tokens=8, ignore_eos=True)["full"]
+    generated = chunked_engine.generated["full"]
+    k = next(i for i in range(2, 8) if generated[i] not in generated[:i])  # a first occurrence
+    stopped = chunked_engine.trace({"stopped": prompt}, max_tokens=8, ignore_eos=True,
+                                   stop_token_ids=[generated[k]])["stopped"]
+    assert chunked_engine.generated["stopped"] == generated[:k + 1]
+    layout = step_layout(*full.expert_ids.shape[1:], full.router_mean.shape[1], False)
+    rows = layout.empty(full.num_tokens)
+    for column in ("positions", "token_ids", "expert_ids", "gate_weights"):
+        layout.view(rows, column)[:] = getattr(full, column)
+    unfinished = RequestAccumulator(
+        "full", "0-abcdefgh", 0, len(prompt), {},
+        output_limit=OutputLimit(frozenset({generated[k]}), max_tokens=8))
+    unfinished.add(_Chunk(rows, 0, full.num_tokens, 0, len(prompt),
+                          full.router_mean.astype(np.float64) * len(prompt)))
+    cut = unfinished.finish(layout)
+    np.testing.assert_array_equal(cut.positions, stopped.positions)  # prompt + k fed tokens
+    np.testing.assert_array_equal(cut.token_ids, stopped.token_ids)
+    np.testing.assert_array_equal(cut.expert_ids, full.expert_ids[:len(prompt) + k])
+    np.testing.assert_allclose(cut.router_mean, full.router_mean, rtol=1e-6)
 
 
 def test_generated_tokens_are_traced_after_the_prompt(chunked_engine):

@@ -115,8 +115,7 @@ def test_servers_whose_trace_no_worker_could_finish_are_refused_before_any_commi
     from moepath.patches.inspection import UnsupportedModelError
 
     parallel = {"data_parallel_size": 1, "distributed_executor_backend": "mp", **parallel}
-    worker = NS(vllm_config=NS(cache_config=NS(enable_prefix_caching=False),
-                               parallel_config=NS(**parallel)))
+    worker = NS(vllm_config=NS(parallel_config=NS(**parallel)))
     settings = CaptureSettings(dir=str(tmp_path / "t"), commit=True)
     with pytest.raises(UnsupportedModelError, match=message):
         _commit_from_worker(worker, settings, capture=None, describe=None,

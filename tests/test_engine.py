@@ -41,7 +41,8 @@ class FakeLLM:
                      "routing": {}, "writer": True, "reload_blocker": None}]
         if method == "moepath_flush":
             shards, self.pending = self.pending, []
-            return [{"shards": shards, "error": None, "requests_recomputed": 0}]
+            return [{"shards": shards, "error": None, "requests_recomputed": 0,
+                     "tokens_replayed": 0}]
         return [None]
 
     def reset_prefix_cache(self) -> None:

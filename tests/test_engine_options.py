@@ -90,6 +90,23 @@ def test_traced_engines_turn_async_scheduling_off_and_their_untraced_twins_keep_
     assert "async_scheduling" not in untraced and "additional_config" not in untraced
 
 
+def test_engines_keep_vllm_s_prefix_caching_unless_asked_or_storing_every_distribution():
+    """Traced engines read vLLM's prefix cache as untraced ones do (the routing of cached
+    tokens is replayed); per-token distributions (store_probs) are not kept for cached
+    tokens, so such engines compute every token."""
+    from moepath.patches.settings import CaptureSettings
+
+    traced = CaptureSettings(dir="t")
+    assert "enable_prefix_caching" not in EngineOptions().llm_kwargs("toy", traced)
+    assert "enable_prefix_caching" not in EngineOptions().llm_kwargs("toy", None)
+    off = EngineOptions(prefix_caching=False)
+    assert off.llm_kwargs("toy", traced)["enable_prefix_caching"] is False
+    assert off.llm_kwargs("toy", None)["enable_prefix_caching"] is False
+    probs = EngineOptions(store_probs=True)
+    settings = CaptureSettings(dir="t", store_probs=True)
+    assert probs.llm_kwargs("toy", settings)["enable_prefix_caching"] is False
+
+
 @pytest.mark.parametrize("batch_size", [0, -1])
 def test_a_batch_size_below_one_is_refused(batch_size):
     with pytest.raises(InputError, match=f"--batch-size must be at least 1, not {batch_size}"):

@@ -9,7 +9,7 @@ import pytest
 
 def inspect_one_layer(quant_method, moe_config=None, use_ubatching=False,
                       pipeline_parallel_size=1, async_scheduling=False, ec_transfer_config=None,
-                      compiled=True):
+                      kv_transfer_config=None, compiled=True):
     """``inspect_model`` of a model with one MoE layer: the real runner class with
     ``quant_method`` and ``moe_config`` set and no kernel built, in an engine
     configured by the other arguments (vLLM's names; ``compiled``: torch.compile on)."""
@@ -32,6 +32,7 @@ def inspect_one_layer(quant_method, moe_config=None, use_ubatching=False,
 
     return inspect_model(model, NS(
         speculative_config=None, ec_transfer_config=ec_transfer_config,
+        kv_transfer_config=kv_transfer_config,
         compilation_config=NS(mode=CompilationMode.VLLM_COMPILE if compiled
                               else CompilationMode.NONE),
         parallel_config=NS(use_ubatching=use_ubatching,
@@ -91,7 +92,10 @@ def test_a_sequence_parallel_moe_layer_is_refused():
     ({"pipeline_parallel_size": 2, "compiled": False},
      "CPU backend runs pipeline parallelism only compiled.*without --enforce-eager"),
     ({"async_scheduling": True}, "one more decode step of a request that sampled its stop "
-                                 "token.*--no-async-scheduling"),
+                                 "token; tracing under it is not yet proven .*GPUs.*"
+                                 "--no-async-scheduling"),
+    ({"kv_transfer_config": SimpleNamespace(kv_connector="LMCacheConnectorV1")},
+     "KV connector loads KV computed elsewhere.*without --kv-transfer-config"),
     ({"ec_transfer_config": SimpleNamespace(is_encode_only=True)},
      "runs no language-model forward"),
 ])

@@ -319,10 +319,9 @@ def test_the_backend_starts_its_engine_with_what_tracing_needs(upstream_kwargs, 
     from moepath.patches.lm_eval_backend import MoepathVLLM
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
-    with pytest.raises(EngineStarted):  # prefix caching off given explicitly is fine
-        MoepathVLLM("toy", trace_dir=str(tmp_path / "t"), enable_prefix_caching=False,
-                     tensor_parallel_size=2)
-    assert upstream_kwargs["enable_prefix_caching"] is False
+    with pytest.raises(EngineStarted):
+        MoepathVLLM("toy", trace_dir=str(tmp_path / "t"), tensor_parallel_size=2)
+    assert "enable_prefix_caching" not in upstream_kwargs  # vLLM's default: on
     assert upstream_kwargs["async_scheduling"] is False
     assert upstream_kwargs["additional_config"]["moepath"]["dir"] == str(tmp_path / "t")
     # CPU tensor parallelism: each rank on its own core (vLLM's own binding fails there)

@@ -7,14 +7,29 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from moepath.patches.recorder import RequestAccumulator, StepRecorder, _Chunk, step_layout
+from moepath.patches.recorder import (
+    OutputLimit,
+    RequestAccumulator,
+    StepRecorder,
+    _Chunk,
+    step_layout,
+)
+from moepath.patches.routing_cache import RoutingCacheMiss
 from moepath.patches.settings import CaptureSettings
 
 L, K, E = 2, 2, 4
+BLOCK = 4  # KV block size of the runners with prefix caching
 # what StepRecorder reads of inspection.ModelRouting
 ROUTING = SimpleNamespace(layers=[None] * L, top_k=K, num_experts=E,
                           config={"scoring_func": "softmax"})
 LAYOUT = step_layout(L, K, E, store_probs=False)
+
+
+def sampling_params(extra_args: dict, **kwargs):
+    """vLLM SamplingParams of a request that stops only when the test ends it."""
+    from vllm import SamplingParams
+
+    return SamplingParams(**{"max_tokens": None, **kwargs}, extra_args=extra_args or None)
 
 
 def chunk(start: int, stop: int, prompt_len: int, fill: int = 0) -> _Chunk:
@@ -159,7 +174,7 @@ class FakeRunner:
 
         def state(sample_id, prompt):
             extra = {REQUEST_ID_KEY: sample_id} if sample_id else {}
-            return NS(sampling_params=NS(extra_args=extra), num_prompt_tokens=prompt)
+            return NS(sampling_params=sampling_params(extra), num_prompt_tokens=prompt)
 
         self.requests = {"a-00000000": state("A", 5), "b-00000000": state(None, 9),
                          "c-00000000": state("C", 7)}
@@ -204,18 +219,25 @@ class ScriptedRunner:
     request's index in ``prompts``) and token id ``100 + position``. As under vLLM's
     async scheduling on CUDA, the token ids are in the device copy of ``input_ids``
     only; the host copy holds stale values (-1).
+
+    With ``blocks`` ({request id: KV block ids}), the runner also has a KV cache of
+    ``BLOCK``-token blocks (vLLM's slot mapping, block tables and token ids of each
+    request), as a runner with prefix caching on has.
     """
 
-    def __init__(self, prompts: dict[str, tuple[str | None, int]]):
+    def __init__(self, prompts: dict[str, tuple[str | None, int]],
+                 blocks: dict[str, list[int]] | None = None):
         from moepath.patches.settings import REQUEST_ID_KEY
 
         self.codes = {req_id: code for code, req_id in enumerate(prompts)}
         self.requests = {
             req_id: SimpleNamespace(
-                sampling_params=SimpleNamespace(
-                    extra_args={REQUEST_ID_KEY: sample} if sample else {}),
-                num_prompt_tokens=prompt)
+                sampling_params=sampling_params({REQUEST_ID_KEY: sample} if sample else {}),
+                num_prompt_tokens=prompt, block_ids=((blocks or {}).get(req_id, []),),
+                prompt_token_ids=list(range(100, 100 + prompt)), output_token_ids=[])
             for req_id, (sample, prompt) in prompts.items()}
+        if blocks is not None:
+            self.kv_cache_config = kv_cache_config(num_blocks=16)
 
     def step(self, recorder: StepRecorder, batch: dict[str, list[int]], tag: int = 0,
              scores_written: bool = True) -> None:
@@ -226,7 +248,16 @@ class ScriptedRunner:
         req_ids = list(batch)
         positions = [p for req_id in req_ids for p in batch[req_id]]
         codes = [self.codes[req_id] for req_id in req_ids for _ in batch[req_id]]
-        self.input_batch = SimpleNamespace(num_reqs=len(req_ids), req_ids=req_ids + ["stale"])
+        slots = [self.requests[req_id].block_ids[0][p // BLOCK] * BLOCK + p % BLOCK
+                 if self.requests[req_id].block_ids[0] else -1
+                 for req_id in req_ids for p in batch[req_id]]
+        table = SimpleNamespace(slot_mapping=SimpleNamespace(gpu=torch.tensor(slots)))
+        self.input_batch = SimpleNamespace(num_reqs=len(req_ids), req_ids=req_ids + ["stale"],
+                                           block_table=[table])
+        for req_id in req_ids:  # tokens fed past the prompt are generated: 100 + position
+            state = self.requests[req_id]
+            last = max(batch[req_id]) + 1
+            state.output_token_ids = list(range(100 + state.num_prompt_tokens, 100 + last))
         self.query_start_loc = SimpleNamespace(
             np=np.cumsum([0] + [len(batch[r]) for r in req_ids]).astype(np.int32))
         self.positions = torch.tensor(positions)
@@ -535,3 +566,92 @@ def test_prompt_sums_equal_a_per_request_reference():
         want = sum(scores[:, row] for row in range(start, start + prompt_rows[j]))
         assert sums[j].dtype == np.float64
         np.testing.assert_allclose(sums[j], want.numpy(), rtol=1e-6)
+
+
+def kv_cache_config(num_blocks: int):
+    """A vLLM KV cache config of one full-attention group of ``BLOCK``-token blocks."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=64,
+                             dtype=torch.float32)
+    return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                         kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
+
+
+def cached_recorder(sink) -> StepRecorder:
+    """A recorder of an engine with prefix caching on, every token scored 1/E."""
+    from moepath.patches import hook
+
+    hook.BUFFERS = hook.CaptureBuffers.allocate(16, L, K, E, "cpu")
+    hook.BUFFERS.router_scores.fill_(1 / E)
+    return StepRecorder(CaptureSettings(dir="x"), routing=ROUTING, sink=sink,
+                        prefix_caching=True)
+
+
+def test_a_prefix_cache_hit_replays_the_rows_another_request_computed_the_blocks_with():
+    sink = ListSink()
+    recorder = cached_recorder(sink)
+    # u (untraced) computes 10 prompt tokens in blocks 3, 5, 7; t shares its first 8
+    # tokens: vLLM serves them from blocks 3 and 5 and computes t's positions 8-9
+    runner = ScriptedRunner({"u": (None, 10), "t": ("T", 10)},
+                            blocks={"u": [3, 5, 7], "t": [3, 5, 9]})
+    runner.step(recorder, {"u": list(range(10))})
+    runner.step(recorder, {"t": [8, 9]})
+    recorder.flush(requests_done=True)
+
+    [record] = sink.records
+    np.testing.assert_array_equal(record.positions, np.arange(10))
+    np.testing.assert_array_equal(record.token_ids, np.arange(10) + 100)
+    # u is code 0, t code 1: rows 0-7 are u's, as computed; 8-9 t's own
+    np.testing.assert_array_equal(record.expert_ids[:, 0, 0], list(range(8)) + [18, 19])
+    np.testing.assert_allclose(record.router_mean, np.full((L, E), 1 / E), rtol=1e-6)
+    assert recorder.tokens_replayed == 8 and recorder.requests_recomputed == 0
+
+
+def test_a_request_resumed_past_its_prompt_keeps_its_rows_and_takes_the_rest_from_the_cache():
+    """Preempted while decoding, a request resumes where vLLM finds its tokens cached:
+    here at 8, in blocks a twin request computed further than it had."""
+    sink = ListSink()
+    recorder = cached_recorder(sink)
+    runner = ScriptedRunner({"a": ("A", 4), "twin": (None, 4)},
+                            blocks={"a": [0, 1], "twin": [4, 5, 6]})
+    runner.step(recorder, {"a": [0, 1, 2, 3], "twin": [0, 1, 2, 3]})
+    for position in (4, 5, 6):
+        runner.step(recorder, {"a": [position], "twin": [position]})
+    runner.step(recorder, {"twin": [7]})  # a is preempted, its blocks freed
+    runner.step(recorder, {"twin": [8]})
+    runner.requests["a"].block_ids = ([4, 5, 10],)  # resumed: 8 tokens from twin's blocks
+    runner.step(recorder, {"a": [8]}, tag=100)
+    recorder.flush(requests_done=True)
+
+    [record] = sink.records
+    np.testing.assert_array_equal(record.positions, np.arange(9))
+    # its own rows 0-6, twin's (code 1) at 7, its recomputed step at 8
+    np.testing.assert_array_equal(record.expert_ids[:, 0, 0], list(range(7)) + [17, 108])
+    np.testing.assert_allclose(record.router_mean, np.full((L, E), 1 / E), rtol=1e-6)
+    assert recorder.tokens_replayed == 1 and recorder.requests_recomputed == 1
+
+
+def test_a_hit_on_blocks_whose_routing_was_not_recorded_fails_naming_the_request():
+    recorder = cached_recorder(ListSink())
+    runner = ScriptedRunner({"t": ("T", 10)}, blocks={"t": [3, 5, 9]})  # 3, 5 never computed
+    with pytest.raises(RoutingCacheMiss, match=r"request 'T' \(t\): the prefix cache served "
+                                               "position 0 from KV block 3"):
+        runner.step(recorder, {"t": [8, 9]})
+
+
+@pytest.mark.parametrize(("params", "end"), [
+    ({}, 9),  # nothing stops it: every row
+    ({"max_tokens": 3}, 6),  # 3 outputs: 2 fed back, at positions 4 and 5
+    ({"stop_token_ids": [106]}, 6),  # 106 fed at 6 was its last output
+    ({"stop_token_ids": [103]}, 9),  # a prompt token stops nothing
+    ({"eos": 107}, 7),
+    ({"eos": 107, "ignore_eos": True}, 9),
+])
+def test_a_request_ends_where_its_final_output_token_would_be_fed(params, end):
+    """Rows 0-8 feed tokens 100-108; the prompt is 4 tokens: outputs are fed from 4 on."""
+    eos = params.pop("eos", None)
+    request = sampling_params({}, **params)
+    request.update_from_generation_config({}, eos_token_id=eos)  # as vLLM's front end does
+    assert OutputLimit.of(request).end(4, np.arange(100, 109)) == end

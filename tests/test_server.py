@@ -45,8 +45,8 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> N
 
 @contextlib.contextmanager
 def serve(model, trace_dir, *args: str, env: dict | None = None):
-    """A traced ``vllm serve`` of ``model`` into ``trace_dir`` (float32, no prefix caching,
-    more vLLM flags in ``args``), healthy: yields (url, process); the server is stopped
+    """A traced ``vllm serve`` of ``model`` into ``trace_dir`` (float32, vLLM's defaults
+    otherwise, prefix caching on; more vLLM flags in ``args``), healthy: yields (url, process); the server is stopped
     (SIGINT) on exit if the caller did not stop it."""
     port = free_port()
     config = {"moepath": {"dir": str(trace_dir), "commit": True, "flush_interval_s": 1}}
@@ -57,7 +57,7 @@ def serve(model, trace_dir, *args: str, env: dict | None = None):
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--max-model-len", "512", "--gpu-memory-utilization", str(TEST_MEMORY),
-         "--no-enable-prefix-caching", "--no-async-scheduling", "--shutdown-timeout", "60",
+         "--enable-prompt-tokens-details", "--shutdown-timeout", "60",
          "--additional-config", json.dumps(config), *args],
         stdout=log, stderr=subprocess.STDOUT,
         env=os.environ | {"VLLM_USE_V2_MODEL_RUNNER": "0"} | (env or {}),
@@ -100,6 +100,12 @@ def test_tagged_requests_are_traced_live_and_match_an_hf_forward(server, toy_olm
     with ThreadPoolExecutor(8) as pool:  # tagged and untagged requests, concurrently
         list(pool.map(lambda args: complete(url, str(toy_olmoe), *args),
                       zip(prompts, tags, strict=True)))
+    # a tagged request whose first two 128-token blocks an untagged one computed: served
+    # from vLLM's prefix cache (on by default), traced with the routing kept beside them
+    shared = rng.integers(3, 500, size=290).tolist()
+    complete(url, str(toy_olmoe), shared + [7, 8], None)
+    hit = complete(url, str(toy_olmoe), shared + [9], {"moepath_id": "cached"})
+    assert hit.usage.prompt_tokens_details.cached_tokens == 256
     # n = 2: each completion under its own index (vLLM runs them as child requests)
     pair = complete(url, str(toy_olmoe), prompts[0], {"moepath_id": "pair"}, n=2,
                     max_tokens=3, temperature=1.0, seed=3)
@@ -107,7 +113,8 @@ def test_tagged_requests_are_traced_live_and_match_an_hf_forward(server, toy_olm
     time.sleep(3)  # > flush interval: completed requests are committed while serving
     live = Trace.open(trace_dir)
     assert live.manifest.status == "running"
-    assert sorted(live.sample_ids()) == sorted([f"q{i}" for i in range(0, 12, 2)] + ["pair"])
+    assert sorted(live.sample_ids()) == sorted([f"q{i}" for i in range(0, 12, 2)]
+                                               + ["pair", "cached"])
     first, second = live.token_ids("pair", 0), live.token_ids("pair", 1)
     assert len(first) == len(second) == len(prompts[0]) + 2  # 2 generated tokens fed back
     np.testing.assert_array_equal(first[:len(prompts[0])], prompts[0])
@@ -115,10 +122,11 @@ def test_tagged_requests_are_traced_live_and_match_an_hf_forward(server, toy_olm
     samples = live.samples.set_index("sample_id")
     assert samples.loc["q4", "task"] == "t" and samples.loc["q4", "i"] == 4
     model = load_model(toy_olmoe)
-    for i in range(0, 12, 2):
-        ids, _ = live.topk(f"q{i}")
-        np.testing.assert_array_equal(live.token_ids(f"q{i}"), prompts[i])
-        reference = hf_routing(model, prompts[i])
+    traced = {f"q{i}": prompts[i] for i in range(0, 12, 2)} | {"cached": shared + [9]}
+    for sample, prompt in traced.items():
+        ids, _ = live.topk(sample)
+        np.testing.assert_array_equal(live.token_ids(sample), prompt)
+        reference = hf_routing(model, prompt)
         agree = (np.sort(ids, -1) == np.sort(reference.expert_ids, -1)).all(-1).mean()
         assert agree >= 0.999
 
@@ -126,4 +134,4 @@ def test_tagged_requests_are_traced_live_and_match_an_hf_forward(server, toy_olm
     process.wait(timeout=120)
     final = Trace.open(trace_dir)
     assert final.manifest.status == "complete"
-    assert len(final.sample_ids()) == 7
+    assert len(final.sample_ids()) == 8
