@@ -58,7 +58,14 @@ def _wrap_load_model(original):
 
         settings = from_vllm_config(self.vllm_config)
         if settings is not None:
-            _enable_capture(self, settings)
+            from .inspection import UnsupportedModelError
+            from .settings import write_refusal
+
+            try:
+                _enable_capture(self, settings)
+            except UnsupportedModelError as exc:
+                write_refusal(settings, str(exc))
+                raise
 
     load_model.__moepath_wrapped__ = True
     return load_model

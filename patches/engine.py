@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -22,13 +24,14 @@ import numpy as np
 import pyarrow as pa
 
 from ..tracer import checkpoints, provenance, store
-from ..tracer.errors import CaptureError, InputError
+from ..tracer.errors import CaptureError, InputError, ModelError
 from ..tracer.manifest import Manifest, ModelInfo
 from ..tracer.provenance import input_section
 from ..tracer.samples import SampleSet, sample_table
 from ..tracer.writer import TraceWriter
+from . import compat
 from .options import EngineOptions, TraceOptions
-from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
+from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings, read_refusal
 
 
 def tag(params, sample_id: str, meta: dict | None = None):
@@ -67,16 +70,26 @@ class TracedEngine:
         from vllm import LLM
 
         options = options or EngineOptions()
+        if why := compat.check_loadable(checkpoints.moe_shape(model).architecture):
+            raise ModelError(f"{why}; trace it with a vLLM release that loads it")
         options.prepare_environment()
+        refusal = Path(tempfile.mkdtemp(prefix="moepath-")) / "refusal.txt"
         self.settings = CaptureSettings(dir=str(trace_dir), trace_all=trace_all,
                                         store_probs=options.store_probs, store=options.store,
-                                        commit=commit,
-                                        flush_interval_s=1.0).with_run()
+                                        commit=commit, flush_interval_s=1.0,
+                                        refusal_file=str(refusal)).with_run()
         self.model = Path(model)
         kwargs = options.llm_kwargs(str(model), self.settings)
         if commit:  # vLLM cannot skip prefix-cache reads for requests we do not tag
             kwargs["enable_prefix_caching"] = False
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as exc:  # vLLM reports a worker's failure at load without its reason
+            if (why := read_refusal(self.settings)) is not None:
+                raise ModelError(why) from exc
+            raise
+        finally:
+            shutil.rmtree(refusal.parent, ignore_errors=True)
         self.routing = ModelInfo.from_dict(self.llm.collective_rpc("moepath_describe")[0])
 
     @property
