@@ -107,8 +107,9 @@ def _enable_capture(worker, settings) -> None:
     # the driver flushes between generate calls: its requests are done
     worker.moepath_flush = (functools.partial(recorder.flush, requests_done=True)
                             if recorder is not None
-                            else lambda: {"shards": [], "error": None, "requests_recorded": 0,
-                                         "requests_recomputed": 0, "requests_incomplete": 0})
+                            else lambda: {"shards": [], "error": None, "rejected": [],
+                                         "requests_recorded": 0, "requests_recomputed": 0,
+                                         "requests_incomplete": 0})
 
     def switch(trace_dir: str, run: str, weights_path: str | None = None) -> None:
         if weights_path:

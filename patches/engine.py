@@ -167,7 +167,8 @@ class TracedEngine:
 
     def flush(self) -> list[store.ShardInfo]:
         """Write all finished requests' routing and return the new shards, for the caller
-        to commit; raise CaptureError if capture failed.
+        to commit; raise CaptureError if capture failed or a request's routing was not
+        finite (``recorder.nonfinite_routing``: that request is not recorded).
 
         ``commit=False`` engines only: with ``commit=True`` the worker's committer
         thread owns the shards, and shards taken from it would never be committed
@@ -183,6 +184,10 @@ class TracedEngine:
         errors = [reply["error"] for reply in replies if reply["error"]]
         if errors:
             raise CaptureError(f"routing capture failed in the engine: {errors[0]}")
+        rejected = [why for reply in replies for why in reply["rejected"]]
+        if rejected:
+            more = f" ({len(rejected) - 1} more sample(s) alike)" if len(rejected) > 1 else ""
+            raise CaptureError(rejected[0] + more)
         return [store.ShardInfo(**shard) for reply in replies for shard in reply["shards"]]
 
     def _refuse_if_worker_commits(self, action: str) -> None:

@@ -42,7 +42,7 @@ class FakeLLM:
                      "routing": {}, "writer": True, "reload_blocker": None}]
         if method == "moepath_flush":
             shards, self.pending = self.pending, []
-            return [{"shards": shards, "error": None, "requests_recomputed": 0}]
+            return [{"shards": shards, "error": None, "rejected": [], "requests_recomputed": 0}]
         return [None]
 
     def reset_prefix_cache(self) -> None:
