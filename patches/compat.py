@@ -42,12 +42,26 @@ UNLOADABLE = {
 }
 
 
+# architectures whose vLLM model code imports a package vLLM does not require, and why
+NEEDS_PACKAGE = {
+    "Qwen3_5MoeForCausalLM": ("torchvision", "vLLM's Qwen3.5 code imports its vision encoder, "
+                                             "whose image processor needs torchvision"),
+}
+
+
 def check_loadable(architecture: str) -> str | None:
-    """Why this vLLM release cannot load a checkpoint of ``architecture``, or None."""
+    """Why this vLLM release cannot load a checkpoint of ``architecture`` here, or None."""
+    import importlib.util
+
+    package, why = NEEDS_PACKAGE.get(architecture, (None, None))
+    if package is not None and importlib.util.find_spec(package) is None:
+        return (f"vLLM cannot serve {architecture} without {package} ({why}), which is not "
+                f"installed; install the {package} build matching this torch")
     why = UNLOADABLE.get(architecture)
     if why is None or not any(vllm_version().startswith(v) for v in SUPPORTED_VLLM):
         return None
-    return f"vLLM {vllm_version()} cannot serve {architecture}: {why}"
+    return (f"vLLM {vllm_version()} cannot serve {architecture}: {why}; trace it with a vLLM "
+            f"release that loads it")
 
 
 def vllm_version() -> str:

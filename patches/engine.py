@@ -71,7 +71,7 @@ class TracedEngine:
 
         options = options or EngineOptions()
         if why := compat.check_loadable(checkpoints.moe_shape(model).architecture):
-            raise ModelError(f"{why}; trace it with a vLLM release that loads it")
+            raise ModelError(why)
         options.prepare_environment()
         refusal = Path(tempfile.mkdtemp(prefix="moepath-")) / "refusal.txt"
         self.settings = CaptureSettings(dir=str(trace_dir), trace_all=trace_all,

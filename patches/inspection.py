@@ -221,13 +221,16 @@ def _routing_config(layer: MoELayer) -> dict:
     if scoring not in ("softmax", "sigmoid"):
         raise UnsupportedModelError(
             f"moepath: router scoring function '{scoring}' is not supported (softmax, sigmoid)")
+    grouped = bool(getattr(router, "use_grouped_topk", False))
     return {
         "router": type(router).__name__,
         "scoring_func": scoring,
         "renormalize": bool(getattr(router, "renormalize", False)),
         "routed_scaling_factor": float(getattr(router, "routed_scaling_factor", 1.0))
         * layer.output_scale,
-        "grouped_topk": bool(getattr(router, "use_grouped_topk", False)),
+        "grouped_topk": grouped,
+        "num_expert_group": int(router.num_expert_group) if grouped else None,
+        "topk_group": int(router.topk_group) if grouped else None,
         "correction_bias": layer.selection_bias is not None,
     }
 

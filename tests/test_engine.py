@@ -78,6 +78,21 @@ def test_an_architecture_this_vllm_cannot_load_is_refused_before_an_engine_start
         TracedEngine(checkpoint(tmp_path, "dbrx", "DbrxForCausalLM"), tmp_path / "t")
 
 
+def test_an_architecture_whose_vllm_code_needs_a_missing_package_is_refused_naming_it(
+        no_engine, tmp_path):
+    import importlib.util
+
+    from moepath.tracer.errors import ModelError
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here")
+    with pytest.raises(ModelError, match=(
+            r"^vLLM cannot serve Qwen3_5MoeForCausalLM without torchvision \(vLLM's Qwen3.5 "
+            r"code imports its vision encoder, whose image processor needs torchvision\), "
+            r"which is not installed; install the torchvision build matching this torch$")):
+        TracedEngine(checkpoint(tmp_path, "qwen35", "Qwen3_5MoeForCausalLM"), tmp_path / "t")
+
+
 class RefusingLLM:
     """Stands in for a ``vllm.LLM`` whose worker refused the model at load: the plugin left
     its reason where the settings say, then vLLM raised its own error, without it."""

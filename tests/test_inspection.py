@@ -155,6 +155,8 @@ def test_a_selection_bias_counts_only_where_the_router_ranks_by_it():
                                           e_score_correction_bias=bias))
     assert deepseek.layers[0].selection_bias is bias
     assert deepseek.config["correction_bias"] is True
+    assert (deepseek.config["num_expert_group"], deepseek.config["topk_group"]) == (4, 2)
+    assert (ernie.config["grouped_topk"], ernie.config["num_expert_group"]) == (False, None)
 
 
 def test_routing_done_in_transformers_code_is_refused():
