@@ -37,7 +37,7 @@ test-fast: setup
 
 # Every toy architecture against an HF forward (one engine each; docs/models.md)
 test-models: setup
-	$(PY) -m pytest -q -m models tests/test_capture.py
+	$(PY) -m pytest -q -m models tests/test_toy.py tests/test_capture.py
 
 # Pipeline parallelism beyond the default suite: float32 exactness, a served pipeline
 # (docs/parallel.md records the results)

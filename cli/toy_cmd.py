@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
+from ..fixtures.toy import ARCHITECTURES
 from . import render
 
 
 def toy_model(
     out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
-    arch: Annotated[str, typer.Option(help="olmoe, mixtral, qwen2moe, glm4moe, granitemoe, "
-                                     "phimoe, qwen3moe, deepseekv3, ernie45moe, llama4 or gptoss "
+    arch: Annotated[str, typer.Option(help=f"{', '.join(ARCHITECTURES)} "
                                      "(docs/models.md).")] = "olmoe",
     preset: Annotated[str, typer.Option(help="tiny (tests) or olmoe-shaped (16 layers, "
                       "64 experts, top-8).")] = "tiny",

@@ -58,7 +58,14 @@ def _wrap_load_model(original):
 
         settings = from_vllm_config(self.vllm_config)
         if settings is not None:
-            _enable_capture(self, settings)
+            from .inspection import UnsupportedModelError
+            from .settings import write_refusal
+
+            try:
+                _enable_capture(self, settings)
+            except UnsupportedModelError as exc:
+                write_refusal(settings, str(exc))
+                raise
 
     load_model.__moepath_wrapped__ = True
     return load_model
@@ -101,9 +108,9 @@ def _enable_capture(worker, settings) -> None:
     # the driver flushes between generate calls: its requests are done
     worker.moepath_flush = (functools.partial(recorder.flush, requests_done=True)
                             if recorder is not None
-                            else lambda: {"shards": [], "error": None, "requests_recorded": 0,
-                                         "requests_recomputed": 0, "requests_incomplete": 0,
-                                         "tokens_replayed": 0})
+                            else lambda: {"shards": [], "error": None, "rejected": [],
+                                         "requests_recorded": 0, "requests_recomputed": 0,
+                                         "requests_incomplete": 0, "tokens_replayed": 0})
 
     def switch(trace_dir: str, run: str, weights_path: str | None = None) -> None:
         if weights_path:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -22,13 +24,14 @@ import numpy as np
 import pyarrow as pa
 
 from ..tracer import checkpoints, provenance, store
-from ..tracer.errors import CaptureError, InputError
+from ..tracer.errors import CaptureError, InputError, ModelError
 from ..tracer.manifest import Manifest, ModelInfo
 from ..tracer.provenance import input_section
 from ..tracer.samples import SampleSet, sample_table
 from ..tracer.writer import TraceWriter
+from . import compat
 from .options import EngineOptions, TraceOptions
-from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings
+from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings, read_refusal
 
 
 def tag(params, sample_id: str, meta: dict | None = None):
@@ -68,13 +71,24 @@ class TracedEngine:
         from vllm import LLM
 
         options = options or EngineOptions()
+        if why := compat.check_loadable(checkpoints.moe_shape(model).architecture):
+            raise ModelError(why)
         options.prepare_environment()
+        refusal = Path(tempfile.mkdtemp(prefix="moepath-")) / "refusal.txt"
         self.settings = CaptureSettings(dir=str(trace_dir), trace_all=trace_all,
                                         store_probs=options.store_probs, store=options.store,
-                                        commit=commit,
-                                        flush_interval_s=1.0).with_run()
+                                        commit=commit, flush_interval_s=1.0,
+                                        refusal_file=str(refusal)).with_run()
         self.model = Path(model)
-        self.llm = LLM(**options.llm_kwargs(str(model), self.settings))
+        kwargs = options.llm_kwargs(str(model), self.settings)
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as exc:  # vLLM reports a worker's failure at load without its reason
+            if (why := read_refusal(self.settings)) is not None:
+                raise ModelError(why) from exc
+            raise
+        finally:
+            shutil.rmtree(refusal.parent, ignore_errors=True)
         self.routing = ModelInfo.from_dict(self.llm.collective_rpc("moepath_describe")[0])
 
     @property
@@ -152,7 +166,8 @@ class TracedEngine:
 
     def flush(self) -> list[store.ShardInfo]:
         """Write all finished requests' routing and return the new shards, for the caller
-        to commit; raise CaptureError if capture failed.
+        to commit; raise CaptureError if capture failed or a request's routing was not
+        finite (``recorder.nonfinite_routing``: that request is not recorded).
 
         ``commit=False`` engines only: with ``commit=True`` the worker's committer
         thread owns the shards, and shards taken from it would never be committed
@@ -171,6 +186,10 @@ class TracedEngine:
         errors = [reply["error"] for reply in replies if reply["error"]]
         if errors:
             raise CaptureError(f"routing capture failed in the engine: {errors[0]}")
+        rejected = [why for reply in replies for why in reply["rejected"]]
+        if rejected:
+            more = f" ({len(rejected) - 1} more sample(s) alike)" if len(rejected) > 1 else ""
+            raise CaptureError(rejected[0] + more)
         return [store.ShardInfo(**shard) for reply in replies for shard in reply["shards"]]
 
     def _refuse_if_worker_commits(self, action: str) -> None:

@@ -144,8 +144,9 @@ def wrap_select_experts(original):
     """``FusedMoERouter.select_experts`` that also records routing of traced layers.
 
     Routers of layers moepath found at load carry ``_moepath_slot`` (MoE layer
-    ordinal) and ``_moepath_weight_scale``; others (none in a traced engine) pass
-    through untouched.
+    ordinal), ``_moepath_weight_scale`` and ``_moepath_bias`` (the selection bias the
+    router ranks by, or None: ``inspection.MoELayer``); others (none in a traced
+    engine) pass through untouched.
     """
 
     @functools.wraps(original)
@@ -154,7 +155,7 @@ def wrap_select_experts(original):
         slot = getattr(self, "_moepath_slot", None)
         if slot is not None:
             record(slot, self.global_num_experts, router_logits, topk_weights, topk_ids,
-                   getattr(self, "e_score_correction_bias", None), self._moepath_weight_scale)
+                   self._moepath_bias, self._moepath_weight_scale)
         return topk_weights, topk_ids
 
     select_experts.__moepath_wrapped__ = True

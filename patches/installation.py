@@ -121,6 +121,7 @@ def install(worker, settings: CaptureSettings) -> Capture:
     for slot, layer in enumerate(layers):
         layer.router._moepath_slot = slot
         layer.router._moepath_weight_scale = layer.output_scale
+        layer.router._moepath_bias = layer.selection_bias
     router_cls = compat.router_base_class()
     if not getattr(router_cls.select_experts, "__moepath_wrapped__", False):
         router_cls.select_experts = hook.wrap_select_experts(router_cls.select_experts)

@@ -278,6 +278,30 @@ def _parse_meta(value) -> dict:
     return value
 
 
+def nonfinite_routing(record: store.RoutingRecord, routing: ModelRouting) -> str | None:
+    """Why ``record`` must not be stored, or None: a gate weight, router distribution or
+    prompt mean that is not finite. NaN router logits make every router's weights NaN,
+    an infinite logit a softmax router's; a trace keeps no such row. The reason names
+    the sample, the first such token position and, at it, the first MoE layer."""
+    bad = ~np.isfinite(record.gate_weights).all(-1)  # [T, L]
+    if record.router_probs is not None:
+        bad |= ~np.isfinite(record.router_probs).all(-1)
+    where = ""
+    if bad.any():
+        token, slot = np.argwhere(bad)[0]
+        where = f" at position {record.positions[token]}"
+    elif record.router_mean is not None and not np.isfinite(record.router_mean).all():
+        slot = np.flatnonzero(~np.isfinite(record.router_mean).all(-1))[0]
+        where = " (its prompt mean)"
+    else:
+        return None
+    return (f"sample '{record.sample_id}': MoE layer {slot} (model layer "
+            f"{routing.layers[slot].layer_id}) routed with NaN or infinite gate weights or "
+            f"router scores{where}, from router logits that are not finite; its routing is not "
+            f"recorded. The model's activations overflowed or its weights hold NaN/inf: check "
+            f"the checkpoint, or serve it in float32 or bfloat16 (--dtype)")
+
+
 class StepRecorder:
     """Maps each step's buffer rows to traced requests; hands finished ones to the sink."""
 
@@ -303,6 +327,7 @@ class StepRecorder:
         self.requests_recorded = 0
         self.requests_recomputed = 0
         self.requests_incomplete = 0  # ended before their whole prompt was computed
+        self.rejected: list[str] = []  # why requests were not recorded, since the last flush
         self.layout = step_layout(len(routing.layers), routing.top_k, routing.num_experts,
                                   settings.store_probs)
         self._batch: _TracedBatch | None = None
@@ -393,7 +418,11 @@ class StepRecorder:
             if accumulator.next_position < accumulator.num_prompt_tokens:
                 self._drop_incomplete(accumulator)
                 continue
-            records[req_id] = accumulator.finish(self.layout)
+            record = accumulator.finish(self.layout)
+            if (why := nonfinite_routing(record, self.routing)) is not None:
+                self._reject(why)
+                continue
+            records[req_id] = record
             if accumulator.recomputed:
                 recomputed.add(req_id)
         if self.stages is not None and (finished or all_stages):
@@ -422,6 +451,12 @@ class StepRecorder:
             "%s request '%s' (sample '%s') ended after %d of its %d prompt tokens (aborted?); "
             "it is not recorded", compat.LOG_PREFIX, accumulator.request_id,
             accumulator.sample_id, accumulator.next_position, accumulator.num_prompt_tokens)
+
+    def _reject(self, why: str) -> None:
+        """A finished request whose routing is not finite is not recorded: the driver's
+        next flush fails with ``why`` (``TracedEngine.flush``), a server logs it."""
+        self.rejected.append(why)
+        compat.logger.error("%s %s", compat.LOG_PREFIX, why)
 
     def _traced_batch(self, runner) -> _TracedBatch:
         """The traced requests of the runner's batch; recomputed only when the batch changes
@@ -696,7 +731,8 @@ class StepRecorder:
                     self.stages.wait_sent()
             except Exception as exc:  # a failed write must reach the driver, not vanish
                 self.fail(exc)
-            return {"shards": shards, "error": self.error,
+            rejected, self.rejected = self.rejected, []
+            return {"shards": shards, "error": self.error, "rejected": rejected,
                     "requests_recorded": self.requests_recorded,
                     "requests_recomputed": self.requests_recomputed,
                     "requests_incomplete": self.requests_incomplete,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from ..tracer import store as trace_store
 
@@ -45,6 +46,9 @@ class CaptureSettings:
         commit: the worker also commits the manifest itself (server mode: no
             driver process owns the trace); commits every ``flush_interval_s``.
         flush_interval_s: server mode: seconds between shard writes + commits.
+        refusal_file: a file the worker writes its reason into when it refuses the model
+            at load (``inspection.UnsupportedModelError``), for an offline driver to raise
+            as one line (:func:`read_refusal`); empty: the reason is only logged.
     """
 
     dir: str
@@ -55,6 +59,7 @@ class CaptureSettings:
     run: str = ""
     commit: bool = False
     flush_interval_s: float = 5.0
+    refusal_file: str = ""
 
     def with_run(self) -> CaptureSettings:
         """A copy with a fresh random ``run`` prefix when none was given."""
@@ -92,3 +97,18 @@ def from_vllm_config(vllm_config) -> CaptureSettings | None:
     additional = getattr(vllm_config, "additional_config", None) or {}
     options = additional.get(CONFIG_KEY) if isinstance(additional, dict) else None
     return CaptureSettings.parse(options) if options else None
+
+
+def write_refusal(settings: CaptureSettings, reason: str) -> None:
+    """In a worker that refuses its model: leave ``reason`` for the driver, if it asked."""
+    if settings.refusal_file:
+        Path(settings.refusal_file).write_text(reason)
+
+
+def read_refusal(settings: CaptureSettings) -> str | None:
+    """In the driver, after the engine failed to start: why a worker refused the model, if
+    one did (the message without its log prefix)."""
+    path = Path(settings.refusal_file) if settings.refusal_file else None
+    if path is None or not path.is_file():
+        return None
+    return path.read_text().removeprefix("moepath: ")

@@ -452,6 +452,38 @@ def test_with_two_moe_layers_consistency_is_left_out_and_the_note_says_why(tmp_p
     assert "| 0.0000 |" not in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_a_checkpoint_without_router_matrices_leaves_out_consistency_not_distances(tmp_path):
+    """A served model whose router moepath could not read back (a quantised gate, say) has
+    no router matrices in its trace: compare goes on, its distances computed."""
+    found = synthetic_run(tmp_path)
+    step200 = tmp_path / "traces" / "step200"
+    manifest = store.read_manifest(step200)
+    manifest["router_weights"] = None
+    manifest["router_weights_unavailable"] = "router linear 'mlp.gate' is quantised"
+    store.write_manifest(step200, manifest)
+
+    result = cmp.analyse(found, tmp_path / "traces", cmp.CompareOptions())
+    report.write_outputs(tmp_path / "out", result, command="")
+
+    metrics = result.metrics[result.metrics.group == "all"]
+    by_checkpoint = metrics.groupby("checkpoint")["metric"].apply(set)
+    consistency = {"consistency", "complexity", "router_norm", "consistency_median"}
+    assert not consistency & by_checkpoint["step200"]
+    assert consistency <= by_checkpoint["step100"] and consistency <= by_checkpoint["step300"]
+    [distance] = metrics[(metrics.checkpoint == "step200")
+                         & (metrics.metric == "distance")]["value"]
+    [full] = trace_metrics(Trace.open(step200))
+    assert distance == pytest.approx(full.distance_mean, rel=1e-12)
+    samples = result.samples.set_index("checkpoint")
+    assert samples.loc["step200", "consistency"].isna().all()
+    assert samples.loc["step300", "consistency"].notna().all()
+    assert ("consistency and complexity are unavailable for 1 of 3 checkpoints (first: "
+            "'step200': the traced model has no router matrix moepath could read (router "
+            "linear 'mlp.gate' is quantised)); pathway distances and the other metrics are "
+            "computed") in result.notes
+    assert "unavailable for 1 of 3 checkpoints" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_metrics_rows_carry_intervals_baseline_controls_and_robust_consistency(tmp_path):
     """The rows of each group equal ``group_metrics`` of its samples; layers go to their own
     frame (layers.parquet), so metrics.parquet keeps one row per quantity."""

@@ -7,6 +7,7 @@ starts, on a copy of the session's trace (``olmoe_trace``).
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -41,7 +42,7 @@ class FakeLLM:
                      "routing": {}, "writer": True, "reload_blocker": None}]
         if method == "moepath_flush":
             shards, self.pending = self.pending, []
-            return [{"shards": shards, "error": None, "requests_recomputed": 0,
+            return [{"shards": shards, "error": None, "rejected": [], "requests_recomputed": 0,
                      "tokens_replayed": 0}]
         return [None]
 
@@ -57,8 +58,72 @@ def fake_vllm(monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
+def checkpoint(root, name: str, architecture: str = "OlmoeForCausalLM") -> Path:
+    """A model folder holding only the config.json of a small MoE of ``architecture``."""
+    folder = root / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": [architecture], "num_hidden_layers": 4, "num_experts": 16,
+        "num_experts_per_tok": 4}))
+    return folder
+
+
+def test_an_architecture_this_vllm_cannot_load_is_refused_before_an_engine_starts(
+        no_engine, tmp_path):
+    from moepath.tracer.errors import ModelError
+
+    with pytest.raises(ModelError, match=(
+            r"^vLLM 0.32.0 cannot serve DbrxForCausalLM: its DBRX weight loader names the "
+            r"expert weights 'experts.w13_weight', .* traced or not; trace it with a vLLM "
+            r"release that loads it$")):
+        TracedEngine(checkpoint(tmp_path, "dbrx", "DbrxForCausalLM"), tmp_path / "t")
+
+
+def test_an_architecture_whose_vllm_code_needs_a_missing_package_is_refused_naming_it(
+        no_engine, tmp_path):
+    import importlib.util
+
+    from moepath.tracer.errors import ModelError
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here")
+    with pytest.raises(ModelError, match=(
+            r"^vLLM cannot serve Qwen3_5MoeForCausalLM without torchvision \(vLLM's Qwen3.5 "
+            r"code imports its vision encoder, whose image processor needs torchvision\), "
+            r"which is not installed; install the torchvision build matching this torch$")):
+        TracedEngine(checkpoint(tmp_path, "qwen35", "Qwen3_5MoeForCausalLM"), tmp_path / "t")
+
+
+class RefusingLLM:
+    """Stands in for a ``vllm.LLM`` whose worker refused the model at load: the plugin left
+    its reason where the settings say, then vLLM raised its own error, without it."""
+
+    def __init__(self, **kwargs):
+        from moepath.patches.settings import CaptureSettings, write_refusal
+
+        settings = CaptureSettings.parse(kwargs["additional_config"]["moepath"])
+        RefusingLLM.refusal_file = Path(settings.refusal_file)
+        write_refusal(settings, "moepath: MoE layer 'model.layers.0.mlp.experts' is routed by "
+                                "the model's own transformers code")
+        raise RuntimeError("Engine core initialization failed. See root cause above. Failed "
+                           "core proc(s): {}")
+
+
+def test_a_model_a_worker_refuses_at_load_fails_the_start_with_the_workers_reason(
+        monkeypatch, tmp_path):
+    import vllm
+
+    from moepath.tracer.errors import ModelError
+
+    monkeypatch.setattr(vllm, "LLM", RefusingLLM)
+    with pytest.raises(ModelError, match=r"^MoE layer 'model.layers.0.mlp.experts' is routed by "
+                                         r"the model's own transformers code$"):
+        TracedEngine(checkpoint(tmp_path, "ckpt-a"), tmp_path / "a", commit=False)
+    assert not RefusingLLM.refusal_file.parent.exists()  # the driver's, removed
+
+
 def test_flush_is_refused_when_the_worker_commits_its_own_trace(fake_vllm, tmp_path):
-    engine = TracedEngine("ckpt-a", tmp_path / "a")  # commit=True: the worker commits
+    engine = TracedEngine(checkpoint(tmp_path, "ckpt-a"), tmp_path / "a")  # the worker commits
     engine.llm.pending = [SHARD]
     with pytest.raises(CaptureError, match=r"commits its own trace directory \(commit=True\); "
                                            r"start it with commit=False to flush and commit"):
@@ -70,13 +135,13 @@ def test_flush_is_refused_when_the_worker_commits_its_own_trace(fake_vllm, tmp_p
 
 def test_switching_checkpoints_returns_the_shards_flushed_into_the_previous_directory(
         fake_vllm, tmp_path):
-    engine = TracedEngine("ckpt-a", tmp_path / "a", commit=False)
+    engine = TracedEngine(checkpoint(tmp_path, "ckpt-a"), tmp_path / "a", commit=False)
     engine.llm.pending = [SHARD]  # a generate call the caller did not flush
-    shards = engine.switch_checkpoint("ckpt-b", tmp_path / "b")
+    shards = engine.switch_checkpoint(checkpoint(tmp_path, "ckpt-b"), tmp_path / "b")
     assert shards == [ShardInfo(**SHARD)]  # to commit in tmp_path / "a"
     assert engine.llm.calls == ["moepath_describe", "moepath_flush", "moepath_switch",
                                 "reset_prefix_cache"]
-    assert engine.settings.dir == str(tmp_path / "b") and str(engine.model) == "ckpt-b"
+    assert engine.settings.dir == str(tmp_path / "b") and engine.model.name == "ckpt-b"
     # a caller that flushed after its last generate gets nothing back
     assert engine.retarget(tmp_path / "c") == []
     assert engine.settings.dir == str(tmp_path / "c")

@@ -153,6 +153,37 @@ def test_the_drivers_flush_finishes_requests_vllm_has_not_yet_reported_finished(
     assert len(sink.records) == 1
 
 
+@pytest.mark.parametrize(("bad", "where"), [
+    ("weight", "at position 2"),  # NaN logits: every router's weights are NaN
+    ("mean", "(its prompt mean)"),  # the scored distributions are checked, not only weights
+])
+def test_a_request_that_routed_with_nan_is_not_recorded_and_flush_names_sample_and_layer(
+        caplog, bad, where):
+    sink = ListSink()
+    routing = SimpleNamespace(**{**vars(ROUTING), "layers": [SimpleNamespace(layer_id=1),
+                                                             SimpleNamespace(layer_id=3)]})
+    recorder = StepRecorder(CaptureSettings(dir="x"), routing=routing, sink=sink)
+    broken, fine = accumulator(prompt_len=4), accumulator(prompt_len=4)
+    fine.sample_id = "b"
+    broken.add(chunk(0, 4, 4))
+    fine.add(chunk(0, 4, 4))
+    if bad == "weight":
+        LAYOUT.view(broken.chunks[0].rows, "gate_weights")[2:, 1] = np.nan
+    else:
+        broken.chunks[0].prompt_prob_sum[1, 0] = np.inf
+    recorder.active.update({"r1": broken, "r2": fine})
+
+    report = recorder.flush(requests_done=True)
+
+    assert [r.sample_id for r in sink.records] == ["b"]  # the other request is kept
+    [why] = report["rejected"]
+    assert why.startswith(f"sample 'a': MoE layer 1 (model layer 3) routed with NaN or infinite "
+                          f"gate weights or router scores {where}, from router logits that "
+                          f"are not finite; its routing is not recorded.")
+    assert why in caplog.text
+    assert recorder.flush()["rejected"] == []  # reported once
+
+
 class FakeRunner:
     """The V1 runner state ``after_forward`` reads: one step of 3 requests, b untraced.
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moepath.fixtures.hf_reference import hf_routing, load_model
+from moepath.fixtures.hf_reference import hf_routing, load_model, moe_layer_ids
 from moepath.tracer.checkpoints import moe_shape, router_weights
 from moepath.tracer.errors import InputError
 
@@ -14,11 +14,19 @@ ALL_LAYERS = [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize(("arch", "moe_layers", "top_k"), [
-    ("olmoe", ALL_LAYERS, 4), ("mixtral", ALL_LAYERS, 4), ("qwen2moe", ALL_LAYERS, 4),
+    ("olmoe", ALL_LAYERS, 4), ("mixtral", ALL_LAYERS, 4),
+    ("qwen2moe", [0, 2, 3], 4),  # mlp_only_layers=[1]: a dense layer between MoE layers
     ("glm4moe", [1, 2, 3], 4),  # layer 0 is dense, as in GLM-4.5
     ("phimoe", ALL_LAYERS, 2),  # sparsemixer routes to exactly two experts
     ("granitemoe", ALL_LAYERS, 4), ("qwen3moe", ALL_LAYERS, 4), ("deepseekv3", [1, 2, 3], 4),
     ("ernie45moe", [1, 2, 3], 4), ("llama4", ALL_LAYERS, 1), ("gptoss", ALL_LAYERS, 4),
+    # `make test-models`: the rest of the matrix
+    *(pytest.param(arch, layers, 4, marks=pytest.mark.models) for arch, layers in (
+        ("dbrx", ALL_LAYERS), ("jamba", [1, 3]), ("granitemoeshared", ALL_LAYERS),
+        ("granitemoehybrid", ALL_LAYERS), ("qwen3next", [1, 2, 3]), ("qwen35moe", ALL_LAYERS),
+        ("minimaxm2", ALL_LAYERS), ("hunyuanmoe", ALL_LAYERS), ("cohere2moe", [1, 2, 3]),
+        ("lfm2moe", [1, 2, 3]), ("exaonemoe", [1, 2, 3]), ("afmoe", [1, 2, 3]),
+        ("flexolmo", ALL_LAYERS), ("glm4moelite", [1, 2, 3]), ("deepseekv2", [1, 2, 3]))),
 ])
 def test_each_toy_architecture_loads_in_transformers_and_routes(arch, moe_layers, top_k,
                                                                 toy_factory):
@@ -31,6 +39,7 @@ def test_each_toy_architecture_loads_in_transformers_and_routes(arch, moe_layers
     logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), len(tokenizer))
     routing = hf_routing(model, ids)
+    assert moe_layer_ids(model) == moe_layers
     assert routing.probs.shape == (len(ids), len(moe_layers), 16)
     assert routing.expert_ids.shape == routing.gate_weights.shape == (len(ids), len(moe_layers),
                                                                       top_k)

@@ -25,7 +25,9 @@ from .errors import InputError, ModelError
 
 # config keys naming the routed-expert count and top-k, across MoE families
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token", "moe_k")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token", "moe_k",
+              "moe_top_k")
+_LAYER_KEYS = ("num_hidden_layers", "n_layers")
 _STEP = re.compile(r"(?:step|checkpoint|ckpt|iter)[-_]?(\d+)", re.IGNORECASE)
 
 
@@ -59,8 +61,9 @@ def moe_shape(path: str | Path) -> MoEShape:
     """Routing shape of the model in ``path``; ModelError for dense (non-MoE) models."""
     config = read_config(path)
     text = config.get("text_config", config)
-    experts = next((text[k] for k in _EXPERT_KEYS if text.get(k)), None)
-    top_k = next((text[k] for k in _TOPK_KEYS if text.get(k)), None)
+    moe = {**text, **(text.get("ffn_config") or {})}  # DBRX keeps its MoE in ffn_config
+    experts = next((moe[k] for k in _EXPERT_KEYS if moe.get(k)), None)
+    top_k = next((moe[k] for k in _TOPK_KEYS if moe.get(k)), None)
     architecture = (config.get("architectures") or ["unknown"])[0]
     if not experts:
         raise ModelError(
@@ -72,7 +75,8 @@ def moe_shape(path: str | Path) -> MoEShape:
             f"model '{path}' ({architecture}) declares {experts} routed experts but no "
             f"experts per token ({'/'.join(_TOPK_KEYS)}); add the key its model code reads "
             f"to config.json, or report the architecture to moepath")
-    return MoEShape(architecture, int(text.get("num_hidden_layers", 0)), int(experts), int(top_k))
+    layers = next((text[k] for k in _LAYER_KEYS if text.get(k)), 0)
+    return MoEShape(architecture, int(layers), int(experts), int(top_k))
 
 
 def config_sha256(path: str | Path) -> str:
@@ -189,8 +193,9 @@ def steps(found: list[Checkpoint]) -> dict[str, int]:
 
 _ROUTER_BLOCKS = ("mlp", "block_sparse_moe", "moe", "feed_forward", "ffn")
 # gate (OLMoE, Mixtral, Qwen, DeepSeek, ERNIE, PhiMoE), router (gpt-oss, Llama 4, Jamba),
-# router.layer (GraniteMoE, DBRX); decoder layers are "layers" or "blocks" (DBRX)
-_ROUTER_NAMES = ("gate", "router", r"router\.layer")
+# router.layer (GraniteMoE, DBRX), router.gate (AFMoE), gate.wg (HunYuan); decoder layers
+# are "layers" or "blocks" (DBRX)
+_ROUTER_NAMES = ("gate", "router", r"router\.layer", r"router\.gate", r"gate\.wg")
 _ROUTER_KEY = re.compile(rf"(?:layers|blocks)\.(\d+)\.(?:{'|'.join(_ROUTER_BLOCKS)})\."
                          rf"(?:{'|'.join(_ROUTER_NAMES)})\.weight$")
 

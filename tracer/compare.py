@@ -41,6 +41,7 @@ from .memorisation import (
 )
 from .metrics import (
     ALL_GROUP,
+    ConsistencyUnavailable,
     GroupMetrics,
     MetricOptions,
     degenerate_warning,
@@ -49,6 +50,7 @@ from .metrics import (
     label_names,
     lone_sample_metrics,
     per_sample_frame,
+    router_weights_or_reason,
     trace_distributions,
 )
 from .report import METRIC_NAMES
@@ -77,13 +79,14 @@ class CheckpointData:
         sample_ids: the N samples, in trace order.
         distributions: float32 [N, L, E], each sample's routing distribution per MoE
             layer (``MetricOptions.source``: full router means or top-k weights).
-        router_weights: W_l of each MoE layer, float32 [E, hidden].
+        router_weights: W_l of each MoE layer, float32 [E, hidden], or why the served
+            model had none (consistency and complexity are then left out; distances are not).
         loss: each sample's mean next-token NLL (nats), indexed by sample id.
     """
 
     sample_ids: list[str]
     distributions: np.ndarray
-    router_weights: list[np.ndarray]
+    router_weights: list[np.ndarray] | ConsistencyUnavailable
     loss: pd.Series  # by sample_id
 
 
@@ -91,7 +94,8 @@ def load_checkpoint_data(trace: Trace, source: str = "full") -> CheckpointData:
     """The metrics' inputs from one checkpoint's trace (``source``: "full" or "topk")."""
     ids, distributions = trace_distributions(trace, source)
     loss = trace.samples.set_index("sample_id")["nll"]
-    return CheckpointData(ids, distributions, trace.router_weights(), loss.reindex(ids))
+    return CheckpointData(ids, distributions, router_weights_or_reason(trace),
+                          loss.reindex(ids))
 
 
 def sample_groups(sample_ids: list[str], memorisation: MemorisationResult,
@@ -202,7 +206,7 @@ def checkpoint_samples(name: str, step: int, data: CheckpointData,
     """Per-sample rows of one checkpoint: loss, pathway, consistency, memorised, t*
     (consistency and complexity NaN with fewer than 3 MoE layers: degenerate)."""
     frame = per_sample_frame(data.sample_ids, data.distributions, data.router_weights, options)
-    if is_degenerate(len(data.router_weights)):
+    if is_degenerate(data.distributions.shape[1]):
         frame[["consistency", "complexity"]] = np.nan
     t_star = memorisation.t_star.reindex(data.sample_ids).to_numpy()
     return frame.assign(checkpoint=name, step=step, loss=data.loss.to_numpy(),
@@ -360,9 +364,11 @@ def analyse(found: list[Checkpoint], traces_dir: Path,
         raise InputError(f"no sample is memorised ({memorisation.thresholds()}); raise "
                          f"--epsilon or drop --memorised-only")
     pooled_from = pooled_step(step_of.values(), options.from_step, options.min_checkpoints)
-    rows, layer_rows, sample_frames = [], [], []
+    rows, layer_rows, sample_frames, unavailable = [], [], [], {}
     for name, trace in traces.items():
         data = load_checkpoint_data(trace, options.metrics.source)
+        if isinstance(data.router_weights, ConsistencyUnavailable):
+            unavailable[name] = data.router_weights.reason
         groups = sample_groups(data.sample_ids, memorisation, field, pooled_from)
         if options.memorised_only:
             groups = {g: rows_ for g, rows_ in groups.items() if parse_memorised_group(g)}
@@ -374,7 +380,7 @@ def analyse(found: list[Checkpoint], traces_dir: Path,
                                                 options.metrics))
     metrics = pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
     layers = pd.DataFrame(layer_rows, columns=list(LAYER_COLUMNS))
-    notes = _notes(memorisation, traces)
+    notes = _notes(memorisation, traces) + _unavailable_notes(unavailable, len(traces))
     correlations = scores = no_correlation = None
     if options.scores is not None:
         scores = read_scores(options.scores, step_of)
@@ -412,6 +418,16 @@ def _notes(memorisation: MemorisationResult, traces: dict) -> list[str]:
         notes.append(f"{degenerate_warning(num_layers)}; consistency and complexity are "
                      f"left out of the tables, plots and correlations")
     return notes
+
+
+def _unavailable_notes(reasons: dict[str, str], num_checkpoints: int) -> list[str]:
+    """A note naming the checkpoints whose traces hold no router matrices, if any."""
+    if not reasons:
+        return []
+    first, why = next(iter(reasons.items()))
+    return [f"consistency and complexity are unavailable for {len(reasons)} of "
+            f"{num_checkpoints} checkpoints (first: '{first}': {why}); pathway distances and "
+            f"the other metrics are computed"]
 
 
 def _small_notes(correlations: pd.DataFrame, options: CompareOptions) -> list[str]:

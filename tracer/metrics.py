@@ -369,7 +369,7 @@ def trace_metrics(
             bad routing.
     """
     ids, distributions = trace_distributions(trace, options.source)
-    weights = _router_weights(trace)
+    weights = router_weights_or_reason(trace)
     groups = _groups(trace, ids, group_by)
     _warn_if_degenerate(trace)
     return [
@@ -391,7 +391,7 @@ def trace_sample_frame(trace: Trace, options: MetricOptions = DEFAULT_OPTIONS) -
         MetricError: the trace has no samples or no router weights, or bad routing.
     """
     ids, distributions = trace_distributions(trace, options.source)
-    frame = per_sample_frame(ids, distributions, _router_weights(trace), options)
+    frame = per_sample_frame(ids, distributions, router_weights_or_reason(trace), options)
     _warn_if_degenerate(trace)
     return frame.merge(trace.samples, on="sample_id", how="left", suffixes=("", "_input"))
 
@@ -451,7 +451,9 @@ def _unavailable_note(router_weights) -> str | None:
     return None
 
 
-def _router_weights(trace: Trace) -> list[np.ndarray] | ConsistencyUnavailable:
+def router_weights_or_reason(trace: Trace) -> list[np.ndarray] | ConsistencyUnavailable:
+    """The trace's router matrices, or :class:`ConsistencyUnavailable` with the reason the
+    traced model had none (MetricError for a trace that never stored them)."""
     if trace.manifest.router_weights_unavailable:
         return ConsistencyUnavailable(
             f"the traced model has no router matrix moepath could read "
@@ -592,7 +594,7 @@ def trace_sample_detail(
     else:
         g = _topk_distribution(trace, sample_id).astype(np.float64)
     pathway = select_experts(g, options.tau)
-    weights = _router_weights(trace)
+    weights = router_weights_or_reason(trace)
     if isinstance(weights, ConsistencyUnavailable):
         raise MetricError(f"no consistency profile for sample {sample_id!r}: {weights.reason}; "
                           "`moepath metrics` still reports its pathway distances")
