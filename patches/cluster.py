@@ -197,7 +197,7 @@ class Cluster:
         self._check_resumable(out, Path(model), job, options, "--force or another --out")
         target = Target(out.name, Path(model), out)
         if is_complete(out):
-            summary = TraceSummary(out, resumed_samples=len(job.tokenized))
+            summary = TraceSummary(out, resumed_samples=len(job.tokenized), bytes=_bytes(out))
         else:
             summary, = self._run([target], job, started, True, None, on_start, on_progress)
         summary.truncated = sum(t.truncated for t in job.tokenized)
@@ -538,8 +538,11 @@ def _merged(target: Target, tasks: list[_Task], job: TraceJob) -> TraceSummary:
         target.out, samples=samples, tokens=sum(task.tokens for task in tasks),
         resumed_samples=len(job.tokenized) - samples,
         seconds=time.perf_counter() - min(began) if began else 0.0,
-        lost_engines=sum(task.attempts for task in tasks),
-        bytes=sum(p.stat().st_size for p in target.out.rglob("*") if p.is_file()))
+        lost_engines=sum(task.attempts for task in tasks), bytes=_bytes(target.out))
+
+
+def _bytes(trace_dir: Path) -> int:
+    return sum(path.stat().st_size for path in trace_dir.rglob("*") if path.is_file())
 
 
 def _notify(callback, event) -> None:
