@@ -1,8 +1,10 @@
-"""Memory while tracing many samples: resident set size of the whole process tree over time.
+"""Memory while tracing many samples, and while computing metrics over many: resident set
+size of the whole process tree over time.
 
 Run (from the repository root, inside .venv):
 
     python bench/bench_memory.py --samples 50000
+    python bench/bench_memory.py --metrics-samples 50000,200000   # `moepath metrics`, no engine
 
 Writes ``--samples`` short pseudo-English samples (4-24 words), runs
 ``moepath trace`` on the tiny OLMoE toy (4 layers, 16 experts, top-4; ``--preset
@@ -12,6 +14,13 @@ Memory must be flat after warm-up: the store streams shards to disk, nothing
 per-sample stays in memory. Reports the RSS after warm-up (the first 10% of
 samples committed), the peak, and the growth between them; saves the timeline
 to bench/results/memory.json.
+
+``--metrics-samples N,...`` instead writes, for each N, a ``--store per-sample``
+trace of N OLMoE-1B-7B-shaped samples (``bench_storage.write_trace``) and runs
+``moepath metrics TRACE --json`` on it, sampling its RSS every 0.2 s. The metrics
+need each sample's [L, E] distribution in memory (pathways, pairs, consistency),
+so the peak should be that array (N x 16 x 64 float32) plus a fixed base, never
+grow with the trace's shards or tokens; saves bench/results/memory-metrics.json.
 """
 
 from __future__ import annotations
@@ -55,8 +64,45 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=50_000)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--metrics-samples", default=None,
+                        help="comma-separated sample counts: measure `moepath metrics` instead")
     args = parser.parse_args()
+    if args.metrics_samples:
+        metrics_memory([int(n) for n in args.metrics_samples.split(",")])
+    else:
+        trace_memory(args)
 
+
+def metrics_memory(counts: list[int]) -> None:
+    """Peak RSS of `moepath metrics` over per-sample traces of ``counts`` samples."""
+    import psutil
+    from bench_storage import EXPERTS, LAYERS, write_trace
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moepath-bench-memory-") as scratch:
+        for count in counts:
+            out = Path(scratch) / f"trace-{count}"
+            sizes = write_trace(out, count, 2048, per_sample=True, draw_summaries=True)
+            command = [sys.executable, "-m", "moepath.cli.main", "metrics", str(out), "--json"]
+            started = time.perf_counter()
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True)
+            handle, peak = psutil.Process(process.pid), 0
+            while process.poll() is None:
+                peak = max(peak, tree_rss(handle))
+                time.sleep(0.2)
+            if process.returncode != 0:
+                sys.exit(f"moepath metrics failed:\n{process.stderr.read()[-3000:]}")
+            rows.append({"samples": count, "trace_bytes": sum(sizes.values()),
+                         "seconds": time.perf_counter() - started, "peak_rss_gib": peak / 2**30,
+                         "distributions_gib": count * LAYERS * EXPERTS * 4 / 2**30})
+            print(json.dumps(rows[-1]), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "memory-metrics.json").write_text(json.dumps(rows, indent=2))
+
+
+def trace_memory(args) -> None:
+    """RSS of `moepath trace` over ``args.samples`` samples (see the module)."""
     import psutil
 
     from moepath.fixtures.toy import corpus

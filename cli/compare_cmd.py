@@ -13,6 +13,7 @@ from . import render
 
 
 @o.engine_flags(engine_core="auto", store="per-token")
+@o.cluster_flags()
 @o.analysis_flags()
 @o.read_flags()
 def compare(
@@ -32,17 +33,20 @@ def compare(
     truncate: o.Truncate = False,
     batch_size: o.BatchSize = 256,
     engine: o.EngineOptions,
+    cluster: o.ClusterOptions | None,
 ) -> None:
     """Serve checkpoints in turn on the same samples; report metrics, memorisation, correlations."""
+    from ..patches.cluster import open_cluster
     from ..patches.comparison import compare_checkpoints
     from ..patches.options import TraceOptions
 
-    result = compare_checkpoints(
-        checkpoints, samples, out, replace(analysis, scores=scores), engine,
-        TraceOptions(truncate=truncate, batch_size=batch_size),
-        read,
-        reuse_engine, progress=render.CompareProgress(), command=render.command_line(),
-        log_to=o.parse_log_to(log_to))
+    with open_cluster(cluster) as engines:
+        result = compare_checkpoints(
+            checkpoints, samples, out, replace(analysis, scores=scores), engine,
+            TraceOptions(truncate=truncate, batch_size=batch_size),
+            read,
+            reuse_engine, progress=render.CompareProgress(), command=render.command_line(),
+            log_to=o.parse_log_to(log_to), cluster=engines)
     render.compare_summary(result)
 
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-# the one import of EngineOptions in cli/ (commands name it o.EngineOptions)
-from ..patches.options import EngineOptions
+# the one import of the engine's options in cli/ (commands name them o.EngineOptions, ...)
+from ..patches.options import ClusterOptions, EngineOptions
 
 if TYPE_CHECKING:  # built by @analysis_flags and @read_flags, imported on use (pandas)
     from ..tracer.compare import CompareOptions  # noqa: F401
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # built by @analysis_flags and @read_flags, imported on use (
 # the help text of every option into a narrow column at 80 columns), and the engine's
 SWITCHES_PANEL = "Switches"
 ENGINE_PANEL = "vLLM engine"
+CLUSTER_PANEL = "Ray cluster"
 
 Model = Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder of an MoE model.")]
 Samples = Annotated[Path, typer.Option("--samples", "-s",
@@ -173,6 +174,39 @@ def engine_flags(**defaults) -> Callable[[Callable], Callable]:
     return _flag_group("engine", "o.EngineOptions", flags, lambda values: EngineOptions(**values))
 
 
+# Where the engines run: this machine, or Ray actors on a cluster (trace, compare)
+Ray = Annotated[str | None, typer.Option(
+    "--ray", metavar="ADDRESS",
+    help="Run the engines as Ray actors: local (a cluster of this machine alone, on "
+         "127.0.0.1, for this run), auto (the cluster `ray start` joined this machine to) or "
+         "the HOST:PORT of a cluster's head. Output must be on a path every node mounts.",
+    rich_help_panel=CLUSTER_PANEL)]
+Engines = Annotated[int | None, typer.Option(
+    help="Engines (Ray actors) with --ray (default: as many as the cluster's free GPUs, or "
+         "CPUs, hold).", rich_help_panel=CLUSTER_PANEL)]
+CpusPerEngine = Annotated[int | None, typer.Option(
+    help="With --ray on CPUs: cores of each engine, its threads bound to them (default: one "
+         "per tensor-parallel rank).", rich_help_panel=CLUSTER_PANEL)]
+CLUSTER_FLAGS = {"ray": (Ray, None), "engines": (Engines, None),
+                 "cpus_per_engine": (CpusPerEngine, None)}
+
+
+def cluster_flags() -> Callable[[Callable], Callable]:
+    """Decorator: add --ray, --engines and --cpus-per-engine to a command and hand it the
+    ``ClusterOptions`` they build (None without --ray: the engine runs here) as its
+    ``cluster`` parameter."""
+    return _flag_group("cluster", "o.ClusterOptions | None", CLUSTER_FLAGS, _cluster_options)
+
+
+def _cluster_options(values: dict) -> ClusterOptions | None:
+    address = values.pop("ray")
+    if address is None:
+        if given := [name for name, value in values.items() if value is not None]:
+            raise typer.BadParameter(f"--{given[0].replace('_', '-')} needs --ray")
+        return None
+    return ClusterOptions(address=address, **values)
+
+
 # How compare's analysis is configured (compare, watch): parameter -> (flag, default)
 ANALYSIS_FLAGS = {
     "group_by": (GroupBy, None), "memorised_only": (MemorisedOnly, False),
@@ -227,7 +261,7 @@ def _compare_options(values: dict):
 
 
 # the parameters flag groups take the place of (their types are imported only on use)
-_GROUP_PARAMETERS = ("engine", "analysis", "read")
+_GROUP_PARAMETERS = ("engine", "analysis", "read", "cluster")
 
 
 def _evaluated_signature(command: Callable) -> inspect.Signature:

@@ -121,7 +121,8 @@ class CompareProgress:
     ``patches.comparison.CompareProgress`` (not imported: this module loads no library)."""
 
     _ACTIONS = {"skip": "complete, skipped", "start": "starting engine",
-                "reload": "reloading weights in place"}
+                "reload": "reloading weights in place",
+                "spread": "{parts} part(s) over the cluster's engines"}
 
     def __init__(self) -> None:
         self._bar: SampleProgress | None = None
@@ -143,8 +144,9 @@ class CompareProgress:
 
     def checkpoint(self, event) -> None:
         stderr.print(f"[bold]checkpoint {event.index + 1}/{event.total}[/] {event.name}: "
-                     f"{self._ACTIONS[event.action]}")
-        self._bar.begin(event.name)
+                     f"{self._ACTIONS[event.action].format(parts=event.parts)}")
+        if event.action != "skip":  # one bar for every checkpoint on a cluster
+            self._bar.begin("all checkpoints" if event.action == "spread" else event.name)
 
     def start(self, total: int, done: int) -> None:
         self._bar.start(total, done)
@@ -205,7 +207,8 @@ class WatchView:
 
     _STYLE = {"waiting": "yellow", "tracing": "cyan", "done": "green", "failed": "red"}
     _ACTIONS = {"skip": "complete, skipped", "start": "starting engine",
-                "reload": "reloading weights in place"}
+                "reload": "reloading weights in place",
+                "spread": "{parts} part(s) over the cluster's engines"}
 
     def __init__(self) -> None:
         from rich.live import Live

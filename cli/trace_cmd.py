@@ -13,6 +13,7 @@ from . import render
 
 
 @o.engine_flags(engine_core="auto", store_probs=False, store="per-token")
+@o.cluster_flags()
 @o.read_flags()
 def trace(
     model: o.Model,
@@ -29,27 +30,35 @@ def trace(
     resume: o.Resume = False,
     force: o.Force = False,
     engine: o.EngineOptions,
+    cluster: o.ClusterOptions | None,
 ) -> None:
     """Trace the expert routing of every sample through MODEL.
 
     Routes go into the trace directory --out, read by merge, metrics and show."""
+    from ..patches.cluster import open_cluster
     from ..patches.engine import trace_samples
     from ..patches.options import TraceOptions
     from ..tracer.samples import read_samples
 
     refuse_data_parallel(data_parallel_size)
+    if part is not None and cluster is not None:
+        raise typer.BadParameter("--part and --ray exclude each other: --ray splits the "
+                                 "samples over its engines itself")
     sample_set = read_samples(samples, read)
     if (selected := o.parse_part(part)) is not None:
         sample_set = sample_set.take_part(*selected)
     render.skipped_lines(sample_set)
     trace_options = TraceOptions(truncate=truncate, nll=nll, max_tokens=max_tokens,
                                  batch_size=batch_size)
-    render.stderr.print(f"tracing with [bold]{model}[/] (a vLLM engine starts in 20-60 s)")
-    with render.SampleProgress() as progress:
+    where = f" on the Ray cluster {cluster.address}" if cluster else ""
+    render.stderr.print(f"tracing with [bold]{model}[/]{where} (a vLLM engine starts in "
+                        f"20-60 s)")
+    with open_cluster(cluster) as engines, render.SampleProgress() as progress:
         summary = trace_samples(model, sample_set, out, engine, trace_options, resume=resume,
                                 force=force, on_start=progress.start,
-                                on_progress=progress.advance)
+                                on_progress=progress.advance, cluster=engines)
     rate = summary.tokens / summary.seconds if summary.seconds else 0.0
+    lost = [["engines lost (their parts resumed)", summary.lost_engines]]
     render.stderr.print(render.table("trace", ["", "value"], [
         ["samples traced", summary.samples],
         ["already traced (resumed)", summary.resumed_samples],
@@ -58,6 +67,7 @@ def trace(
         ["skipped lines", summary.skipped_lines],
         ["time (s)", round(summary.seconds, 1)],
         ["prompt tokens/s", round(rate)],
+        *(lost if summary.lost_engines else []),
         ["output", f"{out} ({render.human_bytes(summary.bytes)})"],
     ]))
 

@@ -29,6 +29,7 @@ from ..tracer.samples import SampleReadOptions, SampleSet, read_samples
 from .sweep import SweepEvent, trace_checkpoints
 
 if TYPE_CHECKING:
+    from .cluster import Cluster
     from .engine import TraceSummary
     from .options import EngineOptions, TraceOptions
 
@@ -74,7 +75,9 @@ class CompareProgress:
         return contextlib.nullcontext()
 
     def checkpoint(self, event: SweepEvent) -> None:
-        """A checkpoint is skipped (complete), or its engine started or reloaded in place."""
+        """A checkpoint is skipped (complete), or its engine started or reloaded in place;
+        on a cluster, each checkpoint is skipped or spread over the engines before tracing,
+        and ``start`` and ``advance`` then count every checkpoint together."""
 
     def start(self, total: int, done: int) -> None:
         """Tracing of the current checkpoint starts: ``total`` samples, ``done`` resumed."""
@@ -88,7 +91,7 @@ def compare_checkpoints(
     options: compare.CompareOptions | None = None, engine_options: EngineOptions | None = None,
     trace_options: TraceOptions | None = None, read_options: SampleReadOptions | None = None,
     reuse_engine: bool = True, progress: CompareProgress | None = None, command: str = "",
-    log_to: tuple[str, ...] = (),
+    log_to: tuple[str, ...] = (), cluster: Cluster | None = None,
 ) -> CompareResult:
     """Trace ``samples`` through every checkpoint into ``out/traces/<name>``, analyse them and
     write ``out``'s files (metrics, samples, plots, report.md showing ``command``).
@@ -97,7 +100,8 @@ def compare_checkpoints(
     step (``tracer/checkpoints.discover``). ``samples``: a file (read with ``read_options``)
     or samples already read. ``reuse_engine``: reload weights in place between checkpoints
     of one config (``sweep.trace_checkpoints``). ``log_to``: trackers the metrics are also
-    sent to (``tracer/trackers``: tensorboard, wandb, mlflow).
+    sent to (``tracer/trackers``: tensorboard, wandb, mlflow). ``cluster``: trace on its
+    engine actors (:class:`~.cluster.Cluster`), the analysis still runs once, here.
 
     Raises:
         ModelError: a folder is missing, not an MoE model, or the routing shapes differ.
@@ -115,7 +119,7 @@ def compare_checkpoints(
             [(c.name, c.path) for c in plan.checkpoints], sample_set, out / "traces",
             engine_options, trace_options, reuse_engine=reuse_engine,
             on_checkpoint=progress.checkpoint, on_start=progress.start,
-            on_progress=progress.advance)
+            on_progress=progress.advance, cluster=cluster)
     analysis = compare.analyse(plan.checkpoints, out / "traces", options)
     files = report.write_outputs(out, analysis, command)
     trackers.log_metrics(out, analysis.metrics, log_to, run_name=Path(out).resolve().name)

@@ -17,8 +17,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,9 @@ from ..tracer.writer import TraceWriter
 from . import compat
 from .options import EngineOptions, TraceOptions
 from .settings import REQUEST_ID_KEY, REQUEST_META_KEY, CaptureSettings, read_refusal
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 
 def tag(params, sample_id: str, meta: dict | None = None):
@@ -265,7 +269,9 @@ class TraceSummary:
     truncation; generated tokens are not counted); ``truncated``, ``skipped_lines``,
     ``resumed_samples`` (already in the trace before this run): counts over the
     whole samples set; ``seconds``: wall time of this run's batches (engine start
-    excluded); ``bytes``: size of the trace directory on disk.
+    excluded; on a cluster, of its tracing until this trace was merged); ``bytes``: size
+    of the trace directory on disk; ``lost_engines``: engine actors of a cluster lost
+    while tracing it (their parts were resumed on others).
     """
 
     trace_dir: Path
@@ -276,6 +282,7 @@ class TraceSummary:
     resumed_samples: int = 0
     seconds: float = 0.0
     bytes: int = 0
+    lost_engines: int = 0
 
 
 ProgressFn = Callable[[int, int], None]  # (samples done in this run, their prompt tokens)
@@ -285,26 +292,28 @@ def trace_samples(model: str | Path, sample_set: SampleSet, out: str | Path,
                   engine_options: EngineOptions = EngineOptions(),  # noqa: B008 (frozen)
                   options: TraceOptions = TraceOptions(), resume: bool = False,  # noqa: B008
                   force: bool = False, on_start: Callable[[int, int], None] | None = None,
-                  on_progress: ProgressFn | None = None) -> TraceSummary:
+                  on_progress: ProgressFn | None = None,
+                  cluster: Cluster | None = None) -> TraceSummary:
     """Trace every sample of ``sample_set`` through ``model`` into the trace directory ``out``.
 
     ``on_start(total_samples, already_done)`` is called once the engine is up;
-    ``on_progress(samples, tokens)`` after each committed batch.
+    ``on_progress(samples, tokens)`` after each committed batch. With ``cluster``
+    (:class:`~.cluster.Cluster`), the samples are split over its engine actors and
+    their parts merged into ``out`` (``on_progress`` then counts the whole cluster).
     """
     checkpoints.moe_shape(model)  # fails fast for dense models / bad paths
-    max_len = max_prompt_len(model, engine_options, options)
-    tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
-                                 engine_options.trust_remote_code)
-    started = with_max_len(engine_options, max_len, options)
+    job, started = prepare_job(model, sample_set, engine_options, options)
+    if cluster is not None:
+        return cluster.trace(model, job, started, out, resume=resume, force=force,
+                             on_start=on_start, on_progress=on_progress)
     writer = TraceWriter.open(out, resume=resume, force=force)
     if writer.resumed is not None:
         provenance.check_resumable(
             writer.trace_dir, writer.resumed, model, sample_set,
             recorded_options(engine_options, options, started.max_model_len))
-    job = TraceJob(sample_set, tokenized, engine_options, options)
     if writer.resumed is not None and not job.todo(writer):  # nothing left: no engine needed
         if on_start:
-            on_start(len(tokenized), len(tokenized))
+            on_start(len(job.tokenized), len(job.tokenized))
         return job.finish(writer, TraceSummary(writer.trace_dir))
     with TracedEngine(model, writer.trace_dir, started, commit=False) as engine:
         return job.run(engine, writer, on_start, on_progress)
@@ -322,6 +331,12 @@ class TraceJob:
     engine_options: EngineOptions
     options: TraceOptions
 
+    def part(self, index: int, count: int) -> TraceJob:
+        """Part ``index`` of ``count`` of the samples (:meth:`SampleSet.take_part`: samples
+        index, index + count, ...) with their token ids: one data-parallel engine's job."""
+        return replace(self, sample_set=self.sample_set.take_part(index, count),
+                       tokenized=self.tokenized[index::count])
+
     def todo(self, writer: TraceWriter) -> list[Tokenized]:
         done = writer.committed_sample_ids()
         return [t for t in self.tokenized if t.sample_id not in done]
@@ -330,24 +345,34 @@ class TraceJob:
             on_start: Callable[[int, int], None] | None = None,
             on_progress: ProgressFn | None = None) -> TraceSummary:
         """Trace the samples not yet committed by ``writer`` (the engine writes into its
-        directory)."""
+        directory) and finish the trace."""
+        batches = self.traced_batches(engine, writer)
+        summary = next(batches)
+        if on_start:
+            on_start(len(self.tokenized), summary.resumed_samples)
+        for summary in batches:
+            if on_progress:
+                on_progress(summary.samples, summary.tokens)
+        return self.finish(writer, summary)
+
+    def traced_batches(self, engine: TracedEngine, writer: TraceWriter) -> Iterator[TraceSummary]:
+        """Trace the samples not yet committed by ``writer``, one committed batch at a time:
+        yields this run's summary once the trace is begun (``resumed_samples`` set, nothing
+        traced yet) and again after each batch. Leaves the trace running (:meth:`finish`)."""
         todo = self.todo(writer)
-        summary = TraceSummary(writer.trace_dir)
+        summary = TraceSummary(writer.trace_dir, resumed_samples=len(self.tokenized) - len(todo))
         writer.begin(lambda: _new_manifest(engine, self.sample_set, self.engine_options,
                                            self.options),
                      router_weights=engine.router_weights())
-        if on_start:
-            on_start(len(self.tokenized), len(self.tokenized) - len(todo))
+        yield summary
         meta = {s.sample_id: s for s in self.sample_set.samples}
         started = time.perf_counter()
         for batch in _batches(todo, self.options.batch_size):
             _trace_batch(engine, batch, meta, self.options, writer)
             summary.samples += len(batch)
             summary.tokens += sum(len(t.token_ids) for t in batch)
-            if on_progress:
-                on_progress(summary.samples, summary.tokens)
-        summary.seconds = time.perf_counter() - started
-        return self.finish(writer, summary)
+            summary.seconds = time.perf_counter() - started
+            yield summary
 
     def finish(self, writer: TraceWriter, summary: TraceSummary) -> TraceSummary:
         """Mark the trace complete with its counts; fill in ``summary``'s totals."""
@@ -357,6 +382,19 @@ class TraceJob:
         writer.finish(truncated=summary.truncated, skipped_lines=summary.skipped_lines)
         summary.bytes = sum(p.stat().st_size for p in writer.trace_dir.rglob("*") if p.is_file())
         return summary
+
+
+def prepare_job(model: str | Path, sample_set: SampleSet, engine_options: EngineOptions,
+                options: TraceOptions) -> tuple[TraceJob, EngineOptions]:
+    """Tokenise ``sample_set`` with ``model``'s tokenizer within its context (InputError for
+    a sample too long without ``truncate``); return the job and the options its engines
+    start with (``max_model_len``: the prompt limit plus the generated tokens). Writes
+    nothing, starts no engine."""
+    max_len = max_prompt_len(model, engine_options, options)
+    tokenized = tokenize_samples(model, sample_set, max_len, options.truncate,
+                                 engine_options.trust_remote_code)
+    return (TraceJob(sample_set, tokenized, engine_options, options),
+            with_max_len(engine_options, max_len, options))
 
 
 def max_prompt_len(model, engine_options: EngineOptions, options: TraceOptions) -> int:
@@ -375,8 +413,6 @@ def max_prompt_len(model, engine_options: EngineOptions, options: TraceOptions) 
 
 
 def with_max_len(engine_options: EngineOptions, max_len: int, options: TraceOptions):
-    from dataclasses import replace
-
     return replace(engine_options, max_model_len=max_len + max(1, options.max_tokens))
 
 

@@ -165,6 +165,38 @@ def _refuse_ray_without_gpu() -> None:
             "on CPU hosts use the default (mp) executor")
 
 
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where the traced engines run on a Ray cluster (``--ray``, ``--engines``,
+    ``--cpus-per-engine``; ``patches/cluster.py``).
+
+    ``address``: ``"local"`` starts a cluster of this machine alone, listening on
+    127.0.0.1 only, for the run; ``"auto"`` joins the cluster ``ray start`` made this
+    machine part of; ``"HOST:PORT"`` joins the cluster whose head listens there.
+    ``engines``: engine actors (None: as many as the cluster's free GPUs, or CPUs, hold).
+    ``cpus_per_engine``: on a cluster without GPUs, the cores of one engine, its vLLM
+    threads bound to them (None: one per tensor-parallel rank); on GPUs an engine takes
+    ``tensor_parallel_size`` GPUs of one node. ``max_attempts``: lost actors a part may
+    see before the run stops. ``placement_timeout_s``: how long the actors may wait for
+    room on the cluster.
+    """
+
+    address: str = "local"
+    engines: int | None = None
+    cpus_per_engine: int | None = None
+    max_attempts: int = 3
+    placement_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        if not self.address:
+            raise InputError("--ray takes local, auto or the HOST:PORT of a cluster's head")
+        for flag, value in (("--engines", self.engines),
+                            ("--cpus-per-engine", self.cpus_per_engine),
+                            ("max_attempts", self.max_attempts)):
+            if value is not None and value < 1:
+                raise InputError(f"{flag} must be at least 1, not {value}")
+
+
 def prepare_capture_environment(workers: int) -> None:
     """What every traced engine this process starts needs from the environment, wherever
     its engine core runs: the V1 model runner (the capture wraps it) and, on a CPU host
@@ -190,9 +222,36 @@ def bind_cpu_threads(workers: int) -> None:
 
     if torch.cuda.is_available():
         return
-    cores = sorted(os.sched_getaffinity(0))
-    per_rank = max(1, len(cores) // workers)
-    groups = [cores[i * per_rank:(i + 1) * per_rank] or cores[-1:]
-              for i in range(workers)]
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-        f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores_binding(sorted(os.sched_getaffinity(0)),
+                                                            workers)
+
+
+def pin_to_cores(cores: list[int], ranks: int = 1) -> None:
+    """Run this process, and the engines it starts, on ``cores`` (CPU ids) only: one of
+    several engines sharing a CPU machine (the engine actors of ``patches/cluster.py``).
+
+    The process's affinity (threads started later inherit it) and torch's thread count
+    cover an engine whose model runs in this process; the ``ranks`` worker processes of
+    a tensor-parallel engine each get a share (``VLLM_CPU_OMP_THREADS_BIND``, which vLLM
+    applies to its worker processes only). Call before the first engine starts.
+    """
+    import torch
+
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+    if ranks > 1:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores_binding(cores, ranks)
+
+
+def cores_binding(cores: list[int], ranks: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for an engine of ``ranks`` tensor-parallel ranks on
+    ``cores`` (CPU ids): the cores split evenly, one group per rank (a rank gets the last
+    core when there are fewer cores than ranks)::
+
+        >>> cores_binding([4, 5, 6, 7], 2), cores_binding([3], 1), cores_binding([0], 2)
+        ('4-5|6-7', '3', '0|0')
+    """
+    per_rank = max(1, len(cores) // ranks)
+    groups = [cores[i * per_rank:(i + 1) * per_rank] or cores[-1:] for i in range(ranks)]
+    return "|".join(",".join(map(str, g)) if g != list(range(g[0], g[-1] + 1))
+                    else f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)

@@ -16,33 +16,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..tracer import checkpoints, provenance, store
 from ..tracer.errors import CaptureError, TraceFormatError
 from ..tracer.manifest import COMPLETE, Manifest
 from ..tracer.samples import SampleSet
 from ..tracer.writer import TraceWriter
-from .engine import (
-    TracedEngine,
-    TraceJob,
-    TraceSummary,
-    max_prompt_len,
-    recorded_options,
-    tokenize_samples,
-    with_max_len,
-)
+from .engine import TracedEngine, TraceJob, TraceSummary, prepare_job, recorded_options
 from .options import EngineOptions, TraceOptions
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 
 @dataclass(frozen=True)
 class SweepEvent:
     """Progress of a sweep: checkpoint ``index`` (0-based) of ``total``; ``action`` is
-    one of ``skip`` (already complete), ``start`` (new engine), ``reload`` (in place)."""
+    one of ``skip`` (already complete), ``start`` (new engine), ``reload`` (in place), or,
+    on a cluster (``patches/cluster.py``), ``spread`` (its ``parts`` go to the engine
+    actors)."""
 
     index: int
     total: int
     name: str
     action: str
+    parts: int = 1
 
 
 def is_complete(trace_dir: Path) -> bool:
@@ -72,11 +71,20 @@ def trace_checkpoints(
     reuse_engine: bool = True, on_checkpoint: Callable[[SweepEvent], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    cluster: Cluster | None = None,
 ) -> list[TraceSummary | None]:
     """Trace ``sample_set`` through each (name, folder) of ``models`` into ``traces_dir/<name>``.
 
-    Returns one summary per checkpoint (None for skipped complete traces).
+    Returns one summary per checkpoint (None for skipped complete traces). With
+    ``cluster`` (:class:`~.cluster.Cluster`) the checkpoints and parts of their samples
+    are spread over its engine actors, and ``on_start`` / ``on_progress`` count them all
+    in one run.
     """
+    if cluster is not None:
+        job, started = prepare_job(models[0][1], sample_set, engine_options or EngineOptions(),
+                                   options or TraceOptions())
+        return cluster.trace_checkpoints(models, job, started, Path(traces_dir), reuse_engine,
+                                         on_checkpoint, on_start, on_progress)
     summaries: list[TraceSummary | None] = []
     with CheckpointSweep(sample_set, traces_dir, engine_options, options, reuse_engine,
                          on_start, on_progress) as sweep:
@@ -106,21 +114,21 @@ class CheckpointSweep:
         self.sample_set, self.traces_dir = sample_set, Path(traces_dir)
         self.engine_options = engine_options or EngineOptions()
         self.options = options or TraceOptions()
-        self.reuse_engine, self.on_start, self.on_progress = reuse_engine, on_start, on_progress
-        self.engine: TracedEngine | None = None
+        self.on_start, self.on_progress = on_start, on_progress
+        self.warm = WarmEngine(reuse_engine)
         self._job: TraceJob | None = None
         self._started: EngineOptions | None = None
-        self._config: str | None = None  # config.json sha256 of the engine's checkpoint
+
+    @property
+    def engine(self) -> TracedEngine | None:
+        """The running engine (None before the first trace and after :meth:`close`)."""
+        return self.warm.engine
 
     def prepare(self, model: Path) -> None:
         """Tokenise the samples with ``model``'s tokenizer and context (once)."""
-        if self._job is not None:
-            return
-        max_len = max_prompt_len(model, self.engine_options, self.options)
-        tokenized = tokenize_samples(model, self.sample_set, max_len, self.options.truncate,
-                                     self.engine_options.trust_remote_code)
-        self._job = TraceJob(self.sample_set, tokenized, self.engine_options, self.options)
-        self._started = with_max_len(self.engine_options, max_len, self.options)
+        if self._job is None:
+            self._job, self._started = prepare_job(model, self.sample_set, self.engine_options,
+                                                   self.options)
 
     @property
     def recorded_options(self) -> dict:
@@ -135,47 +143,86 @@ class CheckpointSweep:
         go through: ``skip``, ``start`` (a new engine) or ``reload`` (weights in place)."""
         self.prepare(path)
         out = self.traces_dir / name
-        if is_complete(out):
+        writer = open_checkpoint_trace(out, path, self.sample_set, self.recorded_options)
+        if writer is None:
             _notify(on_ready, "skip")
             return None
-        # a directory without manifest died before its first commit: start it over
-        resumable = store.has_manifest(out)
-        if resumable:
-            provenance.check_resumable(out, Manifest.read(out), path, self.sample_set,
-                                       self.recorded_options,
-                                       start_over=f"another --out (or delete '{out}')")
-        writer = TraceWriter.open(out, resume=resumable, force=not resumable)
-        _notify(on_ready, self._engine_for(path, out))
+        _notify(on_ready, self.warm.serve(path, out, self._started))
         return self._job.run(self.engine, writer, self.on_start, self.on_progress)
-
-    def _engine_for(self, model: Path, out: Path) -> str:
-        """Switch the running engine to ``model`` if allowed (same config.json, reloads
-        allowed), else start a fresh one; return ``reload`` or ``start``. The running
-        config is remembered, not re-read: training may have deleted its folder since."""
-        config = checkpoints.config_sha256(model)
-        engine = self.engine
-        if engine is not None and self.reuse_engine and engine.reload_blocker is None and (
-                self._config == config):
-            finished = engine.settings.dir
-            if engine.switch_checkpoint(model, out):  # TraceJob.run flushed after its last batch
-                raise CaptureError(f"routing reached the finished trace '{finished}' while "
-                                   f"switching checkpoints; rerun with --no-reuse-engine")
-            return "reload"
-        self.close()
-        self.engine, self._config = TracedEngine(model, out, self._started, commit=False), config
-        return "start"
 
     def close(self) -> None:
         """Shut the engine down (the next :meth:`trace` starts one)."""
-        engine, self.engine = self.engine, None
-        if engine is not None:
-            engine.close()
+        self.warm.close()
 
     def __enter__(self) -> CheckpointSweep:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_checkpoint_trace(out: Path, model: Path, sample_set: SampleSet,
+                          options: dict) -> TraceWriter | None:
+    """The writer of ``model``'s trace of ``sample_set`` in ``out``; None when that trace is
+    complete (whether it fits is the caller's check, before any engine starts).
+
+    A partial trace is resumed once ``provenance.check_resumable`` agrees (``options``: the
+    manifest options of the run, :func:`~.engine.recorded_options`); a directory without
+    a manifest died before its first commit and is started over.
+    """
+    if is_complete(out):
+        return None
+    resumable = store.has_manifest(out)
+    if resumable:
+        provenance.check_resumable(out, Manifest.read(out), model, sample_set, options,
+                                   start_over=f"another --out (or delete '{out}')")
+    return TraceWriter.open(out, resume=resumable, force=not resumable)
+
+
+class WarmEngine:
+    """One traced engine (``commit=False``) kept from trace to trace.
+
+    :meth:`serve` points it at the next trace directory: the same checkpoint keeps its
+    weights, another one of the same config.json has its weights reloaded in place
+    (when ``reuse`` and the engine allow it; exact, see ``reload.py``), anything else
+    (another config, other engine options) shuts it down and starts a new one. The
+    running config is remembered, not re-read: training may have deleted its folder since.
+    """
+
+    def __init__(self, reuse: bool = True):
+        self.reuse = reuse
+        self.engine: TracedEngine | None = None
+        self._serving: tuple[Path, str, EngineOptions] | None = None  # model, config, options
+
+    def serve(self, model: Path, out: Path, started: EngineOptions) -> str:
+        """Make the engine trace ``model`` into ``out``, started with ``started``; return
+        ``retarget`` (same checkpoint), ``reload`` (weights in place) or ``start``."""
+        config = checkpoints.config_sha256(model)
+        engine = self.engine
+        if engine is not None and self._serving[1:] == (config, started) and self.reuse:
+            finished = engine.settings.dir
+            if self._serving[0] == Path(model):
+                action, shards = "retarget", engine.retarget(out)
+            elif engine.reload_blocker is None:
+                action, shards = "reload", engine.switch_checkpoint(model, out)
+            else:
+                action = None
+            if action is not None:
+                if shards:  # TraceJob.run flushed after its last batch: nothing may be pending
+                    raise CaptureError(f"routing reached the finished trace '{finished}' "
+                                       f"while switching traces; rerun with --no-reuse-engine")
+                self._serving = (Path(model), config, started)
+                return action
+        self.close()
+        self.engine = TracedEngine(model, out, started, commit=False)
+        self._serving = (Path(model), config, started)
+        return "start"
+
+    def close(self) -> None:
+        """Shut the engine down (the next :meth:`serve` starts one)."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()
 
 
 def _notify(callback, event) -> None:

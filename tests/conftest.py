@@ -2,14 +2,17 @@
 
 Engine starts cost 20-45 s on the 2-core CPU, so engines are session-scoped
 and shared: one compiled bf16 trace of the standard samples (``olmoe_trace``),
-and one eager engine with tiny prefill chunks (``chunked_engine``) that the
-batching tests send requests to.
+one eager engine with tiny prefill chunks (``chunked_engine``) that the
+batching tests send requests to, three eager checkpoints compared end to end
+(``compared``), and a local Ray cluster with two one-core engine actors
+(``ray_cluster``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -27,6 +30,9 @@ from moepath.tracer import store
 TEST_MEMORY = 0.12
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray's switch for a cluster on 127.0.0.1 only, read once when ray is imported: vLLM imports
+# ray before ``ray_cluster`` starts its cluster (moepath sets it itself when it comes first)
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -190,3 +196,35 @@ def chunked_engine(toy_olmoe, tmp_path_factory):
 def routing_samples(trace_dir: Path) -> list[str]:
     files = [entry["file"] for entry in store.read_manifest(trace_dir)["shards"]["routing"]]
     return [sid for f in files for sid in pq.read_table(trace_dir / f)["sample_id"].to_pylist()]
+
+
+@pytest.fixture(scope="session")
+def compared(toy_factory, samples_file, tmp_path_factory):
+    """Three toy checkpoints (seeds 0, 1, 2 as steps 100-300) compared end to end by
+    `moepath compare` on one eager engine: (root, its arguments, the finished process).
+    ``root/run/step100`` holds the weights of ``toy_olmoe``."""
+    from test_cli_trace import moepath
+
+    root = tmp_path_factory.mktemp("compare")
+    for step, seed in ((100, 0), (200, 1), (300, 2)):
+        shutil.copytree(toy_factory("olmoe", seed=seed), root / "run" / f"step{step}")
+    scores = root / "scores.csv"
+    scores.write_text("checkpoint,score\nstep100,0.1\nstep200,0.4\nstep300,0.8\n")
+    args = ("compare", root / "run", "--samples", samples_file, "--out", root / "out",
+            "--scores", scores, "--group-by", "domain", "--enforce-eager",
+            "--gpu-memory-utilization", str(TEST_MEMORY),
+            "--max-model-len", "512")
+    result = moepath(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, args, result
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster on 127.0.0.1 with two engine actors of one core each (started
+    at their first trace, then kept warm: the tests share their engines)."""
+    from moepath.patches.cluster import Cluster
+    from moepath.patches.options import ClusterOptions
+
+    with Cluster(ClusterOptions(address="local", engines=2, cpus_per_engine=1)) as cluster:
+        yield cluster

@@ -20,7 +20,12 @@ from conftest import files_of
 from test_metrics import SAMPLES, write_synthetic_trace
 
 from moepath.tracer import Trace, store
-from moepath.tracer.metrics import MetricOptions, group_metrics, per_sample_frame
+from moepath.tracer.metrics import (
+    MetricOptions,
+    group_metrics,
+    per_sample_frame,
+    trace_distributions,
+)
 from moepath.tracer.pathways import select_experts
 
 
@@ -49,7 +54,7 @@ def trace(trace_dir):
 
 
 def domain_rows(trace, domain: str) -> list[int]:
-    ids, _ = trace.router_means()
+    ids, _ = trace_distributions(trace)
     return [i for i, sid in enumerate(ids) if SAMPLES[sid][0] == domain]
 
 
@@ -88,7 +93,7 @@ def test_json_equals_group_metrics(trace_dir, trace):
     assert {k: v for k, v in payload.items() if k != "groups"} == {
         "tau": 0.7, "unit": "char", "normalize": "none", "source": "full", "level": 0.95,
         "resamples": 1000, "seed": 0, "degenerate": False}
-    _, g = trace.router_means()
+    _, g = trace_distributions(trace)
     [entry] = payload["groups"]
     assert_same_group(entry, group_metrics("all", g, trace.router_weights()))
     assert entry["n_samples"] == 9 and entry["n_pairs"] == 36 and entry["distance_stderr"] == 0
@@ -106,7 +111,7 @@ def test_json_carries_intervals_baseline_controls_and_robust_consistency(tmp_pat
     assert (payload["level"], payload["resamples"], payload["seed"]) == (0.9, 300, 2)
     [entry] = payload["groups"]
     trace = Trace.open(trace_dir)
-    expected = group_metrics("all", trace.router_means()[1], trace.router_weights(),
+    expected = group_metrics("all", trace_distributions(trace)[1], trace.router_weights(),
                              MetricOptions(level=0.9, resamples=300, seed=2))
     assert_same_group(entry, expected)
     for metric in ("distance", "normalized_distance", "consistency", "pathway_length",
@@ -163,7 +168,7 @@ def test_group_by_domain_sampled_pairs_and_a_group_of_one(trace_dir, trace):
     payload = json.loads(result.stdout)
     assert (payload["unit"], payload["normalize"]) == ("expert", "max")
     assert [entry["name"] for entry in payload["groups"]] == ["bio", "code", "math"]
-    _, g = trace.router_means()
+    _, g = trace_distributions(trace)
     options = MetricOptions(unit="expert", normalize="max", pairs=3, seed=5)
     for entry in payload["groups"][1:]:
         expected = group_metrics(entry["name"], g[domain_rows(trace, entry["name"])],
@@ -189,17 +194,17 @@ def test_table_with_layers_and_per_sample_csv(trace_dir, trace, tmp_path):
     metrics_table = next(iter(sections(result.stdout).values()))  # the first: the metrics
     rows = {name: "│".join(row_of(metrics_table, name)) for name in ("bio", "code")}
     assert "n/a" in rows["bio"] and "n/a" not in rows["code"]
-    code = group_metrics("code", trace.router_means()[1][domain_rows(trace, "code")],
+    code = group_metrics("code", trace_distributions(trace)[1][domain_rows(trace, "code")],
                          trace.router_weights(), MetricOptions(tau=0.5))
     assert f"{code.distance_mean:.4g}" in rows["code"]
     assert "per-layer distance (char, normalize none)" in result.stdout
     assert f"wrote 9 sample(s) to {out}" in " ".join(result.stderr.split())
 
     frame = pd.read_csv(out)
-    ids, g = trace.router_means()
+    ids, g = trace_distributions(trace)
     expected = per_sample_frame(ids, g, trace.router_weights(), MetricOptions(tau=0.5))
     assert list(frame.columns) == [*expected.columns, "domain", "step", "num_tokens"]
-    assert frame["sample_id"].tolist() == ids == list(SAMPLES)
+    assert frame["sample_id"].tolist() == ids == sorted(SAMPLES)  # metrics order samples by id
     assert frame["pathway"].tolist() == [select_experts(trace.router_mean(sid), 0.5).to_string()
                                          for sid in ids]
     assert frame["domain"].tolist() == [SAMPLES[sid][0] for sid in ids]

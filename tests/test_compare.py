@@ -243,24 +243,6 @@ def test_cli_refuses_bad_input_before_serving_and_keeps_earlier_traces(
     assert files_of(out) == before
 
 
-@pytest.fixture(scope="module")
-def compared(toy_factory, samples_file, tmp_path_factory):
-    """Three toy checkpoints (seeds 0, 1, 2 as steps 100-300) compared end to end."""
-    root = tmp_path_factory.mktemp("compare")
-    for step, seed in ((100, 0), (200, 1), (300, 2)):
-        shutil.copytree(toy_factory("olmoe", seed=seed), root / "run" / f"step{step}")
-    scores = root / "scores.csv"
-    pd.DataFrame({"checkpoint": ["step100", "step200", "step300"],
-                  "score": [0.1, 0.4, 0.8]}).to_csv(scores, index=False)
-    args = ("compare", root / "run", "--samples", samples_file, "--out", root / "out",
-            "--scores", scores, "--group-by", "domain", "--enforce-eager",
-            "--gpu-memory-utilization", str(TEST_MEMORY),
-            "--max-model-len", "512")
-    result = moepath(*args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root, args, result
-
-
 @pytest.mark.vllm
 def test_compare_writes_every_output_and_equals_moepath_metrics(compared):
     root, _, result = compared

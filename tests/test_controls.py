@@ -37,6 +37,15 @@ def test_entropy_equals_a_naive_loop():
     assert np.allclose(routing_entropy(np.full((1, 2, 4), 0.25)), math.log(4))
 
 
+def test_entropy_in_chunks_of_samples_equals_the_naive_loop(monkeypatch):
+    from moepath.tracer import controls
+
+    monkeypatch.setattr(controls, "CHUNK_SAMPLES", 2)  # 5 samples: chunks of 2, 2 and 1
+    g = np.random.default_rng(1).dirichlet(np.full(8, 0.5), (5, 3)).astype(np.float32)
+    assert np.allclose(routing_entropy(g), naive_entropy(g), rtol=1e-6)
+    assert routing_entropy(np.zeros((0, 3, 8))).shape == (0,)
+
+
 def test_router_norm_equals_a_naive_loop():
     rng = np.random.default_rng(1)
     weights = [rng.normal(size=(6, 5)) for _ in range(3)]

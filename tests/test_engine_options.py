@@ -167,3 +167,15 @@ def test_cli_names_a_bad_store_value(tmp_path):
                      "--store", "tokens")
     assert_one_line_error(result, "--store must be one of per-token, per-sample, not 'tokens'")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("cores", "ranks", "binding"), [
+    ([4, 5, 6, 7], 2, "4-5|6-7"),  # a range per rank
+    ([3], 1, "3"),
+    ([0, 2, 5], 1, "0,2,5"),  # cores that are not a range are listed
+    ([0], 2, "0|0"),  # fewer cores than ranks: they share the last one
+])
+def test_cores_binding_gives_each_tensor_parallel_rank_its_share(cores, ranks, binding):
+    from moepath.patches.options import cores_binding
+
+    assert cores_binding(cores, ranks) == binding

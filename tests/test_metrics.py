@@ -189,12 +189,15 @@ def routing_record(sample_id: str, layers: int, tokens: int, prompt: int, seed: 
 
 
 def write_synthetic_trace(trace_dir: Path, layers: int = 4, samples: dict = SAMPLES,
-                          seed: int = 0, columns: dict | None = None) -> Path:
+                          seed: int = 0, columns: dict | None = None,
+                          reverse: bool = False) -> Path:
     """A committed trace without vLLM: routing (drawn from ``seed``), router weights and a
-    samples table carrying ``domain``, ``step`` and ``columns`` ({name: value per sample})."""
+    samples table carrying ``domain``, ``step`` and ``columns`` ({name: value per sample});
+    ``reverse``: the same records, committed in reverse order."""
     writer = TraceWriter.open(trace_dir)
     records = [routing_record(sid, layers, tokens, prompt, seed * len(samples) + i)
                for i, (sid, (_, _, tokens, prompt)) in enumerate(samples.items())]
+    records = records[::-1] if reverse else records
     rng = np.random.default_rng(99)
     writer.begin(Manifest(model=ModelInfo(num_layers=layers, num_experts=E, top_k=K,
                                           architecture="Synthetic")),
@@ -222,10 +225,20 @@ def rows_of(trace: Trace, domain: str) -> list[int]:
 
 
 def test_trace_metrics_of_the_whole_trace_is_group_metrics(synthetic):
-    ids, g = synthetic.router_means()
+    ids, g = trace_distributions(synthetic)
     [result] = trace_metrics(synthetic)
     assert result == group_metrics("all", g, synthetic.router_weights())
     assert result.n_samples == len(SAMPLES) and result.note is None
+
+
+def test_metrics_do_not_depend_on_the_order_the_samples_were_traced_in(synthetic, tmp_path):
+    """Batch sizes, resumed runs and merged parts change the order of a trace's records,
+    while intervals, the baseline and sampled pairs draw samples by position."""
+    backwards = Trace.open(write_synthetic_trace(tmp_path / "backwards", reverse=True))
+    assert backwards.sample_ids() == synthetic.sample_ids()[::-1]
+    for options in (MetricOptions(), MetricOptions(pairs=5, seed=3)):
+        assert (trace_metrics(backwards, options, group_by="domain")
+                == trace_metrics(synthetic, options, group_by="domain"))
 
 
 def test_trace_metrics_groups_by_a_carried_column(synthetic):
@@ -306,9 +319,9 @@ def test_topk_source_averages_gate_weights_over_prompt_tokens_only(synthetic):
     expected = np.stack([
         topk_to_distribution(r.expert_ids[:r.num_prompt_tokens],
                              r.gate_weights.astype(np.float16)[:r.num_prompt_tokens], E)
-        for r in records.values()])
+        for _, r in sorted(records.items())])
     ids, g = trace_distributions(synthetic, "topk")
-    assert ids == list(SAMPLES)
+    assert ids == sorted(SAMPLES)  # by id, whatever order the samples were traced in
     np.testing.assert_allclose(g, expected, rtol=1e-6)
     [result] = trace_metrics(synthetic, MetricOptions(source="topk"))
     assert result == group_metrics("all", expected, synthetic.router_weights())
@@ -356,12 +369,12 @@ def test_fewer_than_three_layers_warn(tmp_path):
 
 
 def test_trace_sample_frame_carries_the_samples_table(synthetic):
-    ids, g = synthetic.router_means()
+    ids, g = trace_distributions(synthetic)
     frame = trace_sample_frame(synthetic, MetricOptions(tau=0.5))
     expected = per_sample_frame(ids, g, synthetic.router_weights(), MetricOptions(tau=0.5))
     pd.testing.assert_frame_equal(frame[expected.columns], expected)
     assert list(frame.columns[len(expected.columns):]) == ["domain", "step", "num_tokens"]
-    assert frame["domain"].tolist() == [v[0] for v in SAMPLES.values()]
+    assert frame["domain"].tolist() == [SAMPLES[sid][0] for sid in sorted(SAMPLES)]
 
 
 def test_trace_sample_detail(synthetic):

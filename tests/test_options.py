@@ -176,3 +176,31 @@ def test_read_flags_hand_trace_compare_and_watch_the_sample_read_options():
         parameters = inspect.signature(command).parameters
         assert {name: parameters[name].default for name in READ_FLAGS} == {
             name: default for name, (_, default) in READ_FLAGS.items()}
+
+
+def test_cluster_flags_build_cluster_options_only_with_ray():
+    from moepath.cli.options import ClusterOptions, cluster_flags
+
+    app, seen = typer.Typer(), []
+
+    @app.command()
+    @cluster_flags()
+    def run(*, cluster: ClusterOptions | None) -> None:
+        seen.append(cluster)
+
+    assert CliRunner().invoke(app, ["--ray", "auto", "--engines", "8"]).exit_code == 0
+    assert CliRunner().invoke(app, []).exit_code == 0
+    assert seen == [ClusterOptions(address="auto", engines=8), None]  # None: this machine
+    refused = CliRunner().invoke(app, ["--cpus-per-engine", "4"])
+    assert refused.exit_code == 2 and "--cpus-per-engine needs --ray" in refused.output
+
+
+def test_trace_refuses_part_with_ray_before_reading_anything(tmp_path):
+    from moepath.cli.main import app
+
+    result = CliRunner().invoke(app, ["trace", str(tmp_path), "--samples",
+                                      str(tmp_path / "missing.jsonl"), "--out",
+                                      str(tmp_path / "o"), "--part", "0/2", "--ray", "local"])
+    assert result.exit_code == 2
+    assert "--part and --ray exclude each other" in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()

@@ -28,10 +28,20 @@ import numpy as np
 
 from .pathways import as_distributions
 
+# Samples per chunk of routing_entropy's float64 temporaries (4 of [chunk, L, E]): memory
+# stays that of the distributions themselves at any number of samples.
+CHUNK_SAMPLES = 1024
+
 
 def routing_entropy(distributions) -> np.ndarray:
     """float64 [N]: each sample's mean over layers of the entropy (nats) of its g_l."""
-    g = np.maximum(as_distributions(distributions).astype(np.float64), 0.0)  # [N, L, E]
+    array = as_distributions(distributions)  # [N, L, E]
+    return np.concatenate([_entropy(array[start:start + CHUNK_SAMPLES])
+                           for start in range(0, len(array), CHUNK_SAMPLES)] or [np.zeros(0)])
+
+
+def _entropy(distributions: np.ndarray) -> np.ndarray:
+    g = np.maximum(distributions.astype(np.float64), 0.0)
     total = g.sum(axis=-1, keepdims=True)
     p = np.divide(g, total, out=np.zeros_like(g), where=total > 0)
     logs = np.log(p, out=np.zeros_like(p), where=p > 0)  # 0 log 0 = 0

@@ -36,3 +36,8 @@ class TrainingError(MoepathError):
 
 class TrackerError(MoepathError):
     """A tracker (TensorBoard, W&B, MLflow) cannot be logged to: its client is missing."""
+
+
+class ClusterError(MoepathError):
+    """Tracing on a Ray cluster cannot go on: Ray is missing or unreachable, the cluster
+    has no room for an engine, or its engine actors were lost."""

@@ -397,7 +397,14 @@ def trace_sample_frame(trace: Trace, options: MetricOptions = DEFAULT_OPTIONS) -
 
 
 def trace_distributions(trace: Trace, source: str = "full") -> tuple[list[str], np.ndarray]:
-    """(sample ids, float32 [N, L, E]) per-layer distributions of every sample, in trace order.
+    """(sample ids, float32 [N, L, E]) per-layer distributions of every sample, ordered by
+    sample id.
+
+    The order is the samples', not the trace's: shards are committed in the order the
+    engine finished requests, which batch sizes, resumed runs and merged parts (data
+    parallel, a Ray cluster) change, while bootstrap intervals, the random-routing
+    baseline and sampled pairs draw rows by position. Ordered by id, the same samples
+    give the same metrics however they were traced.
 
     ``source="full"`` reads the trace's router means (the full router distribution
     averaged over prompt tokens); ``source="topk"`` averages each sample's top-k gate
@@ -421,7 +428,9 @@ def trace_distributions(trace: Trace, source: str = "full") -> tuple[list[str], 
         distributions = [_topk_distribution(trace, sid) for sid in ids]
     if not len(ids):
         raise MetricError(f"trace '{trace.path}' has no samples; trace some samples first")
-    return ids, np.asarray(distributions, np.float32)  # a list of [L, E] stacks to [N, L, E]
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    distributions = np.asarray(distributions, np.float32)  # a list of [L, E] stacks to [N, L, E]
+    return [ids[i] for i in order], distributions[order]
 
 
 def _topk_distribution(trace: Trace, sample_id: str) -> np.ndarray:
