@@ -198,6 +198,9 @@ def main() -> None:
     parser.add_argument("--traced-without-prefix-caching", action="store_true",
                         help="the traced engine runs with prefix caching off (computes every "
                              "token), the untraced one with it")
+    parser.add_argument("--memory", type=float, default=0.3,
+                        help="gpu_memory_utilization: the engines' share of host memory "
+                             "(both engines together with --interleave)")
     parser.add_argument("--interleave", action="store_true",
                         help="both engines in this process, calls alternating (lower noise)")
     parser.add_argument("--control", action="store_true",
@@ -226,7 +229,7 @@ def main() -> None:
         return [TokensPrompt(prompt_token_ids=p)
                 for p in prompts(args.samples, length, seed, shared)]
 
-    options = EngineOptions(enforce_eager=args.mode == "eager",
+    options = EngineOptions(enforce_eager=args.mode == "eager", gpu_memory_utilization=args.memory,
                             max_model_len=length + max_tokens + 8, store_probs=args.store_probs)
     workload = "decode" if args.decode else "prefill"
     if shared:
