@@ -65,6 +65,9 @@ bench: setup
 	$(PY) bench/bench_scaling.py
 	$(PY) bench/bench_compare.py
 	$(PY) bench/bench_memory.py
+	$(PY) bench/bench_memory.py --metrics-samples 50000,200000
+	$(PY) bench/bench_storage.py
+	$(PY) bench/bench_cluster.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
