@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from conftest import TEST_MEMORY
@@ -76,8 +78,12 @@ def test_bf16_compiled_trace_matches_hf_float32_forward(olmoe_trace, toy_olmoe):
     ~98.4% in bf16; every pair with a clear margin agrees. (float32 engines agree
     on >= 99.9% overall, below.)
     """
-    result = compare_with_hf(Trace.open(olmoe_trace), toy_olmoe)
-    print(f"bf16 compiled vs HF fp32: top-k agreement {result['agreement']:.4%} overall, "
+    assert_bf16_agrees_outside_near_ties("olmoe compiled", compare_with_hf(
+        Trace.open(olmoe_trace), toy_olmoe))
+
+
+def assert_bf16_agrees_outside_near_ties(name: str, result: dict) -> None:
+    print(f"{name} bf16 vs HF fp32: top-k agreement {result['agreement']:.4%} overall, "
           f"{result['decided_agreement']:.4%} outside near-ties ({result['near_ties']:.2%}); "
           f"largest gate weight error {result['gate_weight_err']:.3f}")
     assert result["decided_agreement"] == 1.0
@@ -88,33 +94,58 @@ def test_bf16_compiled_trace_matches_hf_float32_forward(olmoe_trace, toy_olmoe):
     assert result["nll_err"] < 0.05
 
 
+@pytest.mark.models
+def test_qwen3_next_traced_in_bfloat16_matches_hf_float32_outside_near_ties(
+        toy_factory, samples_file, tmp_path):
+    """vLLM's CPU backend runs Gated DeltaNet in bfloat16 only (float32 is refused below),
+    so Qwen3-Next is checked as OLMoE in bf16 is: every clear (token, layer) decision and
+    the MoE layer numbers (layer 0 an MLP) equal a transformers float32 forward."""
+    from moepath.fixtures.hf_reference import moe_layer_ids
+
+    model = toy_factory("qwen3next")
+    trace = trace_toy(model, samples_file, tmp_path / "t", dtype="bfloat16")
+    assert trace.manifest.model.layer_ids == moe_layer_ids(load_model(model)) == [1, 2, 3]
+    assert_bf16_agrees_outside_near_ties("qwen3next eager", compare_with_hf(trace, model))
+
+
+def trace_toy(model, samples_file, out, dtype: str = "float32", eager: bool = True) -> Trace:
+    """The first 12 samples of ``samples_file`` traced through ``model`` into ``out`` with
+    --store-probs."""
+    from moepath.patches.engine import trace_samples
+    from moepath.patches.options import EngineOptions, TraceOptions
+    from moepath.tracer.samples import SampleReadOptions, read_samples
+
+    samples = read_samples(samples_file, SampleReadOptions(limit=12))
+    trace_samples(model, samples, out, EngineOptions(
+        dtype=dtype, enforce_eager=eager, max_model_len=512,
+        gpu_memory_utilization=TEST_MEMORY, store_probs=True), TraceOptions())
+    return Trace.open(out)
+
+
 @pytest.mark.parametrize(("arch", "eager"), [
-    ("olmoe", True), ("mixtral", True), ("qwen2moe", True),
+    ("olmoe", True),
+    ("mixtral", True),
+    # a dense layer between MoE layers (mlp_only_layers=[1]): MoE layers 0, 2, 3
+    ("qwen2moe", True),
     # sigmoid scores plus the router's selection bias, hook compiled into the router's graph
     ("glm4moe", False),
     # a model-supplied routing function (sparsemixer), compiled
     ("phimoe", False),
     # the long matrix (`make test-models`): one engine per architecture
-    pytest.param("granitemoe", True, marks=pytest.mark.models),
-    pytest.param("qwen3moe", True, marks=pytest.mark.models),
-    pytest.param("deepseekv3", False, marks=pytest.mark.models),
-    pytest.param("ernie45moe", True, marks=pytest.mark.models),
-    pytest.param("llama4", True, marks=pytest.mark.models),
-    pytest.param("gptoss", True, marks=pytest.mark.models),
+    *(pytest.param(arch, eager, marks=pytest.mark.models) for arch, eager in (
+        ("granitemoe", True), ("qwen3moe", True), ("deepseekv3", False), ("llama4", True),
+        ("gptoss", True), ("granitemoeshared", True), ("granitemoehybrid", True),
+        ("cohere2moe", True), ("exaonemoe", True), ("afmoe", True), ("flexolmo", True))),
 ])
 def test_float32_trace_matches_hf_exactly(arch, eager, toy_factory, samples_file, tmp_path):
     """Top-k ids and gate weights, prompt-mean distributions, NLL and (--store-probs)
-    every token's full distribution, stored as float16, against an HF float32 forward."""
-    from moepath.patches.engine import trace_samples
-    from moepath.patches.options import EngineOptions, TraceOptions
-    from moepath.tracer.samples import SampleReadOptions, read_samples
+    every token's full distribution, stored as float16, against an HF float32 forward;
+    the MoE layers' decoder-layer numbers against the HF model's."""
+    from moepath.fixtures.hf_reference import moe_layer_ids
 
     model = toy_factory(arch)
-    samples = read_samples(samples_file, SampleReadOptions(limit=12))
-    trace_samples(model, samples, tmp_path / "t", EngineOptions(
-        dtype="float32", enforce_eager=eager, max_model_len=512,
-        gpu_memory_utilization=TEST_MEMORY, store_probs=True), TraceOptions())
-    trace = Trace.open(tmp_path / "t")
+    trace = trace_toy(model, samples_file, tmp_path / "t", eager=eager)
+    assert trace.manifest.model.layer_ids == moe_layer_ids(load_model(model))
     result = compare_with_hf(trace, model, probs=True)
     print(f"{arch}: routing {trace.manifest.model.routing}")
     print(f"{arch} fp32 vs HF fp32: top-k agreement {result['agreement']:.4%}, "
@@ -133,29 +164,188 @@ def test_float32_trace_matches_hf_exactly(arch, eager, toy_factory, samples_file
     assert group.n_samples == 12 and group.distance_mean > 0
 
 
+@pytest.mark.models
+def test_ernie_routes_by_softmax_alone_on_cpu_where_transformers_adds_its_selection_bias(
+        toy_factory, samples_file, tmp_path):
+    """ERNIE-4.5 ranks experts by softmax plus a selection bias (``e_score_correction_bias``,
+    random in the toy). vLLM's CPU router ignores that bias (its plain top-k has no bias
+    term, router/cpu_router.py), so vLLM's own routing, and the trace of it, is
+    transformers' routing without the bias: it differs from transformers' choice wherever
+    the bias changes it (docs/models.md). The trace says the bias was not used."""
+    import torch
+
+    from moepath.fixtures.hf_reference import selection_scores
+
+    model = toy_factory("ernie45moe")
+    trace = trace_toy(model, samples_file, tmp_path / "t")
+    assert trace.manifest.model.routing["correction_bias"] is False
+    hf_model = load_model(model)
+    k = trace.top_k
+    unbiased_agree, hf_agree, decided, weight_err, probs_err = [], [], [], 0.0, 0.0
+    for sid in trace.sample_ids():
+        ids, weights = trace.topk(sid)
+        ref = hf_routing(hf_model, trace.token_ids(sid).tolist())
+        softmax = selection_scores(hf_model, torch.from_numpy(np.einsum(
+            "tlh,leh->tle", ref.router_inputs, np.stack(trace.router_weights()))),
+            with_bias=False).numpy()  # [T, L, E], what vLLM's CPU router ranks by
+        unbiased = np.argsort(-softmax, -1)[..., :k]
+        agree = topk_agreement(ids, unbiased)
+        unbiased_agree.append(agree.ravel())
+        decided.append((kth_gap(softmax, k) >= NEAR_TIE_LOG_GAP).ravel())
+        hf_agree.append(topk_agreement(ids, ref.expert_ids).ravel())
+        expected = np.take_along_axis(softmax, unbiased, -1)
+        expected /= expected.sum(-1, keepdims=True)  # renormalised, as both routers do
+        weight_err = max(weight_err, np.abs(by_expert(ids, weights)[agree]
+                                            - by_expert(unbiased, expected)[agree]).max())
+        probs_err = max(probs_err, np.abs(trace.router_probs(sid) - softmax).max())
+    unbiased_agree, hf_agree = np.concatenate(unbiased_agree), np.concatenate(hf_agree)
+    decided = np.concatenate(decided)
+    print(f"ernie45moe fp32: top-k agreement with transformers' routing without the bias "
+          f"{unbiased_agree.mean():.4%}, with transformers' own (biased) routing "
+          f"{hf_agree.mean():.4%}; largest gate weight error {weight_err:.1e}")
+    assert unbiased_agree[decided].mean() == 1.0 and unbiased_agree.mean() >= 0.999
+    assert weight_err < 2e-3 and probs_err < 1e-3  # float16 storage
+    assert hf_agree.mean() < 0.9  # the bias (std 0.1 on probabilities) changes many choices
+
+
+# score gap below which float16-stored scores may not tell the k-th and (k+1)-th apart
+STORED_TIE_GAP = 4e-3
+
+
+def routed_by(scores: np.ndarray, k: int, routing: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A naive reference of vLLM's router on its own scores [T, L, E] (softmax or sigmoid,
+    plus the selection bias where it ranks by it; ``routing``: the manifest's): the top-k
+    ids [T, L, k] it picks, with grouped top-k keeping ``topk_group`` of ``n_group`` groups
+    (group score: the best expert's, or with a bias the two best's sum); and bool [T, L],
+    whether the stored scores decide that choice beyond float16 ties."""
+    masked = scores.copy()
+    decided = np.ones(scores.shape[:2], bool)
+    groups = routing["num_expert_group"] or 1
+    if groups > 1:
+        by_group = np.sort(scores.reshape(*scores.shape[:2], groups, -1), -1)[..., ::-1]
+        group_score = by_group[..., :2].sum(-1) if routing["correction_bias"] else by_group[..., 0]
+        keep = routing["topk_group"]
+        order = np.sort(group_score, -1)[..., ::-1]
+        decided &= order[..., keep - 1] - order[..., keep] >= STORED_TIE_GAP
+        dropped = np.argsort(-group_score, -1)[..., keep:]
+        size = scores.shape[-1] // groups
+        for g in range(groups):
+            masked[np.repeat((dropped == g).any(-1)[..., None], size, -1)
+                   & (np.arange(scores.shape[-1]) // size == g)] = -np.inf
+    ordered = np.sort(masked, -1)[..., ::-1]
+    decided &= ordered[..., k - 1] - ordered[..., k] >= STORED_TIE_GAP
+    return np.argsort(-masked, -1)[..., :k], decided
+
+
+def untraced_nll(model, trace: Trace) -> dict[str, float]:
+    """Each traced sample's mean prompt NLL from an untraced float32 vLLM engine of the
+    same options: what the model computes without the capture."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from moepath.patches.engine import mean_nll
+    from moepath.patches.options import EngineOptions
+
+    options = EngineOptions(dtype="float32", enforce_eager=True, max_model_len=512,
+                            gpu_memory_utilization=TEST_MEMORY)
+    options.prepare_environment()
+    llm = LLM(**options.llm_kwargs(str(model), None))
+    try:
+        ids = trace.sample_ids()
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=trace.token_ids(sid).tolist()) for sid in ids],
+            SamplingParams(max_tokens=1, prompt_logprobs=0, flat_logprobs=True,
+                           detokenize=False), use_tqdm=False)
+        return {sid: mean_nll(output) for sid, output in zip(ids, outputs, strict=True)}
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("arch", ["deepseekv2", "glm4moelite", "lfm2moe"])
+def test_where_vllm_computes_otherwise_than_transformers_the_trace_is_vllms_own_routing(
+        arch, toy_factory, samples_file, tmp_path):
+    """Where vLLM's forward differs from transformers' (docs/models.md gives the measured
+    difference), the capture is checked against vLLM's own computation: traced and
+    untraced engines give the same outputs, and the recorded experts are the ones the
+    router's rule picks from the recorded scores."""
+    model = toy_factory(arch)
+    trace = trace_toy(model, samples_file, tmp_path / "t")
+    routing = trace.manifest.model.routing
+    untraced = untraced_nll(model, trace)
+    nll = trace.samples.set_index("sample_id")["nll"]
+    nll_gap = max(abs(nll[sid] - untraced[sid]) for sid in untraced)
+    own, decided = [], []
+    for sid in trace.sample_ids():
+        ids, _ = trace.topk(sid)
+        expected, clear = routed_by(trace.router_probs(sid), trace.top_k, routing)
+        own.append(topk_agreement(ids, expected).ravel())
+        decided.append(clear.ravel())
+    own, decided = np.concatenate(own), np.concatenate(decided)
+    hf = compare_with_hf(trace, model, probs=True)
+    print(f"{arch} fp32: traced vs untraced vLLM NLL {nll_gap:.1e}; recorded experts = the "
+          f"router's rule on the recorded scores for {own[decided].mean():.4%} of clear "
+          f"(token, layer) pairs ({decided.mean():.2%} clear); vs transformers fp32: top-k "
+          f"agreement {hf['agreement']:.4%}, NLL {hf['nll_err']:.1e}, scores "
+          f"{hf['probs_err']:.1e}, routing {routing}")
+    assert nll_gap < 1e-5
+    assert own[decided].mean() == 1.0 and decided.mean() > 0.5
+    assert hf["agreement"] < 1.0  # the documented difference; equal would belong in the matrix
+
+
+@pytest.mark.models
+@pytest.mark.parametrize(("arch", "dtype", "why"), [
+    ("minimaxm2", "float32", r"^MoE layer 'model.layers.0.block_sparse_moe.experts' scores "
+                             r"experts by a sigmoid without expert groups, which vLLM 0.32.0's "
+                             r"CPU router cannot run .*serve this model on a CUDA GPU"),
+    ("hunyuanmoe", "float32", r"^MoE layer 'model.layers.0.mlp.experts' is routed by the "
+                              r"model's own transformers code .*output_router_logits=True\)$"),
+    ("jamba", "float32", r"^layer 'model.layers.0.mamba' \(MambaMixer, a Mamba-1 layer\) "
+                         r"needs vLLM's selective_scan_fwd kernel, which this vLLM build lacks"),
+    ("qwen3next", "float32", r"\(QwenGatedDeltaNetAttention, Gated DeltaNet linear attention\)"
+                             r" runs on vLLM 0.32.0's CPU backend in bfloat16 only, not float32 "
+                             r".*--dtype bfloat16$"),
+    ("dbrx", "float32", r"^vLLM 0.32.0 cannot serve DbrxForCausalLM: its DBRX weight loader "),
+    pytest.param("qwen35moe", "bfloat16", r"^vLLM cannot serve Qwen3_5MoeForCausalLM without "
+                                          r"torchvision", marks=pytest.mark.skipif(
+        importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")),
+], ids=["minimaxm2", "hunyuanmoe", "jamba", "qwen3next", "dbrx", "qwen35moe"])
+def test_a_model_the_engine_cannot_run_or_trace_is_refused_at_start_saying_why(
+        arch, dtype, why, toy_factory, samples_file, tmp_path):
+    """One line, before any sample is traced; no trace is begun."""
+    from moepath.tracer.errors import ModelError
+
+    with pytest.raises(ModelError, match=why):
+        trace_toy(toy_factory(arch), samples_file, tmp_path / "t", dtype=dtype)
+    assert not (tmp_path / "t" / "manifest.json").exists()
+
+
 def served_router_reproduces_the_stored_distributions(trace: Trace, model_path) -> None:
     """The trace's router matrices, read back from the served model, applied to the hidden
-    states each MoE block routed in an HF forward, give the distributions the hook stored
-    (float16) and, scored, the HF router logits' own."""
-    from moepath.fixtures.toy import correction_biases
+    states each MoE block routed in an HF forward, give the HF router logits (scored, its
+    scores) and the distributions the hook stored (float16; plus the selection bias where
+    the served router ranks by it)."""
+    import torch
+
+    from moepath.fixtures.hf_reference import selection_scores
     from moepath.tracer import store
 
     hf_model = load_model(model_path)
     tensors = store.read_router_tensors(trace.path)
     weights = np.stack(tensors.weights)  # [L, E, hidden]
     biases = np.stack(tensors.biases) if tensors.biases is not None else 0.0
-    selection = [b.numpy() for b in correction_biases(hf_model)]
+    ranked_with_bias = trace.manifest.model.routing["correction_bias"]
     largest = 0.0
     for sid in trace.sample_ids()[:4]:
         ref = hf_routing(hf_model, trace.token_ids(sid).tolist())
-        logits = np.einsum("tlh,leh->tle", ref.router_inputs, weights) + biases
-        if selection:  # sigmoid scores plus the selection bias
-            scores = 1 / (1 + np.exp(-logits)) + np.stack(selection)
-        else:
-            scores = np.exp(logits - logits.max(-1, keepdims=True))
-            scores /= scores.sum(-1, keepdims=True)
-        largest = max(largest, np.abs(scores - trace.router_probs(sid)).max())
-        np.testing.assert_allclose(scores, ref.probs, atol=1e-5)
+        logits = torch.from_numpy(np.einsum("tlh,leh->tle", ref.router_inputs, weights) + biases)
+        np.testing.assert_allclose(selection_scores(hf_model, logits), ref.probs, atol=1e-5)
+        stored = selection_scores(hf_model, logits, with_bias=ranked_with_bias).numpy()
+        largest = max(largest, np.abs(stored - trace.router_probs(sid)).max())
     print(f"W h (+ b) from the served router vs stored distributions: largest error "
           f"{largest:.1e}")
     assert largest < 1e-3  # float16 storage of values within [-1, 2]
@@ -271,3 +461,58 @@ def test_generated_tokens_are_traced_after_the_prompt(chunked_engine):
     assert record.num_prompt_tokens == 5
     np.testing.assert_array_equal(record.token_ids[:5], [5, 6, 7, 8, 9])
     np.testing.assert_array_equal(record.token_ids[5:], chunked_engine.generated["g"][:5])
+
+
+def test_nan_router_logits_fail_the_request_naming_its_sample_and_layer(chunked_engine, toy_olmoe,
+                                                                        tmp_path):
+    """A checkpoint whose third router holds a NaN row routes every token with NaN weights
+    from MoE layer 2 on: that request is not recorded, and the flush names it and the layer
+    where its routing stopped being finite. The engine traces on."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moepath.tracer.errors import CaptureError
+
+    broken = shutil.copytree(toy_olmoe, tmp_path / "nan-router")
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.2.mlp.gate.weight"][5] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    engine = chunked_engine.engine
+    try:
+        engine.switch_checkpoint(broken, chunked_engine.engine_dir)
+        with pytest.raises(CaptureError, match=(
+                r"^sample 'nan': MoE layer 2 \(model layer 2\) routed with NaN or infinite gate "
+                r"weights or router scores at position 0, from router logits that are not "
+                r"finite; its routing is not recorded\.")):
+            chunked_engine.trace({"nan": [5, 6, 7, 8]})
+    finally:
+        engine.switch_checkpoint(toy_olmoe, chunked_engine.engine_dir)
+    assert set(chunked_engine.trace({"after": [5, 6, 7, 8]})) == {"after"}
+
+
+def test_a_sharded_checkpoint_traces_as_its_single_file_copy(chunked_engine, toy_olmoe, hf_olmoe,
+                                                             tmp_path):
+    """A checkpoint saved in shards named by ``model.safetensors.index.json`` (as large
+    checkpoints are) serves the same weights: the routing traced after switching to it
+    equals the routing of the single file, and the checkpoint reader finds every router."""
+    from moepath.tracer.checkpoints import router_weights
+
+    sharded = tmp_path / "sharded"
+    hf_olmoe.save_pretrained(sharded, max_shard_size="200KB")
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 4
+    assert (sharded / "model.safetensors.index.json").is_file()
+    prompt = list(range(5, 45))
+    single = chunked_engine.trace({"single": prompt})["single"]
+    engine = chunked_engine.engine
+    try:
+        engine.switch_checkpoint(sharded, chunked_engine.engine_dir)
+        shards = chunked_engine.trace({"sharded": prompt})["sharded"]
+    finally:
+        engine.switch_checkpoint(toy_olmoe, chunked_engine.engine_dir)
+    np.testing.assert_array_equal(shards.expert_ids, single.expert_ids)
+    np.testing.assert_array_equal(shards.gate_weights, single.gate_weights)
+    found, expected = router_weights(sharded, 16), router_weights(toy_olmoe, 16)
+    assert sorted(found) == sorted(expected) == [0, 1, 2, 3]
+    for layer, weight in expected.items():
+        np.testing.assert_array_equal(found[layer], weight)
