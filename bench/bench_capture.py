@@ -70,7 +70,8 @@ class ScriptedCall:
         self.req_ids = [f"{i}-abcdefgh" for i in range(requests)]
         self.requests = {
             req_id: SimpleNamespace(sampling_params=SimpleNamespace(
-                extra_args={REQUEST_ID_KEY: f"sample-{req_id}"}), num_prompt_tokens=prompt)
+                extra_args={REQUEST_ID_KEY: f"sample-{req_id}"}, eos_token_id=None,
+                stop_token_ids=[], max_tokens=None), num_prompt_tokens=prompt)
             for req_id in self.req_ids}
         self.input_batch = SimpleNamespace(num_reqs=requests, req_ids=self.req_ids)
         self.prompt = prompt

@@ -111,8 +111,10 @@ def test_the_last_stage_joins_finished_requests_and_refuses_missing_parts_and_fa
     ]
 
 
-# --- a real engine ------------------------------------------------------------------------------
+# --- behind the `parallel` marker (`make test-parallel`; docs/parallel.md has the results): a
+# compiled two-stage engine starts in about 80 s on 2 cores, more than the default suite affords
 
+@pytest.mark.parallel
 @pytest.mark.vllm
 def test_two_pipeline_stages_write_one_trace_equal_to_one_stage(olmoe_trace, toy_olmoe,
                                                                 hf_olmoe, tmp_path):
@@ -146,8 +148,6 @@ def test_two_pipeline_stages_write_one_trace_equal_to_one_stage(olmoe_trace, toy
           f"({np.mean(decided):.4%} outside near-ties)")
     assert np.mean(decided) == 1.0
 
-
-# --- behind the `parallel` marker (`make test-parallel`; docs/parallel.md has the results) -----
 
 @pytest.mark.parallel
 @pytest.mark.vllm
