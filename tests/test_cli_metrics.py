@@ -131,7 +131,7 @@ def test_table_shows_intervals_random_routing_robust_consistency_and_controls(tm
     assert result.returncode == 0, result.stderr
     assert max(map(len, result.stdout.splitlines())) <= 80
     trace = Trace.open(trace_dir)
-    m = group_metrics("all", trace.router_means()[1], trace.router_weights(),
+    m = group_metrics("all", trace_distributions(trace)[1], trace.router_weights(),
                       MetricOptions(level=0.9))
     tables = sections(result.stdout)
 
