@@ -6,7 +6,7 @@ STAMP := $(VENV)/.moepath-installed
 # auto: zentorch on AMD CPUs with AVX-512, where vLLM 0.32 then runs its Zen platform; no: never
 ZENTORCH ?= auto
 
-.PHONY: setup test test-fast test-models demo lint bench clean
+.PHONY: setup test test-fast test-models demo study lint bench clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ test-models: setup
 demo: setup
 	$(VENV)/bin/moepath demo --out demo-out
 
+# The multi-seed study of the demo's testbed (hours on 2 CPU cores; cached per seed, so it
+# resumes): bench/grokking/README.md records its results.
+study: setup
+	$(PY) bench/grokking/study.py --out study-out --seeds 0 1 2
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
@@ -62,4 +67,4 @@ bench: setup
 	$(PY) bench/bench_memory.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out study-out .pytest_cache
