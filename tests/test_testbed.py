@@ -224,6 +224,18 @@ def test_examples_of_p_3_are_hand_checked(operation, texts):
     assert [e.text for e in testbed.examples(3, operation)] == texts
 
 
+def test_a_domain_joining_later_is_trained_and_scored_for_training_from_its_step(tmp_path):
+    late = replace(testbed.SMOKE, domains=(("+", 0.6, (0,)), ("*", 0.6, (3,))))
+    result = testbed.train(late, tmp_path, log=lambda message: None)
+    lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").open()]
+    assert {line["introduced_step"] for line in lines if line["domain"] == "mul"} == {3}
+    mul = {s.step: s for s in result.scores if s.domain == "mul"}
+    assert math.isnan(mul[0].train_accuracy)  # no mul sample trained yet
+    assert 0 <= mul[3].train_accuracy <= 1 and 0 <= mul[0].heldout_accuracy <= 1
+    memorised = result.rise["mul"].memorised_step
+    assert memorised is None or memorised >= 3
+
+
 def test_the_split_is_seeded_per_domain_and_deals_cohorts_in_turn():
     train, heldout = testbed.split(testbed.SMOKE)
     facts = {d: {(e.a, e.b) for e in train if e.domain == d} for d in ("add", "mul", "sub")}
