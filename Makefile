@@ -6,7 +6,7 @@ STAMP := $(VENV)/.moepath-installed
 # auto: zentorch on AMD CPUs with AVX-512, where vLLM 0.32 then runs its Zen platform; no: never
 ZENTORCH ?= auto
 
-.PHONY: setup test test-fast test-models test-parallel demo lint bench clean
+.PHONY: setup test test-fast test-models test-parallel demo study lint bench clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ test-parallel: setup
 demo: setup
 	$(VENV)/bin/moepath demo --out demo-out
 
+# The multi-seed study of the demo's testbed (hours on 2 CPU cores; cached per seed, so it
+# resumes): bench/grokking/README.md records its results.
+study: setup
+	$(PY) bench/grokking/study.py --out study-out --seeds 0 1 2
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
@@ -70,4 +75,4 @@ bench: setup
 	$(PY) bench/bench_cluster.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out study-out .pytest_cache

@@ -23,6 +23,8 @@ def test_demo_smoke_trains_compares_and_reports(tmp_path):
     metrics = pd.read_csv(compare / "metrics.csv")
     assert sorted(set(metrics["step"])) == [0, 3, 6]
     assert {"distance", "consistency", "loss"} <= set(metrics["metric"])
+    # the smoke run memorises nothing, so every sample is compared, per domain and pooled
+    assert {"all", "add", "mul", "sub"} <= set(metrics["group"])
     assert "Correlation with the scores" in (compare / "report.md").read_text()
     assert (compare / "distance.png").stat().st_size > 1000
     manifest = json.loads((compare / "traces" / "step00006" / "manifest.json").read_text())

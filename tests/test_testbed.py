@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
+import math
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -20,6 +21,10 @@ from moepath.tracer.compare import CompareOptions
 from moepath.tracer.errors import InputError, TrainingError
 
 ROUTER = "model.layers.0.mlp.gate.weight"
+# SMOKE cut to one step, every cohort joining at step 0
+ONE_STEP = replace(testbed.SMOKE, steps=1, checkpoint_steps=(0, 1),
+                   domains=tuple((op, fraction, (0,)) for op, fraction, _ in
+                                 testbed.SMOKE.domains))
 
 
 @pytest.fixture(scope="module")
@@ -48,28 +53,52 @@ def test_smoke_writes_checkpoints_scores_samples_and_manifest(smoke):
     assert not testbed.is_built(replace(testbed.SMOKE, seed=1), smoke.out_dir)
 
 
-def test_scores_csv_has_one_row_per_checkpoint_and_score_is_heldout_accuracy(smoke):
+def test_scores_csv_has_a_row_per_checkpoint_and_domain_and_score_is_heldout_accuracy(smoke):
     with (smoke.out_dir / "scores.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["checkpoint", "step", "score", "train_accuracy", "train_loss",
-                             "heldout_accuracy", "heldout_loss"]
-    assert [int(r["step"]) for r in rows] == list(testbed.SMOKE.checkpoint_steps)
-    assert [r["checkpoint"] for r in rows] == [p.name for p in smoke.checkpoints]
+    assert list(rows[0]) == ["checkpoint", "step", "group", "score", "train_accuracy",
+                             "train_loss", "heldout_accuracy", "heldout_loss"]
+    groups = ["add", "mul", "sub", ""]  # "": every domain pooled, the score of group `all`
+    assert [(int(r["step"]), r["group"]) for r in rows] == [
+        (step, group) for step in testbed.SMOKE.checkpoint_steps for group in groups]
+    assert [r["checkpoint"] for r in rows[::4]] == [p.name for p in smoke.checkpoints]
     assert all(r["score"] == r["heldout_accuracy"] for r in rows)
     assert all(0 <= float(r["train_accuracy"]) <= 1 for r in rows)
+    _, heldout = testbed.split(testbed.SMOKE)
+    sizes = [sum(e.domain == name for e in heldout) for name in groups[:3]]
+    for first in range(0, len(rows), 4):  # the pooled row weights each domain by its items
+        accuracies = [float(r["heldout_accuracy"]) for r in rows[first:first + 3]]
+        pooled = sum(a * n for a, n in zip(accuracies, sizes, strict=True)) / sum(sizes)
+        assert float(rows[first + 3]["heldout_accuracy"]) == pytest.approx(pooled, abs=1e-6)
 
 
-def test_samples_jsonl_is_the_training_split_in_the_training_text_format(smoke):
+def test_samples_jsonl_is_the_training_split_with_domain_and_stage(smoke):
     lines = [json.loads(line) for line in (smoke.out_dir / "samples.jsonl").open()]
     train, heldout = testbed.split(testbed.SMOKE)
     p = testbed.SMOKE.p
-    assert len(lines) == len(train) == round(testbed.SMOKE.train_fraction * p * p)
-    assert [line["id"] for line in lines] == [f"{e.a}+{e.b}" for e in train]
+    # sub: round(0.6 x 49) facts; add and mul: round(0.6 x 28) unordered pairs {a, b}
+    units = {"add": 17, "mul": 17, "sub": 29}
+    assert len(lines) == len(train)
+    assert [line["id"] for line in lines] == [e.sample_id for e in train]
     assert {line["id"] for line in lines}.isdisjoint(e.sample_id for e in heldout)
+    apply = {"add": lambda a, b: (a + b) % p, "mul": lambda a, b: a * b % p,
+             "sub": lambda a, b: (a - b) % p}
+    symbol = {"add": "+", "mul": "*", "sub": "-"}
     for line in lines:
-        assert line["answer"] == (line["a"] + line["b"]) % p
-        assert line["text"] == f"{line['a']} + {line['b']} = {line['answer']}"
-        assert line["wraps"] == (line["a"] + line["b"] >= p)
+        assert line["answer"] == apply[line["domain"]](line["a"], line["b"])
+        assert line["text"] == f"{line['a']} {symbol[line['domain']]} {line['b']} = " \
+                               f"{line['answer']}"
+        assert line["introduced_step"] == (0, 3)[line["stage"]]
+    for domain, count in units.items():  # each domain's units are dealt into the cohorts
+        mine = {(line["a"], line["b"]): line["stage"] for line in lines
+                if line["domain"] == domain}
+        by_unit = {frozenset(pair) if domain != "sub" else pair: stage
+                   for pair, stage in mine.items()}
+        assert len(by_unit) == count
+        stages = list(by_unit.values())
+        assert (stages.count(0), stages.count(1)) == ((count + 1) // 2, count // 2)
+        if domain != "sub":  # a commuted fact is on the same side, in the same cohort
+            assert all(mine[(b, a)] == stage for (a, b), stage in mine.items())
 
 
 def test_checkpoints_load_as_olmoe_with_the_word_level_tokenizer(smoke):
@@ -77,13 +106,14 @@ def test_checkpoints_load_as_olmoe_with_the_word_level_tokenizer(smoke):
 
     folder = smoke.checkpoints[-1]
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    p = testbed.SMOKE.p
-    assert tokenizer("3 + 5 = 8").input_ids == [3, p, 5, p + 1, 8]  # no BOS added
-    assert tokenizer.decode([3, p, 5, p + 1, 8]) == "3 + 5 = 8"
+    p = testbed.SMOKE.p  # then the operators in the config's order: +, *, -; then =
+    assert tokenizer("3 + 5 = 1").input_ids == [3, p, 5, p + 3, 1]  # no BOS added
+    assert tokenizer("3 - 5 = 5").input_ids == [3, p + 2, 5, p + 3, 5]
+    assert tokenizer.decode([3, p + 1, 5, p + 3, 1]) == "3 * 5 = 1"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     config = model.config
     assert (config.model_type, config.num_hidden_layers) == ("olmoe", 4)
-    assert config.vocab_size == len(tokenizer) == p + 5
+    assert config.vocab_size == len(tokenizer) == p + 3 + 4
     assert not config.tie_word_embeddings and config.max_position_embeddings <= 64
     for token_id in (config.bos_token_id, config.eos_token_id, config.pad_token_id):
         assert 0 <= token_id < config.vocab_size
@@ -92,10 +122,12 @@ def test_checkpoints_load_as_olmoe_with_the_word_level_tokenizer(smoke):
 
 
 def test_loaded_checkpoint_reproduces_the_recorded_train_accuracy(smoke):
-    """Training used the grouped_mm experts; HF's default (eager loop) must agree."""
+    """Training used the grouped_mm experts; HF's default (eager loop) must agree. At the
+    last checkpoint every cohort has joined, so train accuracy covers the whole split."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, score = smoke.checkpoints[-1], smoke.scores[-1]
+    assert (score.step, score.domain) == (6, testbed.ALL_DOMAINS)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     train, _ = testbed.split(testbed.SMOKE)
@@ -112,7 +144,7 @@ def test_loaded_checkpoint_reproduces_the_recorded_train_accuracy(smoke):
 def test_same_seed_gives_identical_weights_other_seed_differs(smoke, tmp_path):
     again = testbed.train(testbed.SMOKE, tmp_path / "again", log=lambda message: None)
     assert torch.equal(router(smoke.checkpoints[-1]), router(again.checkpoints[-1]))
-    other = replace(testbed.SMOKE, seed=1, steps=1, checkpoint_steps=(1,))
+    other = replace(ONE_STEP, seed=1, checkpoint_steps=(1,))
     other_run = testbed.train(other, tmp_path / "other", log=lambda message: None)
     assert not torch.equal(router(smoke.checkpoints[1]), router(other_run.checkpoints[0]))
 
@@ -127,7 +159,7 @@ def test_training_runs_apart_with_avx2_kernels_whatever_this_process_uses(smoke)
 
 
 def test_a_failed_training_process_is_an_error_and_leaves_nothing_built(tmp_path, monkeypatch):
-    short = replace(testbed.SMOKE, steps=1, checkpoint_steps=(0, 1))
+    short = ONE_STEP
     monkeypatch.setattr(testbed.sys, "executable", "false")  # a process that exits with 1
     with pytest.raises(TrainingError, match=r"^testbed training failed \(exit status 1; its "
                                             r"traceback is printed above\); fix what it names "
@@ -138,7 +170,7 @@ def test_a_failed_training_process_is_an_error_and_leaves_nothing_built(tmp_path
 
 
 def test_rerun_replaces_step_folders_and_refuses_foreign_content(tmp_path):
-    short = replace(testbed.SMOKE, steps=1, checkpoint_steps=(0, 1))
+    short = ONE_STEP
     (tmp_path / "checkpoints" / "step09999").mkdir(parents=True)
     lines = []
     testbed.train(short, tmp_path, log=lines.append)
@@ -156,15 +188,23 @@ def test_rerun_replaces_step_folders_and_refuses_foreign_content(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(layers=2), "layers = 2: use >= 4"),
-    (dict(heads=4), "head_dim >= 64"),
+    (dict(heads=4), "head_dim >= 32"),
     (dict(p=12), "p = 12 must be a prime"),
-    (dict(operation="%"), "operation '%'"),
+    (dict(domains=(("%", 0.5, (0,)),)), r"domains \('%',\) must be operations of"),
+    (dict(domains=(("+", 0.5, (0,)), ("+", 0.6, (0,)))),
+     r"domains \('\+', '\+'\) repeat an operation"),
+    (dict(domains=()), r"domains \(\) must be operations"),
     (dict(top_k=9), "top_k 9"),
+    (dict(batch_size=-1), "batch_size -1 must be >= 0"),
+    (dict(domains=(("+", 0.6, (1, 3)),)), r"some domain's first stage must be step 0"),
+    (dict(domains=(("-", 0.6, (0, 6)),)), r"- stages \(0, 6\) must be increasing and come "
+                                         r"before step 6"),
     (dict(checkpoint_steps=(0, 7)), r"checkpoint_steps \(0, 7\) must be increasing"),
     (dict(checkpoint_steps=(3, 3)), "must be increasing, unique"),
-    (dict(train_fraction=1.0), "train_fraction"),
-    (dict(p=3, train_fraction=0.01), "train_fraction 0.01 of the 9 facts of p = 3 must leave "
-                                     "at least one training and one held-out fact"),
+    (dict(domains=(("+", 1.0, (0,)),)), r"train_fraction 1.0 of the 28 \+ split units"),
+    (dict(p=3, domains=(("/", 0.1, (0, 3)),)), r"train_fraction 0.1 of the 6 / split units of "
+                                               r"p = 3 must leave a training unit per stage "
+                                               r"\(2\) and a held-out unit"),
 ])
 def test_invalid_configs_are_named(change, message):
     with pytest.raises(InputError, match=message):
@@ -176,33 +216,72 @@ def test_invalid_configs_are_named(change, message):
            "2 + 0 = 2", "2 + 1 = 0", "2 + 2 = 1"]),
     ("-", ["0 - 0 = 0", "0 - 1 = 2", "0 - 2 = 1", "1 - 0 = 1", "1 - 1 = 0", "1 - 2 = 2",
            "2 - 0 = 2", "2 - 1 = 1", "2 - 2 = 0"]),
+    ("*", ["0 * 0 = 0", "0 * 1 = 0", "0 * 2 = 0", "1 * 0 = 0", "1 * 1 = 1", "1 * 2 = 2",
+           "2 * 0 = 0", "2 * 1 = 2", "2 * 2 = 1"]),
     ("/", ["0 / 1 = 0", "0 / 2 = 0", "1 / 1 = 1", "1 / 2 = 2", "2 / 1 = 2", "2 / 2 = 1"]),
 ])
 def test_examples_of_p_3_are_hand_checked(operation, texts):
-    config = replace(testbed.SMOKE, p=3, operation=operation)
-    assert [e.text for e in testbed.examples(config)] == texts
+    assert [e.text for e in testbed.examples(3, operation)] == texts
+
+
+def test_a_domain_joining_later_is_trained_and_scored_for_training_from_its_step(tmp_path):
+    late = replace(testbed.SMOKE, domains=(("+", 0.6, (0,)), ("*", 0.6, (3,))))
+    result = testbed.train(late, tmp_path, log=lambda message: None)
+    lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").open()]
+    assert {line["introduced_step"] for line in lines if line["domain"] == "mul"} == {3}
+    mul = {s.step: s for s in result.scores if s.domain == "mul"}
+    assert math.isnan(mul[0].train_accuracy)  # no mul sample trained yet
+    assert 0 <= mul[3].train_accuracy <= 1 and 0 <= mul[0].heldout_accuracy <= 1
+    memorised = result.rise["mul"].memorised_step
+    assert memorised is None or memorised >= 3
+
+
+def test_the_split_is_seeded_per_domain_and_deals_cohorts_in_turn():
+    train, heldout = testbed.split(testbed.SMOKE)
+    facts = {d: {(e.a, e.b) for e in train if e.domain == d} for d in ("add", "mul", "sub")}
+    assert len(facts["sub"]) == 29  # round(0.6 x 49) facts
+    for domain in ("add", "mul"):  # round(0.6 x 28) unordered pairs, both orders kept
+        assert len({frozenset(pair) for pair in facts[domain]}) == 17
+        assert facts[domain] == {(b, a) for a, b in facts[domain]}
+    assert len(heldout) == 3 * 49 - len(train)
+    again, _ = testbed.split(testbed.SMOKE)
+    assert again == train
+    other, _ = testbed.split(replace(testbed.SMOKE, seed=1))
+    assert {e.sample_id for e in other} != {e.sample_id for e in train}
+    # the mul split does not depend on the add domain being there
+    alone, _ = testbed.split(replace(testbed.SMOKE, domains=(("*", 0.6, (0, 3)),)))
+    assert alone == [e for e in train if e.domain == "mul"]
 
 
 def test_every_config_problem_is_named_at_once():
     with pytest.raises(InputError, match="^invalid testbed config: p = 12 must be a prime >= 3; "
-                                         "top_k 9 must be in 1..experts"):
+                                         ".*top_k 9 must be in 1..experts"):
         replace(testbed.SMOKE, p=12, top_k=9)
 
 
-def test_a_sample_is_memorised_within_a_margin_of_the_operand_floor():
-    # of the four predicted tokens (+, b, =, answer) only b is unpredictable: log(37) / 4
-    assert testbed.loss_floor(testbed.DEFAULT) == pytest.approx(0.902729, abs=1e-6)
-    assert testbed.memorised_loss(testbed.DEFAULT) == pytest.approx(0.952729, abs=1e-6)
+def test_a_sample_is_memorised_within_a_margin_of_the_operator_and_operand_floor():
+    # of the four predicted tokens (op, b, =, answer) the operator and b are unpredictable
+    assert testbed.loss_floor(testbed.DEFAULT) == pytest.approx(
+        (math.log(3) + math.log(23)) / 4, abs=1e-12)
+    assert testbed.loss_floor(testbed.DEFAULT) == pytest.approx(1.058527, abs=1e-6)
+    assert testbed.memorised_loss(testbed.DEFAULT) == pytest.approx(1.108527, abs=1e-6)
+    one_domain = replace(testbed.SMOKE, p=37, domains=(("+", 0.5, (0,)),))
+    assert testbed.loss_floor(one_domain) == pytest.approx(0.902729, abs=1e-6)  # log(37) / 4
 
 
-def test_the_demo_compares_memorised_samples_from_the_first_checkpoint_after_memorisation(
-        tmp_path):
-    result = testbed.TestbedResult(tmp_path, testbed.DEFAULT, [], [], memorised_step=70,
-                                   heldout_50_step=1025, heldout_90_step=1650, seconds=400.0,
-                                   steps_per_second=4.6)
+def test_the_demo_compares_each_domains_memorised_samples_with_its_accuracy(tmp_path):
+    rise = {name: testbed.DomainRise() for name in testbed.DEFAULT.domain_names}
+    result = testbed.TestbedResult(tmp_path, testbed.DEFAULT, [], [], memorised_step=100,
+                                   rise=rise, seconds=400.0, steps_per_second=4.6)
     options = testbed.compare_options(result)
-    assert (options.memorised_only, options.from_step, options.from_t_star) == (True, 100, True)
+    assert (options.group_by, options.memorised_only, options.from_t_star) == (
+        "domain", True, True)
     assert options.epsilon == testbed.memorised_loss(testbed.DEFAULT)
     assert options.scores == tmp_path / "scores.csv"
     never = testbed.compare_options(replace(result, memorised_step=None))  # e.g. the smoke run
-    assert never == CompareOptions(scores=tmp_path / "scores.csv")
+    assert never == CompareOptions(scores=tmp_path / "scores.csv", group_by="domain")
+
+
+def test_a_config_survives_its_json_round_trip():
+    assert testbed.TestbedConfig.from_dict(json.loads(json.dumps(asdict(testbed.DEFAULT)))) \
+        == testbed.DEFAULT
