@@ -46,8 +46,8 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> N
 @contextlib.contextmanager
 def serve(model, trace_dir, *args: str, env: dict | None = None):
     """A traced ``vllm serve`` of ``model`` into ``trace_dir`` (float32, vLLM's defaults
-    otherwise, prefix caching on; more vLLM flags in ``args``), healthy: yields (url, process); the server is stopped
-    (SIGINT) on exit if the caller did not stop it."""
+    otherwise, prefix caching on; more vLLM flags in ``args``), healthy: yields (url,
+    process); the server is stopped (SIGINT) on exit if the caller did not stop it."""
     port = free_port()
     config = {"moepath": {"dir": str(trace_dir), "commit": True, "flush_interval_s": 1}}
     log = open(trace_dir.parent / "server.log", "w")  # noqa: SIM115 (closed below)
