@@ -154,7 +154,7 @@ def watch_run(
     trackers.check_available(options.log_to)
     rundir.scan(run_dir, rundir.layout_patterns(options.pattern))
     if options.scores is not None:
-        evallog.read_log(options.scores)
+        _check_scores(Path(options.scores))
     sample_set = samples if isinstance(samples, SampleSet) else read_samples(
         samples, read_options or SampleReadOptions())
     progress.samples_read(sample_set)
@@ -185,7 +185,8 @@ class _Watcher:
                          if options.log_to else None)
         self.traced: list[str] = []
         self._stale = bool(self.status.in_state(DONE))  # the report predates this run
-        self._scores_stamp: tuple | None = None
+        self._scores_stamp: tuple | None = None  # of the scores file last analysed
+        self._analysed_scores = False  # whether an analysis has looked at the scores file
 
     # -- the loop -------------------------------------------------------------------
 
@@ -335,8 +336,13 @@ class _Watcher:
         options = self.compare_options
         if self.options.scores is None:
             return options, []
-        self._scores_stamp = _stamp(self.options.scores)
+        self._scores_stamp, self._analysed_scores = _stamp(self.options.scores), True
         dest = self.out / SCORES_SEEN
+        if self._scores_stamp is None:
+            dest.unlink(missing_ok=True)
+            return replace(options, scores=None), [
+                f"'{self.options.scores}' is not written yet; correlations appear once "
+                f"the training job writes it"]
         rows = evallog.known_scores(self.options.scores, {c.name: c.step for c in done}, dest)
         if not rows:
             dest.unlink(missing_ok=True)
@@ -350,7 +356,8 @@ class _Watcher:
         return replace(options, scores=dest), notes
 
     def _scores_changed(self) -> bool:
-        return (self.options.scores is not None and self._scores_stamp is not None
+        """Whether the scores file changed (or appeared) since the last analysis."""
+        return (self.options.scores is not None and self._analysed_scores
                 and _stamp(self.options.scores) != self._scores_stamp)
 
     # -- state on disk --------------------------------------------------------------
@@ -389,6 +396,18 @@ class _Watcher:
     def _write(self) -> None:
         self.status.write(self.out)
         self.progress.status(self.status)
+
+
+def _check_scores(path: Path) -> None:
+    """Refuse a scores file that cannot become readable: one that exists must parse now; a
+    missing one is waited for (the training job writes its first evaluation later) when
+    its folder exists, else it is a wrong path.
+
+    Raises:
+        InputError: see :func:`~moepath.tracer.evallog.read_log`, or no such folder.
+    """
+    if path.exists() or not path.parent.is_dir():
+        evallog.read_log(path)
 
 
 def _stamp(path: Path) -> tuple | None:

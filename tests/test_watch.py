@@ -183,6 +183,19 @@ def test_a_validation_loss_in_the_evaluation_log_is_kept(tmp_path, name, text):
         "checkpoint,score,val_loss\ncheckpoint-100,0.1,2.5\ncheckpoint-200,0.2,\n")
 
 
+def test_an_evaluation_log_in_a_folder_that_does_not_exist_is_refused_before_tracing(tmp_path):
+    """A log that is not written yet is waited for (the `watched` run's trainer writes its
+    log after watch starts); one whose folder is missing is a wrong path."""
+    from moepath.patches.watch import WatchOptions, watch_run
+
+    (tmp_path / "run").mkdir()
+    samples = write_jsonl(tmp_path / "samples.jsonl", [{"id": "a", "text": "one two"}])
+    with pytest.raises(InputError, match="scores file '.*no-such-run/eval.jsonl' does not "
+                                         "exist"):
+        watch_run(tmp_path / "run", samples, tmp_path / "out",
+                  WatchOptions(scores=tmp_path / "no-such-run" / "eval.jsonl"))
+
+
 def test_a_bad_json_line_in_the_scores_is_named(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"step": 1, "score": 2}\n{"loss": 3}\n')
     with pytest.raises(InputError, match="log.jsonl' line 2: not a JSON object with 'step'"):
@@ -254,13 +267,13 @@ def watched(toy_factory, tmp_path_factory):
     samples = write_jsonl(root / "samples.jsonl", [
         {"id": f"s{i}", "text": line, "domain": ["math", "code"][i % 2]}
         for i, line in enumerate(corpus(48, seed=5))])
-    scores = root / "eval.jsonl"
-    scores.write_text("".join(json.dumps({"step": s, "score": s / 1000})
-                              + "\n" for s in (100, 200, 300, 400)))
+    scores = root / "eval.jsonl"  # the trainer's evaluation log: written after watch starts
     stop, finished = threading.Event(), {}
 
     def trainer():
         arrive(toys[0], run, "checkpoint-100")
+        scores.write_text("".join(json.dumps({"step": s, "score": s / 1000})
+                                  + "\n" for s in (100, 200, 300, 400)))
         (run / "tmp-checkpoint-400").mkdir()
         time.sleep(0.5)
         finished["checkpoint-200"] = write_slowly(toys[1], run / "checkpoint-200")
