@@ -4,6 +4,8 @@ Run (from the repository root, inside .venv):
 
     python bench/bench_capture.py                       # decode-heavy: 64 x (16 + 128)
     python bench/bench_capture.py --prompt 256 --generate 1   # prefill-heavy
+    python bench/bench_capture.py --prefix-caching            # + the routing cache
+    python bench/bench_capture.py --prefix-caching --untraced  # the routing cache alone
 
 The overhead benchmark measures the ratio that matters, but on a shared
 2-core machine single batches vary by +-20%, so a 1% cost hides in the noise.
@@ -21,7 +23,9 @@ machine barely moves it. Per call of ``--requests`` requests, each a
   timed for a decode step and for the prefill step; per call: layers x
   (prefill + decode steps) of the compiled hook;
 - rows: ``StepRecorder.after_forward`` over every step (row mapping, host
-  copies, prompt sums);
+  copies, prompt sums; with ``--prefix-caching`` also every token's routing
+  written to the routing cache at its KV slot, 128-token blocks; with
+  ``--untraced`` no request is tagged, so that write is all it does);
 - finish: every request's record assembled from its chunks;
 - write: the call's records as one routing shard (table, Parquet, fsync,
   sha256), which runs on the sink's thread.
@@ -51,6 +55,7 @@ from moepath.patches.settings import REQUEST_ID_KEY, CaptureSettings
 from moepath.tracer import store
 
 RESULTS = Path(__file__).parent / "results"
+BLOCK = 128  # KV block, tokens (vLLM's default on CPU)
 
 
 class KeepRecords:
@@ -64,15 +69,21 @@ class KeepRecords:
 
 
 class ScriptedCall:
-    """Runner state of one generate call: all requests prefill in one step, then decode."""
+    """Runner state of one generate call: all requests prefill in one step, then decode.
+    Request i's KV blocks (of ``BLOCK`` tokens) are ``blocks * i`` on."""
 
-    def __init__(self, requests: int, prompt: int, device="cpu"):
+    def __init__(self, requests: int, prompt: int, device="cpu", blocks: int = 1,
+                 tagged: bool = True):
+        from vllm import SamplingParams
+
         self.req_ids = [f"{i}-abcdefgh" for i in range(requests)]
         self.requests = {
-            req_id: SimpleNamespace(sampling_params=SimpleNamespace(
-                extra_args={REQUEST_ID_KEY: f"sample-{req_id}"}, eos_token_id=None,
-                stop_token_ids=[], max_tokens=None), num_prompt_tokens=prompt)
+            req_id: SimpleNamespace(sampling_params=SamplingParams(max_tokens=None, extra_args={
+                REQUEST_ID_KEY: f"sample-{req_id}"} if tagged else None),
+                num_prompt_tokens=prompt)
             for req_id in self.req_ids}
+        self.blocks = blocks
+        self.kv_cache_config = kv_cache_config(requests * blocks)
         self.input_batch = SimpleNamespace(num_reqs=requests, req_ids=self.req_ids)
         self.prompt = prompt
         self.positions = torch.zeros(requests * prompt, dtype=torch.int64, device=device)
@@ -90,6 +101,19 @@ class ScriptedCall:
             self.positions[:rows] = torch.arange(self.prompt).repeat(requests).to(self.positions)
         else:
             self.positions[:rows] = self.prompt + step - 1
+        first_block = torch.arange(requests).repeat_interleave(width) * self.blocks
+        slots = first_block * BLOCK + self.positions[:rows].cpu()
+        self.input_batch.block_table = [SimpleNamespace(slot_mapping=SimpleNamespace(gpu=slots))]
+
+
+def kv_cache_config(num_blocks: int):
+    """A vLLM KV cache config of one full-attention group of ``BLOCK``-token blocks."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=64,
+                             dtype=torch.bfloat16)
+    return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                         kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
 
 
 def thread_seconds(function) -> float:
@@ -104,15 +128,16 @@ def one_call(args, steps: int, device="cpu") -> dict[str, float]:
     routing = SimpleNamespace(layers=[None] * args.layers, top_k=args.top_k,
                               num_experts=args.experts, config={"scoring_func": "softmax"})
     sink = KeepRecords()
-    recorder = StepRecorder(CaptureSettings(dir="unused"), routing, sink)
-    call = ScriptedCall(args.requests, args.prompt, device)
+    recorder = StepRecorder(CaptureSettings(dir="unused"), routing, sink, args.prefix_caching)
+    call = ScriptedCall(args.requests, args.prompt, device,
+                        blocks=-(-(args.prompt + steps) // BLOCK), tagged=not args.untraced)
     rows = 0.0
     for step in range(steps):
         call.schedule(step)
         rows += thread_seconds(lambda: recorder.after_forward(call, call.total_tokens))
     finish = thread_seconds(lambda: recorder.on_finished(call.req_ids))
-    assert len(sink.records) == args.requests
-    assert len(sink.records[0].positions) == args.prompt + steps - 1
+    assert len(sink.records) == (0 if args.untraced else args.requests)
+    assert args.untraced or len(sink.records[0].positions) == args.prompt + steps - 1
     with tempfile.TemporaryDirectory() as tmp:
         write = thread_seconds(lambda: store.write_routing_shard(
             Path(tmp), "shard", sink.records, args.layers, args.top_k, args.experts))
@@ -211,6 +236,12 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="the engine reads vLLM's prefix cache: every token's routing is "
+                             "also kept in the routing cache")
+    parser.add_argument("--untraced", action="store_true",
+                        help="no request is tagged (with --prefix-caching: the routing "
+                             "cache's cost to untraced requests)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the worker's copies are small; one thread is what they use
     hook.BUFFERS = hook.CaptureBuffers.allocate(
@@ -239,7 +270,9 @@ def main() -> None:
         [c["rows"] + c["finish"] + c["write"] + hook
          for c, hook in zip(calls, hook_per_call, strict=True)], 1e3)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"capture-{args.prompt}x{args.generate}.json"
+    variant = ("-prefix-caching" if args.prefix_caching else "") + (
+        "-untraced" if args.untraced else "")
+    out = RESULTS / f"capture-{args.prompt}x{args.generate}{variant}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

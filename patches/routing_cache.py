@@ -125,22 +125,25 @@ class RoutingCache:
             scores = scores[:, keep.to(scores.device)]
         for name, column in self._columns.items():
             column.index_put_((slots,), sources[name].to("cpu", column.dtype))
-        slots_np = slots.numpy()
-        blocks, offsets = np.divmod(slots_np, self.block_size)
-        touched, first, inverse, counts = np.unique(blocks, return_index=True,
-                                                    return_inverse=True, return_counts=True)
-        first_offsets = offsets[first]
+        # a block's rows are consecutive in a step (one request's consecutive positions):
+        # one segment of rows per touched block
+        blocks, offsets = np.divmod(slots.numpy(), self.block_size)
+        starts_segment = np.empty(len(blocks), dtype=bool)
+        starts_segment[:1] = True
+        np.not_equal(blocks[1:], blocks[:-1], out=starts_segment[1:])
+        first = np.flatnonzero(starts_segment)
+        touched, first_offsets = blocks[first], offsets[first]
+        counts = np.diff(first, append=len(blocks))
         restarted = touched[first_offsets == 0]
         self.filled[restarted] = 0
         in_order = first_offsets == self.filled[touched]
         self.filled[touched] = np.where(in_order, first_offsets + counts, -1)
         # per-block sums on the scores' device, then one small host copy: [blocks, L, E]
+        segment = torch.from_numpy(np.cumsum(starts_segment) - 1).to(scores.device)
         step_sums = torch.zeros(len(touched), *scores.shape[::2], device=scores.device)
-        step_sums.index_add_(0, torch.from_numpy(inverse).to(scores.device),
-                             scores.transpose(0, 1))
-        touched_t = torch.from_numpy(touched)
+        step_sums.index_add_(0, segment, scores.transpose(0, 1).contiguous())
         self.sums[torch.from_numpy(restarted)] = 0.0
-        self.sums.index_add_(0, touched_t, step_sums.cpu())
+        self.sums.index_add_(0, torch.from_numpy(touched), step_sums.cpu())
 
     def read(self, request: str, block_ids: list[int], start: int, stop: int,
              token_ids: list[int] | None) -> np.ndarray:
