@@ -11,7 +11,13 @@ import pytest
 from moepath.tracer.correlation import correlate
 from moepath.tracer.errors import MetricError
 from moepath.tracer.memorisation import memorise
-from moepath.tracer.report import METRIC_NAMES, PLOTS, plot_metrics, write_report
+from moepath.tracer.report import (
+    METRIC_NAMES,
+    PLOTS,
+    largest_groups,
+    plot_metrics,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = {"step1000": 1000, "step2000": 2000, "step3000": 3000}
@@ -153,6 +159,15 @@ def test_plots_are_small_valid_pngs(tmp_path, scores):
         assert data[:8] == PNG_MAGIC
         assert int.from_bytes(data[16:20], "big") == 600  # IHDR width: 6 in x 100 dpi
         assert len(data) < 200_000
+
+
+def test_a_plot_of_many_groups_draws_the_largest_and_keeps_their_order():
+    frame = pd.concat([metrics_frame().assign(group=f"t*={n}").assign(
+        value=lambda f, n=n: f["value"].where(f["metric"] != "n_samples", n % 7))
+        for n in range(10)])
+    drawn = largest_groups(frame, 3)
+    assert list(dict.fromkeys(drawn["group"])) == ["t*=4", "t*=5", "t*=6"]  # sizes 4, 5, 6
+    assert largest_groups(frame, 10) is frame
 
 
 def test_metrics_frame_with_unknown_metric_is_refused(tmp_path):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from .correlation import (
+    GROUP_SIZE,
     VALIDATION_LOSS,
     check_metrics_frame,
     checkpoint_steps,
@@ -94,6 +95,7 @@ DETAILS_EXPLANATION = [
     "of least-squares residuals); group size: the smallest `n_samples` over the "
     "checkpoints."]
 PLOT_SIZE_INCHES, PLOT_DPI = (6.0, 3.5), 100  # 600 x 350 px, tens of KB
+MAX_PLOTTED_GROUPS = 8  # more lines are unreadable: a plot draws the largest groups
 _MISSING = "—"
 _GROUP_COLUMNS = ("checkpoint", "step", "n", "distance [CI]", "normalised distance [CI]",
                   "baseline distance", "excess sharing", "pathway length [CI]",
@@ -375,7 +377,9 @@ def plot_metrics(out_dir: str | Path, metrics: pd.DataFrame,
     band, see :func:`_plot_groups`) into ``out_dir``.
 
     With ``scores`` (as for :func:`.correlation.correlate`), the score is drawn
-    dashed on a second y-axis, one line per score group. Each PNG is
+    dashed on a second y-axis, one line per score group. With more than
+    :data:`MAX_PLOTTED_GROUPS` groups, a plot draws the largest (by their smallest
+    ``n_samples`` over the checkpoints) and says so in its title. Each PNG is
     :data:`PLOT_SIZE_INCHES` at :data:`PLOT_DPI`. Returns the paths in :data:`PLOTS` order.
 
     Raises:
@@ -390,11 +394,16 @@ def plot_metrics(out_dir: str | Path, metrics: pd.DataFrame,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    drawn = largest_groups(metrics, MAX_PLOTTED_GROUPS)
+    total = metrics["group"].nunique()
     for name, (metric, label) in PLOTS.items():
         figure = Figure(figsize=PLOT_SIZE_INCHES, dpi=PLOT_DPI)
         FigureCanvasAgg(figure)
         axes = figure.add_subplot()
-        handles = _plot_groups(axes, metrics, metric, label)
+        handles = _plot_groups(axes, drawn, metric, label)
+        if drawn["group"].nunique() < total:
+            axes.set_title(f"{label} by checkpoint: the {drawn['group'].nunique()} largest "
+                           f"of {total} groups", fontsize=9)
         if resolved is not None:
             axes = axes.twinx()  # the legend goes on the top axes, above the score lines
             handles += _plot_scores(axes, resolved)
@@ -404,6 +413,18 @@ def plot_metrics(out_dir: str | Path, metrics: pd.DataFrame,
         figure.savefig(out / name)
         paths.append(out / name)
     return paths
+
+
+def largest_groups(metrics: pd.DataFrame, most: int) -> pd.DataFrame:
+    """The rows of the ``most`` groups with the largest smallest ``n_samples`` (all rows
+    when there are at most ``most`` groups, or no sizes); order kept, ties by order."""
+    groups = list(dict.fromkeys(metrics["group"]))
+    sizes = metrics[metrics["metric"] == GROUP_SIZE].groupby("group", sort=False)["value"]
+    if len(groups) <= most or sizes.ngroups == 0:
+        return metrics
+    smallest = pd.to_numeric(sizes.min(), errors="coerce").reindex(groups).fillna(-1)
+    kept = set(smallest.sort_values(ascending=False, kind="stable").index[:most])
+    return metrics[metrics["group"].isin(kept)]
 
 
 def _plot_groups(axes, metrics: pd.DataFrame, metric: str, label: str) -> list:
