@@ -84,6 +84,11 @@ def check_available(names: tuple[str, ...]) -> None:
                                f"installed; pip install 'moepath[{name}]'")
 
 
+def store_of(out_dir: str | Path, name: str) -> Path:
+    """Where tracker ``name`` writes in ``out_dir``: ``tensorboard``, ``wandb``, ``mlruns``."""
+    return Path(out_dir) / _STORE[name]
+
+
 def metric_name(metric: str, group: str) -> str:
     """The stable name of a metric of a group in every tracker: ``moepath/<metric>/<group>``,
     the group made safe for MLflow (``t*=N`` -> ``t_star_N``, ``t*<=N`` -> ``t_star_le_N``;
@@ -239,7 +244,7 @@ class TrackerLog:
         earlier = self.failures.get(name)
         self.failures[name] = TrackerFailure(
             name, f"{type(exc).__name__}: {text}" if text else type(exc).__name__, step,
-            checkpoint, unsent, str(self.out_dir / _STORE[name]),
+            checkpoint, unsent, str(store_of(self.out_dir, name)),
             earlier.since if earlier else datetime.now(UTC).isoformat(timespec="seconds"))
 
     def _store(self, name: str) -> None:
