@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -308,8 +309,8 @@ class WatchView:
             f"[red]tracker {name} failing[/] since {entry['since']}: {escape(entry['error'])}; "
             f"{entry['unsent']} value(s) unsent"
             for name, entry in self._status.trackers.items() if entry.get("error")]
-        view.caption, view.caption_justify = "\n".join(failing) or None, "left"
-        return Group(view, self._bar) if self._task is not None else view
+        parts = [view, *map(Text.from_markup, failing)]
+        return Group(*parts, self._bar) if self._task is not None else Group(*parts)
 
 
 def watch_summary(result) -> None:
