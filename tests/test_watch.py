@@ -251,6 +251,30 @@ def test_a_failing_tracker_is_reported_the_watch_goes_on_and_a_later_watch_sends
     assert_stored_once(out)
 
 
+# A moepath whose W&B client cannot be imported (as if the extra were not installed).
+_WITHOUT_WANDB = """
+import sys
+sys.modules["wandb"] = None
+from moepath.cli.main import main
+sys.argv = ["moepath", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_tracker_whose_client_is_missing_stops_the_watch_before_anything_is_traced(tmp_path):
+    samples = write_jsonl(tmp_path / "samples.jsonl", [{"id": "a", "text": "one two"}])
+    (tmp_path / "run" / "checkpoint-1").mkdir(parents=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_WANDB, "watch", str(tmp_path / "run"), "--samples",
+         str(samples), "--out", str(tmp_path / "out"), "--once", "--log-to", "mlflow,wandb"],
+        capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "moepath: error: --log-to wandb needs the wandb client, which is not installed; pip "
+        "install 'moepath[wandb]'"]
+    assert not (tmp_path / "out").exists()
+
+
 # --- a simulated training run ----------------------------------------------------------------
 
 SETTLE = 1.0
