@@ -213,11 +213,12 @@ class _Watcher:
             for entry in self.status.checkpoints.values():
                 if entry.state == TRACING:  # interrupted: the partial trace resumes
                     entry.set(WAITING, "interrupted while tracing; resumes where it stopped")
-            if self.trackers is not None:
-                self.trackers.close()  # W&B stores its values now
-                self._note_trackers()
             self._write()
             self.sweep.close()
+            if self.trackers is not None:
+                self.trackers.close()  # W&B stores its values now, or fails to
+                self._note_trackers()
+                self._write()
         return WatchResult(self.out, self.status, self.traced)
 
     def poll(self) -> None:

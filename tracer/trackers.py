@@ -29,7 +29,7 @@ imported only when used; a missing one is a
 
 A tracker whose client raises (a full disk, a store that became unwritable) does not
 stop the others: :attr:`TrackerLog.failures` holds a :class:`TrackerFailure` (the
-error, the step and checkpoint being sent, the values it still lacks), its run is
+error, how many values it lacks and the first one's step and checkpoint), its run is
 closed, and the next :meth:`TrackerLog.log` (or the next process) opens it again and
 sends what it lacks, once. A client call that raised counts as having stored none of
 its values (TensorBoard's: none since its last flush; W&B's: none since the run
@@ -285,7 +285,7 @@ class TensorBoardSink:
         from tensorboard.summary import Writer
 
         self.run_id = None
-        self._writer = Writer(str(out_dir / "tensorboard"))
+        self._writer = Writer(str(store_of(out_dir, "tensorboard")))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():
@@ -306,7 +306,7 @@ class WandbSink:
     def __init__(self, out_dir: Path, run_id: str | None, run_name: str):
         import wandb
 
-        (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        store_of(out_dir, "wandb").mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(
             project=PROJECT, name=run_name, id=run_id or secrets.token_hex(4),
             resume="allow", mode="offline", dir=str(out_dir),
@@ -338,7 +338,7 @@ class MlflowSink:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
 
-        self._client = MlflowClient(tracking_uri=(out_dir / "mlruns").resolve().as_uri())
+        self._client = MlflowClient(tracking_uri=store_of(out_dir, "mlflow").resolve().as_uri())
         if run_id is None:
             experiment = self._client.get_experiment_by_name(PROJECT)
             experiment_id = (experiment.experiment_id if experiment
