@@ -23,6 +23,7 @@ from test_trackers import (
     assert_trackers_equal_metrics,
     break_store,
     mend_store,
+    mlflow_points,
 )
 
 from moepath.fixtures.toy import corpus
@@ -199,6 +200,7 @@ def test_a_bad_json_line_in_the_scores_is_named(tmp_path):
 # --- a tracker that fails ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_failing_tracker_is_reported_the_watch_goes_on_and_a_later_watch_sends_what_it_lacks(
         tmp_path):
     """The traces of three checkpoints are in --out already (an earlier watch's: no engine
@@ -481,13 +483,31 @@ def test_stopped_killed_restarted_rotated_and_retried_every_checkpoint_is_traced
     resumed = committed(out / "traces" / "checkpoint-400")
     assert done + 8 <= resumed < 48, "the kill must land inside checkpoint-400"
 
-    # --once finishes: checkpoint-300 is not traced again, checkpoint-400 resumes
+    # --once finishes: checkpoint-300 is not traced again, checkpoint-400 resumes; MLflow's
+    # store is a file meanwhile: the watch goes on, the other trackers log
+    break_store(out, "mlflow")
     result = subprocess.run(watch_command(watched, "--once"), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming: {resumed} sample(s) already traced" in result.stderr
-    assert "traced now: checkpoint-400" in result.stderr
+    assert "traced now: checkpoint-400; tracker mlflow failing" in result.stderr
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished"
+    failed = status["trackers"]["mlflow"]
+    assert failed["error"] == f"Exception: '{out / 'mlruns'}' is not a directory."
+    assert failed["unsent"] > 0 and failed["step"] <= 400
+    assert status["trackers"]["tensorboard"]["error"] is None
+    assert status["trackers"]["wandb"]["error"] is None
+    assert_trackers_equal_metrics(out, ["tensorboard", "wandb"])
+    mend_store(out, "mlflow")  # the next watch, with nothing to trace, sends what it lacks
+    result = subprocess.run(watch_command(watched, "--once"), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tracker mlflow works again" in result.stderr
+    assert "traced now: none" in result.stderr and "starting engine" not in result.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["report"]["logged"] == {"tensorboard": 0, "wandb": 0,
+                                          "mlflow": failed["unsent"]}
+    mlflow_at_400 = [point for point in mlflow_points(out) if point[1] == 400]
+    assert len(mlflow_at_400) == len(set(mlflow_at_400)) > 0
     assert {n: (c["state"], c["deleted"]) for n, c in status["checkpoints"].items()} == {
         "checkpoint-100": ("done", True), "checkpoint-200": ("done", False),
         "checkpoint-300": ("done", False), "checkpoint-400": ("done", False)}
