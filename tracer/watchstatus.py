@@ -20,7 +20,7 @@ One JSON object, replaced atomically on every change::
 checkpoint: ``waiting`` (files not ready; ``reason`` says what it waits for),
 ``tracing``, ``done`` (its trace is complete; ``deleted`` once training's rotation
 removed the folder: its metrics stay), ``failed`` (``reason``; retried with ``--retry``).
-``trackers`` (``--log-to``), after the first update: per tracker, ``error`` is null
+``trackers`` (with ``--log-to``): per tracker, ``error`` is null
 while it stores every value; else its client's error, and ``unsent`` of its values,
 from ``step`` (of ``checkpoint``) on, are not stored yet: the next update that works
 sends them, once (``since``: when it started failing, or stopped).
