@@ -493,7 +493,7 @@ def test_stopped_killed_restarted_rotated_and_retried_every_checkpoint_is_traced
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished"
     failed = status["trackers"]["mlflow"]
-    assert failed["error"] == f"Exception: '{out / 'mlruns'}' is not a directory."
+    assert str(out / "mlruns") in failed["error"]  # MLflow's own error, naming its store
     assert failed["unsent"] > 0 and failed["step"] <= 400
     assert status["trackers"]["tensorboard"]["error"] is None
     assert status["trackers"]["wandb"]["error"] is None
