@@ -8,6 +8,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -17,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -282,6 +284,14 @@ class WatchView:
     def warning(self, message: str) -> None:
         warn(message)
 
+    def tracker(self, name: str, failure) -> None:
+        if failure is None:
+            stderr.print(f"tracker {name} works again: every value it lacked is stored",
+                         markup=False, highlight=False, soft_wrap=True)
+        else:
+            warn(f"{failure.describe()}; fix that (space, permissions): the watch goes on, "
+                 f"and its next update, or the next watch, sends them once")
+
     def _render(self):
         from rich.console import Group
 
@@ -295,16 +305,24 @@ class WatchView:
             view.add_column(column, overflow="fold")
         for row in rows:
             view.add_row(*map(str, row))
-        return Group(view, self._bar) if self._task is not None else view
+        failing = [] if self._status is None else [
+            f"[red]tracker {name} failing[/] since {entry['since']}: {escape(entry['error'])}; "
+            f"{entry['unsent']} value(s) unsent"
+            for name, entry in self._status.trackers.items() if entry.get("error")]
+        parts = [view, *map(Text.from_markup, failing)]
+        return Group(*parts, self._bar) if self._task is not None else Group(*parts)
 
 
 def watch_summary(result) -> None:
-    """How a ``patches.watch.WatchResult`` ended, on stderr: counts by state and where."""
+    """How a ``patches.watch.WatchResult`` ended, on stderr: counts by state, failing
+    trackers and where."""
     states = [entry.state for entry in result.status.checkpoints.values()]
     counts = ", ".join(f"{states.count(s)} {s}" for s in ("done", "waiting", "failed")
                        if s in states) or "no checkpoint yet"
+    failing = "".join(f"; tracker {name} failing ({entry['unsent']} value(s) unsent)"
+                      for name, entry in result.status.trackers.items() if entry["error"])
     stderr.print(f"watch {result.status.state}: {counts}; traced now: "
-                 f"{', '.join(result.traced) or 'none'}; status in "
+                 f"{', '.join(result.traced) or 'none'}{failing}; status in "
                  f"{result.out / 'status.json'}", markup=False, highlight=False, soft_wrap=True)
 
 

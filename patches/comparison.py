@@ -107,7 +107,8 @@ def compare_checkpoints(
         ModelError: a folder is missing, not an MoE model, or the routing shapes differ.
         InputError, MetricError: bad samples, options or scores, before any engine starts.
         CaptureError: tracing failed.
-        TrackerError: a tracker's client is not installed (before tracing).
+        TrackerError: a tracker's client is not installed (before tracing), or one raised
+            while logging (after the outputs and the other trackers are written).
     """
     trackers.check_available(log_to)
     options = options or compare.CompareOptions()

@@ -13,7 +13,8 @@ Every ``interval_s`` seconds (:func:`watch_run`):
 4. after each checkpoint, and when the scores file changes: analyse every traced
    checkpoint so far (``tracer/compare.analyse``), rewrite the files
    (``tracer/report.write_outputs``) and send new rows to the trackers
-   (``tracer/trackers.TrackerLog``);
+   (``tracer/trackers.TrackerLog``; a tracker whose client raises is noted in
+   ``status.json`` and sent what it lacks on a later update, the others go on);
 5. write ``out/status.json`` (``tracer/watchstatus``) on every change.
 
 What the watch knows lives on disk: the complete traces and ``status.json``. A
@@ -30,7 +31,7 @@ import contextlib
 import os
 import shutil
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,6 +123,10 @@ class WatchProgress:
     def warning(self, message: str) -> None:
         """Something failed without stopping the watch (also in ``status.json``)."""
 
+    def tracker(self, name: str, failure: trackers.TrackerFailure | None) -> None:
+        """Tracker ``name`` failed (``failure``; also in ``status.json``), or, after failing,
+        stored every value it lacked (None)."""
+
 
 @dataclass
 class WatchResult:
@@ -212,7 +217,9 @@ class _Watcher:
             self._write()
             self.sweep.close()
             if self.trackers is not None:
-                self.trackers.close()
+                self.trackers.close()  # W&B stores its values now, or fails to
+                self._note_trackers()
+                self._write()
         return WatchResult(self.out, self.status, self.traced)
 
     def poll(self) -> None:
@@ -328,7 +335,24 @@ class _Watcher:
             return
         self.status.report = {"updated": now(), "checkpoints": len(done), "error": None,
                               "logged": logged}
+        self._note_trackers()
         self.progress.updated(analysis, files)
+
+    def _note_trackers(self) -> None:
+        """Put each tracker's state into ``status.json``; tell progress when it changes."""
+        for name in self.options.log_to:
+            failure = self.trackers.failures.get(name)
+            before = self.status.trackers.get(name, {})
+            if failure is not None:
+                entry = {key: value for key, value in asdict(failure).items()
+                         if key != "tracker"}
+            else:
+                since = before["since"] if before and not before["error"] else now()
+                entry = {"error": None, "step": None, "checkpoint": None, "unsent": 0,
+                         "store": str(trackers.store_of(self.out, name)), "since": since}
+            if entry["error"] != before.get("error"):
+                self.progress.tracker(name, failure)
+            self.status.trackers[name] = entry
 
     def _with_scores(self, done: list[Checkpoint]) -> tuple[compare.CompareOptions, list[str]]:
         """The comparison options with the scores of the traced checkpoints (read again
@@ -367,6 +391,8 @@ class _Watcher:
         (they win: a complete trace is done, a done checkpoint without one is traced again)."""
         status = WatchStatus.read(self.out) or WatchStatus(str(self.run_dir.resolve()))
         status.state, status.pid = WATCHING, os.getpid()
+        status.trackers = {name: entry for name, entry in status.trackers.items()
+                           if name in self.options.log_to}
         for entry in status.checkpoints.values():
             if entry.state == TRACING:
                 entry.set(WAITING, "interrupted while tracing; resumes where it stopped")

@@ -356,14 +356,15 @@ FINAL_LOSS = {"m0": 0.1, "m1": 0.2, "m2": 0.3, "m3": 0.4, "c0": 2.0, "c1": 2.1, 
               "c3": 2.3, "b0": 1.0}
 
 
-def synthetic_run(root, layers: int = 4) -> list[ckpt.Checkpoint]:
+def synthetic_run(root, layers: int = 4, source=None) -> list[ckpt.Checkpoint]:
     """Traces of three checkpoints under root/traces (routing differs by checkpoint); every
-    sample's loss is 3.0 at step 100 and its FINAL_LOSS from step 200 on."""
+    sample's loss is 3.0 at step 100 and its FINAL_LOSS from step 200 on. ``source``: the
+    traces' manifest ``input``."""
     found = []
     for seed, step in enumerate((100, 200, 300)):
         nll = [3.0 if step == 100 else FINAL_LOSS[sid] for sid in UNLABELLED]
         write_synthetic_trace(root / "traces" / f"step{step}", layers, UNLABELLED, seed,
-                              columns={"nll": nll})
+                              columns={"nll": nll}, source=source)
         found.append(ckpt.Checkpoint(f"step{step}", root / f"step{step}", step))
     return found
 

@@ -18,7 +18,7 @@ from moepath.tracer import metrics as metrics_module
 from moepath.tracer.consistency import routing_consistency
 from moepath.tracer.distance import distance_summary, per_layer_distance
 from moepath.tracer.errors import InputError, MetricError, TraceFormatError
-from moepath.tracer.manifest import Manifest, ModelInfo
+from moepath.tracer.manifest import InputInfo, Manifest, ModelInfo
 from moepath.tracer.metrics import (
     GroupMetrics,
     MetricOptions,
@@ -190,17 +190,18 @@ def routing_record(sample_id: str, layers: int, tokens: int, prompt: int, seed: 
 
 def write_synthetic_trace(trace_dir: Path, layers: int = 4, samples: dict = SAMPLES,
                           seed: int = 0, columns: dict | None = None,
-                          reverse: bool = False) -> Path:
+                          reverse: bool = False, source: InputInfo | None = None) -> Path:
     """A committed trace without vLLM: routing (drawn from ``seed``), router weights and a
     samples table carrying ``domain``, ``step`` and ``columns`` ({name: value per sample});
-    ``reverse``: the same records, committed in reverse order."""
+    ``reverse``: the same records, committed in reverse order; ``source``: the manifest's
+    ``input`` (the samples file it claims to be traced from)."""
     writer = TraceWriter.open(trace_dir)
     records = [routing_record(sid, layers, tokens, prompt, seed * len(samples) + i)
                for i, (sid, (_, _, tokens, prompt)) in enumerate(samples.items())]
     records = records[::-1] if reverse else records
     rng = np.random.default_rng(99)
     writer.begin(Manifest(model=ModelInfo(num_layers=layers, num_experts=E, top_k=K,
-                                          architecture="Synthetic")),
+                                          architecture="Synthetic"), input=source),
                  router_weights=[rng.normal(size=(E, HIDDEN)).astype(np.float32)
                                  for _ in range(layers)])
     frame = pd.DataFrame({"sample_id": list(samples),

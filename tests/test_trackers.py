@@ -56,15 +56,21 @@ def test_two_groups_that_log_under_one_name_are_refused():
         trackers.pending_rows(frame, {})
 
 
-def tensorboard_values(out) -> dict[tuple[str, int], float]:
-    """(tag, step) -> last value, read with TensorBoard's own EventAccumulator."""
+def tensorboard_points(out) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every event, read with TensorBoard's own EventAccumulator."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.util import tensor_util
 
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0},
+                              purge_orphaned_data=False)
     events.Reload()
-    return {(tag, event.step): float(tensor_util.make_ndarray(event.tensor_proto))
-            for tag in events.Tags()["tensors"] for event in events.Tensors(tag)}
+    return [(tag, event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
+            for tag in events.Tags()["tensors"] for event in events.Tensors(tag)]
+
+
+def tensorboard_values(out) -> dict[tuple[str, int], float]:
+    """(tag, step) -> last value."""
+    return {(tag, step): value for tag, step, value in tensorboard_points(out)}
 
 
 def wandb_records(path: str):
@@ -109,19 +115,23 @@ def wandb_values(out) -> dict[tuple[str, int], float]:
     return values
 
 
-def mlflow_values(out) -> dict[tuple[str, int], float]:
-    """(metric, step) -> last value of the run in the file store (which MLflow 3 opens only
-    with MLFLOW_ALLOW_FILE_STORE, as the sink sets it in the process that logged)."""
+def mlflow_points(out) -> list[tuple[str, int, float]]:
+    """(metric, step, value) of every point of the run in the file store, in the order
+    logged (MLflow 3 opens the store only with MLFLOW_ALLOW_FILE_STORE, as the sink sets it
+    in the process that logged)."""
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads((out / trackers.LEDGER).read_text())["runs"]["mlflow"]
     client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
-    values = {}
-    for name in client.get_run(run_id).data.metrics:
-        for point in sorted(client.get_metric_history(run_id, name), key=lambda m: m.timestamp):
-            values[(name, point.step)] = point.value
-    return values
+    return [(name, point.step, point.value) for name in client.get_run(run_id).data.metrics
+            for point in sorted(client.get_metric_history(run_id, name),
+                                key=lambda m: m.timestamp)]
+
+
+def mlflow_values(out) -> dict[tuple[str, int], float]:
+    """(metric, step) -> last value."""
+    return {(name, step): value for name, step, value in mlflow_points(out)}
 
 
 def expected_values(out) -> dict[tuple[str, int], float]:
@@ -131,6 +141,7 @@ def expected_values(out) -> dict[tuple[str, int], float]:
 
 
 READERS = {"tensorboard": tensorboard_values, "wandb": wandb_values, "mlflow": mlflow_values}
+POINTS = {"tensorboard": tensorboard_points, "mlflow": mlflow_points}
 
 
 def assert_trackers_equal_metrics(out, names=trackers.TRACKERS) -> None:
@@ -145,6 +156,85 @@ def assert_trackers_equal_metrics(out, names=trackers.TRACKERS) -> None:
         for key, value in expected.items():
             assert logged[key] == pytest.approx(value, rel=1e-6 if name == "tensorboard"
                                                 else 1e-12), (name, key)
+
+
+def assert_stored_once(out, names=tuple(POINTS)) -> None:
+    """Each tracker holds every value of metrics.parquet at its step exactly once."""
+    for name in names:
+        points = POINTS[name](out)
+        assert len(points) == len(set(points)), name
+    assert_trackers_equal_metrics(out, names)
+
+
+def break_store(out, name: str) -> Path:
+    """Make tracker ``name``'s store unwritable: a regular file where its folder goes (tests
+    may run as root, whom chmod does not stop); return where the folder was moved to."""
+    store = trackers.store_of(out, name)
+    aside = store.with_name(f"{store.name}.aside")
+    if store.exists():
+        store.rename(aside)
+    store.write_text("a file where a folder should be\n")
+    return aside
+
+
+def mend_store(out, name: str) -> None:
+    store = trackers.store_of(out, name)
+    store.unlink()
+    aside = store.with_name(f"{store.name}.aside")
+    if aside.exists():
+        aside.rename(store)
+
+
+@pytest.mark.slow
+def test_a_failing_tracker_keeps_the_others_going_and_gets_what_it_lacks_once_it_works(
+        tmp_path):
+    """TensorBoard cannot open its folder; MLflow's store goes away half way. Each failure is
+    noted with its error, first step and count; the other tracker logs on; once mended,
+    each receives every value it lacked, and none twice (read back with their own readers)."""
+    found = synthetic_run(tmp_path, layers=4)
+    out = tmp_path / "out"
+    analysis = cmp.analyse(found, tmp_path / "traces", cmp.CompareOptions(group_by="domain"))
+    report.write_outputs(out, analysis, command="")
+    metrics = analysis.metrics
+    n = len(metrics) // 3  # values per checkpoint
+    assert metrics.groupby("step").size().to_dict() == {100: n, 200: n, 300: n}
+
+    break_store(out, "tensorboard")
+    log = trackers.TrackerLog(out, ("tensorboard", "mlflow"))
+    assert log.log(metrics[metrics.step == 100]) == {"tensorboard": 0, "mlflow": n}
+    failure = log.failures["tensorboard"]
+    assert (failure.tracker, failure.step, failure.checkpoint, failure.unsent) == (
+        "tensorboard", 100, "step100", n)
+    assert failure.error == f"FileExistsError: [Errno 17] File exists: '{out / 'tensorboard'}'"
+    assert failure.describe() == (
+        f"tracker tensorboard failed: {failure.error}; {n} value(s) from step 100 "
+        f"('step100') on are not stored in '{out / 'tensorboard'}'")
+
+    break_store(out, "mlflow")  # mid-run: the open MLflow run's store is gone
+    assert log.log(metrics[metrics.step <= 200]) == {"tensorboard": 0, "mlflow": 0}
+    assert {name: (f.step, f.unsent) for name, f in log.failures.items()} == {
+        "tensorboard": (100, 2 * n), "mlflow": (200, n)}
+    assert log.failures["tensorboard"].since == failure.since  # still the same failure
+    assert "is not a directory" in log.failures["mlflow"].error
+
+    mend_store(out, "tensorboard")
+    assert log.log(metrics) == {"tensorboard": 3 * n, "mlflow": 0}
+    assert set(log.failures) == {"mlflow"} and log.failures["mlflow"].unsent == 2 * n
+    log.close()
+    assert_stored_once(out, ["tensorboard"])
+
+    # a compare meanwhile: the one-line error names the tracker and what to do
+    with pytest.raises(TrackerError, match=(
+            rf"^tracker mlflow failed: .*; {2 * n} value\(s\) from step 200 \('step200'\) "
+            rf"on are not stored in '.*mlruns'; the outputs in '.*' and the other trackers are "
+            rf"written; fix it and run the same command again: it sends only what the "
+            rf"tracker lacks$")):
+        trackers.log_metrics(out, metrics, ("tensorboard", "mlflow"))
+
+    mend_store(out, "mlflow")  # a new process sends MLflow what it lacks, into its run
+    assert trackers.log_metrics(out, metrics, ("tensorboard", "mlflow")) == {
+        "tensorboard": 0, "mlflow": 2 * n}
+    assert_stored_once(out)
 
 
 @pytest.mark.slow

@@ -17,12 +17,20 @@ import time
 import pandas as pd
 import pytest
 from conftest import TEST_MEMORY, sigkill_when, write_jsonl
-from test_trackers import assert_trackers_equal_metrics
+from test_compare import UNLABELLED, synthetic_run
+from test_trackers import (
+    assert_stored_once,
+    assert_trackers_equal_metrics,
+    break_store,
+    mend_store,
+    mlflow_points,
+)
 
 from moepath.fixtures.toy import corpus
 from moepath.tracer import Trace, evallog, provenance, rundir, store
 from moepath.tracer.errors import InputError, ModelError
 from moepath.tracer.manifest import Manifest
+from moepath.tracer.samples import SampleReadOptions, read_samples
 from moepath.tracer.watchstatus import CheckpointStatus, WatchStatus
 
 # --- layouts ---------------------------------------------------------------------------------
@@ -200,6 +208,86 @@ def test_a_bad_json_line_in_the_scores_is_named(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"step": 1, "score": 2}\n{"loss": 3}\n')
     with pytest.raises(InputError, match="log.jsonl' line 2: not a JSON object with 'step'"):
         evallog.read_log(tmp_path / "log.jsonl")
+
+
+# --- a tracker that fails ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_failing_tracker_is_reported_the_watch_goes_on_and_a_later_watch_sends_what_it_lacks(
+        tmp_path):
+    """The traces of three checkpoints are in --out already (an earlier watch's: no engine
+    starts); TensorBoard's folder is a file. `watch --once` finishes with every checkpoint
+    in metrics.parquet, status.json and one stderr line name the failure, MLflow holds every
+    value once; with the file gone, the next watch sends TensorBoard what it lacks, once."""
+    samples = write_jsonl(tmp_path / "samples.jsonl", [
+        {"id": sid, "text": f"sample {sid}", "domain": domain}
+        for sid, (domain, *_) in UNLABELLED.items()])
+    out, run = tmp_path / "out", tmp_path / "run"
+    source = provenance.input_section(read_samples(samples, SampleReadOptions()))
+    for checkpoint in synthetic_run(out, source=source):
+        (run / checkpoint.name).mkdir(parents=True)
+    break_store(out, "tensorboard")
+    watch = [sys.executable, "-m", "moepath.cli.main", "watch", str(run), "--samples",
+             str(samples), "--out", str(out), "--once", "--log-to", "tensorboard,mlflow"]
+
+    first = subprocess.run(watch, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    assert sorted(metrics["checkpoint"].unique()) == ["step100", "step200", "step300"]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished"
+    assert {n: c["state"] for n, c in status["checkpoints"].items()} == dict.fromkeys(
+        ["step100", "step200", "step300"], "done")
+    failed = status["trackers"]["tensorboard"]
+    error = f"FileExistsError: [Errno 17] File exists: '{out / 'tensorboard'}'"
+    assert {k: failed[k] for k in ("error", "step", "checkpoint", "unsent", "store")} == {
+        "error": error, "step": 100, "checkpoint": "step100", "unsent": len(metrics),
+        "store": str(out / "tensorboard")}
+    assert status["trackers"]["mlflow"]["error"] is None
+    warnings = [line for line in first.stderr.splitlines() if "tracker tensorboard" in line]
+    assert warnings[0] == (
+        f"warning: tracker tensorboard failed: {error}; {len(metrics)} value(s) from step 100 "
+        f"('step100') on are not stored in '{out / 'tensorboard'}'; fix that (space, "
+        f"permissions): the watch goes on, and its next update, or the next watch, sends "
+        f"them once")
+    assert f"tracker tensorboard failing ({len(metrics)} value(s) unsent)" in warnings[1]
+    assert len(warnings) == 2, first.stderr
+    assert_stored_once(out, ["mlflow"])
+
+    mend_store(out, "tensorboard")
+    second = subprocess.run(watch, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "tracker tensorboard works again: every value it lacked is stored" in second.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["trackers"]["tensorboard"]["error"] is None
+    assert status["trackers"]["tensorboard"]["unsent"] == 0
+    assert status["report"]["logged"] == {"tensorboard": len(metrics), "mlflow": 0}
+    assert_stored_once(out)
+
+
+# A moepath whose W&B client cannot be imported (as if the extra were not installed).
+_WITHOUT_WANDB = """
+import sys
+sys.modules["wandb"] = None
+from moepath.cli.main import main
+sys.argv = ["moepath", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_tracker_whose_client_is_missing_stops_the_watch_before_anything_is_traced(tmp_path):
+    samples = write_jsonl(tmp_path / "samples.jsonl", [{"id": "a", "text": "one two"}])
+    (tmp_path / "run" / "checkpoint-1").mkdir(parents=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_WANDB, "watch", str(tmp_path / "run"), "--samples",
+         str(samples), "--out", str(tmp_path / "out"), "--once", "--log-to", "mlflow,wandb"],
+        capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "moepath: error: --log-to wandb needs the wandb client, which is not installed; pip "
+        "install 'moepath[wandb]'"]
+    assert not (tmp_path / "out").exists()
 
 
 # --- a simulated training run ----------------------------------------------------------------
@@ -408,13 +496,31 @@ def test_stopped_killed_restarted_rotated_and_retried_every_checkpoint_is_traced
     resumed = committed(out / "traces" / "checkpoint-400")
     assert done + 8 <= resumed < 48, "the kill must land inside checkpoint-400"
 
-    # --once finishes: checkpoint-300 is not traced again, checkpoint-400 resumes
+    # --once finishes: checkpoint-300 is not traced again, checkpoint-400 resumes; MLflow's
+    # store is a file meanwhile: the watch goes on, the other trackers log
+    break_store(out, "mlflow")
     result = subprocess.run(watch_command(watched, "--once"), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming: {resumed} sample(s) already traced" in result.stderr
-    assert "traced now: checkpoint-400" in result.stderr
+    assert "traced now: checkpoint-400; tracker mlflow failing" in result.stderr
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished"
+    failed = status["trackers"]["mlflow"]
+    assert str(out / "mlruns") in failed["error"]  # MLflow's own error, naming its store
+    assert failed["unsent"] > 0 and failed["step"] <= 400
+    assert status["trackers"]["tensorboard"]["error"] is None
+    assert status["trackers"]["wandb"]["error"] is None
+    assert_trackers_equal_metrics(out, ["tensorboard", "wandb"])
+    mend_store(out, "mlflow")  # the next watch, with nothing to trace, sends what it lacks
+    result = subprocess.run(watch_command(watched, "--once"), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tracker mlflow works again" in result.stderr
+    assert "traced now: none" in result.stderr and "starting engine" not in result.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["report"]["logged"] == {"tensorboard": 0, "wandb": 0,
+                                          "mlflow": failed["unsent"]}
+    mlflow_at_400 = [point for point in mlflow_points(out) if point[1] == 400]
+    assert len(mlflow_at_400) == len(set(mlflow_at_400)) > 0
     assert {n: (c["state"], c["deleted"]) for n, c in status["checkpoints"].items()} == {
         "checkpoint-100": ("done", True), "checkpoint-200": ("done", False),
         "checkpoint-300": ("done", False), "checkpoint-400": ("done", False)}

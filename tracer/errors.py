@@ -35,7 +35,8 @@ class TrainingError(MoepathError):
 
 
 class TrackerError(MoepathError):
-    """A tracker (TensorBoard, W&B, MLflow) cannot be logged to: its client is missing."""
+    """A tracker (TensorBoard, W&B, MLflow) cannot be logged to: its client is missing, or
+    it raised while ``compare`` logged to it."""
 
 
 class ClusterError(MoepathError):

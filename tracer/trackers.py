@@ -26,6 +26,16 @@ last value sent for a step, and keep the series of a memorised group that a late
 checkpoint dissolved (``metrics.parquet`` is the reference). The clients are
 imported only when used; a missing one is a
 :class:`~moepath.tracer.errors.TrackerError` naming the extra to install.
+
+A tracker whose client raises (a full disk, a store that became unwritable) does not
+stop the others: :attr:`TrackerLog.failures` holds a :class:`TrackerFailure` (the
+error, how many values it lacks and the first one's step and checkpoint), its run is
+closed, and the next :meth:`TrackerLog.log` (or the next process) opens it again and
+sends what it lacks, once. A client call that raised counts as having stored none of
+its values (TensorBoard's: none since its last flush; W&B's: none since the run
+started, unless finishing it still worked), so those are sent again; only when the
+failure struck after some of them reached disk does the tracker hold those twice at
+one step (the same value).
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ import os
 import re
 import secrets
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +61,7 @@ LEDGER = "trackers.json"
 STEP_METRIC = "moepath/step"
 PROJECT = "moepath"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")  # MLflow allows only these (and ':')
+_STORE = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlruns"}  # in out_dir
 
 
 def parse_trackers(value: str | None) -> tuple[str, ...]:
@@ -69,6 +82,11 @@ def check_available(names: tuple[str, ...]) -> None:
         if importlib.util.find_spec(_CLIENT[name]) is None:
             raise TrackerError(f"--log-to {name} needs the {_CLIENT[name]} client, which is not "
                                f"installed; pip install 'moepath[{name}]'")
+
+
+def store_of(out_dir: str | Path, name: str) -> Path:
+    """Where tracker ``name`` writes in ``out_dir``: ``tensorboard``, ``wandb``, ``mlruns``."""
+    return Path(out_dir) / _STORE[name]
 
 
 def metric_name(metric: str, group: str) -> str:
@@ -107,11 +125,35 @@ def pending_rows(metrics: pd.DataFrame, sent: dict[str, float]) -> dict[int, dic
     return pending
 
 
+@dataclass(frozen=True)
+class TrackerFailure:
+    """Tracker ``tracker``'s client raised ``error``; it lacks ``unsent`` values, the first
+    at ``step`` (of ``checkpoint``), which the next :meth:`TrackerLog.log` sends again.
+    ``store``: where it writes; ``since``: when it first failed (ISO 8601 UTC), kept while
+    it goes on failing."""
+
+    tracker: str
+    error: str  # "FileExistsError: [Errno 17] File exists: '/out/tensorboard'"
+    step: int | None
+    checkpoint: str | None
+    unsent: int
+    store: str
+    since: str
+
+    def describe(self) -> str:
+        """One line: the tracker, its error, what it lacks and where."""
+        first = f" from step {self.step} ('{self.checkpoint}') on" if self.step is not None else ""
+        return (f"tracker {self.tracker} failed: {self.error}; {self.unsent} value(s){first} "
+                f"are not stored in '{self.store}'")
+
+
 class TrackerLog:
     """The trackers of one output folder; :meth:`log` sends what they have not had yet.
 
     Sinks open on first use and stay open until :meth:`close` (a W&B run start takes
-    seconds): ``moepath watch`` keeps one across its updates.
+    seconds): ``moepath watch`` keeps one across its updates. A sink whose client raises
+    is closed and noted in :attr:`failures` (tracker -> :class:`TrackerFailure`) until a
+    later :meth:`log` sends it all it lacks; the other trackers go on.
     """
 
     def __init__(self, out_dir: str | Path, names: tuple[str, ...], run_name: str = "moepath"):
@@ -121,35 +163,89 @@ class TrackerLog:
         self._ledger = (json.loads(self._ledger_path.read_text())
                         if self._ledger_path.exists() else {})
         self._sinks: dict[str, object] = {}
-        # values sent to a sink that stores them only on close: name -> {metric@step: value}
+        # values a sink accepted but has not stored yet: name -> {metric@step: value}
         self._unstored: dict[str, dict[str, float]] = {}
+        self.failures: dict[str, TrackerFailure] = {}
 
     def log(self, metrics: pd.DataFrame) -> dict[str, int]:
         """Send every new or changed row of ``metrics`` (the long frame) to every tracker;
-        return how many values each was sent."""
-        counts = {}
-        for name in self.names:
-            sent = {**self._ledger.get("sent", {}).get(name, {}), **self._unstored.get(name, {})}
-            pending = pending_rows(metrics, sent)
+        return how many values each accepted.
+
+        Raises:
+            InputError: two groups map to one metric name (before anything is sent).
+        """
+        pending = {name: pending_rows(metrics, self._sent(name)) for name in self.names}
+        return {name: self._send(name, pending[name], metrics) for name in self.names}
+
+    def close(self) -> None:
+        """Close every sink; what they stored on closing is recorded in the ledger. One
+        that fails to close is noted in :attr:`failures`; the next process sends again
+        what it had not stored."""
+        sinks, self._sinks = self._sinks, {}
+        for name, sink in sinks.items():
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001 - the tracker's own library failed
+                lost = self._unstored.pop(name, {})
+                step = min((int(key.rsplit("@", 1)[1]) for key in lost), default=None)
+                self._fail(name, exc, step, None, len(lost))
+                continue
+            self._store(name)
+
+    def _sent(self, name: str) -> dict[str, float]:
+        """metric@step -> value that tracker ``name`` stored or holds to store."""
+        return {**self._ledger.get("sent", {}).get(name, {}), **self._unstored.get(name, {})}
+
+    def _send(self, name: str, pending: dict[int, dict[str, float]],
+              metrics: pd.DataFrame) -> int:
+        """Send ``pending`` (step -> {metric: value}) to tracker ``name``; return how many
+        values it accepted. An exception of its client fails this tracker only."""
+        accepted = 0
+        try:
             if pending:
                 sink = self._sink(name)
                 for step in sorted(pending):
                     sink.log(step, pending[step])
-                sink.flush()
-                values = {f"{metric}@{step}": value for step, values in pending.items()
-                          for metric, value in values.items()}
-                self._unstored.setdefault(name, {}).update(values)
-                if sink.STORED_ON_FLUSH:
+                    self._unstored.setdefault(name, {}).update(
+                        {f"{metric}@{step}": value for metric, value in pending[step].items()})
+                    accepted += len(pending[step])
+                    if sink.STORED_BY == "log":
+                        self._store(name)
+                if sink.STORED_BY == "flush":
+                    sink.flush()
                     self._store(name)
-            counts[name] = sum(map(len, pending.values()))
-        return counts
+        except Exception as exc:  # noqa: BLE001 - the tracker's own library failed
+            self._drop(name)
+            lacking = pending_rows(metrics, self._sent(name))
+            step = min(lacking, default=None)
+            checkpoints = metrics.loc[metrics["step"] == step, "checkpoint"]
+            self._fail(name, exc, step, str(checkpoints.iloc[0]) if len(checkpoints) else None,
+                       sum(map(len, lacking.values())))
+            return accepted
+        self.failures.pop(name, None)
+        return accepted
 
-    def close(self) -> None:
-        """Close every sink; what they stored on closing is recorded in the ledger."""
-        sinks, self._sinks = self._sinks, {}
-        for name, sink in sinks.items():
-            sink.close()
-            self._store(name)
+    def _drop(self, name: str) -> None:
+        """Close a failed sink as well as it still can (stop a TensorBoard writer's thread,
+        finish a W&B run); the values it accepted and did not store count as unsent."""
+        sink = self._sinks.pop(name, None)
+        try:
+            if sink is not None:
+                sink.close()
+                if sink.STORED_BY == "close":  # W&B's run finished after all: stored
+                    self._store(name)
+        except Exception:  # noqa: BLE001, S110 - the failure that matters is noted
+            pass
+        self._unstored.pop(name, None)
+
+    def _fail(self, name: str, exc: Exception, step: int | None, checkpoint: str | None,
+              unsent: int) -> None:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        earlier = self.failures.get(name)
+        self.failures[name] = TrackerFailure(
+            name, f"{type(exc).__name__}: {text}" if text else type(exc).__name__, step,
+            checkpoint, unsent, str(store_of(self.out_dir, name)),
+            earlier.since if earlier else datetime.now(UTC).isoformat(timespec="seconds"))
 
     def _store(self, name: str) -> None:
         """Record the values sent to tracker ``name`` as stored (in the ledger, on disk)."""
@@ -183,13 +279,13 @@ class TrackerLog:
 class TensorBoardSink:
     """Scalars in event files under ``out/tensorboard`` (one more file per process)."""
 
-    STORED_ON_FLUSH = True  # flush() writes the events to the file
+    STORED_BY = "flush"  # flush() writes the events to the file
 
     def __init__(self, out_dir: Path, run_id: str | None, run_name: str):
         from tensorboard.summary import Writer
 
         self.run_id = None
-        self._writer = Writer(str(out_dir / "tensorboard"))
+        self._writer = Writer(str(store_of(out_dir, "tensorboard")))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():
@@ -205,12 +301,12 @@ class TensorBoardSink:
 class WandbSink:
     """An offline W&B run under ``out/wandb``, resumed by id after a restart."""
 
-    STORED_ON_FLUSH = False  # wandb's service writes the run file for sure only on finish
+    STORED_BY = "close"  # wandb's service writes the run file for sure only on finish
 
     def __init__(self, out_dir: Path, run_id: str | None, run_name: str):
         import wandb
 
-        (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        store_of(out_dir, "wandb").mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(
             project=PROJECT, name=run_name, id=run_id or secrets.token_hex(4),
             resume="allow", mode="offline", dir=str(out_dir),
@@ -236,13 +332,13 @@ class MlflowSink:
     ``MLFLOW_ALLOW_FILE_STORE`` is set; moepath sets it (when unset) for this store.
     """
 
-    STORED_ON_FLUSH = True  # log_batch writes the metric files before it returns
+    STORED_BY = "log"  # log_batch writes the metric files before it returns
 
     def __init__(self, out_dir: Path, run_id: str | None, run_name: str):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
 
-        self._client = MlflowClient(tracking_uri=(out_dir / "mlruns").resolve().as_uri())
+        self._client = MlflowClient(tracking_uri=store_of(out_dir, "mlflow").resolve().as_uri())
         if run_id is None:
             experiment = self._client.get_experiment_by_name(PROJECT)
             experiment_id = (experiment.experiment_id if experiment
@@ -270,8 +366,19 @@ _SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "mlflow": MlflowSi
 
 def log_metrics(out_dir: str | Path, metrics: pd.DataFrame, names: tuple[str, ...],
                 run_name: str = "moepath") -> dict[str, int]:
-    """Send ``metrics``' new rows to the trackers ``names`` once (``moepath compare``)."""
+    """Send ``metrics``' new rows to the trackers ``names`` once (``moepath compare``).
+
+    Raises:
+        TrackerError: a tracker's client raised (after every other tracker logged): the
+            first failure, and how to send what it lacks.
+    """
     if not names:
         return {}
     with TrackerLog(out_dir, names, run_name) as trackers:
-        return trackers.log(metrics)
+        counts = trackers.log(metrics)
+    failure = next(iter(trackers.failures.values()), None)
+    if failure is not None:
+        raise TrackerError(f"{failure.describe()}; the outputs in '{out_dir}' and the other "
+                           f"trackers are written; fix it and run the same command again: it "
+                           f"sends only what the tracker lacks")
+    return counts

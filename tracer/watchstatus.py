@@ -8,13 +8,22 @@ One JSON object, replaced atomically on every change::
      "report": {"updated": "...", "checkpoints": 3, "error": null},
      "checkpoints": {"checkpoint-200": {"step": 200, "state": "done", "reason": null,
                      "path": "/runs/olmoe/checkpoint-200", "since": "...",
-                     "deleted": false}, ...}}
+                     "deleted": false}, ...},
+     "trackers": {"tensorboard": {"error": "OSError: [Errno 28] No space left on device",
+                                  "step": 200, "checkpoint": "checkpoint-200", "unsent": 54,
+                                  "store": "/out/tensorboard", "since": "..."},
+                  "mlflow": {"error": null, "step": null, "checkpoint": null, "unsent": 0,
+                             "store": "/out/mlruns", "since": "..."}}}
 
 ``state`` of the watch: ``watching``, ``stopped`` (Ctrl-C, or killed while
 ``watching`` and not restarted), ``finished`` (``--once`` done). ``state`` of a
 checkpoint: ``waiting`` (files not ready; ``reason`` says what it waits for),
 ``tracing``, ``done`` (its trace is complete; ``deleted`` once training's rotation
 removed the folder: its metrics stay), ``failed`` (``reason``; retried with ``--retry``).
+``trackers`` (with ``--log-to``): per tracker, ``error`` is null
+while it stores every value; else its client's error, and ``unsent`` of its values,
+from ``step`` (of ``checkpoint``) on, are not stored yet: the next update that works
+sends them, once (``since``: when it started failing, or stopped).
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ class WatchStatus:
     pid: int = field(default_factory=os.getpid)
     report: dict = field(default_factory=dict)
     checkpoints: dict[str, CheckpointStatus] = field(default_factory=dict)
+    trackers: dict[str, dict] = field(default_factory=dict)
 
     def in_state(self, state: str) -> list[str]:
         """Names of the checkpoints in ``state``, in step order."""
