@@ -12,10 +12,10 @@ report.md, metrics, plots; ``correlations.csv`` beside them). Then, over the see
 1. per domain and seed, the correlation of each metric with the domain's held-out
    accuracy (Pearson with its interval, Spearman, the trend-preserving p and verdict) for
    the domain's *tracked group*: its earliest memorisation group ``t*=N/<domain>`` that is
-   large and long enough to headline (the group whose samples are memorised before the
-   domain generalises, followed over the whole rise); and per (domain, metric) the seeds'
-   trend-preserving p-values combined (Fisher's method, ``scipy.stats.combine_pvalues``:
-   the seeds are independent runs);
+   large and long enough to headline (at least 20 samples over at least 5 checkpoints;
+   followed from its t* to the end); and per (domain, metric) whether the seeds agree on a
+   direction: their trend-preserving p-values made one-sided and combined by Stouffer's
+   method (``scipy.stats.combine_pvalues``; the seeds are independent runs);
 2. the prediction test (``tracer/prediction.prediction_test``): pooled over domains and
    seeds, does a metric's change over the last ``window`` checkpoints predict the change
    of held-out accuracy over the next ``window``, beyond the step, and better than
@@ -164,25 +164,38 @@ def _series(seed: int, domain: str, group: str, metrics: pd.DataFrame, result) -
 
 
 def _combined(correlations: pd.DataFrame) -> list[dict]:
-    """Per (domain, metric): the seeds' trend-preserving p combined, and the signs of r."""
+    """Per (domain, metric): do the seeds agree on a direction? Each seed's two-sided
+    trend-preserving p is made one-sided for a positive r (p / 2 when r > 0, else
+    1 - p / 2; the null's |r| is symmetric), the seeds are combined with Stouffer's method
+    (``scipy.stats.combine_pvalues``: independent runs, equal weights), and the combined
+    one-sided p is made two-sided again. Seeds correlating significantly in opposite
+    directions cancel instead of adding up, as they would in Fisher's method on the
+    two-sided p."""
     out = []
     for (domain, metric), rows in correlations.groupby(["domain", "metric"], sort=True):
-        p = rows["trend_p"].dropna()
-        combined = stats.combine_pvalues(p, method="fisher").pvalue if len(p) else np.nan
+        rows = rows.dropna(subset=["trend_p", "pearson"])
+        positive = np.where(rows["pearson"] > 0, rows["trend_p"] / 2, 1 - rows["trend_p"] / 2)
+        combined = (stats.combine_pvalues(positive, method="stouffer").pvalue
+                    if len(rows) else np.nan)
         out.append({"domain": domain, "metric": metric, "seeds": len(rows),
                     "negative_r": int((rows["pearson"] < 0).sum()),
                     "mean_pearson": float(rows["pearson"].mean()),
-                    "combined_trend_p": float(combined)})
+                    "combined_p": float(min(1.0, 2 * min(combined, 1 - combined))),
+                    "combined_direction": "+" if combined < 0.5 else "-"})
     return out
 
 
 def _verdict_counts(runs: dict) -> dict:
-    """Per metric, over every headline-fit group of every seed: how many verdicts survive
-    the trend-preserving null, are indistinguishable from a shared trend, cannot tell."""
+    """Per metric, over every group fit to headline (no note, not too small) of every seed:
+    how many verdicts survive the trend-preserving null, are indistinguishable from a shared
+    trend, cannot tell (a test too coarse to reach the level)."""
     counts = {}
     for name in PREDICTORS:
-        verdicts = pd.concat([a.correlations.loc[a.correlations["metric"] == name, "verdict"]
-                              for _, a in runs.values()])
+        verdicts = pd.concat([
+            a.correlations.loc[(a.correlations["metric"] == name)
+                               & a.correlations["too_small"].isna()
+                               & a.correlations["note"].isna(), "verdict"]
+            for _, a in runs.values()])
         counts[name] = {"survives": int(verdicts.str.startswith("survives").sum()),
                         "shared trend": int(verdicts.str.startswith("indistinguishable").sum()),
                         "cannot tell": int(verdicts.str.contains("cannot tell").sum())}
@@ -214,17 +227,19 @@ def markdown(study: dict) -> str:
         lines.append(f"| {seed} | {domain} | {first['group']} ({first['group_size']:.0f}) | "
                      f"{first['first_step']}-{first['last_step']} ({first['n']}) | "
                      + " | ".join(cells) + " |")
-    lines += ["", "Seeds combined (Fisher's method on the trend-preserving p), mean Pearson, "
-              "seeds with r < 0:", "", "| domain | " + " | ".join(PREDICTORS.values()) + " |",
+    lines += ["", "Seeds combined: Stouffer's method on the trend-preserving p made one-sided "
+              "(a direction the seeds share; opposite signs cancel), the direction, mean "
+              "Pearson, seeds with r < 0:", "", "| domain | " + " | ".join(PREDICTORS.values()) + " |",
               "|---|" + "---|" * len(PREDICTORS)]
     combined = pd.DataFrame(study["combined"], columns=["domain", "metric", "seeds", "negative_r",
-                                                         "mean_pearson", "combined_trend_p"])
+                                                         "mean_pearson", "combined_p",
+                                                         "combined_direction"])
     for domain, rows in combined.groupby("domain", sort=True):
         by_metric = rows.set_index("metric")
         lines.append(f"| {domain} | " + " | ".join(
             _combined_cell(by_metric.loc[m]) if m in by_metric.index else "—"
             for m in PREDICTORS) + " |")
-    lines += ["", "Verdicts over every headline-fit group of every seed (survives / shared "
+    lines += ["", "Verdicts over every group fit to headline of every seed (survives / shared "
               "trend / cannot tell):", "", "| metric | survives | shared trend | cannot tell |",
               "|---|---|---|---|"]
     lines += [f"| {PREDICTORS[m]} | {c['survives']} | {c['shared trend']} | {c['cannot tell']} |"
@@ -260,8 +275,8 @@ def _cell(row) -> str:
 
 
 def _combined_cell(row) -> str:
-    return (f"p={row['combined_trend_p']:.2g}, mean r {row['mean_pearson']:+.2f}, "
-            f"{row['negative_r']}/{row['seeds']} < 0")
+    return (f"p={row['combined_p']:.2g} ({row['combined_direction']}), mean r "
+            f"{row['mean_pearson']:+.2f}, {row['negative_r']}/{row['seeds']} < 0")
 
 
 def _commit() -> str:
