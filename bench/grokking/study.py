@@ -229,7 +229,8 @@ def markdown(study: dict) -> str:
                      + " | ".join(cells) + " |")
     lines += ["", "Seeds combined: Stouffer's method on the trend-preserving p made one-sided "
               "(a direction the seeds share; opposite signs cancel), the direction, mean "
-              "Pearson, seeds with r < 0:", "", "| domain | " + " | ".join(PREDICTORS.values()) + " |",
+              "Pearson, seeds with r < 0:", "",
+              "| domain | " + " | ".join(PREDICTORS.values()) + " |",
               "|---|" + "---|" * len(PREDICTORS)]
     combined = pd.DataFrame(study["combined"], columns=["domain", "metric", "seeds", "negative_r",
                                                          "mean_pearson", "combined_p",
