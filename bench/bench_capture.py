@@ -128,7 +128,8 @@ def one_call(args, steps: int, device="cpu") -> dict[str, float]:
     routing = SimpleNamespace(layers=[None] * args.layers, top_k=args.top_k,
                               num_experts=args.experts, config={"scoring_func": "softmax"})
     sink = KeepRecords()
-    recorder = StepRecorder(CaptureSettings(dir="unused"), routing, sink, args.prefix_caching)
+    recorder = StepRecorder(CaptureSettings(dir="unused"), routing, sink,
+                            prefix_caching=args.prefix_caching)
     call = ScriptedCall(args.requests, args.prompt, device,
                         blocks=-(-(args.prompt + steps) // BLOCK), tagged=not args.untraced)
     rows = 0.0

@@ -206,7 +206,8 @@ def host_side(args, device) -> dict:
     """bench_capture's decode-heavy scripted call with CUDA buffers and positions:
     CPU milliseconds of ``after_forward`` (rows), finishing and writing."""
     capture_args = argparse.Namespace(requests=64, prompt=16, layers=args.layers,
-                                      top_k=args.top_k, experts=args.experts)
+                                      top_k=args.top_k, experts=args.experts,
+                                      prefix_caching=False, untraced=False)
     hook.BUFFERS = hook.CaptureBuffers.allocate(
         64 * 16, args.layers, args.top_k, args.experts, device)
     hook.BUFFERS.router_scores.uniform_()
