@@ -395,15 +395,14 @@ def plot_metrics(out_dir: str | Path, metrics: pd.DataFrame,
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     drawn = largest_groups(metrics, MAX_PLOTTED_GROUPS)
-    total = metrics["group"].nunique()
+    shown, total = drawn["group"].nunique(), metrics["group"].nunique()
+    which = f": the {shown} largest of {total} groups" if shown < total else ""
     for name, (metric, label) in PLOTS.items():
         figure = Figure(figsize=PLOT_SIZE_INCHES, dpi=PLOT_DPI)
         FigureCanvasAgg(figure)
         axes = figure.add_subplot()
         handles = _plot_groups(axes, drawn, metric, label)
-        if drawn["group"].nunique() < total:
-            axes.set_title(f"{label} by checkpoint: the {drawn['group'].nunique()} largest "
-                           f"of {total} groups", fontsize=9)
+        axes.set_title(f"{label} by checkpoint{which}", fontsize=9)
         if resolved is not None:
             axes = axes.twinx()  # the legend goes on the top axes, above the score lines
             handles += _plot_scores(axes, resolved)
@@ -433,7 +432,6 @@ def _plot_groups(axes, metrics: pd.DataFrame, metric: str, label: str) -> list:
     the median of consistency); returns the legend handles."""
     axes.set_xlabel("step")
     axes.set_ylabel(label)
-    axes.set_title(f"{label} by checkpoint", fontsize=9)
     wide, low, high = _wide(metrics), _wide(metrics, "ci_low"), _wide(metrics, "ci_high")
     handles, companion = [], _COMPANIONS.get(metric)
     for group in dict.fromkeys(metrics["group"]):
